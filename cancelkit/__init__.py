@@ -1,0 +1,30 @@
+"""Stop web work nobody will read: superseded, cancelled and abandoned requests.
+
+cancelkit is built on anyio, so everything here runs on asyncio and on trio.
+"""
+
+from ._reason import CancelKind as CancelKind
+from ._reason import CancelReason as CancelReason
+from ._reason import OperationCancelled as OperationCancelled
+from ._token import CallbackHandle as CallbackHandle
+from ._token import CancellationToken as CancellationToken
+from ._token import TokenScope as TokenScope
+from ._token import TokenStatistics as TokenStatistics
+from ._token import current_token as current_token
+
+__all__ = [
+    "CallbackHandle",
+    "CancelKind",
+    "CancelReason",
+    "CancellationToken",
+    "OperationCancelled",
+    "TokenScope",
+    "TokenStatistics",
+    "current_token",
+]
+
+__version__ = "0.1.0.dev0"
+
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

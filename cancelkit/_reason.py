@@ -1,0 +1,117 @@
+"""Why work was stopped: the reason kinds, the reason value, and the exception."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import final
+
+__all__ = ["CancelKind", "CancelReason", "OperationCancelled"]
+
+
+@final
+class CancelKind(enum.StrEnum):
+    """What stopped a piece of work.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Somebody asked for it: ``token.cancel()``, a cancel-by-id request, a Stop button.
+    REQUESTED = "requested"
+    #: A newer claim on the same latest-only key replaced this one.
+    SUPERSEDED = "superseded"
+    #: The HTTP client went away before the response was complete.
+    CLIENT_DISCONNECTED = "client_disconnected"
+    #: The token's deadline passed. Never used for any other cause.
+    DEADLINE = "deadline"
+    #: The server or the application is shutting down.
+    SHUTDOWN = "shutdown"
+    #: A token this one is linked to was cancelled; :attr:`CancelReason.origin` says why.
+    PARENT = "parent"
+
+
+_DEFAULT_MESSAGES = {
+    CancelKind.REQUESTED: "cancellation was requested",
+    CancelKind.SUPERSEDED: "superseded by a newer request",
+    CancelKind.CLIENT_DISCONNECTED: "the client disconnected",
+    CancelKind.DEADLINE: "the deadline passed",
+    CancelKind.SHUTDOWN: "the application is shutting down",
+    CancelKind.PARENT: "a linked token was cancelled",
+}
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CancelReason:
+    """Why a token was cancelled: a small immutable value.
+
+    Args:
+        kind: what stopped the work.
+        message: a human-readable explanation; a default for the kind when empty.
+        source: who caused it, when known: the id of the superseding claim, of the canceller,
+            of the worker.
+        origin: for :attr:`CancelKind.PARENT`, the reason of the linked token that fired.
+        at: when it happened, as :func:`time.time` (wall clock, for logs).
+
+    .. versionadded:: 0.1
+    """
+
+    kind: CancelKind = CancelKind.REQUESTED
+    message: str = ""
+    source: str | None = None
+    origin: CancelReason | None = None
+    at: float = field(default_factory=time.time, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, CancelKind):
+            try:
+                object.__setattr__(self, "kind", CancelKind(self.kind))
+            except ValueError:
+                kinds = ", ".join(repr(k.value) for k in CancelKind)
+                raise ValueError(
+                    f"unknown cancel reason kind {self.kind!r}; expected one of {kinds}"
+                ) from None
+        if not isinstance(self.message, str):
+            raise TypeError(f"message must be a str, not {type(self.message).__name__}")
+        if self.source is not None and not isinstance(self.source, str):
+            raise TypeError(f"source must be a str or None, not {type(self.source).__name__}")
+        if not self.message:
+            object.__setattr__(self, "message", _DEFAULT_MESSAGES[self.kind])
+
+    @property
+    def root(self) -> CancelReason:
+        """The first reason in the chain of :attr:`origin` links: what really happened."""
+        reason = self
+        while reason.origin is not None:
+            reason = reason.origin
+        return reason
+
+    def __str__(self) -> str:
+        text = f"{self.kind.value}: {self.message}"
+        if self.source is not None:
+            text += f" (source: {self.source})"
+        if self.origin is not None:
+            text += f" <- {self.origin}"
+        return text
+
+
+class OperationCancelled(Exception):
+    """Raised when work is stopped by a :class:`CancellationToken`.
+
+    It is an :class:`Exception`, so web frameworks' exception handlers can map it to a
+    response; it is never raised in place of, or confused with, a cancellation that cancelkit
+    did not cause (:class:`asyncio.CancelledError`, :class:`trio.Cancelled`).
+
+    Args:
+        reason: why the work was stopped.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, reason: CancelReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.reason)
