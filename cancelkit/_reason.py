@@ -64,18 +64,21 @@ class CancelReason:
     at: float = field(default_factory=time.time, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kind, CancelKind):
+        kind: object = self.kind
+        message: object = self.message
+        source: object = self.source
+        if not isinstance(kind, CancelKind):
             try:
-                object.__setattr__(self, "kind", CancelKind(self.kind))
+                object.__setattr__(self, "kind", CancelKind(kind))  # type: ignore[arg-type]
             except ValueError:
                 kinds = ", ".join(repr(k.value) for k in CancelKind)
                 raise ValueError(
-                    f"unknown cancel reason kind {self.kind!r}; expected one of {kinds}"
+                    f"unknown cancel reason kind {kind!r}; expected one of {kinds}"
                 ) from None
-        if not isinstance(self.message, str):
-            raise TypeError(f"message must be a str, not {type(self.message).__name__}")
-        if self.source is not None and not isinstance(self.source, str):
-            raise TypeError(f"source must be a str or None, not {type(self.source).__name__}")
+        if not isinstance(message, str):
+            raise TypeError(f"message must be a str, not {type(message).__name__}")
+        if source is not None and not isinstance(source, str):
+            raise TypeError(f"source must be a str or None, not {type(source).__name__}")
         if not self.message:
             object.__setattr__(self, "message", _DEFAULT_MESSAGES[self.kind])
 

@@ -58,6 +58,14 @@ def _this_loop() -> EventLoopToken | None:
         return None
 
 
+def _check_timeout(timeout: object) -> float:
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
+
+
 @final
 class CallbackHandle:
     """A registered :meth:`CancellationToken.on_cancel` callback.
@@ -178,16 +186,10 @@ class CancellationToken:
     )
 
     def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
-        if timeout is None:
-            deadline = _INF
-        elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
-            if math.isnan(timeout) or timeout < 0:
-                raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
-            deadline = time.monotonic() + timeout
-        else:
-            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+        deadline = _INF if timeout is None else time.monotonic() + _check_timeout(timeout)
+        label: object = name
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"name must be a str or None, not {type(label).__name__}")
         self._lock = threading.Lock()
         self._reason: CancelReason | None = None
         self._callbacks: dict[CallbackHandle, None] = {}
@@ -318,9 +320,7 @@ class CancellationToken:
         if reason is None:
             reason = CancelReason(CancelKind.REQUESTED)
         elif not isinstance(reason, CancelReason):
-            raise TypeError(
-                f"reason must be a CancelReason or None, not {type(reason).__name__}"
-            )
+            raise TypeError(f"reason must be a CancelReason or None, not {type(reason).__name__}")
         return self._cancel(reason, None)
 
     def _cancel(self, reason: CancelReason, by: CancellationToken | None) -> bool:
@@ -383,6 +383,8 @@ class CancellationToken:
         """Cancel for a passed deadline: the earliest one in this token's ancestry wins."""
         if self._reason is not None or self._effective_deadline > now:
             return
+        if self._effective_deadline == _INF:
+            return
         if self._deadline <= self._parents_deadline:
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
             return
@@ -390,7 +392,7 @@ class CancellationToken:
             parent = link._token
             if parent is not None:
                 parent._expire(now)
-        if self._reason is None and self._deadline <= now:
+        if self._deadline <= now:  # no-op if a parent's deadline already cancelled it
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
 
     def _poll(self) -> None:
@@ -591,10 +593,13 @@ class TokenScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._scope is not None and self._handle is not None and self._var is not None
+        assert self._scope is not None
+        assert self._handle is not None
+        assert self._var is not None
         self._handle.unregister()
         _current.reset(self._var)
-        if not self._scope.__exit__(exc_type, exc, tb):
+        self._scope.__exit__(exc_type, exc, tb)
+        if not self._scope.cancelled_caught:
             return False  # not our cancellation (or none at all): let it through untouched
         token = self.token
         if token._reason is None:  # the scope's deadline fired first
