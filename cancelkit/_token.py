@@ -371,6 +371,8 @@ class CancellationToken:
             handle._callback = None
             handle._token = None
             self._callbacks.pop(handle, None)
+            if not self._callbacks:
+                self._callbacks = {}  # a dict never shrinks: let a drained one go
         return callback
 
     def _record(self, errors: list[tuple[Callable[[CancelReason], object], Exception]]) -> None:
