@@ -14,20 +14,23 @@ __all__ = ["CancelKind", "CancelReason", "OperationCancelled"]
 class CancelKind(enum.StrEnum):
     """What stopped a piece of work.
 
+    - ``REQUESTED``: somebody asked for it: ``token.cancel()``, a cancel-by-id request, a Stop
+      button.
+    - ``SUPERSEDED``: a newer claim on the same latest-only key replaced this one.
+    - ``CLIENT_DISCONNECTED``: the HTTP client went away before the response was complete.
+    - ``DEADLINE``: the token's deadline passed; never used for any other cause.
+    - ``SHUTDOWN``: the server or the application is shutting down.
+    - ``PARENT``: a token this one is linked to was cancelled; :attr:`CancelReason.origin`
+      says why.
+
     .. versionadded:: 0.1
     """
 
-    #: Somebody asked for it: ``token.cancel()``, a cancel-by-id request, a Stop button.
     REQUESTED = "requested"
-    #: A newer claim on the same latest-only key replaced this one.
     SUPERSEDED = "superseded"
-    #: The HTTP client went away before the response was complete.
     CLIENT_DISCONNECTED = "client_disconnected"
-    #: The token's deadline passed. Never used for any other cause.
     DEADLINE = "deadline"
-    #: The server or the application is shutting down.
     SHUTDOWN = "shutdown"
-    #: A token this one is linked to was cancelled; :attr:`CancelReason.origin` says why.
     PARENT = "parent"
 
 
@@ -84,7 +87,7 @@ class CancelReason:
 
     @property
     def root(self) -> CancelReason:
-        """The first reason in the chain of :attr:`origin` links: what really happened."""
+        """The first reason in the chain of :attr:`CancelReason.origin` links: what happened."""
         reason = self
         while reason.origin is not None:
             reason = reason.origin

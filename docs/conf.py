@@ -37,6 +37,7 @@ autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # "Attributes:" sections as fields, not duplicate attribute entries
 
 # -- nitpicky references ----------------------------------------------------
 # There is no intersphinx (no network to fetch inventories), so references to the
@@ -61,6 +62,10 @@ _EXTERNAL = "|".join(
         r"dataclasses\..*",
         r"logging\..*",
         r"weakref\..*",
+        r"time\..*",
+        r"math\..*",
+        r"secrets\..*",
+        r"os\..*",
         r"ExceptionGroup",
         r"BaseExceptionGroup",
         r".*CancelledError",
