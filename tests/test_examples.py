@@ -26,3 +26,19 @@ def test_quickstart_runs_and_shows_each_reason(backend: str) -> None:
     assert "shutdown: the application is shutting down" in out
     assert "results for" not in out
     assert result.stderr == ""
+
+
+def test_naive_global_task_recipe_shows_every_failure() -> None:
+    """The tutorial's 'before' example really shows the recipe's failures on a real server."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "naive_global_task.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    out = result.stdout
+    assert "alice got HTTP 500" in out
+    assert "bob got HTTP 200" in out
+    assert "cleanup overlapped the new search: True" in out
+    assert "['carol:c completed', 'carol:ca completed']" in out
