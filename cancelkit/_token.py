@@ -594,7 +594,9 @@ class TokenScope:
         assert self._scope is not None and self._handle is not None and self._var is not None
         self._handle.unregister()
         _current.reset(self._var)
-        if not self._scope.__exit__(exc_type, exc, tb):
+        # trio's scope reports True on a clean exit, so "swallowed" only means something with
+        # an exception in flight.
+        if not self._scope.__exit__(exc_type, exc, tb) or exc_type is None:
             return False  # not our cancellation (or none at all): let it through untouched
         token = self.token
         if token._reason is None:  # the scope's deadline fired first
