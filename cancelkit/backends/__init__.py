@@ -10,6 +10,7 @@ from ._protocol import Backend as Backend
 from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
 from ._protocol import RegistryFull as RegistryFull
+from ._protocol import new_holder_id as new_holder_id
 
 __all__ = [
     "Acquired",
@@ -19,6 +20,7 @@ __all__ = [
     "MemoryBackend",
     "MemoryBackendStatistics",
     "RegistryFull",
+    "new_holder_id",
 ]
 
 for _name in __all__:

@@ -8,9 +8,9 @@ with every registration and claim, a *holder* id and a *deliver* callback; the b
 
 Rules every backend follows (the in-memory one trivially, a Redis one across processes):
 
-- **Holder ids are unique** strings (at least 96 random bits), never reused. Everything that
-  targets a registration or a claim names its holder, so a stale message can never cancel a
-  newer holder of the same id or key.
+- **Holder ids are unique** strings (:func:`new_holder_id`: 96 random bits per process plus a
+  counter), never reused. Everything that targets a registration or a claim names its holder,
+  so a stale message can never cancel a newer holder of the same id or key.
 - **Record first.** A backend that talks to a server stores ``holder -> deliver`` locally
   *before* it runs the atomic step on the server, so a cancel that arrives in between is not
   lost; it forgets the holder when :meth:`~Backend.unregister` / :meth:`~Backend.release`
@@ -24,6 +24,10 @@ Rules every backend follows (the in-memory one trivially, a Redis one across pro
   a tombstone or a finished-marker, both of which expire (a TTL that really expires), and
   the generation counter (a single number per backend).
 - **Bounded.** Tombstones are limited; a backend raises :exc:`RegistryFull` rather than grow.
+- **Cleanup completes.** :meth:`~Backend.unregister` and :meth:`~Backend.release` run in
+  the caller's cleanup, often while it is being cancelled: a backend that awaits I/O there
+  shields that I/O itself (and bounds it with its own timeout), so the caller never needs a
+  shielded scope and the in-memory backend costs nothing for one.
 - Backend methods are called from one event loop; they never block it.
 
 Options such as the tombstone TTL and limits belong to the backend's constructor, not to
@@ -35,16 +39,39 @@ this interface.
 from __future__ import annotations
 
 import enum
+import itertools
+import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, final
 
 from .._reason import CancelReason
 
-__all__ = ["Acquired", "Backend", "CancelOutcome", "Deliver", "RegistryFull"]
+__all__ = ["Acquired", "Backend", "CancelOutcome", "Deliver", "RegistryFull", "new_holder_id"]
 
 #: Called by a backend with the reason when the holder it was given with must stop.
 Deliver = Callable[[CancelReason], object]
+
+
+def _reseed() -> None:
+    global _prefix, _counter
+    _prefix = secrets.token_urlsafe(12) + "."
+    _counter = itertools.count()
+
+
+_prefix = ""
+_counter = itertools.count()
+_reseed()
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_holder_id() -> str:
+    """Return a new holder id, unique across processes and time (cheaper than 128 random bits).
+
+    .. versionadded:: 0.1
+    """
+    return f"{_prefix}{next(_counter)}"
 
 
 @final
@@ -127,7 +154,8 @@ class Backend(Protocol):
     async def unregister(self, id: str, owner: str | None, holder: str) -> None:
         """Remove the registration of ``(owner, id)`` if ``holder`` still holds it.
 
-        Leaves a finished-marker with the tombstone TTL (best effort: the oldest markers are
+        Must complete even when the caller is being cancelled (see the module docs). Leaves a
+        finished-marker with the tombstone TTL (best effort: the oldest markers are
         dropped when the tombstone limit needs the room), so that a late :meth:`cancel`
         answers :attr:`CancelOutcome.NOT_FOUND` instead of writing a tombstone.
         """
@@ -162,6 +190,8 @@ class Backend(Protocol):
 
     async def release(self, key: str, holder: str) -> None:
         """Forget ``holder``'s claim on ``key`` (compare-and-delete of the owner).
+
+        Must complete even when the caller is being cancelled (see the module docs).
 
         When no claim on the key remains, nothing about the key is left.
         """
