@@ -107,10 +107,12 @@ class MemoryBackend:
         return now
 
     def _mark_finished(self, name: _Id, now: float) -> None:
-        self._finished.pop(name, None)
-        if len(self._tombs) + len(self._finished) >= self._max and self._finished:
-            del self._finished[next(iter(self._finished))]
-        self._finished[name] = now + self._ttl
+        finished = self._finished
+        finished.pop(name, None)
+        if len(self._tombs) + len(finished) >= self._max and finished:
+            del finished[next(iter(finished))]  # markers are hints: the oldest makes room
+        if len(self._tombs) + len(finished) < self._max:
+            finished[name] = now + self._ttl
 
     # -- TokenRegistry -----------------------------------------------------------------
 
