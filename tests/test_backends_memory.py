@@ -102,9 +102,11 @@ async def test_acquire_supersedes_the_previous_owner() -> None:
     backend, _, got = make()
     first = await backend.acquire("k", "h1", got.append, replace=True)
     second = await backend.acquire("k", "h2", got.append, replace=True)
-    assert first is not None and second is not None
+    assert first is not None
+    assert second is not None
     assert first == Acquired(first.generation, None)
-    assert second.previous == "h1" and second.generation > first.generation
+    assert second.previous == "h1"
+    assert second.generation > first.generation
     assert [(r.kind, r.source) for r in got] == [(CancelKind.SUPERSEDED, "h2")]
     assert await backend.generation("k") == second.generation
 

@@ -9,7 +9,13 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from cancelkit import (
     CancelKind,
@@ -39,8 +45,10 @@ async def test_track_yields_a_random_id_and_a_live_token() -> None:
     """track() without an id makes a 128-bit id, lists the op and scopes the block."""
     registry = TokenRegistry()
     async with registry.track(owner="u") as op:
-        assert len(op.id) >= 22 and op.owner == "u"
-        assert current_token() is op.token and not op.token.cancelled
+        assert len(op.id) >= 22
+        assert op.owner == "u"
+        assert current_token() is op.token
+        assert not op.token.cancelled
         assert registry.operations(owner="u") == [op]
         assert registry.operations() == []
         assert registry.statistics().live == 1
@@ -281,11 +289,16 @@ async def test_parent_token_cancels_the_op_and_is_unlinked_on_exit() -> None:
     shutdown = CancellationToken()
     async with registry.track("a", parent=shutdown) as op:
         assert shutdown.statistics().callbacks == 1
-    assert shutdown.statistics().callbacks == 0 and op.token.statistics().parents == 0
-    with pytest.raises(OperationCancelled) as info:
+    assert shutdown.statistics().callbacks == 0
+    assert op.token.statistics().parents == 0
+
+    async def shut_down_while_running() -> None:
         async with registry.track("b", parent=shutdown):
             shutdown.cancel(CancelReason(CancelKind.SHUTDOWN))
             await anyio.sleep_forever()
+
+    with pytest.raises(OperationCancelled) as info:
+        await shut_down_while_running()
     assert info.value.reason.kind is CancelKind.PARENT
     assert info.value.reason.root.kind is CancelKind.SHUTDOWN
 
@@ -293,17 +306,23 @@ async def test_parent_token_cancels_the_op_and_is_unlinked_on_exit() -> None:
 async def test_cancel_from_another_thread() -> None:
     """token.cancel() from a worker thread interrupts the tracked block."""
     registry = TokenRegistry()
-    with pytest.raises(OperationCancelled):
+
+    async def cancelled_by_a_thread() -> None:
         async with registry.track("a") as op:
             await anyio.to_thread.run_sync(op.token.cancel)
             await anyio.sleep_forever()
+
+    with pytest.raises(OperationCancelled):
+        await cancelled_by_a_thread()
     assert registry.statistics().cancelled == {CancelKind.REQUESTED: 1}
 
 
 def test_repr_shows_state() -> None:
     """repr() names the live count, the limit and the backend."""
     text = repr(TokenRegistry(max_live=5))
-    assert "live=0" in text and "max_live=5" in text and "MemoryBackend" in text
+    assert "live=0" in text
+    assert "max_live=5" in text
+    assert "MemoryBackend" in text
     assert isinstance(TokenRegistry().backend, MemoryBackend)
 
 
@@ -404,20 +423,13 @@ class RegistryMachine(RuleBasedStateMachine):
         assert self.registry.statistics().live == len(self.running)
 
 
-class TestRegistryAsyncio(RegistryMachine.TestCase):  # type: ignore[name-defined,misc]
-    """The registry matches the model on asyncio."""
-
-    settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
-
-
-class RegistryMachineTrio(RegistryMachine):
-    backend_name = "trio"
-
-
-class TestRegistryTrio(RegistryMachineTrio.TestCase):  # type: ignore[name-defined,misc]
-    """The registry matches the model on trio."""
-
-    settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+@pytest.mark.parametrize("backend_name", ["asyncio", "trio"])
+def test_registry_matches_a_model(backend_name: str) -> None:
+    """Random track/finish/cancel/clock sequences behave like a plain dict-based model."""
+    run_state_machine_as_test(
+        type("RegistryMachineOn", (RegistryMachine,), {"backend_name": backend_name}),
+        settings=settings(max_examples=40, stateful_step_count=25, deadline=None),
+    )
 
 
 def test_tracked_operation_is_a_frozen_value() -> None:
