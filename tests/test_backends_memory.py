@@ -97,6 +97,17 @@ async def test_tombstone_limit_raises_and_markers_make_room() -> None:
     assert backend.statistics().finished == 0  # no room: the marker made room for nothing
 
 
+async def test_finished_markers_are_bounded_oldest_first() -> None:
+    """Past max_tombstones finished-markers, the oldest is forgotten (its id looks unknown)."""
+    backend, _, got = make()
+    for name in ("m1", "m2", "m3", "m4"):
+        await backend.register(name, None, name, got.append)
+        await backend.unregister(name, None, name)
+    assert backend.statistics().finished == 3
+    assert await backend.cancel("m4", None, CancelReason()) is CancelOutcome.NOT_FOUND
+    assert await backend.cancel("m1", None, CancelReason()) is CancelOutcome.PENDING
+
+
 async def test_acquire_supersedes_the_previous_owner() -> None:
     """acquire() swaps the owner, tells the old one who replaced it, and raises generations."""
     backend, _, got = make()
