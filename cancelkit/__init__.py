@@ -3,23 +3,41 @@
 cancelkit is built on anyio, so everything here runs on asyncio and on trio.
 """
 
+from ._latest import Claim as Claim
+from ._latest import LatestOnly as LatestOnly
+from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
+from ._latest import SlotBusy as SlotBusy
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
 from ._reason import OperationCancelled as OperationCancelled
+from ._registry import RegistryStatistics as RegistryStatistics
+from ._registry import TokenRegistry as TokenRegistry
+from ._registry import TrackedOperation as TrackedOperation
 from ._token import CallbackHandle as CallbackHandle
 from ._token import CancellationToken as CancellationToken
 from ._token import TokenScope as TokenScope
 from ._token import TokenStatistics as TokenStatistics
 from ._token import current_token as current_token
+from .backends import CancelOutcome as CancelOutcome
+from .backends import RegistryFull as RegistryFull
 
 __all__ = [
     "CallbackHandle",
     "CancelKind",
+    "CancelOutcome",
     "CancelReason",
     "CancellationToken",
+    "Claim",
+    "LatestOnly",
+    "LatestOnlyStatistics",
     "OperationCancelled",
+    "RegistryFull",
+    "RegistryStatistics",
+    "SlotBusy",
+    "TokenRegistry",
     "TokenScope",
     "TokenStatistics",
+    "TrackedOperation",
     "current_token",
 ]
 

@@ -1,0 +1,29 @@
+"""Where the state shared between requests lives: the interface and the in-memory default.
+
+.. versionadded:: 0.1
+"""
+
+from ._memory import MemoryBackend as MemoryBackend
+from ._memory import MemoryBackendStatistics as MemoryBackendStatistics
+from ._protocol import Acquired as Acquired
+from ._protocol import Backend as Backend
+from ._protocol import CancelOutcome as CancelOutcome
+from ._protocol import Deliver as Deliver
+from ._protocol import RegistryFull as RegistryFull
+from ._protocol import new_holder_id as new_holder_id
+
+__all__ = [
+    "Acquired",
+    "Backend",
+    "CancelOutcome",
+    "Deliver",
+    "MemoryBackend",
+    "MemoryBackendStatistics",
+    "RegistryFull",
+    "new_holder_id",
+]
+
+for _name in __all__:
+    if _name != "Deliver":
+        globals()[_name].__module__ = __name__
+del _name

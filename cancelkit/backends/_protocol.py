@@ -1,0 +1,209 @@
+"""The small interface that :class:`TokenRegistry` and :class:`LatestOnly` talk to.
+
+A backend keeps the state that several requests (or several worker processes) share: which
+operation id is registered by whom, the tombstones of cancels that arrived first, and who
+holds each latest-only key. The primitives keep their tokens locally and hand the backend,
+with every registration and claim, a *holder* id and a *deliver* callback; the backend calls
+``deliver(reason)`` when that exact holder must stop (a cancel by id, a newer claim).
+
+Rules every backend follows (the in-memory one trivially, a Redis one across processes):
+
+- **Holder ids are unique** strings (:func:`new_holder_id`: 96 random bits per process plus a
+  counter), never reused. Everything that targets a registration or a claim names its holder,
+  so a stale message can never cancel a newer holder of the same id or key.
+- **Record first.** A backend that talks to a server stores ``holder -> deliver`` locally
+  *before* it runs the atomic step on the server, so a cancel that arrives in between is not
+  lost; it forgets the holder when :meth:`~Backend.unregister` / :meth:`~Backend.release`
+  returns, and calls ``deliver`` for no holder after that.
+- **Delivery** happens in the event loop that registered the holder, at least once per
+  cancellation (callers make ``deliver`` idempotent: it is usually ``token.cancel``). A
+  backend with a lossy channel (pub/sub) also re-reads the keys of its local holders on
+  every reconnect and heartbeat and delivers what it lost (for a key now held by someone
+  else: :attr:`~cancelkit.CancelKind.SUPERSEDED` with that holder as ``source``).
+- **Nothing leaks.** A released key and a finished registration leave no state behind except
+  a tombstone or a finished-marker, both of which expire (a TTL that really expires), and
+  the generation counter (a single number per backend).
+- **Bounded.** Tombstones are limited; a backend raises :exc:`RegistryFull` rather than grow.
+- **Cleanup completes.** :meth:`~Backend.unregister` and :meth:`~Backend.release` run in
+  the caller's cleanup, often while it is being cancelled: a backend that awaits I/O there
+  shields that I/O itself (and bounds it with its own timeout), so the caller never needs a
+  shielded scope and the in-memory backend costs nothing for one.
+- Backend methods are called from one event loop; they never block it.
+
+Options such as the tombstone TTL and limits belong to the backend's constructor, not to
+this interface.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, final
+
+from .._reason import CancelReason
+
+__all__ = ["Acquired", "Backend", "CancelOutcome", "Deliver", "RegistryFull", "new_holder_id"]
+
+#: Called by a backend with the reason when the holder it was given with must stop.
+Deliver = Callable[[CancelReason], object]
+
+
+def _reseed() -> None:
+    global _prefix, _counter
+    _prefix = secrets.token_urlsafe(12) + "."
+    _counter = itertools.count()
+
+
+_prefix = ""
+_counter = itertools.count()
+_reseed()
+os.register_at_fork(after_in_child=_reseed)
+
+
+def new_holder_id() -> str:
+    """Return a new holder id, unique across processes and time (cheaper than 128 random bits).
+
+    .. versionadded:: 0.1
+    """
+    return f"{_prefix}{next(_counter)}"
+
+
+@final
+class CancelOutcome(enum.StrEnum):
+    """What :meth:`TokenRegistry.cancel` did.
+
+    .. versionadded:: 0.1
+    """
+
+    #: The operation was running (for this owner) and is now cancelled.
+    CANCELLED = "cancelled"
+    #: Nothing with that id was running: a tombstone was written, so if the operation is
+    #: tracked before the tombstone expires it starts already cancelled (its body never runs).
+    PENDING = "pending"
+    #: The operation already finished, recently enough to be remembered: nothing to cancel.
+    NOT_FOUND = "not_found"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """The result of a successful :meth:`Backend.acquire`.
+
+    Attributes:
+        generation: a fencing number, strictly greater than that of every earlier claim on the
+            same key (numbers come from one counter per backend, so they are not consecutive).
+        previous: the holder that owned the key until now (it has been sent a
+            ``superseded`` cancellation), or ``None`` if the key was free.
+
+    .. versionadded:: 0.1
+    """
+
+    generation: int
+    previous: str | None
+
+
+class RegistryFull(Exception):
+    """A limit on live operations or on tombstones was reached; nothing was recorded.
+
+    Args:
+        limit: the name of the constructor option that set the limit.
+        value: the limit's value.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, limit: str, value: int) -> None:
+        super().__init__(f"{limit}={value} reached; nothing was recorded (raise {limit}?)")
+        self.limit = limit
+        self.value = value
+
+
+class Backend(Protocol):
+    """Where the shared state of the primitives lives (see the module docs for the rules).
+
+    The in-memory :class:`~cancelkit.backends.MemoryBackend` is the default. ``owner`` is
+    ``None`` or a string; ``(owner, id)`` pairs are separate namespaces: a registration,
+    tombstone or finished-marker under one owner is invisible to every other owner.
+
+    .. versionadded:: 0.1
+    """
+
+    # -- TokenRegistry -----------------------------------------------------------------
+
+    async def register(
+        self, id: str, owner: str | None, holder: str, deliver: Deliver
+    ) -> CancelReason | None:
+        """Register ``holder`` as the running operation ``(owner, id)``.
+
+        Atomically: if a live tombstone exists for ``(owner, id)``, consume it, record nothing
+        and return its reason (the operation must not start). Otherwise record the
+        registration (forgetting any finished-marker) and return ``None``.
+
+        Raises:
+            ValueError: if ``(owner, id)`` is already registered by another holder.
+            RegistryFull: never for a registration; only :meth:`cancel` writes tombstones.
+        """
+        ...
+
+    async def unregister(self, id: str, owner: str | None, holder: str) -> None:
+        """Remove the registration of ``(owner, id)`` if ``holder`` still holds it.
+
+        Must complete even when the caller is being cancelled (see the module docs). Leaves a
+        finished-marker with the tombstone TTL (best effort: the oldest markers are
+        dropped when the tombstone limit needs the room), so that a late :meth:`cancel`
+        answers :attr:`CancelOutcome.NOT_FOUND` instead of writing a tombstone.
+        """
+        ...
+
+    async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
+        """Cancel ``(owner, id)``.
+
+        Atomically: if it is registered, deliver ``reason`` to its holder and return
+        ``CANCELLED``; if a finished-marker exists, return ``NOT_FOUND``; if a tombstone exists,
+        keep it (the first reason wins) and return ``PENDING``; else write a tombstone with
+        ``reason`` and return ``PENDING``.
+
+        Raises:
+            RegistryFull: if a new tombstone is needed and the tombstone limit is reached.
+        """
+        ...
+
+    # -- LatestOnly --------------------------------------------------------------------
+
+    async def acquire(
+        self, key: str, holder: str, deliver: Deliver, *, replace: bool
+    ) -> Acquired | None:
+        """Make ``holder`` the owner of ``key``.
+
+        Atomically: if the key has an owner and ``replace`` is false, change nothing and
+        return ``None``. Otherwise take a new generation, make ``holder`` the owner, deliver
+        ``CancelReason(SUPERSEDED, source=holder)`` to the previous owner, if any, and return
+        :class:`Acquired`.
+        """
+        ...
+
+    async def release(self, key: str, holder: str) -> None:
+        """Forget ``holder``'s claim on ``key`` (compare-and-delete of the owner).
+
+        Must complete even when the caller is being cancelled (see the module docs).
+
+        When no claim on the key remains, nothing about the key is left.
+        """
+        ...
+
+    async def wait_turn(self, key: str, holder: str) -> None:
+        """Return once every claim on ``key`` acquired before ``holder``'s was released.
+
+        This is the handover wait; callers bound it and cancel it with their own scopes.
+        """
+        ...
+
+    async def generation(self, key: str) -> int | None:
+        """Return the generation of the key's current owner, or ``None`` if it is free."""
+        ...

@@ -1,0 +1,441 @@
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future
+from typing import Any
+
+import anyio
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from cancelkit import (
+    CancelKind,
+    CancellationToken,
+    CancelOutcome,
+    CancelReason,
+    OperationCancelled,
+    RegistryFull,
+    TokenRegistry,
+    TrackedOperation,
+    current_token,
+)
+from cancelkit.backends import MemoryBackend
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_track_yields_a_random_id_and_a_live_token() -> None:
+    """track() without an id makes a 128-bit id, lists the op and scopes the block."""
+    registry = TokenRegistry()
+    async with registry.track(owner="u") as op:
+        assert len(op.id) >= 22
+        assert op.owner == "u"
+        assert current_token() is op.token
+        assert not op.token.cancelled
+        assert registry.operations(owner="u") == [op]
+        assert registry.operations() == []
+        assert registry.statistics().live == 1
+    assert registry.operations(owner="u") == []
+    assert registry.statistics().live == 0
+
+
+async def test_cancel_while_running_interrupts_the_body() -> None:
+    """cancel() of a running op reports CANCELLED and the body raises OperationCancelled."""
+    registry = TokenRegistry()
+    reason = CancelReason(CancelKind.REQUESTED, source="stop-button")
+    caught: list[OperationCancelled] = []
+
+    async def work() -> None:
+        with pytest.raises(OperationCancelled) as info:
+            async with registry.track("job-1"):
+                await anyio.sleep_forever()
+        caught.append(info.value)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await anyio.wait_all_tasks_blocked()
+        assert await registry.cancel("job-1", reason=reason) is CancelOutcome.CANCELLED
+    assert caught[0].reason is reason
+    assert registry.statistics().cancelled == {CancelKind.REQUESTED: 1}
+
+
+async def test_cancel_before_register_means_the_body_never_runs() -> None:
+    """A cancel that arrives first returns PENDING, and the op starts already cancelled."""
+    registry = TokenRegistry()
+    assert await registry.cancel("early", owner="u") is CancelOutcome.PENDING
+    ran = False
+    with pytest.raises(OperationCancelled) as info:
+        async with registry.track("early", owner="u"):
+            ran = True
+    assert not ran
+    assert info.value.reason.kind is CancelKind.REQUESTED
+    assert registry.statistics().live == 0
+
+
+async def test_cancel_after_finish_is_not_found() -> None:
+    """Cancelling an op that already finished reports NOT_FOUND and writes no tombstone."""
+    registry = TokenRegistry()
+    async with registry.track("done"):
+        pass
+    assert await registry.cancel("done") is CancelOutcome.NOT_FOUND
+    async with registry.track("done") as op:  # the id can be reused, and is not pre-cancelled
+        assert not op.token.cancelled
+
+
+async def test_cancel_twice_keeps_the_first_reason() -> None:
+    """Two cancels of a running op both say CANCELLED; two early ones both say PENDING."""
+    registry = TokenRegistry()
+    first, second = CancelReason(message="first"), CancelReason(message="second")
+    async with registry.track("a") as op:
+        assert await registry.cancel("a", reason=first) is CancelOutcome.CANCELLED
+        assert await registry.cancel("a", reason=second) is CancelOutcome.CANCELLED
+        assert op.token.reason is first
+        with pytest.raises(OperationCancelled):  # checked here to leave the block cleanly
+            op.token.raise_if_cancelled()
+    assert await registry.cancel("b", reason=first) is CancelOutcome.PENDING
+    assert await registry.cancel("b", reason=second) is CancelOutcome.PENDING
+    with pytest.raises(OperationCancelled) as info:
+        async with registry.track("b"):
+            pass
+    assert info.value.reason is first
+
+
+async def test_tombstones_expire() -> None:
+    """After the tombstone TTL has passed, work with that id runs normally."""
+    clock = FakeClock()
+    registry = TokenRegistry(backend=MemoryBackend(tombstone_ttl=5, clock=clock))
+    await registry.cancel("late")
+    clock.now += 5
+    async with registry.track("late") as op:
+        assert not op.token.cancelled
+    assert await registry.cancel("late") is CancelOutcome.NOT_FOUND
+
+
+async def test_owners_cannot_see_or_cancel_each_others_work() -> None:
+    """Another owner's cancel looks like not-found-yet, and its tombstone never hits us."""
+    registry = TokenRegistry()
+    async with registry.track("x", owner="alice") as op:
+        assert await registry.cancel("x", owner="mallory") is CancelOutcome.PENDING
+        assert await registry.cancel("x") is CancelOutcome.PENDING
+        assert not op.token.cancelled
+        assert registry.operations(owner="mallory") == []
+    async with registry.track("y", owner="alice") as op:  # mallory pre-cancelled "y" for herself
+        await registry.cancel("y", owner="mallory")
+        assert not op.token.cancelled
+
+
+async def test_the_same_id_is_refused_while_live_but_fine_for_another_owner() -> None:
+    """Tracking a live id again raises ValueError; other owners have their own ids."""
+    registry = TokenRegistry()
+    async with registry.track("a") as first:
+        with pytest.raises(ValueError, match="already being tracked"):
+            async with registry.track("a"):
+                pass
+        async with registry.track("a", owner="u"):
+            pass
+        assert registry.operations() == [first]
+
+
+async def test_a_shared_backend_refuses_an_id_live_in_another_registry() -> None:
+    """Two registries on one backend share ids; the refused one leaves no trace."""
+    backend = MemoryBackend()
+    one, two = TokenRegistry(backend=backend), TokenRegistry(backend=backend)
+    async with one.track("a"):
+        with pytest.raises(ValueError, match="already registered"):
+            async with two.track("a"):
+                pass
+        assert two.statistics().live == 0
+        assert await two.cancel("a") is CancelOutcome.CANCELLED
+
+
+async def test_live_limit() -> None:
+    """More than max_live ops at once raises RegistryFull naming the limit."""
+    registry = TokenRegistry(max_live=1)
+    async with registry.track():
+        with pytest.raises(RegistryFull, match="max_live=1"):
+            async with registry.track():
+                pass
+    async with registry.track():
+        pass
+
+
+async def test_tombstone_limit() -> None:
+    """More early cancels than the backend's max_tombstones raise RegistryFull."""
+    registry = TokenRegistry(backend=MemoryBackend(max_tombstones=2))
+    await registry.cancel("a")
+    await registry.cancel("b")
+    with pytest.raises(RegistryFull, match="max_tombstones=2"):
+        await registry.cancel("c")
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 129, "has space", "semi;colon", "ünï"])
+async def test_invalid_ids_are_refused(bad: str) -> None:
+    """Ids outside 1..128 chars of [A-Za-z0-9._:-] raise a ValueError naming the rule."""
+    registry = TokenRegistry()
+    with pytest.raises(ValueError, match="invalid operation id"):
+        async with registry.track(bad):
+            pass
+    with pytest.raises(ValueError, match="invalid operation id"):
+        await registry.cancel(bad)
+
+
+async def test_invalid_arguments_are_refused() -> None:
+    """Non-str ids, bad owners, bad reasons and bad limits get clear errors."""
+    registry = TokenRegistry()
+    with pytest.raises(TypeError, match="must be a str"):
+        await registry.cancel(42)  # type: ignore[arg-type]
+    for owner in ("", "two words", "x" * 257, "\x00", 7):
+        with pytest.raises(ValueError, match="invalid owner"):
+            await registry.cancel("a", owner=owner)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="CancelReason"):
+        await registry.cancel("a", reason="stop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_live"):
+        TokenRegistry(max_live=0)
+
+
+async def test_entry_is_removed_when_the_body_fails() -> None:
+    """An error in the block propagates and the op is unregistered."""
+    registry = TokenRegistry()
+    with pytest.raises(KeyError):
+        async with registry.track("a"):
+            raise KeyError("boom")
+    assert registry.statistics().live == 0
+    assert await registry.cancel("a") is CancelOutcome.NOT_FOUND
+
+
+async def test_outer_cancellation_propagates_and_unregisters() -> None:
+    """Someone else's cancel scope stops the block as itself, not as OperationCancelled."""
+    registry = TokenRegistry()
+    with anyio.CancelScope() as outer:
+        async with registry.track("a") as op:
+            outer.cancel()
+            await anyio.sleep_forever()
+    assert outer.cancelled_caught
+    assert not op.token.cancelled
+    assert registry.statistics().live == 0
+    assert await registry.cancel("a") is CancelOutcome.NOT_FOUND
+
+
+async def test_outer_cancellation_wins_when_it_coincides_with_a_cancel() -> None:
+    """An outer cancel in the same instant as a registry cancel still propagates as itself."""
+    registry = TokenRegistry()
+    seen: list[BaseException] = []
+
+    async def work(outer: anyio.CancelScope) -> None:
+        with outer:
+            try:
+                async with registry.track("a"):
+                    await anyio.sleep_forever()
+            except BaseException as exc:
+                seen.append(exc)
+                raise
+
+    outer = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work, outer)
+        await anyio.wait_all_tasks_blocked()
+        outer.cancel()
+        assert await registry.cancel("a") is CancelOutcome.CANCELLED
+    assert outer.cancelled_caught
+    assert not isinstance(seen[0], OperationCancelled)
+    assert registry.statistics().live == 0
+
+
+async def test_cancel_during_cleanup_lets_the_cleanup_finish() -> None:
+    """A cancel arriving while the body's shielded cleanup runs waits for it, then unregisters."""
+    registry = TokenRegistry()
+    in_cleanup, proceed = anyio.Event(), anyio.Event()
+    finished: list[str] = []
+
+    async def work() -> None:
+        async with registry.track("a"):
+            try:
+                pass
+            finally:
+                with anyio.CancelScope(shield=True):
+                    in_cleanup.set()
+                    await proceed.wait()
+                    finished.append("cleanup")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await in_cleanup.wait()
+        assert await registry.cancel("a") is CancelOutcome.CANCELLED
+        proceed.set()
+    assert finished == ["cleanup"]
+    assert registry.statistics().live == 0
+
+
+async def test_parent_token_cancels_the_op_and_is_unlinked_on_exit() -> None:
+    """A parent's cancel reaches the op (reason PARENT) and the link is gone after exit."""
+    registry = TokenRegistry()
+    shutdown = CancellationToken()
+    async with registry.track("a", parent=shutdown) as op:
+        assert shutdown.statistics().callbacks == 1
+    assert shutdown.statistics().callbacks == 0
+    assert op.token.statistics().parents == 0
+
+    async def shut_down_while_running() -> None:
+        async with registry.track("b", parent=shutdown):
+            shutdown.cancel(CancelReason(CancelKind.SHUTDOWN))
+            await anyio.sleep_forever()
+
+    with pytest.raises(OperationCancelled) as info:
+        await shut_down_while_running()
+    assert info.value.reason.kind is CancelKind.PARENT
+    assert info.value.reason.root.kind is CancelKind.SHUTDOWN
+
+
+async def test_cancel_from_another_thread() -> None:
+    """token.cancel() from a worker thread interrupts the tracked block."""
+    registry = TokenRegistry()
+
+    async def cancelled_by_a_thread() -> None:
+        async with registry.track("a") as op:
+            await anyio.to_thread.run_sync(op.token.cancel)
+            await anyio.sleep_forever()
+
+    with pytest.raises(OperationCancelled):
+        await cancelled_by_a_thread()
+    assert registry.statistics().cancelled == {CancelKind.REQUESTED: 1}
+
+
+def test_repr_shows_state() -> None:
+    """repr() names the live count, the limit and the backend."""
+    text = repr(TokenRegistry(max_live=5))
+    assert "live=0" in text
+    assert "max_live=5" in text
+    assert "MemoryBackend" in text
+    assert isinstance(TokenRegistry().backend, MemoryBackend)
+
+
+# -- stateful: the registry against a plain model ------------------------------------------
+
+IDS = st.sampled_from(["a", "b", "c"])
+OWNERS = st.sampled_from([None, "u1", "u2"])
+TTL = 10.0
+
+
+class RegistryMachine(RuleBasedStateMachine):
+    backend_name = "asyncio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.portal_cm = start_blocking_portal(self.backend_name)
+        self.portal: BlockingPortal = self.portal_cm.__enter__()
+        self.clock = FakeClock()
+        self.registry = TokenRegistry(
+            backend=MemoryBackend(tombstone_ttl=TTL, max_tombstones=1000, clock=self.clock)
+        )
+        self.running: dict[tuple[str | None, str], tuple[anyio.Event, Future[Any]]] = {}
+        self.tombstones: dict[tuple[str | None, str], float] = {}
+        self.finished: dict[tuple[str | None, str], float] = {}
+
+    def teardown(self) -> None:
+        for event, _ in self.running.values():
+            self.portal.call(event.set)
+        self.portal_cm.__exit__(None, None, None)
+
+    def _expire(self) -> None:
+        for table in (self.tombstones, self.finished):
+            for name in [n for n, t in table.items() if t <= self.clock.now]:
+                del table[name]
+
+    async def _work(
+        self, id: str, owner: str | None, event: anyio.Event, *, task_status: Any
+    ) -> None:
+        async with self.registry.track(id, owner=owner):
+            task_status.started()
+            await event.wait()
+
+    def _end(self, name: tuple[str | None, str]) -> Future[Any]:
+        _, future = self.running.pop(name)
+        self.finished[name] = self.clock.now + TTL
+        return future
+
+    @rule(id=IDS, owner=OWNERS)
+    def track(self, id: str, owner: str | None) -> None:
+        self._expire()
+        name = (owner, id)
+        event = self.portal.call(anyio.Event)
+        if name in self.running:
+            with pytest.raises(ValueError, match="already being tracked"):
+                self.portal.start_task(self._work, id, owner, event)
+        elif name in self.tombstones:
+            with pytest.raises(OperationCancelled):
+                self.portal.start_task(self._work, id, owner, event)
+            del self.tombstones[name]
+            self.finished[name] = self.clock.now + TTL
+        else:
+            future, _ = self.portal.start_task(self._work, id, owner, event)
+            self.running[name] = (event, future)
+            self.finished.pop(name, None)
+
+    @precondition(lambda self: bool(self.running))
+    @rule(data=st.data())
+    def finish(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.running, key=str)))
+        event, _ = self.running[name]
+        self.portal.call(event.set)
+        self._end(name).result()
+
+    @rule(id=IDS, owner=OWNERS)
+    def cancel(self, id: str, owner: str | None) -> None:
+        self._expire()
+        name = (owner, id)
+        outcome = self.portal.call(lambda: self.registry.cancel(id, owner=owner))
+        if name in self.running:
+            assert outcome is CancelOutcome.CANCELLED
+            with pytest.raises(OperationCancelled):
+                self._end(name).result()
+        elif name in self.finished:
+            assert outcome is CancelOutcome.NOT_FOUND
+        else:
+            assert outcome is CancelOutcome.PENDING
+            self.tombstones.setdefault(name, self.clock.now + TTL)
+
+    @rule(seconds=st.sampled_from([1.0, 5.0, TTL]))
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @invariant()
+    def listing_matches(self) -> None:
+        for owner in (None, "u1", "u2"):
+            ids = {op.id for op in self.registry.operations(owner=owner)}
+            assert ids == {i for o, i in self.running if o == owner}
+        assert self.registry.statistics().live == len(self.running)
+
+
+@pytest.mark.parametrize("backend_name", ["asyncio", "trio"])
+def test_registry_matches_a_model(backend_name: str) -> None:
+    """Random track/finish/cancel/clock sequences behave like a plain dict-based model."""
+    run_state_machine_as_test(
+        type("RegistryMachineOn", (RegistryMachine,), {"backend_name": backend_name}),
+        settings=settings(max_examples=40, stateful_step_count=25, deadline=None),
+    )
+
+
+def test_tracked_operation_is_a_frozen_value() -> None:
+    """TrackedOperation is immutable and shows its fields."""
+    op = TrackedOperation("a", None, CancellationToken())
+    with pytest.raises(AttributeError):
+        op.id = "b"  # type: ignore[misc]
+    assert "id='a'" in repr(op)
+    assert math.isinf(op.token.deadline)
