@@ -58,6 +58,9 @@ def _this_loop() -> EventLoopToken | None:
         return None
 
 
+_NO_LINKS: tuple[()] = ()
+
+
 def _check_timeout(timeout: object) -> float:
     if not isinstance(timeout, int | float) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
@@ -73,7 +76,7 @@ class CallbackHandle:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_callback", "_loop", "_thread", "_token")
+    __slots__ = ("_backend", "_callback", "_native", "_thread", "_token")
 
     def __init__(
         self,
@@ -83,7 +86,9 @@ class CallbackHandle:
         self._token = token
         self._callback = callback
         self._thread = threading.get_ident()
-        self._loop = _this_loop()
+        loop = _this_loop()  # kept as its two parts: an EventLoopToken per handle costs memory
+        self._backend = None if loop is None else loop.backend_class
+        self._native = None if loop is None else loop.native_token
 
     @property
     def registered(self) -> bool:
@@ -193,12 +198,12 @@ class CancellationToken:
         self._lock = threading.Lock()
         self._reason: CancelReason | None = None
         self._callbacks: dict[CallbackHandle, None] = {}
-        self._links: list[CallbackHandle] = []
+        self._links: list[CallbackHandle] | tuple[()] = _NO_LINKS
         self._deadline = deadline
         self._parents_deadline = _INF
         self._effective_deadline = deadline
         self._cancelled_by: CancellationToken | None = None
-        self._errors: list[Exception] = []
+        self._errors: list[Exception] | None = None
         self._name = name
 
     # -- linking -------------------------------------------------------------------------
@@ -229,6 +234,7 @@ class CancellationToken:
                     f"any_of() takes CancellationToken objects, not {type(token).__name__}"
                 )
         child = cls(timeout=timeout, name=name)
+        links: list[CallbackHandle] = []
         for parent in tokens:
             parent._poll()
             ref = _ChildRef(child, _child_collected)
@@ -238,7 +244,8 @@ class CancellationToken:
             if child._reason is not None:  # this parent had already fired: done
                 break
             ref.handle = handle
-            child._links.append(handle)
+            links.append(handle)
+            child._links = links
             child._parents_deadline = min(child._parents_deadline, parent._effective_deadline)
         child._effective_deadline = min(child._deadline, child._parents_deadline)
         return child
@@ -285,7 +292,7 @@ class CancellationToken:
     def callback_errors(self) -> tuple[Exception, ...]:
         """Exceptions raised by :meth:`on_cancel` callbacks; each is also logged."""
         with self._lock:
-            return tuple(self._errors)
+            return tuple(self._errors or ())
 
     def raise_if_cancelled(self) -> None:
         """Raise :exc:`OperationCancelled` if the token is cancelled; works in any thread.
@@ -331,19 +338,14 @@ class CancellationToken:
             self._cancelled_by = by
             handles = self._callbacks
             self._callbacks = {}
-            links = self._links
-            self._links = []
-        for link in links:
-            link.unregister()
+        self._detach()
         me = threading.get_ident()
         errors: list[tuple[Callable[[CancelReason], object], Exception]] = []
         for handle in handles:
-            loop = handle._loop
-            if loop is not None and handle._thread != me:
+            backend = handle._backend
+            if backend is not None and handle._thread != me:
                 try:
-                    loop.backend_class.run_sync_soon(
-                        self._run_later, (handle, reason), loop.native_token
-                    )
+                    backend.run_sync_soon(self._run_later, (handle, reason), handle._native)
                 except anyio.RunFinishedError:
                     self._take(handle)  # nobody is left in that loop to wake
                 continue
@@ -356,6 +358,14 @@ class CancellationToken:
         if errors:
             self._record(errors)
         return True
+
+    def _detach(self) -> None:
+        """Release the links to the tokens this one follows (done with them: no more relays)."""
+        with self._lock:
+            links = self._links
+            self._links = _NO_LINKS
+        for link in links:
+            link.unregister()
 
     def _run_later(self, handle: CallbackHandle, reason: CancelReason) -> None:
         callback = self._take(handle)
@@ -377,6 +387,8 @@ class CancellationToken:
 
     def _record(self, errors: list[tuple[Callable[[CancelReason], object], Exception]]) -> None:
         with self._lock:
+            if self._errors is None:
+                self._errors = []
             self._errors.extend(exc for _, exc in errors)
         for callback, exc in errors:
             logger.error("on_cancel callback %r of %r failed", callback, self, exc_info=exc)
@@ -531,7 +543,7 @@ class CancellationToken:
                 cancelled=self._reason is not None,
                 callbacks=len(self._callbacks),
                 parents=len(self._links),
-                callback_errors=len(self._errors),
+                callback_errors=len(self._errors or ()),
             )
 
     def __repr__(self) -> str:

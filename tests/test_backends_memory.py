@@ -63,10 +63,13 @@ async def test_owners_are_separate_namespaces() -> None:
     """Registrations and tombstones of one owner are invisible to another."""
     backend, _, got = make()
     await backend.register("a", "alice", "h1", got.append)
-    assert await backend.cancel("a", "bob", CancelReason()) is CancelOutcome.PENDING
+    assert await backend.cancel("a", "bob", CancelReason()) is CancelOutcome.NOT_FOUND
     assert got == []
-    assert await backend.register("a", None, "h2", got.append) is None
-    assert await backend.register("a", "bob", "h3", got.append) is not None
+    assert backend.statistics().tombstones == 0
+    assert await backend.register("a", None, "h2", got.append) is None  # same id, own space
+    assert await backend.cancel("b", "bob", CancelReason()) is CancelOutcome.PENDING
+    assert await backend.register("b", "alice", "h3", got.append) is None  # not bob's tombstone
+    assert await backend.register("b", "bob", "h4", got.append) is not None
 
 
 async def test_duplicate_registration_is_refused() -> None:

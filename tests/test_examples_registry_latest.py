@@ -27,7 +27,7 @@ def run(name: str) -> str:
 def test_registry_example() -> None:
     """The registry how-to example cancels by id, is owner-scoped, and pre-cancels."""
     out = run("registry_example.py")
-    assert "bob cancels report-1: pending" in out
+    assert "bob cancels report-1: not_found" in out
     assert "alice cancels report-1: cancelled" in out
     assert "report-2 -> stopped (requested" in out
     assert "cancel report-2 again: not_found" in out

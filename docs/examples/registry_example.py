@@ -29,7 +29,7 @@ async def main() -> None:
         tg.start_soon(run, "report-1")
         await anyio.wait_all_tasks_blocked()
         print("running for alice:", [op.id for op in registry.operations(owner="alice")])
-        # Another user cannot touch it: for bob the id simply does not exist yet.
+        # Another user cannot touch it: for bob it does not exist (and nothing is written).
         print("bob cancels report-1:", await registry.cancel("report-1", owner="bob"))
         # DELETE /ops/report-1 from alice:
         print("alice cancels report-1:", await registry.cancel("report-1", owner="alice"))
