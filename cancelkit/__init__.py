@@ -3,6 +3,11 @@
 cancelkit is built on anyio, so everything here runs on asyncio and on trio.
 """
 
+from ._asgi import CancelOnDisconnect as CancelOnDisconnect
+from ._asgi import DisconnectGuard as DisconnectGuard
+from ._asgi import DisconnectStatistics as DisconnectStatistics
+from ._asgi import request_token as request_token
+from ._asgi import shielded_cleanup as shielded_cleanup
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
 from ._reason import OperationCancelled as OperationCancelled
@@ -15,12 +20,17 @@ from ._token import current_token as current_token
 __all__ = [
     "CallbackHandle",
     "CancelKind",
+    "CancelOnDisconnect",
     "CancelReason",
     "CancellationToken",
+    "DisconnectGuard",
+    "DisconnectStatistics",
     "OperationCancelled",
     "TokenScope",
     "TokenStatistics",
     "current_token",
+    "request_token",
+    "shielded_cleanup",
 ]
 
 __version__ = "0.1.0.dev0"
