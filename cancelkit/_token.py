@@ -594,7 +594,9 @@ class TokenScope:
         assert self._scope is not None and self._handle is not None and self._var is not None
         self._handle.unregister()
         _current.reset(self._var)
-        if not self._scope.__exit__(exc_type, exc, tb):
+        # trio's CancelScope.__exit__ also returns True when the block ended without an
+        # exception, so ask the scope whether it really caught a cancellation.
+        if not self._scope.__exit__(exc_type, exc, tb) or not self._scope.cancelled_caught:
             return False  # not our cancellation (or none at all): let it through untouched
         token = self.token
         if token._reason is None:  # the scope's deadline fired first
