@@ -106,7 +106,7 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     loop = asyncio._get_running_loop()
     if loop is not None:
         trio = sys.modules.get("trio")
-        if trio is not None and trio.lowlevel.in_trio_run():
+        if trio is not None and trio.lowlevel.in_trio_run():  # pragma: no cover (guest mode)
             return None
     return loop
 
@@ -276,7 +276,6 @@ class DisconnectGuard:
         else:
             import trio  # only reached when running under trio, so it is installed
 
-            self._watch_scope = anyio.CancelScope()
             trio.lowlevel.spawn_system_task(self._watch)
         try:
             try:
@@ -302,10 +301,9 @@ class DisconnectGuard:
                 _current.reset(var)
 
     def _spawn_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Only reached while the application runs: _stop_watcher() cancels the handle.
         self._handle = None
-        if not self._app_done:
-            self._watch_scope = anyio.CancelScope()
-            self._watcher = loop.create_task(self._watch())
+        self._watcher = loop.create_task(self._watch())
 
     async def _stop_watcher(self) -> None:
         self._app_done = True
@@ -399,10 +397,9 @@ class DisconnectGuard:
     async def _watch(self) -> None:
         if self._app_done:
             return  # the request finished before the watcher got to run
-        assert self._watch_scope is not None
         done = self._watch_done = anyio.Event()
         try:
-            with self._watch_scope:
+            with anyio.CancelScope() as self._watch_scope:
                 while not self._disconnected:
                     if self._reading or (
                         not self._body_done
