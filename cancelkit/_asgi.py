@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 
 from ._reason import CancelKind, CancelReason, OperationCancelled
-from ._token import CancellationToken, _current
+from ._token import CallbackHandle, CancellationToken, _current
 
 __all__ = [
     "CancelOnDisconnect",
@@ -187,8 +187,11 @@ class DisconnectGuard:
         "_ended_early",
         "_error",
         "_handle",
+        "_interrupt",
+        "_link",
         "_max_buffer",
         "_mode",
+        "_own_token",
         "_reading",
         "_receive",
         "_response_complete",
@@ -224,6 +227,9 @@ class DisconnectGuard:
         self._max_buffer = max_buffer
         #: The request's token.
         self.token = token if token is not None else CancellationToken()
+        self._own_token = token is None
+        self._interrupt: anyio.CancelScope | None = None
+        self._link: CallbackHandle | None = None
         self._buffer: deque[Message] = deque()
         self._buffered = 0
         self._reading = False
@@ -288,17 +294,36 @@ class DisconnectGuard:
             await self._finish_interrupted()
 
     async def _run_app(self, app: ASGIApp) -> None:
-        if self._mode == "interrupt":
-            with self.token.move_on() as scope:
+        token = self.token
+        if self._mode == "interrupt" and not self._own_token:
+            with token.move_on() as token_scope:  # a caller's token may carry a deadline
                 await app(self._scope, self._app_receive, self._app_send)
-            if scope.cancelled_caught:
+            if token_scope.cancelled_caught:
                 await self._finish_interrupted()
-        else:
-            var = _current.set(self.token)
-            try:
+            return
+        var = _current.set(token)
+        try:
+            if self._mode == "signal":
                 await app(self._scope, self._app_receive, self._app_send)
-            finally:
-                _current.reset(var)
+                return
+            # The fast path: a bare cancel scope. The token is linked to it only once the
+            # request yields to the event loop (see _watch); before that nobody else can run.
+            with anyio.CancelScope() as scope:
+                self._interrupt = scope
+                if token._reason is not None:
+                    scope.cancel()
+                await app(self._scope, self._app_receive, self._app_send)
+        finally:
+            _current.reset(var)
+        if scope.cancelled_caught:
+            await self._finish_interrupted()
+
+    def _cancel(self, reason: CancelReason) -> bool:
+        """Cancel the token and, in interrupt mode, the application's scope."""
+        cancelled = self.token.cancel(reason)
+        if self._interrupt is not None:
+            self._interrupt.cancel()
+        return cancelled
 
     def _spawn_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
         # Only reached while the application runs: _stop_watcher() cancels the handle.
@@ -307,6 +332,9 @@ class DisconnectGuard:
 
     async def _stop_watcher(self) -> None:
         self._app_done = True
+        self._interrupt = None
+        if self._link is not None:
+            self._link.unregister()
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -392,12 +420,16 @@ class DisconnectGuard:
         self._disconnected = True
         if not self._response_complete and not self._client_gone:
             self._client_gone = True
-            self.token.cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
+            self._cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
 
     async def _watch(self) -> None:
         if self._app_done:
             return  # the request finished before the watcher got to run
         done = self._watch_done = anyio.Event()
+        if self._interrupt is not None and self._own_token:
+            # The request yields: from now on anyone may cancel the token (shutdown, the
+            # application itself, another thread), and that must interrupt the request.
+            self._link = self.token.on_cancel(self._interrupt_app)
         try:
             with anyio.CancelScope() as self._watch_scope:
                 while not self._disconnected:
@@ -416,6 +448,10 @@ class DisconnectGuard:
             self._notify()
         finally:
             done.set()
+
+    def _interrupt_app(self, reason: CancelReason) -> None:
+        if self._interrupt is not None:
+            self._interrupt.cancel()
 
     async def _app_receive(self) -> Message:
         while True:
@@ -599,7 +635,7 @@ class CancelOnDisconnect:
                 return
             guard = DisconnectGuard(scope, receive, send, mode=mode, max_buffer=self._max_buffer)
             if self._shutdown_reason is not None:
-                guard.token.cancel(self._shutdown_reason)
+                guard.token.cancel(self._shutdown_reason)  # the scope starts cancelled
             in_flight = self._in_flight
             in_flight.add(guard)
             self._requests += 1
@@ -649,7 +685,7 @@ class CancelOnDisconnect:
         if self._shutdown_reason is None:
             self._shutdown_reason = CancelReason(CancelKind.SHUTDOWN)
         for guard in tuple(self._in_flight):
-            if guard.token.cancel(self._shutdown_reason):
+            if guard._cancel(self._shutdown_reason):
                 self._shutdown_cancelled += 1
         await self._wait_idle(grace)
 

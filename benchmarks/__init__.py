@@ -1,0 +1,1 @@
+"""Runnable benchmarks; not tests. See each module's docstring for how to run it."""
