@@ -16,6 +16,7 @@ from typing import Any, Literal, final
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import AsyncBackend
 
 from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._token import CallbackHandle, CancellationToken, _current
@@ -99,6 +100,9 @@ def shielded_cleanup(timeout: float = 5.0) -> anyio.CancelScope:
     if timeout < 0:
         raise ValueError(f"timeout must be >= 0, not {timeout!r}")
     return anyio.move_on_after(timeout, shield=True)
+
+
+_asyncio_backend: type[AsyncBackend] | None = None
 
 
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
@@ -308,7 +312,7 @@ class DisconnectGuard:
                 return
             # The fast path: a bare cancel scope. The token is linked to it only once the
             # request yields to the event loop (see _watch); before that nobody else can run.
-            with anyio.CancelScope() as scope:
+            with self._new_scope() as scope:
                 self._interrupt = scope
                 if token._reason is not None:
                     scope.cancel()
@@ -317,6 +321,15 @@ class DisconnectGuard:
             _current.reset(var)
         if scope.cancelled_caught:
             await self._finish_interrupted()
+
+    def _new_scope(self) -> anyio.CancelScope:
+        global _asyncio_backend
+        if self._handle is None:  # not on asyncio
+            return anyio.CancelScope()
+        if _asyncio_backend is None:
+            _asyncio_backend = anyio.lowlevel.current_token().backend_class
+        # The same as anyio.CancelScope(), without detecting the event loop again.
+        return _asyncio_backend.create_cancel_scope()
 
     def _cancel(self, reason: CancelReason) -> bool:
         """Cancel the token and, in interrupt mode, the application's scope."""
@@ -450,8 +463,9 @@ class DisconnectGuard:
             done.set()
 
     def _interrupt_app(self, reason: CancelReason) -> None:
-        if self._interrupt is not None:
-            self._interrupt.cancel()
+        scope = self._interrupt
+        assert scope is not None  # the link is removed before the scope is forgotten
+        scope.cancel()
 
     async def _app_receive(self) -> Message:
         while True:

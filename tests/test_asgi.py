@@ -943,3 +943,52 @@ def test_plain_asyncio_run_without_anyio_runner() -> None:
     reason = asyncio.run(main())
     assert reason is not None
     assert reason.kind is CancelKind.CLIENT_DISCONNECTED
+
+
+async def test_callers_token_deadline_answers_504() -> None:
+    """A caller's token with a deadline interrupts the request when it passes: 504."""
+    server = FakeServer(body())
+    token = CancellationToken(timeout=0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep_forever()
+
+    await DisconnectGuard(http_scope(), server.receive, server.send, token=token).run(app)
+    assert server.status == 504
+    assert token.reason is not None
+    assert token.reason.kind is CancelKind.DEADLINE
+
+
+async def test_token_cancelled_by_app_before_yielding_interrupts() -> None:
+    """A token cancelled before the request first yields still interrupts it afterwards."""
+    server = FakeServer(body())
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        request_token(scope).cancel()
+        reached.append("cancelled")
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+    assert reached == ["cancelled"]
+    assert server.status == 503
+
+
+async def test_shutdown_does_not_count_tokens_already_cancelled() -> None:
+    """shutdown() counts only the tokens it cancelled, not those of clients already gone."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe), mode="signal", shutdown_grace=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+        await anyio.wait_all_tasks_blocked()
+        await mw.shutdown()
+        assert mw.statistics().shutdown_cancelled == 0
+        probe.release.set()
+    assert probe.token is not None
+    assert probe.token.reason is not None
+    assert probe.token.reason.kind is CancelKind.CLIENT_DISCONNECTED
