@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import anyio
+from fastapi import FastAPI, Request
 
 TIMEOUT = 3.0
 
@@ -46,8 +47,6 @@ def ended() -> None:
 
 
 def make_app(variant: str) -> Any:
-    from fastapi import FastAPI, Request
-
     api = FastAPI()
     if variant == "cancelkit":
         from cancelkit import CancelOnDisconnect
@@ -159,7 +158,7 @@ async def measure(server: str, variant: str, trials: int) -> list[float] | str:
                 latencies.append(state.ended_at - t0)
         finally:
             stop.set()
-            sock.close()
+    sock.close()
     return error or latencies
 
 
@@ -191,6 +190,8 @@ def main() -> None:
                     measure, server.split("+")[0], variant, args.trials, backend=backend
                 )
             except Exception as exc:  # a peer that cannot run on this backend
+                while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                    exc = exc.exceptions[0]
                 result = f"fails: {type(exc).__name__}: {exc}"[:90]
             if isinstance(result, str):
                 print(f"{server:18} {variant:20} {result}")
