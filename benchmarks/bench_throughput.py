@@ -5,15 +5,17 @@ them; they are optional)::
 
     python -m benchmarks.bench_throughput [--seconds 4] [--rounds 3] [--connections 16]
 
-Each variant is served by its own uvicorn process (one worker, 127.0.0.1, access log off)
-and loaded by ``wrk`` (Debian package ``wrk``) for a bounded time; rounds are interleaved
-and the median of each variant's rounds is compared with the bare app's.
+Each variant is served by its own uvicorn process (one worker, 127.0.0.1, access log off),
+all started up front, and loaded by ``wrk`` (Debian package ``wrk``) for a bounded time:
+short rounds, every variant once per round in random order, each compared with the bare
+app's figure from the same round; the table shows the median of those per-round ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import shutil
 import signal
@@ -98,87 +100,95 @@ def free_port() -> int:
         return port
 
 
-def pinned(cpu: int) -> list[str]:
-    """Pin server and load generator to different CPUs when possible (less noise)."""
-    if shutil.which("taskset") is None or (os.cpu_count() or 1) < 2:
-        return []
-    return ["taskset", "-c", str(cpu)]
-
-
-def run_variant(variant: str, seconds: int, connections: int) -> float:
+def start_server(variant: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {**os.environ, "BENCH_VARIANT": variant, "PYTHONPATH": os.getcwd()}
     server = subprocess.Popen(
         [
-            *pinned(0),
             *[sys.executable, "-m", "uvicorn", "--factory", "benchmarks.bench_throughput:make_app"],
             *["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             *["--log-level", "warning", "--no-access-log"],
         ],
         env=env,
     )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"{variant}: server did not start") from None
-                time.sleep(0.05)
-        url = f"http://127.0.0.1:{port}/t"
-        subprocess.run(["wrk", "-t1", "-c4", "-d1s", url], capture_output=True, check=True)
-        result = subprocess.run(
-            [*pinned(1), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "2s", url],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=seconds + 30,
-        )
-        if "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
-            raise RuntimeError(f"{variant}: errors under load:\n{result.stdout}")
-        match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
-        assert match is not None, result.stdout
-        return float(match.group(1))
-    finally:
-        server.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 15
+    while True:
         try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"{variant}: server did not start") from None
+            time.sleep(0.05)
+        else:
+            return server, f"http://127.0.0.1:{port}/t"
+
+
+def load(url: str, seconds: int, connections: int) -> float:
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "2s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 30,
+    )
+    if "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
+        raise RuntimeError(f"{url}: errors under load:\n{result.stdout}")
+    match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    assert match is not None, result.stdout
+    return float(match.group(1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
-    variants = []
-    for variant in args.variants:
-        if available(variant):
-            variants.append(variant)
-        else:
-            print(f"{variant}: not installed in this environment, skipped")
-    results: dict[str, list[float]] = {v: [] for v in variants}
-    for round_ in range(args.rounds):
+    variants = [v for v in args.variants if v == "none" or available(v)]
+    for variant in set(args.variants) - set(variants):
+        print(f"{variant}: not installed in this environment, skipped")
+    if "none" not in variants:
+        variants.insert(0, "none")
+    servers = {}
+    try:
         for variant in variants:
-            results[variant].append(run_variant(variant, args.seconds, args.connections))
-        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
-    base = statistics.median(results["none"])
+            servers[variant] = start_server(variant)
+        for _, url in servers.values():
+            load(url, 1, 4)  # warm up
+        rps: dict[str, list[float]] = {v: [] for v in variants}
+        ratios: dict[str, list[float]] = {v: [] for v in variants}
+        for round_ in range(args.rounds):
+            # Each round loads every variant once, in a fresh random order, and compares it
+            # with the bare app of the same round: drift of a shared machine cancels out.
+            order = random.sample(variants, len(variants))
+            measured = {v: load(servers[v][1], args.seconds, args.connections) for v in order}
+            for variant, value in measured.items():
+                rps[variant].append(value)
+                ratios[variant].append(value / measured["none"])
+            print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+    finally:
+        for server, _ in servers.values():
+            server.send_signal(signal.SIGINT)
+        for server, _ in servers.values():
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
     print(
-        f"\nuvicorn, Python {sys.version.split()[0]}, wrk -c{args.connections} "
-        f"{args.seconds:g}s x {args.rounds} rounds (median)"
+        f"\nuvicorn, Python {sys.version.split()[0]}, wrk -c{args.connections}, "
+        f"{args.rounds} interleaved rounds of {args.seconds}s; median of per-round ratios"
     )
     print(f"{'variant':24} {'req/s':>9} {'ratio':>6}  what")
     for variant in variants:
-        rps = statistics.median(results[variant])
-        print(f"{variant:24} {rps:9.0f} {rps / base:6.3f}  {VARIANTS[variant]}")
+        print(
+            f"{variant:24} {statistics.median(rps[variant]):9.0f} "
+            f"{statistics.median(ratios[variant]):6.3f}  {VARIANTS[variant]}"
+        )
 
 
 if __name__ == "__main__":
