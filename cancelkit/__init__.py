@@ -3,6 +3,11 @@
 cancelkit is built on anyio, so everything here runs on asyncio and on trio.
 """
 
+from ._asgi import CancelOnDisconnect as CancelOnDisconnect
+from ._asgi import DisconnectGuard as DisconnectGuard
+from ._asgi import DisconnectStatistics as DisconnectStatistics
+from ._asgi import request_token as request_token
+from ._asgi import shielded_cleanup as shielded_cleanup
 from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
@@ -24,10 +29,13 @@ from .backends import RegistryFull as RegistryFull
 __all__ = [
     "CallbackHandle",
     "CancelKind",
+    "CancelOnDisconnect",
     "CancelOutcome",
     "CancelReason",
     "CancellationToken",
     "Claim",
+    "DisconnectGuard",
+    "DisconnectStatistics",
     "LatestOnly",
     "LatestOnlyStatistics",
     "OperationCancelled",
@@ -39,6 +47,8 @@ __all__ = [
     "TokenStatistics",
     "TrackedOperation",
     "current_token",
+    "request_token",
+    "shielded_cleanup",
 ]
 
 __version__ = "0.1.0.dev0"

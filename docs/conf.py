@@ -63,6 +63,7 @@ _EXTERNAL = "|".join(
         r"logging\..*",
         r"weakref\..*",
         r"time\..*",
+        r"re\..*",
         r"math\..*",
         r"secrets\..*",
         r"os\..*",

@@ -1,0 +1,729 @@
+"""Cancel on client disconnect: one reader of ``receive``, a per-request token, a middleware.
+
+Pure ASGI and anyio: no web framework is imported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal, final
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import AsyncBackend
+
+from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._token import CallbackHandle, CancellationToken, _current
+
+__all__ = [
+    "CancelOnDisconnect",
+    "DisconnectGuard",
+    "DisconnectMode",
+    "DisconnectStatistics",
+    "request_token",
+    "shielded_cleanup",
+]
+
+logger = logging.getLogger("cancelkit")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: ``"interrupt"``: the handler's awaits are cancelled when the client leaves.
+#: ``"signal"``: only the request's token is cancelled; the handler decides what to do.
+DisconnectMode = Literal["interrupt", "signal"]
+
+#: A path pattern: a string matches that path and everything below it (``"/api"`` matches
+#: ``/api`` and ``/api/items`` but not ``/apix``); a compiled regular expression must match
+#: the whole path.
+PathPattern = str | re.Pattern[str]
+
+#: The ASGI scope key under which the request's token is stored.
+SCOPE_KEY = "cancelkit.token"
+
+_MODES = ("interrupt", "signal")
+_DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
+_MAX_BUFFERED_MESSAGES = 16
+
+
+def request_token(scope: Mapping[str, Any]) -> CancellationToken:
+    """Return the cancellation token of the request that ``scope`` belongs to.
+
+    Args:
+        scope: the ASGI scope (``request.scope`` in Starlette and FastAPI).
+
+    Returns:
+        The token that :class:`CancelOnDisconnect` (or a :class:`DisconnectGuard`) created for
+        this request.
+
+    Raises:
+        LookupError: if no disconnect guard runs this request (the middleware is not
+            installed, or the path is excluded).
+
+    .. versionadded:: 0.1
+    """
+    token = scope.get(SCOPE_KEY)
+    if token is None:
+        raise LookupError(
+            "this request has no cancellation token: wrap the application in "
+            "cancelkit.CancelOnDisconnect (and check that the path is not excluded)"
+        )
+    assert isinstance(token, CancellationToken)
+    return token
+
+
+def shielded_cleanup(timeout: float = 5.0) -> anyio.CancelScope:
+    """Return a cancel scope for cleanup that must run even in an interrupted handler.
+
+    ``with shielded_cleanup(2.0): await tx.rollback()`` shields the block from the
+    cancellation that interrupted the handler, but never for longer than ``timeout`` seconds:
+    after that the block is cancelled and execution continues after it
+    (check ``cancelled_caught`` on the returned scope).
+
+    Args:
+        timeout: the most seconds the cleanup may take.
+
+    Raises:
+        ValueError: if ``timeout`` is negative.
+
+    .. versionadded:: 0.1
+    """
+    if timeout < 0:
+        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
+    return anyio.move_on_after(timeout, shield=True)
+
+
+_asyncio_backend: type[AsyncBackend] | None = None
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """Return the running asyncio loop, or None (trio, including trio in guest mode)."""
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_run():  # pragma: no cover (guest mode)
+            return None
+    return loop
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class DisconnectStatistics:
+    """Counters of a :class:`CancelOnDisconnect` middleware, from its ``statistics()``.
+
+    Attributes:
+        requests: HTTP requests run under a guard (excluded paths are not counted).
+        in_flight: guarded requests running now.
+        watchers: requests that needed a watcher task (the others finished before the event
+            loop ran anything else, and cost no task).
+        disconnects: requests whose client left before the response was complete.
+        interrupted: requests ended by an interruption (client gone, shutdown, or their token
+            cancelled otherwise) rather than by the handler returning.
+        shutdown_cancelled: request tokens cancelled because the application shut down.
+
+    .. versionadded:: 0.1
+    """
+
+    requests: int
+    in_flight: int
+    watchers: int
+    disconnects: int
+    interrupted: int
+    shutdown_cancelled: int
+
+
+@final
+class DisconnectGuard:
+    """Run one HTTP request so that a client disconnect cancels its token at once.
+
+    The guard is the only reader of the server's ``receive``. Request-body messages reach the
+    application untouched and in order; ahead of the application the guard reads at most
+    ``max_buffer`` bytes (then waits for the application to catch up), so a slow handler
+    neither loses an upload nor makes the guard hold all of it. An ``http.disconnect``
+    before the response is complete, or an :exc:`OSError` from ``send``, cancels
+    :attr:`token` with reason :attr:`CancelKind.CLIENT_DISCONNECTED`; a disconnect after the
+    response completed (uvicorn reports one) cancels nothing.
+
+    No watcher task is started for a request that completes before the event loop runs
+    anything else; otherwise one task waits on ``receive`` for the rest of the response.
+
+    In ``"interrupt"`` mode the application runs in a scope the token cancels: its awaits are
+    cancelled, and :meth:`run` ends the exchange quietly (no response to a client that left,
+    one INFO line with status 499 on the ``cancelkit`` logger; ``503``/``504`` to a client that
+    is still there when the token was cancelled for another reason). In ``"signal"`` mode only
+    the token is cancelled. Either way :func:`~cancelkit.current_token` returns the token
+    inside the request, and an :exc:`~cancelkit.OperationCancelled` carrying this token's
+    reason that escapes the application ends the request just as quietly. A cancellation
+    that the guard did not cause (server shutdown cancelling the application) propagates.
+
+    Args:
+        scope: the HTTP scope; the token is stored in it (see :func:`request_token`).
+        receive: the server's ``receive``.
+        send: the server's ``send``.
+        mode: ``"interrupt"`` or ``"signal"``.
+        max_buffer: how many request-body bytes may be read ahead of the application.
+        token: the token to use; a new one by default.
+
+    Raises:
+        ValueError: for an unknown ``mode``, a negative ``max_buffer``, or a scope that is not
+            an HTTP scope.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "_app_done",
+        "_body_done",
+        "_buffer",
+        "_buffered",
+        "_changed",
+        "_client_gone",
+        "_disconnected",
+        "_ended_early",
+        "_error",
+        "_handle",
+        "_interrupt",
+        "_link",
+        "_max_buffer",
+        "_mode",
+        "_own_token",
+        "_reading",
+        "_receive",
+        "_response_complete",
+        "_response_started",
+        "_scope",
+        "_send",
+        "_watch_done",
+        "_watch_scope",
+        "_watcher",
+        "token",
+    )
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        mode: DisconnectMode = "interrupt",
+        max_buffer: int = 65536,
+        token: CancellationToken | None = None,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
+        if max_buffer < 0:
+            raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
+        if scope.get("type") != "http":
+            raise ValueError(f"a DisconnectGuard runs HTTP requests, not {scope.get('type')!r}")
+        self._scope = scope
+        self._receive = receive
+        self._send = send
+        self._mode = mode
+        self._max_buffer = max_buffer
+        #: The request's token.
+        self.token = token if token is not None else CancellationToken()
+        self._own_token = token is None
+        self._interrupt: anyio.CancelScope | None = None
+        self._link: CallbackHandle | None = None
+        self._buffer: deque[Message] = deque()
+        self._buffered = 0
+        self._reading = False
+        self._body_done = False
+        self._disconnected = False
+        self._client_gone = False
+        self._response_started = False
+        self._response_complete = False
+        self._app_done = False
+        self._changed: anyio.Event | None = None
+        self._error: Exception | None = None
+        self._handle: asyncio.Handle | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._watch_scope: anyio.CancelScope | None = None
+        self._watch_done: anyio.Event | None = None
+        self._ended_early = False
+
+    @property
+    def mode(self) -> DisconnectMode:
+        """``"interrupt"`` or ``"signal"``."""
+        return self._mode
+
+    @property
+    def client_gone(self) -> bool:
+        """Whether the client left before the response was complete."""
+        return self._client_gone
+
+    @property
+    def watching(self) -> bool:
+        """Whether a watcher task has been waiting on ``receive`` for this request."""
+        return self._watch_done is not None
+
+    # -- running the application -------------------------------------------------------------
+
+    async def run(self, app: ASGIApp) -> None:
+        """Run ``app`` for this request; return when it is done.
+
+        Args:
+            app: the ASGI application.
+
+        Raises:
+            Exception: whatever the application raises, except an
+                :exc:`~cancelkit.OperationCancelled` carrying this request's token's reason.
+        """
+        self._scope[SCOPE_KEY] = self.token
+        loop = _asyncio_loop()
+        if loop is not None:
+            # Deferred: a request that finishes before the loop runs anything else needs none.
+            self._handle = loop.call_soon(self._spawn_asyncio, loop)
+        else:
+            import trio  # only reached when running under trio, so it is installed
+
+            trio.lowlevel.spawn_system_task(self._watch)
+        try:
+            try:
+                await self._run_app(app)
+            finally:
+                await self._stop_watcher()
+        except OperationCancelled as exc:
+            if exc.reason is not self.token.reason:
+                raise
+            await self._finish_interrupted()
+
+    async def _run_app(self, app: ASGIApp) -> None:
+        token = self.token
+        if self._mode == "interrupt" and not self._own_token:
+            with token.move_on() as token_scope:  # a caller's token may carry a deadline
+                await app(self._scope, self._app_receive, self._app_send)
+            if token_scope.cancelled_caught:
+                await self._finish_interrupted()
+            return
+        var = _current.set(token)
+        try:
+            if self._mode == "signal":
+                await app(self._scope, self._app_receive, self._app_send)
+                return
+            # The fast path: a bare cancel scope. The token is linked to it only once the
+            # request yields to the event loop (see _watch); before that nobody else can run.
+            with self._new_scope() as scope:
+                self._interrupt = scope
+                if token._reason is not None:
+                    scope.cancel()
+                await app(self._scope, self._app_receive, self._app_send)
+        finally:
+            _current.reset(var)
+        if scope.cancelled_caught:
+            await self._finish_interrupted()
+
+    def _new_scope(self) -> anyio.CancelScope:
+        global _asyncio_backend
+        if self._handle is None:  # not on asyncio
+            return anyio.CancelScope()
+        if _asyncio_backend is None:
+            _asyncio_backend = anyio.lowlevel.current_token().backend_class
+        # The same as anyio.CancelScope(), without detecting the event loop again.
+        return _asyncio_backend.create_cancel_scope()
+
+    def _cancel(self, reason: CancelReason) -> bool:
+        """Cancel the token and, in interrupt mode, the application's scope."""
+        cancelled = self.token.cancel(reason)
+        if self._interrupt is not None:
+            self._interrupt.cancel()
+        return cancelled
+
+    def _spawn_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Only reached while the application runs: _stop_watcher() cancels the handle.
+        self._handle = None
+        self._watcher = loop.create_task(self._watch())
+
+    async def _stop_watcher(self) -> None:
+        self._app_done = True
+        self._interrupt = None
+        if self._link is not None:
+            self._link.unregister()
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+        if self._watch_done is not None:
+            with anyio.CancelScope(shield=True):
+                await self._watch_done.wait()
+
+    async def _finish_interrupted(self) -> None:
+        reason = self.token.reason
+        assert reason is not None
+        scope = self._scope
+        self._ended_early = True
+        if self._client_gone:
+            logger.info(
+                '%s "%s %s" 499 client disconnected',
+                _client(scope),
+                scope.get("method", ""),
+                scope.get("path", ""),
+            )
+            return
+        try:
+            if not self._response_started:
+                status = 504 if reason.root.kind is CancelKind.DEADLINE else 503
+                body = f"{reason.root.message}\n".encode()
+                await self._send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                        ],
+                    }
+                )
+                await self._send({"type": "http.response.body", "body": body})
+            elif not self._response_complete:
+                await self._send({"type": "http.response.body", "body": b""})
+        except OSError:
+            self._client_gone = True
+            return
+        logger.info(
+            '%s "%s %s" ended: %s',
+            _client(scope),
+            scope.get("method", ""),
+            scope.get("path", ""),
+            reason,
+        )
+
+    # -- the one reader of receive -----------------------------------------------------------
+
+    def _notify(self) -> None:
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
+
+    async def _wait_changed(self) -> None:
+        changed = self._changed
+        if changed is None:
+            changed = self._changed = anyio.Event()
+        await changed.wait()
+
+    async def _pump(self) -> None:
+        """Read one message from the server and file it; only one caller at a time."""
+        self._reading = True
+        try:
+            message = await self._receive()
+        finally:
+            self._reading = False
+            self._notify()
+        if message["type"] == "http.disconnect":
+            self._disconnect()
+        else:
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                self._body_done = True
+            self._buffer.append(message)
+            self._buffered += len(message.get("body", b""))
+
+    def _disconnect(self) -> None:
+        self._disconnected = True
+        if not self._response_complete and not self._client_gone:
+            self._client_gone = True
+            self._cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
+
+    async def _watch(self) -> None:
+        if self._app_done:
+            return  # the request finished before the watcher got to run
+        done = self._watch_done = anyio.Event()
+        if self._interrupt is not None and self._own_token:
+            # The request yields: from now on anyone may cancel the token (shutdown, the
+            # application itself, another thread), and that must interrupt the request.
+            self._link = self.token.on_cancel(self._interrupt_app)
+        try:
+            with anyio.CancelScope() as self._watch_scope:
+                while not self._disconnected:
+                    if self._reading or (
+                        not self._body_done
+                        and (
+                            self._buffered >= self._max_buffer
+                            or len(self._buffer) >= _MAX_BUFFERED_MESSAGES
+                        )
+                    ):
+                        await self._wait_changed()
+                    else:
+                        await self._pump()
+        except Exception as exc:
+            self._error = exc
+            self._notify()
+        finally:
+            done.set()
+
+    def _interrupt_app(self, reason: CancelReason) -> None:
+        scope = self._interrupt
+        assert scope is not None  # the link is removed before the scope is forgotten
+        scope.cancel()
+
+    async def _app_receive(self) -> Message:
+        while True:
+            if self._buffer:
+                message = self._buffer.popleft()
+                self._buffered -= len(message.get("body", b""))
+                self._notify()
+                return message
+            if self._disconnected:
+                return dict(_DISCONNECT)
+            if self._error is not None:
+                raise self._error
+            if self._reading:
+                await self._wait_changed()
+            else:
+                await self._pump()
+
+    async def _app_send(self, message: Message) -> None:
+        if self._client_gone:
+            return  # nobody is reading any more
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._response_started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self._response_complete = True
+        try:
+            await self._send(message)
+        except OSError:
+            self._response_complete = False
+            self._disconnect()
+            if self._mode == "interrupt":
+                await anyio.lowlevel.checkpoint()  # the token's scope is cancelled: unwind
+            raise
+
+    def __repr__(self) -> str:
+        if self._client_gone:
+            state = "client gone"
+        elif self._response_complete:
+            state = "response complete"
+        elif self._response_started:
+            state = "responding"
+        else:
+            state = "running"
+        return (
+            f"<DisconnectGuard {self._mode} {self._scope.get('method', '')} "
+            f"{self._scope.get('path', '')!r} {state} watching={self.watching}>"
+        )
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    if client:
+        return f"{client[0]}:{client[1]}"
+    return "-"
+
+
+def _compile(patterns: Iterable[PathPattern], what: str) -> tuple[PathPattern, ...]:
+    result = tuple(patterns)
+    for pattern in result:
+        if isinstance(pattern, str):
+            if not pattern.startswith("/"):
+                raise ValueError(f"{what} path {pattern!r} must start with '/'")
+        elif not isinstance(pattern, re.Pattern):
+            raise TypeError(f"{what} patterns are str or re.Pattern, not {type(pattern).__name__}")
+    return result
+
+
+def _matches(patterns: tuple[PathPattern, ...], path: str) -> bool:
+    for pattern in patterns:
+        if isinstance(pattern, str):
+            if path.startswith(pattern) and (
+                len(path) == len(pattern) or pattern.endswith("/") or path[len(pattern)] == "/"
+            ):
+                return True
+        elif pattern.fullmatch(path):
+            return True
+    return False
+
+
+@final
+class CancelOnDisconnect:
+    """ASGI middleware: cancel each request's token when its client disconnects.
+
+    Wrap the application (``app = CancelOnDisconnect(app)``); every HTTP request then runs
+    under a :class:`DisconnectGuard`. WebSocket connections pass through untouched. The
+    lifespan protocol is passed through; when it reports ``lifespan.shutdown`` (and whenever
+    :meth:`shutdown` is called) in-flight requests get ``shutdown_grace`` seconds to finish,
+    then their tokens are cancelled with reason :attr:`CancelKind.SHUTDOWN`.
+
+    Args:
+        app: the ASGI application.
+        mode: the default mode, ``"interrupt"`` or ``"signal"``.
+        include: if given, only requests whose path matches one of these patterns are guarded.
+        exclude: requests whose path matches one of these patterns are passed through untouched.
+        modes: per-route modes, ``{pattern: mode}``; the first matching pattern wins.
+        shutdown_grace: seconds in-flight requests get to finish at shutdown.
+        max_buffer: request-body bytes that may be read ahead of the application.
+
+    Raises:
+        ValueError: for an unknown mode, a negative number, or a path not starting with ``/``.
+        TypeError: for a pattern that is neither ``str`` nor ``re.Pattern``.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "_disconnects",
+        "_exclude",
+        "_idle",
+        "_in_flight",
+        "_include",
+        "_interrupted",
+        "_max_buffer",
+        "_mode",
+        "_modes",
+        "_requests",
+        "_shutdown_cancelled",
+        "_shutdown_reason",
+        "_watchers",
+        "app",
+        "shutdown_grace",
+    )
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        mode: DisconnectMode = "interrupt",
+        include: Iterable[PathPattern] | None = None,
+        exclude: Iterable[PathPattern] = (),
+        modes: Mapping[PathPattern, DisconnectMode] | None = None,
+        shutdown_grace: float = 5.0,
+        max_buffer: int = 65536,
+    ) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
+        if shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
+        if max_buffer < 0:
+            raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
+        route_modes = dict(modes or {})
+        for route_mode in route_modes.values():
+            if route_mode not in _MODES:
+                raise ValueError(f"mode must be 'interrupt' or 'signal', not {route_mode!r}")
+        #: The wrapped application.
+        self.app = app
+        #: Seconds in-flight requests get to finish at shutdown.
+        self.shutdown_grace = shutdown_grace
+        self._mode: DisconnectMode = mode
+        self._include = None if include is None else _compile(include, "include")
+        self._exclude = _compile(exclude, "exclude")
+        self._modes = tuple(zip(_compile(route_modes, "modes"), route_modes.values(), strict=True))
+        self._max_buffer = max_buffer
+        self._in_flight: set[DisconnectGuard] = set()
+        self._idle: anyio.Event | None = None
+        self._shutdown_reason: CancelReason | None = None
+        self._requests = 0
+        self._watchers = 0
+        self._disconnects = 0
+        self._interrupted = 0
+        self._shutdown_cancelled = 0
+
+    def mode_for(self, path: str) -> DisconnectMode | None:
+        """Return the mode a request for ``path`` runs in, or ``None`` if it is not guarded."""
+        if self._include is not None and not _matches(self._include, path):
+            return None
+        if self._exclude and _matches(self._exclude, path):
+            return None
+        for pattern, mode in self._modes:
+            if _matches((pattern,), path):
+                return mode
+        return self._mode
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the application for one ASGI connection."""
+        kind = scope["type"]
+        if kind == "http":
+            mode = self.mode_for(scope["path"])
+            if mode is None or SCOPE_KEY in scope:
+                await self.app(scope, receive, send)
+                return
+            guard = DisconnectGuard(scope, receive, send, mode=mode, max_buffer=self._max_buffer)
+            if self._shutdown_reason is not None:
+                guard.token.cancel(self._shutdown_reason)  # the scope starts cancelled
+            in_flight = self._in_flight
+            in_flight.add(guard)
+            self._requests += 1
+            try:
+                await guard.run(self.app)
+            finally:
+                in_flight.discard(guard)
+                if guard._watch_done is not None:
+                    self._watchers += 1
+                if guard._client_gone:
+                    self._disconnects += 1
+                if guard._ended_early:
+                    self._interrupted += 1
+                if not in_flight and self._idle is not None:
+                    self._idle.set()
+        elif kind == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+            return message
+
+        return wrapped
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Wind down the requests in flight: wait for them, then cancel their tokens.
+
+        Waits up to ``grace`` seconds for in-flight requests to finish, then cancels the
+        tokens of those still running (and of any request that starts later) with reason
+        :attr:`CancelKind.SHUTDOWN`, and waits up to ``grace`` seconds more for them to end.
+        Interrupted handlers end at once; a streaming response ends instead of holding the
+        server. Runs on ``lifespan.shutdown``; servers that send that only after their
+        connections are closed (uvicorn, hypercorn) need a call from their shutdown path,
+        see the documentation.
+
+        Args:
+            grace: seconds; :attr:`shutdown_grace` by default.
+        """
+        if grace is None:
+            grace = self.shutdown_grace
+        await self._wait_idle(grace)
+        if self._shutdown_reason is None:
+            self._shutdown_reason = CancelReason(CancelKind.SHUTDOWN)
+        for guard in tuple(self._in_flight):
+            if guard._cancel(self._shutdown_reason):
+                self._shutdown_cancelled += 1
+        await self._wait_idle(grace)
+
+    async def _wait_idle(self, grace: float) -> None:
+        with anyio.move_on_after(grace):
+            while self._in_flight:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        self._idle = None
+
+    def statistics(self) -> DisconnectStatistics:
+        """Return the middleware's counters."""
+        return DisconnectStatistics(
+            requests=self._requests,
+            in_flight=len(self._in_flight),
+            watchers=self._watchers,
+            disconnects=self._disconnects,
+            interrupted=self._interrupted,
+            shutdown_cancelled=self._shutdown_cancelled,
+        )
+
+    def __repr__(self) -> str:
+        state = " shutting down" if self._shutdown_reason is not None else ""
+        return (
+            f"<CancelOnDisconnect mode={self._mode!r} in_flight={len(self._in_flight)}"
+            f"{state} app={self.app!r}>"
+        )

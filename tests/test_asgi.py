@@ -1,0 +1,994 @@
+"""Plain ASGI tests of cancel-on-disconnect, with hand-written receive and send."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from cancelkit import (
+    CancelKind,
+    CancellationToken,
+    CancelOnDisconnect,
+    CancelReason,
+    DisconnectGuard,
+    DisconnectStatistics,
+    OperationCancelled,
+    current_token,
+    request_token,
+    shielded_cleanup,
+)
+
+pytestmark = pytest.mark.anyio
+
+Message = dict[str, Any]
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+DISCONNECT: Message = {"type": "http.disconnect"}
+
+
+def body(data: bytes = b"", *, more: bool = False) -> Message:
+    return {"type": "http.request", "body": data, "more_body": more}
+
+
+def http_scope(path: str = "/", method: str = "GET") -> dict[str, Any]:
+    return {"type": "http", "method": method, "path": path, "client": ("127.0.0.1", 5000)}
+
+
+class FakeServer:
+    """The server side of one ASGI exchange: a queue for receive, a list for send."""
+
+    def __init__(self, *messages: Message, send_error: Exception | None = None) -> None:
+        self._queue: deque[Message] = deque(messages)
+        self._arrived = anyio.Event()
+        self.pulled = 0
+        self.sent: list[Message] = []
+        self.send_error = send_error
+        self.receive_error: Exception | None = None
+
+    def client(self, message: Message) -> None:
+        self._queue.append(message)
+        self._arrived.set()
+
+    async def receive(self) -> Message:
+        if self.receive_error is not None:
+            raise self.receive_error
+        while not self._queue:
+            self._arrived = anyio.Event()
+            await self._arrived.wait()
+        self.pulled += 1
+        return self._queue.popleft()
+
+    async def send(self, message: Any) -> None:
+        if self.send_error is not None:
+            raise self.send_error
+        self.sent.append(dict(message))
+
+    @property
+    def status(self) -> int | None:
+        for message in self.sent:
+            if message["type"] == "http.response.start":
+                return int(message["status"])
+        return None
+
+
+async def respond(send: Any, text: bytes = b"ok", status: int = 200) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": text})
+
+
+class Probe:
+    """Records what a test handler saw, for the assertions."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.release = anyio.Event()
+        self.cleaned_up = False
+        self.finished = False
+        self.token: CancellationToken | None = None
+        self.current: CancellationToken | None = None
+        self.received: list[Message] = []
+
+
+def waiting_app(probe: Probe) -> App:
+    """A handler that starts, waits to be released, then answers; cleanup in ``finally``."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        probe.token = request_token(scope)
+        probe.current = current_token()
+        probe.started.set()
+        try:
+            await probe.release.wait()
+            probe.finished = True
+            await respond(send)
+        finally:
+            probe.cleaned_up = True
+
+    return app
+
+
+async def test_token_in_scope_and_current_token() -> None:
+    """The request's token is reachable from the scope and from current_token() inside."""
+    probe = Probe()
+    probe.release.set()
+    server = FakeServer(body())
+    scope = http_scope()
+    await CancelOnDisconnect(waiting_app(probe))(scope, server.receive, server.send)
+    assert probe.token is not None
+    assert probe.current is probe.token
+    assert request_token(scope) is probe.token
+    assert current_token() is None
+    assert server.status == 200
+
+
+async def test_signal_mode_sets_current_token() -> None:
+    """In signalling mode current_token() also returns the request's token."""
+    probe = Probe()
+    probe.release.set()
+    server = FakeServer(body())
+    await CancelOnDisconnect(waiting_app(probe), mode="signal")(
+        http_scope(), server.receive, server.send
+    )
+    assert probe.current is probe.token is not None
+
+
+def test_request_token_without_middleware() -> None:
+    """request_token() explains what is missing when no guard runs the request."""
+    with pytest.raises(LookupError, match="CancelOnDisconnect"):
+        request_token(http_scope())
+
+
+async def test_disconnect_interrupts_handler_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """A disconnect cancels the handler's awaits, runs its cleanup, sends nothing, logs 499."""
+    caplog.set_level(logging.INFO, logger="cancelkit")
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope("/slow"), server.receive, server.send)
+        await probe.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert probe.token is not None
+    assert probe.token.reason is not None
+    assert probe.token.reason.kind is CancelKind.CLIENT_DISCONNECTED
+    assert probe.cleaned_up
+    assert not probe.finished
+    assert server.sent == []
+    records = [r for r in caplog.records if r.name == "cancelkit"]
+    assert [r.levelno for r in records] == [logging.INFO]
+    assert '"GET /slow" 499' in records[0].getMessage()
+    assert records[0].exc_info is None
+    assert mw.statistics() == DisconnectStatistics(
+        requests=1, in_flight=0, watchers=1, disconnects=1, interrupted=1, shutdown_cancelled=0
+    )
+
+
+async def test_signal_mode_only_cancels_token() -> None:
+    """In signalling mode the handler keeps running after a disconnect; its token is cancelled."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe), mode="signal")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+        await anyio.wait_all_tasks_blocked()
+        assert probe.token is not None
+        assert probe.token.cancelled
+        assert not probe.finished
+        probe.release.set()
+    assert probe.finished
+    assert server.sent == []  # nobody is there to read the answer
+    assert mw.statistics().disconnects == 1
+    assert mw.statistics().interrupted == 0
+
+
+async def test_signal_mode_raise_if_cancelled_ends_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OperationCancelled for the request's own token ends the request as a quiet 499."""
+    caplog.set_level(logging.INFO, logger="cancelkit")
+    ready = anyio.Event()
+    gone = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        token = request_token(scope)
+        token.on_cancel(lambda _: gone.set())
+        ready.set()
+        await gone.wait()
+        token.raise_if_cancelled()
+
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(app, mode="signal")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await ready.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert server.sent == []
+    assert any("499" in r.getMessage() for r in caplog.records)
+    assert mw.statistics().interrupted == 1
+
+
+async def test_foreign_operation_cancelled_propagates() -> None:
+    """OperationCancelled from some other token is the application's error: it propagates."""
+    other = CancellationToken()
+    other.cancel()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        other.raise_if_cancelled()
+
+    server = FakeServer(body())
+    with pytest.raises(OperationCancelled):
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+
+
+async def test_app_exception_is_not_wrapped() -> None:
+    """An application's exception reaches the server as it is, not in an exception group."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        raise ValueError("boom")
+
+    server = FakeServer(body())
+    with pytest.raises(ValueError, match="boom"):
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+
+
+async def test_outer_cancellation_propagates(caplog: pytest.LogCaptureFixture) -> None:
+    """A cancellation the guard did not cause (server shutdown) is not swallowed."""
+    caplog.set_level(logging.INFO, logger="cancelkit")
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe))
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, http_scope(), server.receive, server.send)
+            await probe.started.wait()
+            await anyio.wait_all_tasks_blocked()
+            outer.cancel()
+    assert outer.cancelled_caught
+    assert probe.cleaned_up
+    assert probe.token is not None
+    assert not probe.token.cancelled
+    assert not caplog.records
+
+
+async def test_outer_and_disconnect_together_propagates() -> None:
+    """An outer cancellation arriving with a disconnect still propagates."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe))
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, http_scope(), server.receive, server.send)
+            await probe.started.wait()
+            await anyio.wait_all_tasks_blocked()
+            server.client(DISCONNECT)
+            outer.cancel()
+    assert outer.cancelled_caught
+
+
+async def test_body_reaches_app_in_order_with_bounded_read_ahead() -> None:
+    """Body messages arrive untouched and in order; the guard reads ahead only max_buffer."""
+    chunks = [bytes([i]) * 10 for i in range(8)]
+    server = FakeServer(*(body(c, more=True) for c in chunks), body(b"end"))
+    got: list[Message] = []
+    step = anyio.Event()
+    reading = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reading.set()
+        await step.wait()  # let the watcher read ahead as far as it may
+        while True:
+            message = await receive()
+            got.append(message)
+            if not message.get("more_body"):
+                break
+        await respond(send)
+
+    guard_box: list[DisconnectGuard] = []
+
+    async def run() -> None:
+        guard = DisconnectGuard(http_scope(), server.receive, server.send, max_buffer=25)
+        guard_box.append(guard)
+        await guard.run(app)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await reading.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert server.pulled == 3  # 30 bytes read ahead: stops at the first >= 25
+        assert guard_box[0].watching
+        step.set()
+    assert got == [body(c, more=True) for c in chunks] + [body(b"end")]
+    assert server.status == 200
+
+
+async def test_read_ahead_bounded_by_message_count() -> None:
+    """Empty body messages cannot make the guard buffer without bound."""
+    server = FakeServer(*(body(more=True) for _ in range(40)), body())
+    reading = anyio.Event()
+    step = anyio.Event()
+    count = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal count
+        reading.set()
+        await step.wait()
+        while (await receive()).get("more_body"):
+            count += 1
+        await respond(send)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
+        await reading.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert server.pulled == 16
+        step.set()
+    assert count == 40
+
+
+async def test_app_reading_while_watcher_waits() -> None:
+    """While the app itself reads from the server the watcher waits; no message is lost."""
+    server = FakeServer()
+    got: list[bytes] = []
+    reading = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reading.set()
+        while True:
+            message = await receive()
+            got.append(message["body"])
+            if not message["more_body"]:
+                break
+        await respond(send)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
+        await reading.wait()
+        await anyio.wait_all_tasks_blocked()
+        for i in range(5):
+            server.client(body(b"%d" % i, more=True))
+            await anyio.wait_all_tasks_blocked()
+        server.client(body(b"last"))
+    assert got == [b"0", b"1", b"2", b"3", b"4", b"last"]
+
+
+async def test_two_app_readers_share_one_server_reader() -> None:
+    """Two concurrent receive() calls of the app never read the server twice at once."""
+    server = FakeServer()
+    got: list[Message] = []
+    two = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def read() -> None:
+            got.append(await receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            tg.start_soon(read)
+            await anyio.wait_all_tasks_blocked()
+            two.set()
+        await respond(send)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
+        await two.wait()
+        server.client(body(b"a", more=True))
+        await anyio.wait_all_tasks_blocked()
+        server.client(body(b"b"))
+    assert sorted(m["body"] for m in got) == [b"a", b"b"]
+
+
+async def test_receive_after_body_waits_for_disconnect() -> None:
+    """After the body, the app's receive() returns http.disconnect once the client leaves."""
+    server = FakeServer(body(b"x"))
+    got: list[Message] = []
+    listening = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        got.append(await receive())
+        listening.set()
+        got.append(await receive())
+        got.append(await receive())
+
+    mw = CancelOnDisconnect(app, mode="signal")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await listening.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert got == [body(b"x"), DISCONNECT, DISCONNECT]
+    assert server.pulled == 2
+
+
+async def test_disconnect_while_app_reads_body() -> None:
+    """A disconnect seen by the app's own receive() cancels the token and reaches the app."""
+    server = FakeServer(body(b"a", more=True), DISCONNECT)
+    got: list[Message] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        got.append(await receive())
+        got.append(await receive())
+        assert request_token(scope).cancelled
+
+    await CancelOnDisconnect(app, mode="signal")(http_scope(), server.receive, server.send)
+    assert got == [body(b"a", more=True), DISCONNECT]
+
+
+async def test_disconnect_after_response_is_not_client_leaving() -> None:
+    """A disconnect after the response completed cancels nothing (background work goes on)."""
+    probe = Probe()
+    responded = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        probe.token = request_token(scope)
+        await anyio.lowlevel.checkpoint()
+        await respond(send)
+        responded.set()
+        await probe.release.wait()  # "background task" after the response
+        probe.finished = True
+
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(app)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await responded.wait()
+        server.client(DISCONNECT)  # uvicorn repeats http.disconnect after the response
+        await anyio.wait_all_tasks_blocked()
+        probe.release.set()
+    assert probe.finished
+    assert probe.token is not None
+    assert not probe.token.cancelled
+    assert mw.statistics().disconnects == 0
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "signal"])
+async def test_oserror_from_send_is_a_disconnect(mode: Any) -> None:
+    """OSError from send cancels the token; interrupt mode unwinds, signal mode re-raises."""
+    seen: list[BaseException] = []
+    token_box: list[CancellationToken] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        token_box.append(request_token(scope))
+        try:
+            await respond(send)
+        except OSError as exc:
+            seen.append(exc)
+        await send({"type": "http.response.body", "body": b"more"})  # dropped
+
+    server = FakeServer(body(), send_error=ConnectionResetError("gone"))
+    mw = CancelOnDisconnect(app, mode=mode)
+    await mw(http_scope(), server.receive, server.send)
+    reason = token_box[0].reason
+    assert reason is not None
+    assert reason.kind is CancelKind.CLIENT_DISCONNECTED
+    assert len(seen) == (1 if mode == "signal" else 0)
+    assert mw.statistics().disconnects == 1
+
+
+async def test_oserror_in_shielded_cleanup_send_reraises() -> None:
+    """A send failing inside a shield (where nothing can unwind) raises the OSError."""
+    seen: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        with shielded_cleanup(1.0):
+            try:
+                await respond(send)
+            except OSError as exc:
+                seen.append(exc)
+
+    server = FakeServer(body(), send_error=BrokenPipeError())
+    await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+    assert len(seen) == 1
+
+
+async def test_fast_path_starts_no_watcher() -> None:
+    """A request that completes without yielding to the loop never starts a watcher."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await respond(send)
+
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(app)
+    await mw(http_scope(), server.receive, server.send)
+    await anyio.wait_all_tasks_blocked()
+    assert server.status == 200
+    assert server.pulled == 0
+    assert mw.statistics().watchers == 0
+
+
+async def test_watcher_stopped_when_app_returns() -> None:
+    """The watcher waiting on receive() is stopped when the request ends."""
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe := Probe()))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        assert server.pulled == 1  # the body; now waiting for a disconnect
+        probe.release.set()
+    await anyio.wait_all_tasks_blocked()
+    assert mw.statistics().watchers == 1
+    server.client(DISCONNECT)
+    await anyio.wait_all_tasks_blocked()
+    assert server.pulled == 1  # nobody is reading any more
+
+
+async def test_watcher_error_reaches_app_receive() -> None:
+    """An exception from the server's receive in the watcher is raised by the app's receive."""
+    reading = anyio.Event()
+    server = FakeServer()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.lowlevel.checkpoint()
+        reading.set()
+        await anyio.wait_all_tasks_blocked()
+        await receive()
+
+    server.receive_error = RuntimeError("server broke")
+    with pytest.raises(RuntimeError, match="server broke"):
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+
+
+async def test_streaming_response_and_disconnect(caplog: pytest.LogCaptureFixture) -> None:
+    """A streaming response stops at a disconnect; nothing more is sent, no error logged."""
+    caplog.set_level(logging.INFO)
+    sent_chunks = anyio.Event()
+    token_box: list[CancellationToken] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        token_box.append(request_token(scope))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for i in range(1000):
+            await send({"type": "http.response.body", "body": b"%d" % i, "more_body": True})
+            if i == 2:
+                sent_chunks.set()
+            await anyio.lowlevel.checkpoint()
+
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
+        await sent_chunks.wait()
+        server.client(DISCONNECT)
+    assert len(server.sent) < 1000
+    assert token_box[0].cancelled
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_shielded_cleanup_runs_in_interrupted_handler() -> None:
+    """shielded_cleanup() lets an interrupted handler await its cleanup, within a bound."""
+    cleanup_done: list[bool] = []
+    probe = Probe()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        probe.started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with shielded_cleanup(5.0) as cleanup:
+                await anyio.lowlevel.checkpoint()
+                await anyio.lowlevel.checkpoint()
+                cleanup_done.append(True)
+            with shielded_cleanup(0.0) as bounded:
+                await anyio.sleep_forever()
+            cleanup_done.append(bounded.cancelled_caught and not cleanup.cancelled_caught)
+
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert cleanup_done == [True, True]
+
+
+def test_shielded_cleanup_rejects_negative_timeout() -> None:
+    """shielded_cleanup() refuses a negative timeout."""
+    with pytest.raises(ValueError, match="timeout"):
+        shielded_cleanup(-1)
+
+
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [(503, CancelReason(CancelKind.REQUESTED)), (504, CancelReason(CancelKind.DEADLINE))],
+)
+async def test_token_cancelled_otherwise_answers_client(
+    status: int, reason: CancelReason, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token cancelled for another reason interrupts and answers the waiting client."""
+    caplog.set_level(logging.INFO, logger="cancelkit")
+    probe = Probe()
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            CancelOnDisconnect(waiting_app(probe)), http_scope(), server.receive, server.send
+        )
+        await probe.started.wait()
+        assert probe.token is not None
+        probe.token.cancel(reason)
+    assert server.status == status
+    assert server.sent[-1]["body"] == f"{reason.message}\n".encode()
+    assert "ended:" in caplog.records[-1].getMessage()
+
+
+async def test_shutdown_cancels_in_flight_after_grace() -> None:
+    """shutdown() cancels in-flight tokens with reason shutdown and answers 503."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe), shutdown_grace=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        await mw.shutdown()
+    assert mw.statistics().in_flight == 0
+    assert probe.token is not None
+    assert probe.token.reason is not None
+    assert probe.token.reason.kind is CancelKind.SHUTDOWN
+    assert server.status == 503
+    assert mw.statistics().shutdown_cancelled == 1
+    assert "shutting down" in repr(mw)
+
+
+async def test_shutdown_grace_lets_requests_finish() -> None:
+    """A request that finishes within the grace period is not cancelled."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        tg.start_soon(mw.shutdown, 60.0)
+        await anyio.wait_all_tasks_blocked()
+        probe.release.set()
+    assert probe.finished
+    assert probe.token is not None
+    assert not probe.token.cancelled
+    assert mw.statistics().shutdown_cancelled == 0
+
+
+async def test_shutdown_ends_streaming_response() -> None:
+    """A streaming response in flight at shutdown is ended instead of holding the server."""
+    streaming = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"tick", "more_body": True})
+        streaming.set()
+        await anyio.sleep_forever()
+
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(app, shutdown_grace=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await streaming.wait()
+        await mw.shutdown()
+    assert server.sent[-1] == {"type": "http.response.body", "body": b""}
+
+
+async def test_shutdown_after_response_complete_sends_nothing_more() -> None:
+    """A request cancelled at shutdown after its response was sent gets nothing extra."""
+    done = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await respond(send)
+        done.set()
+        await anyio.sleep_forever()  # background work
+
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(app, shutdown_grace=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await done.wait()
+        await mw.shutdown()
+    assert len(server.sent) == 2
+
+
+async def test_interrupted_answer_to_gone_client_is_dropped() -> None:
+    """If answering an interrupted request fails with OSError the request still ends quietly."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe), shutdown_grace=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        server.send_error = BrokenPipeError()
+        await mw.shutdown()
+    assert server.sent == []
+
+
+async def test_request_after_shutdown_starts_cancelled() -> None:
+    """A request arriving after shutdown began is refused with 503 at once."""
+    probe = Probe()
+    probe.release.set()
+    mw = CancelOnDisconnect(waiting_app(probe), shutdown_grace=0)
+    await mw.shutdown()
+    server = FakeServer(body())
+    await mw(http_scope(), server.receive, server.send)
+    assert server.status == 503
+    assert not probe.finished
+
+
+async def test_lifespan_shutdown_triggers_shutdown() -> None:
+    """lifespan.shutdown cancels in-flight requests before the app sees it; startup passes."""
+    probe = Probe()
+    lifespan_seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                lifespan_seen.append(message["type"])
+                if message["type"] == "lifespan.shutdown":
+                    assert probe.token is not None
+                    assert probe.token.cancelled
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+        await waiting_app(probe)(scope, receive, send)
+
+    mw = CancelOnDisconnect(app, shutdown_grace=0)
+    life = FakeServer({"type": "lifespan.startup"})
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, {"type": "lifespan"}, life.receive, life.send)
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        life.client({"type": "lifespan.shutdown"})
+    assert lifespan_seen == ["lifespan.startup", "lifespan.shutdown"]
+    assert [m["type"] for m in life.sent] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert server.status == 503
+
+
+async def test_websocket_passes_through() -> None:
+    """WebSocket connections are passed to the app untouched."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((receive, send, "cancelkit.token" in scope))
+
+    server = FakeServer()
+    await CancelOnDisconnect(app)({"type": "websocket", "path": "/"}, server.receive, server.send)
+    assert seen == [(server.receive, server.send, False)]
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/", "interrupt"),
+        ("/health", None),
+        ("/healthz", "interrupt"),
+        ("/static/app.js", None),
+        ("/tx", "signal"),
+        ("/tx/1", "signal"),
+        ("/report/7", "signal"),
+        ("/report/x", "interrupt"),
+    ],
+)
+def test_path_configuration(path: str, expected: str | None) -> None:
+    """exclude skips a path and what is below it; modes picks a mode per route."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError
+
+    mw = CancelOnDisconnect(
+        app,
+        exclude=["/health", "/static/"],
+        modes={"/tx": "signal", re.compile(r"/report/\d+"): "signal"},
+    )
+    assert mw.mode_for(path) == expected
+
+
+def test_include_limits_guarded_paths() -> None:
+    """With include, only matching paths are guarded."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError
+
+    mw = CancelOnDisconnect(app, include=["/api"], mode="signal")
+    assert mw.mode_for("/api/x") == "signal"
+    assert mw.mode_for("/other") is None
+
+
+async def test_excluded_path_passes_through() -> None:
+    """An excluded request runs with the server's receive/send and no token."""
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append((receive, send, "cancelkit.token" in scope))
+
+    server = FakeServer()
+    mw = CancelOnDisconnect(app, exclude=["/health"])
+    await mw(http_scope("/health"), server.receive, server.send)
+    assert seen == [(server.receive, server.send, False)]
+    assert mw.statistics().requests == 0
+
+
+async def test_nested_middleware_shares_token() -> None:
+    """Installed twice, the inner middleware passes through and the token is the outer's."""
+    probe = Probe()
+    probe.release.set()
+    inner = CancelOnDisconnect(waiting_app(probe))
+    outer = CancelOnDisconnect(inner)
+    server = FakeServer(body())
+    scope = http_scope()
+    await outer(scope, server.receive, server.send)
+    assert probe.token is request_token(scope)
+    assert inner.statistics().requests == 0
+    assert outer.statistics().requests == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"mode": "kill"}, ValueError),
+        ({"shutdown_grace": -1}, ValueError),
+        ({"max_buffer": -1}, ValueError),
+        ({"modes": {"/x": "stop"}}, ValueError),
+        ({"exclude": ["health"]}, ValueError),
+        ({"include": [42]}, TypeError),
+    ],
+)
+def test_middleware_rejects_bad_configuration(kwargs: dict[str, Any], error: type) -> None:
+    """Bad options are refused when the middleware is created."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError
+
+    with pytest.raises(error):
+        CancelOnDisconnect(app, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("scope", "kwargs"),
+    [
+        ({"type": "http"}, {"mode": "kill"}),
+        ({"type": "http"}, {"max_buffer": -1}),
+        ({"type": "websocket"}, {}),
+    ],
+)
+def test_guard_rejects_bad_arguments(scope: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """A guard refuses unknown modes, negative buffers and non-HTTP scopes."""
+    server = FakeServer()
+    with pytest.raises(ValueError):  # noqa: PT011
+        DisconnectGuard(scope, server.receive, server.send, **kwargs)
+
+
+async def test_guard_repr_and_properties() -> None:
+    """A guard's repr and properties show its mode and the exchange's state."""
+    server = FakeServer(body())
+    token = CancellationToken()
+    guard = DisconnectGuard(http_scope("/r"), server.receive, server.send, token=token)
+    assert guard.token is token
+    assert guard.mode == "interrupt"
+    assert repr(guard) == "<DisconnectGuard interrupt GET '/r' running watching=False>"
+    states: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200})
+        states.append(repr(guard))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        states.append(repr(guard))
+
+    await guard.run(app)
+    assert "responding" in states[0]
+    assert "response complete" in states[1]
+    assert not guard.client_gone
+    gone = DisconnectGuard(http_scope(), FakeServer(DISCONNECT).receive, server.send)
+
+    async def reader(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+
+    await gone.run(reader)
+    assert gone.client_gone
+    assert "client gone" in repr(gone)
+
+
+def test_middleware_repr() -> None:
+    """The middleware's repr shows its mode and requests in flight."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError
+
+    assert repr(CancelOnDisconnect(app, mode="signal")).startswith(
+        "<CancelOnDisconnect mode='signal' in_flight=0 app="
+    )
+
+
+async def test_499_log_without_client_address(caplog: pytest.LogCaptureFixture) -> None:
+    """The 499 line shows '-' when the server gives no client address."""
+    caplog.set_level(logging.INFO, logger="cancelkit")
+    server = FakeServer(DISCONNECT)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await anyio.sleep_forever()
+
+    scope = http_scope()
+    del scope["client"]
+    await CancelOnDisconnect(app)(scope, server.receive, server.send)
+    assert caplog.records[-1].getMessage() == '- "GET /" 499 client disconnected'
+
+
+def test_plain_asyncio_run_without_anyio_runner() -> None:
+    """The guard works under a bare asyncio.run(), as uvicorn and granian run it."""
+
+    async def main() -> CancelReason | None:
+        probe = Probe()
+        server = FakeServer(body())
+        task = asyncio.create_task(
+            CancelOnDisconnect(waiting_app(probe))(http_scope(), server.receive, server.send)
+        )
+        async with asyncio.timeout(10):
+            await probe.started.wait()
+            await anyio.wait_all_tasks_blocked()
+            server.client(DISCONNECT)
+            await task
+        assert probe.token is not None
+        return probe.token.reason
+
+    reason = asyncio.run(main())
+    assert reason is not None
+    assert reason.kind is CancelKind.CLIENT_DISCONNECTED
+
+
+async def test_callers_token_deadline_answers_504() -> None:
+    """A caller's token with a deadline interrupts the request when it passes: 504."""
+    server = FakeServer(body())
+    token = CancellationToken(timeout=0)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep_forever()
+
+    await DisconnectGuard(http_scope(), server.receive, server.send, token=token).run(app)
+    assert server.status == 504
+    assert token.reason is not None
+    assert token.reason.kind is CancelKind.DEADLINE
+
+
+async def test_token_cancelled_by_app_before_yielding_interrupts() -> None:
+    """A token cancelled before the request first yields still interrupts it afterwards."""
+    server = FakeServer(body())
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        request_token(scope).cancel()
+        reached.append("cancelled")
+        await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+    assert reached == ["cancelled"]
+    assert server.status == 503
+
+
+async def test_shutdown_does_not_count_tokens_already_cancelled() -> None:
+    """shutdown() counts only the tokens it cancelled, not those of clients already gone."""
+    probe = Probe()
+    server = FakeServer(body())
+    mw = CancelOnDisconnect(waiting_app(probe), mode="signal", shutdown_grace=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, http_scope(), server.receive, server.send)
+        await probe.started.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+        await anyio.wait_all_tasks_blocked()
+        await mw.shutdown()
+        assert mw.statistics().shutdown_cancelled == 0
+        probe.release.set()
+    assert probe.token is not None
+    assert probe.token.reason is not None
+    assert probe.token.reason.kind is CancelKind.CLIENT_DISCONNECTED
