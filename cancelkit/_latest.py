@@ -169,12 +169,16 @@ class LatestOnly:
         return self._backend
 
     @asynccontextmanager
-    async def claim(self, key: str) -> AsyncIterator[Claim]:
+    async def claim(self, key: str, *, interrupt: bool = True) -> AsyncIterator[Claim]:
         """Claim ``key`` and run the block as its newest holder.
 
         Args:
             key: what the work is about (a user's search box, a document id); 1 to 256
                 characters.
+            interrupt: run the block inside ``claim.token.scope()`` (the default). With
+                ``False`` the block is not interrupted: it only holds the key and checks or
+                scopes ``claim.token`` itself (a debounce or handover wait before it is still
+                interrupted). Adapters use this to interrupt only part of the block.
 
         Yields:
             The :class:`Claim`, whose ``token`` stops the body.
@@ -211,6 +215,9 @@ class LatestOnly:
                     if not claim._running:
                         raise SlotBusy(key, "the previous claim did not finish in time")
                 claim._running = True
+                if interrupt:
+                    yield claim
+            if not interrupt:
                 yield claim
         finally:
             self._active -= 1

@@ -15,7 +15,8 @@ from .backends import Backend, CancelOutcome, MemoryBackend, RegistryFull, new_h
 
 __all__ = ["RegistryStatistics", "TokenRegistry", "TrackedOperation"]
 
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"  # also used to validate ids in HTTP adapters
+_ID = re.compile(_ID_PATTERN)
 _OWNER = re.compile(r"[^\s]{1,256}")
 
 
@@ -114,6 +115,7 @@ class TokenRegistry:
         *,
         owner: str | None = None,
         parent: CancellationToken | None = None,
+        interrupt: bool = True,
     ) -> AsyncIterator[TrackedOperation]:
         """Track the block as operation ``id`` of ``owner`` while it runs.
 
@@ -127,6 +129,9 @@ class TokenRegistry:
             owner: the owner namespace (a user or tenant id); ``None`` is a namespace too.
             parent: a token (an application's shutdown token) that cancels the operation
                 too; the link is released on exit.
+            interrupt: run the block inside ``op.token.scope()`` (the default). With
+                ``False`` the block is not interrupted (it checks or scopes ``op.token``
+                itself); a tombstoned operation still never starts it.
 
         Yields:
             The :class:`TrackedOperation`.
@@ -152,8 +157,12 @@ class TokenRegistry:
             tombstone = await self._backend.register(id, owner, holder, token.cancel)
             if tombstone is not None:
                 token.cancel(tombstone)
-            with token.scope():
+            if not interrupt:
+                token.raise_if_cancelled()  # tombstoned: the block never starts
                 yield op
+            else:
+                with token.scope():
+                    yield op
         finally:
             del self._live[name]
             token._detach()  # release the link to the parent now, not when garbage-collected

@@ -7,12 +7,12 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextvars import ContextVar
 from contextvars import Token as _VarToken
 from dataclasses import dataclass
 from types import TracebackType
-from typing import final
+from typing import TypeVar, final
 
 import anyio
 import anyio.lowlevel
@@ -30,6 +30,7 @@ __all__ = [
 
 logger = logging.getLogger("cancelkit")
 
+T = TypeVar("T")
 _INF = math.inf
 _current: ContextVar[CancellationToken | None] = ContextVar("cancelkit_token", default=None)
 
@@ -533,6 +534,35 @@ class CancellationToken:
         Check :attr:`TokenScope.cancelled_caught` afterwards to learn whether it did.
         """
         return TokenScope(self, swallow=True)
+
+    async def until_cancelled(self, source: AsyncIterable[T]) -> AsyncIterator[T]:
+        """Yield the items of ``source`` until the token is cancelled, then stop.
+
+        A pending wait for the next item is interrupted at once. Made for streaming
+        responses that must end cleanly (not with an error) when the work is cancelled:
+        ``StreamingResponse(claim.token.until_cancelled(chunks()))``.
+
+        Args:
+            source: an async iterable; it is closed when the iteration stops early.
+
+        Yields:
+            The items of ``source``.
+        """
+        iterator = aiter(source)
+        try:
+            while not self.cancelled:
+                with self.move_on() as scope:
+                    try:
+                        item = await anext(iterator)
+                    except StopAsyncIteration:
+                        return
+                if scope.cancelled_caught:
+                    return
+                yield item
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -119,10 +119,17 @@ async def serve(kind: tuple[str, str], mw: CancelOnDisconnect) -> AsyncIterator[
 
 
 async def request(
-    port: int, path: str = "/", *, method: str = "GET", body: bytes = b"", close: bool = False
+    port: int,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+    close: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> anyio.abc.SocketStream:
     stream = await anyio.connect_tcp("127.0.0.1", port)
     head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     if close:
         head += "Connection: close\r\n"
     await stream.send(head.encode() + b"\r\n")

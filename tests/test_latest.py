@@ -415,3 +415,43 @@ def test_slot_matches_a_model(backend_name: str, policy: str) -> None:
         type("SlotMachineOn", (SlotMachine,), {"backend_name": backend_name, "policy": policy}),
         settings=settings(max_examples=30, stateful_step_count=25, deadline=None),
     )
+
+
+async def test_claim_without_interrupt_only_signals_the_body() -> None:
+    """interrupt=False: a superseded body keeps running, its token says 'superseded'."""
+    slot = LatestOnly()
+    go_on = anyio.Event()
+    seen: list[str] = []
+
+    async def old() -> None:
+        async with slot.claim("k", interrupt=False) as claim:
+            await go_on.wait()  # not interrupted
+            assert claim.token.reason is not None
+            seen.append(claim.token.reason.kind.value)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(old)
+        await anyio.wait_all_tasks_blocked()
+        async with slot.claim("k"):
+            go_on.set()
+    assert seen == ["superseded"]
+    assert empty(slot)
+
+
+async def test_claim_without_interrupt_still_never_starts_a_debounced_loser() -> None:
+    """interrupt=False leaves the debounce interruptible: a replaced claim never starts."""
+    slot = LatestOnly(debounce=0.01)
+    started: list[str] = []
+
+    async def claim(name: str) -> None:
+        with pytest.raises(OperationCancelled):
+            async with slot.claim("k", interrupt=False):
+                started.append(name)  # pragma: no cover - must not run
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(claim, "first")
+        await anyio.wait_all_tasks_blocked()
+        async with slot.claim("k"):
+            started.append("second")
+    assert started == ["second"]
+    assert empty(slot)

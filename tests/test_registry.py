@@ -442,3 +442,33 @@ def test_tracked_operation_is_a_frozen_value() -> None:
         op.id = "b"  # type: ignore[misc]
     assert "id='a'" in repr(op)
     assert math.isinf(op.token.deadline)
+
+
+async def test_track_without_interrupt_only_signals_the_block() -> None:
+    """interrupt=False: a cancelled block keeps running and sees its token cancelled."""
+    registry = TokenRegistry()
+    go_on = anyio.Event()
+    seen: list[CancelOutcome | str] = []
+
+    async def work() -> None:
+        async with registry.track("op", interrupt=False) as op:
+            await go_on.wait()  # not interrupted
+            seen.append("requested" if op.token.cancelled else "live")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await anyio.wait_all_tasks_blocked()
+        seen.append(await registry.cancel("op"))
+        go_on.set()
+    assert seen == [CancelOutcome.CANCELLED, "requested"]
+    assert registry.statistics().live == 0
+
+
+async def test_track_without_interrupt_still_refuses_a_tombstoned_start() -> None:
+    """interrupt=False: an operation cancelled before it registered never runs its block."""
+    registry = TokenRegistry()
+    assert await registry.cancel("early") is CancelOutcome.PENDING
+    with pytest.raises(OperationCancelled):
+        async with registry.track("early", interrupt=False):
+            raise AssertionError("must not run")  # pragma: no cover
+    assert registry.statistics().live == 0

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import anyio.lowlevel
@@ -1058,3 +1058,58 @@ class TokenGraphMachine(RuleBasedStateMachine):
 
 TestTokenGraph = TokenGraphMachine.TestCase
 TestTokenGraph.settings = settings(max_examples=150, stateful_step_count=30)
+
+
+# -- until_cancelled ------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_until_cancelled_yields_everything_when_never_cancelled() -> None:
+    """A live token passes every item through and ends with the source."""
+
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(3):
+            await anyio.lowlevel.checkpoint()
+            yield i
+
+    token = CancellationToken()
+    assert [i async for i in token.until_cancelled(numbers())] == [0, 1, 2]
+
+
+@pytest.mark.anyio
+async def test_until_cancelled_stops_a_pending_wait_and_closes_the_source() -> None:
+    """Cancelling interrupts the wait for the next item; the iteration ends without an error."""
+    token = CancellationToken()
+    closed = anyio.Event()
+
+    async def endless() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await anyio.sleep_forever()
+            yield 2  # pragma: no cover
+        finally:
+            closed.set()
+
+    got: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def consume() -> None:
+            got.extend([i async for i in token.until_cancelled(endless())])
+
+        tg.start_soon(consume)
+        await wait_all_tasks_blocked()
+        token.cancel()
+    assert got == [1]
+    assert closed.is_set()
+
+
+@pytest.mark.anyio
+async def test_until_cancelled_on_a_cancelled_token_yields_nothing() -> None:
+    """A token cancelled before iteration starts yields no item at all."""
+
+    async def one() -> AsyncIterator[int]:
+        yield 1  # pragma: no cover
+
+    token = CancellationToken()
+    token.cancel()
+    assert [i async for i in token.until_cancelled(one())] == []

@@ -1,0 +1,545 @@
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import APIRouter, FastAPI, Header, Request
+from fastapi.middleware.gzip import GZipMiddleware
+from fastapi.responses import StreamingResponse
+
+from cancelkit import (
+    CancelKind,
+    CancellationToken,
+    Claim,
+    LatestOnly,
+    TokenRegistry,
+    TrackedOperation,
+    current_token,
+)
+from cancelkit.fastapi import (
+    RequestToken,
+    cancel_router,
+    install,
+    latest_only,
+    tracked,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def user_id(x_user: Annotated[str, Header()]) -> str:
+    """The app's own auth dependency (a header stands in for a session)."""
+    return x_user
+
+
+def search_key(request: Request, user: Annotated[str, Header(alias="x-user")]) -> str:
+    return f"{user}:{request.url.path}"
+
+
+class Probe:
+    """Lets a test wait for an endpoint to reach a point, without sleeping."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, anyio.Event] = {}
+        self.finished: list[str] = []
+        self.release = anyio.Event()
+
+    def event(self, name: str) -> anyio.Event:
+        return self.started.setdefault(name, anyio.Event())
+
+    async def wait_started(self, name: str) -> None:
+        with anyio.fail_after(10):
+            await self.event(name).wait()
+
+
+def make_app(*, policy: Any = "replace", busy_status: Any = 409) -> tuple[FastAPI, Probe]:
+    probe = Probe()
+    slot = LatestOnly(policy=policy)
+    registry = TokenRegistry()
+    app = FastAPI()
+    install(app, busy_status=busy_status)
+    app.include_router(cancel_router(registry, owner=user_id))
+
+    @app.get("/search")
+    async def search(
+        q: str, claim: Annotated[Claim, latest_only(slot, key=search_key)]
+    ) -> dict[str, Any]:
+        probe.event(q).set()
+        await probe.release.wait()
+        probe.finished.append(q)
+        return {"q": q, "generation": claim.generation}
+
+    @app.post("/reports")
+    async def report(
+        name: str, op: Annotated[TrackedOperation, tracked(registry, owner=user_id)]
+    ) -> dict[str, str]:
+        probe.event(name).set()
+        await probe.release.wait()
+        probe.finished.append(name)
+        return {"id": op.id}
+
+    @app.post("/reports/{op_id}")
+    async def report_by_path(
+        op: Annotated[TrackedOperation, tracked(registry, owner=user_id, path_param="op_id")],
+    ) -> dict[str, str]:
+        return {"id": op.id}
+
+    @app.post("/sync-report")
+    def sync_report(
+        name: str, op: Annotated[TrackedOperation, tracked(registry, owner=user_id)]
+    ) -> dict[str, int]:
+        token = current_token()
+        assert token is op.token
+        steps = 0
+        anyio.from_thread.run_sync(probe.event(name).set)
+        while True:
+            token.raise_if_cancelled()  # the cooperative check of a sync endpoint
+            token.wait_blocking(0.01)
+            steps += 1
+
+    @app.get("/plain")
+    async def plain() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app, probe
+
+
+def client(app: Any, user: str = "alice") -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://test", headers={"x-user": user}
+    )
+
+
+# -- latest-only ------------------------------------------------------------------------------
+
+
+async def test_second_keystroke_supersedes_the_first_with_409() -> None:
+    """Request 2 for the same key supersedes request 1: client 1 gets 409, client 2 the result."""
+    app, probe = make_app()
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def get(q: str) -> None:
+            results[q] = await http.get("/search", params={"q": q})
+
+        tg.start_soon(get, "c")
+        await probe.wait_started("c")
+        tg.start_soon(get, "ca")
+        await probe.wait_started("ca")
+        probe.release.set()
+    assert results["c"].status_code == 409
+    body = results["c"].json()
+    assert body["reason"] == "superseded"
+    assert body["source"]  # the id of the claim that replaced it
+    assert results["ca"].status_code == 200
+    assert results["ca"].json()["q"] == "ca"
+    assert probe.finished == ["ca"]
+
+
+async def test_one_user_never_supersedes_another() -> None:
+    """Claims are keyed per user: alice's and bob's concurrent searches both complete."""
+    app, probe = make_app()
+    results: dict[str, httpx.Response] = {}
+    async with (
+        client(app, "alice") as alice,
+        client(app, "bob") as bob,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def get(http: httpx.AsyncClient, q: str) -> None:
+            results[q] = await http.get("/search", params={"q": q})
+
+        tg.start_soon(get, alice, "cats")
+
+        await probe.wait_started("cats")
+        tg.start_soon(get, bob, "dogs")
+        await probe.wait_started("dogs")
+        probe.release.set()
+    assert results["cats"].status_code == results["dogs"].status_code == 200
+    assert sorted(probe.finished) == ["cats", "dogs"]
+
+
+@pytest.mark.parametrize(("busy_status", "expected"), [(409, 409), (429, 429)])
+async def test_reject_policy_answers_busy_with_retry_after(busy_status: int, expected: int) -> None:
+    """With the reject policy a newcomer gets 409 or 429 with Retry-After; the first goes on."""
+    app, probe = make_app(policy="reject", busy_status=busy_status)
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def get(q: str) -> None:
+            results[q] = await http.get("/search", params={"q": q})
+
+        tg.start_soon(get, "first")
+        await probe.wait_started("first")
+        await get("second")
+        probe.release.set()
+    assert results["second"].status_code == expected
+    assert results["second"].headers["retry-after"] == "1"
+    assert results["second"].json()["reason"] == "busy"
+    assert results["first"].status_code == 200
+
+
+async def test_request_token_follows_the_claim_whatever_the_declaration_order() -> None:
+    """RequestToken declared before the claim is still cancelled when the claim is superseded."""
+    slot = LatestOnly()
+    app = FastAPI()
+    install(app)
+    started = anyio.Event()
+    seen: list[CancellationToken] = []
+
+    @app.get("/s")
+    async def s(
+        token: RequestToken,
+        claim: Annotated[Claim, latest_only(slot, key=lambda request: "k")],
+    ) -> dict[str, bool]:
+        seen.append(token)
+        started.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    results: list[int] = []
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def get() -> None:
+            results.append((await http.get("/s")).status_code)
+
+        tg.start_soon(get)
+        with anyio.fail_after(10):
+            await started.wait()
+        started = anyio.Event()
+        tg.start_soon(get)
+        with anyio.fail_after(10):
+            await started.wait()
+        assert seen[0].reason is not None
+        assert seen[0].reason.kind is CancelKind.SUPERSEDED
+        tg.cancel_scope.cancel()
+    assert results == [409]
+
+
+# -- cancel by id -----------------------------------------------------------------------------
+
+
+async def test_cancel_by_id_from_another_request() -> None:
+    """DELETE /operations/{id} answers 202 and the running request gets a defined 409."""
+    app, probe = make_app()
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def post() -> None:
+            results["op"] = await http.post(
+                "/reports", params={"name": "r1"}, headers={"X-Operation-Id": "op-1"}
+            )
+
+        tg.start_soon(post)
+        await probe.wait_started("r1")
+        cancel = await http.delete("/operations/op-1")
+    assert cancel.status_code == 202
+    assert cancel.json() == {"id": "op-1", "outcome": "cancelled"}
+    assert results["op"].status_code == 409
+    assert results["op"].json()["reason"] == "requested"
+    assert probe.finished == []
+
+
+async def test_cancel_before_the_work_registers() -> None:
+    """A cancel that arrives first answers 202 pending; the request then never runs its body."""
+    app, probe = make_app()
+    async with client(app) as http:
+        cancel = await http.post("/operations/op-early")
+        assert cancel.status_code == 405  # the router answers DELETE only, by default
+        cancel = await http.delete("/operations/op-early")
+        assert cancel.json() == {"id": "op-early", "outcome": "pending"}
+        response = await http.post(
+            "/reports", params={"name": "early"}, headers={"X-Operation-Id": "op-early"}
+        )
+    assert cancel.status_code == 202
+    assert response.status_code == 409
+    assert "early" not in probe.started
+
+
+async def test_another_owners_cancel_is_404_and_cancels_nothing() -> None:
+    """Mallory's DELETE of alice's operation is 404; alice's request completes normally."""
+    app, probe = make_app()
+    results: dict[str, httpx.Response] = {}
+    async with client(app, "alice") as alice, client(app, "mallory") as mallory:
+        async with anyio.create_task_group() as tg:
+
+            async def post() -> None:
+                results["op"] = await alice.post(
+                    "/reports", params={"name": "r"}, headers={"X-Operation-Id": "op-a"}
+                )
+
+            tg.start_soon(post)
+            await probe.wait_started("r")
+            attempt = await mallory.delete("/operations/op-a")
+            probe.release.set()
+        late = await alice.delete("/operations/op-a")
+    assert attempt.status_code == 404
+    assert attempt.json() == {"id": "op-a", "outcome": "not_found"}
+    assert results["op"].status_code == 200
+    assert results["op"].headers["x-operation-id"] == "op-a"
+    assert late.status_code == 404  # finished: nothing to cancel
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "headers"),
+    [
+        ("POST", "/reports?name=x", {"X-Operation-Id": "has space"}),
+        ("POST", "/reports?name=x", {"X-Operation-Id": "a" * 129}),
+        ("POST", "/reports/bad!id", {}),
+        ("DELETE", "/operations/bad!id", {}),
+        ("DELETE", "/operations/" + "b" * 129, {}),
+    ],
+)
+async def test_bad_operation_ids_are_rejected_with_422(
+    method: str, url: str, headers: dict[str, str]
+) -> None:
+    """Ids outside 1..128 characters of A-Z a-z 0-9 . _ : - are a 422, before anything runs."""
+    app, probe = make_app()
+    async with client(app) as http:
+        response = await http.request(method, url, headers=headers)
+    assert response.status_code == 422
+    assert probe.started == {}
+
+
+async def test_generated_and_path_ids_are_returned_in_the_header() -> None:
+    """Without a client id a random 128-bit id is generated; a path id is used as given."""
+    app, _ = make_app()
+    async with client(app) as http:
+        by_path = await http.post("/reports/op-9")
+    assert by_path.headers["x-operation-id"] == "op-9"
+    assert by_path.json() == {"id": "op-9"}
+    app2, probe2 = make_app()
+    probe2.release.set()
+    async with client(app2) as http:
+        generated = await http.post("/reports", params={"name": "g"})
+    assert len(generated.headers["x-operation-id"]) >= 22
+    assert generated.json()["id"] == generated.headers["x-operation-id"]
+
+
+async def test_sync_endpoint_stops_cooperatively() -> None:
+    """A sync def endpoint in the threadpool sees the token and stops at its next check."""
+    app, probe = make_app()
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def post() -> None:
+            results["op"] = await http.post(
+                "/sync-report", params={"name": "sync"}, headers={"X-Operation-Id": "op-s"}
+            )
+
+        tg.start_soon(post)
+        await probe.wait_started("sync")
+        assert (await http.delete("/operations/op-s")).status_code == 202
+    assert results["op"].status_code == 409
+    assert threading.active_count() >= 1
+
+
+# -- HTTP mapping, OpenAPI, composition -------------------------------------------------------
+
+
+async def test_deadline_maps_to_504_and_disconnect_to_a_logged_499(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reasons map to HTTP: deadline → 504, client gone → 499 logged on 'cancelkit'."""
+    app = FastAPI()
+    install(app)
+
+    @app.get("/deadline")
+    async def deadline() -> None:
+        with CancellationToken(timeout=0).scope():
+            await anyio.sleep_forever()  # pragma: no cover
+
+    @app.get("/gone")
+    async def gone(token: RequestToken) -> None:
+        from cancelkit import CancelReason
+
+        token.cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
+        token.raise_if_cancelled()
+
+    async with client(app) as http:
+        late = await http.get("/deadline")
+        with caplog.at_level(logging.INFO, logger="cancelkit"):
+            gone_response = await http.get("/gone")
+    assert late.status_code == 504
+    assert late.json()["reason"] == "deadline"
+    assert gone_response.status_code == 499
+    assert any('"GET /gone" 499' in r.getMessage() for r in caplog.records)
+
+
+async def test_openapi_documents_the_responses_where_the_dependencies_are_used() -> None:
+    """Routes using the dependencies list 409/504 (and 503); the cancel route 202/404/422."""
+    app, _ = make_app()
+    async with client(app) as http:
+        schema = (await http.get("/openapi.json")).json()
+    paths = schema["paths"]
+    search = paths["/search"]["get"]["responses"]
+    assert {"200", "409", "422", "504"} <= set(search)
+    assert "429" not in search
+    assert search["409"]["content"]["application/json"]["schema"]["$ref"].endswith("CancelledBody")
+    assert {"409", "503", "504"} <= set(paths["/reports"]["post"]["responses"])
+    cancel = paths["/operations/{operation_id}"]
+    assert "get" not in cancel
+    assert {"202", "404", "422"} <= set(cancel["delete"]["responses"])
+    assert set(paths["/plain"]["get"]["responses"]) == {"200"}
+    assert "CancelledBody" in schema["components"]["schemas"]
+
+
+async def test_works_with_routers_sub_apps_and_other_middleware() -> None:
+    """APIRouter routes, a mounted sub-app (installed separately) and middleware all work."""
+    from cancelkit import CancelOnDisconnect
+
+    slot = LatestOnly()
+    router = APIRouter(prefix="/api")
+    started = anyio.Event()
+
+    @router.get("/s")
+    async def s(claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]) -> dict[str, int]:
+        started.set()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    sub = FastAPI()
+    install(sub)
+
+    @sub.get("/t")
+    async def t(claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]) -> dict[str, int]:
+        return {"generation": claim.generation}
+
+    app = FastAPI()
+    install(app)
+    app.include_router(router)
+    app.mount("/sub", sub)
+    app.add_middleware(GZipMiddleware)
+    wrapped = CancelOnDisconnect(app)
+    results: list[httpx.Response] = []
+    async with client(wrapped) as http, anyio.create_task_group() as tg:
+
+        async def get() -> None:
+            results.append(await http.get("/api/s"))
+
+        tg.start_soon(get)
+        with anyio.fail_after(10):
+            await started.wait()
+        newer = await http.get("/sub/t")
+    assert newer.status_code == 200
+    assert results[0].status_code == 409
+    assert results[0].json()["reason"] == "superseded"
+    schema = app.openapi()
+    assert "409" in schema["paths"]["/api/s"]["get"]["responses"]
+
+
+async def test_streaming_endpoint_keeps_its_claim_while_it_streams() -> None:
+    """With scope='request' the claim lives while streaming; a newer claim ends it cleanly."""
+    slot = LatestOnly()
+    app = FastAPI()
+    install(app)
+    chunk_sent = anyio.Event()
+
+    @app.get("/stream")
+    async def stream(
+        claim: Annotated[Claim, latest_only(slot, key=lambda r: "k", scope="request")],
+    ) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first\n"
+            chunk_sent.set()
+            await anyio.sleep_forever()
+            yield b"never\n"  # pragma: no cover
+
+        return StreamingResponse(claim.token.until_cancelled(body()))
+
+    @app.get("/newer")
+    async def newer(claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]) -> int:
+        return claim.generation
+
+    async with client(app) as http, anyio.create_task_group() as tg:
+        received: list[bytes] = []
+
+        async def read() -> None:
+            async with http.stream("GET", "/stream") as response:
+                assert response.status_code == 200
+                # the stream ends, without an error
+                received.extend([chunk async for chunk in response.aiter_bytes()])
+
+        tg.start_soon(read)
+        with anyio.fail_after(10):
+            await chunk_sent.wait()
+        assert slot.statistics().active == 1  # still held while streaming
+        assert (await http.get("/newer")).status_code == 200
+    assert received == [b"first\n"]
+    assert slot.statistics().active == 0
+
+
+# -- argument checks --------------------------------------------------------------------------
+
+
+def test_factories_reject_bad_arguments() -> None:
+    """Bad factory arguments name the problem: GET routes, wrong types, a path without id."""
+    registry = TokenRegistry()
+    with pytest.raises(ValueError, match="never GET"):
+        cancel_router(registry, methods=["GET"])
+    with pytest.raises(ValueError, match="operation_id"):
+        cancel_router(registry, path="/ops/{id}")
+    with pytest.raises(TypeError, match="slot must be a LatestOnly, not TokenRegistry"):
+        latest_only(registry, key=lambda r: "k")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="registry must be a TokenRegistry, not LatestOnly"):
+        tracked(LatestOnly())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="key must be callable, not str"):
+        latest_only(LatestOnly(), key="k")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="busy_status must be 409 or 429"):
+        install(FastAPI(), busy_status=418)  # type: ignore[arg-type]
+
+
+def test_post_cancel_routes_are_allowed() -> None:
+    """The cancel router can answer POST (for clients that cannot send DELETE)."""
+    router = cancel_router(TokenRegistry(), methods=["post", "DELETE"])
+    route = router.routes[0]
+    assert route.methods == {"POST", "DELETE"}  # type: ignore[attr-defined]
+
+
+# -- over real sockets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("server", "anyio_backend"),
+    [("uvicorn", "asyncio"), ("hypercorn", "asyncio"), ("hypercorn", "trio")],
+)
+async def test_typeahead_and_disconnect_over_a_real_server(server: str, anyio_backend: str) -> None:
+    """Real server: a newer keystroke gets the old one a 409; a closed tab frees the key."""
+    from cancelkit import CancelOnDisconnect
+    from tests.test_asgi_servers import read_response, request, serve
+
+    app, probe = make_app()
+    probe.release.set()
+    gate, tab_closed_handled = anyio.Event(), anyio.Event()
+    slot = LatestOnly()
+
+    @app.get("/slow")
+    async def slow(
+        q: str, claim: Annotated[Claim, latest_only(slot, key=search_key)]
+    ) -> dict[str, str]:
+        probe.event(q).set()
+        try:
+            await gate.wait()
+        finally:
+            probe.finished.append(f"{q} left")
+            if q == "ca":
+                tab_closed_handled.set()
+        return {"q": q}  # pragma: no cover - neither request gets this far
+
+    with anyio.fail_after(20):
+        async with serve((server, anyio_backend), CancelOnDisconnect(app)) as port:
+            first = await request(port, "/slow?q=c", headers={"x-user": "alice"})
+            await probe.wait_started("c")
+            second = await request(port, "/slow?q=ca", headers={"x-user": "alice"})
+            await probe.wait_started("ca")
+            status, body = await read_response(first)
+            assert status == 409
+            assert b'"reason":"superseded"' in body
+            await second.aclose()  # the user closed the tab
+            await tab_closed_handled.wait()
+            await first.aclose()
+    assert probe.finished == ["c left", "ca left"]
+    assert slot.statistics().active == 0
