@@ -28,6 +28,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from ._asgi import _client
 from ._latest import Claim, LatestOnly, SlotBusy
 from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
@@ -36,7 +37,6 @@ from .backends import CancelOutcome, RegistryFull
 
 __all__ = [
     "CancelledBody",
-    "DependencyScope",
     "OperationBody",
     "RequestToken",
     "cancel_router",
@@ -48,10 +48,7 @@ __all__ = [
 
 logger = logging.getLogger("cancelkit")
 
-#: When a dependency lets go: ``"function"`` when the endpoint returns (the default),
-#: ``"request"`` after the response was sent (streaming endpoints keep their claim or
-#: registration while they stream).
-DependencyScope = Literal["function", "request"]
+_Scope = Literal["function", "request"]  # when a dependency lets go
 
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
 _ASGI_TOKEN = "cancelkit.token"  # where CancelOnDisconnect keeps the disconnect token
@@ -125,7 +122,7 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
 
 def _interrupting(
     held: Callable[..., AsyncIterator[Claim | TrackedOperation]],
-    scope: DependencyScope,
+    scope: _Scope,
     responses: dict[int, str],
 ) -> Any:
     """Hold the claim/operation for ``scope``, but interrupt only the endpoint function.
@@ -167,7 +164,7 @@ def latest_only(
     slot: LatestOnly,
     key: Callable[..., str | Awaitable[str]],
     *,
-    scope: DependencyScope = "function",
+    scope: _Scope = "function",
 ) -> Any:
     """Make a dependency that runs the endpoint as the newest claim on a key.
 
@@ -183,7 +180,9 @@ def latest_only(
             ``lambda request: f"{request.client.host}:search"``; or any FastAPI dependency
             (it may depend on your auth dependency: ``def key(user: CurrentUser) -> str``).
             Include the user in the key, so that one user never supersedes another.
-        scope: when the claim is released; see :data:`DependencyScope`.
+        scope: when the claim is released: ``"function"`` when the endpoint returns,
+            ``"request"`` after the response was sent (a streaming endpoint keeps it while
+            it streams; end the stream with ``claim.token.until_cancelled(...)``).
 
     Returns:
         A ``Depends`` marker for ``Annotated[Claim, ...]``.
@@ -219,7 +218,7 @@ def tracked(
     owner: _OwnerDependency | None = None,
     header: str = "X-Operation-Id",
     path_param: str | None = None,
-    scope: DependencyScope = "function",
+    scope: _Scope = "function",
 ) -> Any:
     """Make a dependency that registers the request as a cancellable operation.
 
@@ -236,7 +235,8 @@ def tracked(
             same one you give :func:`cancel_router`. ``None``: no owner scoping.
         header: the request/response header that carries the operation id.
         path_param: take the id from this path parameter instead of the header.
-        scope: when the registration is released; see :data:`DependencyScope`.
+        scope: when the registration is released: ``"function"`` when the endpoint
+            returns, ``"request"`` after the response was sent (for streaming).
 
     Returns:
         A ``Depends`` marker for ``Annotated[TrackedOperation, ...]``.
@@ -388,12 +388,11 @@ class _Handlers:
         status = _STATUS.get(root.kind, 409)
         body = CancelledBody(detail=root.message, reason=root.kind.value, source=root.source)
         if status == 499:
-            logger.info(
-                'client %s "%s %s" 499 %s',
-                request.client.host if request.client else "-",
+            logger.info(  # the same line as CancelOnDisconnect's
+                '%s "%s %s" 499 client disconnected',
+                _client(request.scope),
                 request.method,
                 request.url.path,
-                root.message,
             )
         headers = {"Retry-After": "1"} if status == 503 else None
         return JSONResponse(body.model_dump(), status_code=status, headers=headers)

@@ -82,7 +82,7 @@ nitpick_ignore_regex = [
     (_ROLES, r"(None|Ellipsis|\.\.\.)"),
     (
         _ROLES,
-        r"(cancelkit\.)?_?(T|K|V|P|R|T_co|T_contra|[A-Z][A-Za-z]*T|T[A-Z_]\w*)(\.args|\.kwargs)?",
+        r"(cancelkit\.)?(_\w+\.)?_?(T|K|V|P|R|T_co|T_contra|[A-Z][A-Za-z]*T|T[A-Z_]\w*)(\.args|\.kwargs)?",
     ),
 ]
 

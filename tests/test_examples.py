@@ -42,3 +42,46 @@ def test_naive_global_task_recipe_shows_every_failure() -> None:
     assert "bob got HTTP 200" in out
     assert "cleanup overlapped the new search: True" in out
     assert "['carol:c completed', 'carol:ca completed']" in out
+
+
+def run_example(name: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_fastapi_latest_example_supersedes_per_user() -> None:
+    """The guide's first example: alice's older keystroke gets a 409, bob is untouched."""
+    out = run_example("fastapi_latest.py").stdout
+    assert "alice 'ca'  -> 409 {'detail': 'superseded by a newer request'" in out
+    assert "alice 'cat' -> 200 {'q': 'cat'" in out
+    assert "bob 'dog'   -> 200 {'q': 'dog'" in out
+
+
+def test_fastapi_cancel_by_id_example_shows_every_answer() -> None:
+    """The cancel-by-id example: 404 for another owner, 202 cancelled/pending, 409, 422."""
+    out = run_example("fastapi_cancel_by_id.py").stdout.splitlines()
+    assert out == [
+        "mallory cancels alice's export -> 404 not_found",
+        "alice presses Stop -> 202 cancelled",
+        "the export request -> 409 requested",
+        "Stop before the work arrives -> 202 pending",
+        "the export arriving afterwards -> 409 requested",
+        "a malformed id -> 422",
+    ]
+
+
+def test_fastapi_disconnect_example_stops_async_and_sync_handlers() -> None:
+    """The disconnect example: both handlers stop when the client leaves, each logs a 499."""
+    result = run_example("fastapi_disconnect.py")
+    assert result.stdout.splitlines() == [
+        "async handler stopped, token: parent: a linked token was cancelled"
+        " <- client_disconnected: the client disconnected",
+        "sync handler stopped at its next check: client_disconnected",
+    ]
+    assert result.stderr.count('" 499 client disconnected') == 2
+    assert "Traceback" not in result.stderr
