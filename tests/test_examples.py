@@ -85,3 +85,26 @@ def test_fastapi_disconnect_example_stops_async_and_sync_handlers() -> None:
     ]
     assert result.stderr.count('" 499 client disconnected') == 2
     assert "Traceback" not in result.stderr
+
+
+def test_threads_example_stops_blocking_code_and_wakes_a_waiting_thread() -> None:
+    """The threads page: a sync loop stops at its next check, a blocked wait wakes at once."""
+    out = run_example("threads_example.py").stdout.splitlines()
+    assert out == [
+        "poller woke at once after 0 polls: requested: cancellation was requested",
+        "resize stopped at its next check: requested",
+    ]
+
+
+def test_testing_example_is_a_passing_test_suite() -> None:
+    """The 'testing your app' page's example is itself a test module, and it passes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "testing_example.py"],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
