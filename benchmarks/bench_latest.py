@@ -98,12 +98,16 @@ async def supersede_latency() -> None:
     )
 
 
-async def main() -> None:
+async def run() -> None:
     await claim_cost()
     await supersede_latency()
 
 
-if __name__ == "__main__":
+def main() -> None:
     for backend in sys.argv[1:] or ["asyncio", "trio"]:
         print(f"LatestOnly on {backend}:")
-        anyio.run(main, backend=backend)
+        anyio.run(run, backend=backend)
+
+
+if __name__ == "__main__":
+    main()

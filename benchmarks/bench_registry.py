@@ -105,12 +105,16 @@ async def memory() -> None:
     )
 
 
-async def main() -> None:
+async def run() -> None:
     await costs()
     await memory()
 
 
-if __name__ == "__main__":
+def main() -> None:
     for backend in sys.argv[1:] or ["asyncio", "trio"]:
         print(f"TokenRegistry on {backend}:")
-        anyio.run(main, backend=backend)
+        anyio.run(run, backend=backend)
+
+
+if __name__ == "__main__":
+    main()
