@@ -9,16 +9,23 @@ import pytest
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
 
 
-@pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_quickstart_runs_and_shows_each_reason(backend: str) -> None:
-    """The README's example runs on both backends and shows superseded, deadline and shutdown."""
+def run_example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run docs/examples/<name> as a script; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py"), backend],
+        [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_quickstart_runs_and_shows_each_reason(backend: str) -> None:
+    """The README's example runs on both backends and shows superseded, deadline and shutdown."""
+    result = run_example("quickstart.py", backend)
     out = result.stdout
     assert "stopped: superseded: superseded by a newer request (source: search 'cat')" in out
     assert "stopped: deadline" in out
@@ -30,28 +37,11 @@ def test_quickstart_runs_and_shows_each_reason(backend: str) -> None:
 
 def test_naive_global_task_recipe_shows_every_failure() -> None:
     """The tutorial's 'before' example really shows the recipe's failures on a real server."""
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "naive_global_task.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    out = result.stdout
+    out = run_example("naive_global_task.py").stdout
     assert "alice got HTTP 500" in out
     assert "bob got HTTP 200" in out
     assert "cleanup overlapped the new search: True" in out
     assert "['carol:c completed', 'carol:ca completed']" in out
-
-
-def run_example(name: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(EXAMPLES / name)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
 
 
 def test_fastapi_latest_example_supersedes_per_user() -> None:
@@ -108,3 +98,31 @@ def test_testing_example_is_a_passing_test_suite() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 passed" in result.stdout
+
+
+def test_registry_example() -> None:
+    """The registry how-to example cancels by id, is owner-scoped, and pre-cancels."""
+    out = run_example("registry_example.py").stdout
+    assert "bob cancels report-1: not_found" in out
+    assert "alice cancels report-1: cancelled" in out
+    assert "report-2 -> stopped (requested" in out
+    assert "cancel report-2 again: not_found" in out
+
+
+@pytest.mark.parametrize("expected", ["'c': superseded", "'cancel': finished", "'trio': finished"])
+def test_latest_example(expected: str) -> None:
+    """The latest-only how-to example lets only the newest search of a user finish."""
+    assert expected in run_example("latest_example.py").stdout
+
+
+def test_disconnect_example_runs() -> None:
+    """The disconnect example shows the handler stopped for a client disconnect, quietly."""
+    result = run_example("disconnect_example.py")
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [
+        "handler started; the client closes the connection",
+        "handler stopped: client_disconnected",
+    ]
+    assert "disconnects=1, interrupted=1" in lines[2]
+    assert '"GET /report" 499 client disconnected' in result.stderr
+    assert "Traceback" not in result.stderr
