@@ -53,6 +53,27 @@ class RedisUnavailable(Exception):
     """
 
 
+class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
+    """coredis's pool, made robust against the connection losses this backend lives with.
+
+    coredis 6.9 loses a pool slot when a leased connection dies (a killed pub/sub connection,
+    a restarted server) or when the caller is cancelled while a connection is being made;
+    after ``max_connections`` such events every command waits forever. Here a dead connection
+    gives its slot back, and making a connection is shielded (it is bounded by the connect
+    timeout instead).
+    """
+
+    async def get_connection(self, **kwargs: Any) -> coredis.BaseConnection:
+        with anyio.CancelScope(shield=True):
+            return await super().get_connection(**kwargs)
+
+    def release(self, connection: coredis.BaseConnection) -> None:
+        super().release(connection)
+        available = self._available_connections
+        if not connection.usable and connection not in available and not available.full():
+            available.append_nowait(None)
+
+
 class _Down(Exception):
     """Internal: Redis did not answer (already logged and counted)."""
 
@@ -137,6 +158,12 @@ def _decode(data: dict[str, Any]) -> CancelReason:
         origin=None if origin is None else _decode(origin),
         at=data["a"],
     )
+
+
+def _leaf(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _redact(url: str) -> str:
@@ -315,11 +342,16 @@ class RedisBackend:
         self._alive = f"{self._prefix}:a:{self._worker}"
         stack = AsyncExitStack()
         try:
-            client: coredis.Redis[str] = coredis.Redis.from_url(
+            pool = _Pool.from_url(
                 self._url,
                 decode_responses=True,
-                connect_timeout=self._timeout,
+                connect_timeout=self._timeout / 2,  # coredis gives up before fail_after
                 stream_timeout=self._timeout,
+                timeout=self._timeout,
+            )
+            client: coredis.Redis[str] = coredis.Redis(
+                connection_pool=pool,
+                decode_responses=True,
                 retry_policy=ConstantRetryPolicy(
                     (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
                 ),
@@ -341,7 +373,7 @@ class RedisBackend:
                 raise
             if isinstance(exc, (*_REDIS_ERRORS, coredis.exceptions.RedisError)):
                 raise RedisUnavailable(
-                    f"cannot reach Redis at {_redact(self._url)}: {exc or type(exc).__name__}"
+                    f"cannot reach Redis at {_redact(self._url)}: {_leaf(exc)}"
                 ) from exc
             raise
         self._task_group.start_soon(self._beat)
@@ -399,7 +431,7 @@ class RedisBackend:
             logger.warning(
                 "Redis at %s is unreachable (%s); %s until it is back",
                 _redact(self._url),
-                exc or type(exc).__name__,
+                _leaf(exc),
                 mode,
             )
         if self._reader_scope is not None:
@@ -435,9 +467,11 @@ class RedisBackend:
             except Exception as exc:
                 if not started:
                     raise RedisUnavailable(
-                        f"cannot subscribe at {_redact(self._url)}: {exc}"
+                        f"cannot subscribe at {_redact(self._url)}: {_leaf(exc)}"
                     ) from exc
-                self._mark_down(exc)
+                # A lost subscription alone is not an outage: commands may still work. The
+                # resync after the next subscribe delivers what was published meanwhile.
+                logger.debug("pub/sub connection lost (%s); resubscribing", _leaf(exc))
             finally:
                 self._reader_scope = None
             self._reconnects += 1
