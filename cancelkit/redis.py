@@ -53,6 +53,19 @@ class RedisUnavailable(Exception):
     """
 
 
+_BUFFERS = tuple(
+    f"_{name}_buffer_{end}" for name in ("write", "push_message", "streamed_message")
+    for end in ("in", "out")
+)
+
+
+def _close_buffers(connection: object) -> None:
+    for name in _BUFFERS:
+        stream = getattr(connection, name, None)
+        if stream is not None:
+            stream.close()
+
+
 class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
     """coredis's pool, made robust against the connection losses this backend lives with.
 
@@ -63,9 +76,26 @@ class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
     timeout instead).
     """
 
+    _making: set[coredis.BaseConnection]
+
+    async def _construct_connection(self) -> coredis.BaseConnection:
+        connection = await super()._construct_connection()
+        self.__dict__.setdefault("_making", set()).add(connection)
+        return connection
+
     async def get_connection(self, **kwargs: Any) -> coredis.BaseConnection:
         with anyio.CancelScope(shield=True):
-            return await super().get_connection(**kwargs)
+            try:
+                connection = await super().get_connection(**kwargs)
+            except BaseException:
+                # coredis leaves the buffers of a connection that failed to connect open
+                for failed in self.__dict__.get("_making", ()):
+                    if not failed.usable:
+                        _close_buffers(failed)
+                self.__dict__.get("_making", set()).clear()
+                raise
+            self.__dict__.get("_making", set()).discard(connection)
+            return connection
 
     def release(self, connection: coredis.BaseConnection) -> None:
         super().release(connection)
