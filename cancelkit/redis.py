@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, final
@@ -54,7 +54,8 @@ class RedisUnavailable(Exception):
 
 
 _BUFFERS = tuple(
-    f"_{name}_buffer_{end}" for name in ("write", "push_message", "streamed_message")
+    f"_{name}_buffer_{end}"
+    for name in ("write", "push_message", "streamed_message")
     for end in ("in", "out")
 )
 
@@ -307,6 +308,7 @@ class RedisBackend:
         tombstone_ttl: float = 60.0,
         max_tombstones: int = 10_000,
     ) -> None:
+        """Configure the backend; nothing connects until it is entered."""
         if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
             raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
         for name, value in (
@@ -514,10 +516,8 @@ class RedisBackend:
                 if claim.turn is not None:
                     claim.turn.set()
             if self._up:
-                try:
+                with suppress(_Down):
                     await self._resync()
-                except _Down:
-                    pass
 
     async def _resync(self, *, force: bool = False) -> None:
         """Refresh liveness and TTLs, re-assert lost entries, deliver lost cancellations."""
@@ -668,8 +668,13 @@ class RedisBackend:
             result = await self._run(
                 "CANCEL",
                 [self._key("r", name), self._key("t", name), self._key("f", name), self._tz],
-                [_dump(reason), self._tomb_ms, str(self._max), self._channel_prefix,
-                 str(self._worker)],
+                [
+                    _dump(reason),
+                    self._tomb_ms,
+                    str(self._max),
+                    self._channel_prefix,
+                    str(self._worker),
+                ],
             )
         except _Down:
             holder = self._names.get(name)
@@ -839,6 +844,7 @@ class RedisBackend:
         )
 
     def __repr__(self) -> str:
+        """Show the server (password hidden), prefix, worker id, state and local entries."""
         state = "stopped" if self._client is None else ("up" if self._up else "down")
         return (
             f"<RedisBackend {_redact(self._url)} prefix={self._prefix!r} worker={self._worker} "

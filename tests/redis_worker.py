@@ -45,7 +45,8 @@ async def main(url: str, prefix: str) -> None:
 
         emit(f"ready {backend.worker}")
         async with anyio.create_task_group() as tg:
-            while line := await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True):
+            readline = sys.stdin.readline
+            while line := await anyio.to_thread.run_sync(readline, abandon_on_cancel=True):
                 command, *args = line.split()
                 if command == "claim":
                     tg.start_soon(claim, *args)

@@ -61,9 +61,10 @@ async def raw(redis: RedisServer) -> AsyncIterator[coredis.Redis[str]]:
         yield client
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
+async def wait_for(predicate: Callable[[], bool], limit: float = 10) -> None:
+    """Poll a condition that another process or a background task makes true."""
+    with anyio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - no event exists for what other processes do
             await anyio.sleep(0.005)
 
 
@@ -270,7 +271,7 @@ async def test_tombstone_limit_and_expiry(redis: RedisServer, prefix: str) -> No
             await reg_a.cancel("t3")
         async with raw(redis) as client:
             with anyio.fail_after(5):
-                while await client.exists([f"{prefix}:t:-:t1", f"{prefix}:t:-:t2"]):
+                while await client.exists([f"{prefix}:t:-:t1", f"{prefix}:t:-:t2"]):  # noqa: ASYNC110
                     await anyio.sleep(0.02)
         assert await reg_a.cancel("t3") is CancelOutcome.PENDING
         async with reg_b.track("t1") as op:
@@ -324,9 +325,7 @@ async def test_resync_delivers_a_lost_supersede(redis: RedisServer, prefix: str)
         assert a.statistics().resyncs >= 2
 
 
-async def test_connection_kills_during_a_race_lose_nothing(
-    redis: RedisServer, prefix: str
-) -> None:
+async def test_connection_kills_during_a_race_lose_nothing(redis: RedisServer, prefix: str) -> None:
     """Claims and cancels from two workers while pub/sub connections are killed: nothing lost."""
     keys = [f"k{i}" for i in range(8)]
     async with workers(redis, prefix, timeout=5) as backends, raw(redis) as client:
@@ -376,8 +375,8 @@ async def test_connection_kills_during_a_race_lose_nothing(
                     if i % 10 == 0:
                         await anyio.sleep(0.01)
                 stop.set()
-                await wait_for(lambda: len(ended) == 200, timeout=25)
-                await wait_for(lambda: all(len(alive[key]) == 1 for key in keys), timeout=25)
+                await wait_for(lambda: len(ended) == 200, limit=25)
+                await wait_for(lambda: all(len(alive[key]) == 1 for key in keys), limit=25)
                 for key in keys:
                     assert list(alive[key]) == [newest[key]]
                 tg.cancel_scope.cancel()
@@ -494,9 +493,7 @@ async def test_use_before_start_is_a_clear_error() -> None:
 
 async def test_lifecycle_statistics_and_repr(redis: RedisServer, prefix: str) -> None:
     """Each start makes a new worker id; statistics and repr show the state; no double entry."""
-    backend = RedisBackend(
-        redis.url.replace("//", "//:pw@") if False else redis.url, prefix=prefix, heartbeat=0.2
-    )
+    backend = RedisBackend(redis.url, prefix=prefix, heartbeat=0.2)
     assert "stopped" in repr(backend)
     assert backend.statistics() == RedisBackendStatistics(None, False, 0, 0, 0, 0, 0, 0, 0)
     async with backend:
@@ -506,7 +503,8 @@ async def test_lifecycle_statistics_and_repr(redis: RedisServer, prefix: str) ->
         async with TokenRegistry(backend=backend).track("x"):
             stats = backend.statistics()
             assert (stats.worker, stats.connected, stats.registrations) == (first, True, 1)
-            assert "up" in repr(backend) and "registrations=1" in repr(backend)
+            assert "up" in repr(backend)
+            assert "registrations=1" in repr(backend)
     assert backend.worker is None
     async with backend:
         assert backend.worker not in (None, first)
@@ -544,8 +542,8 @@ class Worker:
         assert self.process.stdin is not None
         await self.process.stdin.send(f"{line}\n".encode())
 
-    async def expect(self, start: str, timeout: float = 10) -> str:
-        with anyio.fail_after(timeout):
+    async def expect(self, start: str, limit: float = 10) -> str:
+        with anyio.fail_after(limit):
             while True:
                 for line in self.lines:
                     if line.startswith(start):
@@ -575,9 +573,10 @@ async def test_supersede_and_cancel_across_processes(
     redis: RedisServer, prefix: str, anyio_backend: str
 ) -> None:
     """A claim here supersedes a claim in another process; cancel by id reaches it, even early."""
-    async with worker_process(redis, prefix, anyio_backend) as other, workers(
-        redis, prefix, n=1
-    ) as (here,):
+    async with (
+        worker_process(redis, prefix, anyio_backend) as other,
+        workers(redis, prefix, n=1) as (here,),
+    ):
         await other.send("claim key A")
         await other.expect("claimed A")
         async with LatestOnly(backend=here).claim("key") as claim:
@@ -601,9 +600,10 @@ async def test_supersede_and_cancel_across_processes(
 async def test_race_across_processes(redis: RedisServer, prefix: str, anyio_backend: str) -> None:
     """Claims on shared keys and cancels from two processes: only the newest claims live on."""
     keys = [f"k{i}" for i in range(4)]
-    async with worker_process(redis, prefix, anyio_backend) as other, workers(
-        redis, prefix, n=1
-    ) as (here,):
+    async with (
+        worker_process(redis, prefix, anyio_backend) as other,
+        workers(redis, prefix, n=1) as (here,),
+    ):
         slot, registry = LatestOnly(backend=here), TokenRegistry(backend=here)
         generations: dict[str, dict[int, str]] = {key: {} for key in keys}
         mine_alive: dict[str, set[int]] = {key: set() for key in keys}

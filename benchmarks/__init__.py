@@ -1,0 +1,1 @@
+"""Benchmarks: runnable scripts that print ratios measured side by side. Not tests."""
