@@ -68,10 +68,12 @@ def redis_url() -> Iterator[str]:
             process.wait(10)
 
 
-async def measure(trial: Callable[[int], Awaitable[float]], trials: int = TRIALS) -> list[float]:
-    for i in range(trials // 10):  # warm up
-        await trial(-i - 1)
-    return [await trial(i) for i in range(trials)]
+async def measure(
+    trial: Callable[[int], Awaitable[float]], trials: int, offset: int
+) -> list[float]:
+    for i in range(trials // 10):  # warm up (keys offset + trials + i stay unique)
+        await trial(offset + trials + i)
+    return [await trial(offset + i) for i in range(trials)]
 
 
 async def run(url: str) -> dict[str, list[float]]:
@@ -121,16 +123,18 @@ async def run(url: str) -> dict[str, list[float]]:
             async def floor(i: int) -> float:
                 start = time.perf_counter()
                 await publisher.publish(f"{prefix}:raw", str(i))
-                while (message := await pubsub.get_message()) is None:
+                while await pubsub.get_message() is None:
                     pass
                 return time.perf_counter() - start
 
             results: dict[str, list[float]] = {"floor": [], "supersede": [], "cancel": []}
             for round_ in range(5):  # interleave the three, so noise hits them alike
-                offset = round_ * TRIALS
-                results["floor"] += await measure(lambda i: floor(i + offset), TRIALS // 5)
-                results["supersede"] += await measure(lambda i: supersede(i + offset), TRIALS // 5)
-                results["cancel"] += await measure(lambda i: cancel_by_id(i + offset), TRIALS // 5)
+                for name, trial in (
+                    ("floor", floor),
+                    ("supersede", supersede),
+                    ("cancel", cancel_by_id),
+                ):
+                    results[name] += await measure(trial, TRIALS // 5, round_ * TRIALS)
         return results
 
 

@@ -95,8 +95,8 @@ class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
                         _close_buffers(failed)
                 self.__dict__.get("_making", set()).clear()
                 raise
-            self.__dict__.get("_making", set()).discard(connection)
-            return connection
+        self.__dict__.get("_making", set()).discard(connection)
+        return connection
 
     def release(self, connection: coredis.BaseConnection) -> None:
         super().release(connection)

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import operator
 import os
 import secrets
 import subprocess
@@ -287,12 +289,12 @@ async def test_released_state_leaves_only_expiring_keys(redis: RedisServer, pref
         async with reg_a.track("op"), slot_a.claim("k1"), slot_b.claim("k2"):
             live = await keys_of(client, prefix)
         assert {key.split(":")[1] for key in live} == {"r", "k", "q", "t", "tz", "a", "gen"}
-        assert all(ttl > 0 for ttl in live.values()), live
+        assert -1 not in live.values(), live
         with pytest.raises(OperationCancelled):
             async with reg_a.track("early"):
                 pass  # pragma: no cover
         left = await keys_of(client, prefix)
-        assert all(ttl > 0 for ttl in left.values()), left
+        assert -1 not in left.values(), left
         kinds = {key.split(":")[1] for key in left}
         assert kinds <= {"f", "a", "gen"}, left
 
@@ -513,14 +515,15 @@ async def test_lifecycle_statistics_and_repr(redis: RedisServer, prefix: str) ->
 
 def test_options_are_validated() -> None:
     """Out-of-range options raise ValueError naming the option."""
-    for options, name in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"prefix": ""}, "prefix"),
         ({"prefix": "a b"}, "prefix"),
         ({"timeout": 0}, "timeout"),
         ({"heartbeat": math.inf}, "heartbeat"),
         ({"heartbeat": 1.0, "lease": 1.5}, "lease"),
         ({"max_tombstones": 0}, "max_tombstones"),
-    ]:
+    ]
+    for options, name in cases:
         with pytest.raises(ValueError, match=name):
             RedisBackend(**options)
     assert "***" in repr(RedisBackend("redis://:secret@localhost:6379/0"))
@@ -634,22 +637,17 @@ async def test_race_across_processes(redis: RedisServer, prefix: str, anyio_back
                     await anyio.wait_all_tasks_blocked()
                 for i in range(60):
                     await other.expect(f"cancelled op{i} ")
-                claimed = {}
                 for i in range(0, 60, 2):
-                    _, tag, _, generation = (await other.expect(f"claimed c{i} ")).split()
-                    claimed[tag] = int(generation)
-                    generations[keys[i % len(keys)]][int(generation)] = tag
+                    _, tag, _, number = (await other.expect(f"claimed c{i} ")).split()
+                    generations[keys[i % len(keys)]][int(number)] = tag
                 for key in keys:
                     newest = max(generations[key])
                     for generation, who in generations[key].items():
-                        if who == "here":
-                            continue
-                        if generation != newest:
+                        if who != "here" and generation != newest:
                             await other.expect(f"cancelled {who} superseded")
-                    if generations[key][newest] == "here":
-                        await wait_for(lambda key=key: mine_alive[key] == {max(generations[key])})
-                    else:
-                        await wait_for(lambda key=key: not mine_alive[key])
+                    expected = {newest} if generations[key][newest] == "here" else set()
+                    alive = mine_alive[key]
+                    await wait_for(functools.partial(operator.eq, alive, expected))
                 assert not any(line.startswith("cancelled c") for line in other.lines)
                 tg.cancel_scope.cancel()
 
@@ -667,10 +665,10 @@ async def test_crashed_workers_keys_expire(redis: RedisServer, prefix: str) -> N
             other.process.kill()
         with anyio.fail_after(10):
             while (left := await keys_of(client, prefix)).keys() - {f"{prefix}:gen"}:
-                assert all(ttl > 0 for ttl in left.values()), left
+                assert -1 not in left.values(), left
                 assert {key.split(":")[1] for key in left} <= {"k", "q", "r", "a", "gen"}
                 await anyio.sleep(0.05)
-        assert all(ttl > 0 for ttl in left.values())  # the generation counter expires too
+        assert -1 not in left.values()  # the generation counter expires too
 
 
 # -- the example ---------------------------------------------------------------------------

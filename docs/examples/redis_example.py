@@ -8,6 +8,7 @@ backend in the FastAPI lifespan instead.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.synchronize
 import sys
 
 import anyio
@@ -18,21 +19,21 @@ from cancelkit.redis import RedisBackend
 URL = sys.argv[1] if len(sys.argv) > 1 else "redis://127.0.0.1:6379/0"
 
 
-async def worker(name: str, started: multiprocessing.Event | None) -> None:  # type: ignore[valid-type]
+async def worker(name: str, started: multiprocessing.synchronize.Event | None) -> None:
     async with RedisBackend(URL, prefix="example") as backend:
         search = LatestOnly(backend=backend)
         try:
             async with search.claim("user-42:search") as claim:
                 print(f"{name}: running (generation {claim.generation})", flush=True)
                 if started is not None:
-                    started.set()  # type: ignore[attr-defined]
+                    started.set()
                     await anyio.sleep(30)  # slow work, superseded long before it ends
                 print(f"{name}: finished", flush=True)
         except OperationCancelled as exc:
             print(f"{name}: {exc.reason.kind} by {exc.reason.source}", flush=True)
 
 
-def run(name: str, started: multiprocessing.Event | None) -> None:  # type: ignore[valid-type]
+def run(name: str, started: multiprocessing.synchronize.Event | None) -> None:
     anyio.run(worker, name, started)
 
 
