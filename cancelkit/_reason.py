@@ -14,20 +14,23 @@ __all__ = ["CancelKind", "CancelReason", "OperationCancelled"]
 class CancelKind(enum.StrEnum):
     """What stopped a piece of work.
 
+    - ``REQUESTED``: somebody asked for it: ``token.cancel()``, a cancel-by-id request, a Stop
+      button.
+    - ``SUPERSEDED``: a newer claim on the same latest-only key replaced this one.
+    - ``CLIENT_DISCONNECTED``: the HTTP client went away before the response was complete.
+    - ``DEADLINE``: the token's deadline passed; never used for any other cause.
+    - ``SHUTDOWN``: the server or the application is shutting down.
+    - ``PARENT``: a token this one is linked to was cancelled; :attr:`CancelReason.origin`
+      says why.
+
     .. versionadded:: 0.1
     """
 
-    #: Somebody asked for it: ``token.cancel()``, a cancel-by-id request, a Stop button.
     REQUESTED = "requested"
-    #: A newer claim on the same latest-only key replaced this one.
     SUPERSEDED = "superseded"
-    #: The HTTP client went away before the response was complete.
     CLIENT_DISCONNECTED = "client_disconnected"
-    #: The token's deadline passed. Never used for any other cause.
     DEADLINE = "deadline"
-    #: The server or the application is shutting down.
     SHUTDOWN = "shutdown"
-    #: A token this one is linked to was cancelled; :attr:`CancelReason.origin` says why.
     PARENT = "parent"
 
 
@@ -64,24 +67,27 @@ class CancelReason:
     at: float = field(default_factory=time.time, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kind, CancelKind):
+        kind: object = self.kind
+        message: object = self.message
+        source: object = self.source
+        if not isinstance(kind, CancelKind):
             try:
-                object.__setattr__(self, "kind", CancelKind(self.kind))
+                object.__setattr__(self, "kind", CancelKind(kind))  # type: ignore[arg-type]
             except ValueError:
                 kinds = ", ".join(repr(k.value) for k in CancelKind)
                 raise ValueError(
-                    f"unknown cancel reason kind {self.kind!r}; expected one of {kinds}"
+                    f"unknown cancel reason kind {kind!r}; expected one of {kinds}"
                 ) from None
-        if not isinstance(self.message, str):
-            raise TypeError(f"message must be a str, not {type(self.message).__name__}")
-        if self.source is not None and not isinstance(self.source, str):
-            raise TypeError(f"source must be a str or None, not {type(self.source).__name__}")
+        if not isinstance(message, str):
+            raise TypeError(f"message must be a str, not {type(message).__name__}")
+        if source is not None and not isinstance(source, str):
+            raise TypeError(f"source must be a str or None, not {type(source).__name__}")
         if not self.message:
             object.__setattr__(self, "message", _DEFAULT_MESSAGES[self.kind])
 
     @property
     def root(self) -> CancelReason:
-        """The first reason in the chain of :attr:`origin` links: what really happened."""
+        """The first reason in the chain of :attr:`CancelReason.origin` links: what happened."""
         reason = self
         while reason.origin is not None:
             reason = reason.origin

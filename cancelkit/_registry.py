@@ -156,10 +156,7 @@ class TokenRegistry:
                 yield op
         finally:
             del self._live[name]
-            with token._lock:  # release the links to the parent now, not when garbage-collected
-                links, token._links = token._links, []
-            for link in links:
-                link.unregister()
+            token._detach()  # release the link to the parent now, not when garbage-collected
             reason = token._reason
             if reason is not None:
                 self._cancelled[reason.kind] += 1

@@ -58,6 +58,17 @@ def _this_loop() -> EventLoopToken | None:
         return None
 
 
+_NO_LINKS: tuple[()] = ()
+
+
+def _check_timeout(timeout: object) -> float:
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
+
+
 @final
 class CallbackHandle:
     """A registered :meth:`CancellationToken.on_cancel` callback.
@@ -65,7 +76,7 @@ class CallbackHandle:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_callback", "_loop", "_thread", "_token")
+    __slots__ = ("_backend", "_callback", "_native", "_thread", "_token")
 
     def __init__(
         self,
@@ -75,7 +86,9 @@ class CallbackHandle:
         self._token = token
         self._callback = callback
         self._thread = threading.get_ident()
-        self._loop = _this_loop()
+        loop = _this_loop()  # kept as its two parts: an EventLoopToken per handle costs memory
+        self._backend = None if loop is None else loop.backend_class
+        self._native = None if loop is None else loop.native_token
 
     @property
     def registered(self) -> bool:
@@ -178,25 +191,19 @@ class CancellationToken:
     )
 
     def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
-        if timeout is None:
-            deadline = _INF
-        elif isinstance(timeout, int | float) and not isinstance(timeout, bool):
-            if math.isnan(timeout) or timeout < 0:
-                raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
-            deadline = time.monotonic() + timeout
-        else:
-            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"name must be a str or None, not {type(name).__name__}")
+        deadline = _INF if timeout is None else time.monotonic() + _check_timeout(timeout)
+        label: object = name
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"name must be a str or None, not {type(label).__name__}")
         self._lock = threading.Lock()
         self._reason: CancelReason | None = None
         self._callbacks: dict[CallbackHandle, None] = {}
-        self._links: list[CallbackHandle] = []
+        self._links: list[CallbackHandle] | tuple[()] = _NO_LINKS
         self._deadline = deadline
         self._parents_deadline = _INF
         self._effective_deadline = deadline
         self._cancelled_by: CancellationToken | None = None
-        self._errors: list[Exception] = []
+        self._errors: list[Exception] | None = None
         self._name = name
 
     # -- linking -------------------------------------------------------------------------
@@ -227,6 +234,7 @@ class CancellationToken:
                     f"any_of() takes CancellationToken objects, not {type(token).__name__}"
                 )
         child = cls(timeout=timeout, name=name)
+        links: list[CallbackHandle] = []
         for parent in tokens:
             parent._poll()
             ref = _ChildRef(child, _child_collected)
@@ -236,7 +244,8 @@ class CancellationToken:
             if child._reason is not None:  # this parent had already fired: done
                 break
             ref.handle = handle
-            child._links.append(handle)
+            links.append(handle)
+            child._links = links
             child._parents_deadline = min(child._parents_deadline, parent._effective_deadline)
         child._effective_deadline = min(child._deadline, child._parents_deadline)
         return child
@@ -283,7 +292,7 @@ class CancellationToken:
     def callback_errors(self) -> tuple[Exception, ...]:
         """Exceptions raised by :meth:`on_cancel` callbacks; each is also logged."""
         with self._lock:
-            return tuple(self._errors)
+            return tuple(self._errors or ())
 
     def raise_if_cancelled(self) -> None:
         """Raise :exc:`OperationCancelled` if the token is cancelled; works in any thread.
@@ -318,9 +327,7 @@ class CancellationToken:
         if reason is None:
             reason = CancelReason(CancelKind.REQUESTED)
         elif not isinstance(reason, CancelReason):
-            raise TypeError(
-                f"reason must be a CancelReason or None, not {type(reason).__name__}"
-            )
+            raise TypeError(f"reason must be a CancelReason or None, not {type(reason).__name__}")
         return self._cancel(reason, None)
 
     def _cancel(self, reason: CancelReason, by: CancellationToken | None) -> bool:
@@ -331,19 +338,14 @@ class CancellationToken:
             self._cancelled_by = by
             handles = self._callbacks
             self._callbacks = {}
-            links = self._links
-            self._links = []
-        for link in links:
-            link.unregister()
+        self._detach()
         me = threading.get_ident()
         errors: list[tuple[Callable[[CancelReason], object], Exception]] = []
         for handle in handles:
-            loop = handle._loop
-            if loop is not None and handle._thread != me:
+            backend = handle._backend
+            if backend is not None and handle._thread != me:
                 try:
-                    loop.backend_class.run_sync_soon(
-                        self._run_later, (handle, reason), loop.native_token
-                    )
+                    backend.run_sync_soon(self._run_later, (handle, reason), handle._native)
                 except anyio.RunFinishedError:
                     self._take(handle)  # nobody is left in that loop to wake
                 continue
@@ -356,6 +358,14 @@ class CancellationToken:
         if errors:
             self._record(errors)
         return True
+
+    def _detach(self) -> None:
+        """Release the links to the tokens this one follows (done with them: no more relays)."""
+        with self._lock:
+            links = self._links
+            self._links = _NO_LINKS
+        for link in links:
+            link.unregister()
 
     def _run_later(self, handle: CallbackHandle, reason: CancelReason) -> None:
         callback = self._take(handle)
@@ -371,10 +381,14 @@ class CancellationToken:
             handle._callback = None
             handle._token = None
             self._callbacks.pop(handle, None)
+            if not self._callbacks:
+                self._callbacks = {}  # a dict never shrinks: let a drained one go
         return callback
 
     def _record(self, errors: list[tuple[Callable[[CancelReason], object], Exception]]) -> None:
         with self._lock:
+            if self._errors is None:
+                self._errors = []
             self._errors.extend(exc for _, exc in errors)
         for callback, exc in errors:
             logger.error("on_cancel callback %r of %r failed", callback, self, exc_info=exc)
@@ -383,6 +397,8 @@ class CancellationToken:
         """Cancel for a passed deadline: the earliest one in this token's ancestry wins."""
         if self._reason is not None or self._effective_deadline > now:
             return
+        if self._effective_deadline == _INF:
+            return
         if self._deadline <= self._parents_deadline:
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
             return
@@ -390,7 +406,7 @@ class CancellationToken:
             parent = link._token
             if parent is not None:
                 parent._expire(now)
-        if self._reason is None and self._deadline <= now:
+        if self._deadline <= now:  # no-op if a parent's deadline already cancelled it
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
 
     def _poll(self) -> None:
@@ -527,7 +543,7 @@ class CancellationToken:
                 cancelled=self._reason is not None,
                 callbacks=len(self._callbacks),
                 parents=len(self._links),
-                callback_errors=len(self._errors),
+                callback_errors=len(self._errors or ()),
             )
 
     def __repr__(self) -> str:
@@ -591,12 +607,13 @@ class TokenScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._scope is not None and self._handle is not None and self._var is not None
+        assert self._scope is not None
+        assert self._handle is not None
+        assert self._var is not None
         self._handle.unregister()
         _current.reset(self._var)
-        # trio's scope reports True on a clean exit, so "swallowed" only means something with
-        # an exception in flight.
-        if not self._scope.__exit__(exc_type, exc, tb) or exc_type is None:
+        self._scope.__exit__(exc_type, exc, tb)
+        if not self._scope.cancelled_caught:
             return False  # not our cancellation (or none at all): let it through untouched
         token = self.token
         if token._reason is None:  # the scope's deadline fired first

@@ -63,10 +63,13 @@ async def test_owners_are_separate_namespaces() -> None:
     """Registrations and tombstones of one owner are invisible to another."""
     backend, _, got = make()
     await backend.register("a", "alice", "h1", got.append)
-    assert await backend.cancel("a", "bob", CancelReason()) is CancelOutcome.PENDING
+    assert await backend.cancel("a", "bob", CancelReason()) is CancelOutcome.NOT_FOUND
     assert got == []
-    assert await backend.register("a", None, "h2", got.append) is None
-    assert await backend.register("a", "bob", "h3", got.append) is not None
+    assert backend.statistics().tombstones == 0
+    assert await backend.register("a", None, "h2", got.append) is None  # same id, own space
+    assert await backend.cancel("b", "bob", CancelReason()) is CancelOutcome.PENDING
+    assert await backend.register("b", "alice", "h3", got.append) is None  # not bob's tombstone
+    assert await backend.register("b", "bob", "h4", got.append) is not None
 
 
 async def test_duplicate_registration_is_refused() -> None:
@@ -95,6 +98,17 @@ async def test_tombstone_limit_raises_and_markers_make_room() -> None:
     await backend.register("m4", None, "m4", got.append)
     await backend.unregister("m4", None, "m4")
     assert backend.statistics().finished == 0  # no room: the marker made room for nothing
+
+
+async def test_finished_markers_are_bounded_oldest_first() -> None:
+    """Past max_tombstones finished-markers, the oldest is forgotten (its id looks unknown)."""
+    backend, _, got = make()
+    for name in ("m1", "m2", "m3", "m4"):
+        await backend.register(name, None, name, got.append)
+        await backend.unregister(name, None, name)
+    assert backend.statistics().finished == 3
+    assert await backend.cancel("m4", None, CancelReason()) is CancelOutcome.NOT_FOUND
+    assert await backend.cancel("m1", None, CancelReason()) is CancelOutcome.PENDING
 
 
 async def test_acquire_supersedes_the_previous_owner() -> None:

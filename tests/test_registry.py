@@ -129,12 +129,13 @@ async def test_tombstones_expire() -> None:
 
 
 async def test_owners_cannot_see_or_cancel_each_others_work() -> None:
-    """Another owner's cancel looks like not-found-yet, and its tombstone never hits us."""
+    """Another owner's cancel of a running op is NOT_FOUND, cancels nothing, writes nothing."""
     registry = TokenRegistry()
     async with registry.track("x", owner="alice") as op:
-        assert await registry.cancel("x", owner="mallory") is CancelOutcome.PENDING
-        assert await registry.cancel("x") is CancelOutcome.PENDING
+        assert await registry.cancel("x", owner="mallory") is CancelOutcome.NOT_FOUND
+        assert await registry.cancel("x") is CancelOutcome.NOT_FOUND
         assert not op.token.cancelled
+        assert registry.backend.statistics().tombstones == 0  # type: ignore[attr-defined]
         assert registry.operations(owner="mallory") == []
     async with registry.track("y", owner="alice") as op:  # mallory pre-cancelled "y" for herself
         await registry.cancel("y", owner="mallory")
@@ -405,6 +406,8 @@ class RegistryMachine(RuleBasedStateMachine):
             assert outcome is CancelOutcome.CANCELLED
             with pytest.raises(OperationCancelled):
                 self._end(name).result()
+        elif any(running_id == id for _, running_id in self.running):
+            assert outcome is CancelOutcome.NOT_FOUND  # another owner's: untouched, unseen
         elif name in self.finished:
             assert outcome is CancelOutcome.NOT_FOUND
         else:

@@ -72,7 +72,17 @@ class MemoryBackend:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_clock", "_counter", "_finished", "_max", "_regs", "_slots", "_tombs", "_ttl")
+    __slots__ = (
+        "_clock",
+        "_counter",
+        "_finished",
+        "_live_ids",
+        "_max",
+        "_regs",
+        "_slots",
+        "_tombs",
+        "_ttl",
+    )
 
     def __init__(
         self,
@@ -89,6 +99,7 @@ class MemoryBackend:
         self._max = max_tombstones
         self._clock = clock
         self._regs: dict[_Id, tuple[str, Deliver]] = {}
+        self._live_ids: dict[str, int] = {}  # id -> how many owners run an op with that id
         # Both maps are in insertion order, which is expiry order (one TTL, a monotonic clock).
         self._tombs: dict[_Id, tuple[float, CancelReason]] = {}
         self._finished: dict[_Id, float] = {}
@@ -130,6 +141,7 @@ class MemoryBackend:
             return tomb[1]
         self._finished.pop(name, None)
         self._regs[name] = (holder, deliver)
+        self._live_ids[id] = self._live_ids.get(id, 0) + 1
         return None
 
     async def unregister(self, id: str, owner: str | None, holder: str) -> None:
@@ -138,6 +150,10 @@ class MemoryBackend:
         live = self._regs.get(name)
         if live is not None and live[0] == holder:
             del self._regs[name]
+            if self._live_ids[id] == 1:
+                del self._live_ids[id]
+            else:
+                self._live_ids[id] -= 1
             self._mark_finished(name, self._expire())
 
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
@@ -147,6 +163,8 @@ class MemoryBackend:
         if live is not None:
             live[1](reason)
             return CancelOutcome.CANCELLED
+        if id in self._live_ids:  # someone else's: it looks absent, and is not pre-cancelled
+            return CancelOutcome.NOT_FOUND
         now = self._expire()
         if name in self._finished:
             return CancelOutcome.NOT_FOUND

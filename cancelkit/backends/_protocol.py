@@ -76,7 +76,7 @@ def new_holder_id() -> str:
 
 @final
 class CancelOutcome(enum.StrEnum):
-    """What :meth:`TokenRegistry.cancel` did.
+    """What :meth:`cancelkit.TokenRegistry.cancel` did.
 
     .. versionadded:: 0.1
     """
@@ -86,7 +86,8 @@ class CancelOutcome(enum.StrEnum):
     #: Nothing with that id was running: a tombstone was written, so if the operation is
     #: tracked before the tombstone expires it starts already cancelled (its body never runs).
     PENDING = "pending"
-    #: The operation already finished, recently enough to be remembered: nothing to cancel.
+    #: Nothing to cancel for this owner: the operation finished recently, or the id belongs to
+    #: another owner's running operation (which stays untouched and unseen).
     NOT_FOUND = "not_found"
 
 
@@ -129,7 +130,8 @@ class Backend(Protocol):
 
     The in-memory :class:`~cancelkit.backends.MemoryBackend` is the default. ``owner`` is
     ``None`` or a string; ``(owner, id)`` pairs are separate namespaces: a registration,
-    tombstone or finished-marker under one owner is invisible to every other owner.
+    tombstone or finished-marker under one owner is invisible to every other owner, and a
+    cancel of an id that runs for another owner answers ``NOT_FOUND`` and writes nothing.
 
     .. versionadded:: 0.1
     """
@@ -165,7 +167,9 @@ class Backend(Protocol):
         """Cancel ``(owner, id)``.
 
         Atomically: if it is registered, deliver ``reason`` to its holder and return
-        ``CANCELLED``; if a finished-marker exists, return ``NOT_FOUND``; if a tombstone exists,
+        ``CANCELLED``; if the same id is registered for another owner, return ``NOT_FOUND``
+        and write nothing (someone else's work looks absent and cannot be pre-cancelled);
+        if a finished-marker exists, return ``NOT_FOUND``; if a tombstone exists,
         keep it (the first reason wins) and return ``PENDING``; else write a tombstone with
         ``reason`` and return ``PENDING``.
 
