@@ -6,6 +6,8 @@ Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W``
 - ``P:r:N`` a registration, a hash: ``o`` = ``"W H"``, ``c`` = the first cancel reason (JSON)
   once the operation was cancelled; TTL: the lease, refreshed by the heartbeat.
 - ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker; TTL: tombstone TTL.
+- ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
+  cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
 - ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit.
 - ``P:k:K`` the owner of latest-only key ``K``: ``"W H G"`` (G the generation); TTL: the lease.
 - ``P:q:K`` the claims on ``K`` not yet released, a sorted set of ``"W H"`` by generation.
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 __all__ = ["ACQUIRE", "CANCEL", "REGISTER", "RELEASE", "SYNC", "TURN", "UNREGISTER"]
 
-#: KEYS: reg, tomb, fin, tz. ARGV: "W H", lease ms, tombstone ttl ms.
+#: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
 #: Returns {-1} (registered by another holder), {1, reason} (tombstoned), or {0}.
 REGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
@@ -37,21 +39,25 @@ end
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'o', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[5], KEYS[1])
+redis.call('PEXPIRE', KEYS[5], ARGV[2])
 return {0}
 """
 
-#: KEYS: reg, fin. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a marker.
+#: KEYS: reg, fin, id-index. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a
+#: finished-marker.
 UNREGISTER = """
 if redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
   redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[3], KEYS[1])
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
   return 1
 end
 return 0
 """
 
-#: KEYS: reg, tomb, fin, tz. ARGV: reason, tombstone ttl ms, max tombstones, channel prefix,
-#: this worker. Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full'}.
+#: KEYS: reg, tomb, fin, tz, id-index. ARGV: reason, tombstone ttl ms, max tombstones,
+#: channel prefix, this worker. An id running for another owner looks absent: 'not_found'. Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full'}.
 CANCEL = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 if cur then
@@ -60,6 +66,10 @@ if cur then
   local c = redis.call('HGET', KEYS[1], 'c')
   if w ~= ARGV[5] then redis.call('PUBLISH', ARGV[4] .. w, 'c ' .. h .. ' ' .. c) end
   return {'cancelled', w, h, c}
+end
+for _, other in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  if redis.call('EXISTS', other) == 1 then return {'not_found'} end
+  redis.call('SREM', KEYS[5], other)
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'not_found'} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'pending'} end
@@ -135,7 +145,7 @@ end
 #: The heartbeat and the resync after a reconnect: refresh this worker's liveness and the
 #: TTLs of its entries, re-assert entries that Redis lost, and report what the worker missed.
 #: KEYS: alive, tz, then two per entry (reg, tomb | owner, queue).
-#: ARGV: W, lease ms, then three per entry: 'r' or 'k', H, G ('' for 'r').
+#: ARGV: W, lease ms, then three per entry: 'r', H, id-index key | 'k', H, G.
 #: Returns message lines (see the module docs).
 SYNC = """
 local W, lease = ARGV[1], ARGV[2]
@@ -147,6 +157,8 @@ for i = 0, n - 1 do
   local k1, k2 = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local me = W .. ' ' .. h
   if kind == 'r' then
+    redis.call('SADD', g, k1)
+    redis.call('PEXPIRE', g, lease)
     local cur = redis.call('HGET', k1, 'o')
     if cur == me then
       redis.call('PEXPIRE', k1, lease)

@@ -141,9 +141,10 @@ class RedisBackendStatistics:
 
 @final
 class _Reg:
-    __slots__ = ("deliver", "holder", "name", "synced")
+    __slots__ = ("deliver", "holder", "id", "name", "synced")
 
-    def __init__(self, name: str, holder: str, deliver: Deliver) -> None:
+    def __init__(self, id: str, name: str, holder: str, deliver: Deliver) -> None:
+        self.id = id
         self.name = name
         self.holder = holder
         self.deliver = deliver
@@ -309,7 +310,7 @@ class RedisBackend:
         max_tombstones: int = 10_000,
     ) -> None:
         """Configure the backend; nothing connects until it is entered."""
-        if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        if not _PREFIX.fullmatch(prefix):
             raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
         for name, value in (
             ("timeout", timeout),
@@ -536,7 +537,7 @@ class RedisBackend:
             for entry in chunk:
                 if isinstance(entry, _Reg):
                     keys += [self._key("r", entry.name), self._key("t", entry.name)]
-                    args += ["r", entry.holder, ""]
+                    args += ["r", entry.holder, self._key("i", entry.id)]
                 else:
                     keys += [self._key("k", entry.key), self._key("q", entry.key)]
                     args += ["k", entry.holder, str(entry.generation)]
@@ -545,7 +546,7 @@ class RedisBackend:
                 self._on_line(str(line))
             for entry in chunk:  # released while the script ran: clean up again
                 if isinstance(entry, _Reg) and entry.holder not in self._regs:
-                    await self._unregister_remote(entry.name, entry.holder)
+                    await self._unregister_remote(entry)
                 elif isinstance(entry, _Claim) and entry.holder not in self._claims:
                     await self._release_remote(entry.key, entry.holder)
 
@@ -601,12 +602,18 @@ class RedisBackend:
         name = self._name(id, owner)
         if name in self._names:
             raise ValueError(f"operation id {id!r} is already registered")
-        reg = self._regs[holder] = _Reg(name, holder, deliver)  # record first
+        reg = self._regs[holder] = _Reg(id, name, holder, deliver)  # record first
         self._names[name] = holder
         try:
             result = await self._run(
                 "REGISTER",
-                [self._key("r", name), self._key("t", name), self._key("f", name), self._tz],
+                [
+                    self._key("r", name),
+                    self._key("t", name),
+                    self._key("f", name),
+                    self._tz,
+                    self._key("i", id),
+                ],
                 [self._me(holder), self._lease_ms, self._tomb_ms],
             )
         except _Down:
@@ -644,11 +651,11 @@ class RedisBackend:
         self._forget_reg(reg)
         if self._client is not None:
             with anyio.CancelScope(shield=True):
-                await self._unregister_remote(reg.name, holder)
+                await self._unregister_remote(reg)
 
-    async def _unregister_remote(self, name: str, holder: str) -> None:
-        keys = [self._key("r", name), self._key("f", name)]
-        args = [self._me(holder), self._tomb_ms]
+    async def _unregister_remote(self, reg: _Reg) -> None:
+        keys = [self._key("r", reg.name), self._key("f", reg.name), self._key("i", reg.id)]
+        args = [self._me(reg.holder), self._tomb_ms]
         try:
             await self._run("UNREGISTER", keys, args)
         except _Down:
@@ -667,7 +674,13 @@ class RedisBackend:
         try:
             result = await self._run(
                 "CANCEL",
-                [self._key("r", name), self._key("t", name), self._key("f", name), self._tz],
+                [
+                    self._key("r", name),
+                    self._key("t", name),
+                    self._key("f", name),
+                    self._tz,
+                    self._key("i", id),
+                ],
                 [
                     _dump(reason),
                     self._tomb_ms,
