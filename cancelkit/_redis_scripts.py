@@ -57,7 +57,8 @@ return 0
 """
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: reason, tombstone ttl ms, max tombstones,
-#: channel prefix, this worker. An id running for another owner looks absent: 'not_found'. Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full'}.
+#: channel prefix, this worker. An id running for another owner looks absent: 'not_found'.
+#: Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full'}.
 CANCEL = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 if cur then
