@@ -5,6 +5,8 @@ Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W``
 
 - ``P:r:N`` a registration, a hash: ``o`` = ``"W H"``, ``c`` = the first cancel reason (JSON)
   once the operation was cancelled; TTL: the lease, refreshed by the heartbeat.
+- ``P:r:N#c`` the cancel reason of a running registration, kept for the tombstone TTL, so a
+  cancel survives even if the registration's lease lapsed before its worker heard of it.
 - ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker; TTL: tombstone TTL.
 - ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
   cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
@@ -36,7 +38,7 @@ if t then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
   return {1, t}
 end
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[1] .. '#c')
 redis.call('HSET', KEYS[1], 'o', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[5], KEYS[1])
@@ -48,7 +50,7 @@ return {0}
 #: finished-marker.
 UNREGISTER = """
 if redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', KEYS[1], KEYS[1] .. '#c')
   redis.call('SREM', KEYS[3], KEYS[1])
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
   return 1
@@ -65,6 +67,7 @@ if cur then
   local w, h = string.match(cur, '^(%S+) (%S+)$')
   redis.call('HSETNX', KEYS[1], 'c', ARGV[1])
   local c = redis.call('HGET', KEYS[1], 'c')
+  redis.call('SET', KEYS[1] .. '#c', c, 'PX', ARGV[2])
   if w ~= ARGV[5] then redis.call('PUBLISH', ARGV[4] .. w, 'c ' .. h .. ' ' .. c) end
   return {'cancelled', w, h, c}
 end
@@ -166,11 +169,16 @@ for i = 0, n - 1 do
       local c = redis.call('HGET', k1, 'c')
       if c then out[#out + 1] = 'c ' .. h .. ' ' .. c end
     elseif not cur then
-      local t = redis.call('GET', k2)
+      local t = redis.call('GET', k1 .. '#c')
+      if not t then
+        t = redis.call('GET', k2)
+        if t then
+          redis.call('DEL', k2)
+          redis.call('ZREM', KEYS[2], k2)
+        end
+      end
       redis.call('HSET', k1, 'o', me)
       if t then
-        redis.call('DEL', k2)
-        redis.call('ZREM', KEYS[2], k2)
         redis.call('HSET', k1, 'c', t)
         out[#out + 1] = 'c ' .. h .. ' ' .. t
       end

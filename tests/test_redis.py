@@ -316,6 +316,21 @@ async def test_resync_delivers_a_lost_cancel(redis: RedisServer, prefix: str) ->
         assert a.statistics().messages_received == 0
 
 
+async def test_cancel_survives_a_lapsed_lease(redis: RedisServer, prefix: str) -> None:
+    """A cancel whose message was lost while the registration's lease lapsed still arrives."""
+    async with workers(redis, prefix, n=1) as (a,), raw(redis) as client:
+        registry = TokenRegistry(backend=a)
+        reason = CancelReason(CancelKind.REQUESTED, source="late")
+        with pytest.raises(OperationCancelled) as info:
+            async with registry.track("op"):
+                key = f"{prefix}:r:-:op"
+                await client.set(f"{key}#c", _dump(reason), px=10_000)  # what cancel() leaves
+                await client.delete([key])  # the lease lapsed before the heartbeat came
+                await anyio.sleep_forever()
+        assert info.value.reason == reason
+        assert not await client.exists([f"{prefix}:r:-:op", f"{prefix}:r:-:op#c"])
+
+
 async def test_resync_delivers_a_lost_supersede(redis: RedisServer, prefix: str) -> None:
     """A key taken over in Redis without a message reaches the old holder at the next heartbeat."""
     async with workers(redis, prefix, n=1) as (a,), raw(redis) as client:
