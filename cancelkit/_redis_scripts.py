@@ -27,22 +27,30 @@ from __future__ import annotations
 __all__ = ["ACQUIRE", "CANCEL", "REGISTER", "RELEASE", "SYNC", "TURN", "UNREGISTER"]
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
-#: Returns {-1} (registered by another holder), {1, reason} (tombstoned), or {0}.
+#: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
+#: Idempotent for one holder (a retried call returns the same answer): a consumed tombstone
+#: is kept as the registration's cancel reason until the holder unregisters.
 REGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
-if cur and cur ~= ARGV[1] then return {-1} end
-local t = redis.call('GET', KEYS[2])
-if t then
-  redis.call('DEL', KEYS[2])
-  redis.call('ZREM', KEYS[4], KEYS[2])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
-  return {1, t}
+if cur then
+  if cur ~= ARGV[1] then return {-1} end
+  local c = redis.call('HGET', KEYS[1], 'c')
+  if c then return {1, c} end
+  return {0}
 end
+local t = redis.call('GET', KEYS[2])
 redis.call('DEL', KEYS[3], KEYS[1] .. '#c')
 redis.call('HSET', KEYS[1], 'o', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[5], KEYS[1])
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
+if t then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[4], KEYS[2])
+  redis.call('HSET', KEYS[1], 'c', t)
+  redis.call('SET', KEYS[1] .. '#c', t, 'PX', ARGV[3])
+  return {1, t}
+end
 return {0}
 """
 
@@ -88,10 +96,15 @@ return {'pending'}
 """
 
 #: KEYS: owner, queue, gen. ARGV: W, H, replace ('1'/'0'), lease ms, channel prefix,
-#: generation-key ttl ms. Returns {0} (refused) or {1, G[, prevW, prevH]}.
+#: generation-key ttl ms. Returns {0} (refused) or {1, G[, prevW, prevH]}. Idempotent for
+#: one holder.
 ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
-if cur and ARGV[3] == '0' then return {0} end
+if cur then
+  local cw, ch, cg = string.match(cur, '^(%S+) (%S+) (%S+)$')
+  if cw == ARGV[1] and ch == ARGV[2] then return {1, cg} end  -- a retried call
+  if ARGV[3] == '0' then return {0} end
+end
 local g = redis.call('INCR', KEYS[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])

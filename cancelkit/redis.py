@@ -628,10 +628,9 @@ class RedisBackend:
         if result[0] == -1:
             self._forget_reg(reg)
             raise ValueError(f"operation id {id!r} is already registered by another worker")
-        if result[0] == 1:
-            self._forget_reg(reg)
-            return _load(str(result[1]))
         reg.synced = True
+        if result[0] == 1:  # tombstoned: recorded as cancelled until the caller unregisters
+            return _load(str(result[1]))
         return None
 
     def _forget_reg(self, reg: _Reg) -> None:
