@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,3 +26,88 @@ settings.load_profile("ci" if os.environ.get("CI") == "true" else "default")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test of the core runs on asyncio and on trio."""
     return str(request.param)
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1, on a free port, that tests can stop and restart."""
+
+    def __init__(self, executable: str, directory: str) -> None:
+        self.executable = executable
+        self.directory = directory
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.process is None
+        self.process = subprocess.Popen(
+            [
+                self.executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.command("PING") == b"+PONG":
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def command(self, *args: str) -> bytes | None:
+        """Send one command (inline RESP) and return the first reply line, or None."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+                payload = f"*{len(args)}\r\n" + "".join(f"${len(a)}\r\n{a}\r\n" for a in args)
+                sock.sendall(payload.encode())
+                return sock.recv(65536).split(b"\r\n", 1)[0]
+        except OSError:
+            return None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server for the session; skipped without one, except in CI where that fails."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed (CI must install the Debian package)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(executable, str(tmp_path_factory.mktemp("redis")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer) -> RedisServer:
+    """The session's redis-server, running (restarted if a test stopped it)."""
+    if redis_server.process is None:
+        redis_server.start()
+    return redis_server

@@ -159,7 +159,7 @@ class Backend(Protocol):
         Must complete even when the caller is being cancelled (see the module docs). Leaves a
         finished-marker with the tombstone TTL (best effort: the oldest markers are
         dropped when the tombstone limit needs the room), so that a late :meth:`cancel`
-        answers :attr:`CancelOutcome.NOT_FOUND` instead of writing a tombstone.
+        answers :attr:`cancelkit.CancelOutcome.NOT_FOUND` instead of writing a tombstone.
         """
         ...
 

@@ -1,0 +1,166 @@
+"""Cross-worker latency through Redis, beside the raw pub/sub floor measured in the same run.
+
+Two RedisBackend instances (two worker ids, separate connections) stand in for two workers.
+Measured from the call on worker B to the deliver callback on worker A:
+
+- supersede: worker B claims a key that worker A holds;
+- cancel by id: worker B cancels an operation registered on worker A;
+- floor: a raw PUBLISH from one coredis client to a subscriber on another.
+
+Uses ``$CANCELKIT_REDIS_URL`` if set, else starts a throw-away redis-server on a free port.
+Run: ``python -m benchmarks.bench_redis`` (or ``python -m benchmarks redis``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+
+import anyio
+import coredis
+
+from cancelkit import CancelReason
+from cancelkit.redis import RedisBackend
+
+TRIALS = 1000
+TARGET_MEDIAN, TARGET_P99 = 1e-3, 3e-3
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+@contextmanager
+def redis_url() -> Iterator[str]:
+    if url := os.environ.get("CANCELKIT_REDIS_URL"):
+        yield url
+        return
+    executable = shutil.which("redis-server")
+    if executable is None:
+        sys.exit("redis-server not found: install it or set CANCELKIT_REDIS_URL")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as directory:
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        process = subprocess.Popen(
+            [executable, *args, "--dir", directory], stdout=subprocess.DEVNULL
+        )
+        try:
+            for _ in range(500):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+async def measure(
+    trial: Callable[[int], Awaitable[float]], trials: int, offset: int
+) -> list[float]:
+    for i in range(trials // 10):  # warm up (keys offset + trials + i stay unique)
+        await trial(offset + trials + i)
+    return [await trial(offset + i) for i in range(trials)]
+
+
+async def run(url: str) -> dict[str, list[float]]:
+    prefix = f"bench{os.getpid()}"
+    async with (
+        RedisBackend(url, prefix=prefix) as a,
+        RedisBackend(url, prefix=prefix) as b,
+        coredis.Redis.from_url(url, decode_responses=True) as publisher,
+        coredis.Redis.from_url(url, decode_responses=True) as subscriber_client,
+    ):
+        seen = anyio.Event()
+        stamp = [0.0]
+
+        def deliver(reason: CancelReason) -> None:
+            stamp[0] = time.perf_counter()
+            seen.set()
+
+        async def supersede(i: int) -> float:
+            nonlocal seen
+            seen = anyio.Event()
+            key = f"key{i}"
+            await a.acquire(key, f"ha{i}", deliver, replace=True)
+            start = time.perf_counter()
+            await b.acquire(key, f"hb{i}", lambda reason: None, replace=True)
+            await seen.wait()
+            elapsed = stamp[0] - start
+            await a.release(key, f"ha{i}")
+            await b.release(key, f"hb{i}")
+            return elapsed
+
+        async def cancel_by_id(i: int) -> float:
+            nonlocal seen
+            seen = anyio.Event()
+            op = f"op{i}"
+            await a.register(op, None, f"ra{i}", deliver)
+            start = time.perf_counter()
+            await b.cancel(op, None, CancelReason())
+            await seen.wait()
+            elapsed = stamp[0] - start
+            await a.unregister(op, None, f"ra{i}")
+            return elapsed
+
+        async with subscriber_client.pubsub(
+            channels=[f"{prefix}:raw"], ignore_subscribe_messages=True
+        ) as pubsub:
+
+            async def floor(i: int) -> float:
+                start = time.perf_counter()
+                await publisher.publish(f"{prefix}:raw", str(i))
+                while await pubsub.get_message() is None:
+                    pass
+                return time.perf_counter() - start
+
+            results: dict[str, list[float]] = {"floor": [], "supersede": [], "cancel": []}
+            for round_ in range(5):  # interleave the three, so noise hits them alike
+                for name, trial in (
+                    ("floor", floor),
+                    ("supersede", supersede),
+                    ("cancel", cancel_by_id),
+                ):
+                    results[name] += await measure(trial, TRIALS // 5, round_ * TRIALS)
+        return results
+
+
+def report(name: str, results: dict[str, list[float]]) -> None:
+    floor_median = statistics.median(results["floor"])
+    print(f"  [{name}] {len(results['floor'])} trials each")
+    for label, key in [
+        ("raw PUBLISH -> receive (floor)", "floor"),
+        ("supersede on B -> observed on A", "supersede"),
+        ("cancel by id on B -> observed on A", "cancel"),
+    ]:
+        values = results[key]
+        median, p99 = statistics.median(values), percentile(values, 99)
+        verdict = ""
+        if key != "floor":
+            ok = median <= TARGET_MEDIAN and p99 <= TARGET_P99
+            verdict = f"  {median / floor_median:4.2f}x floor  {'ok' if ok else 'OVER TARGET'}"
+        print(f"    {label:<38} median {median * 1e3:6.3f} ms  p99 {p99 * 1e3:6.3f} ms{verdict}")
+
+
+def main() -> None:
+    print(f"targets: median <= {TARGET_MEDIAN * 1e3:g} ms, p99 <= {TARGET_P99 * 1e3:g} ms")
+    with redis_url() as url:
+        for backend in ("asyncio", "trio"):
+            report(backend, anyio.run(run, url, backend=backend))
+
+
+if __name__ == "__main__":
+    main()

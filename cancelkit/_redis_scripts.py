@@ -1,0 +1,222 @@
+"""The Lua scripts of :class:`cancelkit.redis.RedisBackend` (no coredis import here).
+
+Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W`` a worker id,
+``H`` a holder id; every key has a TTL):
+
+- ``P:r:N`` a registration, a hash: ``o`` = ``"W H"``, ``c`` = the first cancel reason (JSON)
+  once the operation was cancelled; TTL: the lease, refreshed by the heartbeat.
+- ``P:r:N#c`` the cancel reason of a running registration, kept for the tombstone TTL, so a
+  cancel survives even if the registration's lease lapsed before its worker heard of it.
+- ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker; TTL: tombstone TTL.
+- ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
+  cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
+- ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit.
+- ``P:k:K`` the owner of latest-only key ``K``: ``"W H G"`` (G the generation); TTL: the lease.
+- ``P:q:K`` the claims on ``K`` not yet released, a sorted set of ``"W H"`` by generation.
+- ``P:gen`` the generation counter: ``max(counter + 1, server time in µs)``, so it stays
+  monotonic even after the key expired.
+- ``P:a:W`` a worker's liveness; a claim of a worker whose key expired is pruned from queues.
+
+Messages on a worker's channel ``P:w:W`` (and lines returned by the sync script):
+``c H REASON`` cancel registration holder H; ``s H NEW`` holder H was superseded by NEW;
+``t H`` holder H may have its turn; ``l H`` (sync only) H's registration is held by another.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ACQUIRE", "CANCEL", "REGISTER", "RELEASE", "SYNC", "TURN", "UNREGISTER"]
+
+#: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
+#: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
+#: Idempotent for one holder (a retried call returns the same answer): a consumed tombstone
+#: is kept as the registration's cancel reason until the holder unregisters.
+REGISTER = """
+local cur = redis.call('HGET', KEYS[1], 'o')
+if cur then
+  if cur ~= ARGV[1] then return {-1} end
+  local c = redis.call('HGET', KEYS[1], 'c')
+  if c then return {1, c} end
+  return {0}
+end
+local t = redis.call('GET', KEYS[2])
+redis.call('DEL', KEYS[3], KEYS[1] .. '#c')
+redis.call('HSET', KEYS[1], 'o', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[5], KEYS[1])
+redis.call('PEXPIRE', KEYS[5], ARGV[2])
+if t then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[4], KEYS[2])
+  redis.call('HSET', KEYS[1], 'c', t)
+  redis.call('SET', KEYS[1] .. '#c', t, 'PX', ARGV[3])
+  return {1, t}
+end
+return {0}
+"""
+
+#: KEYS: reg, fin, id-index. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a
+#: finished-marker.
+UNREGISTER = """
+if redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[1] .. '#c')
+  redis.call('SREM', KEYS[3], KEYS[1])
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: reg, tomb, fin, tz, id-index. ARGV: reason, tombstone ttl ms, max tombstones,
+#: channel prefix, this worker. An id running for another owner looks absent: 'not_found'.
+#: Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full'}.
+CANCEL = """
+local cur = redis.call('HGET', KEYS[1], 'o')
+if cur then
+  local w, h = string.match(cur, '^(%S+) (%S+)$')
+  redis.call('HSETNX', KEYS[1], 'c', ARGV[1])
+  local c = redis.call('HGET', KEYS[1], 'c')
+  redis.call('SET', KEYS[1] .. '#c', c, 'PX', ARGV[2])
+  if w ~= ARGV[5] then redis.call('PUBLISH', ARGV[4] .. w, 'c ' .. h .. ' ' .. c) end
+  return {'cancelled', w, h, c}
+end
+for _, other in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  if redis.call('EXISTS', other) == 1 then return {'not_found'} end
+  redis.call('SREM', KEYS[5], other)
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'not_found'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {'pending'} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'full'} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[2])), KEYS[2])
+redis.call('PEXPIRE', KEYS[4], ARGV[2])
+return {'pending'}
+"""
+
+#: KEYS: owner, queue, gen. ARGV: W, H, replace ('1'/'0'), lease ms, channel prefix,
+#: generation-key ttl ms. Returns {0} (refused) or {1, G[, prevW, prevH]}. Idempotent for
+#: one holder.
+ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cw, ch, cg = string.match(cur, '^(%S+) (%S+) (%S+)$')
+  if cw == ARGV[1] and ch == ARGV[2] then return {1, cg} end  -- a retried call
+  if ARGV[3] == '0' then return {0} end
+end
+local g = redis.call('INCR', KEYS[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if g < now then
+  g = now
+  redis.call('SET', KEYS[3], string.format('%d', g))
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+local gs = string.format('%d', g)
+local me = ARGV[1] .. ' ' .. ARGV[2]
+redis.call('SET', KEYS[1], me .. ' ' .. gs, 'PX', ARGV[4])
+redis.call('ZADD', KEYS[2], gs, me)
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+if cur then
+  local w, h = string.match(cur, '^(%S+) (%S+)')
+  if w ~= ARGV[1] then redis.call('PUBLISH', ARGV[5] .. w, 's ' .. h .. ' ' .. ARGV[2]) end
+  return {1, gs, w, h}
+end
+return {1, gs}
+"""
+
+#: KEYS: owner, queue. ARGV: W, H, channel prefix. Compare-and-delete of the owner, removes
+#: the claim, wakes the new head of the queue if the released claim was the head.
+RELEASE = """
+local me = ARGV[1] .. ' ' .. ARGV[2]
+local head0 = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+redis.call('ZREM', KEYS[2], me)
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #me + 1) == me .. ' ' then redis.call('DEL', KEYS[1]) end
+local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if not head then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+if head0 == me then
+  local w, h = string.match(head, '^(%S+) (%S+)$')
+  if w ~= ARGV[1] then redis.call('PUBLISH', ARGV[3] .. w, 't ' .. h) end
+end
+return 1
+"""
+
+#: KEYS: queue. ARGV: "W H", liveness-key prefix. 1 if every earlier claim was released
+#: (claims of workers that stopped heartbeating are pruned), else 0.
+TURN = """
+while true do
+  local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if not head or head == ARGV[1] then return 1 end
+  if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+  local w = string.match(head, '^(%S+) ')
+  if redis.call('EXISTS', ARGV[2] .. w) == 1 then return 0 end
+  redis.call('ZREM', KEYS[1], head)
+end
+"""
+
+#: The heartbeat and the resync after a reconnect: refresh this worker's liveness and the
+#: TTLs of its entries, re-assert entries that Redis lost, and report what the worker missed.
+#: KEYS: alive, tz, then two per entry (reg, tomb | owner, queue).
+#: ARGV: W, lease ms, then three per entry: 'r', H, id-index key | 'k', H, G.
+#: Returns message lines (see the module docs).
+SYNC = """
+local W, lease = ARGV[1], ARGV[2]
+redis.call('SET', KEYS[1], '1', 'PX', lease)
+local out = {}
+local n = (#ARGV - 2) / 3
+for i = 0, n - 1 do
+  local kind, h, g = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i]
+  local k1, k2 = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+  local me = W .. ' ' .. h
+  if kind == 'r' then
+    redis.call('SADD', g, k1)
+    redis.call('PEXPIRE', g, lease)
+    local cur = redis.call('HGET', k1, 'o')
+    if cur == me then
+      redis.call('PEXPIRE', k1, lease)
+      local c = redis.call('HGET', k1, 'c')
+      if c then out[#out + 1] = 'c ' .. h .. ' ' .. c end
+    elseif not cur then
+      local t = redis.call('GET', k1 .. '#c')
+      if not t then
+        t = redis.call('GET', k2)
+        if t then
+          redis.call('DEL', k2)
+          redis.call('ZREM', KEYS[2], k2)
+        end
+      end
+      redis.call('HSET', k1, 'o', me)
+      if t then
+        redis.call('HSET', k1, 'c', t)
+        out[#out + 1] = 'c ' .. h .. ' ' .. t
+      end
+      redis.call('PEXPIRE', k1, lease)
+    else
+      out[#out + 1] = 'l ' .. h
+    end
+  else
+    local mine = me .. ' ' .. g
+    local cur = redis.call('GET', k1)
+    redis.call('ZADD', k2, g, me)
+    redis.call('PEXPIRE', k2, lease)
+    if cur == mine then
+      redis.call('PEXPIRE', k1, lease)
+    elseif cur then
+      out[#out + 1] = 's ' .. h .. ' ' .. string.match(cur, '^%S+ (%S+)')
+    else
+      local top = redis.call('ZREVRANGE', k2, 0, 0)[1]
+      if top ~= me then
+        out[#out + 1] = 's ' .. h .. ' ' .. string.match(top, '^%S+ (%S+)$')
+      else
+        redis.call('SET', k1, mine, 'PX', lease)
+      end
+    end
+  end
+end
+return out
+"""
