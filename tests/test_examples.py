@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
@@ -126,3 +133,67 @@ def test_disconnect_example_runs() -> None:
     assert "disconnects=1, interrupted=1" in lines[2]
     assert '"GET /report" 499 client disconnected' in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fastapi_redis_example_across_two_real_uvicorn_workers(redis: Any) -> None:
+    """uvicorn --workers 2 with a lifespan backend: supersede and cancel-by-id cross workers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CANCELKIT_REDIS_URL": redis.url, "PYTHONPATH": str(EXAMPLES)}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "fastapi_redis:app", "--workers", "2"),
+            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        ],
+        cwd=EXAMPLES,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    clients: dict[str, httpx.Client] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while len(clients) < 2:  # one keep-alive connection on each worker
+            assert time.monotonic() < deadline, "did not reach two distinct workers"
+            client = httpx.Client(base_url=base, headers={"x-user": "alice"}, timeout=20)
+            try:
+                worker = client.get("/worker").json()["worker"]
+            except httpx.TransportError:
+                client.close()
+                time.sleep(0.05)  # still starting
+                continue
+            if worker in clients:
+                client.close()
+            else:
+                clients[worker] = client
+        first, second = clients.values()
+
+        def wait_for_key(key: str) -> None:
+            while redis.command("EXISTS", key) != b":1":
+                assert time.monotonic() < deadline, f"{key} never appeared"
+                time.sleep(0.01)
+
+        with ThreadPoolExecutor(2) as pool:
+            older = pool.submit(first.get, "/search", params={"q": "ca"})
+            wait_for_key("cancelkit:k:alice:/search")  # the older search holds the key
+            newer = second.get("/search", params={"q": "cat"})
+            assert older.result().status_code == 409
+            assert older.result().json()["reason"] == "superseded"
+            assert newer.status_code == 200
+            assert newer.json()["worker"] == list(clients)[1]  # ran on the other worker
+
+            export = pool.submit(first.post, "/exports", headers={"X-Operation-Id": "op-42"})
+            wait_for_key("cancelkit:i:op-42")  # registered on the first worker
+            stop = second.delete("/operations/op-42")
+            assert stop.status_code == 202
+            assert stop.json()["outcome"] == "cancelled"
+            assert export.result().status_code == 409
+    finally:
+        for client in clients.values():
+            client.close()
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert b"Traceback" not in stderr, stderr.decode()
