@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -156,7 +156,9 @@ class EventLog:
         """Return the kept events numbered above ``after`` (of ``user`` only, if given)."""
         return [e for e in self._events if e.seq > after and user in (None, e.user)]
 
-    async def follow(self, after: int = 0, *, user: str | None = None) -> AsyncIterator[LogEvent]:
+    async def follow(
+        self, after: int = 0, *, user: str | None = None
+    ) -> AsyncGenerator[LogEvent, None]:
         """Yield the events numbered above ``after``, then each new one as it comes; forever."""
         while True:
             if self._changed is None:
