@@ -77,7 +77,7 @@ $("q").addEventListener("input", (event) => {
 $("search-form").addEventListener("submit", (event) => event.preventDefault());
 $("stop").addEventListener("click", stop);
 
-// The server's log of this tab's searches, live (Server-Sent Events).
+// The server's log, live (Server-Sent Events): this tab's searches, or every tab's.
 const LABELS = { client_gone: "client gone" };
 const started = new Map(); // op id -> when it started, to show how long each search ran
 
@@ -87,6 +87,7 @@ function addLogRow(event) {
   row.dataset.kind = event.kind;
   row.dataset.query = event.query;
   row.dataset.op = event.op;
+  row.dataset.user = event.user;
   let detail = event.detail;
   if (event.kind === "started") {
     started.set(event.op, event.at);
@@ -95,18 +96,27 @@ function addLogRow(event) {
     detail = `${detail} (after ${ms} ms)`;
   }
   const time = new Date(event.at * 1000).toLocaleTimeString([], { hour12: false });
-  const cells = [time, LABELS[event.kind] || event.kind, event.query, event.op.slice(0, 8), detail];
+  const tab = event.user === user ? "this tab" : event.user;
+  const cells = [time, tab, LABELS[event.kind] || event.kind, event.query, event.op.slice(0, 8), detail];
   for (const [i, text] of cells.entries()) {
     const td = document.createElement("td");
     td.textContent = text;
-    if (i === 3) td.className = "op";
+    if (i === 1 || i === 4) td.className = "id";
     row.append(td);
   }
   $("log").tBodies[0].prepend(row); // newest first
 }
 
-$("who").textContent = `for this tab (${user})`;
-const events = new EventSource("/events?" + new URLSearchParams({ user }));
-events.onopen = () => { $("stream").textContent = "(live)"; };
-events.onerror = () => { $("stream").textContent = "(reconnecting…)"; };
-events.onmessage = (message) => addLogRow(JSON.parse(message.data));
+let events = null;
+function follow() {
+  if (events !== null) events.close();
+  $("log").tBodies[0].replaceChildren();
+  $("stream").textContent = "(connecting…)";
+  const params = $("all-tabs").checked ? {} : { user };
+  events = new EventSource("/events?" + new URLSearchParams(params));
+  events.onopen = () => { $("stream").textContent = "(live)"; };
+  events.onerror = () => { $("stream").textContent = "(reconnecting…)"; };
+  events.onmessage = (message) => addLogRow(JSON.parse(message.data));
+}
+$("all-tabs").addEventListener("change", follow);
+follow();
