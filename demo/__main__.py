@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             # streams that still hold a connection this long after a shutdown began.
             timeout_graceful_shutdown=2,
         )
-    sock = config.bind_socket()  # bound first, so the address printed is the real one
+    sock = config.bind_socket()  # bound first, so the address printed is the real one...
+    sock.listen(config.backlog)  # ...and connections to it wait for the server, not fail
     host, port = sock.getsockname()[:2]
     print(f"cancelkit demo: open http://{host}:{port}", flush=True)
     if args.workers == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ from demo.app import WORDS, DemoConfigError, DemoState, LogEvent, create_app, ma
 pytestmark = pytest.mark.anyio
 
 LIMIT = 10  # seconds: the most any wait here may take
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m demo` finds the package
 
 
 def state(app: FastAPI) -> DemoState:
@@ -401,3 +403,57 @@ def test_bad_work_seconds_is_refused() -> None:
     """A negative work time is refused with a message naming it."""
     with pytest.raises(ValueError, match="work_seconds must be >= 0"):
         create_app(work_seconds=-1)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_refuses_several_workers_without_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers 2 without --redis exits 2, explaining that memory lives in one process."""
+    from demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workers", "2"])
+    assert exit_info.value.code == 2
+    assert "--workers above 1 needs --redis URL" in capsys.readouterr().err
+
+
+def test_cli_with_redis_but_no_redis_module_exits_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--redis without cancelkit.redis exits with a message naming the missing module."""
+    import sys
+
+    from demo.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "cancelkit.redis", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--redis", "redis://127.0.0.1:6379/0"])
+    assert "cancelkit.redis.RedisBackend" in str(exit_info.value.code)
+
+
+async def test_cli_serves_the_demo_and_prints_its_address() -> None:
+    """``python -m demo --port 0`` prints 'cancelkit demo: open http://...' and serves the page."""
+    import signal
+    import sys
+
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    with anyio.fail_after(30):
+        async with await anyio.open_process(
+            [sys.executable, "-m", "demo", "--port", "0"], cwd=ROOT, stderr=None
+        ) as process:
+            try:
+                assert process.stdout is not None
+                line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 4096)
+                prefix = "cancelkit demo: open "
+                assert line.decode().startswith(prefix)
+                url = line.decode().removeprefix(prefix)
+                assert url.startswith("http://127.0.0.1:")
+                async with httpx.AsyncClient(base_url=url) as http:
+                    response = await http.get("/")  # it listens already: this waits for it
+                assert response.status_code == 200
+                assert "cancelkit demo" in response.text
+            finally:
+                process.send_signal(signal.SIGTERM)
+                await process.wait()
