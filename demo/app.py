@@ -256,6 +256,8 @@ class DemoState:
 
     def __init__(self, backend: Backend, work_seconds: float) -> None:
         """Make the parts, all on one backend."""
+        # The log is this process's own: with several workers, a page sees what the worker
+        # serving its event stream did (a fleet-wide log would need Redis too).
         self.log = EventLog()
         self.slot = LatestOnly(backend=backend)
         self.registry = TokenRegistry(backend=backend)
@@ -348,7 +350,7 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
         op: Annotated[TrackedOperation, tracked(demo.registry, owner=current_user)],
     ) -> SearchResult:
         """Search the word list; slowly, so that there is something to cancel."""
-        record.started = True
+        record.started, record.op = True, op.id  # the client's id, or one made up for it
         log.add("started", query=record.query, op=op.id, user=record.user)
         record.matches = await find_words(record.query, demo.work_seconds)
         return SearchResult(query=record.query, op=op.id, matches=record.matches)

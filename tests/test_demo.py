@@ -457,3 +457,13 @@ async def test_cli_serves_the_demo_and_prints_its_address() -> None:
             finally:
                 process.send_signal(signal.SIGTERM)
                 await process.wait()
+
+
+async def test_search_without_an_operation_id_gets_one() -> None:
+    """Without X-Operation-Id the search gets a made-up id, returned and logged throughout."""
+    app = create_app(work_seconds=0)
+    async with client(app) as http:
+        response = await http.get("/search", params={"q": "c"})
+    op = response.headers["X-Operation-Id"]
+    assert response.json()["op"] == op
+    assert outcomes(app) == {op: ["started", "completed"]}
