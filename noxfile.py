@@ -1,4 +1,4 @@
-"""Nox sessions: tests on 3.11-3.13, coverage, lint, typecheck, docs, example, bench."""
+"""Nox sessions: tests on 3.11-3.13, coverage, lint, typecheck, docs, example, demo, bench."""
 
 from __future__ import annotations
 
@@ -109,6 +109,13 @@ def example(session: nox.Session) -> None:
     """Run the quickstart example."""
     session.install("-e.")
     session.run("python", "docs/examples/quickstart.py", *session.posargs)
+
+
+@nox.session(python="3.11")
+def demo(session: nox.Session) -> None:
+    """Serve the demo app (a search box) and print its address; Ctrl+C stops it."""
+    session.install("-e.[fastapi,redis]", "uvicorn")
+    session.run("python", "-m", "demo", *session.posargs)
 
 
 @nox.session(python="3.11")

@@ -1,0 +1,432 @@
+"""The cancelkit demo: a search box whose unwanted work stops on the server.
+
+Every keystroke in the page sends ``GET /search?q=...``; the server-side work takes a
+noticeable time (``work_seconds``). cancelkit stops the work nobody will read:
+
+- **superseded**: a newer keystroke of the same user (browser tab) takes the user's
+  latest-only slot; the older search stops and its client gets ``409``;
+- **cancelled by id**: the page names every search with a random operation id
+  (``X-Operation-Id``); the Stop button sends ``DELETE /operations/{id}``;
+- **client gone**: closing the tab closes the connection, and
+  :class:`~cancelkit.CancelOnDisconnect` interrupts the handler at once.
+
+The server records what happened to each search in a small in-memory log; the page shows it
+live (``GET /events``, Server-Sent Events) and tests read it (``GET /log``).
+
+A "user" is a random id each tab makes for itself and sends as ``X-User``: there is no login
+in a demo, and two tabs must never supersede each other.
+"""
+
+# No "from __future__ import annotations" here: FastAPI reads the annotations of the
+# dependencies declared inside create_app() at run time, and they refer to local variables.
+import importlib
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+import uvicorn
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+
+from cancelkit import (
+    CancelKind,
+    CancellationToken,
+    CancelOnDisconnect,
+    CancelReason,
+    Claim,
+    LatestOnly,
+    OperationCancelled,
+    TokenRegistry,
+    TrackedOperation,
+)
+from cancelkit.backends import Backend, MemoryBackend
+from cancelkit.fastapi import (
+    RequestToken,
+    cancel_router,
+    install,
+    latest_only,
+    request_level_token,
+    tracked,
+)
+
+__all__ = [
+    "DemoServer",
+    "DemoState",
+    "EventLog",
+    "LogEvent",
+    "SearchResult",
+    "app_from_env",
+    "create_app",
+    "make_backend",
+]
+
+STATIC = Path(__file__).resolve().parent / "static"
+REDIS_ENV = "CANCELKIT_DEMO_REDIS"
+WORK_SECONDS_ENV = "CANCELKIT_DEMO_WORK_SECONDS"
+STEPS = 30  # the search runs in this many small steps, so a cancellation lands mid-way
+USER_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+_WORD_LIST = """
+    abandon abort accept access account acquire action active adapter address agent alarm
+    algorithm anchor answer anyio apply archive arrow async atomic await backend balance
+    banner batch beacon binary bridge browser buffer cable cache callback cancel cancelled
+    cancelling candle canvas capture carbon cascade channel checkpoint claim client cluster
+    cobalt column commit concurrent connect context cookie coroutine cursor daemon deadline
+    debounce decode deliver digest disconnect dispatch domain effect engine event exception
+    expire fastapi fence filter fleet flush future gateway generation handler harbor header
+    heartbeat holder horizon idle inbox keystroke kernel ladder latency latest lease ledger
+    lifespan listen loop marker memory message middleware monitor network operation outcome
+    owner packet parent pending pipeline policy prompt protocol proxy queue reason receive
+    redis registry release replace request response result router runner scope search
+    select server session shield signal socket source stale stream supersede superseded
+    switch task timeout token trio tombstone uvicorn vector watcher worker
+"""
+#: What the search looks through: a small built-in word list.
+WORDS = tuple(_WORD_LIST.split())
+
+
+# -- the event log ----------------------------------------------------------------------------
+
+#: What happened to a search: it started, or how it ended.
+EventKind = Literal["started", "superseded", "cancelled", "client_gone", "completed", "stopped"]
+
+_ENDINGS: dict[CancelKind, EventKind] = {
+    CancelKind.SUPERSEDED: "superseded",
+    CancelKind.REQUESTED: "cancelled",  # by id: the Stop button
+    CancelKind.CLIENT_DISCONNECTED: "client_gone",
+}
+
+
+class LogEvent(BaseModel):
+    """One line of the server's log.
+
+    Attributes:
+        seq: the event's number, counting from 1 (also its SSE id).
+        kind: what happened.
+        query: the search query.
+        op: the search's operation id.
+        user: the tab that sent it.
+        at: when, as :func:`time.time`.
+        detail: more about it: the number of matches, or why the search stopped.
+    """
+
+    seq: int
+    kind: EventKind
+    query: str
+    op: str
+    user: str
+    at: float
+    detail: str = ""
+
+
+class EventLog:
+    """A bounded ring of :class:`LogEvent`, which readers can follow as it grows.
+
+    Args:
+        size: the most events kept; older ones drop off.
+    """
+
+    def __init__(self, size: int = 1000) -> None:
+        """Make an empty log."""
+        self._events: deque[LogEvent] = deque(maxlen=size)
+        self._seq = 0
+        self._changed: anyio.Event | None = None  # made by the first reader that waits
+
+    def add(self, kind: EventKind, *, query: str, op: str, user: str, detail: str = "") -> LogEvent:
+        """Append an event and wake the readers."""
+        self._seq += 1
+        event = LogEvent(
+            seq=self._seq, kind=kind, query=query, op=op, user=user, at=time.time(), detail=detail
+        )
+        self._events.append(event)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        return event
+
+    def since(self, after: int = 0, *, user: str | None = None) -> list[LogEvent]:
+        """Return the kept events numbered above ``after`` (of ``user`` only, if given)."""
+        return [e for e in self._events if e.seq > after and user in (None, e.user)]
+
+    async def follow(
+        self, after: int = 0, *, user: str | None = None
+    ) -> AsyncGenerator[LogEvent, None]:
+        """Yield the events numbered above ``after``, then each new one as it comes; forever."""
+        while True:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            changed = self._changed  # taken first: an event added while we yield sets it
+            events = [e for e in self._events if e.seq > after]
+            if events:
+                after = events[-1].seq
+            for event in events:
+                if user in (None, event.user):
+                    yield event
+            await changed.wait()
+
+
+# -- the search -------------------------------------------------------------------------------
+
+
+class SearchResult(BaseModel):
+    """The answer to a search that completed."""
+
+    query: str
+    op: str
+    matches: list[str]
+
+
+async def find_words(query: str, work_seconds: float) -> list[str]:
+    """Look for ``query`` in :data:`WORDS`, slowly: ``STEPS`` steps over ``work_seconds``.
+
+    Each step awaits, so a cancellation stops the search between steps.
+    """
+    needle = query.lower()
+    matches: list[str] = []
+    chunk = -(-len(WORDS) // STEPS)  # ceiling division: every word is looked at
+    for step in range(STEPS):
+        await anyio.sleep(work_seconds / STEPS)  # stands in for real work: a query, a model
+        matches += [w for w in WORDS[step * chunk : (step + 1) * chunk] if needle in w]
+    return matches
+
+
+class SearchRecord:
+    """What the log needs to know about one search request while it runs."""
+
+    def __init__(self, query: str, user: str, op: str) -> None:
+        """Start a record; ``op`` is the id the client sent (``"-"`` if none)."""
+        self.query = query
+        self.user = user
+        self.op = op
+        self.started = False
+        self.matches: list[str] | None = None
+
+
+# -- the backend ------------------------------------------------------------------------------
+
+
+class DemoConfigError(Exception):
+    """The demo cannot run as asked (a missing module, workers without Redis)."""
+
+
+def make_backend(redis_url: str | None) -> Backend:
+    """Choose where the slot and the registry keep their state: the one place that does.
+
+    Args:
+        redis_url: ``None`` for the in-memory backend (one process); a Redis URL for
+            ``cancelkit.redis.RedisBackend`` (many workers).
+
+    Raises:
+        DemoConfigError: when a Redis URL is given but ``cancelkit.redis`` is not available.
+    """
+    if redis_url is None:
+        return MemoryBackend()
+    try:
+        redis_module = importlib.import_module("cancelkit.redis")
+    except ImportError as exc:
+        raise DemoConfigError(
+            f"--redis needs cancelkit.redis.RedisBackend, which cannot be imported here ({exc}); "
+            "install the extra with: pip install -e '.[fastapi,redis]'"
+        ) from exc
+    backend: Backend = redis_module.RedisBackend(redis_url, prefix="cancelkit-demo")
+    return backend
+
+
+# -- the application --------------------------------------------------------------------------
+
+
+class DemoState:
+    """What one demo application holds; ``app.state.demo``.
+
+    Attributes:
+        log: the event log.
+        slot: the latest-only slot (one key per user).
+        registry: the operations that Stop can cancel by id.
+        closing: cancelled when the server shuts down, to end the event streams.
+        work_seconds: how long a search takes when nothing stops it.
+    """
+
+    def __init__(self, backend: Backend, work_seconds: float) -> None:
+        """Make the parts, all on one backend."""
+        # The log is this process's own: with several workers, a page sees what the worker
+        # serving its event stream did (a fleet-wide log would need Redis too).
+        self.log = EventLog()
+        self.slot = LatestOnly(backend=backend)
+        self.registry = TokenRegistry(backend=backend)
+        self.closing = CancellationToken(name="demo closing")
+        self.work_seconds = work_seconds
+
+
+def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> FastAPI:
+    """Build the demo application.
+
+    Args:
+        redis_url: run on Redis (several workers) instead of in memory; see
+            :func:`make_backend`.
+        work_seconds: how long one search takes when nothing stops it.
+
+    Raises:
+        DemoConfigError: see :func:`make_backend`.
+        ValueError: for a negative ``work_seconds``.
+    """
+    if not work_seconds >= 0:
+        raise ValueError(f"work_seconds must be >= 0, not {work_seconds!r}")
+    backend = make_backend(redis_url)
+    demo = DemoState(backend, work_seconds)
+    log = demo.log
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if hasattr(backend, "__aenter__"):  # RedisBackend connects here, in each worker
+                await stack.enter_async_context(backend)  # type: ignore[arg-type]
+            yield
+
+    app = FastAPI(title="cancelkit demo", lifespan=lifespan)
+    app.state.demo = demo
+    install(app)  # superseded / cancelled → 409, client gone → 499, with a JSON reason
+    # Interrupt a handler the moment its client disconnects (the tab was closed).
+    app.add_middleware(CancelOnDisconnect, mode="interrupt")
+
+    # -- who is asking, and what ------------------------------------------------------------
+
+    def current_user(
+        x_user: Annotated[str, Header(pattern=USER_PATTERN, description="The tab's id")],
+    ) -> str:
+        """The demo's stand-in for authentication: the tab's id, from ``X-User``."""
+        return x_user
+
+    CurrentUser = Annotated[str, Depends(current_user)]
+
+    def search_key(user: CurrentUser) -> str:
+        """One latest-only key per user: one tab's keystrokes never supersede another's."""
+        return f"{user}:search"
+
+    async def journal(
+        request: Request,
+        q: Annotated[str, Query(min_length=1, max_length=100, description="What to look for")],
+        user: CurrentUser,
+    ) -> AsyncIterator[SearchRecord]:
+        """Log how the search ends, however it ends (declared first, so it sees it all)."""
+        record = SearchRecord(q, user, request.headers.get("x-operation-id", "-"))
+        token = request_level_token(request)  # follows the claim, the op and the disconnect
+        try:
+            yield record
+        except OperationCancelled as exc:  # superseded, or stopped by id (maybe before start)
+            _log_end(record, exc.reason)
+            raise
+        except BaseException:  # the client left: the middleware interrupted the handler
+            if token.reason is not None:
+                _log_end(record, token.reason)
+            raise
+        else:
+            matches = record.matches or []
+            log.add("completed", query=q, op=record.op, user=user, detail=f"{len(matches)} matches")
+
+    def _log_end(record: SearchRecord, reason: CancelReason) -> None:
+        root = reason.root
+        kind = _ENDINGS.get(root.kind, "stopped")
+        detail = root.message if record.started else f"{root.message}, before it started"
+        log.add(kind, query=record.query, op=record.op, user=record.user, detail=detail)
+
+    # -- the routes -------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/about")
+    async def about() -> dict[str, str | int | None]:
+        """Which backend serves this worker, and which worker this is."""
+        return {
+            "backend": type(backend).__name__,
+            "worker": getattr(backend, "worker", None),  # RedisBackend: set per process
+            "pid": os.getpid(),
+        }
+
+    @app.get("/search")
+    async def search(
+        record: Annotated[SearchRecord, Depends(journal, scope="function")],
+        claim: Annotated[Claim, latest_only(demo.slot, key=search_key)],
+        op: Annotated[TrackedOperation, tracked(demo.registry, owner=current_user)],
+    ) -> SearchResult:
+        """Search the word list; slowly, so that there is something to cancel."""
+        record.started, record.op = True, op.id  # the client's id, or one made up for it
+        log.add("started", query=record.query, op=op.id, user=record.user)
+        record.matches = await find_words(record.query, demo.work_seconds)
+        return SearchResult(query=record.query, op=op.id, matches=record.matches)
+
+    # DELETE /operations/{id}: 202 when it stopped (or will not start), 404 when there is
+    # nothing of this user's to stop.
+    app.include_router(cancel_router(demo.registry, owner=current_user))
+
+    @app.get("/log")
+    async def read_log(
+        after: Annotated[int, Query(ge=0, description="Only events numbered above this")] = 0,
+        user: Annotated[str | None, Query(pattern=USER_PATTERN)] = None,
+    ) -> list[LogEvent]:
+        """The events kept in the log (of one user, if given)."""
+        return log.since(after, user=user)
+
+    @app.get("/events", response_class=StreamingResponse)
+    async def events(
+        token: RequestToken,
+        user: Annotated[str | None, Query(pattern=USER_PATTERN)] = None,
+        last_event_id: Annotated[int, Header(ge=0)] = 0,
+    ) -> StreamingResponse:
+        """The log, live, as Server-Sent Events; a reconnecting browser resumes where it was."""
+        # The stream ends cleanly when the client leaves or the server shuts down.
+        until = CancellationToken.any_of(token, demo.closing)
+
+        async def stream() -> AsyncIterator[str]:
+            yield "retry: 1000\n\n"  # reconnect after a second if the connection drops
+            async for event in until.until_cancelled(log.follow(last_event_id, user=user)):
+                yield f"id: {event.seq}\ndata: {event.model_dump_json()}\n\n"
+
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Build the application from ``CANCELKIT_DEMO_*`` variables (one per uvicorn worker)."""
+    return create_app(
+        redis_url=os.environ.get(REDIS_ENV) or None,
+        work_seconds=float(os.environ.get(WORK_SECONDS_ENV, "1.5")),
+    )
+
+
+# -- serving ----------------------------------------------------------------------------------
+
+
+def _demo_state(asgi_app: Any) -> DemoState | None:
+    """Find the demo's state inside whatever uvicorn wrapped the application in."""
+    while asgi_app is not None and not isinstance(asgi_app, FastAPI):
+        asgi_app = getattr(asgi_app, "app", None)
+    return None if asgi_app is None else getattr(asgi_app.state, "demo", None)
+
+
+class DemoServer(uvicorn.Server):
+    """uvicorn, ending the live event streams when it shuts down.
+
+    uvicorn waits for open connections to finish before it tells the application that it
+    stops, and an event stream never finishes by itself: so the streams are ended first.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """End the event streams, then shut down as uvicorn does."""
+        state = _demo_state(self.config.loaded_app)
+        if state is not None:
+            state.closing.cancel(CancelReason(CancelKind.SHUTDOWN))
+        await super().shutdown(sockets)

@@ -1,0 +1,122 @@
+// The cancelkit demo page: no framework, no build step.
+"use strict";
+
+// A random id; crypto.getRandomValues works on plain http too (randomUUID needs https).
+function randomId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// This tab's "user": the server keeps one latest-only slot per user, so two tabs never
+// supersede each other. (A real app would use its login instead.)
+const user = "tab-" + randomId().slice(0, 8);
+const $ = (id) => document.getElementById(id);
+let current = null; // the operation id of the newest search, while it runs
+
+function setStatus(text) { $("status").textContent = text; }
+
+function showMatches(matches) {
+  $("results").replaceChildren(...matches.map((word) => {
+    const li = document.createElement("li");
+    li.textContent = word;
+    return li;
+  }));
+}
+
+// One keystroke, one request. Older requests are NOT aborted by the page: the server
+// supersedes them (an aborted fetch would look like a closed tab instead).
+async function search(query) {
+  const op = randomId();
+  current = op;
+  $("stop").disabled = false;
+  setStatus(`Searching for “${query}”…`);
+  let response;
+  try {
+    response = await fetch("/search?" + new URLSearchParams({ q: query }), {
+      headers: { "X-User": user, "X-Operation-Id": op },
+    });
+  } catch (error) {
+    if (op === current) setStatus(`Network error: ${error}`);
+    return;
+  }
+  const body = await response.json();
+  if (op !== current) return; // a newer search owns the screen
+  current = null;
+  $("stop").disabled = true;
+  if (response.ok) {
+    setStatus(`${body.matches.length} matches for “${body.query}”.`);
+    showMatches(body.matches);
+  } else if (body.reason === "requested") {
+    setStatus(`Stopped the search for “${query}”.`);
+  } else {
+    setStatus(`The search for “${query}” ended: ${body.reason || response.status}.`);
+  }
+}
+
+// Stop: cancel the running search by its id, from another request.
+async function stop() {
+  if (current === null) return;
+  const response = await fetch(`/operations/${current}`, {
+    method: "DELETE",
+    headers: { "X-User": user },
+  });
+  if (response.status === 404) setStatus("Nothing to stop: the search had already ended.");
+}
+
+$("q").addEventListener("input", (event) => {
+  const query = event.target.value.trim();
+  if (query) {
+    search(query);
+  } else {
+    current = null;
+    $("stop").disabled = true;
+    setStatus("Type to search.");
+    showMatches([]);
+  }
+});
+$("search-form").addEventListener("submit", (event) => event.preventDefault());
+$("stop").addEventListener("click", stop);
+
+// The server's log, live (Server-Sent Events): this tab's searches, or every tab's.
+const LABELS = { client_gone: "client gone" };
+const started = new Map(); // op id -> when it started, to show how long each search ran
+
+function addLogRow(event) {
+  const row = document.createElement("tr");
+  row.className = event.kind;
+  row.dataset.kind = event.kind;
+  row.dataset.query = event.query;
+  row.dataset.op = event.op;
+  row.dataset.user = event.user;
+  let detail = event.detail;
+  if (event.kind === "started") {
+    started.set(event.op, event.at);
+  } else if (started.has(event.op)) {
+    const ms = Math.round((event.at - started.get(event.op)) * 1000);
+    detail = `${detail} (after ${ms} ms)`;
+  }
+  const time = new Date(event.at * 1000).toLocaleTimeString([], { hour12: false });
+  const tab = event.user === user ? "this tab" : event.user;
+  const cells = [time, tab, LABELS[event.kind] || event.kind, event.query, event.op.slice(0, 8), detail];
+  for (const [i, text] of cells.entries()) {
+    const td = document.createElement("td");
+    td.textContent = text;
+    if (i === 1 || i === 4) td.className = "id";
+    row.append(td);
+  }
+  $("log").tBodies[0].prepend(row); // newest first
+}
+
+let events = null;
+function follow() {
+  if (events !== null) events.close();
+  $("log").tBodies[0].replaceChildren();
+  $("stream").textContent = "(connecting…)";
+  const params = $("all-tabs").checked ? {} : { user };
+  events = new EventSource("/events?" + new URLSearchParams(params));
+  events.onopen = () => { $("stream").textContent = "(live)"; };
+  events.onerror = () => { $("stream").textContent = "(reconnecting…)"; };
+  events.onmessage = (message) => addLogRow(JSON.parse(message.data));
+}
+$("all-tabs").addEventListener("change", follow);
+follow();

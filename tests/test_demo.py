@@ -1,0 +1,539 @@
+"""The demo app's HTTP API, in process (httpx.ASGITransport or raw ASGI), asyncio and trio.
+
+Tests order themselves by the server's event log (they wait for an event to appear), never by
+sleeping. A search that must still be running when the test acts takes a minute unless
+stopped; one that must complete is given no work time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from demo.app import WORDS, DemoConfigError, DemoState, LogEvent, create_app, make_backend
+
+pytestmark = pytest.mark.anyio
+
+LIMIT = 10  # seconds: the most any wait here may take
+ROOT = Path(__file__).resolve().parent.parent  # where `python -m demo` finds the package
+
+
+def state(app: FastAPI) -> DemoState:
+    demo: DemoState = app.state.demo
+    return demo
+
+
+@asynccontextmanager
+async def client(app: FastAPI, user: str = "alice") -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://demo", headers={"X-User": user}
+    ) as http:
+        yield http
+
+
+async def wait_for(app: FastAPI, test: Callable[[LogEvent], bool]) -> LogEvent:
+    """Wait until the log holds an event that passes ``test``; return it."""
+    with anyio.fail_after(LIMIT):
+        async with aclosing(state(app).log.follow()) as events:
+            async for event in events:
+                if test(event):
+                    return event
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def outcomes(app: FastAPI, user: str = "alice") -> dict[str, list[str]]:
+    """Each operation's events in order, e.g. ``{"op-1": ["started", "superseded"]}``."""
+    found: dict[str, list[str]] = {}
+    for event in state(app).log.since(user=user):
+        found.setdefault(event.op, []).append(event.kind)
+    return found
+
+
+def started(op: str) -> Callable[[LogEvent], bool]:
+    return lambda event: event.op == op and event.kind == "started"
+
+
+async def test_newer_keystroke_supersedes_the_running_search() -> None:
+    """A newer search of the same user supersedes the running one: 409, logged 'superseded'."""
+    app = create_app(work_seconds=60)
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def search(q: str, op: str) -> None:
+            results[op] = await http.get("/search", params={"q": q}, headers={"X-Operation-Id": op})
+
+        tg.start_soon(search, "c", "op-1")
+        await wait_for(app, started("op-1"))
+        state(app).work_seconds = 0  # the newer search completes at once
+        tg.start_soon(search, "ca", "op-2")
+    assert results["op-1"].status_code == 409
+    assert results["op-1"].json()["reason"] == "superseded"
+    assert results["op-2"].status_code == 200
+    assert results["op-2"].json()["query"] == "ca"
+    assert outcomes(app) == {"op-1": ["started", "superseded"], "op-2": ["started", "completed"]}
+
+
+async def test_one_tab_never_supersedes_another() -> None:
+    """Searches of two users run side by side: bob's completes, alice's is left running."""
+    app = create_app(work_seconds=60)
+    results: dict[str, httpx.Response] = {}
+    async with (
+        client(app, "alice") as alice,
+        client(app, "bob") as bob,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def search_as_alice() -> None:
+            results["alice"] = await alice.get(
+                "/search", params={"q": "c"}, headers={"X-Operation-Id": "op-a"}
+            )
+
+        tg.start_soon(search_as_alice)
+        await wait_for(app, started("op-a"))
+        state(app).work_seconds = 0
+        results["bob"] = await bob.get(
+            "/search", params={"q": "c"}, headers={"X-Operation-Id": "op-b"}
+        )
+        assert [op.id for op in state(app).registry.operations(owner="alice")] == ["op-a"]
+        assert outcomes(app, "alice") == {"op-a": ["started"]}  # still running
+        # bob cannot stop alice's search: to him it does not exist
+        assert (await bob.delete("/operations/op-a")).status_code == 404
+        assert (await alice.delete("/operations/op-a")).status_code == 202
+    assert results["bob"].status_code == 200
+    assert results["alice"].json()["reason"] == "requested"
+    assert outcomes(app, "bob") == {"op-b": ["started", "completed"]}
+    assert outcomes(app, "alice") == {"op-a": ["started", "cancelled"]}
+
+
+async def test_stop_cancels_the_running_search_by_id() -> None:
+    """DELETE /operations/{id} answers 202 'cancelled'; the search ends 409, logged 'cancelled'."""
+    app = create_app(work_seconds=60)
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def search() -> None:
+            results["search"] = await http.get(
+                "/search", params={"q": "can"}, headers={"X-Operation-Id": "op-stop"}
+            )
+
+        tg.start_soon(search)
+        await wait_for(app, started("op-stop"))
+        stop = await http.delete("/operations/op-stop")
+    assert stop.status_code == 202
+    assert stop.json() == {"id": "op-stop", "outcome": "cancelled"}
+    assert results["search"].status_code == 409
+    assert results["search"].json()["reason"] == "requested"
+    end = state(app).log.since()[-1]
+    assert (end.kind, end.query, end.op) == ("cancelled", "can", "op-stop")
+    assert end.detail == "cancellation was requested"
+
+
+async def test_stop_that_arrives_before_the_search_prevents_it() -> None:
+    """A Stop that overtakes its search answers 'pending'; the search then never starts."""
+    app = create_app(work_seconds=60)
+    async with client(app) as http:
+        stop = await http.delete("/operations/op-early")
+        search = await http.get(
+            "/search", params={"q": "c"}, headers={"X-Operation-Id": "op-early"}
+        )
+    assert stop.status_code == 202
+    assert stop.json()["outcome"] == "pending"
+    assert search.status_code == 409
+    assert search.json()["reason"] == "requested"
+    [event] = state(app).log.since()
+    assert (event.kind, event.op) == ("cancelled", "op-early")
+    assert event.detail.endswith("before it started")
+
+
+async def test_closed_tab_stops_the_search_and_logs_client_gone() -> None:
+    """A client that disconnects mid-search interrupts it; the log says 'client_gone'."""
+    app = create_app(work_seconds=60)
+    gone = anyio.Event()
+    messages: list[MutableMapping[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/search",
+        "raw_path": b"/search",
+        "query_string": b"q=cancel",
+        "headers": [(b"host", b"demo"), (b"x-user", b"alice"), (b"x-operation-id", b"op-tab")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+    request_sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal request_sent
+        if not request_sent:
+            request_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        messages.append(message)
+
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(app, scope, receive, send)
+            await wait_for(app, started("op-tab"))
+            gone.set()  # the tab is closed
+    assert messages == []  # nobody is there to read an answer
+    assert outcomes(app) == {"op-tab": ["started", "client_gone"]}
+    assert state(app).log.since()[-1].detail == "the client disconnected"
+    assert state(app).registry.statistics().live == 0
+    assert state(app).slot.statistics().active == 0
+
+
+async def test_completed_search_returns_the_matching_words() -> None:
+    """A search nothing stops returns every word containing the query, and logs it."""
+    app = create_app(work_seconds=0)
+    async with client(app) as http:
+        response = await http.get(
+            "/search", params={"q": "Cancel"}, headers={"X-Operation-Id": "op-done"}
+        )
+    assert response.status_code == 200
+    assert response.headers["X-Operation-Id"] == "op-done"
+    expected = [word for word in WORDS if "cancel" in word]
+    assert expected == ["cancel", "cancelled", "cancelling"]
+    assert response.json() == {"query": "Cancel", "op": "op-done", "matches": expected}
+    assert outcomes(app) == {"op-done": ["started", "completed"]}
+    assert state(app).log.since()[-1].detail == "3 matches"
+
+
+@pytest.mark.parametrize(
+    ("params", "headers", "field"),
+    [
+        ({"q": ""}, {}, ["query", "q"]),
+        ({"q": "x" * 101}, {}, ["query", "q"]),
+        ({}, {}, ["query", "q"]),
+        ({"q": "c"}, {"X-User": "a b"}, ["header", "x-user"]),
+        ({"q": "c"}, {"X-Operation-Id": "no/slash"}, ["header", "X-Operation-Id"]),
+    ],
+    ids=["empty-query", "overlong-query", "no-query", "bad-user", "bad-operation-id"],
+)
+async def test_bad_input_is_422_naming_the_field(
+    params: dict[str, str], headers: dict[str, str], field: list[str]
+) -> None:
+    """Bad queries, users and operation ids answer 422 naming the field; nothing is logged."""
+    app = create_app(work_seconds=0)
+    async with client(app) as http:
+        response = await http.get("/search", params=params, headers=headers)
+    assert response.status_code == 422
+    # (a header read by several dependencies is reported once for each)
+    assert {tuple(error["loc"]) for error in response.json()["detail"]} == {tuple(field)}
+    assert state(app).log.since() == []
+
+
+async def test_missing_user_is_422() -> None:
+    """Without X-User there is no user to key the search on: 422 naming the header."""
+    app = create_app(work_seconds=0)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://d") as http:
+        response = await http.get("/search", params={"q": "c"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["header", "x-user"]
+
+
+async def test_log_endpoint_filters_by_user_and_number() -> None:
+    """GET /log returns the kept events, of one user if asked, numbered above 'after'."""
+    app = create_app(work_seconds=0)
+    async with client(app, "alice") as alice, client(app, "bob") as bob:
+        await alice.get("/search", params={"q": "a"}, headers={"X-Operation-Id": "op-1"})
+        await bob.get("/search", params={"q": "b"}, headers={"X-Operation-Id": "op-2"})
+        everything = (await alice.get("/log")).json()
+        bobs = (await alice.get("/log", params={"user": "bob"})).json()
+        later = (await alice.get("/log", params={"after": 2})).json()
+        bad = await alice.get("/log", params={"after": -1})
+    assert [(e["seq"], e["kind"], e["user"]) for e in everything] == [
+        (1, "started", "alice"),
+        (2, "completed", "alice"),
+        (3, "started", "bob"),
+        (4, "completed", "bob"),
+    ]
+    assert [e["seq"] for e in bobs] == [3, 4]
+    assert later == bobs
+    assert bad.status_code == 422
+
+
+async def test_log_keeps_only_the_newest_events() -> None:
+    """The log is a bounded ring: past its size the oldest events drop off."""
+    log = state(create_app()).log
+    for n in range(1005):
+        log.add("started", query=f"q{n}", op=f"op-{n}", user="alice")
+    events = log.since()
+    assert len(events) == 1000
+    assert (events[0].seq, events[-1].seq) == (6, 1005)
+
+
+class SSEClient:
+    """Drives GET /events at the ASGI level, reading each event as the app sends it."""
+
+    def __init__(self, app: FastAPI, query: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.app = app
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/events",
+            "raw_path": b"/events",
+            "query_string": query,
+            "headers": [(b"host", b"demo"), *headers],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+        }
+        self.start: MutableMapping[str, Any] = {}
+        self.text = ""
+        self.more_body = True
+        self.changed = anyio.Event()
+        self.gone = anyio.Event()
+        self._request_sent = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._request_sent:
+            self._request_sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+        else:
+            self.text += message.get("body", b"").decode()
+            self.more_body = message.get("more_body", False)
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    def events(self) -> list[tuple[str, dict[str, Any]]]:
+        """(id, data) of each complete event received so far."""
+        found = []
+        for block in self.text.split("\n\n")[:-1]:
+            fields = dict(line.split(": ", 1) for line in block.splitlines())
+            if "data" in fields:
+                found.append((fields["id"], json.loads(fields["data"])))
+        return found
+
+    async def wait_events(self, count: int) -> None:
+        while len(self.events()) < count:
+            await self.changed.wait()
+
+
+async def test_events_stream_sends_the_log_live_and_ends_at_shutdown() -> None:
+    """GET /events streams the user's backlog, then new events; shutdown ends it cleanly."""
+    app = create_app(work_seconds=0)
+    log = state(app).log
+    log.add("started", query="c", op="op-1", user="alice")
+    log.add("started", query="x", op="op-x", user="bob")
+    sse = SSEClient(app, b"user=alice", [])
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sse.app, sse.scope, sse.receive, sse.send)
+            await sse.wait_events(1)
+            log.add("completed", query="c", op="op-1", user="alice", detail="3 matches")
+            await sse.wait_events(2)
+            state(app).closing.cancel()  # what DemoServer does when the server shuts down
+    assert sse.start["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sse.start["headers"]
+    assert sse.text.startswith("retry: 1000\n\n")
+    assert [(id, data["kind"], data["op"]) for id, data in sse.events()] == [
+        ("1", "started", "op-1"),
+        ("3", "completed", "op-1"),
+    ]
+    assert sse.more_body is False  # the stream ended properly
+
+
+async def test_events_stream_resumes_after_last_event_id_and_ends_on_disconnect() -> None:
+    """A reconnecting browser's Last-Event-ID skips what it saw; leaving ends the stream."""
+    app = create_app(work_seconds=0)
+    log = state(app).log
+    for n in range(3):
+        log.add("started", query="c", op=f"op-{n}", user="alice")
+    sse = SSEClient(app, b"", [(b"last-event-id", b"2")])
+    with anyio.fail_after(LIMIT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sse.app, sse.scope, sse.receive, sse.send)
+            await sse.wait_events(1)
+            sse.gone.set()  # the tab is closed
+    assert [id for id, _ in sse.events()] == ["3"]
+    assert not state(app).closing.cancelled
+
+
+async def test_page_and_its_files_are_served() -> None:
+    """GET / is the page; its script and style come from /static (nothing from elsewhere)."""
+    app = create_app()
+    async with client(app) as http:
+        page = await http.get("/")
+        script = await http.get("/static/demo.js")
+        style = await http.get("/static/demo.css")
+    assert page.status_code == 200
+    assert 'id="q"' in page.text
+    assert 'src="/static/demo.js"' in page.text
+    assert "http" not in page.text.replace("http-equiv", "")  # no CDN, no external URL
+    assert script.status_code == style.status_code == 200
+    assert "EventSource" in script.text
+
+
+def test_redis_backend_without_the_module_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis URL without cancelkit.redis fails at once, naming the missing piece."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cancelkit.redis", None)  # as if not installed
+    with pytest.raises(DemoConfigError, match=r"cancelkit\.redis\.RedisBackend"):
+        make_backend("redis://127.0.0.1:6379/0")
+    with pytest.raises(DemoConfigError, match="pip install"):
+        create_app(redis_url="redis://127.0.0.1:6379/0")
+
+
+def test_bad_work_seconds_is_refused() -> None:
+    """A negative work time is refused with a message naming it."""
+    with pytest.raises(ValueError, match="work_seconds must be >= 0"):
+        create_app(work_seconds=-1)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_refuses_several_workers_without_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    """--workers 2 without --redis exits 2, explaining that memory lives in one process."""
+    from demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workers", "2"])
+    assert exit_info.value.code == 2
+    assert "--workers above 1 needs --redis URL" in capsys.readouterr().err
+
+
+def test_cli_with_redis_but_no_redis_module_exits_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--redis without cancelkit.redis exits with a message naming the missing module."""
+    import sys
+
+    from demo.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "cancelkit.redis", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--redis", "redis://127.0.0.1:6379/0"])
+    assert "cancelkit.redis.RedisBackend" in str(exit_info.value.code)
+
+
+async def test_cli_serves_the_demo_and_prints_its_address() -> None:
+    """``python -m demo --port 0`` prints 'cancelkit demo: open http://...' and serves the page."""
+    import signal
+    import sys
+
+    from anyio.streams.buffered import BufferedByteReceiveStream
+
+    with anyio.fail_after(30):
+        async with await anyio.open_process(
+            [sys.executable, "-m", "demo", "--port", "0"], cwd=ROOT, stderr=None
+        ) as process:
+            try:
+                assert process.stdout is not None
+                line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 4096)
+                prefix = "cancelkit demo: open "
+                assert line.decode().startswith(prefix)
+                url = line.decode().removeprefix(prefix)
+                assert url.startswith("http://127.0.0.1:")
+                async with httpx.AsyncClient(base_url=url) as http:
+                    response = await http.get("/")  # it listens already: this waits for it
+                assert response.status_code == 200
+                assert "cancelkit demo" in response.text
+            finally:
+                process.send_signal(signal.SIGTERM)
+                await process.wait()
+
+
+async def test_search_without_an_operation_id_gets_one() -> None:
+    """Without X-Operation-Id the search gets a made-up id, returned and logged throughout."""
+    app = create_app(work_seconds=0)
+    async with client(app) as http:
+        response = await http.get("/search", params={"q": "c"})
+    op = response.headers["X-Operation-Id"]
+    assert response.json()["op"] == op
+    assert outcomes(app) == {op: ["started", "completed"]}
+
+
+def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) -> None:
+    """``python -m demo --redis URL --workers 2``: a keystroke on one worker supersedes the
+    search running on the other, and a Stop sent to one worker stops a search on the other."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "demo", "--port", "0", "--workers", "2"),
+            *("--redis", redis.url, "--work-seconds", "3"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    clients: dict[str, httpx.Client] = {}
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip().removeprefix("cancelkit demo: open ")
+        deadline = time.monotonic() + 30
+        while len(clients) < 2:  # one keep-alive connection on each worker
+            assert time.monotonic() < deadline, "did not reach two distinct workers"
+            client = httpx.Client(base_url=url, headers={"X-User": "tab-1"}, timeout=20)
+            try:
+                about = client.get("/about").json()
+            except httpx.TransportError:
+                client.close()
+                time.sleep(0.05)  # the workers are still starting
+                continue
+            assert about["backend"] == "RedisBackend"
+            if about["worker"] in clients:
+                client.close()
+            else:
+                clients[about["worker"]] = client
+        first, second = clients.values()
+
+        def wait_for_key(key: str) -> None:
+            while redis.command("EXISTS", key) != b":1":
+                assert time.monotonic() < deadline, f"{key} never appeared"
+                time.sleep(0.01)
+
+        with ThreadPoolExecutor(2) as pool:
+            older = pool.submit(first.get, "/search", params={"q": "ca"})
+            wait_for_key("cancelkit-demo:k:tab-1:search")
+            newer = pool.submit(second.get, "/search", params={"q": "cat"})
+            assert older.result().status_code == 409
+            assert older.result().json()["reason"] == "superseded"
+            assert newer.result().status_code == 200
+
+            other_tab = {"X-User": "tab-2", "X-Operation-Id": "op-stop"}
+            stopped = pool.submit(first.get, "/search", params={"q": "x"}, headers=other_tab)
+            wait_for_key("cancelkit-demo:i:op-stop")  # running on the first worker
+            stop = second.delete("/operations/op-stop", headers={"X-User": "tab-2"})
+            assert stop.status_code == 202
+            assert stop.json()["outcome"] == "cancelled"
+            assert stopped.result().status_code == 409
+            assert stopped.result().json()["reason"] == "requested"
+    finally:
+        for client in clients.values():
+            client.close()
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
