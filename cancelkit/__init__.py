@@ -24,6 +24,7 @@ from ._token import TokenScope as TokenScope
 from ._token import TokenStatistics as TokenStatistics
 from ._token import current_token as current_token
 from .backends import CancelOutcome as CancelOutcome
+from .backends import OperationExists as OperationExists
 from .backends import RegistryFull as RegistryFull
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "LatestOnly",
     "LatestOnlyStatistics",
     "OperationCancelled",
+    "OperationExists",
     "RegistryFull",
     "RegistryStatistics",
     "SlotBusy",

@@ -11,7 +11,14 @@ from typing import final
 
 from ._reason import CancelKind, CancelReason
 from ._token import CancellationToken
-from .backends import Backend, CancelOutcome, MemoryBackend, RegistryFull, new_holder_id
+from .backends import (
+    Backend,
+    CancelOutcome,
+    MemoryBackend,
+    OperationExists,
+    RegistryFull,
+    new_holder_id,
+)
 
 __all__ = ["RegistryStatistics", "TokenRegistry", "TrackedOperation"]
 
@@ -137,7 +144,8 @@ class TokenRegistry:
             The :class:`TrackedOperation`.
 
         Raises:
-            ValueError: for an invalid id or owner, or an id already tracked for this owner.
+            ValueError: for an invalid id or owner.
+            OperationExists: for an id already tracked for this owner (a ValueError too).
             RegistryFull: when ``max_live`` operations are already tracked.
             OperationCancelled: when the operation was cancelled (before or while running).
         """
@@ -146,7 +154,7 @@ class TokenRegistry:
         _check(id, owner)
         name = (owner, id)
         if name in self._live:
-            raise ValueError(f"operation id {id!r} is already being tracked")
+            raise OperationExists(id)
         if len(self._live) >= self._max_live:
             raise RegistryFull("max_live", self._max_live)
         token = CancellationToken(name=id) if parent is None else parent.child(name=id)

@@ -83,11 +83,14 @@ class CallbackHandle:
         self,
         token: CancellationToken | None,
         callback: Callable[[CancelReason], object] | None,
+        *,
+        anywhere: bool = False,
     ) -> None:
         self._token = token
         self._callback = callback
         self._thread = threading.get_ident()
-        loop = _this_loop()  # kept as its two parts: an EventLoopToken per handle costs memory
+        loop = None if anywhere else _this_loop()
+        # kept as its two parts: an EventLoopToken per handle costs memory
         self._backend = None if loop is None else loop.backend_class
         self._native = None if loop is None else loop.native_token
 
@@ -196,7 +199,9 @@ class CancellationToken:
         label: object = name
         if label is not None and not isinstance(label, str):
             raise TypeError(f"name must be a str or None, not {type(label).__name__}")
-        self._lock = threading.Lock()
+        # Reentrant: a child collected by the GC while this thread holds the lock (any
+        # allocation can trigger it) unregisters its link, which takes the lock again.
+        self._lock = threading.RLock()
         self._reason: CancelReason | None = None
         self._callbacks: dict[CallbackHandle, None] = {}
         self._links: list[CallbackHandle] | tuple[()] = _NO_LINKS
@@ -241,7 +246,9 @@ class CancellationToken:
             ref = _ChildRef(child, _child_collected)
             ref.handle = None
             ref.parent = parent
-            handle = parent.on_cancel(ref.propagate)
+            # A link runs in whatever thread cancels the parent, never via an event loop: the
+            # child's state must change at once (its own callbacks keep their loop affinity).
+            handle = parent._register(ref.propagate, anywhere=True)
             if child._reason is not None:  # this parent had already fired: done
                 break
             ref.handle = handle
@@ -434,8 +441,13 @@ class CancellationToken:
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        return self._register(callback, anywhere=False)
+
+    def _register(
+        self, callback: Callable[[CancelReason], object], *, anywhere: bool
+    ) -> CallbackHandle:
         self._poll()
-        handle = CallbackHandle(self, callback)
+        handle = CallbackHandle(self, callback, anywhere=anywhere)
         with self._lock:
             reason = self._reason
             if reason is None:

@@ -33,7 +33,7 @@ from ._latest import Claim, LatestOnly, SlotBusy
 from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from ._token import CancellationToken
-from .backends import CancelOutcome, RegistryFull
+from .backends import CancelOutcome, OperationExists, RegistryFull
 
 __all__ = [
     "CancelledBody",
@@ -368,7 +368,7 @@ _LATEST_RESPONSES = {
     429: "The key is busy (reject policy, when configured so)",
 }
 _TRACKED_RESPONSES = {
-    409: "Cancelled by id from another request",
+    409: "Cancelled by id from another request, or that id is already running",
     503: "Too many operations, or the server is shutting down",
 }
 _COMMON_RESPONSES = {504: "The operation's deadline passed"}
@@ -403,6 +403,10 @@ class _Handlers:
         headers = {"Retry-After": f"{max(1, round(self.busy_retry_after))}"}
         return JSONResponse(body.model_dump(), status_code=self.busy_status, headers=headers)
 
+    async def exists(self, request: Request, exc: Exception) -> Response:
+        body = CancelledBody(detail=str(exc), reason="exists", source=None)
+        return JSONResponse(body.model_dump(), status_code=409)
+
     async def full(self, request: Request, exc: Exception) -> Response:
         body = CancelledBody(detail=str(exc), reason="full", source=None)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
@@ -417,7 +421,8 @@ def install(
     superseded or cancelled by id → ``409``, deadline → ``504``, shutdown → ``503``, client
     gone → ``499``, logged on the ``cancelkit`` logger since nobody reads it), for
     :exc:`~cancelkit.SlotBusy` (``busy_status`` with ``Retry-After``) and for
-    :exc:`~cancelkit.RegistryFull` (``503`` with ``Retry-After``). Each body is a
+    :exc:`~cancelkit.RegistryFull` (``503`` with ``Retry-After``) and for
+    :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of a running operation). Each body is a
     :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
     :func:`tracked` list these responses in the OpenAPI schema. Call it for every FastAPI
     application (a mounted sub-application too).
@@ -435,6 +440,7 @@ def install(
     app.add_exception_handler(OperationCancelled, handlers.cancelled)
     app.add_exception_handler(SlotBusy, handlers.busy)
     app.add_exception_handler(RegistryFull, handlers.full)
+    app.add_exception_handler(OperationExists, handlers.exists)
     original = app.openapi
 
     def openapi() -> dict[str, Any]:

@@ -31,7 +31,7 @@ from coredis.retry import ConstantRetryPolicy, NoRetryPolicy
 
 from . import _redis_scripts as lua
 from ._reason import CancelKind, CancelReason
-from .backends import Acquired, CancelOutcome, Deliver, RegistryFull
+from .backends import Acquired, CancelOutcome, Deliver, OperationExists, RegistryFull
 
 __all__ = ["RedisBackend", "RedisBackendStatistics", "RedisUnavailable"]
 
@@ -595,13 +595,13 @@ class RedisBackend:
         """See :meth:`Backend.register <cancelkit.backends.Backend.register>`.
 
         Raises:
-            ValueError: if the operation is registered already (by any worker).
+            OperationExists: if the operation is registered already (by any worker).
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
         self._require()
         name = self._name(id, owner)
         if name in self._names:
-            raise ValueError(f"operation id {id!r} is already registered")
+            raise OperationExists(id)
         reg = self._regs[holder] = _Reg(id, name, holder, deliver)  # record first
         self._names[name] = holder
         try:

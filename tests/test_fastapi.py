@@ -304,6 +304,27 @@ async def test_bad_operation_ids_are_rejected_with_422(
     assert probe.started == {}
 
 
+async def test_a_retry_with_the_id_of_a_running_operation_is_409() -> None:
+    """Reusing the id of a running operation is a 409 'exists', not a 500; the first goes on."""
+    app, probe = make_app()
+    results: dict[str, httpx.Response] = {}
+    async with client(app) as http, anyio.create_task_group() as tg:
+
+        async def post(name: str) -> None:
+            results[name] = await http.post(
+                "/reports", params={"name": name}, headers={"X-Operation-Id": "op-r"}
+            )
+
+        tg.start_soon(post, "first")
+        await probe.wait_started("first")
+        await post("retry")
+        probe.release.set()
+    assert results["retry"].status_code == 409
+    assert results["retry"].json()["reason"] == "exists"
+    assert results["first"].status_code == 200
+    assert "retry" not in probe.started
+
+
 async def test_generated_and_path_ids_are_returned_in_the_header() -> None:
     """Without a client id a random 128-bit id is generated; a path id is used as given."""
     app, _ = make_app()

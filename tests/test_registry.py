@@ -146,7 +146,7 @@ async def test_the_same_id_is_refused_while_live_but_fine_for_another_owner() ->
     """Tracking a live id again raises ValueError; other owners have their own ids."""
     registry = TokenRegistry()
     async with registry.track("a") as first:
-        with pytest.raises(ValueError, match="already being tracked"):
+        with pytest.raises(ValueError, match="already running"):
             async with registry.track("a"):
                 pass
         async with registry.track("a", owner="u"):
@@ -159,7 +159,7 @@ async def test_a_shared_backend_refuses_an_id_live_in_another_registry() -> None
     backend = MemoryBackend()
     one, two = TokenRegistry(backend=backend), TokenRegistry(backend=backend)
     async with one.track("a"):
-        with pytest.raises(ValueError, match="already registered"):
+        with pytest.raises(ValueError, match="already running"):
             async with two.track("a"):
                 pass
         assert two.statistics().live == 0
@@ -377,7 +377,7 @@ class RegistryMachine(RuleBasedStateMachine):
         name = (owner, id)
         event = self.portal.call(anyio.Event)
         if name in self.running:
-            with pytest.raises(ValueError, match="already being tracked"):
+            with pytest.raises(ValueError, match="already running"):
                 self.portal.start_task(self._work, id, owner, event)
         elif name in self.tombstones:
             with pytest.raises(OperationCancelled):

@@ -526,6 +526,60 @@ def test_parent_cancelled_after_child_cancelled_does_not_touch_the_child() -> No
     assert child.cancelled_by is None
 
 
+def test_a_child_collected_by_the_gc_while_the_parent_is_locked_does_not_hang() -> None:
+    """A child freed by the cyclic GC inside the parent's locked section unlinks without a hang."""
+
+    def provoke() -> None:
+        for extra in range(12):  # the GC must run at one of the allocations under the lock
+            parent = CancellationToken()
+            gc.collect()
+            child = parent.child()
+            cycle: list[object] = [child]
+            cycle.append(cycle)  # the child is now only reachable through a cycle
+            del child, cycle
+            gc.set_threshold(gc.get_count()[0] + extra)
+            try:
+                parent.statistics()
+            finally:
+                gc.set_threshold(700)
+            gc.collect()
+            assert parent.statistics().callbacks == 0
+
+    worker = threading.Thread(target=provoke, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "deadlocked in the token's lock"
+
+
+def test_child_made_in_a_finished_loop_follows_a_parent_cancelled_from_a_thread() -> None:
+    """Links do not depend on an event loop: the child is cancelled at once, in any thread."""
+    parent = CancellationToken()
+    made: list[CancellationToken] = []
+
+    async def make_child() -> None:
+        made.append(parent.child())
+
+    anyio.run(make_child)  # the loop that made the child is gone
+    seen: list[bool] = []
+    thread = threading.Thread(target=lambda: seen.append(parent.cancel() and made[0].cancelled))
+    thread.start()
+    thread.join(10)
+    assert seen == [True]
+
+
+@pytest.mark.anyio
+async def test_child_sees_a_parent_cancelled_from_a_worker_thread_at_once() -> None:
+    """A worker thread that cancels the parent sees the child cancelled before returning."""
+    parent = CancellationToken()
+    child = parent.child()
+
+    def cancel_and_look() -> tuple[bool, bool]:
+        parent.cancel()
+        return child.cancelled, child.wait_blocking(0)
+
+    assert await anyio.to_thread.run_sync(cancel_and_look) == (True, True)
+
+
 # -- deadlines -------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from ._protocol import Acquired as Acquired
 from ._protocol import Backend as Backend
 from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
+from ._protocol import OperationExists as OperationExists
 from ._protocol import RegistryFull as RegistryFull
 from ._protocol import new_holder_id as new_holder_id
 
@@ -19,6 +20,7 @@ __all__ = [
     "Deliver",
     "MemoryBackend",
     "MemoryBackendStatistics",
+    "OperationExists",
     "RegistryFull",
     "new_holder_id",
 ]

@@ -12,7 +12,7 @@ from typing import final
 import anyio
 
 from .._reason import CancelKind, CancelReason
-from ._protocol import Acquired, CancelOutcome, Deliver, RegistryFull
+from ._protocol import Acquired, CancelOutcome, Deliver, OperationExists, RegistryFull
 
 __all__ = ["MemoryBackend", "MemoryBackendStatistics"]
 
@@ -133,7 +133,7 @@ class MemoryBackend:
         """See :meth:`Backend.register <cancelkit.backends.Backend.register>`."""
         name = (owner, id)
         if name in self._regs:
-            raise ValueError(f"operation id {id!r} is already registered")
+            raise OperationExists(id)
         now = self._expire()
         tomb = self._tombs.pop(name, None)
         if tomb is not None:

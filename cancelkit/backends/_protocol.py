@@ -48,7 +48,15 @@ from typing import Protocol, final
 
 from .._reason import CancelReason
 
-__all__ = ["Acquired", "Backend", "CancelOutcome", "Deliver", "RegistryFull", "new_holder_id"]
+__all__ = [
+    "Acquired",
+    "Backend",
+    "CancelOutcome",
+    "Deliver",
+    "OperationExists",
+    "RegistryFull",
+    "new_holder_id",
+]
 
 #: Called by a backend with the reason when the holder it was given with must stop.
 Deliver = Callable[[CancelReason], object]
@@ -109,6 +117,23 @@ class Acquired:
     previous: str | None
 
 
+class OperationExists(ValueError):
+    """An operation with this id is already running for this owner; nothing was recorded.
+
+    A client that retries with the same operation id while the first attempt still runs gets
+    this (the FastAPI adapters answer ``409``).
+
+    Args:
+        id: the operation id.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"operation id {id!r} is already running")
+        self.id = id
+
+
 class RegistryFull(Exception):
     """A limit on live operations or on tombstones was reached; nothing was recorded.
 
@@ -148,7 +173,7 @@ class Backend(Protocol):
         registration (forgetting any finished-marker) and return ``None``.
 
         Raises:
-            ValueError: if ``(owner, id)`` is already registered by another holder.
+            OperationExists: if ``(owner, id)`` is already registered by another holder.
             RegistryFull: never for a registration; only :meth:`cancel` writes tombstones.
         """
         ...
