@@ -159,7 +159,9 @@ class DisconnectGuard:
     In ``"interrupt"`` mode the application runs in a scope the token cancels: its awaits are
     cancelled, and :meth:`run` ends the exchange quietly (no response to a client that left,
     one INFO line with status 499 on the ``cancelkit`` logger; ``503``/``504`` to a client that
-    is still there when the token was cancelled for another reason). In ``"signal"`` mode only
+    is still there when the token was cancelled for another reason, before the response
+    started; a response that had started is left incomplete, so that the client can tell).
+    In ``"signal"`` mode only
     the token is cancelled. Either way :func:`~cancelkit.current_token` returns the token
     inside the request, and an :exc:`~cancelkit.OperationCancelled` carrying this token's
     reason that escapes the application ends the request just as quietly. A cancellation
@@ -386,16 +388,19 @@ class DisconnectGuard:
                     }
                 )
                 await self._send({"type": "http.response.body", "body": body})
-            elif not self._response_complete:
-                await self._send({"type": "http.response.body", "body": b""})
         except OSError:
             self._client_gone = True
             return
+        # A response that already started is left incomplete on purpose: the server then
+        # closes the connection without the final chunk, so the client can tell that what it
+        # got is cut short (an explicit clean end is token.until_cancelled()).
+        cut = self._response_started and not self._response_complete
         logger.info(
-            '%s "%s %s" ended: %s',
+            '%s "%s %s" %s: %s',
             _client(scope),
             scope.get("method", ""),
             scope.get("path", ""),
+            "cut short" if cut else "ended",
             reason,
         )
 
@@ -470,6 +475,9 @@ class DisconnectGuard:
     async def _app_receive(self) -> Message:
         while True:
             if self._buffer:
+                # A receive() in a cancelled scope (Starlette's is_disconnected() does that)
+                # must not take a read-ahead body message with it: raise before popping.
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 message = self._buffer.popleft()
                 self._buffered -= len(message.get("body", b""))
                 self._notify()
@@ -489,7 +497,10 @@ class DisconnectGuard:
         kind = message["type"]
         if kind == "http.response.start":
             self._response_started = True
-        elif kind == "http.response.body" and not message.get("more_body", False):
+        elif kind == "http.response.pathsend" or (
+            kind in ("http.response.body", "http.response.zerocopysend")
+            and not message.get("more_body", False)
+        ):
             self._response_complete = True
         try:
             await self._send(message)
@@ -685,8 +696,8 @@ class CancelOnDisconnect:
         Waits up to ``grace`` seconds for in-flight requests to finish, then cancels the
         tokens of those still running (and of any request that starts later) with reason
         :attr:`CancelKind.SHUTDOWN`, and waits up to ``grace`` seconds more for them to end.
-        Interrupted handlers end at once; a streaming response ends instead of holding the
-        server. Runs on ``lifespan.shutdown``; servers that send that only after their
+        Interrupted handlers end at once; a streaming response is cut short (left incomplete,
+        so the client can tell) instead of holding the server. Runs on ``lifespan.shutdown``; servers that send that only after their
         connections are closed (uvicorn, hypercorn) need a call from their shutdown path,
         see the documentation.
 
@@ -706,9 +717,12 @@ class CancelOnDisconnect:
     async def _wait_idle(self, grace: float) -> None:
         with anyio.move_on_after(grace):
             while self._in_flight:
-                self._idle = anyio.Event()
-                await self._idle.wait()
-        self._idle = None
+                if self._idle is None:  # shared by every caller waiting at the same time
+                    self._idle = anyio.Event()
+                idle = self._idle
+                await idle.wait()
+                if self._idle is idle:
+                    self._idle = None
 
     def statistics(self) -> DisconnectStatistics:
         """Return the middleware's counters."""

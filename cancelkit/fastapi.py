@@ -422,8 +422,8 @@ def install(
     gone → ``499``, logged on the ``cancelkit`` logger since nobody reads it), for
     :exc:`~cancelkit.SlotBusy` (``busy_status`` with ``Retry-After``) and for
     :exc:`~cancelkit.RegistryFull` (``503`` with ``Retry-After``) and for
-    :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of a running operation). Each body is a
-    :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
+    :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of a running operation).
+    Each body is a :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
     :func:`tracked` list these responses in the OpenAPI schema. Call it for every FastAPI
     application (a mounted sub-application too).
 

@@ -658,7 +658,7 @@ async def test_shutdown_grace_lets_requests_finish() -> None:
 
 
 async def test_shutdown_ends_streaming_response() -> None:
-    """A streaming response in flight at shutdown is ended instead of holding the server."""
+    """A streaming response in flight at shutdown ends, left incomplete so the client can tell."""
     streaming = anyio.Event()
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -673,7 +673,7 @@ async def test_shutdown_ends_streaming_response() -> None:
         tg.start_soon(mw, http_scope(), server.receive, server.send)
         await streaming.wait()
         await mw.shutdown()
-    assert server.sent[-1] == {"type": "http.response.body", "body": b""}
+    assert server.sent[-1] == {"type": "http.response.body", "body": b"tick", "more_body": True}
 
 
 async def test_shutdown_after_response_complete_sends_nothing_more() -> None:
@@ -992,3 +992,75 @@ async def test_shutdown_does_not_count_tokens_already_cancelled() -> None:
     assert probe.token is not None
     assert probe.token.reason is not None
     assert probe.token.reason.kind is CancelKind.CLIENT_DISCONNECTED
+
+
+# -- regressions found in review --------------------------------------------------------------
+
+
+async def test_receive_in_a_cancelled_scope_leaves_read_ahead_body_in_place() -> None:
+    """A receive() made in a cancelled scope (Starlette's is_disconnected()) takes no body."""
+    server = FakeServer(body(b"first-", more=True), body(b"second-", more=True), body(b"third"))
+    got: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.wait_all_tasks_blocked()  # the guard has read ahead what the server had
+        with anyio.CancelScope() as scope_:  # what Request.is_disconnected() does
+            scope_.cancel()
+            await receive()
+        more = True
+        while more:
+            message = await receive()
+            got.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        await respond(send)
+
+    await CancelOnDisconnect(app)(http_scope(method="POST"), server.receive, server.send)
+    assert b"".join(got) == b"first-second-third"
+
+
+async def test_pathsend_completes_the_response() -> None:
+    """A response finished with http.response.pathsend is complete: a later disconnect is no
+    client leaving, and post-response work is not interrupted."""
+    server = FakeServer()
+    finished: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+        server.client(DISCONNECT)  # the server reports the connection closed afterwards
+        await anyio.wait_all_tasks_blocked()
+        await anyio.lowlevel.checkpoint()
+        finished.append("background work")  # e.g. a BackgroundTask after the response
+
+    middleware = CancelOnDisconnect(app)
+    await middleware(http_scope(), server.receive, server.send)
+    assert finished == ["background work"]
+    assert middleware.statistics().disconnects == 0
+
+
+async def test_concurrent_shutdowns_both_return_when_the_server_is_idle() -> None:
+    """Two shutdown() calls at once (lifespan and the server hook) both end when requests do."""
+    release = anyio.Event()
+    server = FakeServer()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await respond(send)
+
+    middleware = CancelOnDisconnect(app, shutdown_grace=60)
+    returned: list[str] = []
+
+    async def shutdown(name: str) -> None:
+        await middleware.shutdown()
+        returned.append(name)
+
+    with anyio.fail_after(20):  # a shutdown left waiting would take the 60 s grace
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(middleware, http_scope(), server.receive, server.send)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(shutdown, "first")
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(shutdown, "second")
+            await anyio.wait_all_tasks_blocked()
+            release.set()
+    assert sorted(returned) == ["first", "second"]
