@@ -697,9 +697,9 @@ class CancelOnDisconnect:
         tokens of those still running (and of any request that starts later) with reason
         :attr:`CancelKind.SHUTDOWN`, and waits up to ``grace`` seconds more for them to end.
         Interrupted handlers end at once; a streaming response is cut short (left incomplete,
-        so the client can tell) instead of holding the server. Runs on ``lifespan.shutdown``; servers that send that only after their
-        connections are closed (uvicorn, hypercorn) need a call from their shutdown path,
-        see the documentation.
+        so the client can tell) instead of holding the server. Runs on ``lifespan.shutdown``;
+        servers that send that only after their connections are closed (uvicorn, hypercorn)
+        need a call from their shutdown path, see the documentation.
 
         Args:
             grace: seconds; :attr:`shutdown_grace` by default.
