@@ -197,3 +197,20 @@ def test_fastapi_redis_example_across_two_real_uvicorn_workers(redis: Any) -> No
         _, stderr = server.communicate(timeout=30)
     assert server.returncode == 0
     assert b"Traceback" not in stderr, stderr.decode()
+
+
+def test_disconnect_recipes_run_on_uvicorn_hypercorn_and_the_guard() -> None:
+    """The disconnect page's recipes: per-route modes, bounded cleanup, shutdown hooks, guard."""
+    out = run_example("disconnect_recipes.py").stdout.splitlines()
+    assert out[0] == "excluded route: {'status': 'ok'}"
+    assert out[1] == "signalling route: {'status': 'paid', 'client_left': False}"
+    assert out[2] == "interrupted handler cleaned up: ['order']"
+    assert out[3].startswith("uvicorn stopped; statistics: DisconnectStatistics(requests=2,")
+    assert "interrupted=1" in out[3]
+    assert out[4:] == ["hypercorn on trio: {'status': 'ok'}", "guard: {'status': 'ok'}"]
+
+
+def test_token_scopes_example() -> None:
+    """The token page's example: scope() raises with the reason, move_on() records it."""
+    out = run_example("token_scopes.py").stdout.splitlines()
+    assert out == ["scope(): requested", "move_on(): cancelled_caught = True"]
