@@ -19,6 +19,7 @@ import pytest
 from fastapi import FastAPI
 
 from demo.app import WORDS, DemoConfigError, DemoState, LogEvent, create_app, make_backend
+from tests.workers import one_client_per_worker, wait_for_key
 
 pytestmark = pytest.mark.anyio
 
@@ -495,30 +496,19 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
         assert server.stdout is not None
         url = server.stdout.readline().strip().removeprefix("cancelkit demo: open ")
         deadline = time.monotonic() + 30
-        while len(clients) < 2:  # one keep-alive connection on each worker
-            assert time.monotonic() < deadline, "did not reach two distinct workers"
-            client = httpx.Client(base_url=url, headers={"X-User": "tab-1"}, timeout=20)
-            try:
-                about = client.get("/about").json()
-            except httpx.TransportError:
-                client.close()
-                time.sleep(0.05)  # the workers are still starting
-                continue
+
+        def worker_of(client: httpx.Client) -> str:
+            about = client.get("/about").json()
             assert about["backend"] == "RedisBackend"
-            if about["worker"] in clients:
-                client.close()
-            else:
-                clients[about["worker"]] = client
+            return str(about["worker"])
+
+        clients = one_client_per_worker(
+            url, worker_of, workers=2, headers={"X-User": "tab-1"}, deadline=deadline
+        )
         first, second = clients.values()
-
-        def wait_for_key(key: str) -> None:
-            while redis.command("EXISTS", key) != b":1":
-                assert time.monotonic() < deadline, f"{key} never appeared"
-                time.sleep(0.01)
-
         with ThreadPoolExecutor(2) as pool:
             older = pool.submit(first.get, "/search", params={"q": "ca"})
-            wait_for_key("cancelkit-demo:k:tab-1:search")
+            wait_for_key(redis, "cancelkit-demo:k:tab-1:search", deadline)
             newer = pool.submit(second.get, "/search", params={"q": "cat"})
             assert older.result().status_code == 409
             assert older.result().json()["reason"] == "superseded"
@@ -526,7 +516,7 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
 
             other_tab = {"X-User": "tab-2", "X-Operation-Id": "op-stop"}
             stopped = pool.submit(first.get, "/search", params={"q": "x"}, headers=other_tab)
-            wait_for_key("cancelkit-demo:i:op-stop")  # running on the first worker
+            wait_for_key(redis, "cancelkit-demo:i:op-stop", deadline)  # on the first worker
             stop = second.delete("/operations/op-stop", headers={"X-User": "tab-2"})
             assert stop.status_code == 202
             assert stop.json()["outcome"] == "cancelled"

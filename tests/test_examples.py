@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.workers import one_client_per_worker, wait_for_key
+
 EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
 
 
@@ -151,33 +153,20 @@ def test_fastapi_redis_example_across_two_real_uvicorn_workers(redis: Any) -> No
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    base = f"http://127.0.0.1:{port}"
     clients: dict[str, httpx.Client] = {}
+    deadline = time.monotonic() + 30
     try:
-        deadline = time.monotonic() + 30
-        while len(clients) < 2:  # one keep-alive connection on each worker
-            assert time.monotonic() < deadline, "did not reach two distinct workers"
-            client = httpx.Client(base_url=base, headers={"x-user": "alice"}, timeout=20)
-            try:
-                worker = client.get("/worker").json()["worker"]
-            except httpx.TransportError:
-                client.close()
-                time.sleep(0.05)  # still starting
-                continue
-            if worker in clients:
-                client.close()
-            else:
-                clients[worker] = client
+        clients = one_client_per_worker(
+            f"http://127.0.0.1:{port}",
+            lambda client: str(client.get("/worker").json()["worker"]),
+            workers=2,
+            headers={"x-user": "alice"},
+            deadline=deadline,
+        )
         first, second = clients.values()
-
-        def wait_for_key(key: str) -> None:
-            while redis.command("EXISTS", key) != b":1":
-                assert time.monotonic() < deadline, f"{key} never appeared"
-                time.sleep(0.01)
-
         with ThreadPoolExecutor(2) as pool:
             older = pool.submit(first.get, "/search", params={"q": "ca"})
-            wait_for_key("cancelkit:k:alice:/search")  # the older search holds the key
+            wait_for_key(redis, "cancelkit:k:alice:/search", deadline)  # it holds the key
             newer = second.get("/search", params={"q": "cat"})
             assert older.result().status_code == 409
             assert older.result().json()["reason"] == "superseded"
@@ -185,7 +174,7 @@ def test_fastapi_redis_example_across_two_real_uvicorn_workers(redis: Any) -> No
             assert newer.json()["worker"] == list(clients)[1]  # ran on the other worker
 
             export = pool.submit(first.post, "/exports", headers={"X-Operation-Id": "op-42"})
-            wait_for_key("cancelkit:i:op-42")  # registered on the first worker
+            wait_for_key(redis, "cancelkit:i:op-42", deadline)  # registered on the first
             stop = second.delete("/operations/op-42")
             assert stop.status_code == 202
             assert stop.json()["outcome"] == "cancelled"
