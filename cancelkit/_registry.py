@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from types import TracebackType
 from typing import final
 
 from ._reason import CancelKind, CancelReason
-from ._token import CancellationToken
+from ._token import CancellationToken, TokenScope
 from .backends import (
     Backend,
     CancelOutcome,
@@ -115,15 +116,14 @@ class TokenRegistry:
         """The backend in use."""
         return self._backend
 
-    @asynccontextmanager
-    async def track(
+    def track(
         self,
         id: str | None = None,
         *,
         owner: str | None = None,
         parent: CancellationToken | None = None,
         interrupt: bool = True,
-    ) -> AsyncIterator[TrackedOperation]:
+    ) -> AbstractAsyncContextManager[TrackedOperation]:
         """Track the block as operation ``id`` of ``owner`` while it runs.
 
         The block runs inside the operation's ``token.scope()``: a cancel interrupts it with
@@ -140,8 +140,8 @@ class TokenRegistry:
                 ``False`` the block is not interrupted (it checks or scopes ``op.token``
                 itself); a tombstoned operation still never starts it.
 
-        Yields:
-            The :class:`TrackedOperation`.
+        Returns:
+            An async context manager that yields the :class:`TrackedOperation`.
 
         Raises:
             ValueError: for an invalid id or owner.
@@ -152,32 +152,7 @@ class TokenRegistry:
         if id is None:
             id = secrets.token_urlsafe(16)
         _check(id, owner)
-        name = (owner, id)
-        if name in self._live:
-            raise OperationExists(id)
-        if len(self._live) >= self._max_live:
-            raise RegistryFull("max_live", self._max_live)
-        token = CancellationToken(name=id) if parent is None else parent.child(name=id)
-        op = self._live[name] = TrackedOperation(id, owner, token)
-        holder = new_holder_id()
-        self._tracked += 1
-        try:
-            tombstone = await self._backend.register(id, owner, holder, token.cancel)
-            if tombstone is not None:
-                token.cancel(tombstone)
-            if not interrupt:
-                token.raise_if_cancelled()  # tombstoned: the block never starts
-                yield op
-            else:
-                with token.scope():
-                    yield op
-        finally:
-            del self._live[name]
-            token._detach()  # release the link to the parent now, not when garbage-collected
-            reason = token._reason
-            if reason is not None:
-                self._cancelled[reason.kind] += 1
-            await self._backend.unregister(id, owner, holder)  # completes even when cancelled
+        return _Tracking(self, id, owner, parent, interrupt)
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -223,3 +198,71 @@ class TokenRegistry:
             f"<TokenRegistry live={len(self._live)} max_live={self._max_live} "
             f"backend={self._backend!r}>"
         )
+
+
+@final
+class _Tracking:
+    """One ``async with registry.track(...)`` (a class, not a generator: it is lighter)."""
+
+    __slots__ = ("_holder", "_interrupt", "_op", "_registry", "_scope")
+
+    def __init__(
+        self,
+        registry: TokenRegistry,
+        id: str,
+        owner: str | None,
+        parent: CancellationToken | None,
+        interrupt: bool,
+    ) -> None:
+        self._registry = registry
+        token = CancellationToken(name=id) if parent is None else parent.child(name=id)
+        self._op = TrackedOperation(id, owner, token)
+        self._interrupt = interrupt
+        self._holder = new_holder_id()
+        self._scope: TokenScope | None = None
+
+    async def __aenter__(self) -> TrackedOperation:
+        registry, op = self._registry, self._op
+        name = (op.owner, op.id)
+        if name in registry._live:
+            raise OperationExists(op.id)
+        if len(registry._live) >= registry._max_live:
+            raise RegistryFull("max_live", registry._max_live)
+        registry._live[name] = op
+        registry._tracked += 1
+        try:
+            tombstone = await registry._backend.register(
+                op.id, op.owner, self._holder, op.token.cancel
+            )
+            if tombstone is not None:
+                op.token.cancel(tombstone)
+            if self._interrupt:
+                scope = op.token.scope()
+                scope.__enter__()  # raises at once if tombstoned: the block never starts
+                self._scope = scope
+            else:
+                op.token.raise_if_cancelled()  # tombstoned: the block never starts
+        except BaseException:
+            await self._finish()
+            raise
+        return op
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return self._scope is not None and self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        registry, op = self._registry, self._op
+        del registry._live[(op.owner, op.id)]
+        op.token._detach()  # release the link to the parent now, not when garbage-collected
+        reason = op.token._reason
+        if reason is not None:
+            registry._cancelled[reason.kind] += 1
+        await registry._backend.unregister(op.id, op.owner, self._holder)  # always completes
