@@ -64,6 +64,7 @@ _EXTERNAL = "|".join(
         r"weakref\..*",
         r"time\..*",
         r"re\..*",
+        r"contextlib\..*",
         r"math\..*",
         r"secrets\..*",
         r"os\..*",
