@@ -213,6 +213,7 @@ class LatestOnly:
                         await backend.wait_turn(key, claim.id)
                         claim._running = True
                     if not claim._running:
+                        claim.token.raise_if_cancelled()  # superseded meanwhile: say so
                         raise SlotBusy(key, "the previous claim did not finish in time")
                 claim._running = True
                 if interrupt:

@@ -653,7 +653,11 @@ class TokenScope:
         assert self._handle is not None
         assert self._var is not None
         self._handle.unregister()
-        _current.reset(self._var)
+        try:
+            _current.reset(self._var)
+        except BaseException:  # exited in another context: keep the task's scope stack sound
+            self._scope.__exit__(exc_type, exc, tb)
+            raise
         self._scope.__exit__(exc_type, exc, tb)
         if not self._scope.cancelled_caught:
             return False  # not our cancellation (or none at all): let it through untouched
