@@ -267,15 +267,13 @@ class CancellationToken:
     @property
     def cancelled(self) -> bool:
         """Whether the token is cancelled (a passed deadline counts)."""
-        if self._reason is None and self._effective_deadline < _INF:
-            self._expire(time.monotonic())
+        self._poll()
         return self._reason is not None
 
     @property
     def reason(self) -> CancelReason | None:
         """Why the token was cancelled, or ``None`` while it is live."""
-        if self._reason is None and self._effective_deadline < _INF:
-            self._expire(time.monotonic())
+        self._poll()
         return self._reason
 
     @property
@@ -403,9 +401,8 @@ class CancellationToken:
 
     def _expire(self, now: float) -> None:
         """Cancel for a passed deadline: the earliest one in this token's ancestry wins."""
-        if self._reason is not None or self._effective_deadline > now:
-            return
-        if self._effective_deadline == _INF:
+        deadline = self._effective_deadline
+        if self._reason is not None or deadline == _INF or deadline > now:
             return
         if self._deadline <= self._parents_deadline:
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
