@@ -316,7 +316,7 @@ class DisconnectGuard:
             # request yields to the event loop (see _watch); before that nobody else can run.
             with self._new_scope() as scope:
                 self._interrupt = scope
-                if token._reason is not None:
+                if token.reason is not None:
                     scope.cancel()
                 await app(self._scope, self._app_receive, self._app_send)
         finally:

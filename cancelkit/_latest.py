@@ -222,7 +222,7 @@ class LatestOnly:
                 yield claim
         finally:
             self._active -= 1
-            reason = claim.token._reason
+            reason = claim.token.reason
             if reason is not None and reason.kind is CancelKind.SUPERSEDED:
                 self._superseded += 1
             await backend.release(key, claim.id)  # completes even when cancelled

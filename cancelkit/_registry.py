@@ -261,8 +261,8 @@ class _Tracking:
     async def _finish(self) -> None:
         registry, op = self._registry, self._op
         del registry._live[(op.owner, op.id)]
-        op.token._detach()  # release the link to the parent now, not when garbage-collected
-        reason = op.token._reason
+        op.token.close()  # release the link to the parent now, not when garbage-collected
+        reason = op.token.reason
         if reason is not None:
             registry._cancelled[reason.kind] += 1
         await registry._backend.unregister(op.id, op.owner, self._holder)  # always completes
