@@ -48,8 +48,7 @@ class SlotBusy(Exception):
 
 @final
 class Claim:
-    """A claim on a :class:`LatestOnly` key, as yielded by :meth:`LatestOnly.claim` and
-    :meth:`LatestOnly.hold`.
+    """A claim on a :class:`LatestOnly` key, from :meth:`LatestOnly.claim` or ``hold()``.
 
     Attributes:
         key: the key claimed.
@@ -188,7 +187,7 @@ class LatestOnly:
         if policy not in _POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(_POLICIES)}")
         for name, limit in (("max_concurrency", max_concurrency), ("max_waiting", max_waiting)):
-            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            if type(limit) is not int or limit < 1:
                 raise ValueError(f"{name} must be an int >= 1, not {limit!r}")
         if not debounce >= 0:
             raise ValueError(f"debounce must be seconds >= 0, not {debounce!r}")

@@ -295,6 +295,9 @@ class Backend(Protocol):
         ...
 
     async def is_current(self, key: str, generation: int) -> bool:
-        """Whether the claim with ``generation`` runs on ``key``: accepted, not waiting, not
-        superseded, not released (with ``limit == 1``: it is the newest claim)."""
+        """Whether the claim with ``generation`` runs on ``key``.
+
+        That is: accepted, not waiting, not superseded, not released (with ``limit == 1``:
+        it is the newest claim).
+        """
         ...
