@@ -103,13 +103,14 @@ def _in_ci() -> bool:
 
 
 def _find(program: Program) -> tuple[str | None, str]:
-    """Return (absolute path or None, how it was looked for)."""
+    """Return (absolute path or None, how it was looked for).
+
+    Symlinks are kept: redis-server is a link to a multi-call binary that reads its argv[0].
+    """
     explicit = os.environ.get(program.env)
-    if explicit:
-        found = shutil.which(explicit)
-        return (str(Path(found).resolve()) if found else None), f"{program.env}={explicit}"
-    found = shutil.which(program.name)
-    return (str(Path(found).resolve()) if found else None), f"{program.name} on PATH"
+    how = f"{program.env}={explicit}" if explicit else f"{program.name} on PATH"
+    found = shutil.which(explicit or program.name)
+    return (os.path.abspath(found) if found else None), how
 
 
 def _version(path: str) -> str:
