@@ -521,6 +521,7 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 
 import anyio  # noqa: E402
 from fastapi import Query  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 from ._http import HTTPAnswer, answer_for  # noqa: E402
 from ._operations import BackgroundOperations, OperationStatus  # noqa: E402
@@ -553,12 +554,12 @@ class OperationStartedBody(BaseModel):
 
 
 class OperationErrorBody(BaseModel):
-    """Why a background operation failed: the error's type and message.
+    """Why a background operation failed: the error's type (``"type"`` in JSON) and message.
 
     .. versionadded:: 0.2
     """
 
-    type: str
+    type_name: str = Field(alias="type")
     message: str
 
 
