@@ -153,11 +153,13 @@ class RedisStatusStore:
 
     __slots__ = (
         "_client",
+        "_down",
         "_entered",
         "_heartbeat",
         "_lease_ms",
         "_local",
         "_max",
+        "_pending",
         "_prefix",
         "_retention_ms",
         "_running_ms",
@@ -211,6 +213,9 @@ class RedisStatusStore:
         self._task_group: TaskGroup | None = None
         self._local: dict[str, None] = {}  # status keys of this worker's running operations
         self._entered = 0  # nested entries (the application's and BackgroundOperations')
+        # ended statuses whose write failed, retried by the heartbeat (the newest per key)
+        self._pending: dict[str, tuple[list[str], list[str]]] = {}
+        self._down = False  # a failure was logged; the next success logs the recovery
 
     @property
     def worker(self) -> str | None:
@@ -304,9 +309,26 @@ class RedisStatusStore:
         while True:
             await anyio.sleep(self._heartbeat)
             try:
+                while self._pending:  # final statuses that could not be written, oldest first
+                    key = next(iter(self._pending))
+                    keys, args = self._pending[key]
+                    await self._call("put", keys, args)
+                    if self._pending.get(key) == (keys, args):
+                        del self._pending[key]
                 await self._beat_once()
             except RedisUnavailable as exc:
-                logger.warning("status heartbeat failed: %s", exc)
+                if not self._down:
+                    self._down = True
+                    logger.warning(
+                        "status heartbeat failed (%s); this worker's running operations read "
+                        "as lost once the lease passes; retrying every %s s",
+                        exc,
+                        self._heartbeat,
+                    )
+            else:
+                if self._down:
+                    self._down = False
+                    logger.warning("status heartbeat works again")
 
     async def _beat_once(self) -> None:
         keys = [self._alive, *self._local]
@@ -330,6 +352,10 @@ class RedisStatusStore:
     async def put(self, status: OperationStatus) -> None:
         """See :meth:`StatusStore.put <cancelkit.StatusStore.put>`.
 
+        An ended status that cannot be written is kept (up to 10,000) and written by the
+        heartbeat once Redis answers again, so an operation that ended during an outage does
+        not read as lost afterwards.
+
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
@@ -339,26 +365,32 @@ class RedisStatusStore:
         run = _run_marker(status)
         text = json.dumps(status.to_json(), separators=(",", ":"))
         value = f"{'r' if running else 'e'} {status.worker or '-'} {run} {text}"
+        keys = [key, f"{self._prefix}:o:z", self._alive]
+        args = [
+            value,
+            str(self._running_ms if running else self._retention_ms),
+            "r" if running else "e",
+            run,
+            str(self._max),
+            str(time.time_ns() // 1_000_000),
+            name,
+            str(self._lease_ms),
+            self._key(""),
+            str(self._retention_ms),
+        ]
         if running:
             self._local[key] = None
-        else:
-            self._local.pop(key, None)
-        await self._call(
-            "put",
-            [key, f"{self._prefix}:o:z", self._alive],
-            [
-                value,
-                str(self._running_ms if running else self._retention_ms),
-                "r" if running else "e",
-                run,
-                str(self._max),
-                str(time.time_ns() // 1_000_000),
-                name,
-                str(self._lease_ms),
-                self._key(""),
-                str(self._retention_ms),
-            ],
-        )
+            await self._call("put", keys, args)
+            return
+        self._local.pop(key, None)
+        self._pending.pop(key, None)  # this write supersedes an older failed one
+        try:
+            await self._call("put", keys, args)
+        except RedisUnavailable:
+            if len(self._pending) >= 10_000:  # bounded: the oldest failed write is dropped
+                del self._pending[next(iter(self._pending))]
+            self._pending[key] = (keys, args)  # the heartbeat writes it once Redis is back
+            raise
 
     async def get(self, id: str, owner: str | None) -> OperationStatus | None:
         """See :meth:`StatusStore.get <cancelkit.StatusStore.get>`.
