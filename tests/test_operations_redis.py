@@ -120,6 +120,29 @@ async def test_limits_are_per_worker(redis: Any) -> None:
         await b.start(anyio.sleep_forever, owner="alice")
 
 
+async def test_fleet_wide_limits_count_every_workers_operations(redis: Any) -> None:
+    """Store limits hold across workers: per owner, then in all; an end frees the room."""
+    prefix = f"t{secrets.token_hex(6)}"
+
+    def operations() -> BackgroundOperations:
+        store = RedisStatusStore(redis.url, prefix=prefix, max_running=2, max_running_per_owner=1)
+        return BackgroundOperations(store=store, grace=0)
+
+    async with operations() as a, operations() as b:
+        await a.start(anyio.sleep_forever, id="a1", owner="alice")
+        with pytest.raises(RegistryFull) as info:
+            await b.start(anyio.sleep_forever, id="a2", owner="alice")
+        assert (info.value.limit, info.value.value) == ("max_running_per_owner", 1)
+        assert await b.status("a2", owner="alice") is None  # nothing was recorded
+        await b.start(anyio.sleep_forever, id="b1", owner="bob")
+        with pytest.raises(RegistryFull) as info:
+            await b.start(anyio.sleep_forever, id="c1", owner="carol")
+        assert (info.value.limit, info.value.value) == ("max_running", 2)
+        assert await a.cancel("a1", owner="alice") is CancelOutcome.CANCELLED
+        await a.wait("a1", owner="alice")
+        await b.start(anyio.sleep_forever, id="a2", owner="alice")  # room again
+
+
 async def test_statuses_live_in_keys_with_bounded_ttls(redis: Any) -> None:
     """A running status lives lease + retention (refreshed), an ended one retention."""
     prefix = f"t{secrets.token_hex(6)}"
@@ -197,6 +220,7 @@ def test_options_are_checked() -> None:
         ({"heartbeat": 1, "lease": 1}, "lease"),
         ({"retention": -1}, "retention"),
         ({"max_retained": 0}, "max_retained"),
+        ({"max_running_per_owner": 0}, "max_running_per_owner"),
         ({"prefix": "a b"}, "prefix"),
     ):
         with pytest.raises(ValueError, match=name):
