@@ -1,0 +1,287 @@
+"""The LatestOnly side of the Redis backend: admission by policy, sequence numbers, turns."""
+
+from __future__ import annotations
+
+import time
+from typing import final
+
+import anyio
+
+from .._reason import CancelKind, CancelReason
+from ..backends import Acquired, Admission, Deliver, MemoryBackend, SlotPolicy
+from ._codec import deliver
+from ._config import Keys, Settings
+from ._connection import Connection, Down, RedisUnavailable
+
+__all__ = ["Slots"]
+
+_CHUNK = 500  # entries per resync script call
+
+
+@final
+class _Claim:
+    __slots__ = ("deliver", "generation", "holder", "key", "local", "superseded", "synced", "turn")
+
+    def __init__(self, key: str, holder: str, deliver: Deliver) -> None:
+        self.key = key
+        self.holder = holder
+        self.deliver = deliver
+        self.generation = 0
+        self.local: int | None = None  # its generation in the fallback, if made while down
+        self.superseded = False
+        self.synced = False
+        self.turn: anyio.Event | None = None
+
+
+def _local_generation(last: int) -> int:
+    return max(last + 1, time.time_ns() // 1000)
+
+
+@final
+class Slots:
+    """This worker's latest-only claims, and the scripts that share them with the fleet.
+
+    While Redis is unreachable (``fail_open``), claims made meanwhile follow this worker's
+    own semantics, kept in a private :class:`~cancelkit.backends.MemoryBackend`; the resync
+    re-asserts them once Redis is back (Redis's view wins).
+    """
+
+    __slots__ = (
+        "_by_holder",
+        "_by_key",
+        "_conn",
+        "_keys",
+        "_last_generation",
+        "_local",
+        "_settings",
+        "deliveries",
+    )
+
+    def __init__(self, conn: Connection, keys: Keys, settings: Settings) -> None:
+        self._conn = conn
+        self._keys = keys
+        self._settings = settings
+        self._by_holder: dict[str, _Claim] = {}
+        self._by_key: dict[str, dict[str, _Claim]] = {}  # key -> local claims, oldest first
+        self._local = MemoryBackend(seq_ttl=settings.seq_ttl, max_seq_keys=settings.max_seq_keys)
+        self._last_generation = 0
+        self.deliveries = 0
+
+    def __len__(self) -> int:
+        return len(self._by_holder)
+
+    async def acquire(
+        self,
+        key: str,
+        holder: str,
+        callback: Deliver,
+        *,
+        policy: SlotPolicy,
+        limit: int,
+        max_waiting: int,
+        seq: int | None,
+    ) -> Acquired:
+        """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`."""
+        self._conn.client  # noqa: B018 - raises if not running
+        claim = self._by_holder[holder] = _Claim(key, holder, callback)  # record first
+        self._by_key.setdefault(key, {})[holder] = claim
+        k, settings = self._keys, self._settings
+        try:
+            result = await self._conn.run(
+                "ACQUIRE",
+                [k("k", key), k("q", key), k.generations, k.alive, k.sequences],
+                [
+                    k.worker,
+                    holder,
+                    policy,
+                    str(limit),
+                    str(max_waiting),
+                    "" if seq is None else str(seq),
+                    settings.lease_ms,
+                    k.channel_prefix,
+                    str(max(86_400_000, 4 * int(settings.lease_ms))),
+                    k.alive_prefix,
+                    settings.state_ms,
+                ],
+            )
+        except Down:
+            if not settings.fail_open:
+                self._forget(claim)
+                raise RedisUnavailable("Redis is unreachable; not starting new work") from None
+            return await self._acquire_locally(
+                claim, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
+            )
+        except BaseException:
+            self._forget(claim)
+            raise
+        admission = Admission(str(result[0]))
+        if admission is Admission.STALE:
+            self._forget(claim)
+            return Acquired(admission, source=str(result[2]), seq=int(result[3]))
+        if admission is not Admission.RUNNING and admission is not Admission.WAITING:
+            self._forget(claim)
+            return Acquired(admission)
+        claim.generation = int(result[1])
+        self._last_generation = max(self._last_generation, claim.generation)
+        claim.synced = True
+        for line in result[2:]:  # this worker's claims it superseded or let run
+            kind, _, rest = str(line).partition(" ")
+            other, _, source = rest.partition(" ")
+            if kind == "s":
+                self.on_superseded(other, source)
+            else:
+                self.on_turn(other)
+        return Acquired(admission, claim.generation)
+
+    async def _acquire_locally(
+        self, claim: _Claim, *, policy: SlotPolicy, limit: int, max_waiting: int, seq: int | None
+    ) -> Acquired:
+        def deliver(reason: CancelReason) -> None:
+            claim.superseded = True
+            self._deliver(claim.deliver, reason)
+
+        acquired = await self._local.acquire(
+            claim.key,
+            claim.holder,
+            deliver,
+            policy=policy,
+            limit=limit,
+            max_waiting=max_waiting,
+            seq=seq,
+        )
+        if acquired.admission is not Admission.RUNNING and acquired.admission is not (
+            Admission.WAITING
+        ):
+            self._forget(claim)
+            return acquired
+        claim.local = acquired.generation
+        claim.generation = self._last_generation = _local_generation(self._last_generation)
+        claim.synced = True
+        return Acquired(acquired.admission, claim.generation)
+
+    def _forget(self, claim: _Claim) -> None:
+        self._by_holder.pop(claim.holder, None)
+        local = self._by_key.get(claim.key)
+        if local is not None:
+            local.pop(claim.holder, None)
+            if not local:
+                del self._by_key[claim.key]
+            else:
+                for other in local.values():  # a local waiter may have its turn now
+                    if other.turn is not None:
+                        other.turn.set()
+
+    async def release(self, key: str, holder: str) -> None:
+        """See :meth:`RedisBackend.release <cancelkit.redis.RedisBackend.release>`."""
+        claim = self._by_holder.get(holder)
+        if claim is None or claim.key != key:
+            return
+        self._forget(claim)
+        if claim.local is not None:
+            await self._local.release(key, holder)
+        if self._conn.running:
+            with anyio.CancelScope(shield=True):
+                await self._release_remote(key, holder)
+
+    async def _release_remote(self, key: str, holder: str) -> None:
+        k, settings = self._keys, self._settings
+        await self._conn.run_or_defer(
+            "RELEASE",
+            [k("k", key), k("q", key), k.sequences],
+            [
+                k.worker,
+                holder,
+                k.channel_prefix,
+                k.alive_prefix,
+                settings.lease_ms,
+                settings.seq_ms,
+                str(settings.max_seq_keys),
+                settings.state_ms,
+            ],
+        )
+
+    async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
+        """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""
+        self._conn.client  # noqa: B018 - raises if not running
+        k = self._keys
+        while (claim := self._by_holder.get(holder)) is not None and claim.key == key:
+            if claim.local is not None:  # made while Redis was down: this worker's order
+                await self._local.wait_turn(key, holder, handover=handover)
+                return
+            claim.turn = event = anyio.Event()
+            try:
+                if await self._conn.run(
+                    "TURN",
+                    [k("k", key), k("q", key)],
+                    [k.worker, holder, k.alive_prefix, k.channel_prefix, "1" if handover else "0"],
+                ):
+                    return
+            except Down:
+                if not self._settings.fail_open:
+                    raise RedisUnavailable("Redis is unreachable; cannot wait for a turn") from None
+                if next(iter(self._by_key[key])) == holder:
+                    return
+            with anyio.move_on_after(self._settings.heartbeat):
+                await event.wait()
+
+    async def is_current(self, key: str, generation: int) -> bool:
+        """See :meth:`RedisBackend.is_current <cancelkit.redis.RedisBackend.is_current>`."""
+        k = self._keys
+        try:
+            return bool(
+                await self._conn.run("IS_CURRENT", [k("k", key), k("q", key)], [str(generation)])
+            )
+        except Down:
+            pass
+        if not self._settings.fail_open:
+            raise RedisUnavailable("Redis is unreachable; the generation is unknown")
+        for claim in self._by_key.get(key, {}).values():
+            if claim.generation == generation:
+                if claim.local is not None:
+                    return await self._local.is_current(key, claim.local)
+                return not claim.superseded
+        return False
+
+    def _deliver(self, callback: Deliver, reason: CancelReason) -> None:
+        self.deliveries += 1
+        deliver(callback, reason)
+
+    # -- messages and resync -------------------------------------------------------------
+
+    def on_superseded(self, holder: str, source: str) -> None:
+        """An ``s H NEW`` line: the holder's key belongs to ``source`` now."""
+        claim = self._by_holder.get(holder)
+        if claim is not None:
+            claim.superseded = True
+            self._deliver(claim.deliver, CancelReason(CancelKind.SUPERSEDED, source=source))
+
+    def on_turn(self, holder: str) -> None:
+        """A ``t H`` line: the holder may have its turn (it checks)."""
+        claim = self._by_holder.get(holder)
+        if claim is not None and claim.turn is not None:
+            claim.turn.set()
+
+    def poke_turns(self) -> None:
+        """Make every handover wait check again (messages can be lost)."""
+        for claim in self._by_holder.values():
+            if claim.turn is not None:
+                claim.turn.set()
+
+    async def resync(self, *, force: bool = False) -> list[str]:
+        """Refresh TTLs, re-assert lost claims; return the lines of claims superseded meanwhile."""
+        k = self._keys
+        entries = [c for c in self._by_holder.values() if c.synced]
+        lines: list[str] = []
+        for start in range(0, len(entries), _CHUNK):
+            chunk = entries[start : start + _CHUNK]
+            keys = [k.alive]
+            args = [k.worker, self._settings.lease_ms, self._settings.state_ms]
+            for claim in chunk:
+                keys += [k("k", claim.key), k("q", claim.key)]
+                args += [claim.holder, str(claim.generation)]
+            result = await self._conn.run("SYNC_CLAIMS", keys, args, force=force)
+            lines += map(str, result)
+            for claim in chunk:  # released while the script ran: clean up again
+                if claim.holder not in self._by_holder:
+                    await self._release_remote(claim.key, claim.holder)
+        return lines
