@@ -37,13 +37,18 @@ _current: ContextVar[CancellationToken | None] = ContextVar("cancelkit_token", d
 
 
 def current_token() -> CancellationToken | None:
-    """Return the token of the work running in this context, if any.
+    """Return the cancellation token of the work running in this context, if any.
 
     Set inside :meth:`CancellationToken.scope` and :meth:`CancellationToken.move_on` (and so
-    inside everything built on them: tracked operations, latest-only claims, requests under
-    the disconnect middleware). Context variables follow work into
-    :func:`anyio.to_thread.run_sync`, so a sync function running in a worker thread sees the
-    token of the request that called it.
+    inside everything built on them: ``TokenRegistry.track()``, ``LatestOnly.claim()``,
+    requests under the disconnect middleware; the non-interrupting ``hold()`` forms leave it
+    as it was). Context variables follow work into :func:`anyio.to_thread.run_sync`, so a sync
+    function running in a worker thread sees the token of the request that called it.
+
+    Not to be confused with :func:`anyio.lowlevel.current_token`, which returns the *event
+    loop's* token (for calling into the loop from other threads) and has nothing to do with
+    cancellation. This one returns a :class:`CancellationToken`: what code deep in a call
+    stack checks (``raise_if_cancelled()``) without threading a parameter through.
 
     Returns:
         The innermost active token, or ``None`` outside any.
