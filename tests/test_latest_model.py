@@ -254,7 +254,8 @@ class Machine(RuleBasedStateMachine):
 
     def _probe(self, seq: int | None, stubborn: bool) -> Probe:
         def make() -> Probe:
-            return Probe(seq, stubborn, *(anyio.Event() for _ in range(6)))
+            e = anyio.Event
+            return Probe(seq, stubborn, e(), e(), e(), e(), e(), e())
 
         return self.portal.call(make)
 
