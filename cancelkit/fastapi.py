@@ -109,12 +109,22 @@ RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_tok
 
 @contextmanager
 def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
-    """Cancel the request-level token too when ``source`` is cancelled, while in the block."""
+    """While in the block, link ``source`` (a claim's or an operation's token) both ways.
+
+    The request-level token (:data:`RequestToken`) is cancelled when ``source`` is, and
+    ``source`` when the :class:`~cancelkit.CancelOnDisconnect` token of the request is (a
+    client disconnect, shutdown): the endpoint runs in ``source.scope()``, so that is the
+    token :func:`~cancelkit.current_token` returns there, in a worker thread too.
+    """
     handle = source.on_cancel(request_level_token(request).cancel)
+    outer = request.scope.get(_ASGI_TOKEN)
+    outer_handle = None if outer is None else outer.on_cancel(source.cancel)
     try:
         yield
     finally:
         handle.unregister()
+        if outer_handle is not None:
+            outer_handle.unregister()
 
 
 def _interrupting(
