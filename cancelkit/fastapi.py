@@ -101,10 +101,15 @@ def request_level_token(request: Request) -> CancellationToken:
     return cast(CancellationToken, token)
 
 
+async def _request_token_dependency(request: Request) -> CancellationToken:
+    # async def: a sync dependency costs every request a hop through the threadpool.
+    return request_level_token(request)
+
+
 #: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
 #: :func:`request_level_token`). In a sync ``def`` endpoint (run in a worker thread), call
 #: ``token.raise_if_cancelled()`` between steps to stop when it is cancelled.
-RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_token)]
+RequestToken: TypeAlias = Annotated[CancellationToken, Depends(_request_token_dependency)]
 
 
 @contextmanager
@@ -215,7 +220,7 @@ def latest_only(
 _OwnerDependency = Callable[..., str | Awaitable[str | None] | None]
 
 
-def _no_owner() -> None:
+async def _no_owner() -> None:
     return None
 
 
