@@ -122,8 +122,9 @@ class OperationStatus:
         ended_at: when it ended (``None`` while running, and for a lost operation).
         result: for a completed operation, its result as the application chose to keep it
             (by default the return value if it is JSON-serializable, else ``None``).
-        error: for a failed operation, the error's type and message.
-        reason: for a cancelled operation, why (for a lost one, why the status says so).
+        error: for a failed operation, the error's type and message; for a lost one, an
+            error of type ``WorkerLost`` saying which worker stopped answering.
+        reason: for a cancelled operation, why.
         progress: the latest progress report, if the operation made any.
         worker: the worker that runs it, when the store knows one (Redis), else ``None``.
 
@@ -792,6 +793,8 @@ class BackgroundOperations:
             while (status := run.status) is not written and not status.state.ended:
                 await self._store.put(status)
                 written = status
+        except Exception as exc:  # a lost progress report must not end the operation
+            logger.warning("progress of operation %r not written: %s", run.id, exc)
         finally:
             run.writing = False
 

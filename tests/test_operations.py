@@ -1,8 +1,9 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -21,6 +22,7 @@ from cancelkit import (
     OperationStatus,
     Progress,
     RegistryFull,
+    StatusStore,
     TokenRegistry,
     current_token,
 )
@@ -38,20 +40,41 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["memory"])
-def make(request: pytest.FixtureRequest) -> Make:
-    """Running BackgroundOperations on each status store (shared with the Redis module)."""
+@pytest.fixture(params=["memory", "redis"])
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """Running BackgroundOperations on each status store and registry backend.
 
-    @asynccontextmanager
-    async def make(**options: Any) -> AsyncIterator[BackgroundOperations]:
-        options.setdefault("grace", 0)  # tests that leave operations running exit at once
-        store_options = {
-            name: options.pop(name) for name in ("retention", "max_retained") if name in options
-        }
-        async with BackgroundOperations(store=MemoryStatusStore(**store_options), **options) as ops:
-            yield ops
+    The Redis backend and the default store stay up for the whole test, so it can read
+    statuses after the operations' lifespan ended.
+    """
+    async with AsyncExitStack() as stack:
+        redis: Any = None
+        if request.param == "redis":
+            from cancelkit.redis import RedisBackend, RedisStatusStore
 
-    return make
+            redis = request.getfixturevalue("redis")
+            prefix = f"t{secrets.token_hex(6)}"
+            backend = await stack.enter_async_context(RedisBackend(redis.url, prefix=prefix))
+            shared = await stack.enter_async_context(RedisStatusStore(redis.url, prefix=prefix))
+
+        @asynccontextmanager
+        async def make(**options: Any) -> AsyncIterator[BackgroundOperations]:
+            options.setdefault("grace", 0)  # tests that leave operations running exit at once
+            store_options = {
+                name: options.pop(name) for name in ("retention", "max_retained") if name in options
+            }
+            store: StatusStore
+            if redis is None:
+                store, registry = MemoryStatusStore(**store_options), TokenRegistry()
+            else:
+                registry = TokenRegistry(backend=backend)
+                store = shared
+                if store_options:  # its own store, read within the block
+                    store = RedisStatusStore(redis.url, prefix=prefix, **store_options)
+            async with BackgroundOperations(registry=registry, store=store, **options) as ops:
+                yield ops
+
+        yield make
 
 
 async def wait_for(event: anyio.Event) -> None:
