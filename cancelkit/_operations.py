@@ -81,13 +81,13 @@ class OperationError:
     """Why an operation failed: the exception's type name and message, never a traceback.
 
     Attributes:
-        type: the exception's class name, e.g. ``"ValueError"``.
+        type_name: the exception's class name, e.g. ``"ValueError"`` (``"type"`` in JSON).
         message: ``str(exc)``, cut to 1000 characters.
 
     .. versionadded:: 0.2
     """
 
-    type: str
+    type_name: str
     message: str
 
 
@@ -153,7 +153,7 @@ class OperationStatus:
             "result": self.result,
             "error": None
             if self.error is None
-            else {"type": self.error.type, "message": self.error.message},
+            else {"type": self.error.type_name, "message": self.error.message},
             "reason": None if self.reason is None else _reason_to_json(self.reason),
             "progress": None
             if self.progress is None

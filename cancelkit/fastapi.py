@@ -24,11 +24,12 @@ from contextlib import contextmanager
 from typing import Annotated, Any, Literal, TypeAlias, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from ._http import exception_handlers
-from ._latest import Claim, LatestOnly
+from ._latest import _MAX_SEQ, Claim, LatestOnly
 from ._reason import CancelKind, CancelReason
 from ._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from ._token import CancellationToken
@@ -157,10 +158,64 @@ def _as_dependency(func: Callable[..., Any], what: str) -> Callable[..., Any]:
 # -- latest-only ------------------------------------------------------------------------------
 
 
+_SeqDependency = Callable[..., int | Awaitable[int | None] | None]
+
+
+def _seq_from_header(name: str) -> Callable[..., int | None]:
+    """A dependency reading the sequence number from header ``name`` (FastAPI validates it)."""
+
+    def sequence_header(
+        value: Annotated[
+            int | None,
+            Header(
+                alias=name,
+                ge=0,
+                le=_MAX_SEQ,
+                description=(
+                    "The client's own number for this request, increasing per key (a keystroke "
+                    "counter): a request whose number is not above the newest one seen is "
+                    "stale and answered 409 without running. Omit it to keep arrival order."
+                ),
+            ),
+        ] = None,
+    ) -> int | None:
+        return value
+
+    return sequence_header
+
+
+def _no_seq() -> None:
+    return None
+
+
+def _checked_seq(seq: _SeqDependency) -> Callable[..., Any]:
+    """Wrap a user dependency: its result must be an int in range or None, else 422."""
+    dependency = _as_dependency(seq, "seq")
+
+    async def sequence(value: Annotated[Any, Depends(dependency)]) -> int | None:
+        if value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SEQ
+        ):
+            return value
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("seq",),
+                    "msg": f"the sequence number must be an int from 0 to 2**53, not {value!r}",
+                    "input": value,
+                }
+            ]
+        )
+
+    return sequence
+
+
 def latest_only(
     slot: LatestOnly,
     key: Callable[..., str | Awaitable[str]],
     *,
+    seq: str | _SeqDependency | None = "X-Sequence",
     scope: _Scope = "function",
 ) -> Any:
     """Make a dependency that runs the endpoint as the newest claim on a key.
@@ -170,6 +225,12 @@ def latest_only(
     waits: the slot's policy decides); the superseded endpoint's awaits are interrupted and,
     with :func:`install`, its client gets ``409`` naming the reason.
 
+    Requests of one client may arrive out of order; the client's own order wins when it sends
+    an increasing number per key (the ``X-Sequence`` header by default): a request whose number
+    is not above the newest one seen is *stale* and never runs; with :func:`install` it gets
+    the same ``409`` as a superseded request, whose ``detail`` starts with ``"stale:"``. A
+    malformed number is answered ``422`` naming the header.
+
     Args:
         slot: the :class:`~cancelkit.LatestOnly` that holds the keys (its policy, debounce and
             backend apply).
@@ -177,6 +238,10 @@ def latest_only(
             ``lambda request: f"{request.client.host}:search"``; or any FastAPI dependency
             (it may depend on your auth dependency: ``def key(user: CurrentUser) -> str``).
             Include the user in the key, so that one user never supersedes another.
+        seq: where the sequence number comes from: the name of a request header (an int from
+            0 to 2**53; absent means arrival order), or a function of the request, or any
+            FastAPI dependency returning an int or ``None`` (another value is a ``422``);
+            ``None``: arrival order always.
         scope: when the claim is released: ``"function"`` when the endpoint returns,
             ``"request"`` after the response was sent (a streaming endpoint keeps it while
             it streams; end the stream with ``claim.token.until_cancelled(...)``).
@@ -189,11 +254,19 @@ def latest_only(
     if not isinstance(slot, LatestOnly):
         raise TypeError(f"slot must be a LatestOnly, not {type(slot).__name__}")
     key_dependency = _as_dependency(key, "key")
+    if seq is None:
+        seq_dependency: Callable[..., Any] = _no_seq
+    elif isinstance(seq, str):
+        seq_dependency = _seq_from_header(seq)
+    else:
+        seq_dependency = _checked_seq(seq)
 
     async def held_claim(
-        request: Request, key: Annotated[str, Depends(key_dependency)]
+        request: Request,
+        key: Annotated[str, Depends(key_dependency)],
+        seq: Annotated[int | None, Depends(seq_dependency)],
     ) -> AsyncIterator[Claim]:
-        async with slot.claim(key, interrupt=False) as claim:
+        async with slot.hold(key, seq=seq) as claim:
             with _relayed(claim.token, request):
                 yield claim
 
@@ -352,7 +425,7 @@ def cancel_router(
 # -- exception handlers and OpenAPI -----------------------------------------------------------
 
 _LATEST_RESPONSES = {
-    409: "Superseded by a newer request, or the key is busy",
+    409: "Superseded by a newer request, stale (an older sequence number), or the key is busy",
     429: "The key is busy (reject policy, when configured so)",
 }
 _TRACKED_RESPONSES = {
@@ -448,6 +521,7 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 
 import anyio  # noqa: E402
 from fastapi import Query  # noqa: E402
+from pydantic import Field  # noqa: E402
 
 from ._http import HTTPAnswer, answer_for  # noqa: E402
 from ._operations import BackgroundOperations, OperationStatus  # noqa: E402
@@ -480,12 +554,12 @@ class OperationStartedBody(BaseModel):
 
 
 class OperationErrorBody(BaseModel):
-    """Why a background operation failed: the error's type and message.
+    """Why a background operation failed: the error's type (``"type"`` in JSON) and message.
 
     .. versionadded:: 0.2
     """
 
-    type: str
+    type_name: str = Field(alias="type")
     message: str
 
 

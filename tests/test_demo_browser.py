@@ -223,3 +223,17 @@ def test_closing_the_tab_mid_search_stops_it(page: Page, server: str, browser: B
     )
     shot(watcher, "5-client-gone")
     watcher.context.close()
+
+
+def test_export_button_shows_progress_and_stop_export_cancels_it(page: Page, server: str) -> None:
+    """Export starts a background operation; its progress shows; Stop export cancels it."""
+    from playwright.sync_api import expect
+
+    page.locator("#export-start").click()
+    expect(page.locator("#export-status")).to_have_text(re.compile(r"^Exporting: \d+ of \d+ words"))
+    assert float(page.locator("#export-progress").get_attribute("value") or 0) > 0
+    shot(page, "4-export")
+    page.locator("#export-stop").click()
+    expect(page.locator("#export-status")).to_have_text("Export stopped: requested.")
+    expect(page.locator("#export-start")).to_be_enabled()
+    expect(page.locator("#export-stop")).to_be_disabled()

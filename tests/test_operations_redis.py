@@ -176,7 +176,7 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             assert lost.state is OperationState.LOST
             assert lost.state.ended
             assert lost.error is not None
-            assert lost.error.type == "WorkerLost"
+            assert lost.error.type_name == "WorkerLost"
             assert dead_worker in lost.error.message
             assert await reader.cancel("exp-9", owner="alice") is CancelOutcome.NOT_FOUND
 
