@@ -495,7 +495,7 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
     try:
         assert server.stdout is not None
         url = server.stdout.readline().strip().removeprefix("cancelkit demo: open ")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
 
         def worker_of(client: httpx.Client) -> str:
             about = client.get("/about").json()
@@ -577,7 +577,7 @@ def test_redis_live_log_shows_what_every_worker_did_for_a_tab(redis: Any) -> Non
     try:
         assert server.stdout is not None
         url = server.stdout.readline().strip().removeprefix("cancelkit demo: open ")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         tab = {"X-User": "tab-live"}
 
         def worker_of(client: httpx.Client) -> str:
