@@ -33,13 +33,16 @@ from coredis.retry import ConstantRetryPolicy
 
 from .._operations import OperationError, OperationState, OperationStatus
 from ..backends import RegistryFull
-from ._connection import REDIS_ERRORS, RedisUnavailable, _Pool, leaf, redact
+from ._connection import RedisUnavailable, _Pool, leaf, redact
 
 __all__ = ["RedisStatusStore"]
 
 logger = logging.getLogger("cancelkit.redis")
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
+#: Any failure of a call (no answer, a lost connection, an error reply such as BUSY or OOM)
+#: ends as RedisUnavailable for the caller.
+_ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
 
 # KEYS: status, ended set, this worker's alive key, the owner's running set, the running set.
 # ARGV: value, ttl ms, "r"/"e", run, max retained, now ms, name, lease ms, status key prefix,
@@ -321,7 +324,7 @@ class RedisStatusStore:
             self._client = self._task_group = None
             self._worker = None
             await stack.aclose()
-            if isinstance(exc, (*REDIS_ERRORS, coredis.exceptions.RedisError)):
+            if isinstance(exc, _ERRORS):
                 raise RedisUnavailable(
                     f"cannot reach Redis at {redact(self._url)}: {leaf(exc)}"
                 ) from exc
@@ -401,7 +404,7 @@ class RedisStatusStore:
         try:
             with anyio.fail_after(self._timeout):
                 return await self._scripts[script](keys=keys, args=args)
-        except REDIS_ERRORS as exc:
+        except _ERRORS as exc:
             raise RedisUnavailable(
                 f"Redis at {redact(self._url)} did not answer: {leaf(exc)}"
             ) from exc

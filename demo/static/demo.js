@@ -100,6 +100,7 @@ function addLogRow(event) {
     const ms = Math.round((event.at - started.get(event.op)) * 1000);
     detail = `${detail} (after ${ms} ms)`;
   }
+  if (event.worker) detail = detail ? `${detail}, on worker ${event.worker}` : `on worker ${event.worker}`;
   const time = new Date(event.at * 1000).toLocaleTimeString([], { hour12: false });
   const tab = event.user === user ? "this tab" : event.user;
   const cells = [time, tab, LABELS[event.kind] || event.kind, event.query, event.op.slice(0, 8), detail];
