@@ -463,7 +463,7 @@ async def test_misuse_is_refused_with_clear_errors() -> None:
             await ops.start(forever, owner="")
         with pytest.raises(RuntimeError, match="already running"):
             await ops.__aenter__()
-        assert "running" in repr(ops)
+        assert "up running=0" in repr(ops)
     assert "stopped" in repr(ops)
     bad: list[dict[str, Any]] = [{"max_running": 0}, {"max_running_per_owner": 0}, {"grace": -1}]
     for options in bad:
