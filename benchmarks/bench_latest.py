@@ -123,7 +123,8 @@ def summary(label: str, samples: list[float], target: str) -> None:
 
 
 async def supersede_once(old: LatestOnly, new: LatestOnly, seq: int | None) -> float:
-    """Claim on ``old``, then supersede from ``new``; seconds until the old body saw it."""
+    """Claim on ``old``, then supersede from ``new``; seconds until the old body was interrupted
+    (its await cancelled; the release that follows is not counted)."""
     observed, ready = anyio.Event(), anyio.Event()
     seen = [0.0]
 
@@ -131,10 +132,13 @@ async def supersede_once(old: LatestOnly, new: LatestOnly, seq: int | None) -> f
         try:
             async with old.claim("k", seq=seq):
                 ready.set()
-                await anyio.sleep_forever()
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    seen[0] = time.perf_counter()
+                    observed.set()
         except OperationCancelled:
-            seen[0] = time.perf_counter()
-            observed.set()
+            pass
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(holder)
