@@ -535,6 +535,8 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 # Kept apart from the request-level adapters above; the core is cancelkit._operations.
 # =============================================================================================
 
+import sys  # noqa: E402
+
 import anyio  # noqa: E402
 from fastapi import Query  # noqa: E402
 from pydantic import Field  # noqa: E402
@@ -627,6 +629,14 @@ def _status_body(status: OperationStatus) -> dict[str, Any]:
     return data
 
 
+def _unavailable(exc: Exception) -> Response | None:
+    """503 for a store or backend that cannot be reached (cancelkit.redis, if it is in use)."""
+    redis = sys.modules.get("cancelkit.redis")
+    if redis is None or not isinstance(exc, redis.RedisUnavailable):
+        return None
+    return _answer(HTTPAnswer(503, "unavailable", str(exc), None, 1))
+
+
 def _answer(answer: HTTPAnswer) -> Response:
     headers = {} if answer.retry_after is None else {"Retry-After": str(answer.retry_after)}
     return Response(
@@ -681,6 +691,10 @@ class OperationStarter:
             answer = answer_for(exc)
             assert answer is not None
             return _answer(answer)
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         location = str(self._request.url_for(self._route, operation_id=id))
         status = await self._operations.status(id, owner=self._owner)
         state = "running" if status is None else status.state.value
@@ -761,6 +775,9 @@ def operations_router(
       ``"pending"`` (not started yet: it will start already cancelled), ``404`` when there
       is nothing of this owner's to cancel (ended, lost, or someone else's).
 
+    Both answer ``503`` with ``Retry-After`` (reason ``"unavailable"``) while Redis cannot
+    be reached, as does a start.
+
     Args:
         operations: the application's :class:`~cancelkit.BackgroundOperations`.
         owner: your dependency that returns the owner; another owner's operations look absent.
@@ -805,10 +822,15 @@ def operations_router(
             Query(ge=0, le=max_wait, description="Seconds to wait for the operation to end"),
         ] = 0,
     ) -> Any:
-        if wait > 0:
-            with anyio.move_on_after(wait):
-                await operations.wait(operation_id, owner=owner)
-        status = await operations.status(operation_id, owner=owner)
+        try:
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await operations.wait(operation_id, owner=owner)
+            status = await operations.status(operation_id, owner=owner)
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         if status is None:
             body = {"detail": "no such operation", "reason": "not_found", "source": None}
             return JSONResponse(body, status_code=404)
@@ -825,9 +847,14 @@ def operations_router(
         operation_id: Annotated[str, Path(pattern=_ID_PATTERN, max_length=128)],
         owner: Annotated[str | None, Depends(owner_dependency)],
     ) -> Any:
-        outcome = await operations.cancel(
-            operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
-        )
+        try:
+            outcome = await operations.cancel(
+                operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
+            )
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         body = {"id": operation_id, "outcome": outcome.value}
         if outcome is CancelOutcome.NOT_FOUND:
             return JSONResponse(body, status_code=404)

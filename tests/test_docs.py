@@ -176,6 +176,7 @@ EXTERNAL = {
     "True",
     "False",
     "EventSource",
+    "AbortController",
     "AsyncClient",
     "ASGITransport",
     "TestClient",
