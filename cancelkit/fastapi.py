@@ -77,7 +77,18 @@ class OperationBody(BaseModel):
 # -- the request's token ----------------------------------------------------------------------
 
 
-def request_level_token(request: Request) -> CancellationToken:
+def _request_level_token(request: Request) -> CancellationToken:
+    """The request's token, creating it on first use (see :func:`request_level_token`)."""
+    scope = request.scope
+    token = scope.get(_REQUEST_TOKEN)
+    if token is None:
+        outer = scope.get(_ASGI_TOKEN)
+        token = CancellationToken() if outer is None else outer.child()
+        scope[_REQUEST_TOKEN] = token
+    return cast(CancellationToken, token)
+
+
+async def request_level_token(request: Request) -> CancellationToken:
     """Return the request's token, creating it on first use.
 
     It follows the :class:`~cancelkit.CancelOnDisconnect` token when that middleware runs the
@@ -93,24 +104,14 @@ def request_level_token(request: Request) -> CancellationToken:
 
     .. versionadded:: 0.1
     """
-    scope = request.scope
-    token = scope.get(_REQUEST_TOKEN)
-    if token is None:
-        outer = scope.get(_ASGI_TOKEN)
-        token = CancellationToken() if outer is None else outer.child()
-        scope[_REQUEST_TOKEN] = token
-    return cast(CancellationToken, token)
-
-
-async def _request_token_dependency(request: Request) -> CancellationToken:
-    # async def: a sync dependency costs every request a hop through the threadpool.
-    return request_level_token(request)
+    # async def: a sync dependency costs every request a trip through the threadpool.
+    return _request_level_token(request)
 
 
 #: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
 #: :func:`request_level_token`). In a sync ``def`` endpoint (run in a worker thread), call
 #: ``token.raise_if_cancelled()`` between steps to stop when it is cancelled.
-RequestToken: TypeAlias = Annotated[CancellationToken, Depends(_request_token_dependency)]
+RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_token)]
 
 
 @contextmanager
@@ -122,7 +123,7 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     client disconnect, shutdown): the endpoint runs in ``source.scope()``, so that is the
     token :func:`~cancelkit.current_token` returns there, in a worker thread too.
     """
-    handle = source.on_cancel(request_level_token(request).cancel)
+    handle = source.on_cancel(_request_level_token(request).cancel)
     outer = request.scope.get(_ASGI_TOKEN)
     outer_handle = None if outer is None else outer.on_cancel(source.cancel)
     try:
