@@ -5,9 +5,11 @@ cancelkit is built on anyio, so everything here runs on asyncio and on trio.
 
 from ._asgi import CancelOnDisconnect as CancelOnDisconnect
 from ._asgi import DisconnectGuard as DisconnectGuard
+from ._asgi import DisconnectOutcome as DisconnectOutcome
 from ._asgi import DisconnectStatistics as DisconnectStatistics
 from ._asgi import request_token as request_token
 from ._asgi import shielded_cleanup as shielded_cleanup
+from ._http import exception_handlers as exception_handlers
 from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
@@ -36,6 +38,7 @@ __all__ = [
     "CancellationToken",
     "Claim",
     "DisconnectGuard",
+    "DisconnectOutcome",
     "DisconnectStatistics",
     "LatestOnly",
     "LatestOnlyStatistics",
@@ -49,6 +52,7 @@ __all__ = [
     "TokenStatistics",
     "TrackedOperation",
     "current_token",
+    "exception_handlers",
     "request_token",
     "shielded_cleanup",
 ]

@@ -19,21 +19,20 @@ over the framework-agnostic core:
 # No "from __future__ import annotations" here: FastAPI reads the annotations of the
 # dependencies made below at run time, and they refer to local variables.
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal, TypeAlias, cast, final
+from typing import Annotated, Any, Literal, TypeAlias, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ._asgi import _client
-from ._latest import Claim, LatestOnly, SlotBusy
-from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._http import exception_handlers
+from ._latest import Claim, LatestOnly
+from ._reason import CancelKind, CancelReason
 from ._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from ._token import CancellationToken
-from .backends import CancelOutcome, OperationExists, RegistryFull
+from .backends import CancelOutcome
 
 __all__ = [
     "CancelledBody",
@@ -45,8 +44,6 @@ __all__ = [
     "request_level_token",
     "tracked",
 ]
-
-logger = logging.getLogger("cancelkit")
 
 _Scope = Literal["function", "request"]  # when a dependency lets go
 
@@ -354,15 +351,6 @@ def cancel_router(
 
 # -- exception handlers and OpenAPI -----------------------------------------------------------
 
-_STATUS = {
-    CancelKind.SUPERSEDED: 409,
-    CancelKind.REQUESTED: 409,
-    CancelKind.DEADLINE: 504,
-    CancelKind.SHUTDOWN: 503,
-    CancelKind.CLIENT_DISCONNECTED: 499,
-}
-
-
 _LATEST_RESPONSES = {
     409: "Superseded by a newer request, or the key is busy",
     429: "The key is busy (reject policy, when configured so)",
@@ -372,44 +360,6 @@ _TRACKED_RESPONSES = {
     503: "Too many operations, or the server is shutting down",
 }
 _COMMON_RESPONSES = {504: "The operation's deadline passed"}
-
-
-@final
-class _Handlers:
-    __slots__ = ("busy_retry_after", "busy_status")
-
-    def __init__(self, busy_status: int, busy_retry_after: float) -> None:
-        self.busy_status = busy_status
-        self.busy_retry_after = busy_retry_after
-
-    async def cancelled(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, OperationCancelled)
-        root = exc.reason.root
-        status = _STATUS.get(root.kind, 409)
-        body = CancelledBody(detail=root.message, reason=root.kind.value, source=root.source)
-        if status == 499:
-            logger.info(  # the same line as CancelOnDisconnect's
-                '%s "%s %s" 499 client disconnected',
-                _client(request.scope),
-                request.method,
-                request.url.path,
-            )
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-    async def busy(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, SlotBusy)
-        body = CancelledBody(detail=str(exc), reason="busy", source=None)
-        headers = {"Retry-After": f"{max(1, round(self.busy_retry_after))}"}
-        return JSONResponse(body.model_dump(), status_code=self.busy_status, headers=headers)
-
-    async def exists(self, request: Request, exc: Exception) -> Response:
-        body = CancelledBody(detail=str(exc), reason="exists", source=None)
-        return JSONResponse(body.model_dump(), status_code=409)
-
-    async def full(self, request: Request, exc: Exception) -> Response:
-        body = CancelledBody(detail=str(exc), reason="full", source=None)
-        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
 
 def install(
@@ -434,13 +384,11 @@ def install(
 
     .. versionadded:: 0.1
     """
-    if busy_status not in (409, 429):
-        raise ValueError(f"busy_status must be 409 or 429, not {busy_status!r}")
-    handlers = _Handlers(busy_status, busy_retry_after)
-    app.add_exception_handler(OperationCancelled, handlers.cancelled)
-    app.add_exception_handler(SlotBusy, handlers.busy)
-    app.add_exception_handler(RegistryFull, handlers.full)
-    app.add_exception_handler(OperationExists, handlers.exists)
+    for exc_class, handler in exception_handlers(
+        busy_status=busy_status, busy_retry_after=busy_retry_after
+    ).items():
+        # The handlers answer with an ASGI application, as Starlette allows.
+        app.add_exception_handler(exc_class, cast(Any, handler))
     original = app.openapi
 
     def openapi() -> dict[str, Any]:

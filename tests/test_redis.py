@@ -29,7 +29,8 @@ from cancelkit import (
     SlotBusy,
     TokenRegistry,
 )
-from cancelkit.redis import RedisBackend, RedisBackendStatistics, RedisUnavailable, _dump
+from cancelkit.redis import RedisBackend, RedisBackendStatistics, RedisUnavailable
+from cancelkit.redis._codec import dump as _dump
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,6 @@
-"""The Lua scripts of :class:`cancelkit.redis.RedisBackend` (no coredis import here).
+"""The Lua scripts of :class:`cancelkit.redis.RedisBackend`: the registry side (no coredis here).
+
+The LatestOnly scripts are in :mod:`cancelkit.redis._slot_scripts`.
 
 Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W`` a worker id,
 ``H`` a holder id; every key has a TTL):
@@ -24,7 +26,7 @@ Messages on a worker's channel ``P:w:W`` (and lines returned by the sync script)
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "CANCEL", "REGISTER", "RELEASE", "SYNC", "TURN", "UNREGISTER"]
+__all__ = ["CANCEL", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
 #: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
@@ -95,127 +97,44 @@ redis.call('PEXPIRE', KEYS[4], ARGV[2])
 return {'pending'}
 """
 
-#: KEYS: owner, queue, gen. ARGV: W, H, replace ('1'/'0'), lease ms, channel prefix,
-#: generation-key ttl ms. Returns {0} (refused) or {1, G[, prevW, prevH]}. Idempotent for
-#: one holder.
-ACQUIRE = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local cw, ch, cg = string.match(cur, '^(%S+) (%S+) (%S+)$')
-  if cw == ARGV[1] and ch == ARGV[2] then return {1, cg} end  -- a retried call
-  if ARGV[3] == '0' then return {0} end
-end
-local g = redis.call('INCR', KEYS[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if g < now then
-  g = now
-  redis.call('SET', KEYS[3], string.format('%d', g))
-end
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
-local gs = string.format('%d', g)
-local me = ARGV[1] .. ' ' .. ARGV[2]
-redis.call('SET', KEYS[1], me .. ' ' .. gs, 'PX', ARGV[4])
-redis.call('ZADD', KEYS[2], gs, me)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if cur then
-  local w, h = string.match(cur, '^(%S+) (%S+)')
-  if w ~= ARGV[1] then redis.call('PUBLISH', ARGV[5] .. w, 's ' .. h .. ' ' .. ARGV[2]) end
-  return {1, gs, w, h}
-end
-return {1, gs}
-"""
-
-#: KEYS: owner, queue. ARGV: W, H, channel prefix. Compare-and-delete of the owner, removes
-#: the claim, wakes the new head of the queue if the released claim was the head.
-RELEASE = """
-local me = ARGV[1] .. ' ' .. ARGV[2]
-local head0 = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-redis.call('ZREM', KEYS[2], me)
-local cur = redis.call('GET', KEYS[1])
-if cur and string.sub(cur, 1, #me + 1) == me .. ' ' then redis.call('DEL', KEYS[1]) end
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if not head then
-  redis.call('DEL', KEYS[2])
-  return 0
-end
-if head0 == me then
-  local w, h = string.match(head, '^(%S+) (%S+)$')
-  if w ~= ARGV[1] then redis.call('PUBLISH', ARGV[3] .. w, 't ' .. h) end
-end
-return 1
-"""
-
-#: KEYS: queue. ARGV: "W H", liveness-key prefix. 1 if every earlier claim was released
-#: (claims of workers that stopped heartbeating are pruned), else 0.
-TURN = """
-while true do
-  local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-  if not head or head == ARGV[1] then return 1 end
-  if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-  local w = string.match(head, '^(%S+) ')
-  if redis.call('EXISTS', ARGV[2] .. w) == 1 then return 0 end
-  redis.call('ZREM', KEYS[1], head)
-end
-"""
-
-#: The heartbeat and the resync after a reconnect: refresh this worker's liveness and the
-#: TTLs of its entries, re-assert entries that Redis lost, and report what the worker missed.
-#: KEYS: alive, tz, then two per entry (reg, tomb | owner, queue).
-#: ARGV: W, lease ms, then three per entry: 'r', H, id-index key | 'k', H, G.
-#: Returns message lines (see the module docs).
-SYNC = """
+#: The heartbeat and the resync after a reconnect, for registrations: refresh this worker's
+#: liveness and the TTLs of its registrations, re-assert those that Redis lost, and report
+#: what the worker missed.
+#: KEYS: alive, tz, then two per entry (reg, tomb). ARGV: W, lease ms, then two per entry
+#: (H, id-index key). Returns message lines (see the module docs).
+SYNC_REGISTRATIONS = """
 local W, lease = ARGV[1], ARGV[2]
 redis.call('SET', KEYS[1], '1', 'PX', lease)
 local out = {}
-local n = (#ARGV - 2) / 3
+local n = (#ARGV - 2) / 2
 for i = 0, n - 1 do
-  local kind, h, g = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i]
+  local h, g = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
   local k1, k2 = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local me = W .. ' ' .. h
-  if kind == 'r' then
-    redis.call('SADD', g, k1)
-    redis.call('PEXPIRE', g, lease)
-    local cur = redis.call('HGET', k1, 'o')
-    if cur == me then
-      redis.call('PEXPIRE', k1, lease)
-      local c = redis.call('HGET', k1, 'c')
-      if c then out[#out + 1] = 'c ' .. h .. ' ' .. c end
-    elseif not cur then
-      local t = redis.call('GET', k1 .. '#c')
-      if not t then
-        t = redis.call('GET', k2)
-        if t then
-          redis.call('DEL', k2)
-          redis.call('ZREM', KEYS[2], k2)
-        end
-      end
-      redis.call('HSET', k1, 'o', me)
+  redis.call('SADD', g, k1)
+  redis.call('PEXPIRE', g, lease)
+  local cur = redis.call('HGET', k1, 'o')
+  if cur == me then
+    redis.call('PEXPIRE', k1, lease)
+    local c = redis.call('HGET', k1, 'c')
+    if c then out[#out + 1] = 'c ' .. h .. ' ' .. c end
+  elseif not cur then
+    local t = redis.call('GET', k1 .. '#c')
+    if not t then
+      t = redis.call('GET', k2)
       if t then
-        redis.call('HSET', k1, 'c', t)
-        out[#out + 1] = 'c ' .. h .. ' ' .. t
+        redis.call('DEL', k2)
+        redis.call('ZREM', KEYS[2], k2)
       end
-      redis.call('PEXPIRE', k1, lease)
-    else
-      out[#out + 1] = 'l ' .. h
     end
+    redis.call('HSET', k1, 'o', me)
+    if t then
+      redis.call('HSET', k1, 'c', t)
+      out[#out + 1] = 'c ' .. h .. ' ' .. t
+    end
+    redis.call('PEXPIRE', k1, lease)
   else
-    local mine = me .. ' ' .. g
-    local cur = redis.call('GET', k1)
-    redis.call('ZADD', k2, g, me)
-    redis.call('PEXPIRE', k2, lease)
-    if cur == mine then
-      redis.call('PEXPIRE', k1, lease)
-    elseif cur then
-      out[#out + 1] = 's ' .. h .. ' ' .. string.match(cur, '^%S+ (%S+)')
-    else
-      local top = redis.call('ZREVRANGE', k2, 0, 0)[1]
-      if top ~= me then
-        out[#out + 1] = 's ' .. h .. ' ' .. string.match(top, '^%S+ (%S+)$')
-      else
-        redis.call('SET', k1, mine, 'PX', lease)
-      end
-    end
+    out[#out + 1] = 'l ' .. h
   end
 end
 return out

@@ -1,0 +1,315 @@
+"""RedisBackend: the state of TokenRegistry and LatestOnly shared across workers and hosts.
+
+Install the extra (``pip install cancelkit[redis]``); the client is
+`coredis <https://coredis.readthedocs.io>`_, which runs on asyncio and on trio.
+
+The parts: :mod:`._config` (options, key names), :mod:`._connection` (pool, client, up/down),
+:mod:`._scripts` and :mod:`._slot_scripts` (the Lua), :mod:`._registrations` (TokenRegistry
+side), :mod:`._slots` (LatestOnly side), :mod:`._listener` (pub/sub, resync, heartbeat); this
+module composes them.
+
+.. versionadded:: 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from types import TracebackType
+from typing import final
+
+import anyio
+import coredis.exceptions
+from anyio.abc import TaskGroup
+
+from .._reason import CancelReason
+from ..backends import Acquired, CancelOutcome, Deliver
+from . import _scripts, _slot_scripts
+from ._config import Keys, Settings
+from ._connection import REDIS_ERRORS, Connection, RedisUnavailable, leaf, redact
+from ._listener import Listener
+from ._registrations import Registrations
+from ._slots import Slots
+
+__all__ = ["RedisBackend", "RedisBackendStatistics"]
+
+logger = logging.getLogger("cancelkit.redis")
+
+_SCRIPTS = {
+    name: getattr(module, name) for module in (_scripts, _slot_scripts) for name in module.__all__
+}
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RedisBackendStatistics:
+    """A snapshot of a :class:`RedisBackend`, from :meth:`RedisBackend.statistics`.
+
+    Attributes:
+        worker: this worker's id (made when the backend started; ``None`` before).
+        connected: whether Redis is reachable (as far as the backend knows).
+        registrations: registrations held by this worker.
+        claims: latest-only claims held by this worker.
+        messages_received: cancel, supersede and turn messages received over pub/sub.
+        deliveries: cancellations delivered to local holders (by message, resync or directly).
+        resyncs: heartbeats and reconnects that re-read the state of the local entries.
+        reconnects: times the pub/sub subscription was re-established.
+        failures: times Redis became unreachable (each logged once).
+
+    .. versionadded:: 0.1
+    """
+
+    worker: str | None
+    connected: bool
+    registrations: int
+    claims: int
+    messages_received: int
+    deliveries: int
+    resyncs: int
+    reconnects: int
+    failures: int
+
+
+@final
+class RedisBackend:
+    """Keeps registrations, tombstones and latest-only keys in Redis, for a fleet of workers.
+
+    Give one instance to :class:`~cancelkit.TokenRegistry` and :class:`~cancelkit.LatestOnly`
+    (``backend=``) in every worker process: a newer claim on a key cancels the older one
+    wherever it runs, and ``registry.cancel(id)`` stops the operation on whichever worker
+    tracks it, even if it registers a moment later. The backend must run while it is used::
+
+        backend = RedisBackend("redis://localhost:6379/0", prefix="myapp")
+
+        @asynccontextmanager
+        async def lifespan(app):
+            async with backend:  # each worker process gets its own identity here
+                yield
+
+    Every key it writes starts with ``prefix`` and has a TTL: a lease refreshed every
+    ``heartbeat`` seconds for live entries, so a crashed worker leaves nothing behind.
+    Pub/sub carries the cancellations; because it drops messages while reconnecting, every
+    re-subscribe and every heartbeat re-reads the state of this worker's entries and delivers
+    what was lost.
+
+    When Redis becomes unreachable, the failure is logged once, no call waits longer than
+    ``timeout``, and the backend keeps trying to reconnect every ``retry_delay`` seconds;
+    once back it re-asserts this worker's entries (Redis's view wins on conflicts). Meanwhile,
+    with ``fail_open=True`` (the default) work goes on with this worker's local semantics
+    (claims supersede claims of the same worker; cancels reach operations of this worker);
+    with ``fail_open=False`` new registrations and claims raise :exc:`RedisUnavailable`.
+    A cancel of an operation not running in this worker raises :exc:`RedisUnavailable` in
+    both modes. Standalone Redis or Valkey (not Redis Cluster).
+
+    Args:
+        url: the server, ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for
+            TLS, ``unix://`` for a socket).
+        prefix: the start of every key and channel, so applications can share a server;
+            1 to 64 characters, no whitespace.
+        fail_open: what to do while Redis is unreachable (see above).
+        timeout: the bound, in seconds, on every Redis call (and on connecting at start).
+        heartbeat: seconds between heartbeats (TTL refresh and resync).
+        lease: the TTL, in seconds, of live entries; at least twice ``heartbeat``; five
+            heartbeats by default.
+        retry_delay: seconds between reconnection attempts (constant, never growing).
+        tombstone_ttl: seconds a tombstone (and a finished-marker) lives.
+        max_tombstones: the most unexpired tombstones across the fleet; a cancel that needs
+            one more raises :exc:`~cancelkit.RegistryFull`.
+
+    Raises:
+        ValueError: if an option is out of range.
+
+    .. versionadded:: 0.1
+    """
+
+    __slots__ = (
+        "_conn",
+        "_keys",
+        "_listener",
+        "_registrations",
+        "_settings",
+        "_slots",
+        "_stack",
+        "_task_group",
+    )
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "cancelkit",
+        fail_open: bool = True,
+        timeout: float = 1.0,
+        heartbeat: float = 2.0,
+        lease: float | None = None,
+        retry_delay: float = 0.1,
+        tombstone_ttl: float = 60.0,
+        max_tombstones: int = 10_000,
+    ) -> None:
+        """Configure the backend; nothing connects until it is entered."""
+        settings = self._settings = Settings.validate(
+            url,
+            prefix=prefix,
+            fail_open=fail_open,
+            timeout=timeout,
+            heartbeat=heartbeat,
+            lease=lease,
+            retry_delay=retry_delay,
+            tombstone_ttl=tombstone_ttl,
+            max_tombstones=max_tombstones,
+        )
+        self._keys = Keys(prefix)
+        self._conn = Connection(url, timeout=settings.timeout, fail_open=fail_open)
+        self._registrations = Registrations(self._conn, self._keys, settings)
+        self._slots = Slots(self._conn, self._keys, settings)
+        self._listener = Listener(
+            self._conn, self._keys, settings, self._registrations, self._slots
+        )
+        self._stack: AsyncExitStack | None = None
+        self._task_group: TaskGroup | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def worker(self) -> str | None:
+        """This worker's id while the backend runs (a new one at every start), else ``None``."""
+        return self._keys.worker or None
+
+    async def __aenter__(self) -> RedisBackend:
+        """Connect, subscribe and start the heartbeat.
+
+        Raises:
+            RedisUnavailable: if Redis does not answer within ``timeout``.
+            RuntimeError: if the backend is already running.
+        """
+        if self._stack is not None:
+            raise RuntimeError("this RedisBackend is already running")
+        self._keys.worker = secrets.token_urlsafe(9)  # made here, after any fork: one per process
+        stack = AsyncExitStack()
+        try:
+            await self._conn.open(stack, _SCRIPTS)
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            await self._task_group.start(self._listener.read)
+        except BaseException as exc:
+            self._conn.close()
+            self._task_group = None
+            self._keys.worker = ""
+            await stack.aclose()
+            if isinstance(exc, RedisUnavailable):
+                raise
+            if isinstance(exc, (*REDIS_ERRORS, coredis.exceptions.RedisError)):
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {redact(self._settings.url)}: {leaf(exc)}"
+                ) from exc
+            raise
+        self._task_group.start_soon(self._listener.beat)
+        self._stack = stack
+        logger.debug("RedisBackend worker %s started", self._keys.worker)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        """Stop the background tasks and disconnect (entries left in Redis expire)."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+        try:
+            await stack.aclose()
+        finally:
+            self._conn.close()
+            self._task_group = None
+            self._keys.worker = ""
+
+    # -- TokenRegistry -----------------------------------------------------------------
+
+    async def register(
+        self, id: str, owner: str | None, holder: str, deliver: Deliver
+    ) -> CancelReason | None:
+        """See :meth:`Backend.register <cancelkit.backends.Backend.register>`.
+
+        Raises:
+            OperationExists: if the operation is registered already (by any worker).
+            RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
+        """
+        return await self._registrations.register(id, owner, holder, deliver)
+
+    async def unregister(self, id: str, owner: str | None, holder: str) -> None:
+        """See :meth:`Backend.unregister <cancelkit.backends.Backend.unregister>`."""
+        await self._registrations.unregister(holder)
+
+    async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
+        """See :meth:`Backend.cancel <cancelkit.backends.Backend.cancel>`.
+
+        Raises:
+            RegistryFull: if a tombstone is needed and ``max_tombstones`` are live.
+            RedisUnavailable: while Redis is unreachable, unless the operation runs in this
+                worker.
+        """
+        return await self._registrations.cancel(id, owner, reason)
+
+    # -- LatestOnly --------------------------------------------------------------------
+
+    async def acquire(
+        self, key: str, holder: str, deliver: Deliver, *, replace: bool
+    ) -> Acquired | None:
+        """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`.
+
+        Raises:
+            RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
+        """
+        return await self._slots.acquire(key, holder, deliver, replace=replace)
+
+    async def release(self, key: str, holder: str) -> None:
+        """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
+        await self._slots.release(key, holder)
+
+    async def wait_turn(self, key: str, holder: str) -> None:
+        """See :meth:`Backend.wait_turn <cancelkit.backends.Backend.wait_turn>`.
+
+        Raises:
+            RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
+        """
+        await self._slots.wait_turn(key, holder)
+
+    async def generation(self, key: str) -> int | None:
+        """See :meth:`Backend.generation <cancelkit.backends.Backend.generation>`.
+
+        Raises:
+            RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
+        """
+        return await self._slots.generation(key)
+
+    # -- introspection -----------------------------------------------------------------
+
+    def statistics(self) -> RedisBackendStatistics:
+        """Return a snapshot of this worker's view."""
+        listener = self._listener
+        return RedisBackendStatistics(
+            worker=self.worker,
+            connected=self._conn.up,
+            registrations=len(self._registrations),
+            claims=len(self._slots),
+            messages_received=listener.messages,
+            deliveries=self._registrations.deliveries + self._slots.deliveries,
+            resyncs=listener.resyncs,
+            reconnects=listener.reconnects,
+            failures=self._conn.failures,
+        )
+
+    def __repr__(self) -> str:
+        """Show the server (password hidden), prefix, worker id, state and local entries."""
+        conn, settings = self._conn, self._settings
+        state = "stopped" if not conn.running else ("up" if conn.up else "down")
+        return (
+            f"<RedisBackend {redact(settings.url)} prefix={settings.prefix!r} "
+            f"worker={self.worker} {state} registrations={len(self._registrations)} "
+            f"claims={len(self._slots)} fail_open={settings.fail_open}>"
+        )

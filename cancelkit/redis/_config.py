@@ -1,0 +1,129 @@
+"""The backend's validated options and the names of its keys and channels."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import final
+
+__all__ = ["Keys", "Settings"]
+
+_PREFIX = re.compile(r"[^\s]{1,64}")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The options of :class:`~cancelkit.redis.RedisBackend`, validated (times in seconds)."""
+
+    url: str
+    prefix: str
+    fail_open: bool
+    timeout: float
+    heartbeat: float
+    lease: float
+    retry_delay: float
+    tombstone_ttl: float
+    max_tombstones: int
+
+    @classmethod
+    def validate(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        fail_open: bool,
+        timeout: float,
+        heartbeat: float,
+        lease: float | None,
+        retry_delay: float,
+        tombstone_ttl: float,
+        max_tombstones: int,
+    ) -> Settings:
+        """Check every option; raise :exc:`ValueError` naming the first bad one."""
+        if not _PREFIX.fullmatch(prefix):
+            raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
+        for name, value in (
+            ("timeout", timeout),
+            ("heartbeat", heartbeat),
+            ("retry_delay", retry_delay),
+            ("tombstone_ttl", tombstone_ttl),
+        ):
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be seconds > 0, not {value!r}")
+        if lease is None:
+            lease = 5 * heartbeat
+        if not 2 * heartbeat <= lease < math.inf:
+            raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
+        if max_tombstones < 1:
+            raise ValueError(f"max_tombstones must be an int >= 1, not {max_tombstones!r}")
+        return cls(
+            url,
+            prefix,
+            fail_open,
+            float(timeout),
+            float(heartbeat),
+            float(lease),
+            float(retry_delay),
+            float(tombstone_ttl),
+            max_tombstones,
+        )
+
+    @property
+    def lease_ms(self) -> str:
+        """The lease in milliseconds, as a script argument."""
+        return str(math.ceil(self.lease * 1000))
+
+    @property
+    def tombstone_ms(self) -> str:
+        """The tombstone TTL in milliseconds, as a script argument."""
+        return str(math.ceil(self.tombstone_ttl * 1000))
+
+
+@final
+class Keys:
+    """Key and channel names (see :mod:`cancelkit.redis._scripts` for the schema).
+
+    ``worker`` is set while the backend runs (a new id at every start).
+    """
+
+    __slots__ = ("channel_prefix", "prefix", "worker")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.channel_prefix = f"{prefix}:w:"
+        self.worker = ""
+
+    def __call__(self, kind: str, name: str) -> str:
+        """The key ``<prefix>:<kind>:<name>``."""
+        return f"{self.prefix}:{kind}:{name}"
+
+    @property
+    def channel(self) -> str:
+        """This worker's channel."""
+        return self.channel_prefix + self.worker
+
+    @property
+    def alive(self) -> str:
+        """This worker's liveness key."""
+        return f"{self.prefix}:a:{self.worker}"
+
+    @property
+    def alive_prefix(self) -> str:
+        """The start of every worker's liveness key."""
+        return f"{self.prefix}:a:"
+
+    @property
+    def tombstones(self) -> str:
+        """The sorted set of live tombstones (for the limit)."""
+        return f"{self.prefix}:tz"
+
+    @property
+    def generations(self) -> str:
+        """The generation counter."""
+        return f"{self.prefix}:gen"
+
+    def me(self, holder: str) -> str:
+        """How scripts name one of this worker's holders: ``"W H"``."""
+        return f"{self.worker} {holder}"

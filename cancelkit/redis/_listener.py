@@ -1,0 +1,149 @@
+"""The background side of the Redis backend: the pub/sub reader, the resync, the heartbeat."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import suppress
+from typing import final
+
+import anyio
+from anyio.abc import TaskStatus
+from coredis.retry import NoRetryPolicy
+
+from ._config import Keys, Settings
+from ._connection import Connection, Down, RedisUnavailable, leaf, redact
+from ._registrations import Registrations
+from ._slots import Slots
+
+__all__ = ["Listener"]
+
+logger = logging.getLogger("cancelkit.redis")
+
+
+@final
+class Listener:
+    """Reads this worker's channel and keeps the local entries in step with Redis.
+
+    Pub/sub is only the fast path: it drops messages while a subscriber reconnects. So after
+    every (re)subscribe, and on every heartbeat, :meth:`resync` re-reads the keys of the
+    local entries and delivers what was missed.
+    """
+
+    __slots__ = (
+        "_conn",
+        "_keys",
+        "_registrations",
+        "_scope",
+        "_settings",
+        "_slots",
+        "messages",
+        "reconnects",
+        "resyncs",
+    )
+
+    def __init__(
+        self,
+        conn: Connection,
+        keys: Keys,
+        settings: Settings,
+        registrations: Registrations,
+        slots: Slots,
+    ) -> None:
+        self._conn = conn
+        self._keys = keys
+        self._settings = settings
+        self._registrations = registrations
+        self._slots = slots
+        self._scope: anyio.CancelScope | None = None
+        self.messages = self.resyncs = self.reconnects = 0
+        conn.on_down = self.resubscribe
+
+    def resubscribe(self) -> None:
+        """Drop the subscription; the reader subscribes (and resyncs) from scratch."""
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def read(self, *, task_status: TaskStatus[None]) -> None:
+        """Subscribe, resync, read messages; resubscribe whenever the subscription is lost.
+
+        Reports started after the first subscribe and resync; raises :exc:`RedisUnavailable`
+        if that first subscribe fails.
+        """
+        client = self._conn.client
+        settings = self._settings
+        started = False
+        while True:
+            try:
+                async with client.pubsub(
+                    channels=[self._keys.channel],
+                    ignore_subscribe_messages=True,
+                    retry_policy=NoRetryPolicy(),
+                    subscription_timeout=settings.timeout,
+                    max_idle_seconds=settings.heartbeat,
+                ) as pubsub:
+                    with anyio.CancelScope() as scope:
+                        self._scope = scope
+                        await self.resync(force=True)  # after subscribing: nothing is missed
+                        if not self._conn.up:
+                            if started:
+                                logger.warning(
+                                    "Redis at %s is reachable again", redact(settings.url)
+                                )
+                            self._conn.up = True
+                        if not started:
+                            started = True
+                            task_status.started()
+                        while True:
+                            message = await pubsub.get_message()
+                            if message is not None and message["type"] == "message":
+                                self.messages += 1
+                                self.on_line(str(message["data"]))
+            except Exception as exc:
+                if not started:
+                    raise RedisUnavailable(
+                        f"cannot subscribe at {redact(settings.url)}: {leaf(exc)}"
+                    ) from exc
+                # A lost subscription alone is not an outage: commands may still work. The
+                # resync after the next subscribe delivers what was published meanwhile.
+                logger.debug("pub/sub connection lost (%s); resubscribing", leaf(exc))
+            finally:
+                self._scope = None
+            self.reconnects += 1
+            await anyio.sleep(settings.retry_delay)
+
+    def _mark_up(self, *, announce: bool) -> None:
+        if not self._conn.up:
+            if announce:
+                logger.warning("Redis at %s is reachable again", redact(self._settings.url))
+            self._conn.up = True
+
+    async def beat(self) -> None:
+        """Every heartbeat: poke handover waits, and resync while Redis is up."""
+        while True:
+            await anyio.sleep(self._settings.heartbeat)
+            self._slots.poke_turns()  # messages can be lost
+            if self._conn.up:
+                with suppress(Down):
+                    await self.resync()
+
+    async def resync(self, *, force: bool = False) -> None:
+        """Retry lost cleanups, refresh liveness and TTLs, deliver lost cancellations."""
+        self.resyncs += 1
+        await self._conn.drain(force=force)
+        for line in await self._registrations.resync(force=force):
+            self.on_line(line)
+        for line in await self._slots.resync(force=force):
+            self.on_line(line)
+
+    def on_line(self, line: str) -> None:
+        """Dispatch a message line (see :mod:`cancelkit.redis._scripts`)."""
+        kind, _, rest = line.partition(" ")
+        holder, _, tail = rest.partition(" ")
+        if kind == "c":
+            self._registrations.on_cancel(holder, tail)
+        elif kind == "s":
+            self._slots.on_superseded(holder, tail)
+        elif kind == "t":
+            self._slots.on_turn(holder)
+        elif kind == "l":
+            self._registrations.on_lost(holder)

@@ -1,0 +1,187 @@
+"""The TokenRegistry side of the Redis backend: register, unregister, cancel by id."""
+
+from __future__ import annotations
+
+import logging
+from typing import final
+
+import anyio
+
+from .._reason import CancelReason
+from ..backends import CancelOutcome, Deliver, OperationExists, RegistryFull
+from ._codec import deliver, dump, load
+from ._config import Keys, Settings
+from ._connection import Connection, Down, RedisUnavailable
+
+__all__ = ["Registrations"]
+
+logger = logging.getLogger("cancelkit.redis")
+
+_CHUNK = 500  # entries per resync script call
+
+
+@final
+class _Reg:
+    __slots__ = ("deliver", "holder", "id", "name", "synced")
+
+    def __init__(self, id: str, name: str, holder: str, deliver: Deliver) -> None:
+        self.id = id
+        self.name = name
+        self.holder = holder
+        self.deliver = deliver
+        self.synced = False  # whether the heartbeat re-asserts it (set once it is recorded)
+
+
+def _name(id: str, owner: str | None) -> str:
+    return f"-:{id}" if owner is None else f"{len(owner)}:{owner}:{id}"
+
+
+@final
+class Registrations:
+    """This worker's registrations, and the scripts that share them with the fleet."""
+
+    __slots__ = ("_by_holder", "_by_name", "_conn", "_keys", "_settings", "deliveries")
+
+    def __init__(self, conn: Connection, keys: Keys, settings: Settings) -> None:
+        self._conn = conn
+        self._keys = keys
+        self._settings = settings
+        self._by_holder: dict[str, _Reg] = {}
+        self._by_name: dict[str, str] = {}  # owner-scoped operation name -> holder
+        self.deliveries = 0
+
+    def __len__(self) -> int:
+        return len(self._by_holder)
+
+    def _reg_keys(self, reg_name: str, id: str) -> list[str]:
+        k = self._keys
+        return [k("r", reg_name), k("t", reg_name), k("f", reg_name), k.tombstones, k("i", id)]
+
+    async def register(
+        self, id: str, owner: str | None, holder: str, callback: Deliver
+    ) -> CancelReason | None:
+        """See :meth:`RedisBackend.register <cancelkit.redis.RedisBackend.register>`."""
+        self._conn.client  # noqa: B018 - raises if not running
+        name = _name(id, owner)
+        if name in self._by_name:
+            raise OperationExists(id)
+        reg = self._by_holder[holder] = _Reg(id, name, holder, callback)  # record first
+        self._by_name[name] = holder
+        settings = self._settings
+        try:
+            result = await self._conn.run(
+                "REGISTER",
+                self._reg_keys(name, id),
+                [self._keys.me(holder), settings.lease_ms, settings.tombstone_ms],
+            )
+        except Down:
+            if not settings.fail_open:
+                self._forget(reg)
+                raise RedisUnavailable("Redis is unreachable; not starting new work") from None
+            reg.synced = True  # asserted by the resync once Redis is back
+            return None
+        except BaseException:
+            self._forget(reg)
+            raise
+        if result[0] == -1:
+            self._forget(reg)
+            raise ValueError(f"operation id {id!r} is already registered by another worker")
+        reg.synced = True
+        if result[0] == 1:  # tombstoned: recorded as cancelled until the caller unregisters
+            return load(str(result[1]))
+        return None
+
+    def _forget(self, reg: _Reg) -> None:
+        self._by_holder.pop(reg.holder, None)
+        if self._by_name.get(reg.name) == reg.holder:
+            del self._by_name[reg.name]
+
+    async def unregister(self, holder: str) -> None:
+        """See :meth:`RedisBackend.unregister <cancelkit.redis.RedisBackend.unregister>`."""
+        reg = self._by_holder.get(holder)
+        if reg is None:
+            return
+        self._forget(reg)
+        if self._conn.running:
+            with anyio.CancelScope(shield=True):
+                await self._unregister_remote(reg)
+
+    async def _unregister_remote(self, reg: _Reg) -> None:
+        k = self._keys
+        await self._conn.run_or_defer(
+            "UNREGISTER",
+            [k("r", reg.name), k("f", reg.name), k("i", reg.id)],
+            [k.me(reg.holder), self._settings.tombstone_ms],
+        )
+
+    async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
+        """See :meth:`RedisBackend.cancel <cancelkit.redis.RedisBackend.cancel>`."""
+        self._conn.client  # noqa: B018 - raises if not running
+        name = _name(id, owner)
+        settings = self._settings
+        try:
+            result = await self._conn.run(
+                "CANCEL",
+                self._reg_keys(name, id),
+                [
+                    dump(reason),
+                    settings.tombstone_ms,
+                    str(settings.max_tombstones),
+                    self._keys.channel_prefix,
+                    self._keys.worker,
+                ],
+            )
+        except Down:
+            holder = self._by_name.get(name)
+            if holder is None:
+                raise RedisUnavailable(
+                    f"Redis is unreachable and operation {id!r} does not run in this worker"
+                ) from None
+            self._deliver(self._by_holder[holder].deliver, reason)
+            return CancelOutcome.CANCELLED
+        outcome = str(result[0])
+        if outcome == "cancelled":
+            if result[1] == self._keys.worker and (reg := self._by_holder.get(str(result[2]))):
+                self._deliver(reg.deliver, load(str(result[3])))
+            return CancelOutcome.CANCELLED
+        if outcome == "full":
+            raise RegistryFull("max_tombstones", settings.max_tombstones)
+        return CancelOutcome(outcome)
+
+    def _deliver(self, callback: Deliver, reason: CancelReason) -> None:
+        self.deliveries += 1
+        deliver(callback, reason)
+
+    # -- messages and resync -------------------------------------------------------------
+
+    def on_cancel(self, holder: str, reason: str) -> None:
+        """A ``c H REASON`` line: cancel the holder if it is still registered here."""
+        reg = self._by_holder.get(holder)
+        if reg is not None:
+            self._deliver(reg.deliver, load(reason))
+
+    def on_lost(self, holder: str) -> None:
+        """An ``l H`` line: another worker holds the registration now."""
+        logger.warning("registration %s was taken over by another worker", holder)
+
+    async def resync(self, *, force: bool = False) -> list[str]:
+        """Refresh liveness and TTLs, re-assert lost registrations; return the missed lines.
+
+        Always runs at least one script (it refreshes this worker's liveness key).
+        """
+        k = self._keys
+        entries = [r for r in self._by_holder.values() if r.synced]
+        lines: list[str] = []
+        for start in range(0, max(len(entries), 1), _CHUNK):
+            chunk = entries[start : start + _CHUNK]
+            keys = [k.alive, k.tombstones]
+            args = [k.worker, self._settings.lease_ms]
+            for reg in chunk:
+                keys += [k("r", reg.name), k("t", reg.name)]
+                args += [reg.holder, k("i", reg.id)]
+            result = await self._conn.run("SYNC_REGISTRATIONS", keys, args, force=force)
+            lines += map(str, result)
+            for reg in chunk:  # unregistered while the script ran: clean up again
+                if reg.holder not in self._by_holder:
+                    await self._unregister_remote(reg)
+        return lines
