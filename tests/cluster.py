@@ -117,7 +117,10 @@ class ClusterNode:
 
     def info(self, section: str) -> dict[str, str]:
         """``INFO section`` (or ``CLUSTER INFO`` for ``"cluster-info"``) as a dict."""
-        text = self.cli("CLUSTER", "INFO") if section == "cluster-info" else self.cli("INFO", section)
+        if section == "cluster-info":
+            text = self.cli("CLUSTER", "INFO")
+        else:
+            text = self.cli("INFO", section)
         pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
         return {key.strip(): value.strip() for key, value in pairs}
 
@@ -166,9 +169,8 @@ class LocalCluster:
                 check=False,
             )
             if created.returncode != 0:
-                raise RuntimeError(
-                    "redis-cli --cluster create failed: " + created.stdout.decode(errors="replace")
-                )
+                output = created.stdout.decode(errors="replace")
+                raise RuntimeError(f"redis-cli --cluster create failed: {output}")  # noqa: TRY301
             self.wait_healthy()
         except BaseException:
             self.stop()

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.cluster import LocalCluster
+
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -111,3 +113,27 @@ def redis(redis_server: RedisServer) -> RedisServer:
     if redis_server.process is None:
         redis_server.start()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster (3 primaries + 3 replicas) for the session; skipped like ``redis_server``."""
+    executable = shutil.which("redis-server")
+    if executable is None or shutil.which("redis-cli") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server/redis-cli are not installed (CI must install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    cluster = LocalCluster(executable, tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: LocalCluster) -> LocalCluster:
+    """The session's cluster, healthy (nodes a test killed are restarted first)."""
+    if not redis_cluster_session.healthy():
+        redis_cluster_session.heal()
+    return redis_cluster_session

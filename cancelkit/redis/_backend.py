@@ -190,6 +190,8 @@ class RedisBackend:
         stack = AsyncExitStack()
         try:
             await self._conn.open(stack, _SCRIPTS)
+            if self._conn.cluster:
+                self._keys.use_hash_tag()
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self._listener.read)
         except BaseException as exc:
