@@ -14,6 +14,14 @@ from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
 from ._latest import SlotBusy as SlotBusy
+from ._operations import BackgroundOperations as BackgroundOperations
+from ._operations import MemoryStatusStore as MemoryStatusStore
+from ._operations import OperationError as OperationError
+from ._operations import OperationsStatistics as OperationsStatistics
+from ._operations import OperationState as OperationState
+from ._operations import OperationStatus as OperationStatus
+from ._operations import Progress as Progress
+from ._operations import StatusStore as StatusStore
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
 from ._reason import OperationCancelled as OperationCancelled
@@ -30,6 +38,7 @@ from .backends import OperationExists as OperationExists
 from .backends import RegistryFull as RegistryFull
 
 __all__ = [
+    "BackgroundOperations",
     "CallbackHandle",
     "CancelKind",
     "CancelOnDisconnect",
@@ -42,11 +51,18 @@ __all__ = [
     "DisconnectStatistics",
     "LatestOnly",
     "LatestOnlyStatistics",
+    "MemoryStatusStore",
     "OperationCancelled",
+    "OperationError",
     "OperationExists",
+    "OperationState",
+    "OperationStatus",
+    "OperationsStatistics",
+    "Progress",
     "RegistryFull",
     "RegistryStatistics",
     "SlotBusy",
+    "StatusStore",
     "TokenRegistry",
     "TokenScope",
     "TokenStatistics",

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -11,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.cluster import LocalCluster
+from tests.programs import program, unavailable
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -96,11 +96,12 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server for the session; skipped without one, except in CI where that fails."""
-    executable = shutil.which("redis-server")
+    executable = program("CANCELKIT_REDIS_SERVER", "redis-server")
     if executable is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (CI must install the Debian package)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        unavailable(
+            "redis-server is not installed: apt-get install redis-server, or name it with "
+            "CANCELKIT_REDIS_SERVER (`python -m nox` installs it when run as root)"
+        )
     server = RedisServer(executable, str(tmp_path_factory.mktemp("redis")))
     server.start()
     yield server
@@ -118,11 +119,12 @@ def redis(redis_server: RedisServer) -> RedisServer:
 @pytest.fixture(scope="session")
 def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A Redis Cluster (3 primaries + 3 replicas) for the session; skipped like ``redis_server``."""
-    executable = shutil.which("redis-server")
-    if executable is None or shutil.which("redis-cli") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server/redis-cli are not installed (CI must install redis-server)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    executable = program("CANCELKIT_REDIS_SERVER", "redis-server")
+    if executable is None:
+        unavailable(
+            "redis-server is not installed: apt-get install redis-server, or name it with "
+            "CANCELKIT_REDIS_SERVER (`python -m nox` installs it when run as root)"
+        )
     cluster = LocalCluster(executable, tmp_path_factory.mktemp("redis-cluster"))
     cluster.start()
     try:

@@ -203,3 +203,15 @@ def test_token_scopes_example() -> None:
     """The token page's example: scope() raises with the reason, move_on() records it."""
     out = run_example("token_scopes.py").stdout.splitlines()
     assert out == ["scope(): requested", "move_on(): cancelled_caught = True"]
+
+
+def test_fastapi_operations_example_starts_reads_and_cancels() -> None:
+    """The background-operations how-to: 202 + Location, the result, Stop, owner scoping."""
+    out = run_example("fastapi_operations.py").stdout.splitlines()
+    assert out == [
+        "start -> 202 running",
+        "status -> completed {'table': 'users', 'rows': 300} 300 rows of users",
+        "stop -> 202 cancelled",
+        "status -> cancelled (requested)",
+        "another user reads it -> 404",
+    ]

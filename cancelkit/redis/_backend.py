@@ -25,7 +25,7 @@ import coredis.exceptions
 from anyio.abc import TaskGroup
 
 from .._reason import CancelReason
-from ..backends import Acquired, CancelOutcome, Deliver
+from ..backends import Acquired, CancelOutcome, Deliver, SlotPolicy
 from . import _scripts, _slot_scripts
 from ._config import Keys, Settings
 from ._connection import REDIS_ERRORS, Connection, RedisUnavailable, leaf, redact
@@ -117,6 +117,10 @@ class RedisBackend:
         tombstone_ttl: seconds a tombstone (and a finished-marker) lives.
         max_tombstones: the most unexpired tombstones across the fleet; a cancel that needs
             one more raises :exc:`~cancelkit.RegistryFull`.
+        seq_ttl: seconds the newest sequence number of a latest-only key is remembered after
+            its last claim was released (a stale claim arriving later still never runs).
+        max_seq_keys: the most released keys whose sequence number is remembered, across
+            the fleet; past it, the oldest is forgotten first.
 
     Raises:
         ValueError: if an option is out of range.
@@ -147,6 +151,8 @@ class RedisBackend:
         retry_delay: float = 0.1,
         tombstone_ttl: float = 60.0,
         max_tombstones: int = 10_000,
+        seq_ttl: float = 60.0,
+        max_seq_keys: int = 10_000,
     ) -> None:
         """Configure the backend; nothing connects until it is entered."""
         settings = self._settings = Settings.validate(
@@ -159,6 +165,8 @@ class RedisBackend:
             retry_delay=retry_delay,
             tombstone_ttl=tombstone_ttl,
             max_tombstones=max_tombstones,
+            seq_ttl=seq_ttl,
+            max_seq_keys=max_seq_keys,
         )
         self._keys = Keys(prefix)
         self._conn = Connection(url, timeout=settings.timeout, fail_open=fail_open)
@@ -260,34 +268,44 @@ class RedisBackend:
     # -- LatestOnly --------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, holder: str, deliver: Deliver, *, replace: bool
-    ) -> Acquired | None:
+        self,
+        key: str,
+        holder: str,
+        deliver: Deliver,
+        *,
+        policy: SlotPolicy,
+        limit: int,
+        max_waiting: int,
+        seq: int | None,
+    ) -> Acquired:
         """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`.
 
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        return await self._slots.acquire(key, holder, deliver, replace=replace)
+        return await self._slots.acquire(
+            key, holder, deliver, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
+        )
 
     async def release(self, key: str, holder: str) -> None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
         await self._slots.release(key, holder)
 
-    async def wait_turn(self, key: str, holder: str) -> None:
+    async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`Backend.wait_turn <cancelkit.backends.Backend.wait_turn>`.
 
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        await self._slots.wait_turn(key, holder)
+        await self._slots.wait_turn(key, holder, handover=handover)
 
-    async def generation(self, key: str) -> int | None:
-        """See :meth:`Backend.generation <cancelkit.backends.Backend.generation>`.
+    async def is_current(self, key: str, generation: int) -> bool:
+        """See :meth:`Backend.is_current <cancelkit.backends.Backend.is_current>`.
 
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        return await self._slots.generation(key)
+        return await self._slots.is_current(key, generation)
 
     # -- introspection -----------------------------------------------------------------
 

@@ -27,6 +27,8 @@ class Settings:
     retry_delay: float
     tombstone_ttl: float
     max_tombstones: int
+    seq_ttl: float = 60.0
+    max_seq_keys: int = 10_000
 
     @classmethod
     def validate(
@@ -41,6 +43,8 @@ class Settings:
         retry_delay: float,
         tombstone_ttl: float,
         max_tombstones: int,
+        seq_ttl: float = 60.0,
+        max_seq_keys: int = 10_000,
     ) -> Settings:
         """Check every option; raise :exc:`ValueError` naming the first bad one."""
         if not _PREFIX.fullmatch(prefix):
@@ -50,6 +54,7 @@ class Settings:
             ("heartbeat", heartbeat),
             ("retry_delay", retry_delay),
             ("tombstone_ttl", tombstone_ttl),
+            ("seq_ttl", seq_ttl),
         ):
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be seconds > 0, not {value!r}")
@@ -59,6 +64,8 @@ class Settings:
             raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
         if max_tombstones < 1:
             raise ValueError(f"max_tombstones must be an int >= 1, not {max_tombstones!r}")
+        if max_seq_keys < 1:
+            raise ValueError(f"max_seq_keys must be an int >= 1, not {max_seq_keys!r}")
         return cls(
             url,
             prefix,
@@ -69,12 +76,24 @@ class Settings:
             float(retry_delay),
             float(tombstone_ttl),
             max_tombstones,
+            float(seq_ttl),
+            max_seq_keys,
         )
 
     @property
     def lease_ms(self) -> str:
         """The lease in milliseconds, as a script argument."""
         return str(math.ceil(self.lease * 1000))
+
+    @property
+    def seq_ms(self) -> str:
+        """The sequence TTL in milliseconds, as a script argument."""
+        return str(math.ceil(self.seq_ttl * 1000))
+
+    @property
+    def state_ms(self) -> str:
+        """The TTL of a latest-only key's state: the longer of the lease and the sequence TTL."""
+        return str(math.ceil(max(self.lease, self.seq_ttl) * 1000))
 
     @property
     def tombstone_ms(self) -> str:
@@ -128,6 +147,11 @@ class Keys:
     def tombstones(self) -> str:
         """The sorted set of live tombstones (for the limit)."""
         return f"{self.prefix}:tz"
+
+    @property
+    def sequences(self) -> str:
+        """The sorted set of released keys whose sequence number is remembered (for the limit)."""
+        return f"{self.prefix}:sz"
 
     @property
     def generations(self) -> str:
