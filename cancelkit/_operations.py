@@ -470,6 +470,7 @@ class BackgroundOperations:
         "_registry",
         "_result",
         "_running",
+        "_shutdown",
         "_started",
         "_store",
         "_task_group",
@@ -510,6 +511,7 @@ class BackgroundOperations:
         self._poll_interval = float(poll_interval)
         self._task_group: TaskGroup | None = None
         self._closing = False
+        self._shutdown: CancelReason | None = None
         self._idle: anyio.Event | None = None
         self._running: dict[tuple[str | None, str], _Run] = {}
         self._per_owner: dict[str | None, int] = {}
@@ -545,6 +547,7 @@ class BackgroundOperations:
             raise
         self._task_group = task_group
         self._closing = False
+        self._shutdown = None
         return self
 
     async def __aexit__(
@@ -577,10 +580,10 @@ class BackgroundOperations:
             with anyio.move_on_after(self._grace):
                 await self._wait_idle()
         if self._running:
-            reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
+            self._shutdown = reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
             for run in list(self._running.values()):
                 if run.token is not None:
-                    run.token.cancel(reason)
+                    run.token.cancel(reason)  # a start still registering checks _shutdown
             with anyio.move_on_after(self._cleanup_timeout):
                 await self._wait_idle()
         if self._running:
@@ -682,6 +685,8 @@ class BackgroundOperations:
         try:
             async with self._registry.track(run.id, owner=run.owner) as op:
                 run.token = op.token
+                if self._shutdown is not None:  # it registered after the shutdown cancelled
+                    op.token.cancel(self._shutdown)
                 run.status = status
                 await self._store.put(status)
                 began = True

@@ -40,7 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         if REDIS_URL:
             await stack.enter_async_context(backend)
-        await stack.enter_async_context(operations)  # exit: grace, then cancel (shutdown)
+        await stack.enter_async_context(operations)  # exit: grace, then cancel
         yield
 
 
@@ -61,6 +61,8 @@ app.include_router(operations_router(operations, owner=current_user))
 
 async def export(table: str, chunks: int) -> dict[str, int | str]:
     """The slow work: it outlives the request that started it."""
+    if table not in {"users", "events", "orders", "logs"}:
+        raise LookupError(f"no table {table!r}")  # the client sees its type and message
     for done in range(1, chunks + 1):
         await anyio.sleep(0.05)  # one chunk of rows; a cancel interrupts it here
         await operations.report(done, chunks, f"{100 * done} rows of {table}")
@@ -106,6 +108,24 @@ async def demo() -> None:
             print(f"status -> {status['state']} ({status['reason']['kind']})")
             other = await http.get(location, headers={"x-user": "mallory"})
             print(f"another user reads it -> {other.status_code}")
+
+            early = await http.delete("/operations/export-7")  # Stop before the start
+            print(f"stop before the start -> {early.status_code} {early.json()['outcome']}")
+            late = await http.post(
+                "/exports", params={"table": "orders"}, headers={"X-Operation-Id": "export-7"}
+            )
+            print(f"the start arriving afterwards -> {late.status_code} {late.json()['state']}")
+
+            twice = {"X-Operation-Id": "export-8"}
+            params = {"table": "logs", "chunks": 10_000}
+            await http.post("/exports", params=params, headers=twice)
+            again = await http.post("/exports", params=params, headers=twice)
+            print(f"the same id again -> {again.status_code} {again.json()['reason']}")
+            await http.delete("/operations/export-8")
+
+            failed = await http.post("/exports", params={"table": "nope"})
+            status = (await http.get(failed.headers["location"], params={"wait": 10})).json()
+            print(f"a failing export -> {status['state']} {status['error']}")
         server.should_exit = True
 
 
