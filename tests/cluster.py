@@ -3,8 +3,9 @@
 Started once per session by the ``redis_cluster`` fixture (conftest), torn down reliably (every
 process is killed, even when start-up failed half-way), and healed between tests that break it
 (:meth:`LocalCluster.heal` restarts killed nodes and waits until every slot is served and every
-replica is linked). Administration goes through ``redis-cli`` (same Debian package family as
-``redis-server``), so it never depends on the client under test.
+replica is linked). Only ``redis-server`` is needed: the cluster is joined with ``CLUSTER
+ADDSLOTSRANGE / MEET / REPLICATE`` (what ``redis-cli --cluster create`` does), and administration
+goes through a tiny RESP client here, so it never depends on the client under test.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ClusterNode", "LocalCluster"]
 
@@ -80,6 +83,9 @@ class ClusterNode:
                     # a replica may always take over, however long its primary was gone
                     "--cluster-replica-validity-factor",
                     "0",
+                    # a replica syncs at once (the default waits 5 s for more replicas)
+                    "--repl-diskless-sync-delay",
+                    "0",
                     "--save",
                     "",
                     "--appendonly",
@@ -102,18 +108,24 @@ class ClusterNode:
                 self.process.wait(10)
                 self.process = None
 
+    def call(self, *args: str, timeout: float = 5) -> Any:
+        """Send one command; the reply (str, int, list, None), an error as ``ValueError``.
+
+        Raises:
+            OSError: if the node does not answer.
+        """
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+            sock.sendall(payload.encode())
+            return _read_reply(sock.makefile("rb"))
+
     def cli(self, *args: str, timeout: float = 5) -> str:
-        """Run one command with redis-cli against this node; its output ('' if unreachable)."""
+        """One command's reply as text; ``""`` if the node does not answer or answers an error."""
         try:
-            result = subprocess.run(
-                ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired:
+            reply = self.call(*args, timeout=timeout)
+        except (OSError, ValueError):
             return ""
-        return result.stdout.decode(errors="replace") if result.returncode == 0 else ""
+        return reply if isinstance(reply, str) else str(reply)
 
     def info(self, section: str) -> dict[str, str]:
         """``INFO section`` (or ``CLUSTER INFO`` for ``"cluster-info"``) as a dict."""
@@ -123,6 +135,10 @@ class ClusterNode:
             text = self.cli("INFO", section)
         pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
         return {key.strip(): value.strip() for key, value in pairs}
+
+    @property
+    def node_id(self) -> str:
+        return self.cli("CLUSTER", "MYID").strip()
 
     @property
     def role(self) -> str:
@@ -154,27 +170,27 @@ class LocalCluster:
             for node in self.nodes:
                 node.start()
             self._wait(lambda: all(node.cli("PING").strip() == "PONG" for node in self.nodes))
-            created = subprocess.run(
-                [
-                    "redis-cli",
-                    "--cluster",
-                    "create",
-                    *(node.address for node in self.nodes),
-                    "--cluster-replicas",
-                    "1",
-                    "--cluster-yes",
-                ],
-                capture_output=True,
-                timeout=self.start_timeout,
-                check=False,
-            )
-            if created.returncode != 0:
-                output = created.stdout.decode(errors="replace")
-                raise RuntimeError(f"redis-cli --cluster create failed: {output}")  # noqa: TRY301
+            self._create()
             self.wait_healthy()
         except BaseException:
             self.stop()
             raise
+
+    def _create(self) -> None:
+        """Join the nodes: 3 primaries with a third of the slots each, a replica for each."""
+        primaries, replicas = self.nodes[:3], self.nodes[3:]
+        bounds = [0, 5461, 10923, 16384]
+        for i, node in enumerate(primaries):
+            node.call("CLUSTER", "ADDSLOTSRANGE", str(bounds[i]), str(bounds[i + 1] - 1))
+            node.call("CLUSTER", "SET-CONFIG-EPOCH", str(i + 1))
+        for node in self.nodes[1:]:
+            self.nodes[0].call("CLUSTER", "MEET", "127.0.0.1", str(node.port))
+        self._wait(
+            lambda: all(len(n.cli("CLUSTER", "NODES").splitlines()) == 6 for n in self.nodes)
+        )
+        ids = [node.node_id for node in primaries]
+        for primary_id, node in zip(ids, replicas, strict=True):
+            node.call("CLUSTER", "REPLICATE", primary_id)
 
     def stop(self) -> None:
         """Kill every node (no persistence is configured, so nothing needs a clean shutdown)."""
@@ -200,6 +216,15 @@ class LocalCluster:
                 if low.isdigit() and int(low) <= slot <= int(high or low):
                     return self.node_for_port(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
         raise RuntimeError(f"no primary serves slot {slot}")
+
+    def start_migration(self, key: str) -> Migration:
+        """Start moving ``key``'s slot to another primary (``MIGRATING`` / ``IMPORTING``)."""
+        source = self.primary_for_key(key)
+        target = next(node for node in self.primaries() if node is not source)
+        slot = int(source.call("CLUSTER", "KEYSLOT", key))
+        target.call("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source.node_id)
+        source.call("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target.node_id)
+        return Migration(self, slot, source, target)
 
     def healthy(self) -> bool:
         """Every node runs, sees cluster_state:ok and the same epoch view; replicas are linked."""
@@ -234,11 +259,57 @@ class LocalCluster:
                 node.start()
         self.wait_healthy()
 
-    def _wait(self, ready: object) -> None:
-        assert callable(ready)
+    def _wait(self, ready: Callable[[], bool]) -> None:
         deadline = time.monotonic() + self.start_timeout
         while not ready():
             if time.monotonic() > deadline:
                 states = {n.address: (n.running, n.role) for n in self.nodes}
                 raise RuntimeError(f"the Redis Cluster is not healthy in time: {states}")
             time.sleep(0.05)
+
+
+@dataclass
+class Migration:
+    """A slot on its way from one primary to another (what ``redis-cli --cluster reshard`` does)."""
+
+    cluster: LocalCluster
+    slot: int
+    source: ClusterNode
+    target: ClusterNode
+
+    def move_keys(self) -> None:
+        """MIGRATE every key of the slot; afterwards the source answers ``ASK`` for them."""
+        while keys := self.source.call("CLUSTER", "GETKEYSINSLOT", str(self.slot), "100"):
+            args = ["127.0.0.1", str(self.target.port), "", "0", "5000", "KEYS", *keys]
+            self.source.call("MIGRATE", *args)
+
+    def finish(self) -> None:
+        """Give the slot to the target on every node; the source answers ``MOVED`` from now."""
+        self.move_keys()
+        target_id = self.target.node_id
+        for node in (self.target, self.source, *self.cluster.nodes):
+            if node.running:
+                with contextlib.suppress(ValueError, OSError):
+                    node.call("CLUSTER", "SETSLOT", str(self.slot), "NODE", target_id)
+
+
+def _read_reply(stream: Any) -> Any:
+    """Read one RESP2 reply."""
+    line = stream.readline()
+    if not line:
+        raise OSError("connection closed")
+    kind, rest = line[:1], line[1:-2].decode()
+    if kind == b"+":
+        return rest
+    if kind == b"-":
+        raise ValueError(rest)
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        if rest == "-1":
+            return None
+        data = stream.read(int(rest) + 2)
+        return data[:-2].decode(errors="replace")
+    if kind == b"*":
+        return None if rest == "-1" else [_read_reply(stream) for _ in range(int(rest))]
+    raise OSError(f"unexpected reply {line!r}")

@@ -18,16 +18,17 @@ What this module adds, each for a behaviour measured on coredis 6.9:
   replaced (every later call goes to the dead node);
 - a pool that gives a slot back when a leased connection died and that shields making a
   connection (the per-node pools otherwise shrink to nothing after enough connection losses);
-- the subscription: sharded pub/sub on the shard of this worker's channel; the server ends it
-  (``sunsubscribe``) when the slot moves or its primary fails over, and coredis does not
-  subscribe again by itself, so the listener treats that as a lost subscription (and resyncs).
+- the subscription: sharded pub/sub on the shard of this worker's channel only, whose
+  connection is given back when it ends (coredis 6.9 leases one per primary and leaks them);
+  the server ends it (``sunsubscribe``) when the slot moves, and coredis does not subscribe
+  again by itself, so the listener treats that as a lost subscription (and resyncs).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +36,9 @@ from urllib.parse import urlsplit
 import anyio
 import coredis
 import coredis.exceptions
+import coredis.patterns.pubsub
+from anyio.abc import TaskStatus
+from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 from coredis.pool import ClusterConnectionPool
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, NoRetryPolicy
@@ -42,6 +46,7 @@ from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, NoRetryPoli
 __all__ = [
     "CLUSTER_ERRORS",
     "ClusterPool",
+    "ShardedSubscription",
     "cluster_client",
     "cluster_scripts",
     "is_cluster",
@@ -61,6 +66,13 @@ CLUSTER_ERRORS = (
     coredis.exceptions.ClusterError,
     coredis.exceptions.ClusterRoutingError,
     coredis.exceptions.AskError,  # and MovedError
+)
+
+
+_BUFFERS = tuple(
+    f"_{name}_buffer_{end}"
+    for name in ("write", "push_message", "streamed_message")
+    for end in ("in", "out")
 )
 
 
@@ -99,6 +111,20 @@ class ClusterPool(ClusterConnectionPool):
             connection = await super().get_connection(node, primary, **options)
         return connection
 
+    async def _wrap_connection(
+        self,
+        connection: coredis.connection.ClusterConnection,
+        *,
+        task_status: TaskStatus[Exception | None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        try:
+            await super()._wrap_connection(connection, task_status=task_status)
+        finally:  # the connection is gone; coredis leaves its buffers open if it never connected
+            for name in _BUFFERS:
+                stream = getattr(connection, name, None)
+                if stream is not None:
+                    stream.close()
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
@@ -126,6 +152,8 @@ def cluster_client(url: str, *, timeout: float) -> coredis.RedisCluster[str]:
     pool = ClusterPool.from_url(
         url,
         startup_nodes=[TCPLocation(parts.hostname or "127.0.0.1", parts.port or 6379)],
+        # no CONFIG GET on every node at every layout reload (managed clusters refuse CONFIG)
+        skip_full_coverage_check=True,
         decode_responses=True,
         connect_timeout=timeout / 2,
         stream_timeout=timeout,
@@ -155,6 +183,41 @@ def report_error(client: coredis.Redis[str] | coredis.RedisCluster[str], exc: Ex
         client.connection_pool.cluster_layout.report_errors(None, exc)
 
 
+class ShardedSubscription(coredis.patterns.pubsub.ShardedPubSub[str]):
+    """coredis's sharded pub/sub, connected only to the shard of its channels, leaking nothing.
+
+    coredis 6.9 leases a connection to every primary and never gives them back (its exit
+    stack is not closed), so each resubscribe would leak one pooled connection per primary
+    until the pools are empty; here the connections are released when the subscription ends.
+    """
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        layout = self.connection_pool.cluster_layout
+        nodes = {
+            layout.node_for_slot(hash_slot(channel.encode()))
+            for channel in self._initial_channel_subscriptions
+        }
+        async with AsyncExitStack() as stack:
+            self.shard_connections = {
+                node.node_id: await stack.enter_async_context(
+                    self.connection_pool.acquire(node=node)
+                )
+                for node in nodes
+                if node.node_id
+            }
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._current_scope = tg.cancel_scope
+                    for connection in self.shard_connections.values():
+                        tg.start_soon(self._consume_shard_push_messages, connection)
+                        tg.start_soon(self._shard_keepalive, connection)
+                    task_status.started()
+            finally:
+                if self._current_scope.cancel_called:
+                    with anyio.CancelScope(shield=True):
+                        await self._cleanup()
+
+
 def subscription(
     client: coredis.Redis[str] | coredis.RedisCluster[str],
     channel: str,
@@ -169,7 +232,8 @@ def subscription(
     """
     pubsub: AbstractAsyncContextManager[Any]
     if isinstance(client, coredis.RedisCluster):
-        pubsub = client.sharded_pubsub(
+        pubsub = ShardedSubscription(
+            client.connection_pool,
             channels=[channel],
             retry_policy=NoRetryPolicy(),
             subscription_timeout=timeout,
