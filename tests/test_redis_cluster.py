@@ -143,6 +143,15 @@ async def test_plain_prefix_becomes_the_hash_tag(redis_cluster: LocalCluster) ->
         assert {f"{{{plain}}}:w:{a.worker}", f"{{{plain}}}:w:{b.worker}"} <= set(channels)
 
 
+async def test_a_cluster_has_only_database_0(redis: ClusterNodeServer, prefix: str) -> None:
+    """A URL naming database 0 (or none) works on a cluster; another database is a clear error."""
+    async with RedisBackend(redis.url + "/0", prefix=prefix) as backend:
+        assert backend.statistics().connected
+    with pytest.raises(ValueError, match="only database 0"):
+        async with RedisBackend(redis.url + "/1", prefix=prefix):
+            pass  # pragma: no cover
+
+
 async def test_supersede_storm_and_cancel_by_id_across_two_backends(
     redis: ClusterNodeServer, prefix: str
 ) -> None:

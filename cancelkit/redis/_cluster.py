@@ -89,10 +89,29 @@ def cluster_scripts(scripts: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-async def is_cluster(client: coredis.Redis[str]) -> bool:
-    """Whether the node behind ``client`` runs in cluster mode."""
+async def is_cluster(client: coredis.Redis[str], url: str) -> bool:
+    """Ping the node behind ``client``; whether it runs in cluster mode.
+
+    Raises:
+        ValueError: if it does, and the URL names a database other than 0.
+    """
+    try:
+        await client.ping()
+    except coredis.exceptions.ResponseError as exc:
+        if "not allowed in cluster mode" in str(exc):  # SELECT <db> on a cluster node
+            _check_database(url)
+        raise
     info = await client.info("cluster")
     return str(info.get("cluster_enabled", "0")) == "1"
+
+
+def _check_database(url: str) -> None:
+    database = urlsplit(url).path.strip("/")
+    if database not in ("", "0"):
+        raise ValueError(
+            f"the Redis URL names database {database!r}, but a Redis Cluster has only "
+            "database 0: leave it out of the URL"
+        )
 
 
 class ClusterPool(ClusterConnectionPool):
@@ -147,7 +166,12 @@ class ClusterPool(ClusterConnectionPool):
 
 
 def cluster_client(url: str, *, timeout: float) -> coredis.RedisCluster[str]:
-    """A cluster client seeded by ``url``'s node (it discovers the others)."""
+    """A cluster client seeded by ``url``'s node (it discovers the others).
+
+    Raises:
+        ValueError: if the URL names a database other than 0 (a cluster has only 0).
+    """
+    _check_database(url)
     parts = urlsplit(url)
     pool = ClusterPool.from_url(
         url,

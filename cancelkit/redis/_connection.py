@@ -177,8 +177,7 @@ class Connection:
         )
         await stack.enter_async_context(client)
         with anyio.fail_after(self._timeout * 2):
-            await client.ping()
-            cluster = await is_cluster(client)
+            cluster = await is_cluster(client, self._url)  # and ping
         chosen: coredis.Redis[str] | coredis.RedisCluster[str] = client
         if cluster:  # the node told us: use the cluster client (see ._cluster)
             chosen = cluster_client(self._url, timeout=self._timeout)
