@@ -77,7 +77,18 @@ class OperationBody(BaseModel):
 # -- the request's token ----------------------------------------------------------------------
 
 
-def request_level_token(request: Request) -> CancellationToken:
+def _request_level_token(request: Request) -> CancellationToken:
+    """The request's token, creating it on first use (see :func:`request_level_token`)."""
+    scope = request.scope
+    token = scope.get(_REQUEST_TOKEN)
+    if token is None:
+        outer = scope.get(_ASGI_TOKEN)
+        token = CancellationToken() if outer is None else outer.child()
+        scope[_REQUEST_TOKEN] = token
+    return cast(CancellationToken, token)
+
+
+async def request_level_token(request: Request) -> CancellationToken:
     """Return the request's token, creating it on first use.
 
     It follows the :class:`~cancelkit.CancelOnDisconnect` token when that middleware runs the
@@ -93,13 +104,8 @@ def request_level_token(request: Request) -> CancellationToken:
 
     .. versionadded:: 0.1
     """
-    scope = request.scope
-    token = scope.get(_REQUEST_TOKEN)
-    if token is None:
-        outer = scope.get(_ASGI_TOKEN)
-        token = CancellationToken() if outer is None else outer.child()
-        scope[_REQUEST_TOKEN] = token
-    return cast(CancellationToken, token)
+    # async def: a sync dependency costs every request a trip through the threadpool.
+    return _request_level_token(request)
 
 
 #: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
@@ -110,12 +116,22 @@ RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_tok
 
 @contextmanager
 def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
-    """Cancel the request-level token too when ``source`` is cancelled, while in the block."""
-    handle = source.on_cancel(request_level_token(request).cancel)
+    """While in the block, link ``source`` (a claim's or an operation's token) both ways.
+
+    The request-level token (:data:`RequestToken`) is cancelled when ``source`` is, and
+    ``source`` when the :class:`~cancelkit.CancelOnDisconnect` token of the request is (a
+    client disconnect, shutdown): the endpoint runs in ``source.scope()``, so that is the
+    token :func:`~cancelkit.current_token` returns there, in a worker thread too.
+    """
+    handle = source.on_cancel(_request_level_token(request).cancel)
+    outer = request.scope.get(_ASGI_TOKEN)
+    outer_handle = None if outer is None else outer.on_cancel(source.cancel)
     try:
         yield
     finally:
         handle.unregister()
+        if outer_handle is not None:
+            outer_handle.unregister()
 
 
 def _interrupting(
@@ -278,7 +294,7 @@ def latest_only(
 _OwnerDependency = Callable[..., str | Awaitable[str | None] | None]
 
 
-def _no_owner() -> None:
+async def _no_owner() -> None:
     return None
 
 
@@ -519,6 +535,8 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 # Kept apart from the request-level adapters above; the core is cancelkit._operations.
 # =============================================================================================
 
+import sys  # noqa: E402
+
 import anyio  # noqa: E402
 from fastapi import Query  # noqa: E402
 from pydantic import Field  # noqa: E402
@@ -611,6 +629,14 @@ def _status_body(status: OperationStatus) -> dict[str, Any]:
     return data
 
 
+def _unavailable(exc: Exception) -> Response | None:
+    """503 for a store or backend that cannot be reached (cancelkit.redis, if it is in use)."""
+    redis = sys.modules.get("cancelkit.redis")
+    if redis is None or not isinstance(exc, redis.RedisUnavailable):
+        return None
+    return _answer(HTTPAnswer(503, "unavailable", str(exc), None, 1))
+
+
 def _answer(answer: HTTPAnswer) -> Response:
     headers = {} if answer.retry_after is None else {"Retry-After": str(answer.retry_after)}
     return Response(
@@ -665,6 +691,10 @@ class OperationStarter:
             answer = answer_for(exc)
             assert answer is not None
             return _answer(answer)
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         location = str(self._request.url_for(self._route, operation_id=id))
         status = await self._operations.status(id, owner=self._owner)
         state = "running" if status is None else status.state.value
@@ -745,6 +775,9 @@ def operations_router(
       ``"pending"`` (not started yet: it will start already cancelled), ``404`` when there
       is nothing of this owner's to cancel (ended, lost, or someone else's).
 
+    Both answer ``503`` with ``Retry-After`` (reason ``"unavailable"``) while Redis cannot
+    be reached, as does a start.
+
     Args:
         operations: the application's :class:`~cancelkit.BackgroundOperations`.
         owner: your dependency that returns the owner; another owner's operations look absent.
@@ -789,10 +822,15 @@ def operations_router(
             Query(ge=0, le=max_wait, description="Seconds to wait for the operation to end"),
         ] = 0,
     ) -> Any:
-        if wait > 0:
-            with anyio.move_on_after(wait):
-                await operations.wait(operation_id, owner=owner)
-        status = await operations.status(operation_id, owner=owner)
+        try:
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await operations.wait(operation_id, owner=owner)
+            status = await operations.status(operation_id, owner=owner)
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         if status is None:
             body = {"detail": "no such operation", "reason": "not_found", "source": None}
             return JSONResponse(body, status_code=404)
@@ -809,9 +847,14 @@ def operations_router(
         operation_id: Annotated[str, Path(pattern=_ID_PATTERN, max_length=128)],
         owner: Annotated[str | None, Depends(owner_dependency)],
     ) -> Any:
-        outcome = await operations.cancel(
-            operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
-        )
+        try:
+            outcome = await operations.cancel(
+                operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
+            )
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         body = {"id": operation_id, "outcome": outcome.value}
         if outcome is CancelOutcome.NOT_FOUND:
             return JSONResponse(body, status_code=404)

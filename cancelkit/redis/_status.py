@@ -20,6 +20,7 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, final
@@ -27,19 +28,21 @@ from typing import Any, final
 import anyio
 import coredis
 import coredis.exceptions
-from anyio.abc import TaskGroup
 from coredis.commands import Script
 from coredis.retry import ConstantRetryPolicy
 
 from .._operations import OperationError, OperationState, OperationStatus
 from ..backends import RegistryFull
-from ._connection import REDIS_ERRORS, RedisUnavailable, _Pool, leaf, redact
+from ._connection import RedisUnavailable, _Pool, leaf, redact
 
 __all__ = ["RedisStatusStore"]
 
 logger = logging.getLogger("cancelkit.redis")
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
+#: Any failure of a call (no answer, a lost connection, an error reply such as BUSY or OOM)
+#: ends as RedisUnavailable for the caller.
+_ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
 
 # KEYS: status, ended set, this worker's alive key, the owner's running set, the running set.
 # ARGV: value, ttl ms, "r"/"e", run, max retained, now ms, name, lease ms, status key prefix,
@@ -142,6 +145,110 @@ def _run_marker(status: OperationStatus) -> str:
 
 
 @final
+class _Link:
+    """The store's own client, scripts and background task (the heartbeat)."""
+
+    __slots__ = ("client", "scripts", "stack", "timeout", "url")
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.client: coredis.Redis[str] | None = None
+        self.scripts: dict[str, Script[str]] = {}
+        self.stack: AsyncExitStack | None = None
+
+    async def open(
+        self, first: Callable[[], Awaitable[None]], forever: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Connect, register the scripts, await ``first()``, then run ``forever()``."""
+        stack = AsyncExitStack()
+        try:
+            pool = _Pool.from_url(
+                self.url,
+                decode_responses=True,
+                connect_timeout=self.timeout / 2,
+                stream_timeout=self.timeout,
+                timeout=self.timeout,
+            )
+            client: coredis.Redis[str] = coredis.Redis(
+                connection_pool=pool,
+                decode_responses=True,
+                retry_policy=ConstantRetryPolicy(
+                    (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
+                ),
+            )
+            await stack.enter_async_context(client)
+            with anyio.fail_after(self.timeout * 2):
+                await client.ping()
+            self.client = client
+            self.scripts = {
+                name: client.register_script(text)
+                for name, text in (("put", _PUT), ("get", _GET), ("beat", _BEAT))
+            }
+            await first()
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)  # runs before the group exits
+            task_group.start_soon(forever)
+        except BaseException as exc:
+            self.client = None
+            await stack.aclose()
+            if isinstance(exc, _ERRORS):
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {redact(self.url)}: {leaf(exc)}"
+                ) from exc
+            raise
+        self.stack = stack
+
+    async def close(self) -> None:
+        stack, self.stack = self.stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self.client = None
+
+    async def call(self, script: str, keys: list[str], args: list[str]) -> Any:
+        """Run one script, bounded by the timeout; any failure is RedisUnavailable."""
+        if self.client is None:
+            raise RuntimeError(
+                "RedisStatusStore is not running: enter it first (BackgroundOperations "
+                "enters its store)"
+            )
+        try:
+            with anyio.fail_after(self.timeout):
+                return await self.scripts[script](keys=keys, args=args)
+        except _ERRORS as exc:
+            raise RedisUnavailable(
+                f"Redis at {redact(self.url)} did not answer: {leaf(exc)}"
+            ) from exc
+
+
+def _validate(
+    prefix: str,
+    lease: float | None,
+    max_retained: int,
+    limits: dict[str, int | None],
+    **seconds: float,
+) -> float:
+    """Check the options; return the lease (three heartbeats by default)."""
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
+    for option, value in seconds.items():
+        if not 0 < value < math.inf:
+            raise ValueError(f"{option} must be seconds > 0, not {value!r}")
+    if lease is None:
+        lease = 3 * seconds["heartbeat"]
+    if not 2 * seconds["heartbeat"] <= lease < math.inf:
+        raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
+    if max_retained < 1:
+        raise ValueError(f"max_retained must be >= 1, not {max_retained!r}")
+    for option, limit in limits.items():
+        if limit is not None and limit < 1:
+            raise ValueError(f"{option} must be None or >= 1, not {limit!r}")
+    return lease
+
+
+@final
 class RedisStatusStore:
     """Keeps the statuses of background operations in Redis, for a fleet of workers.
 
@@ -186,11 +293,11 @@ class RedisStatusStore:
     """
 
     __slots__ = (
-        "_client",
         "_down",
         "_entered",
         "_heartbeat",
         "_lease_ms",
+        "_link",
         "_local",
         "_max",
         "_max_running",
@@ -199,11 +306,6 @@ class RedisStatusStore:
         "_prefix",
         "_retention_ms",
         "_running_ms",
-        "_scripts",
-        "_stack",
-        "_task_group",
-        "_timeout",
-        "_url",
         "_worker",
     )
 
@@ -221,42 +323,26 @@ class RedisStatusStore:
         max_running_per_owner: int | None = None,
     ) -> None:
         """Configure the store; nothing connects until it is entered."""
-        if not _PREFIX.fullmatch(prefix):
-            raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
-        for option, value in (
-            ("timeout", timeout),
-            ("heartbeat", heartbeat),
-            ("retention", retention),
-        ):
-            if not 0 < value < math.inf:
-                raise ValueError(f"{option} must be seconds > 0, not {value!r}")
-        if lease is None:
-            lease = 3 * heartbeat
-        if not 2 * heartbeat <= lease < math.inf:
-            raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
-        if max_retained < 1:
-            raise ValueError(f"max_retained must be >= 1, not {max_retained!r}")
-        for option, limit in (
-            ("max_running", max_running),
-            ("max_running_per_owner", max_running_per_owner),
-        ):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{option} must be None or >= 1, not {limit!r}")
+        limits = {"max_running": max_running, "max_running_per_owner": max_running_per_owner}
+        lease = _validate(
+            prefix,
+            lease,
+            max_retained,
+            limits,
+            timeout=timeout,
+            heartbeat=heartbeat,
+            retention=retention,
+        )
         self._max_running = max_running
         self._max_running_per_owner = max_running_per_owner
-        self._url = url
+        self._link = _Link(url, float(timeout))
         self._prefix = prefix
-        self._timeout = float(timeout)
         self._heartbeat = float(heartbeat)
         self._lease_ms = math.ceil(lease * 1000)
         self._retention_ms = math.ceil(retention * 1000)
         self._running_ms = self._lease_ms + self._retention_ms
         self._max = max_retained
         self._worker: str | None = None
-        self._client: coredis.Redis[str] | None = None
-        self._scripts: dict[str, Script[str]] = {}
-        self._stack: AsyncExitStack | None = None
-        self._task_group: TaskGroup | None = None
         # this worker's running operations: status key -> (name, the owner's running set)
         self._local: dict[str, tuple[str, str]] = {}
         self._entered = 0  # nested entries (the application's and BackgroundOperations')
@@ -285,48 +371,15 @@ class RedisStatusStore:
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
-        if self._stack is not None:
+        if self._link.stack is not None:
             self._entered += 1
             return self
         self._worker = secrets.token_urlsafe(9)  # made here, after any fork
-        stack = AsyncExitStack()
         try:
-            pool = _Pool.from_url(
-                self._url,
-                decode_responses=True,
-                connect_timeout=self._timeout / 2,
-                stream_timeout=self._timeout,
-                timeout=self._timeout,
-            )
-            client: coredis.Redis[str] = coredis.Redis(
-                connection_pool=pool,
-                decode_responses=True,
-                retry_policy=ConstantRetryPolicy(
-                    (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
-                ),
-            )
-            await stack.enter_async_context(client)
-            with anyio.fail_after(self._timeout * 2):
-                await client.ping()
-            self._client = client
-            self._scripts = {
-                "put": client.register_script(_PUT),
-                "get": client.register_script(_GET),
-                "beat": client.register_script(_BEAT),
-            }
-            await self._beat_once()
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            self._task_group.start_soon(self._beat)
-        except BaseException as exc:
-            self._client = self._task_group = None
+            await self._link.open(self._beat_once, self._beat)
+        except BaseException:
             self._worker = None
-            await stack.aclose()
-            if isinstance(exc, (*REDIS_ERRORS, coredis.exceptions.RedisError)):
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redact(self._url)}: {leaf(exc)}"
-                ) from exc
             raise
-        self._stack = stack
         self._entered = 1
         return self
 
@@ -337,18 +390,14 @@ class RedisStatusStore:
         tb: TracebackType | None,
     ) -> None:
         """Stop the heartbeat and disconnect (running statuses left behind read as lost)."""
-        if self._stack is None:
+        if self._link.stack is None:
             return
         self._entered -= 1
         if self._entered:
             return
-        stack, self._stack = self._stack, None
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
         try:
-            await stack.aclose()
+            await self._link.close()
         finally:
-            self._client = self._task_group = None
             self._worker = None
             self._local.clear()
 
@@ -359,7 +408,7 @@ class RedisStatusStore:
                 while self._pending:  # final statuses that could not be written, oldest first
                     key = next(iter(self._pending))
                     keys, args = self._pending[key]
-                    await self._call("put", keys, args)
+                    await self._link.call("put", keys, args)
                     if self._pending.get(key) == (keys, args):
                         del self._pending[key]
                 await self._beat_once()
@@ -390,21 +439,7 @@ class RedisStatusStore:
         expiry = time.time_ns() // 1_000_000 + self._lease_ms
         args = [str(self._lease_ms), str(self._running_ms), str(self._worker), str(expiry)]
         args += ["1" if self._limited else "0", *names]
-        await self._call("beat", keys, args)
-
-    async def _call(self, script: str, keys: list[str], args: list[str]) -> Any:
-        if self._client is None:
-            raise RuntimeError(
-                "RedisStatusStore is not running: enter it first (BackgroundOperations "
-                "enters its store)"
-            )
-        try:
-            with anyio.fail_after(self._timeout):
-                return await self._scripts[script](keys=keys, args=args)
-        except REDIS_ERRORS as exc:
-            raise RedisUnavailable(
-                f"Redis at {redact(self._url)} did not answer: {leaf(exc)}"
-            ) from exc
+        await self._link.call("beat", keys, args)
 
     async def put(self, status: OperationStatus) -> None:
         """See :meth:`StatusStore.put <cancelkit.StatusStore.put>`.
@@ -443,7 +478,7 @@ class RedisStatusStore:
             "1" if self._limited else "0",
         ]
         if running:
-            result = int(await self._call("put", keys, args))
+            result = int(await self._link.call("put", keys, args))
             if result == -1:
                 raise RegistryFull("max_running_per_owner", self._max_running_per_owner or 0)
             if result == -2:
@@ -453,7 +488,7 @@ class RedisStatusStore:
         self._local.pop(key, None)
         self._pending.pop(key, None)  # this write supersedes an older failed one
         try:
-            await self._call("put", keys, args)
+            await self._link.call("put", keys, args)
         except RedisUnavailable:
             if len(self._pending) >= 10_000:  # bounded: the oldest failed write is dropped
                 del self._pending[next(iter(self._pending))]
@@ -469,7 +504,9 @@ class RedisStatusStore:
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
-        result = await self._call("get", [self._key(_name(id, owner))], [f"{self._prefix}:o:a:"])
+        result = await self._link.call(
+            "get", [self._key(_name(id, owner))], [f"{self._prefix}:o:a:"]
+        )
         if result is None:
             return None
         value, gone = str(result[0]), int(result[1])
@@ -492,8 +529,8 @@ class RedisStatusStore:
 
     def __repr__(self) -> str:
         """Show the server (password hidden), prefix, worker and local running statuses."""
-        state = "stopped" if self._client is None else "running"
+        state = "stopped" if self._link.client is None else "running"
         return (
-            f"<RedisStatusStore {redact(self._url)} prefix={self._prefix!r} "
+            f"<RedisStatusStore {redact(self._link.url)} prefix={self._prefix!r} "
             f"worker={self._worker} {state} running={len(self._local)}>"
         )
