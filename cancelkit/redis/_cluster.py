@@ -50,6 +50,7 @@ __all__ = [
     "cluster_client",
     "cluster_scripts",
     "is_cluster",
+    "load_scripts",
     "lost_subscription",
     "report_error",
     "subscription",
@@ -197,6 +198,27 @@ def cluster_client(url: str, *, timeout: float) -> coredis.RedisCluster[str]:
             ),
         ),
     )
+
+
+async def load_scripts(
+    client: coredis.RedisCluster[str], scripts: Mapping[str, str], *, within: float
+) -> None:
+    """Load the scripts on every node at start, if that works within ``within`` seconds.
+
+    Only to spare the first calls: a call whose script is missing on its node (``NOSCRIPT``,
+    for example on a replica promoted since) loads it on every node and runs it again.
+    """
+
+    async def load(text: str) -> None:
+        await client.script_load(text)
+
+    with anyio.move_on_after(within):
+        try:
+            async with anyio.create_task_group() as tg:
+                for text in scripts.values():
+                    tg.start_soon(load, text)
+        except Exception as exc:  # best effort, see above
+            logger.debug("preloading the scripts failed (%s); they load on first use", exc)
 
 
 def report_error(client: coredis.Redis[str] | coredis.RedisCluster[str], exc: Exception) -> None:

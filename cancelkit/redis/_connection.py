@@ -15,7 +15,14 @@ import coredis.exceptions
 from coredis.commands import Script
 from coredis.retry import ConstantRetryPolicy
 
-from ._cluster import CLUSTER_ERRORS, cluster_client, cluster_scripts, is_cluster, report_error
+from ._cluster import (
+    CLUSTER_ERRORS,
+    cluster_client,
+    cluster_scripts,
+    is_cluster,
+    load_scripts,
+    report_error,
+)
 
 __all__ = ["REDIS_ERRORS", "Connection", "Down", "RedisUnavailable", "leaf", "redact"]
 
@@ -184,6 +191,7 @@ class Connection:
             # discovers the layout; each node's connect is bounded by the connect timeout
             await stack.enter_async_context(chosen)
             scripts = cluster_scripts(scripts)
+            await load_scripts(chosen, scripts, within=self._timeout * 2)
         self._client = chosen
         self.cluster = cluster
         self._scripts = {name: chosen.register_script(text) for name, text in scripts.items()}
