@@ -803,8 +803,10 @@ def operations_router(
         raise ValueError(f"max_wait must be seconds from 0 to 3600, not {max_wait!r}")
     owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
     router = APIRouter(**router_options)
+    unavailable = {"model": CancelledBody, "description": "Redis cannot be reached"}
     not_found: dict[int | str, dict[str, Any]] = {
-        404: {"model": CancelledBody, "description": "No such operation of yours"}
+        404: {"model": CancelledBody, "description": "No such operation of yours"},
+        503: unavailable,
     }
 
     @router.get(
@@ -840,7 +842,10 @@ def operations_router(
         path,
         status_code=202,
         response_model=OperationBody,
-        responses={404: {"model": OperationBody, "description": "Nothing of yours to cancel"}},
+        responses={
+            404: {"model": OperationBody, "description": "Nothing of yours to cancel"},
+            503: unavailable,
+        },
         summary="Cancel a background operation",
     )
     async def cancel_background_operation(
