@@ -1,6 +1,19 @@
-"""TokenRegistry benchmarks: track/cancel cost vs a bare token scope, and memory at 100k ops.
+"""TokenRegistry benchmarks: time ratios, memory per live operation, and no growth.
 
-Run: ``python -m benchmarks.bench_registry``
+Figures, on each anyio backend:
+
+- ``track()`` + exit vs a bare token scope, and track + ``cancel(id)`` + exit vs scope +
+  ``cancel()``: the ratio of the two medians over interleaved rounds (median: robust to the
+  pauses of a shared machine);
+- cancelkit's own memory per live operation: ``LIVE`` tasks each waiting in a bare
+  ``anyio.CancelScope`` (the baseline) vs in ``token.scope()`` (target <= 400 B) vs in
+  ``registry.track()`` (target <= 700 B); bytes from ``tracemalloc`` after ``gc.collect()``,
+  divided by ``LIVE`` (deterministic: allocation counts, not time);
+- no growth: ``--ops`` operations (default 1,000,000) tracked and finished in waves of
+  ``LIVE``; the memory after the last wave minus the memory after the first (target: within
+  64 kB, i.e. noise of the allocator, independent of the count).
+
+Run: ``python -m benchmarks.bench_registry [--ops N] [asyncio|trio ...]``
 """
 
 from __future__ import annotations
@@ -16,7 +29,8 @@ from cancelkit import CancellationToken, TokenRegistry
 from cancelkit.backends import MemoryBackend
 
 N = 20_000
-LIVE = 100_000
+LIVE = 20_000
+OPS = 1_000_000
 
 
 async def costs() -> None:
@@ -51,14 +65,15 @@ async def costs() -> None:
 
 
 async def hold(kind: str, registry: TokenRegistry, n: int) -> int:
-    """Start n tasks that wait (bare, in a token scope, or tracked); return the bytes used."""
+    """Start n tasks that wait (in a bare CancelScope, a token scope, or tracked); bytes used."""
     go = anyio.Event()
     gc.collect()
     before = tracemalloc.get_traced_memory()[0]
 
     async def task() -> None:
         if kind == "bare":
-            await go.wait()
+            with anyio.CancelScope():
+                await go.wait()
         elif kind == "scope":
             with CancellationToken().scope():
                 await go.wait()
@@ -76,44 +91,51 @@ async def hold(kind: str, registry: TokenRegistry, n: int) -> int:
     return used
 
 
-async def memory() -> None:
+async def memory(ops: int) -> None:
     now = [0.0]
     backend = MemoryBackend(clock=lambda: now[0])
     registry = TokenRegistry(backend=backend)
     tracemalloc.start()
-    bare = await hold("bare", registry, LIVE)
-    scope = await hold("scope", registry, LIVE)
-    tracked = await hold("tracked", registry, LIVE)
-    now[0] += 3600  # the finished-markers' TTL passes
+    for kind in ("bare", "scope", "tracked"):  # warm up: one-time growth is not per op
+        await hold(kind, registry, LIVE)
+    now[0] += 3600  # the warm-up's finished-markers expire
     backend.statistics()
-    gc.collect()
-    settled = tracemalloc.get_traced_memory()[0]
-    await hold("tracked", registry, LIVE)  # a second wave must not leave more behind
-    now[0] += 3600
-    backend.statistics()
-    gc.collect()
+    used = {kind: await hold(kind, registry, LIVE) for kind in ("bare", "scope", "tracked")}
+    scope = (used["scope"] - used["bare"]) / LIVE
+    tracked = (used["tracked"] - used["bare"]) / LIVE
+    print(
+        f"  memory beyond a bare CancelScope, per live op: token.scope() {scope:5.0f} B "
+        f"(target <= 400 B), registry.track() {tracked:5.0f} B (target <= 700 B)"
+    )
+    waves = max(2, ops // LIVE)
+    settled = 0
+    for wave in range(waves):
+        await hold("tracked", registry, LIVE)
+        now[0] += 3600  # the finished-markers' TTL passes
+        backend.statistics()
+        gc.collect()
+        if wave == 0:
+            settled = tracemalloc.get_traced_memory()[0]
     growth = tracemalloc.get_traced_memory()[0] - settled
     tracemalloc.stop()
-    mb = 2**20
     print(
-        f"  {LIVE:,} live tracked ops: {(tracked - bare) / mb:6.1f} MB beyond the same tasks "
-        f"untracked (target <= 50 MB),\n"
-        f"    of which the token scope alone (anyio CancelScope etc.) is {(scope - bare) / mb:.1f} "
-        f"MB and the registry's own share {(tracked - scope) / mb:.1f} MB\n"
-        f"  a second wave of {LIVE:,}, finished and expired, leaves {growth / mb:.2f} MB behind "
-        f"(entries after: {backend.statistics()})"
+        f"  {waves * LIVE:,} tracked ops come and go ({LIVE:,} live at a time): memory after "
+        f"the last wave {growth / 1e3:+.1f} kB vs after the first (target within 64 kB); "
+        f"{backend.statistics()}"
     )
 
 
-async def run() -> None:
-    await costs()
-    await memory()
-
-
 def main() -> None:
-    for backend in sys.argv[1:] or ["asyncio", "trio"]:
+    args = sys.argv[1:]
+    ops = OPS
+    if "--ops" in args:
+        at = args.index("--ops")
+        ops = int(args[at + 1])
+        del args[at : at + 2]
+    for backend in args or ["asyncio", "trio"]:
         print(f"TokenRegistry on {backend}:")
-        anyio.run(run, backend=backend)
+        anyio.run(costs, backend=backend)
+        anyio.run(memory, ops, backend=backend)
 
 
 if __name__ == "__main__":

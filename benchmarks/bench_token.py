@@ -5,6 +5,9 @@ Prints, per backend, ratios measured side by side in the same run:
 - token create + cancel vs anyio.Event create + set;
 - cancel -> waiter woken vs Event.set -> waiter woken (median and p99 latency);
 - ``token.scope()`` enter/exit vs a bare ``anyio.CancelScope``;
+- ``token.cancel()`` -> the scoped body's ``except OperationCancelled`` vs a bare
+  ``CancelScope.cancel()`` -> the code after its ``with`` block (the token's share of a
+  supersede; target <= 1.5x): the ratio of the medians of 5 x 300 interleaved samples;
 
 and the memory of one long-lived parent with 1,000,000 short-lived children (peak, end).
 Run: ``python -m benchmarks.bench_token``.
@@ -21,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 
 from benchmarks._util import compare_async, fmt_us, percentile, report_ratio
-from cancelkit import CancellationToken
+from cancelkit import CancellationToken, OperationCancelled
 
 TARGET = 3.0
 
@@ -72,6 +75,49 @@ async def _wake_latency(trials: int, *, use_token: bool) -> list[float]:
     return samples
 
 
+async def _interrupted_body(
+    use_token: bool,
+    token: CancellationToken,
+    scopes: list[anyio.CancelScope],
+    ready: anyio.Event,
+    stamp: list[float],
+) -> None:
+    if use_token:
+        try:
+            with token.scope():
+                ready.set()
+                await anyio.sleep_forever()
+        except OperationCancelled:
+            stamp.append(time.perf_counter())
+    else:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            ready.set()
+            await anyio.sleep_forever()
+        stamp.append(time.perf_counter())
+
+
+async def _cancel_to_except(trials: int, *, use_token: bool) -> list[float]:
+    """Time from token.cancel() / CancelScope.cancel() to the interrupted body's handler."""
+    samples: list[float] = []
+    for _ in range(trials):
+        ready = anyio.Event()
+        stamp: list[float] = []
+        token = CancellationToken()
+        scopes: list[anyio.CancelScope] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_interrupted_body, use_token, token, scopes, ready, stamp)
+            await ready.wait()
+            await anyio.wait_all_tasks_blocked()
+            start = time.perf_counter()
+            if use_token:
+                token.cancel()
+            else:
+                scopes[0].cancel()
+        samples.append(stamp[0] - start)
+    return samples
+
+
 async def _run_backend() -> None:
     c, b, _ = await compare_async(_token_create_cancel, _event_create_set, loops=20_000)
     report_ratio("token create+cancel vs Event create+set", c, b, TARGET)
@@ -87,6 +133,12 @@ async def _run_backend() -> None:
     print(
         f"  {'':<52} p99 {fmt_us(percentile(token_lat, 99))} vs {fmt_us(percentile(event_lat, 99))}"
     )
+    token_lat, bare_lat = [], []
+    for _ in range(5):
+        token_lat += await _cancel_to_except(300, use_token=True)
+        bare_lat += await _cancel_to_except(300, use_token=False)
+    tm, bm = statistics.median(token_lat), statistics.median(bare_lat)
+    report_ratio("token.cancel() -> except vs CancelScope.cancel() -> after", tm, bm, 1.5)
 
 
 def _memory_children(count: int, in_flight: int = 1_000) -> None:

@@ -25,6 +25,7 @@ from ._protocol import (
 __all__ = ["MemoryBackend", "MemoryBackendStatistics"]
 
 _Id = tuple[str | None, str]
+_Reg = tuple[str | None, str, Deliver]  # owner, holder, deliver
 
 
 @final
@@ -127,7 +128,6 @@ class MemoryBackend:
         "_counter",
         "_finished",
         "_keys",
-        "_live_ids",
         "_max",
         "_max_per_owner",
         "_max_seqs",
@@ -168,8 +168,9 @@ class MemoryBackend:
         self._max_per_owner = max_tombstones_per_owner
         self._owner_tombs: dict[str | None, int] = {}  # owner -> its unexpired tombstones
         self._clock = clock
-        self._regs: dict[_Id, tuple[str, Deliver]] = {}
-        self._live_ids: dict[str, int] = {}  # id -> how many owners run an op with that id
+        # id -> (owner, holder, deliver), or owner -> that for an id several owners run: no
+        # (owner, id) tuple per registration, and "someone else's" is one lookup
+        self._regs: dict[str, _Reg | dict[str | None, _Reg]] = {}
         # Both maps are in insertion order, which is expiry order (one TTL, a monotonic clock).
         self._tombs: dict[_Id, tuple[float, CancelReason]] = {}
         self._finished: dict[_Id, float] = {}
@@ -214,40 +215,56 @@ class MemoryBackend:
         self, id: str, owner: str | None, holder: str, deliver: Deliver
     ) -> CancelReason | None:
         """See :meth:`Backend.register <cancelkit.backends.Backend.register>`."""
-        name = (owner, id)
-        if name in self._regs:
+        entry = self._regs.get(id)
+        if self._find(entry, owner) is not None:
             raise OperationExists(id)
+        name = (owner, id)
         now = self._expire()
         tomb = self._forget_tomb(name) if self._tombs else None
         if tomb is not None:
             self._mark_finished(name, now)
             return tomb[1]
         self._finished.pop(name, None)
-        self._regs[name] = (holder, deliver)
-        self._live_ids[id] = self._live_ids.get(id, 0) + 1
+        reg = (owner, holder, deliver)
+        if entry is None:
+            self._regs[id] = reg
+        elif isinstance(entry, tuple):
+            self._regs[id] = {entry[0]: entry, owner: reg}
+        else:
+            entry[owner] = reg
         return None
+
+    @staticmethod
+    def _find(entry: _Reg | dict[str | None, _Reg] | None, owner: str | None) -> _Reg | None:
+        if entry is None:
+            return None
+        if isinstance(entry, tuple):
+            return entry if entry[0] == owner else None
+        return entry.get(owner)
 
     async def unregister(self, id: str, owner: str | None, holder: str) -> None:
         """See :meth:`Backend.unregister <cancelkit.backends.Backend.unregister>`."""
-        name = (owner, id)
-        live = self._regs.get(name)
-        if live is not None and live[0] == holder:
-            del self._regs[name]
-            if self._live_ids[id] == 1:
-                del self._live_ids[id]
+        entry = self._regs.get(id)
+        live = self._find(entry, owner)
+        if live is not None and live[1] == holder:
+            if isinstance(entry, dict):
+                del entry[owner]
+                if len(entry) == 1:
+                    self._regs[id] = next(iter(entry.values()))
             else:
-                self._live_ids[id] -= 1
-            self._mark_finished(name, self._expire())
+                del self._regs[id]
+            self._mark_finished((owner, id), self._expire())
 
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
         """See :meth:`Backend.cancel <cancelkit.backends.Backend.cancel>`."""
-        name = (owner, id)
-        live = self._regs.get(name)
+        entry = self._regs.get(id)
+        live = self._find(entry, owner)
         if live is not None:
-            live[1](reason)
+            live[2](reason)
             return CancelOutcome.CANCELLED
-        if id in self._live_ids:  # someone else's: it looks absent, and is not pre-cancelled
+        if entry is not None:  # someone else's: it looks absent, and is not pre-cancelled
             return CancelOutcome.NOT_FOUND
+        name = (owner, id)
         now = self._expire()
         if name in self._finished:
             return CancelOutcome.NOT_FOUND
@@ -373,12 +390,15 @@ class MemoryBackend:
 
     # -- introspection -----------------------------------------------------------------
 
+    def _registrations(self) -> int:
+        return sum(1 if isinstance(e, tuple) else len(e) for e in self._regs.values())
+
     def statistics(self) -> MemoryBackendStatistics:
         """Return a snapshot (expired tombstones, markers and sequences are dropped first)."""
         self._expire()
         self._expire_seqs()
         return MemoryBackendStatistics(
-            registrations=len(self._regs),
+            registrations=self._registrations(),
             tombstones=len(self._tombs),
             finished=len(self._finished),
             keys=len(self._keys),
@@ -387,6 +407,7 @@ class MemoryBackend:
 
     def __repr__(self) -> str:
         return (
-            f"<MemoryBackend registrations={len(self._regs)} tombstones={len(self._tombs)} "
+            f"<MemoryBackend registrations={self._registrations()} "
+            f"tombstones={len(self._tombs)} "
             f"keys={len(self._keys)} tombstone_ttl={self._ttl}>"
         )
