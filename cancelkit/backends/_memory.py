@@ -28,6 +28,32 @@ _Id = tuple[str | None, str]
 _Reg = tuple[str | None, str, Deliver]  # owner, holder, deliver
 
 
+def _find(entry: _Reg | dict[str | None, _Reg] | None, owner: str | None) -> _Reg | None:
+    """The registration of ``owner`` in one id's entry of ``MemoryBackend._regs``, if any."""
+    if entry is None:
+        return None
+    if isinstance(entry, tuple):
+        return entry if entry[0] == owner else None
+    return entry.get(owner)
+
+
+def _forget_tomb(backend: MemoryBackend, name: _Id) -> tuple[float, CancelReason] | None:
+    """Drop a tombstone of ``backend`` and its count in its owner's budget."""
+    tomb = backend._tombs.pop(name, None)
+    if tomb is not None:
+        owners = backend._owner_tombs
+        left = owners[name[0]] - 1
+        if left:
+            owners[name[0]] = left
+        else:
+            del owners[name[0]]
+    return tomb
+
+
+def _count(regs: dict[str, _Reg | dict[str | None, _Reg]]) -> int:
+    return sum(1 if isinstance(e, tuple) else len(e) for e in regs.values())
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class MemoryBackendStatistics:
@@ -185,21 +211,10 @@ class MemoryBackend:
         now = self._clock()
         tombs, finished = self._tombs, self._finished
         while tombs and next(iter(tombs.values()))[0] <= now:
-            self._forget_tomb(next(iter(tombs)))
+            _forget_tomb(self, next(iter(tombs)))
         while finished and next(iter(finished.values())) <= now:
             del finished[next(iter(finished))]
         return now
-
-    def _forget_tomb(self, name: _Id) -> tuple[float, CancelReason] | None:
-        tomb = self._tombs.pop(name, None)
-        if tomb is not None:
-            owner = name[0]
-            left = self._owner_tombs[owner] - 1
-            if left:
-                self._owner_tombs[owner] = left
-            else:
-                del self._owner_tombs[owner]
-        return tomb
 
     def _mark_finished(self, name: _Id, now: float) -> None:
         finished = self._finished
@@ -216,11 +231,11 @@ class MemoryBackend:
     ) -> CancelReason | None:
         """See :meth:`Backend.register <cancelkit.backends.Backend.register>`."""
         entry = self._regs.get(id)
-        if self._find(entry, owner) is not None:
+        if _find(entry, owner) is not None:
             raise OperationExists(id)
         name = (owner, id)
         now = self._expire()
-        tomb = self._forget_tomb(name) if self._tombs else None
+        tomb = _forget_tomb(self, name) if self._tombs else None
         if tomb is not None:
             self._mark_finished(name, now)
             return tomb[1]
@@ -234,18 +249,10 @@ class MemoryBackend:
             entry[owner] = reg
         return None
 
-    @staticmethod
-    def _find(entry: _Reg | dict[str | None, _Reg] | None, owner: str | None) -> _Reg | None:
-        if entry is None:
-            return None
-        if isinstance(entry, tuple):
-            return entry if entry[0] == owner else None
-        return entry.get(owner)
-
     async def unregister(self, id: str, owner: str | None, holder: str) -> None:
         """See :meth:`Backend.unregister <cancelkit.backends.Backend.unregister>`."""
         entry = self._regs.get(id)
-        live = self._find(entry, owner)
+        live = _find(entry, owner)
         if live is not None and live[1] == holder:
             if isinstance(entry, dict):
                 del entry[owner]
@@ -258,7 +265,7 @@ class MemoryBackend:
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
         """See :meth:`Backend.cancel <cancelkit.backends.Backend.cancel>`."""
         entry = self._regs.get(id)
-        live = self._find(entry, owner)
+        live = _find(entry, owner)
         if live is not None:
             live[2](reason)
             return CancelOutcome.CANCELLED
@@ -390,15 +397,12 @@ class MemoryBackend:
 
     # -- introspection -----------------------------------------------------------------
 
-    def _registrations(self) -> int:
-        return sum(1 if isinstance(e, tuple) else len(e) for e in self._regs.values())
-
     def statistics(self) -> MemoryBackendStatistics:
         """Return a snapshot (expired tombstones, markers and sequences are dropped first)."""
         self._expire()
         self._expire_seqs()
         return MemoryBackendStatistics(
-            registrations=self._registrations(),
+            registrations=_count(self._regs),
             tombstones=len(self._tombs),
             finished=len(self._finished),
             keys=len(self._keys),
@@ -407,7 +411,7 @@ class MemoryBackend:
 
     def __repr__(self) -> str:
         return (
-            f"<MemoryBackend registrations={self._registrations()} "
+            f"<MemoryBackend registrations={_count(self._regs)} "
             f"tombstones={len(self._tombs)} "
             f"keys={len(self._keys)} tombstone_ttl={self._ttl}>"
         )
