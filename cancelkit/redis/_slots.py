@@ -66,7 +66,13 @@ class Slots:
     async def acquire(
         self, key: str, holder: str, callback: Deliver, *, replace: bool
     ) -> Acquired | None:
-        """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`."""
+        """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`.
+
+        The claim is recorded locally first. If the script's effect is unknown (the caller
+        was cancelled while it ran, or it failed with ``fail_open=False``), an idempotent
+        release is queued at once; a claim it misses (the script ran after it) stops
+        blocking the key within one lease (its owner key expires, its queue deadline passes).
+        """
         self._conn.client  # noqa: B018 - raises if not running
         claim = self._by_holder[holder] = _Claim(key, holder, callback)  # record first
         self._by_key.setdefault(key, {})[holder] = claim
@@ -74,7 +80,7 @@ class Slots:
         try:
             result = await self._conn.run(
                 "ACQUIRE",
-                [k("k", key), k("q", key), k.generations],
+                [k("k", key), k("q", key), k.generations, k("qd", key)],
                 [
                     k.worker,
                     holder,
@@ -82,15 +88,16 @@ class Slots:
                     lease_ms,
                     k.channel_prefix,
                     str(max(86_400_000, 4 * int(lease_ms))),
+                    k.inbox_prefix,
                 ],
             )
         except Down:
             if not self._settings.fail_open:
-                self._forget(claim)
+                self._abandon(claim)
                 raise RedisUnavailable("Redis is unreachable; not starting new work") from None
             return self._acquire_locally(claim, replace=replace)
         except BaseException:
-            self._forget(claim)
+            self._abandon(claim)
             raise
         if result[0] == 0:
             self._forget(claim)
@@ -132,6 +139,20 @@ class Slots:
         if self._owners.get(claim.key) == claim.holder:
             del self._owners[claim.key]
 
+    def _abandon(self, claim: _Claim) -> None:
+        """Forget a claim whose script may have run; release it in the background."""
+        self._forget(claim)
+        if self._conn.running:
+            self._conn.defer(*self._release_call(claim.key, claim.holder))
+
+    def _release_call(self, key: str, holder: str) -> tuple[str, list[str], list[str]]:
+        k = self._keys
+        return (
+            "RELEASE",
+            [k("k", key), k("q", key), k("qd", key)],
+            [k.worker, holder, k.channel_prefix, k.inbox_prefix, self._settings.lease_ms],
+        )
+
     async def release(self, key: str, holder: str) -> None:
         """See :meth:`RedisBackend.release <cancelkit.redis.RedisBackend.release>`."""
         claim = self._by_holder.get(holder)
@@ -143,10 +164,7 @@ class Slots:
                 await self._release_remote(key, holder)
 
     async def _release_remote(self, key: str, holder: str) -> None:
-        k = self._keys
-        await self._conn.run_or_defer(
-            "RELEASE", [k("k", key), k("q", key)], [k.worker, holder, k.channel_prefix]
-        )
+        await self._conn.run_or_defer(*self._release_call(key, holder))
 
     async def wait_turn(self, key: str, holder: str) -> None:
         """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""
@@ -154,15 +172,21 @@ class Slots:
         k = self._keys
         while (claim := self._by_holder.get(holder)) is not None and claim.key == key:
             claim.turn = event = anyio.Event()
+            wait = self._settings.heartbeat
             try:
-                if await self._conn.run("TURN", [k("q", key)], [k.me(holder), k.alive_prefix]):
-                    return
+                result = await self._conn.run(
+                    "TURN", [k("q", key), k("qd", key)], [k.me(holder), k.alive_prefix]
+                )
             except Down:
                 if not self._settings.fail_open:
                     raise RedisUnavailable("Redis is unreachable; cannot wait for a turn") from None
                 if next(iter(self._by_key[key])) == holder:
                     return
-            with anyio.move_on_after(self._settings.heartbeat):
+            else:
+                if result[0] == 1:
+                    return
+                wait = min(wait, int(result[1]) / 1000 + 0.001)  # until the head's lease ends
+            with anyio.move_on_after(wait):
                 await event.wait()
 
     async def generation(self, key: str) -> int | None:
@@ -214,7 +238,7 @@ class Slots:
             keys = [k.alive]
             args = [k.worker, self._settings.lease_ms]
             for claim in chunk:
-                keys += [k("k", claim.key), k("q", claim.key)]
+                keys += [k("k", claim.key), k("q", claim.key), k("qd", claim.key)]
                 args += [claim.holder, str(claim.generation)]
             result = await self._conn.run("SYNC_CLAIMS", keys, args, force=force)
             lines += map(str, result)
