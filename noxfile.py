@@ -1,4 +1,14 @@
-"""Nox sessions: tests on 3.11-3.13, coverage, lint, typecheck, docs, example, demo, bench."""
+"""Nox sessions: tests on 3.11-3.13, coverage, lint, typecheck, docs, example, demo, bench.
+
+The tests need two programs that pip cannot install: a real ``redis-server`` (the Redis
+integration tests) and Chromium (the demo's browser test; Playwright drives the system browser,
+it never downloads one). The ``tests`` sessions find them, and when one is missing and this
+process may use Debian's package manager (root, ``apt-get`` present), install it with
+``apt-get`` and say so. ``CANCELKIT_PROVISION=no`` forbids installing; ``CANCELKIT_REDIS_SERVER``
+and ``CANCELKIT_CHROMIUM`` name the programs to use instead of looking them up on ``PATH``.
+Without them the tests that need them are skipped locally (and coverage leaves out what only
+they exercise, saying so); under ``CI=true`` a missing program fails the run.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +16,8 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import nox
@@ -58,11 +70,138 @@ def _make_interpreters_findable() -> None:
 _make_interpreters_findable()
 
 
+# --------------------------------------------------------------------------- provisioning
+@dataclass(frozen=True)
+class Program:
+    """A program the tests need that pip cannot install."""
+
+    name: str  # what tests look for on PATH
+    env: str  # variable that names it explicitly (the tests read the same variable)
+    package: str  # Debian package that ships it
+    why: str  # one line: which tests need it
+
+
+PROGRAMS = (
+    Program(
+        "redis-server",
+        "CANCELKIT_REDIS_SERVER",
+        "redis-server",
+        "the Redis integration tests start a real redis-server (>= 7) on 127.0.0.1",
+    ),
+    Program(
+        "chromium",
+        "CANCELKIT_CHROMIUM",
+        "chromium",
+        "the demo's browser test drives headless Chromium (Playwright never downloads a browser)",
+    ),
+)
+_provisioned: dict[str, str | None] | None = None  # computed once per nox run
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"true", "1"}
+
+
+def _find(program: Program) -> tuple[str | None, str]:
+    """Return (absolute path or None, how it was looked for).
+
+    Symlinks are kept: redis-server is a link to a multi-call binary that reads its argv[0].
+    """
+    explicit = os.environ.get(program.env)
+    how = f"{program.env}={explicit}" if explicit else f"{program.name} on PATH"
+    found = shutil.which(explicit or program.name)
+    return (os.path.abspath(found) if found else None), how
+
+
+def _version(path: str) -> str:
+    try:
+        result = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"does not run: {exc}"
+    return (
+        (result.stdout or result.stderr).strip().splitlines()[0]
+        if result.returncode == 0
+        else (f"exits {result.returncode}")
+    )
+
+
+def _may_install() -> tuple[bool, str]:
+    """Whether this process may install Debian packages, and if not, why."""
+    if os.environ.get("CANCELKIT_PROVISION", "auto").lower() in {"no", "0", "false", "off"}:
+        return False, "CANCELKIT_PROVISION=no"
+    if shutil.which("apt-get") is None:
+        return False, "apt-get is not available (not a Debian-like system)"
+    if os.geteuid() != 0:
+        return False, "not root (apt-get install needs root; run it yourself, see README)"
+    return True, ""
+
+
+def provision(session: nox.Session) -> dict[str, str | None]:
+    """Find redis-server and Chromium, installing what is missing when allowed (once per run).
+
+    Returns the environment for pytest: each program's variable set to its absolute path, or
+    to an empty string when it is missing (the tests then skip, or fail under CI=true).
+    """
+    global _provisioned
+    if _provisioned is not None:
+        return _provisioned
+    found = {p.name: _find(p) for p in PROGRAMS}
+    missing = [p for p in PROGRAMS if found[p.name][0] is None]
+    if missing:
+        allowed, reason = _may_install()
+        names = " ".join(p.package for p in missing)
+        for p in missing:
+            session.log(
+                f"provision: {p.name} is missing ({found[p.name][1]}); needed because {p.why}"
+            )
+        if allowed:
+            session.log(
+                f"provision: installing Debian package(s) {names} with apt-get "
+                "(root and apt-get are available; CANCELKIT_PROVISION=no forbids this)"
+            )
+            apt_env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+            for command in (
+                ["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *names.split()],
+            ):
+                session.log("provision: $ " + " ".join(command))
+                subprocess.run(command, env=apt_env, check=False, stdout=subprocess.DEVNULL)
+            found = {p.name: _find(p) for p in PROGRAMS}
+        else:
+            session.log(f"provision: not installing {names}: {reason}")
+    env: dict[str, str | None] = {}
+    problems = []
+    for p in PROGRAMS:
+        path, how = found[p.name]
+        if path is None:
+            problems.append(f"{p.name} is missing ({how}): {p.why}")
+            env[p.env] = ""
+        else:
+            session.log(f"provision: using {path} ({_version(path)})")
+            env[p.env] = path
+    if problems:
+        if _in_ci():
+            session.error(
+                "CI=true and the tests' programs could not be provisioned, nothing may be "
+                "skipped in CI: " + "; ".join(problems)
+            )
+        session.warn(
+            "provision: these tests will be SKIPPED (not run) on this machine: "
+            + "; ".join(problems)
+            + ". Install the Debian package(s) (apt-get install redis-server chromium) or name "
+            "the programs with CANCELKIT_REDIS_SERVER / CANCELKIT_CHROMIUM."
+        )
+    _provisioned = env
+    return env
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """Run the test suite under coverage; data files land in the project root."""
     session.install(EXTRAS, *nox.project.dependency_groups(PYPROJECT, "test"))
-    env = {"COVERAGE_FILE": str(ROOT / ".coverage")}
+    env = {"COVERAGE_FILE": str(ROOT / ".coverage"), **provision(session)}
     if "CI" in os.environ:
         env["CI"] = os.environ["CI"]
     session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
@@ -74,8 +213,18 @@ def coverage(session: nox.Session) -> None:
     session.install("coverage[toml]>=7.5")
     env = {"COVERAGE_FILE": str(ROOT / ".coverage")}
     session.run("coverage", "combine", env=env)
+    omit = []
+    if not _in_ci() and _find(PROGRAMS[0])[0] is None:
+        # The Redis tests were skipped: measuring the code only they run would fail the
+        # threshold for a reason that has nothing to do with the change under test.
+        session.warn(
+            "coverage: redis-server is missing, so the Redis tests were skipped; "
+            "cancelkit/redis/ is left out of this report (install redis-server to measure it; "
+            "CI always does)"
+        )
+        omit = ["--omit", "cancelkit/redis/*"]
     try:
-        session.run("coverage", "report", env=env)
+        session.run("coverage", "report", *omit, env=env)
     finally:
         session.run("coverage", "erase", env=env)
 
@@ -99,8 +248,19 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors and nitpicky references."""
     session.install(EXTRAS, *nox.project.dependency_groups(PYPROJECT, "docs"))
+    # Sphinx colours its output whenever CI is set, and --no-color still leaves its progress
+    # lines' escape codes: NO_COLOR turns both off. A log file is not a terminal.
+    env = {} if sys.stdout.isatty() and not _in_ci() else {"NO_COLOR": "1"}
     session.run(
-        "sphinx-build", "-W", "-n", "--keep-going", "-b", "html", "docs", "docs/_build/html"
+        "sphinx-build",
+        "-W",
+        "-n",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        env=env,
     )
 
 

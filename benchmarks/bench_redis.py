@@ -95,9 +95,17 @@ async def run(url: str) -> dict[str, list[float]]:
             nonlocal seen
             seen = anyio.Event()
             key = f"key{i}"
-            await a.acquire(key, f"ha{i}", deliver, replace=True)
+            await a.acquire(key, f"ha{i}", deliver, policy="replace", limit=1, max_waiting=1, seq=i)
             start = time.perf_counter()
-            await b.acquire(key, f"hb{i}", lambda reason: None, replace=True)
+            await b.acquire(
+                key,
+                f"hb{i}",
+                lambda reason: None,
+                policy="replace",
+                limit=1,
+                max_waiting=1,
+                seq=None,
+            )
             await seen.wait()
             elapsed = stamp[0] - start
             await a.release(key, f"ha{i}")

@@ -5,13 +5,23 @@ cancelkit is built on anyio, so everything here runs on asyncio and on trio.
 
 from ._asgi import CancelOnDisconnect as CancelOnDisconnect
 from ._asgi import DisconnectGuard as DisconnectGuard
+from ._asgi import DisconnectOutcome as DisconnectOutcome
 from ._asgi import DisconnectStatistics as DisconnectStatistics
 from ._asgi import request_token as request_token
 from ._asgi import shielded_cleanup as shielded_cleanup
+from ._http import exception_handlers as exception_handlers
 from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
 from ._latest import SlotBusy as SlotBusy
+from ._operations import BackgroundOperations as BackgroundOperations
+from ._operations import MemoryStatusStore as MemoryStatusStore
+from ._operations import OperationError as OperationError
+from ._operations import OperationsStatistics as OperationsStatistics
+from ._operations import OperationState as OperationState
+from ._operations import OperationStatus as OperationStatus
+from ._operations import Progress as Progress
+from ._operations import StatusStore as StatusStore
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
 from ._reason import OperationCancelled as OperationCancelled
@@ -28,6 +38,7 @@ from .backends import OperationExists as OperationExists
 from .backends import RegistryFull as RegistryFull
 
 __all__ = [
+    "BackgroundOperations",
     "CallbackHandle",
     "CancelKind",
     "CancelOnDisconnect",
@@ -36,19 +47,28 @@ __all__ = [
     "CancellationToken",
     "Claim",
     "DisconnectGuard",
+    "DisconnectOutcome",
     "DisconnectStatistics",
     "LatestOnly",
     "LatestOnlyStatistics",
+    "MemoryStatusStore",
     "OperationCancelled",
+    "OperationError",
     "OperationExists",
+    "OperationState",
+    "OperationStatus",
+    "OperationsStatistics",
+    "Progress",
     "RegistryFull",
     "RegistryStatistics",
     "SlotBusy",
+    "StatusStore",
     "TokenRegistry",
     "TokenScope",
     "TokenStatistics",
     "TrackedOperation",
     "current_token",
+    "exception_handlers",
     "request_token",
     "shielded_cleanup",
 ]

@@ -6,7 +6,7 @@ Pure ASGI and anyio: no web framework is imported here.
 from __future__ import annotations
 
 import asyncio
-import logging
+import enum
 import re
 import sys
 from collections import deque
@@ -18,6 +18,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import AsyncBackend
 
+from ._http import answer_for_reason, log_ended, log_gone
 from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._token import CallbackHandle, CancellationToken, _current
 
@@ -25,12 +26,11 @@ __all__ = [
     "CancelOnDisconnect",
     "DisconnectGuard",
     "DisconnectMode",
+    "DisconnectOutcome",
     "DisconnectStatistics",
     "request_token",
     "shielded_cleanup",
 ]
-
-logger = logging.getLogger("cancelkit")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -122,7 +122,7 @@ class DisconnectStatistics:
 
     Attributes:
         requests: HTTP requests run under a guard (excluded paths are not counted).
-        in_flight: guarded requests running now.
+        running: guarded requests running now.
         watchers: requests that needed a watcher task (the others finished before the event
             loop ran anything else, and cost no task).
         disconnects: requests whose client left before the response was complete.
@@ -134,7 +134,7 @@ class DisconnectStatistics:
     """
 
     requests: int
-    in_flight: int
+    running: int
     watchers: int
     disconnects: int
     interrupted: int
@@ -142,30 +142,184 @@ class DisconnectStatistics:
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class DisconnectOutcome:
+    """How one guarded request went, as returned by :meth:`DisconnectGuard.run`.
+
+    Attributes:
+        watched: a watcher task waited on ``receive`` for this request.
+        client_gone: the client left before the response was complete.
+        interrupted: the request was ended by its token (the handler's awaits were interrupted,
+            or it raised its token's :exc:`~cancelkit.OperationCancelled`), not by returning.
+        reason: the token's reason, if it was cancelled.
+
+    .. versionadded:: 0.1
+    """
+
+    watched: bool
+    client_gone: bool
+    interrupted: bool
+    reason: CancelReason | None
+
+
+class _Response(enum.Enum):
+    """Where the response of a guarded request stands."""
+
+    PENDING = "pending"  # nothing sent yet
+    STARTED = "responding"  # http.response.start sent, more to come
+    COMPLETE = "response complete"  # the last body message was handed to the server
+    GONE = "client gone"  # the client left before the response was complete
+
+
+@final
+class ReadAhead:
+    """The one reader of the server's ``receive``, with a bounded read-ahead buffer.
+
+    The watcher reads ahead of the application (:meth:`fill`) up to ``max_bytes`` of body or
+    ``max_messages`` messages, so that a disconnect is seen at once; the application takes the
+    messages in order (:meth:`receive`). Only one read of the server is in progress at a time.
+
+    Args:
+        receive: the server's ``receive``.
+        on_disconnect: called (once per ``http.disconnect``) when the server reports one.
+        max_bytes: request-body bytes that may be read ahead of the application.
+        max_messages: messages that may be read ahead of the application.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_bytes",
+        "_changed",
+        "_error",
+        "_max_bytes",
+        "_max_messages",
+        "_on_disconnect",
+        "_reading",
+        "_receive",
+        "body_done",
+        "disconnected",
+    )
+
+    def __init__(
+        self,
+        receive: Receive,
+        on_disconnect: Callable[[], object],
+        *,
+        max_bytes: int,
+        max_messages: int = _MAX_BUFFERED_MESSAGES,
+    ) -> None:
+        self._receive = receive
+        self._on_disconnect = on_disconnect
+        self._max_bytes = max_bytes
+        self._max_messages = max_messages
+        self._buffer: deque[Message] = deque()
+        self._bytes = 0
+        self._reading = False
+        self._changed: anyio.Event | None = None
+        self._error: Exception | None = None
+        #: The last request-body message has been read from the server.
+        self.body_done = False
+        #: The server reported ``http.disconnect`` (or the guard learned it otherwise).
+        self.disconnected = False
+
+    @property
+    def full(self) -> bool:
+        """Whether the read-ahead limit is reached (never once the body is read)."""
+        return not self.body_done and (
+            self._bytes >= self._max_bytes or len(self._buffer) >= self._max_messages
+        )
+
+    def _notify(self) -> None:
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
+
+    async def _wait_changed(self) -> None:
+        changed = self._changed
+        if changed is None:
+            changed = self._changed = anyio.Event()
+        await changed.wait()
+
+    async def _pump(self) -> None:
+        """Read one message from the server and file it; only one caller at a time."""
+        self._reading = True
+        try:
+            message = await self._receive()
+        finally:
+            self._reading = False
+            self._notify()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            self._on_disconnect()
+        else:
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                self.body_done = True
+            self._buffer.append(message)
+            self._bytes += len(message.get("body", b""))
+
+    async def fill(self) -> None:
+        """Read ahead until the server reports a disconnect (the watcher's loop).
+
+        An error from the server's ``receive`` is kept for the application's next
+        :meth:`receive`.
+        """
+        try:
+            while not self.disconnected:
+                if self._reading or self.full:
+                    await self._wait_changed()
+                else:
+                    await self._pump()
+        except Exception as exc:
+            self._error = exc
+            self._notify()
+
+    async def receive(self) -> Message:
+        """The application's ``receive``: the next message, in order."""
+        while True:
+            if self._buffer:
+                # A receive() in a cancelled scope (Starlette's is_disconnected() does that)
+                # must not take a read-ahead body message with it: raise before popping.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                message = self._buffer.popleft()
+                self._bytes -= len(message.get("body", b""))
+                self._notify()
+                return message
+            if self.disconnected:
+                return dict(_DISCONNECT)
+            if self._error is not None:
+                raise self._error
+            if self._reading:
+                await self._wait_changed()
+            else:
+                await self._pump()
+
+
+@final
 class DisconnectGuard:
     """Run one HTTP request so that a client disconnect cancels its token at once.
 
-    The guard is the only reader of the server's ``receive``. Request-body messages reach the
-    application untouched and in order; ahead of the application the guard reads at most
-    ``max_buffer`` bytes (then waits for the application to catch up), so a slow handler
-    neither loses an upload nor makes the guard hold all of it. An ``http.disconnect``
-    before the response is complete, or an :exc:`OSError` from ``send``, cancels
-    :attr:`token` with reason :attr:`CancelKind.CLIENT_DISCONNECTED`; a disconnect after the
-    response completed (uvicorn reports one) cancels nothing.
+    The guard is the only reader of the server's ``receive`` (through a :class:`ReadAhead`).
+    Request-body messages reach the application untouched and in order; ahead of the
+    application the guard reads at most ``max_buffer`` bytes (then waits for the application
+    to catch up), so a slow handler neither loses an upload nor makes the guard hold all of
+    it. An ``http.disconnect`` before the response is complete, or an :exc:`OSError` from
+    ``send``, cancels :attr:`token` with reason :attr:`CancelKind.CLIENT_DISCONNECTED`; a
+    disconnect after the response completed (uvicorn reports one) cancels nothing.
 
     No watcher task is started for a request that completes before the event loop runs
     anything else; otherwise one task waits on ``receive`` for the rest of the response.
 
     In ``"interrupt"`` mode the application runs in a scope the token cancels: its awaits are
-    cancelled, and :meth:`run` ends the exchange quietly (no response to a client that left,
-    one INFO line with status 499 on the ``cancelkit`` logger; ``503``/``504`` to a client that
-    is still there when the token was cancelled for another reason, before the response
-    started; a response that had started is left incomplete, so that the client can tell).
-    In ``"signal"`` mode only
-    the token is cancelled. Either way :func:`~cancelkit.current_token` returns the token
-    inside the request, and an :exc:`~cancelkit.OperationCancelled` carrying this token's
-    reason that escapes the application ends the request just as quietly. A cancellation
-    that the guard did not cause (server shutdown cancelling the application) propagates.
+    cancelled, and :meth:`run` ends the exchange quietly: no response to a client that left
+    (one INFO line with status 499 on the ``cancelkit`` logger); to a client still there, the
+    answer of the token's reason (409, 503, 504: the same table as
+    :func:`cancelkit.fastapi.install`) if the response had not started, else the response is
+    left incomplete, so that the client can tell. In ``"signal"`` mode only the token is
+    cancelled. Either way :func:`~cancelkit.current_token` returns the token inside the
+    request, and an :exc:`~cancelkit.OperationCancelled` carrying this token's reason that
+    escapes the application ends the request just as quietly. A cancellation that the guard
+    did not cause (server shutdown cancelling the application) propagates.
 
     Args:
         scope: the HTTP scope; the token is stored in it (see :func:`request_token`).
@@ -184,29 +338,20 @@ class DisconnectGuard:
 
     __slots__ = (
         "_app_done",
-        "_body_done",
-        "_buffer",
-        "_buffered",
-        "_changed",
-        "_client_gone",
-        "_disconnected",
-        "_ended_early",
-        "_error",
         "_handle",
         "_interrupt",
+        "_interrupted",
         "_link",
         "_max_buffer",
         "_mode",
         "_own_token",
-        "_reading",
+        "_reader",
         "_receive",
-        "_response_complete",
-        "_response_started",
+        "_response",
         "_scope",
         "_send",
         "_watch_done",
         "_watch_scope",
-        "_watcher",
         "token",
     )
 
@@ -234,24 +379,15 @@ class DisconnectGuard:
         #: The request's token.
         self.token = token if token is not None else CancellationToken()
         self._own_token = token is None
+        self._reader: ReadAhead | None = None  # made on first use: most GETs never read
+        self._response = _Response.PENDING
         self._interrupt: anyio.CancelScope | None = None
         self._link: CallbackHandle | None = None
-        self._buffer: deque[Message] = deque()
-        self._buffered = 0
-        self._reading = False
-        self._body_done = False
-        self._disconnected = False
-        self._client_gone = False
-        self._response_started = False
-        self._response_complete = False
-        self._app_done = False
-        self._changed: anyio.Event | None = None
-        self._error: Exception | None = None
         self._handle: asyncio.Handle | None = None
-        self._watcher: asyncio.Task[None] | None = None
         self._watch_scope: anyio.CancelScope | None = None
         self._watch_done: anyio.Event | None = None
-        self._ended_early = False
+        self._app_done = False
+        self._interrupted = False
 
     @property
     def mode(self) -> DisconnectMode:
@@ -261,20 +397,43 @@ class DisconnectGuard:
     @property
     def client_gone(self) -> bool:
         """Whether the client left before the response was complete."""
-        return self._client_gone
+        return self._response is _Response.GONE
 
     @property
     def watching(self) -> bool:
         """Whether a watcher task has been waiting on ``receive`` for this request."""
         return self._watch_done is not None
 
+    def outcome(self) -> DisconnectOutcome:
+        """How the request went so far (final once :meth:`run` has returned or raised)."""
+        return DisconnectOutcome(
+            watched=self._watch_done is not None,
+            client_gone=self._response is _Response.GONE,
+            interrupted=self._interrupted,
+            reason=self.token.reason,
+        )
+
+    def cancel(self, reason: CancelReason) -> bool:
+        """Cancel the token and, in ``"interrupt"`` mode, interrupt the application.
+
+        Returns:
+            True if this call cancelled the token (False: it already was).
+        """
+        cancelled = self.token.cancel(reason)
+        if self._interrupt is not None:
+            self._interrupt.cancel()
+        return cancelled
+
     # -- running the application -------------------------------------------------------------
 
-    async def run(self, app: ASGIApp) -> None:
+    async def run(self, app: ASGIApp) -> DisconnectOutcome:
         """Run ``app`` for this request; return when it is done.
 
         Args:
             app: the ASGI application.
+
+        Returns:
+            How the request went.
 
         Raises:
             Exception: whatever the application raises, except an
@@ -298,6 +457,7 @@ class DisconnectGuard:
             if exc.reason is not self.token.reason:
                 raise
             await self._finish_interrupted()
+        return self.outcome()
 
     async def _run_app(self, app: ASGIApp) -> None:
         token = self.token
@@ -316,7 +476,7 @@ class DisconnectGuard:
             # request yields to the event loop (see _watch); before that nobody else can run.
             with self._new_scope() as scope:
                 self._interrupt = scope
-                if token._reason is not None:
+                if token.cancelled:
                     scope.cancel()
                 await app(self._scope, self._app_receive, self._app_send)
         finally:
@@ -333,17 +493,10 @@ class DisconnectGuard:
         # The same as anyio.CancelScope(), without detecting the event loop again.
         return _asyncio_backend.create_cancel_scope()
 
-    def _cancel(self, reason: CancelReason) -> bool:
-        """Cancel the token and, in interrupt mode, the application's scope."""
-        cancelled = self.token.cancel(reason)
-        if self._interrupt is not None:
-            self._interrupt.cancel()
-        return cancelled
-
     def _spawn_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
         # Only reached while the application runs: _stop_watcher() cancels the handle.
         self._handle = None
-        self._watcher = loop.create_task(self._watch())
+        loop.create_task(self._watch())
 
     async def _stop_watcher(self) -> None:
         self._app_done = True
@@ -362,83 +515,35 @@ class DisconnectGuard:
     async def _finish_interrupted(self) -> None:
         reason = self.token.reason
         assert reason is not None
-        scope = self._scope
-        self._ended_early = True
-        if self._client_gone:
-            logger.info(
-                '%s "%s %s" 499 client disconnected',
-                _client(scope),
-                scope.get("method", ""),
-                scope.get("path", ""),
-            )
+        self._interrupted = True
+        if self._response is _Response.GONE:
+            log_gone(self._scope)
             return
-        try:
-            if not self._response_started:
-                status = 504 if reason.root.kind is CancelKind.DEADLINE else 503
-                body = f"{reason.root.message}\n".encode()
-                await self._send(
-                    {
-                        "type": "http.response.start",
-                        "status": status,
-                        "headers": [
-                            (b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"),
-                        ],
-                    }
-                )
-                await self._send({"type": "http.response.body", "body": body})
-        except OSError:
-            self._client_gone = True
-            return
+        if self._response is _Response.PENDING:
+            try:
+                await answer_for_reason(reason).send(self._send, close=True)
+            except OSError:
+                self._response = _Response.GONE
+                return
         # A response that already started is left incomplete on purpose: the server then
         # closes the connection without the final chunk, so the client can tell that what it
         # got is cut short (an explicit clean end is token.until_cancelled()).
-        cut = self._response_started and not self._response_complete
-        logger.info(
-            '%s "%s %s" %s: %s',
-            _client(scope),
-            scope.get("method", ""),
-            scope.get("path", ""),
-            "cut short" if cut else "ended",
-            reason,
-        )
+        log_ended(self._scope, reason, cut=self._response is _Response.STARTED)
 
-    # -- the one reader of receive -----------------------------------------------------------
+    # -- the client's side -----------------------------------------------------------------
 
-    def _notify(self) -> None:
-        changed = self._changed
-        if changed is not None:
-            self._changed = None
-            changed.set()
+    def _read_ahead(self) -> ReadAhead:
+        reader = self._reader
+        if reader is None:
+            reader = self._reader = ReadAhead(
+                self._receive, self._client_left, max_bytes=self._max_buffer
+            )
+        return reader
 
-    async def _wait_changed(self) -> None:
-        changed = self._changed
-        if changed is None:
-            changed = self._changed = anyio.Event()
-        await changed.wait()
-
-    async def _pump(self) -> None:
-        """Read one message from the server and file it; only one caller at a time."""
-        self._reading = True
-        try:
-            message = await self._receive()
-        finally:
-            self._reading = False
-            self._notify()
-        if message["type"] == "http.disconnect":
-            self._disconnect()
-        else:
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                self._body_done = True
-            self._buffer.append(message)
-            self._buffered += len(message.get("body", b""))
-
-    def _disconnect(self) -> None:
-        self._disconnected = True
-        if not self._response_complete and not self._client_gone:
-            self._client_gone = True
-            self._cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
+    def _client_left(self) -> None:
+        if self._response is _Response.PENDING or self._response is _Response.STARTED:
+            self._response = _Response.GONE
+            self.cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
 
     async def _watch(self) -> None:
         if self._app_done:
@@ -450,20 +555,7 @@ class DisconnectGuard:
             self._link = self.token.on_cancel(self._interrupt_app)
         try:
             with anyio.CancelScope() as self._watch_scope:
-                while not self._disconnected:
-                    if self._reading or (
-                        not self._body_done
-                        and (
-                            self._buffered >= self._max_buffer
-                            or len(self._buffer) >= _MAX_BUFFERED_MESSAGES
-                        )
-                    ):
-                        await self._wait_changed()
-                    else:
-                        await self._pump()
-        except Exception as exc:
-            self._error = exc
-            self._notify()
+                await self._read_ahead().fill()
         finally:
             done.set()
 
@@ -473,64 +565,35 @@ class DisconnectGuard:
         scope.cancel()
 
     async def _app_receive(self) -> Message:
-        while True:
-            if self._buffer:
-                # A receive() in a cancelled scope (Starlette's is_disconnected() does that)
-                # must not take a read-ahead body message with it: raise before popping.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                message = self._buffer.popleft()
-                self._buffered -= len(message.get("body", b""))
-                self._notify()
-                return message
-            if self._disconnected:
-                return dict(_DISCONNECT)
-            if self._error is not None:
-                raise self._error
-            if self._reading:
-                await self._wait_changed()
-            else:
-                await self._pump()
+        return await self._read_ahead().receive()
 
     async def _app_send(self, message: Message) -> None:
-        if self._client_gone:
+        if self._response is _Response.GONE:
             return  # nobody is reading any more
         kind = message["type"]
         if kind == "http.response.start":
-            self._response_started = True
+            self._response = _Response.STARTED
         elif kind == "http.response.pathsend" or (
             kind in ("http.response.body", "http.response.zerocopysend")
             and not message.get("more_body", False)
         ):
-            self._response_complete = True
+            self._response = _Response.COMPLETE
         try:
             await self._send(message)
         except OSError:
-            self._response_complete = False
-            self._disconnect()
+            self._read_ahead().disconnected = True
+            self._response = _Response.STARTED  # not complete after all
+            self._client_left()
             if self._mode == "interrupt":
                 await anyio.lowlevel.checkpoint()  # the token's scope is cancelled: unwind
             raise
 
     def __repr__(self) -> str:
-        if self._client_gone:
-            state = "client gone"
-        elif self._response_complete:
-            state = "response complete"
-        elif self._response_started:
-            state = "responding"
-        else:
-            state = "running"
+        state = "running" if self._response is _Response.PENDING else self._response.value
         return (
             f"<DisconnectGuard {self._mode} {self._scope.get('method', '')} "
             f"{self._scope.get('path', '')!r} {state} watching={self.watching}>"
         )
-
-
-def _client(scope: Scope) -> str:
-    client = scope.get("client")
-    if client:
-        return f"{client[0]}:{client[1]}"
-    return "-"
 
 
 def _compile(patterns: Iterable[PathPattern], what: str) -> tuple[PathPattern, ...]:
@@ -586,13 +649,13 @@ class CancelOnDisconnect:
         "_disconnects",
         "_exclude",
         "_idle",
-        "_in_flight",
         "_include",
         "_interrupted",
         "_max_buffer",
         "_mode",
         "_modes",
         "_requests",
+        "_running",
         "_shutdown_cancelled",
         "_shutdown_reason",
         "_watchers",
@@ -630,7 +693,7 @@ class CancelOnDisconnect:
         self._exclude = _compile(exclude, "exclude")
         self._modes = tuple(zip(_compile(route_modes, "modes"), route_modes.values(), strict=True))
         self._max_buffer = max_buffer
-        self._in_flight: set[DisconnectGuard] = set()
+        self._running: set[DisconnectGuard] = set()
         self._idle: anyio.Event | None = None
         self._shutdown_reason: CancelReason | None = None
         self._requests = 0
@@ -661,25 +724,26 @@ class CancelOnDisconnect:
             guard = DisconnectGuard(scope, receive, send, mode=mode, max_buffer=self._max_buffer)
             if self._shutdown_reason is not None:
                 guard.token.cancel(self._shutdown_reason)  # the scope starts cancelled
-            in_flight = self._in_flight
-            in_flight.add(guard)
+            running = self._running
+            running.add(guard)
             self._requests += 1
+            outcome: DisconnectOutcome | None = None
             try:
-                await guard.run(self.app)
+                outcome = await guard.run(self.app)
             finally:
-                in_flight.discard(guard)
-                if guard._watch_done is not None:
-                    self._watchers += 1
-                if guard._client_gone:
-                    self._disconnects += 1
-                if guard._ended_early:
-                    self._interrupted += 1
-                if not in_flight and self._idle is not None:
+                running.discard(guard)
+                self._count(guard.outcome() if outcome is None else outcome)
+                if not running and self._idle is not None:
                     self._idle.set()
         elif kind == "lifespan":
             await self.app(scope, self._lifespan_receive(receive), send)
         else:
             await self.app(scope, receive, send)
+
+    def _count(self, outcome: DisconnectOutcome) -> None:
+        self._watchers += outcome.watched
+        self._disconnects += outcome.client_gone
+        self._interrupted += outcome.interrupted
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         async def wrapped() -> Message:
@@ -709,14 +773,14 @@ class CancelOnDisconnect:
         await self._wait_idle(grace)
         if self._shutdown_reason is None:
             self._shutdown_reason = CancelReason(CancelKind.SHUTDOWN)
-        for guard in tuple(self._in_flight):
-            if guard._cancel(self._shutdown_reason):
+        for guard in tuple(self._running):
+            if guard.cancel(self._shutdown_reason):
                 self._shutdown_cancelled += 1
         await self._wait_idle(grace)
 
     async def _wait_idle(self, grace: float) -> None:
         with anyio.move_on_after(grace):
-            while self._in_flight:
+            while self._running:
                 if self._idle is None:  # shared by every caller waiting at the same time
                     self._idle = anyio.Event()
                 idle = self._idle
@@ -728,7 +792,7 @@ class CancelOnDisconnect:
         """Return the middleware's counters."""
         return DisconnectStatistics(
             requests=self._requests,
-            in_flight=len(self._in_flight),
+            running=len(self._running),
             watchers=self._watchers,
             disconnects=self._disconnects,
             interrupted=self._interrupted,
@@ -738,6 +802,6 @@ class CancelOnDisconnect:
     def __repr__(self) -> str:
         state = " shutting down" if self._shutdown_reason is not None else ""
         return (
-            f"<CancelOnDisconnect mode={self._mode!r} in_flight={len(self._in_flight)}"
+            f"<CancelOnDisconnect mode={self._mode!r} running={len(self._running)}"
             f"{state} app={self.app!r}>"
         )

@@ -1,32 +1,38 @@
-"""LatestOnly: a keyed slot where the newest claim wins."""
+"""LatestOnly: a keyed slot where the newest claim wins (and the rest of the policy family)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Literal, final
+from types import TracebackType
+from typing import final
 
 import anyio
 
-from ._reason import CancelKind, CancelReason
+from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._token import CancellationToken
-from .backends import Backend, MemoryBackend, new_holder_id
+from .backends import Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
 
 __all__ = ["Claim", "LatestOnly", "LatestOnlyStatistics", "Policy", "SlotBusy"]
 
-#: How a :class:`LatestOnly` treats a newcomer while a claim on the key is active.
-Policy = Literal["replace", "reject", "keep_latest"]
-_POLICIES = ("replace", "reject", "keep_latest")
+#: How a :class:`LatestOnly` treats a newcomer while ``max_concurrency`` claims run on the key.
+Policy = SlotPolicy
+_POLICIES = ("replace", "reject", "enqueue", "keep_latest")
 _MAX_KEY = 256
+_MAX_SEQ = 2**53  # exact in a Lua (double) number, so the Redis scripts compare it exactly
+
+#: The start of the reason message of a claim refused for its sequence number.
+STALE = "stale:"
 
 
 class SlotBusy(Exception):
     """A claim could not start because the key is taken.
 
-    Raised by the ``reject`` policy while another claim holds the key, and by any policy when
-    the previous holder did not finish within ``handover_timeout``.
+    Raised by the ``reject`` policy while ``max_concurrency`` claims run on the key, by
+    ``enqueue`` when ``max_waiting`` claims already wait, and by any policy when the claim's
+    turn did not come within ``handover_timeout``.
 
     Args:
         key: the key.
@@ -42,37 +48,40 @@ class SlotBusy(Exception):
 
 @final
 class Claim:
-    """A claim on a :class:`LatestOnly` key, as yielded by :meth:`LatestOnly.claim`.
+    """A claim on a :class:`LatestOnly` key, from :meth:`LatestOnly.claim` or ``hold()``.
 
     Attributes:
         key: the key claimed.
         id: this claim's unique id; a claim it supersedes sees it as the reason's ``source``.
-        token: the token that stops the body; the body runs inside ``token.scope()``.
+        seq: the client's sequence number, if one was given.
+        token: the token that stops the body.
         generation: the fencing number, greater than that of every earlier claim on the key;
             check it with :meth:`LatestOnly.is_current` before writing results.
 
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_finish_first", "_running", "generation", "id", "key", "token")
+    __slots__ = ("_started", "generation", "id", "key", "seq", "token")
 
-    def __init__(self, key: str, *, finish_first: bool) -> None:
+    def __init__(self, key: str, seq: int | None) -> None:
         self.key = key
+        self.seq = seq
         self.id = new_holder_id()
         self.token = CancellationToken(name=self.id)
         self.generation = 0
-        self._running = False
-        self._finish_first = finish_first
+        self._started = False
 
-    def _deliver(self, reason: CancelReason) -> None:
-        if not (self._finish_first and self._running):  # keep_latest: a started body finishes
-            self.token.cancel(reason)
+    @property
+    def started(self) -> bool:
+        """Whether the body started (after the debounce, queue and handover waits)."""
+        return self._started
 
     def __repr__(self) -> str:
-        state = "running" if self._running else "waiting"
+        state = "running" if self._started else "waiting"
+        seq = "" if self.seq is None else f" seq={self.seq}"
         return (
-            f"<Claim key={self.key!r} id={self.id!r} generation={self.generation} {state} "
-            f"token={self.token!r}>"
+            f"<Claim key={self.key!r} id={self.id!r}{seq} generation={self.generation} "
+            f"{state} token={self.token!r}>"
         )
 
 
@@ -82,166 +91,300 @@ class LatestOnlyStatistics:
     """A snapshot of a :class:`LatestOnly`, from :meth:`LatestOnly.statistics`.
 
     Attributes:
-        active: claims entered and not yet exited.
+        running: claims whose body started and has not exited.
+        waiting: claims entered whose body has not started (debounce, queue or handover).
         claimed: claims accepted since the slot was made.
-        superseded: claims that ended because a newer one took the key.
+        superseded: claims that ended because a newer one took the key (stale ones too).
+        stale: claims refused because their sequence number was not the newest.
         rejected: claims refused with :exc:`SlotBusy`.
 
     .. versionadded:: 0.1
     """
 
-    active: int
+    running: int
+    waiting: int
     claimed: int
     superseded: int
+    stale: int
     rejected: int
 
 
 @final
 class LatestOnly:
-    """A keyed slot: for each key, only the newest claim's work is worth finishing.
+    """A keyed slot: for each key, only the newest claims' work is worth finishing.
 
-    ``async with slot.claim(key) as claim:`` runs the body inside ``claim.token.scope()``.
-    What happens when a claim arrives while another is active depends on ``policy``:
+    ``async with slot.claim(key) as claim:`` runs the body interrupted by ``claim.token``.
+    At most ``max_concurrency`` claims run per key; what happens to a newcomer when that
+    many run depends on ``policy`` (the decision is atomic in the backend, so it holds
+    across workers with a shared backend):
 
-    - ``"replace"`` (default): the previous claim is cancelled with reason
-      :attr:`~cancelkit.CancelKind.SUPERSEDED` (its ``source`` is the newcomer's id), and
-      the newcomer starts (after the previous body exited, if ``handover_timeout`` is set).
-    - ``"reject"``: the newcomer is refused with :exc:`SlotBusy`; the running claim goes on.
-    - ``"keep_latest"``: a running body finishes; only the newest waiting claim runs after
-      it; the claims in between are superseded before their bodies start.
+    - ``"replace"`` (default; switchMap, restartable): the oldest running claim is cancelled
+      with reason :attr:`~cancelkit.CancelKind.SUPERSEDED` (its ``source`` is the
+      newcomer's id), and the newcomer runs.
+    - ``"reject"`` (exhaustMap, drop): the newcomer is refused with :exc:`SlotBusy`.
+    - ``"keep_latest"``: running bodies finish; the newcomer waits for a free slot, and a
+      claim that was waiting is superseded before its body starts (only the newest waits).
+    - ``"enqueue"``: the newcomer waits for a free slot, first come first served; past
+      ``max_waiting`` waiting claims it is refused with :exc:`SlotBusy`.
+
+    **Order.** Requests of one client can arrive out of order (parallel connections, several
+    workers). Give each claim the client's own number, increasing per key (a keystroke
+    counter): ``slot.claim(key, seq=n)``. A claim whose ``seq`` is not above the newest one
+    accepted for the key (equal counts as not above: a number is used once) is *stale*: it
+    cancels nobody, its body never starts, and it raises
+    :exc:`~cancelkit.OperationCancelled` with reason ``SUPERSEDED``, the claim that brought
+    the newest number as ``source``, and a message starting with ``"stale:"``. The backend
+    remembers the newest number for a while after the key was released (its ``seq_ttl``),
+    so a late stale request still never runs. Claims without ``seq`` keep arrival order.
 
     Args:
-        policy: ``"replace"``, ``"reject"`` or ``"keep_latest"``.
+        policy: ``"replace"``, ``"reject"``, ``"keep_latest"`` or ``"enqueue"``.
+        max_concurrency: how many claims run at once per key.
+        max_waiting: with ``"enqueue"``, the most claims waiting per key.
         debounce: seconds a claim waits before its body starts; a claim superseded while
             waiting never runs its body.
-        handover_timeout: with ``"replace"``, wait up to this many seconds (``math.inf``: no
-            limit) for earlier claims' bodies and cleanup to exit before the body starts, so
-            bodies for one key never overlap; ``None`` starts at once. ``"keep_latest"``
-            always waits, up to this long if given. Past it, the claim fails with
-            :exc:`SlotBusy`.
+        handover_timeout: wait up to this many seconds (``math.inf``: no limit) until fewer
+            than ``max_concurrency`` earlier claims (bodies and cleanup) are left before the
+            body starts, so bodies for one key never overlap more than that (only
+            ``"replace"`` supersedes running bodies, so only it needs this); ``None`` starts
+            at once. It also bounds the wait of ``"keep_latest"`` and ``"enqueue"`` claims
+            for a slot (``None``: no limit). Past it, the claim fails with :exc:`SlotBusy`.
         backend: where the keys live; a new :class:`~cancelkit.backends.MemoryBackend` if
-            omitted.
+            omitted. Every :class:`LatestOnly` sharing keys on a backend must use the same
+            policy and limits.
 
     Raises:
-        ValueError: for an unknown policy or a negative time.
+        ValueError: for an unknown policy, a limit below 1 or a negative time.
 
     .. versionadded:: 0.1
     """
 
     __slots__ = (
-        "_active",
         "_backend",
         "_claimed",
         "_debounce",
         "_handover",
+        "_limit",
+        "_max_waiting",
         "_policy",
         "_rejected",
+        "_running",
+        "_stale",
         "_superseded",
+        "_waiting",
     )
 
     def __init__(
         self,
         *,
         policy: Policy = "replace",
+        max_concurrency: int = 1,
+        max_waiting: int = 1_000,
         debounce: float = 0.0,
         handover_timeout: float | None = None,
         backend: Backend | None = None,
     ) -> None:
         if policy not in _POLICIES:
             raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(_POLICIES)}")
+        for name, limit in (("max_concurrency", max_concurrency), ("max_waiting", max_waiting)):
+            if type(limit) is not int or limit < 1:
+                raise ValueError(f"{name} must be an int >= 1, not {limit!r}")
         if not debounce >= 0:
             raise ValueError(f"debounce must be seconds >= 0, not {debounce!r}")
         if handover_timeout is not None and not handover_timeout >= 0:
             raise ValueError(
                 f"handover_timeout must be seconds >= 0 or None, not {handover_timeout!r}"
             )
-        if policy == "keep_latest" and handover_timeout is None:
-            handover_timeout = math.inf
-        self._policy = policy
+        self._policy: Policy = policy
+        self._limit = max_concurrency
+        self._max_waiting = max_waiting
         self._debounce = debounce
         self._handover = handover_timeout
         self._backend: Backend = MemoryBackend() if backend is None else backend
-        self._active = self._claimed = self._superseded = self._rejected = 0
+        self._running = self._waiting = 0
+        self._claimed = self._superseded = self._stale = self._rejected = 0
 
     @property
     def backend(self) -> Backend:
         """The backend in use."""
         return self._backend
 
-    @asynccontextmanager
-    async def claim(self, key: str, *, interrupt: bool = True) -> AsyncIterator[Claim]:
-        """Claim ``key`` and run the block as its newest holder.
+    def hold(self, key: str, *, seq: int | None = None) -> AbstractAsyncContextManager[Claim]:
+        """Claim ``key`` and hold it for the block, without interrupting the block.
+
+        Like :meth:`claim`, but only the waits before the body (debounce, queue, handover)
+        are interrupted; the block itself runs to its end and checks ``claim.token`` (or
+        enters ``claim.token.scope()`` around the part that may be interrupted). Adapters use
+        this to interrupt the endpoint but not the sending of its response.
 
         Args:
             key: what the work is about (a user's search box, a document id); 1 to 256
                 characters.
-            interrupt: run the block inside ``claim.token.scope()`` (the default). With
-                ``False`` the block is not interrupted: it only holds the key and checks or
-                scopes ``claim.token`` itself (a debounce or handover wait before it is still
-                interrupted). Adapters use this to interrupt only part of the block.
+            seq: the client's sequence number for this key (see the class docs), an int from
+                0 to 2**53; ``None`` keeps arrival order.
 
-        Yields:
-            The :class:`Claim`, whose ``token`` stops the body.
+        Returns:
+            An async context manager yielding the :class:`Claim`.
 
         Raises:
-            ValueError: for an empty or overlong key; TypeError if it is not a str.
+            ValueError: for an empty or overlong key or a sequence number out of range;
+                TypeError if the key is not a str or the number not an int.
             SlotBusy: see the policies and ``handover_timeout``.
-            OperationCancelled: when the claim was superseded (before or while its body ran)
-                or its token was cancelled otherwise.
+            OperationCancelled: on entry, when the claim was stale or superseded before its
+                body started (or its token was cancelled otherwise).
+
+        .. versionadded:: 0.1
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if not 0 < len(key) <= _MAX_KEY:
             raise ValueError(f"key must have 1 to {_MAX_KEY} characters, not {len(key)}")
-        backend = self._backend
-        claim = Claim(key, finish_first=self._policy == "keep_latest")
-        self._active += 1
-        try:
-            acquired = await backend.acquire(
-                key, claim.id, claim._deliver, replace=self._policy != "reject"
-            )
-            if acquired is None:
-                self._rejected += 1
-                raise SlotBusy(key, "another claim holds the key")
-            self._claimed += 1
-            claim.generation = acquired.generation
+        if seq is not None:
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise TypeError(f"seq must be an int or None, not {type(seq).__name__}")
+            if not 0 <= seq <= _MAX_SEQ:
+                raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
+        return _Hold(self, Claim(key, seq))
+
+    @asynccontextmanager
+    async def claim(self, key: str, *, seq: int | None = None) -> AsyncIterator[Claim]:
+        """Claim ``key`` and run the block as one of its newest holders.
+
+        The block runs inside ``claim.token.scope()``: when the claim is superseded (or its
+        token cancelled otherwise) the block's awaits are interrupted and
+        :exc:`~cancelkit.OperationCancelled` is raised. The key is released when the block
+        exits, in every case. Arguments and errors as for :meth:`hold`.
+
+        Yields:
+            The :class:`Claim`, whose ``token`` stops the body.
+
+        Raises:
+            SlotBusy: see the policies and ``handover_timeout``.
+            OperationCancelled: when the claim was stale, or superseded (before or while its
+                body ran), or its token was cancelled otherwise.
+        """
+        async with self.hold(key, seq=seq) as claim:
             with claim.token.scope():
-                if self._debounce:
-                    await anyio.sleep(self._debounce)
-                if self._handover is not None:
-                    with anyio.move_on_after(self._handover):
-                        await backend.wait_turn(key, claim.id)
-                        claim._running = True
-                    if not claim._running:
-                        claim.token.raise_if_cancelled()  # superseded meanwhile: say so
-                        raise SlotBusy(key, "the previous claim did not finish in time")
-                claim._running = True
-                if interrupt:
-                    yield claim
-            if not interrupt:
                 yield claim
-        finally:
-            self._active -= 1
-            reason = claim.token._reason
-            if reason is not None and reason.kind is CancelKind.SUPERSEDED:
-                self._superseded += 1
-            await backend.release(key, claim.id)  # completes even when cancelled
 
     async def is_current(self, key: str, generation: int) -> bool:
-        """Whether ``generation`` is still the newest claim on ``key`` (for fencing writes)."""
-        return await self._backend.generation(key) == generation
+        """Whether the claim with ``generation`` still runs on ``key`` (for fencing writes).
+
+        True while that claim holds one of the key's ``max_concurrency`` slots: accepted,
+        not waiting, not superseded and not released. With ``max_concurrency=1`` that means
+        it is the newest claim; with more, up to that many claims are current at once.
+        """
+        return await self._backend.is_current(key, generation)
 
     def statistics(self) -> LatestOnlyStatistics:
         """Return a snapshot of this slot's counters."""
         return LatestOnlyStatistics(
-            active=self._active,
+            running=self._running,
+            waiting=self._waiting,
             claimed=self._claimed,
             superseded=self._superseded,
+            stale=self._stale,
             rejected=self._rejected,
         )
 
     def __repr__(self) -> str:
         return (
-            f"<LatestOnly policy={self._policy!r} debounce={self._debounce} "
-            f"handover_timeout={self._handover} active={self._active} backend={self._backend!r}>"
+            f"<LatestOnly policy={self._policy!r} max_concurrency={self._limit} "
+            f"debounce={self._debounce} handover_timeout={self._handover} "
+            f"running={self._running} waiting={self._waiting} backend={self._backend!r}>"
         )
+
+
+@final
+class _Hold:
+    """The context manager of :meth:`LatestOnly.hold` (use once)."""
+
+    __slots__ = ("_claim", "_slot")
+
+    def __init__(self, slot: LatestOnly, claim: Claim) -> None:
+        self._slot = slot
+        self._claim = claim
+
+    async def __aenter__(self) -> Claim:
+        slot, claim = self._slot, self._claim
+        backend, key = slot._backend, claim.key
+        slot._waiting += 1
+        try:
+            acquired = await backend.acquire(
+                key,
+                claim.id,
+                claim.token.cancel,
+                policy=slot._policy,
+                limit=slot._limit,
+                max_waiting=slot._max_waiting,
+                seq=claim.seq,
+            )
+        except BaseException:
+            slot._waiting -= 1
+            raise
+        admission = acquired.admission
+        if admission is Admission.RUNNING or admission is Admission.WAITING:
+            slot._claimed += 1
+            claim.generation = acquired.generation
+            try:
+                await self._wait(admission is Admission.WAITING)
+            except BaseException:
+                slot._waiting -= 1
+                self._count_superseded()
+                await backend.release(key, claim.id)  # completes even when cancelled
+                raise
+            slot._waiting -= 1
+            slot._running += 1
+            claim._started = True
+            return claim
+        slot._waiting -= 1
+        if admission is Admission.STALE:
+            slot._stale += 1
+            slot._superseded += 1
+            reason = CancelReason(
+                CancelKind.SUPERSEDED,
+                message=(
+                    f"{STALE} sequence number {claim.seq} is not above {acquired.seq}, the "
+                    "newest one seen for this key"
+                ),
+                source=acquired.source,
+            )
+            claim.token.cancel(reason)
+            raise OperationCancelled(reason)
+        slot._rejected += 1
+        if admission is Admission.BUSY:
+            raise SlotBusy(key, f"{slot._limit} claim(s) already run on the key")
+        raise SlotBusy(key, f"{slot._max_waiting} claim(s) already wait for the key")
+
+    async def _wait(self, queued: bool) -> None:
+        """The debounce, queue and handover waits, interrupted by the claim's token."""
+        slot, claim = self._slot, self._claim
+        handover = slot._handover
+        if not (slot._debounce or queued or handover is not None):
+            return
+        with claim.token.scope():
+            if slot._debounce:
+                await anyio.sleep(slot._debounce)
+            limit = math.inf if handover is None else handover
+            with anyio.move_on_after(limit) as wait:
+                await slot._backend.wait_turn(claim.key, claim.id, handover=handover is not None)
+            if wait.cancelled_caught:
+                claim.token.raise_if_cancelled()  # superseded as the time ran out: say so
+                raise SlotBusy(claim.key, "the claim's turn did not come in time")
+        claim.token.raise_if_cancelled()  # superseded without a checkpoint in between
+
+    def _count_superseded(self) -> None:
+        reason = self._claim.token.reason
+        if reason is not None and reason.kind is CancelKind.SUPERSEDED:
+            self._slot._superseded += 1
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        slot, claim = self._slot, self._claim
+        slot._running -= 1
+        self._count_superseded()
+        await slot._backend.release(claim.key, claim.id)  # completes even when cancelled

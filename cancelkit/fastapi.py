@@ -19,21 +19,21 @@ over the framework-agnostic core:
 # No "from __future__ import annotations" here: FastAPI reads the annotations of the
 # dependencies made below at run time, and they refer to local variables.
 import inspect
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal, TypeAlias, cast, final
+from typing import Annotated, Any, Literal, TypeAlias, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from ._asgi import _client
-from ._latest import Claim, LatestOnly, SlotBusy
-from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._http import exception_handlers
+from ._latest import _MAX_SEQ, Claim, LatestOnly
+from ._reason import CancelKind, CancelReason
 from ._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from ._token import CancellationToken
-from .backends import CancelOutcome, OperationExists, RegistryFull
+from .backends import CancelOutcome
 
 __all__ = [
     "CancelledBody",
@@ -45,8 +45,6 @@ __all__ = [
     "request_level_token",
     "tracked",
 ]
-
-logger = logging.getLogger("cancelkit")
 
 _Scope = Literal["function", "request"]  # when a dependency lets go
 
@@ -160,10 +158,64 @@ def _as_dependency(func: Callable[..., Any], what: str) -> Callable[..., Any]:
 # -- latest-only ------------------------------------------------------------------------------
 
 
+_SeqDependency = Callable[..., int | Awaitable[int | None] | None]
+
+
+def _seq_from_header(name: str) -> Callable[..., int | None]:
+    """A dependency reading the sequence number from header ``name`` (FastAPI validates it)."""
+
+    def sequence_header(
+        value: Annotated[
+            int | None,
+            Header(
+                alias=name,
+                ge=0,
+                le=_MAX_SEQ,
+                description=(
+                    "The client's own number for this request, increasing per key (a keystroke "
+                    "counter): a request whose number is not above the newest one seen is "
+                    "stale and answered 409 without running. Omit it to keep arrival order."
+                ),
+            ),
+        ] = None,
+    ) -> int | None:
+        return value
+
+    return sequence_header
+
+
+def _no_seq() -> None:
+    return None
+
+
+def _checked_seq(seq: _SeqDependency) -> Callable[..., Any]:
+    """Wrap a user dependency: its result must be an int in range or None, else 422."""
+    dependency = _as_dependency(seq, "seq")
+
+    async def sequence(value: Annotated[Any, Depends(dependency)]) -> int | None:
+        if value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SEQ
+        ):
+            return value
+        raise RequestValidationError(
+            [
+                {
+                    "type": "value_error",
+                    "loc": ("seq",),
+                    "msg": f"the sequence number must be an int from 0 to 2**53, not {value!r}",
+                    "input": value,
+                }
+            ]
+        )
+
+    return sequence
+
+
 def latest_only(
     slot: LatestOnly,
     key: Callable[..., str | Awaitable[str]],
     *,
+    seq: str | _SeqDependency | None = "X-Sequence",
     scope: _Scope = "function",
 ) -> Any:
     """Make a dependency that runs the endpoint as the newest claim on a key.
@@ -173,6 +225,12 @@ def latest_only(
     waits: the slot's policy decides); the superseded endpoint's awaits are interrupted and,
     with :func:`install`, its client gets ``409`` naming the reason.
 
+    Requests of one client may arrive out of order; the client's own order wins when it sends
+    an increasing number per key (the ``X-Sequence`` header by default): a request whose number
+    is not above the newest one seen is *stale* and never runs; with :func:`install` it gets
+    the same ``409`` as a superseded request, whose ``detail`` starts with ``"stale:"``. A
+    malformed number is answered ``422`` naming the header.
+
     Args:
         slot: the :class:`~cancelkit.LatestOnly` that holds the keys (its policy, debounce and
             backend apply).
@@ -180,6 +238,10 @@ def latest_only(
             ``lambda request: f"{request.client.host}:search"``; or any FastAPI dependency
             (it may depend on your auth dependency: ``def key(user: CurrentUser) -> str``).
             Include the user in the key, so that one user never supersedes another.
+        seq: where the sequence number comes from: the name of a request header (an int from
+            0 to 2**53; absent means arrival order), or a function of the request, or any
+            FastAPI dependency returning an int or ``None`` (another value is a ``422``);
+            ``None``: arrival order always.
         scope: when the claim is released: ``"function"`` when the endpoint returns,
             ``"request"`` after the response was sent (a streaming endpoint keeps it while
             it streams; end the stream with ``claim.token.until_cancelled(...)``).
@@ -192,11 +254,19 @@ def latest_only(
     if not isinstance(slot, LatestOnly):
         raise TypeError(f"slot must be a LatestOnly, not {type(slot).__name__}")
     key_dependency = _as_dependency(key, "key")
+    if seq is None:
+        seq_dependency: Callable[..., Any] = _no_seq
+    elif isinstance(seq, str):
+        seq_dependency = _seq_from_header(seq)
+    else:
+        seq_dependency = _checked_seq(seq)
 
     async def held_claim(
-        request: Request, key: Annotated[str, Depends(key_dependency)]
+        request: Request,
+        key: Annotated[str, Depends(key_dependency)],
+        seq: Annotated[int | None, Depends(seq_dependency)],
     ) -> AsyncIterator[Claim]:
-        async with slot.claim(key, interrupt=False) as claim:
+        async with slot.hold(key, seq=seq) as claim:
             with _relayed(claim.token, request):
                 yield claim
 
@@ -354,17 +424,8 @@ def cancel_router(
 
 # -- exception handlers and OpenAPI -----------------------------------------------------------
 
-_STATUS = {
-    CancelKind.SUPERSEDED: 409,
-    CancelKind.REQUESTED: 409,
-    CancelKind.DEADLINE: 504,
-    CancelKind.SHUTDOWN: 503,
-    CancelKind.CLIENT_DISCONNECTED: 499,
-}
-
-
 _LATEST_RESPONSES = {
-    409: "Superseded by a newer request, or the key is busy",
+    409: "Superseded by a newer request, stale (an older sequence number), or the key is busy",
     429: "The key is busy (reject policy, when configured so)",
 }
 _TRACKED_RESPONSES = {
@@ -372,44 +433,6 @@ _TRACKED_RESPONSES = {
     503: "Too many operations, or the server is shutting down",
 }
 _COMMON_RESPONSES = {504: "The operation's deadline passed"}
-
-
-@final
-class _Handlers:
-    __slots__ = ("busy_retry_after", "busy_status")
-
-    def __init__(self, busy_status: int, busy_retry_after: float) -> None:
-        self.busy_status = busy_status
-        self.busy_retry_after = busy_retry_after
-
-    async def cancelled(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, OperationCancelled)
-        root = exc.reason.root
-        status = _STATUS.get(root.kind, 409)
-        body = CancelledBody(detail=root.message, reason=root.kind.value, source=root.source)
-        if status == 499:
-            logger.info(  # the same line as CancelOnDisconnect's
-                '%s "%s %s" 499 client disconnected',
-                _client(request.scope),
-                request.method,
-                request.url.path,
-            )
-        headers = {"Retry-After": "1"} if status == 503 else None
-        return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-    async def busy(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, SlotBusy)
-        body = CancelledBody(detail=str(exc), reason="busy", source=None)
-        headers = {"Retry-After": f"{max(1, round(self.busy_retry_after))}"}
-        return JSONResponse(body.model_dump(), status_code=self.busy_status, headers=headers)
-
-    async def exists(self, request: Request, exc: Exception) -> Response:
-        body = CancelledBody(detail=str(exc), reason="exists", source=None)
-        return JSONResponse(body.model_dump(), status_code=409)
-
-    async def full(self, request: Request, exc: Exception) -> Response:
-        body = CancelledBody(detail=str(exc), reason="full", source=None)
-        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
 
 def install(
@@ -434,13 +457,11 @@ def install(
 
     .. versionadded:: 0.1
     """
-    if busy_status not in (409, 429):
-        raise ValueError(f"busy_status must be 409 or 429, not {busy_status!r}")
-    handlers = _Handlers(busy_status, busy_retry_after)
-    app.add_exception_handler(OperationCancelled, handlers.cancelled)
-    app.add_exception_handler(SlotBusy, handlers.busy)
-    app.add_exception_handler(RegistryFull, handlers.full)
-    app.add_exception_handler(OperationExists, handlers.exists)
+    for exc_class, handler in exception_handlers(
+        busy_status=busy_status, busy_retry_after=busy_retry_after
+    ).items():
+        # The handlers answer with an ASGI application, as Starlette allows.
+        app.add_exception_handler(exc_class, cast(Any, handler))
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -491,3 +512,309 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
                 )
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     schemas.setdefault("CancelledBody", CancelledBody.model_json_schema())
+
+
+# =============================================================================================
+# Background operations (#15): start now (202 + Location), read the status, cancel by id.
+# Kept apart from the request-level adapters above; the core is cancelkit._operations.
+# =============================================================================================
+
+import anyio  # noqa: E402
+from fastapi import Query  # noqa: E402
+from pydantic import Field  # noqa: E402
+
+from ._http import HTTPAnswer, answer_for  # noqa: E402
+from ._operations import BackgroundOperations, OperationStatus  # noqa: E402
+from ._reason import OperationCancelled  # noqa: E402
+from .backends import OperationExists, RegistryFull  # noqa: E402
+
+__all__ += [
+    "OperationErrorBody",
+    "OperationProgressBody",
+    "OperationReasonBody",
+    "OperationStartedBody",
+    "OperationStarter",
+    "OperationStatusBody",
+    "operation_starter",
+    "operations_router",
+]
+
+_STATUS_ROUTE = "cancelkit_operation_status"
+
+
+class OperationStartedBody(BaseModel):
+    """The JSON body of ``202 Accepted`` for a started background operation.
+
+    .. versionadded:: 0.2
+    """
+
+    id: str
+    state: str
+    status_url: str
+
+
+class OperationErrorBody(BaseModel):
+    """Why a background operation failed: the error's type (``"type"`` in JSON) and message.
+
+    .. versionadded:: 0.2
+    """
+
+    type_name: str = Field(alias="type")
+    message: str
+
+
+class OperationReasonBody(BaseModel):
+    """Why a background operation was cancelled (the root reason, as in :class:`CancelledBody`).
+
+    .. versionadded:: 0.2
+    """
+
+    kind: str
+    message: str
+    source: str | None = None
+
+
+class OperationProgressBody(BaseModel):
+    """The latest progress report of a background operation.
+
+    .. versionadded:: 0.2
+    """
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+
+
+class OperationStatusBody(BaseModel):
+    """The JSON body of the status endpoint (see :class:`~cancelkit.OperationStatus`).
+
+    .. versionadded:: 0.2
+    """
+
+    id: str
+    state: Literal["running", "completed", "failed", "cancelled", "lost"]
+    started_at: float
+    ended_at: float | None = None
+    result: Any = None
+    error: OperationErrorBody | None = None
+    reason: OperationReasonBody | None = None
+    progress: OperationProgressBody | None = None
+    worker: str | None = None
+
+
+def _status_body(status: OperationStatus) -> dict[str, Any]:
+    data = status.to_json()
+    del data["owner"]  # the caller is the owner
+    if status.reason is not None:
+        root = status.reason.root
+        data["reason"] = {"kind": root.kind.value, "message": root.message, "source": root.source}
+    return data
+
+
+def _answer(answer: HTTPAnswer) -> Response:
+    headers = {} if answer.retry_after is None else {"Retry-After": str(answer.retry_after)}
+    return Response(
+        answer.body(), status_code=answer.status, headers=headers, media_type="application/json"
+    )
+
+
+_START_RESPONSES = {
+    409: "An operation with this id is running already",
+    503: "Too many operations (in all, or of this owner), or the server is shutting down",
+}
+
+
+class OperationStarter:
+    """Starts background operations for one request; given by :func:`operation_starter`.
+
+    ``return await start(export, table)`` starts ``export(table)`` for the request's owner
+    (with the id from the request's id header, if any) and answers ``202 Accepted`` with
+    the id and a ``Location`` of its status; a refusal is answered from cancelkit's table:
+    ``409`` for a running id, ``503`` with ``Retry-After`` for a limit or a shutdown.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = ("_id", "_operations", "_owner", "_request", "_route")
+
+    def __init__(
+        self,
+        operations: BackgroundOperations,
+        request: Request,
+        owner: str | None,
+        id: str | None,
+        route: str,
+    ) -> None:
+        """Made by the :func:`operation_starter` dependency, once per request."""
+        self._operations = operations
+        self._request = request
+        self._owner = owner
+        self._id = id
+        self._route = route
+
+    @property
+    def owner(self) -> str | None:
+        """The owner the operations are started for."""
+        return self._owner
+
+    async def __call__(self, func: Callable[..., Awaitable[Any]], *args: Any) -> Response:
+        """Start ``func(*args)`` and return the response (202, or the refusal)."""
+        try:
+            id = await self._operations.start(func, *args, id=self._id, owner=self._owner)
+        except (OperationExists, RegistryFull, OperationCancelled) as exc:
+            answer = answer_for(exc)
+            assert answer is not None
+            return _answer(answer)
+        location = str(self._request.url_for(self._route, operation_id=id))
+        status = await self._operations.status(id, owner=self._owner)
+        state = "running" if status is None else status.state.value
+        body = {"id": id, "state": state, "status_url": location}
+        return JSONResponse(body, status_code=202, headers={"Location": location})
+
+
+def operation_starter(
+    operations: BackgroundOperations,
+    *,
+    owner: _OwnerDependency | None = None,
+    header: str = "X-Operation-Id",
+    status_route: str = _STATUS_ROUTE,
+) -> Any:
+    """Make a dependency that gives an endpoint an :class:`OperationStarter`.
+
+    ::
+
+        Start = Annotated[OperationStarter, operation_starter(operations, owner=current_user)]
+
+        @app.post("/exports", status_code=202, response_model=OperationStartedBody)
+        async def start_export(table: str, start: Start) -> Response:
+            return await start(export, table)
+
+    Args:
+        operations: the application's :class:`~cancelkit.BackgroundOperations`.
+        owner: your dependency that returns the owner (the authenticated user or tenant); the
+            same one you give :func:`operations_router`.
+        header: the request header that may carry a client-chosen operation id (so that the
+            client can cancel before it has the answer); a random id otherwise.
+        status_route: the name of the status route the ``Location`` points at (the default
+            is the name :func:`operations_router` gives it).
+
+    Returns:
+        A ``Depends`` marker for ``Annotated[OperationStarter, ...]``.
+
+    .. versionadded:: 0.2
+    """
+    if not isinstance(operations, BackgroundOperations):
+        raise TypeError(f"operations must be BackgroundOperations, not {type(operations).__name__}")
+    owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
+
+    async def starter(
+        request: Request,
+        owner: Annotated[str | None, Depends(owner_dependency)],
+        operation_id: Annotated[
+            str | None,
+            Header(
+                alias=header,
+                pattern=_ID_PATTERN,
+                max_length=128,
+                description="Operation id: 1 to 128 characters from A-Z a-z 0-9 . _ : -",
+            ),
+        ] = None,
+    ) -> OperationStarter:
+        return OperationStarter(operations, request, owner, operation_id, status_route)
+
+    setattr(starter, _RESPONSES_ATTR, _START_RESPONSES)
+    return Depends(starter)
+
+
+def operations_router(
+    operations: BackgroundOperations,
+    *,
+    owner: _OwnerDependency | None = None,
+    path: str = "/operations/{operation_id}",
+    max_wait: float = 30.0,
+    status_route: str = _STATUS_ROUTE,
+    **router_options: Any,
+) -> APIRouter:
+    """Make a router with the status (``GET``) and cancel (``DELETE``) endpoints of operations.
+
+    - ``GET path`` answers ``200`` with an :class:`OperationStatusBody` (running, completed
+      with its result, failed with the error's type and message, cancelled with the reason,
+      or lost), ``404`` when this owner has no such operation (never had, or it expired).
+      ``?wait=S`` waits up to ``S`` seconds (at most ``max_wait``) for the operation to end.
+    - ``DELETE path`` cancels it wherever it runs: ``202`` with ``"cancelled"`` or
+      ``"pending"`` (not started yet: it will start already cancelled), ``404`` when there
+      is nothing of this owner's to cancel (ended, lost, or someone else's).
+
+    Args:
+        operations: the application's :class:`~cancelkit.BackgroundOperations`.
+        owner: your dependency that returns the owner; another owner's operations look absent.
+        path: the route path; it must contain ``{operation_id}``.
+        max_wait: the most seconds a ``GET`` may wait for the end.
+        status_route: the name of the ``GET`` route (for ``Location`` headers).
+        **router_options: passed to :class:`fastapi.APIRouter` (``prefix``, ``tags``,
+            ``dependencies``...).
+
+    Returns:
+        The router, for ``app.include_router(...)``.
+
+    Raises:
+        ValueError: for a path without ``{operation_id}`` or a negative ``max_wait``.
+
+    .. versionadded:: 0.2
+    """
+    if not isinstance(operations, BackgroundOperations):
+        raise TypeError(f"operations must be BackgroundOperations, not {type(operations).__name__}")
+    if "{operation_id}" not in path:
+        raise ValueError(f"path must contain '{{operation_id}}', not {path!r}")
+    if not 0 <= max_wait <= 3600:
+        raise ValueError(f"max_wait must be seconds from 0 to 3600, not {max_wait!r}")
+    owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
+    router = APIRouter(**router_options)
+    not_found: dict[int | str, dict[str, Any]] = {
+        404: {"model": CancelledBody, "description": "No such operation of yours"}
+    }
+
+    @router.get(
+        path,
+        name=status_route,
+        response_model=OperationStatusBody,
+        responses=not_found,
+        summary="The status of a background operation",
+    )
+    async def operation_status(
+        operation_id: Annotated[str, Path(pattern=_ID_PATTERN, max_length=128)],
+        owner: Annotated[str | None, Depends(owner_dependency)],
+        wait: Annotated[
+            float,
+            Query(ge=0, le=max_wait, description="Seconds to wait for the operation to end"),
+        ] = 0,
+    ) -> Any:
+        if wait > 0:
+            with anyio.move_on_after(wait):
+                await operations.wait(operation_id, owner=owner)
+        status = await operations.status(operation_id, owner=owner)
+        if status is None:
+            body = {"detail": "no such operation", "reason": "not_found", "source": None}
+            return JSONResponse(body, status_code=404)
+        return _status_body(status)
+
+    @router.delete(
+        path,
+        status_code=202,
+        response_model=OperationBody,
+        responses={404: {"model": OperationBody, "description": "Nothing of yours to cancel"}},
+        summary="Cancel a background operation",
+    )
+    async def cancel_background_operation(
+        operation_id: Annotated[str, Path(pattern=_ID_PATTERN, max_length=128)],
+        owner: Annotated[str | None, Depends(owner_dependency)],
+    ) -> Any:
+        outcome = await operations.cancel(
+            operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
+        )
+        body = {"id": operation_id, "outcome": outcome.value}
+        if outcome is CancelOutcome.NOT_FOUND:
+            return JSONResponse(body, status_code=404)
+        return body
+
+    return router

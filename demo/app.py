@@ -10,6 +10,11 @@ noticeable time (``work_seconds``). cancelkit stops the work nobody will read:
 - **client gone**: closing the tab closes the connection, and
   :class:`~cancelkit.CancelOnDisconnect` interrupts the handler at once.
 
+The **Export** button starts a background operation (:class:`~cancelkit.BackgroundOperations`)
+that outlives its request: ``POST /exports`` answers ``202`` with a ``Location``; the page
+follows its progress with ``GET /exports/{id}?wait=...`` and stops it with ``DELETE
+/exports/{id}``, on any worker in Redis mode.
+
 The server records what happened to each search in a small in-memory log; the page shows it
 live (``GET /events``, Server-Sent Events) and tests read it (``GET /log``).
 
@@ -31,28 +36,35 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import uvicorn
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from cancelkit import (
+    BackgroundOperations,
     CancelKind,
     CancellationToken,
     CancelOnDisconnect,
     CancelReason,
     Claim,
     LatestOnly,
+    MemoryStatusStore,
     OperationCancelled,
+    StatusStore,
     TokenRegistry,
     TrackedOperation,
 )
 from cancelkit.backends import Backend, MemoryBackend
 from cancelkit.fastapi import (
+    OperationStartedBody,
+    OperationStarter,
     RequestToken,
     cancel_router,
     install,
     latest_only,
+    operation_starter,
+    operations_router,
     request_level_token,
     tracked,
 )
@@ -65,13 +77,17 @@ __all__ = [
     "SearchResult",
     "app_from_env",
     "create_app",
+    "export_words",
     "make_backend",
+    "make_status_store",
 ]
 
 STATIC = Path(__file__).resolve().parent / "static"
 REDIS_ENV = "CANCELKIT_DEMO_REDIS"
 WORK_SECONDS_ENV = "CANCELKIT_DEMO_WORK_SECONDS"
 STEPS = 30  # the search runs in this many small steps, so a cancellation lands mid-way
+EXPORT_STEPS = 20  # the export's steps, each reported as progress
+EXPORT_LENGTH = 4  # an export takes this many times work_seconds
 USER_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 _WORD_LIST = """
@@ -198,6 +214,21 @@ async def find_words(query: str, work_seconds: float) -> list[str]:
     return matches
 
 
+async def export_words(operations: BackgroundOperations, work_seconds: float) -> dict[str, int]:
+    """The background export: "write" every word, reporting progress after each step.
+
+    It takes ``EXPORT_LENGTH * work_seconds`` unless stopped; the request that started it
+    answered long before.
+    """
+    chunk = -(-len(WORDS) // EXPORT_STEPS)
+    exported = 0
+    for step in range(EXPORT_STEPS):
+        await anyio.sleep(EXPORT_LENGTH * work_seconds / EXPORT_STEPS)  # a slow write
+        exported = min(len(WORDS), (step + 1) * chunk)
+        await operations.report(exported, len(WORDS), f"{exported} of {len(WORDS)} words")
+    return {"words": exported}
+
+
 class SearchRecord:
     """What the log needs to know about one search request while it runs."""
 
@@ -240,6 +271,17 @@ def make_backend(redis_url: str | None) -> Backend:
     return backend
 
 
+def make_status_store(redis_url: str | None) -> StatusStore:
+    """Where the exports' statuses live: in memory, or in Redis (readable by every worker)."""
+    if redis_url is None:
+        return MemoryStatusStore(retention=600, max_retained=1000)
+    redis_module = importlib.import_module("cancelkit.redis")  # make_backend checked it
+    store: StatusStore = redis_module.RedisStatusStore(
+        redis_url, prefix="cancelkit-demo", retention=600, max_retained=1000
+    )
+    return store
+
+
 # -- the application --------------------------------------------------------------------------
 
 
@@ -252,9 +294,12 @@ class DemoState:
         registry: the operations that Stop can cancel by id.
         closing: cancelled when the server shuts down, to end the event streams.
         work_seconds: how long a search takes when nothing stops it.
+        operations: the background exports (tracked in ``registry``).
     """
 
-    def __init__(self, backend: Backend, work_seconds: float) -> None:
+    def __init__(
+        self, backend: Backend, work_seconds: float, store: StatusStore | None = None
+    ) -> None:
         """Make the parts, all on one backend."""
         # The log is this process's own: with several workers, a page sees what the worker
         # serving its event stream did (a fleet-wide log would need Redis too).
@@ -263,6 +308,9 @@ class DemoState:
         self.registry = TokenRegistry(backend=backend)
         self.closing = CancellationToken(name="demo closing")
         self.work_seconds = work_seconds
+        self.operations = BackgroundOperations(
+            registry=self.registry, store=store, max_running_per_owner=2, grace=1
+        )
 
 
 def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> FastAPI:
@@ -280,7 +328,7 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
     if not work_seconds >= 0:
         raise ValueError(f"work_seconds must be >= 0, not {work_seconds!r}")
     backend = make_backend(redis_url)
-    demo = DemoState(backend, work_seconds)
+    demo = DemoState(backend, work_seconds, make_status_store(redis_url))
     log = demo.log
 
     @asynccontextmanager
@@ -288,6 +336,7 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
         async with AsyncExitStack() as stack:
             if hasattr(backend, "__aenter__"):  # RedisBackend connects here, in each worker
                 await stack.enter_async_context(backend)  # type: ignore[arg-type]
+            await stack.enter_async_context(demo.operations)  # the exports' task group
             yield
 
     app = FastAPI(title="cancelkit demo", lifespan=lifespan)
@@ -367,6 +416,22 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
     # DELETE /operations/{id}: 202 when it stopped (or will not start), 404 when there is
     # nothing of this user's to stop.
     app.include_router(cancel_router(demo.registry, owner=current_user))
+
+    # -- the background export ----------------------------------------------------------------
+
+    StartExport = Annotated[
+        OperationStarter, operation_starter(demo.operations, owner=current_user)
+    ]
+
+    @app.post("/exports", status_code=202, response_model=OperationStartedBody)
+    async def start_export(start: StartExport) -> Response:
+        """Start an export that outlives this request; its status is at ``Location``."""
+        return await start(export_words, demo.operations, demo.work_seconds)
+
+    # GET /exports/{id} (?wait=seconds): the status; DELETE /exports/{id}: stop it.
+    app.include_router(
+        operations_router(demo.operations, owner=current_user, path="/exports/{operation_id}")
+    )
 
     @app.get("/log")
     async def read_log(

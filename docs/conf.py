@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import logging
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
@@ -90,3 +91,14 @@ nitpick_ignore_regex = [
 # -- HTML -------------------------------------------------------------------
 html_theme = "furo"
 html_title = "cancelkit"
+
+
+# -- quiet builds -----------------------------------------------------------
+class _NoMystConfigDump(logging.Filter):
+    """Drop myst-parser's info line that prints its whole configuration on every build."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("myst v", "\x1b[01mmyst v"))
+
+
+logging.getLogger("sphinx.myst_parser.sphinx_ext.main").addFilter(_NoMystConfigDump())

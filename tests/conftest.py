@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -9,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.programs import program, unavailable
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -94,11 +95,12 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server for the session; skipped without one, except in CI where that fails."""
-    executable = shutil.which("redis-server")
+    executable = program("CANCELKIT_REDIS_SERVER", "redis-server")
     if executable is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed (CI must install the Debian package)")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        unavailable(
+            "redis-server is not installed: apt-get install redis-server, or name it with "
+            "CANCELKIT_REDIS_SERVER (`python -m nox` installs it when run as root)"
+        )
     server = RedisServer(executable, str(tmp_path_factory.mktemp("redis")))
     server.start()
     yield server

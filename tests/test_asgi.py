@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections import deque
@@ -167,7 +168,7 @@ async def test_disconnect_interrupts_handler_quietly(caplog: pytest.LogCaptureFi
     assert '"GET /slow" 499' in records[0].getMessage()
     assert records[0].exc_info is None
     assert mw.statistics() == DisconnectStatistics(
-        requests=1, in_flight=0, watchers=1, disconnects=1, interrupted=1, shutdown_cancelled=0
+        requests=1, running=0, watchers=1, disconnects=1, interrupted=1, shutdown_cancelled=0
     )
 
 
@@ -601,12 +602,19 @@ def test_shielded_cleanup_rejects_negative_timeout() -> None:
 
 @pytest.mark.parametrize(
     ("status", "reason"),
-    [(503, CancelReason(CancelKind.REQUESTED)), (504, CancelReason(CancelKind.DEADLINE))],
+    [
+        (409, CancelReason(CancelKind.REQUESTED)),
+        (409, CancelReason(CancelKind.SUPERSEDED, source="newer")),
+        (504, CancelReason(CancelKind.DEADLINE)),
+        (503, CancelReason(CancelKind.SHUTDOWN)),
+        (504, CancelReason(CancelKind.PARENT, origin=CancelReason(CancelKind.DEADLINE))),
+    ],
 )
 async def test_token_cancelled_otherwise_answers_client(
     status: int, reason: CancelReason, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A token cancelled for another reason interrupts and answers the waiting client."""
+    """A token cancelled for another reason interrupts and answers the waiting client (the
+    one table: requested/superseded 409, deadline 504, shutdown 503, parent as its root)."""
     caplog.set_level(logging.INFO, logger="cancelkit")
     probe = Probe()
     server = FakeServer(body())
@@ -618,7 +626,12 @@ async def test_token_cancelled_otherwise_answers_client(
         assert probe.token is not None
         probe.token.cancel(reason)
     assert server.status == status
-    assert server.sent[-1]["body"] == f"{reason.message}\n".encode()
+    root = reason.root
+    assert json.loads(server.sent[-1]["body"]) == {
+        "detail": root.message,
+        "reason": root.kind.value,
+        "source": root.source,
+    }
     assert "ended:" in caplog.records[-1].getMessage()
 
 
@@ -631,7 +644,7 @@ async def test_shutdown_cancels_in_flight_after_grace() -> None:
         tg.start_soon(mw, http_scope(), server.receive, server.send)
         await probe.started.wait()
         await mw.shutdown()
-    assert mw.statistics().in_flight == 0
+    assert mw.statistics().running == 0
     assert probe.token is not None
     assert probe.token.reason is not None
     assert probe.token.reason.kind is CancelKind.SHUTDOWN
@@ -904,7 +917,7 @@ def test_middleware_repr() -> None:
         raise AssertionError
 
     assert repr(CancelOnDisconnect(app, mode="signal")).startswith(
-        "<CancelOnDisconnect mode='signal' in_flight=0 app="
+        "<CancelOnDisconnect mode='signal' running=0 app="
     )
 
 
@@ -972,7 +985,7 @@ async def test_token_cancelled_by_app_before_yielding_interrupts() -> None:
     with anyio.fail_after(10):
         await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
     assert reached == ["cancelled"]
-    assert server.status == 503
+    assert server.status == 409  # requested
 
 
 async def test_shutdown_does_not_count_tokens_already_cancelled() -> None:

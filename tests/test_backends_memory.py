@@ -4,7 +4,7 @@ import anyio
 import pytest
 
 from cancelkit import CancelKind, CancelOutcome, CancelReason, RegistryFull
-from cancelkit.backends import Acquired, MemoryBackend, new_holder_id
+from cancelkit.backends import Acquired, Admission, MemoryBackend, SlotPolicy, new_holder_id
 
 pytestmark = pytest.mark.anyio
 
@@ -111,65 +111,141 @@ async def test_finished_markers_are_bounded_oldest_first() -> None:
     assert await backend.cancel("m1", None, CancelReason()) is CancelOutcome.PENDING
 
 
-async def test_acquire_supersedes_the_previous_owner() -> None:
-    """acquire() swaps the owner, tells the old one who replaced it, and raises generations."""
-    backend, _, got = make()
-    first = await backend.acquire("k", "h1", got.append, replace=True)
-    second = await backend.acquire("k", "h2", got.append, replace=True)
-    assert first is not None
-    assert second is not None
-    assert first == Acquired(first.generation, None)
-    assert second.previous == "h1"
-    assert second.generation > first.generation
-    assert [(r.kind, r.source) for r in got] == [(CancelKind.SUPERSEDED, "h2")]
-    assert await backend.generation("k") == second.generation
+async def acquire(
+    backend: MemoryBackend,
+    holder: str,
+    got: list[CancelReason],
+    policy: SlotPolicy = "replace",
+    limit: int = 1,
+    seq: int | None = None,
+    max_waiting: int = 10,
+) -> Acquired:
+    return await backend.acquire(
+        "k", holder, got.append, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
+    )
 
 
-async def test_acquire_without_replace_refuses_a_held_key() -> None:
-    """acquire(replace=False) changes nothing while the key has an owner."""
+async def test_acquire_supersedes_the_oldest_running_claim() -> None:
+    """replace: past the limit, the oldest running claim is told who superseded it."""
     backend, _, got = make()
-    await backend.acquire("k", "h1", got.append, replace=False)
-    assert await backend.acquire("k", "h2", got.append, replace=False) is None
+    first = await acquire(backend, "h1", got, limit=2)
+    second = await acquire(backend, "h2", got, limit=2)
+    assert got == []
+    third = await acquire(backend, "h3", got, limit=2)
+    assert first.admission is second.admission is third.admission is Admission.RUNNING
+    assert first.generation < second.generation < third.generation
+    assert [(r.kind, r.source) for r in got] == [(CancelKind.SUPERSEDED, "h3")]
+    assert not await backend.is_current("k", first.generation)
+    assert await backend.is_current("k", second.generation)
+    assert await backend.is_current("k", third.generation)
+
+
+async def test_reject_refuses_past_the_limit() -> None:
+    """reject: with the limit reached, a newcomer is BUSY and nothing changes."""
+    backend, _, got = make()
+    await acquire(backend, "h1", got, "reject")
+    assert (await acquire(backend, "h2", got, "reject")).admission is Admission.BUSY
     assert got == []
     await backend.release("k", "h1")
-    assert await backend.acquire("k", "h2", got.append, replace=False) is not None
+    assert (await acquire(backend, "h2", got, "reject")).admission is Admission.RUNNING
+
+
+async def test_keep_latest_keeps_only_the_newest_waiter() -> None:
+    """keep_latest: a newcomer waits; the waiter it displaces is superseded; release promotes."""
+    backend, _, got = make()
+    await acquire(backend, "h1", got, "keep_latest")
+    assert (await acquire(backend, "h2", got, "keep_latest")).admission is Admission.WAITING
+    last = await acquire(backend, "h3", got, "keep_latest")
+    assert last.admission is Admission.WAITING
+    assert [(r.kind, r.source) for r in got] == [(CancelKind.SUPERSEDED, "h3")]
+    assert not await backend.is_current("k", last.generation)
+    await backend.release("k", "h2")
+    await backend.release("k", "h1")
+    assert await backend.is_current("k", last.generation)
+
+
+async def test_enqueue_is_fifo_and_bounded() -> None:
+    """enqueue: newcomers wait in order; past max_waiting they are refused FULL."""
+    backend, _, got = make()
+    await acquire(backend, "h1", got, "enqueue", max_waiting=2)
+    waiting = [await acquire(backend, h, got, "enqueue", max_waiting=2) for h in ("h2", "h3")]
+    assert [w.admission for w in waiting] == [Admission.WAITING] * 2
+    assert (await acquire(backend, "h4", got, "enqueue", max_waiting=2)).admission is (
+        Admission.FULL
+    )
+    await backend.release("k", "h1")
+    assert await backend.is_current("k", waiting[0].generation)
+    assert not await backend.is_current("k", waiting[1].generation)
+    assert got == []
+
+
+async def test_a_stale_sequence_number_changes_nothing() -> None:
+    """A seq not above the newest is STALE (naming the newest and its holder); nobody is told."""
+    backend, _, got = make()
+    await acquire(backend, "h1", got, seq=5)
+    assert await acquire(backend, "h2", got, seq=3) == Acquired(Admission.STALE, source="h1", seq=5)
+    assert (await acquire(backend, "h3", got, seq=5)).admission is Admission.STALE  # equal
+    assert got == []
+    assert (await acquire(backend, "h4", got)).admission is Admission.RUNNING  # no seq
+    newer = await acquire(backend, "h5", got, seq=6)
+    assert newer.admission is Admission.RUNNING
+    assert [r.source for r in got] == ["h4", "h5"]
+
+
+async def test_the_newest_seq_outlives_the_key_for_a_while() -> None:
+    """After release only the seq is left; it expires after seq_ttl and is bounded in count."""
+    clock = FakeClock()
+    backend = MemoryBackend(seq_ttl=5, max_seq_keys=2, clock=clock)
+    got: list[CancelReason] = []
+    await acquire(backend, "h1", got, seq=7)
+    await backend.release("k", "h1")
+    assert backend.statistics().keys == 0
+    assert backend.statistics().sequences == 1
+    assert (await acquire(backend, "h2", got, seq=7)).admission is Admission.STALE
+    clock.now += 5
+    assert backend.statistics().sequences == 0
+    assert (await acquire(backend, "h3", got, seq=1)).admission is Admission.RUNNING
+    await backend.release("k", "h3")
+    for key in ("x", "y"):
+        await backend.acquire(key, key, got.append, policy="replace", limit=1, max_waiting=1, seq=9)
+        await backend.release(key, key)
+    assert backend.statistics().sequences == 2  # "k" was forgotten first
+    assert (await acquire(backend, "h4", got, seq=0)).admission is Admission.RUNNING
 
 
 async def test_release_is_compare_and_delete_and_leaves_nothing() -> None:
-    """Releasing a superseded holder keeps the owner; the key vanishes with its last claim."""
+    """Releasing a superseded holder keeps the newest current; the key vanishes with its last."""
     backend, _, got = make()
-    await backend.acquire("k", "h1", got.append, replace=True)
-    acquired = await backend.acquire("k", "h2", got.append, replace=True)
-    assert acquired is not None
+    await acquire(backend, "h1", got)
+    acquired = await acquire(backend, "h2", got)
     await backend.release("k", "h1")
     await backend.release("k", "nobody")
-    assert await backend.generation("k") == acquired.generation
+    assert await backend.is_current("k", acquired.generation)
     await backend.release("k", "h2")
-    assert await backend.generation("k") is None
+    assert not await backend.is_current("k", acquired.generation)
     assert backend.statistics().keys == 0
     await backend.release("k", "h2")
 
 
-async def test_wait_turn_waits_for_earlier_claims() -> None:
-    """wait_turn() returns only after every earlier claim on the key was released."""
+async def test_wait_turn_with_handover_waits_for_earlier_claims() -> None:
+    """wait_turn(handover=True) returns once fewer than `limit` earlier claims are unreleased."""
     backend, _, got = make()
     for holder in ("h1", "h2", "h3"):
-        await backend.acquire("k", holder, got.append, replace=True)
+        await acquire(backend, holder, got, limit=2)
     turns: list[str] = []
 
     async def wait(holder: str) -> None:
-        await backend.wait_turn("k", holder)
+        await backend.wait_turn("k", holder, handover=True)
         turns.append(holder)
 
+    await backend.wait_turn("k", "h3", handover=False)  # running: no handover, no wait
     async with anyio.create_task_group() as tg:
         tg.start_soon(wait, "h3")
         await anyio.wait_all_tasks_blocked()
-        await backend.release("k", "h2")
-        await anyio.wait_all_tasks_blocked()
         assert turns == []
-        await backend.release("k", "h1")
+        await backend.release("k", "h2")
     assert turns == ["h3"]
-    await backend.wait_turn("k", "gone")  # a holder that is not there does not wait
+    await backend.wait_turn("k", "gone", handover=True)  # a holder that is not there
 
 
 def test_options_are_validated() -> None:
@@ -178,6 +254,10 @@ def test_options_are_validated() -> None:
         MemoryBackend(tombstone_ttl=0)
     with pytest.raises(ValueError, match="max_tombstones"):
         MemoryBackend(max_tombstones=0)
+    with pytest.raises(ValueError, match="seq_ttl"):
+        MemoryBackend(seq_ttl=0)
+    with pytest.raises(ValueError, match="max_seq_keys"):
+        MemoryBackend(max_seq_keys=0)
 
 
 def test_repr_and_holder_ids() -> None:

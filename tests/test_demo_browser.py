@@ -23,11 +23,11 @@ import pytest
 import uvicorn
 
 from demo.app import DemoServer, create_app
+from tests.programs import program, unavailable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",  # needed as root
     "--disable-gpu",
@@ -41,13 +41,6 @@ WORK_SECONDS = 2.0  # long enough to act mid-search, short enough for a quick te
 LIMIT = 15.0  # seconds: the most any wait here may take
 MS = int(LIMIT * 1000)
 SCREENSHOTS = os.environ.get("CANCELKIT_DEMO_SCREENSHOTS")
-
-
-def _unavailable(reason: str) -> None:
-    """Skip on a developer's machine; fail in CI, which must install what the test needs."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must install it: see .ci/run)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -79,18 +72,22 @@ def server() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     """Headless system Chromium."""
-    if not CHROMIUM.exists():
-        _unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
+    chromium_path = program("CANCELKIT_CHROMIUM", "chromium")
+    if chromium_path is None:
+        unavailable(
+            "chromium is not installed: apt-get install chromium, or name it with "
+            "CANCELKIT_CHROMIUM (`python -m nox` installs it when run as root)"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _unavailable("playwright is not installed: pip install playwright (no browser download)")
+        unavailable("playwright is not installed: pip install playwright (no browser download)")
     from playwright.sync_api import expect
 
     expect.set_options(timeout=MS)  # every expect() below is bounded by LIMIT
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=MS
+            executable_path=chromium_path, args=CHROMIUM_ARGS, headless=True, timeout=MS
         )
         try:
             yield chromium
@@ -226,3 +223,17 @@ def test_closing_the_tab_mid_search_stops_it(page: Page, server: str, browser: B
     )
     shot(watcher, "5-client-gone")
     watcher.context.close()
+
+
+def test_export_button_shows_progress_and_stop_export_cancels_it(page: Page, server: str) -> None:
+    """Export starts a background operation; its progress shows; Stop export cancels it."""
+    from playwright.sync_api import expect
+
+    page.locator("#export-start").click()
+    expect(page.locator("#export-status")).to_have_text(re.compile(r"^Exporting: \d+ of \d+ words"))
+    assert float(page.locator("#export-progress").get_attribute("value") or 0) > 0
+    shot(page, "4-export")
+    page.locator("#export-stop").click()
+    expect(page.locator("#export-status")).to_have_text("Export stopped: requested.")
+    expect(page.locator("#export-start")).to_be_enabled()
+    expect(page.locator("#export-stop")).to_be_disabled()

@@ -203,3 +203,40 @@ def test_token_scopes_example() -> None:
     """The token page's example: scope() raises with the reason, move_on() records it."""
     out = run_example("token_scopes.py").stdout.splitlines()
     assert out == ["scope(): requested", "move_on(): cancelled_caught = True"]
+
+
+def test_fastapi_operations_example_starts_reads_and_cancels() -> None:
+    """The background-operations how-to: 202 + Location, the result, Stop, owner scoping."""
+    result = run_example("fastapi_operations.py")
+    out = result.stdout.splitlines()
+    assert out == [
+        "start -> 202 running",
+        "status -> completed {'table': 'users', 'rows': 300} 300 rows of users",
+        "stop -> 202 cancelled",
+        "status -> cancelled (requested)",
+        "another user reads it -> 404",
+        "stop before the start -> 202 pending",
+        "the start arriving afterwards -> 202 cancelled",
+        "the same id again -> 409 exists",
+        "a failing export -> failed {'type': 'LookupError', 'message': \"no table 'nope'\"}",
+    ]
+    assert "Traceback" in result.stderr  # the server's log has it; the client never does
+
+
+def test_naive_background_tasks_recipe_shows_every_failure() -> None:
+    """The tutorial's 'before' for background work really fails on a real server."""
+    out = run_example("naive_background_tasks.py").stdout.splitlines()
+    assert out == [
+        "1. Stop before the work registered:",
+        "  Stop answered 'Request not found'; the export: 'early completed'",
+        "2. the same id twice, then Stop:",
+        "  one 'job stopped', the other 'job completed': nobody could stop it",
+        "3. an export that fails:",
+        "  the client was told 'Processing request', and nothing after",
+        "  Stop afterwards answered 'Request cancelled'",
+        "4. entries left in the dict: 3 (it never shrinks)",
+        "5. two workers: started on one, Stop sent to the other:",
+        "  Stop answered 'Request not found'; the export: 'w-1 completed'",
+        "6. shutdown while an export runs:",
+        "  still running after the server stopped: 1 task(s)",
+    ]

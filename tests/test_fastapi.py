@@ -487,10 +487,10 @@ async def test_streaming_endpoint_keeps_its_claim_while_it_streams() -> None:
         tg.start_soon(read)
         with anyio.fail_after(10):
             await chunk_sent.wait()
-        assert slot.statistics().active == 1  # still held while streaming
+        assert slot.statistics().running == 1  # still held while streaming
         assert (await http.get("/newer")).status_code == 200
     assert received == [b"first\n"]
-    assert slot.statistics().active == 0
+    assert slot.statistics().running == 0
 
 
 # -- argument checks --------------------------------------------------------------------------
@@ -563,4 +563,4 @@ async def test_typeahead_and_disconnect_over_a_real_server(server: str, anyio_ba
             await tab_closed_handled.wait()
             await first.aclose()
     assert probe.finished == ["c left", "ca left"]
-    assert slot.statistics().active == 0
+    assert slot.statistics().running == 0

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.anyio
 def empty(slot: LatestOnly) -> bool:
     backend = slot.backend
     assert isinstance(backend, MemoryBackend)
-    return backend.statistics().keys == 0 and slot.statistics().active == 0
+    stats = slot.statistics()
+    return backend.statistics().keys == 0 and stats.running == stats.waiting == 0
 
 
 class Bodies:
@@ -225,7 +226,7 @@ async def test_handover_timeout_raises_slot_busy() -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(stubborn)
         await anyio.wait_all_tasks_blocked()
-        with pytest.raises(SlotBusy, match="did not finish in time"):
+        with pytest.raises(SlotBusy, match="did not come in time"):
             await newcomer()
         assert in_cleanup.is_set()
         release.set()
@@ -334,14 +335,17 @@ def test_bad_options_are_refused() -> None:
 
 async def test_repr_and_statistics() -> None:
     """repr() shows policy and activity; statistics() counts claims."""
-    slot = LatestOnly(policy="keep_latest")
-    assert "handover_timeout=inf" in repr(slot)
-    async with slot.claim("k") as claim:
-        assert "active=1" in repr(slot)
+    slot = LatestOnly(policy="keep_latest", max_concurrency=2)
+    assert "policy='keep_latest' max_concurrency=2" in repr(slot)
+    async with slot.claim("k", seq=4) as claim:
+        assert "running=1 waiting=0" in repr(slot)
+        assert "seq=4" in repr(claim)
         assert "running" in repr(claim)
+        assert claim.started
         assert isinstance(claim, Claim)
     stats = slot.statistics()
-    assert (stats.active, stats.claimed, stats.superseded, stats.rejected) == (0, 1, 0, 0)
+    assert (stats.running, stats.waiting, stats.claimed) == (0, 0, 1)
+    assert (stats.superseded, stats.stale, stats.rejected) == (0, 0, 0)
 
 
 # -- stateful: the slot against a plain model ------------------------------------------
@@ -417,14 +421,14 @@ def test_slot_matches_a_model(backend_name: str, policy: str) -> None:
     )
 
 
-async def test_claim_without_interrupt_only_signals_the_body() -> None:
-    """interrupt=False: a superseded body keeps running, its token says 'superseded'."""
+async def test_hold_only_signals_the_body() -> None:
+    """hold(): a superseded body keeps running, its token says 'superseded'."""
     slot = LatestOnly()
     go_on = anyio.Event()
     seen: list[str] = []
 
     async def old() -> None:
-        async with slot.claim("k", interrupt=False) as claim:
+        async with slot.hold("k") as claim:
             await go_on.wait()  # not interrupted
             assert claim.token.reason is not None
             seen.append(claim.token.reason.kind.value)
@@ -438,14 +442,14 @@ async def test_claim_without_interrupt_only_signals_the_body() -> None:
     assert empty(slot)
 
 
-async def test_claim_without_interrupt_still_never_starts_a_debounced_loser() -> None:
-    """interrupt=False leaves the debounce interruptible: a replaced claim never starts."""
+async def test_hold_still_never_starts_a_debounced_loser() -> None:
+    """hold() leaves the debounce interruptible: a replaced claim never starts."""
     slot = LatestOnly(debounce=0.01)
     started: list[str] = []
 
     async def claim(name: str) -> None:
         with pytest.raises(OperationCancelled):
-            async with slot.claim("k", interrupt=False):
+            async with slot.hold("k"):
                 started.append(name)  # pragma: no cover - must not run
 
     async with anyio.create_task_group() as tg:

@@ -6,15 +6,18 @@
 from ._memory import MemoryBackend as MemoryBackend
 from ._memory import MemoryBackendStatistics as MemoryBackendStatistics
 from ._protocol import Acquired as Acquired
+from ._protocol import Admission as Admission
 from ._protocol import Backend as Backend
 from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
 from ._protocol import OperationExists as OperationExists
 from ._protocol import RegistryFull as RegistryFull
+from ._protocol import SlotPolicy as SlotPolicy
 from ._protocol import new_holder_id as new_holder_id
 
 __all__ = [
     "Acquired",
+    "Admission",
     "Backend",
     "CancelOutcome",
     "Deliver",
@@ -22,10 +25,11 @@ __all__ = [
     "MemoryBackendStatistics",
     "OperationExists",
     "RegistryFull",
+    "SlotPolicy",
     "new_holder_id",
 ]
 
 for _name in __all__:
-    if _name != "Deliver":
+    if _name not in ("Deliver", "SlotPolicy"):
         globals()[_name].__module__ = __name__
 del _name

@@ -12,7 +12,15 @@ from typing import final
 import anyio
 
 from .._reason import CancelKind, CancelReason
-from ._protocol import Acquired, CancelOutcome, Deliver, OperationExists, RegistryFull
+from ._protocol import (
+    Acquired,
+    Admission,
+    CancelOutcome,
+    Deliver,
+    OperationExists,
+    RegistryFull,
+    SlotPolicy,
+)
 
 __all__ = ["MemoryBackend", "MemoryBackendStatistics"]
 
@@ -29,6 +37,7 @@ class MemoryBackendStatistics:
         tombstones: unexpired tombstones (cancels that arrived before their operation).
         finished: unexpired finished-markers.
         keys: latest-only keys with at least one claim.
+        sequences: released latest-only keys whose newest sequence number is remembered.
 
     .. versionadded:: 0.1
     """
@@ -37,18 +46,51 @@ class MemoryBackendStatistics:
     tombstones: int
     finished: int
     keys: int
+    sequences: int
+
+
+_RUNNING, _WAITING, _SUPERSEDED = 0, 1, 2
 
 
 @final
-class _Slot:
-    __slots__ = ("changed", "deliver", "generation", "holders", "owner")
+class _Entry:
+    __slots__ = ("deliver", "generation", "state")
 
-    def __init__(self) -> None:
-        self.owner: str | None = None
-        self.deliver: Deliver | None = None
-        self.generation = 0
-        self.holders: dict[str, None] = {}  # claims not yet released, oldest first
+    def __init__(self, deliver: Deliver, generation: int, state: int) -> None:
+        self.deliver = deliver
+        self.generation = generation
+        self.state = state
+
+
+@final
+class _Key:
+    """One latest-only key: its unreleased claims and its newest sequence number."""
+
+    __slots__ = ("changed", "entries", "limit", "running", "seq", "seq_holder", "waiting")
+
+    def __init__(self, limit: int, seq: int | None, seq_holder: str) -> None:
+        self.entries: dict[str, _Entry] = {}  # unreleased claims, oldest first
+        self.running: dict[str, None] = {}  # the running ones, oldest first
+        self.waiting: dict[str, None] = {}  # the waiting ones, first come first
+        self.limit = limit
+        self.seq = seq
+        self.seq_holder = seq_holder
         self.changed: anyio.Event | None = None  # set on each release, made only for waiters
+
+    def turn(self, holder: str, entry: _Entry, handover: bool) -> bool:
+        if entry.state != _RUNNING:
+            return False
+        if not handover:
+            return True
+        ahead = 0
+        for other, earlier in self.entries.items():
+            if other == holder:
+                return True
+            if earlier.state != _WAITING:
+                ahead += 1
+                if ahead >= self.limit:
+                    return False
+        return True  # pragma: no cover - the holder is always among the entries
 
 
 @final
@@ -64,6 +106,10 @@ class MemoryBackend:
         max_tombstones: the most unexpired tombstones; a cancel that needs one more raises
             :exc:`~cancelkit.RegistryFull`. Finished-markers share this bound but never cause
             an error: the oldest are dropped first.
+        seq_ttl: seconds the newest sequence number of a latest-only key is remembered after
+            its last claim was released (a stale claim arriving later still never runs).
+        max_seq_keys: the most released keys whose sequence number is remembered; past it,
+            the oldest is forgotten first.
         clock: the monotonic clock used for expiry, in seconds (tests pass a fake one).
 
     Raises:
@@ -76,10 +122,13 @@ class MemoryBackend:
         "_clock",
         "_counter",
         "_finished",
+        "_keys",
         "_live_ids",
         "_max",
+        "_max_seqs",
         "_regs",
-        "_slots",
+        "_seq_ttl",
+        "_seqs",
         "_tombs",
         "_ttl",
     )
@@ -89,12 +138,20 @@ class MemoryBackend:
         *,
         tombstone_ttl: float = 60.0,
         max_tombstones: int = 10_000,
+        seq_ttl: float = 60.0,
+        max_seq_keys: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < tombstone_ttl < math.inf:
             raise ValueError(f"tombstone_ttl must be seconds > 0, not {tombstone_ttl!r}")
         if max_tombstones < 1:
             raise ValueError(f"max_tombstones must be an int >= 1, not {max_tombstones!r}")
+        if not 0 < seq_ttl < math.inf:
+            raise ValueError(f"seq_ttl must be seconds > 0, not {seq_ttl!r}")
+        if max_seq_keys < 1:
+            raise ValueError(f"max_seq_keys must be an int >= 1, not {max_seq_keys!r}")
+        self._seq_ttl = float(seq_ttl)
+        self._max_seqs = max_seq_keys
         self._ttl = float(tombstone_ttl)
         self._max = max_tombstones
         self._clock = clock
@@ -103,7 +160,9 @@ class MemoryBackend:
         # Both maps are in insertion order, which is expiry order (one TTL, a monotonic clock).
         self._tombs: dict[_Id, tuple[float, CancelReason]] = {}
         self._finished: dict[_Id, float] = {}
-        self._slots: dict[str, _Slot] = {}
+        self._keys: dict[str, _Key] = {}
+        # key -> (expiry, seq, holder) of released keys; insertion order is expiry order.
+        self._seqs: dict[str, tuple[float, int, str]] = {}
         self._counter = itertools.count(1)
 
     # -- expiry ------------------------------------------------------------------------
@@ -179,64 +238,127 @@ class MemoryBackend:
     # -- LatestOnly --------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, holder: str, deliver: Deliver, *, replace: bool
-    ) -> Acquired | None:
+        self,
+        key: str,
+        holder: str,
+        deliver: Deliver,
+        *,
+        policy: SlotPolicy,
+        limit: int,
+        max_waiting: int,
+        seq: int | None,
+    ) -> Acquired:
         """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`."""
-        slot = self._slots.get(key)
+        slot = self._keys.get(key)
         if slot is None:
-            slot = self._slots[key] = _Slot()
-        elif slot.owner is not None and not replace:
-            return None
-        previous, notify = slot.owner, slot.deliver
-        slot.owner, slot.deliver = holder, deliver
-        slot.generation = generation = next(self._counter)
-        slot.holders[holder] = None
-        if notify is not None:
-            notify(CancelReason(CancelKind.SUPERSEDED, source=holder))
-        return Acquired(generation, previous)
+            remembered = self._seqs.get(key) if self._seqs else None
+            if remembered is not None and remembered[0] > self._clock():
+                slot = _Key(limit, remembered[1], remembered[2])
+            else:
+                slot = _Key(limit, None, "")
+        if seq is not None and slot.seq is not None and seq <= slot.seq:
+            return Acquired(Admission.STALE, source=slot.seq_holder, seq=slot.seq)
+        running, waiting = slot.running, slot.waiting
+        victim: str | None = None
+        state = _RUNNING
+        if len(running) >= limit:
+            if policy == "replace":
+                victim = next(iter(running))
+                del running[victim]
+            elif policy == "reject":
+                return Acquired(Admission.BUSY)
+            elif policy == "keep_latest":
+                state = _WAITING
+                if waiting:
+                    victim = next(iter(waiting))
+                    del waiting[victim]
+            elif len(waiting) < max_waiting:
+                state = _WAITING
+            else:
+                return Acquired(Admission.FULL)
+        if not slot.entries:
+            self._keys[key] = slot
+            self._seqs.pop(key, None)
+        generation = next(self._counter)
+        slot.entries[holder] = _Entry(deliver, generation, state)
+        (running if state == _RUNNING else waiting)[holder] = None
+        if seq is not None:
+            slot.seq, slot.seq_holder = seq, holder
+        if victim is not None:
+            superseded = slot.entries[victim]
+            superseded.state = _SUPERSEDED
+            superseded.deliver(CancelReason(CancelKind.SUPERSEDED, source=holder))
+        return Acquired(Admission.RUNNING if state == _RUNNING else Admission.WAITING, generation)
 
     async def release(self, key: str, holder: str) -> None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
-        slot = self._slots.get(key)
-        if slot is None or holder not in slot.holders:
+        slot = self._keys.get(key)
+        if slot is None or (entry := slot.entries.pop(holder, None)) is None:
             return
-        del slot.holders[holder]
-        if slot.owner == holder:
-            slot.owner = slot.deliver = None
-        if not slot.holders:
-            del self._slots[key]
+        if entry.state == _RUNNING:
+            del slot.running[holder]
+            if slot.waiting:  # the oldest waiting claim takes the freed slot
+                promoted = next(iter(slot.waiting))
+                del slot.waiting[promoted]
+                slot.entries[promoted].state = _RUNNING
+                slot.running[promoted] = None
+        elif entry.state == _WAITING:
+            del slot.waiting[holder]
+        if not slot.entries:
+            del self._keys[key]
+            if slot.seq is not None:
+                self._remember(key, slot.seq, slot.seq_holder)
         if slot.changed is not None:
             slot.changed.set()
             slot.changed = None
 
-    async def wait_turn(self, key: str, holder: str) -> None:
+    def _expire_seqs(self) -> float:
+        seqs, now = self._seqs, self._clock()
+        while seqs and next(iter(seqs.values()))[0] <= now:
+            del seqs[next(iter(seqs))]
+        return now
+
+    def _remember(self, key: str, seq: int, holder: str) -> None:
+        seqs, now = self._seqs, self._expire_seqs()
+        if len(seqs) >= self._max_seqs:
+            del seqs[next(iter(seqs))]
+        seqs[key] = (now + self._seq_ttl, seq, holder)
+
+    async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`Backend.wait_turn <cancelkit.backends.Backend.wait_turn>`."""
-        while (slot := self._slots.get(key)) is not None and holder in slot.holders:
-            if next(iter(slot.holders)) == holder:
+        while (slot := self._keys.get(key)) is not None and (
+            entry := slot.entries.get(holder)
+        ) is not None:
+            if slot.turn(holder, entry, handover):
                 return
             if slot.changed is None:
                 slot.changed = anyio.Event()
             await slot.changed.wait()
 
-    async def generation(self, key: str) -> int | None:
-        """See :meth:`Backend.generation <cancelkit.backends.Backend.generation>`."""
-        slot = self._slots.get(key)
-        return None if slot is None or slot.owner is None else slot.generation
+    async def is_current(self, key: str, generation: int) -> bool:
+        """See :meth:`Backend.is_current <cancelkit.backends.Backend.is_current>`."""
+        slot = self._keys.get(key)
+        if slot is None:
+            return False
+        entries = slot.entries
+        return any(entries[holder].generation == generation for holder in slot.running)
 
     # -- introspection -----------------------------------------------------------------
 
     def statistics(self) -> MemoryBackendStatistics:
-        """Return a snapshot (expired tombstones and markers are dropped first)."""
+        """Return a snapshot (expired tombstones, markers and sequences are dropped first)."""
         self._expire()
+        self._expire_seqs()
         return MemoryBackendStatistics(
             registrations=len(self._regs),
             tombstones=len(self._tombs),
             finished=len(self._finished),
-            keys=len(self._slots),
+            keys=len(self._keys),
+            sequences=len(self._seqs),
         )
 
     def __repr__(self) -> str:
         return (
             f"<MemoryBackend registrations={len(self._regs)} tombstones={len(self._tombs)} "
-            f"keys={len(self._slots)} tombstone_ttl={self._ttl}>"
+            f"keys={len(self._keys)} tombstone_ttl={self._ttl}>"
         )

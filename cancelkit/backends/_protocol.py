@@ -44,17 +44,19 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, final
+from typing import Literal, Protocol, final
 
 from .._reason import CancelReason
 
 __all__ = [
     "Acquired",
+    "Admission",
     "Backend",
     "CancelOutcome",
     "Deliver",
     "OperationExists",
     "RegistryFull",
+    "SlotPolicy",
     "new_holder_id",
 ]
 
@@ -100,21 +102,52 @@ class CancelOutcome(enum.StrEnum):
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class Acquired:
-    """The result of a successful :meth:`Backend.acquire`.
-
-    Attributes:
-        generation: a fencing number, strictly greater than that of every earlier claim on the
-            same key (numbers come from one counter per backend, so they are not consecutive).
-        previous: the holder that owned the key until now (it has been sent a
-            ``superseded`` cancellation), or ``None`` if the key was free.
+class Admission(enum.StrEnum):
+    """What :meth:`Backend.acquire` did with a claim.
 
     .. versionadded:: 0.1
     """
 
-    generation: int
-    previous: str | None
+    #: The claim holds one of the key's ``limit`` slots; its body may start (after the
+    #: handover wait, if the caller asked for one).
+    RUNNING = "running"
+    #: The claim waits for a slot (``enqueue`` and ``keep_latest``); :meth:`Backend.wait_turn`
+    #: returns once it got one.
+    WAITING = "waiting"
+    #: Refused: ``limit`` claims hold the key (``reject``); nothing was recorded.
+    BUSY = "busy"
+    #: Refused: the queue holds ``max_waiting`` claims (``enqueue``); nothing was recorded.
+    FULL = "full"
+    #: Refused: the claim's ``seq`` is not above the newest one accepted for the key; nothing
+    #: was recorded and nobody was cancelled.
+    STALE = "stale"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    """The result of :meth:`Backend.acquire`.
+
+    Attributes:
+        admission: what happened to the claim.
+        generation: for an accepted claim (``RUNNING`` or ``WAITING``), a fencing number
+            strictly greater than that of every earlier claim on the key (numbers come from
+            one counter per backend, so they are not consecutive); ``0`` for a refused one.
+        source: for ``STALE``, the holder that brought the newest sequence number (it may
+            have finished already); else ``None``.
+        seq: for ``STALE``, the newest sequence number accepted for the key; else ``None``.
+
+    .. versionadded:: 0.1
+    """
+
+    admission: Admission
+    generation: int = 0
+    source: str | None = None
+    seq: int | None = None
+
+
+#: The policies a backend implements (see :class:`cancelkit.LatestOnly`).
+SlotPolicy = Literal["replace", "reject", "enqueue", "keep_latest"]
 
 
 class OperationExists(ValueError):
@@ -206,33 +239,65 @@ class Backend(Protocol):
     # -- LatestOnly --------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, holder: str, deliver: Deliver, *, replace: bool
-    ) -> Acquired | None:
-        """Make ``holder`` the owner of ``key``.
+        self,
+        key: str,
+        holder: str,
+        deliver: Deliver,
+        *,
+        policy: SlotPolicy,
+        limit: int,
+        max_waiting: int,
+        seq: int | None,
+    ) -> Acquired:
+        """Admit ``holder`` to ``key``: the whole decision is one atomic step.
 
-        Atomically: if the key has an owner and ``replace`` is false, change nothing and
-        return ``None``. Otherwise take a new generation, make ``holder`` the owner, deliver
-        ``CancelReason(SUPERSEDED, source=holder)`` to the previous owner, if any, and return
-        :class:`Acquired`.
+        A key's claims are *running* (holding one of its ``limit`` slots), *waiting* (queued
+        for a slot) or *superseded* (told to stop, not yet released); all of them stay
+        recorded, oldest first, until :meth:`release`. Atomically:
+
+        1. If ``seq`` is given and not above the newest sequence number accepted for the key
+           (remembered for a while after the key was released), return ``STALE`` with that
+           number and its holder, and change nothing.
+        2. By ``policy``, with ``n`` running claims and ``w`` waiting ones:
+
+           - ``replace``: run; if ``n == limit``, the oldest running claim is superseded.
+           - ``reject``: run if ``n < limit``, else return ``BUSY``.
+           - ``keep_latest``: run if ``n < limit``, else wait; a waiting claim it displaces
+             (there is at most one) is superseded.
+           - ``enqueue``: run if ``n < limit``, else wait at the back of the queue if
+             ``w < max_waiting``, else return ``FULL``.
+
+           A superseded claim gets ``deliver(CancelReason(SUPERSEDED, source=holder))``.
+        3. An accepted claim gets a new generation, and its ``seq`` (if any) becomes the
+           key's newest.
+
+        When a running claim is released and claims wait, the oldest waiting one runs.
+        ``policy``, ``limit`` and ``max_waiting`` must be the same for every claim on a key.
         """
         ...
 
     async def release(self, key: str, holder: str) -> None:
-        """Forget ``holder``'s claim on ``key`` (compare-and-delete of the owner).
+        """Forget ``holder``'s claim on ``key`` (whatever its state), promoting a waiter.
 
-        Must complete even when the caller is being cancelled (see the module docs).
-
-        When no claim on the key remains, nothing about the key is left.
+        Must complete even when the caller is being cancelled (see the module docs). When no
+        claim on the key remains, only its newest sequence number is left, and that expires.
         """
         ...
 
-    async def wait_turn(self, key: str, holder: str) -> None:
-        """Return once every claim on ``key`` acquired before ``holder``'s was released.
+    async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
+        """Return once ``holder``'s body may start.
 
-        This is the handover wait; callers bound it and cancel it with their own scopes.
+        That is once the claim runs (not waiting) and, with ``handover``, fewer than
+        ``limit`` claims acquired before it and not waiting are unreleased, so that at most
+        ``limit`` bodies (with their cleanup) overlap. Returns at once for a holder that is
+        not recorded. Callers bound the wait and cancel it with their own scopes.
         """
         ...
 
-    async def generation(self, key: str) -> int | None:
-        """Return the generation of the key's current owner, or ``None`` if it is free."""
+    async def is_current(self, key: str, generation: int) -> bool:
+        """Whether the claim with ``generation`` runs on ``key``.
+
+        That is: accepted, not waiting, not superseded, not released (with ``limit == 1``:
+        it is the newest claim).
+        """
         ...

@@ -9,8 +9,9 @@ Install the extra (``pip install cancelkit[redis]``); the client is
 from ._backend import RedisBackend as RedisBackend
 from ._backend import RedisBackendStatistics as RedisBackendStatistics
 from ._connection import RedisUnavailable as RedisUnavailable
+from ._status import RedisStatusStore as RedisStatusStore
 
-__all__ = ["RedisBackend", "RedisBackendStatistics", "RedisUnavailable"]
+__all__ = ["RedisBackend", "RedisBackendStatistics", "RedisStatusStore", "RedisUnavailable"]
 
 for _name in __all__:
     globals()[_name].__module__ = __name__

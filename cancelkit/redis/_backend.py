@@ -24,7 +24,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .._reason import CancelReason
-from ..backends import Acquired, CancelOutcome, Deliver
+from ..backends import Acquired, CancelOutcome, Deliver, SlotPolicy
 from . import _scripts, _slot_scripts
 from ._config import Keys, Settings
 from ._connection import Connection, RedisUnavailable, leaf, redact
@@ -130,6 +130,10 @@ class RedisBackend:
             atomically with the cancel, so one tenant cannot use up the fleet's tombstones.
         poll_interval: seconds between reads of this worker's inbox (the bound on delivery
             when pub/sub loses a message).
+        seq_ttl: seconds the newest sequence number of a latest-only key is remembered after
+            its last claim was released (a stale claim arriving later still never runs).
+        max_seq_keys: the most released keys whose sequence number is remembered, across
+            the fleet; past it, the oldest is forgotten first.
 
     Raises:
         ValueError: if an option is out of range, or ``url`` is not a Redis URL (the message
@@ -164,6 +168,8 @@ class RedisBackend:
         max_tombstones: int = 10_000,
         max_tombstones_per_owner: int = 1_000,
         poll_interval: float = 0.05,
+        seq_ttl: float = 60.0,
+        max_seq_keys: int = 10_000,
     ) -> None:
         """Configure the backend; nothing connects until it is entered."""
         settings = self._settings = Settings.validate(
@@ -178,6 +184,8 @@ class RedisBackend:
             max_tombstones=max_tombstones,
             max_tombstones_per_owner=max_tombstones_per_owner,
             poll_interval=poll_interval,
+            seq_ttl=seq_ttl,
+            max_seq_keys=max_seq_keys,
         )
         self._keys = Keys(prefix)
         self._conn = Connection(url, timeout=settings.timeout, fail_open=fail_open)
@@ -279,34 +287,44 @@ class RedisBackend:
     # -- LatestOnly --------------------------------------------------------------------
 
     async def acquire(
-        self, key: str, holder: str, deliver: Deliver, *, replace: bool
-    ) -> Acquired | None:
+        self,
+        key: str,
+        holder: str,
+        deliver: Deliver,
+        *,
+        policy: SlotPolicy,
+        limit: int,
+        max_waiting: int,
+        seq: int | None,
+    ) -> Acquired:
         """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`.
 
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        return await self._slots.acquire(key, holder, deliver, replace=replace)
+        return await self._slots.acquire(
+            key, holder, deliver, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
+        )
 
     async def release(self, key: str, holder: str) -> None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
         await self._slots.release(key, holder)
 
-    async def wait_turn(self, key: str, holder: str) -> None:
+    async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`Backend.wait_turn <cancelkit.backends.Backend.wait_turn>`.
 
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        await self._slots.wait_turn(key, holder)
+        await self._slots.wait_turn(key, holder, handover=handover)
 
-    async def generation(self, key: str) -> int | None:
-        """See :meth:`Backend.generation <cancelkit.backends.Backend.generation>`.
+    async def is_current(self, key: str, generation: int) -> bool:
+        """See :meth:`Backend.is_current <cancelkit.backends.Backend.is_current>`.
 
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        return await self._slots.generation(key)
+        return await self._slots.is_current(key, generation)
 
     # -- introspection -----------------------------------------------------------------
 

@@ -63,6 +63,8 @@ class Settings:
     max_tombstones: int
     max_tombstones_per_owner: int
     poll_interval: float
+    seq_ttl: float = 60.0
+    max_seq_keys: int = 10_000
 
     @classmethod
     def validate(
@@ -79,6 +81,8 @@ class Settings:
         max_tombstones: int,
         max_tombstones_per_owner: int,
         poll_interval: float,
+        seq_ttl: float = 60.0,
+        max_seq_keys: int = 10_000,
     ) -> Settings:
         """Check every option; raise :exc:`ValueError` naming the first bad one."""
         check_url(url)
@@ -90,6 +94,7 @@ class Settings:
             ("retry_delay", retry_delay),
             ("tombstone_ttl", tombstone_ttl),
             ("poll_interval", poll_interval),
+            ("seq_ttl", seq_ttl),
         ):
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be seconds > 0, not {value!r}")
@@ -103,6 +108,8 @@ class Settings:
         ):
             if count < 1:
                 raise ValueError(f"{name} must be an int >= 1, not {count!r}")
+        if max_seq_keys < 1:
+            raise ValueError(f"max_seq_keys must be an int >= 1, not {max_seq_keys!r}")
         return cls(
             url,
             prefix,
@@ -115,12 +122,24 @@ class Settings:
             max_tombstones,
             max_tombstones_per_owner,
             float(poll_interval),
+            float(seq_ttl),
+            max_seq_keys,
         )
 
     @property
     def lease_ms(self) -> str:
         """The lease in milliseconds, as a script argument."""
         return str(math.ceil(self.lease * 1000))
+
+    @property
+    def seq_ms(self) -> str:
+        """The sequence TTL in milliseconds, as a script argument."""
+        return str(math.ceil(self.seq_ttl * 1000))
+
+    @property
+    def state_ms(self) -> str:
+        """The TTL of a latest-only key's state: the longer of the lease and the sequence TTL."""
+        return str(math.ceil(max(self.lease, self.seq_ttl) * 1000))
 
     @property
     def tombstone_ms(self) -> str:
@@ -174,6 +193,11 @@ class Keys:
     def inbox_prefix(self) -> str:
         """The start of every worker's inbox key."""
         return f"{self.prefix}:in:"
+
+    @property
+    def sequences(self) -> str:
+        """The sorted set of released keys whose sequence number is remembered (for the limit)."""
+        return f"{self.prefix}:sz"
 
     @property
     def generations(self) -> str:

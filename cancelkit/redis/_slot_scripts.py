@@ -1,29 +1,152 @@
 """The Lua scripts of the LatestOnly side of :class:`cancelkit.redis.RedisBackend`.
 
-Keys and messages are described in :mod:`cancelkit.redis._scripts`; besides those, every
-key ``K`` has ``P:qd:K``, the lease deadline (ms) of each claim in its queue ``P:q:K``:
-acquiring sets it, the heartbeat of the claim's worker moves it on, and a claim whose
-deadline passed is pruned (a claim left by a caller that was cancelled while its acquire
-was in flight blocks handover for at most one lease, even though its worker lives on).
+Keys (``P`` the prefix, ``K`` a latest-only key, ``W`` a worker, ``H`` a holder; the other
+keys and the messages are described in :mod:`cancelkit.redis._scripts`):
+
+- ``P:k:K`` the key's state, a hash: ``"W H"`` -> the claim's state (``r`` running, ``w``
+  waiting, ``s NEW`` superseded by holder NEW), ``lim`` the key's ``max_concurrency``, and
+  ``seq``/``sh`` the newest sequence number accepted and its holder. TTL: the lease (with a
+  sequence number: the longer of the lease and the sequence TTL), refreshed by every script
+  and heartbeat; once no claim is left only ``seq``/``sh`` remain, for the sequence TTL.
+- ``P:q:K`` the claims not yet released, a sorted set of ``"W H"`` by generation (the order
+  of arrival); TTL: the lease.
+- ``P:sz`` the released keys whose sequence number is remembered, a sorted set by expiry
+  (ms), for the ``max_seq_keys`` bound (the oldest are forgotten first).
+
+Every claim also has a lease deadline, the field ``"d W H"`` of the state hash (ms):
+acquiring sets it and the heartbeat of the claim's worker moves it on. Every script first
+prunes the claims of workers whose liveness key ``P:a:W`` expired (a crashed worker) and the
+claims whose deadline passed (a claim left by a caller that was cancelled while its acquire
+was in flight, although its worker lives on: it blocks the key for at most one lease), then,
+while fewer than ``lim`` claims run, lets the oldest waiting claim run,
+and tells the first ``lim`` running or superseded claims, and those it let run, that their
+turn may have come (``t H``; other workers by pub/sub, this worker in the script's reply):
+the promoted ones always, the first ``lim`` only when a claim was released or pruned (so
+that two waiting workers never wake each other in a loop).
 """
 
 from __future__ import annotations
 
 from ._scripts import SEND
 
-__all__ = ["ACQUIRE", "RELEASE", "SYNC_CLAIMS", "TURN"]
+__all__ = ["ACQUIRE", "IS_CURRENT", "RELEASE", "SYNC_CLAIMS", "TURN"]
 
-#: KEYS: owner, queue, gen, deadlines. ARGV: W, H, replace ('1'/'0'), lease ms, channel
-#: prefix, generation-key ttl ms, inbox prefix. Returns {0} (refused) or
-#: {1, G[, prevW, prevH]}. Idempotent for one holder.
+# KEYS[1] state hash, KEYS[2] order zset. Defines settle(W, alive_prefix, channel_prefix),
+# which prunes dead workers' claims, promotes waiters, publishes turns and returns
+# (running, waiting, local turn holders).
+_SETTLE = """
+local function split(m)
+  return string.match(m, '^(%S+) (%S+)$')
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function settle(W, alive, chan, released)
+  local lim = tonumber(redis.call('HGET', KEYS[1], 'lim') or '1')
+  local members = redis.call('ZRANGE', KEYS[2], 0, -1)
+  local order, state, running, waiting = {}, {}, {}, {}
+  local seen = {}
+  local now = now_ms()
+  for _, m in ipairs(members) do
+    local w = string.match(m, '^(%S+) ')
+    local st = redis.call('HGET', KEYS[1], m)
+    local deadline = tonumber(redis.call('HGET', KEYS[1], 'd ' .. m) or '0')
+    if not st or deadline < now or (w ~= W and redis.call('EXISTS', alive .. w) == 0) then
+      redis.call('ZREM', KEYS[2], m)
+      redis.call('HDEL', KEYS[1], m, 'd ' .. m)
+      released = true
+    else
+      order[#order + 1] = m
+      state[m] = st
+      if st == 'r' then
+        running[#running + 1] = m
+      elseif st == 'w' then
+        waiting[#waiting + 1] = m
+      end
+    end
+  end
+  local turns = {}
+  local wi = 1
+  while #running < lim and waiting[wi] do
+    local m = waiting[wi]
+    redis.call('HSET', KEYS[1], m, 'r')
+    state[m] = 'r'
+    running[#running + 1] = m
+    turns[#turns + 1] = m
+    wi = wi + 1
+  end
+  local rest = {}
+  for i = wi, #waiting do rest[#rest + 1] = waiting[i] end
+  local n = released and 0 or lim
+  for _, m in ipairs(order) do
+    if n >= lim then break end
+    if state[m] ~= 'w' then
+      n = n + 1
+      turns[#turns + 1] = m
+    end
+  end
+  local mine = {}
+  for _, m in ipairs(turns) do
+    if not seen[m] then
+      seen[m] = true
+      local w, h = split(m)
+      if w == W then mine[#mine + 1] = 't ' .. h
+      else redis.call('PUBLISH', chan .. w, 't ' .. h) end
+    end
+  end
+  return running, rest, mine, order, state
+end
+local function ttl(lease, long)
+  if redis.call('HEXISTS', KEYS[1], 'seq') == 1 then
+    redis.call('PEXPIRE', KEYS[1], long)
+  else
+    redis.call('PEXPIRE', KEYS[1], lease)
+  end
+  redis.call('PEXPIRE', KEYS[2], lease)
+end
+"""
+
+#: KEYS: state, order, gen counter, this worker's liveness key, P:sz.
+#: ARGV: W, H, policy, limit, max_waiting, seq ('' for none), lease ms, channel prefix,
+#: gen-key ttl ms, liveness-key prefix, state ttl ms (max of lease and sequence ttl), inbox
+#: prefix (a superseded claim of another worker is told by pub/sub and in its inbox).
+#: Returns {admission, G, extra...}: {'running'|'waiting', G, turn lines...},
+#: {'stale', 0, newest holder, newest seq}, {'busy'} or {'full'}. Idempotent for one holder.
 ACQUIRE = (
     SEND
+    + _SETTLE
     + """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local cw, ch, cg = string.match(cur, '^(%S+) (%S+) (%S+)$')
-  if cw == ARGV[1] and ch == ARGV[2] then return {1, cg} end  -- a retried call
-  if ARGV[3] == '0' then return {0} end
+local W, H, policy = ARGV[1], ARGV[2], ARGV[3]
+local limit, max_waiting, seq = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local me = W .. ' ' .. H
+local st = redis.call('HGET', KEYS[1], me)
+if st then  -- a retried call
+  local g = redis.call('ZSCORE', KEYS[2], me)
+  return {st == 'w' and 'waiting' or 'running', g}
+end
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
+if seq ~= '' then
+  local newest = redis.call('HGET', KEYS[1], 'seq')
+  if newest and tonumber(seq) <= tonumber(newest) then
+    return {'stale', 0, redis.call('HGET', KEYS[1], 'sh'), newest}
+  end
+end
+redis.call('HSET', KEYS[1], 'lim', ARGV[4])
+local running, waiting, mine = settle(W, ARGV[10], ARGV[8], false)
+local state, victim = 'r', nil
+if #running >= limit then
+  if policy == 'replace' then
+    victim = running[1]
+  elseif policy == 'reject' then
+    return {'busy'}
+  elseif policy == 'keep_latest' then
+    state, victim = 'w', waiting[1]
+  elseif #waiting < max_waiting then
+    state = 'w'
+  else
+    return {'full'}
+  end
 end
 local g = redis.call('INCR', KEYS[3])
 local t = redis.call('TIME')
@@ -32,73 +155,103 @@ if g < now then
   g = now
   redis.call('SET', KEYS[3], string.format('%d', g))
 end
-redis.call('PEXPIRE', KEYS[3], ARGV[6])
+redis.call('PEXPIRE', KEYS[3], ARGV[9])
 local gs = string.format('%d', g)
-local me = ARGV[1] .. ' ' .. ARGV[2]
-redis.call('SET', KEYS[1], me .. ' ' .. gs, 'PX', ARGV[4])
+redis.call('ZREM', KEYS[5], KEYS[1])
+redis.call('HSET', KEYS[1], me, state)
+redis.call('HSET', KEYS[1], 'd ' .. me, string.format('%d', now_ms() + tonumber(ARGV[7])))
 redis.call('ZADD', KEYS[2], gs, me)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-local deadline = math.floor(tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000) + tonumber(ARGV[4])
-redis.call('ZADD', KEYS[4], string.format('%d', deadline), me)
-redis.call('PEXPIRE', KEYS[4], ARGV[4])
-if cur then
-  local w, h = string.match(cur, '^(%S+) (%S+)')
-  send(w, 's ' .. h .. ' ' .. ARGV[2], ARGV[5], ARGV[7], ARGV[4], w ~= ARGV[1])
-  return {1, gs, w, h}
+if seq ~= '' then redis.call('HSET', KEYS[1], 'seq', seq, 'sh', H) end
+local out = {state == 'r' and 'running' or 'waiting', gs}
+if victim then
+  redis.call('HSET', KEYS[1], victim, 's ' .. H)
+  local w, h = split(victim)
+  if w == W then out[#out + 1] = 's ' .. h .. ' ' .. H
+  else send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) end
 end
-return {1, gs}
+for _, line in ipairs(mine) do out[#out + 1] = line end
+ttl(ARGV[7], ARGV[11])
+return out
 """
 )
 
-#: KEYS: owner, queue, deadlines. ARGV: W, H, channel prefix, inbox prefix, lease ms.
-#: Compare-and-delete of the owner, removes the claim, wakes the new head of the queue if
-#: the released claim was the head. Idempotent.
+#: KEYS: state, order, P:sz. ARGV: W, H, channel prefix, liveness-key prefix, lease ms,
+#: sequence ttl ms, max_seq_keys, state ttl ms. Forgets the claim, lets waiters run, and
+#: once no claim is left keeps only the newest sequence number (bounded by P:sz).
+#: Returns the turn lines for this worker's holders.
 RELEASE = (
-    SEND
+    _SETTLE
+    + """
+local W, H = ARGV[1], ARGV[2]
+local me = W .. ' ' .. H
+redis.call('ZREM', KEYS[2], me)
+redis.call('HDEL', KEYS[1], me, 'd ' .. me)
+local running, waiting, mine, order = settle(W, ARGV[4], ARGV[3], true)
+if #order > 0 then
+  ttl(ARGV[5], ARGV[8])
+  return mine
+end
+redis.call('DEL', KEYS[2])
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if not seq then
+  redis.call('DEL', KEYS[1])
+  return mine
+end
+local sh = redis.call('HGET', KEYS[1], 'sh')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'seq', seq, 'sh', sh)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZADD', KEYS[3], string.format('%d', now + tonumber(ARGV[6])), KEYS[1])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7])
+if over > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[3], 0, over - 1)) do
+    redis.call('ZREM', KEYS[3], old)
+    if redis.call('HLEN', old) <= 2 then redis.call('DEL', old) end
+  end
+end
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+return mine
+"""
+)
+
+#: KEYS: state, order. ARGV: W, H, liveness-key prefix, channel prefix, handover ('1'/'0').
+#: 1 if the holder's body may start (or the holder is unknown), else 0.
+TURN = (
+    _SETTLE
     + """
 local me = ARGV[1] .. ' ' .. ARGV[2]
-local head0 = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-redis.call('ZREM', KEYS[2], me)
-redis.call('ZREM', KEYS[3], me)
-local cur = redis.call('GET', KEYS[1])
-if cur and string.sub(cur, 1, #me + 1) == me .. ' ' then redis.call('DEL', KEYS[1]) end
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if not head then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return 0
-end
-if head0 == me then
-  local w, h = string.match(head, '^(%S+) (%S+)$')
-  send(w, 't ' .. h, ARGV[3], ARGV[4], ARGV[5], w ~= ARGV[1])
+if not redis.call('HGET', KEYS[1], me) then return 1 end
+local running, waiting, mine, order, state = settle(ARGV[1], ARGV[3], ARGV[4], false)
+if state[me] ~= 'r' then return 0 end
+if ARGV[5] == '0' then return 1 end
+local lim = tonumber(redis.call('HGET', KEYS[1], 'lim') or '1')
+local ahead = 0
+for _, m in ipairs(order) do
+  if m == me then return 1 end
+  if state[m] ~= 'w' then
+    ahead = ahead + 1
+    if ahead >= lim then return 0 end
+  end
 end
 return 1
 """
 )
 
-#: KEYS: queue, deadlines. ARGV: "W H", liveness-key prefix. {1} if every earlier claim was
-#: released, else {0, ms until the head's lease deadline}. Claims of workers that stopped
-#: heartbeating, and claims whose lease deadline passed, are pruned.
-TURN = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-while true do
-  local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-  if not head or head == ARGV[1] then return {1} end
-  if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {1} end
-  local w = string.match(head, '^(%S+) ')
-  local deadline = tonumber(redis.call('ZSCORE', KEYS[2], head) or '0')
-  if deadline > now and redis.call('EXISTS', ARGV[2] .. w) == 1 then
-    return {0, deadline - now}
-  end
-  redis.call('ZREM', KEYS[1], head)
-  redis.call('ZREM', KEYS[2], head)
+#: KEYS: state, order. ARGV: generation. 1 if a running claim has that generation.
+IS_CURRENT = """
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[1], ARGV[1])) do
+  if redis.call('HGET', KEYS[1], m) == 'r' then return 1 end
 end
+return 0
 """
 
 #: The heartbeat and the resync after a reconnect, for latest-only claims: refresh this
-#: worker's liveness and the leases of its claims, re-assert those that Redis lost, and
-#: report the claims that were superseded meanwhile.
-#: KEYS: alive, then three per entry (owner, queue, deadlines). ARGV: W, lease ms, then two
+#: worker's liveness and the TTLs of its claims, re-assert those that Redis lost, and report
+#: the claims that were superseded meanwhile.
+#: KEYS: alive, then two per entry (state, order). ARGV: W, lease ms, state ttl ms, then two
 #: per entry (H, G). Returns message lines (see :mod:`cancelkit.redis._scripts`).
 SYNC_CLAIMS = """
 local W, lease = ARGV[1], ARGV[2]
@@ -107,33 +260,36 @@ local W, lease = ARGV[1], ARGV[2]
 if redis.call('PEXPIRE', KEYS[1], lease) == 0 then redis.call('SET', KEYS[1], '1', 'PX', lease) end
 local t = redis.call('TIME')
 local deadline = string.format(
-  '%d', math.floor(tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000) + tonumber(lease))
+  '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease))
 local out = {}
-local n = (#ARGV - 2) / 2
+local n = (#ARGV - 3) / 2
 for i = 0, n - 1 do
-  local h, g = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
-  local k1, k2, k3 = KEYS[2 + 3 * i], KEYS[3 + 3 * i], KEYS[4 + 3 * i]
+  local h, g = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local k1, k2 = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local me = W .. ' ' .. h
-  local cur = redis.call('GET', k1)
-  if cur and string.sub(cur, 1, #me + 1) == me .. ' ' then
-    redis.call('PEXPIRE', k1, lease)  -- ours (its generation may be the server's, see acquire)
-    cur = nil
-    g = redis.call('ZSCORE', k2, me) or g
-  end
-  redis.call('ZADD', k2, g, me)
-  redis.call('PEXPIRE', k2, lease)
-  redis.call('ZADD', k3, deadline, me)
-  redis.call('PEXPIRE', k3, lease)
-  if cur then
-    out[#out + 1] = 's ' .. h .. ' ' .. string.match(cur, '^%S+ (%S+)')
-  elseif not redis.call('GET', k1) then
-    local top = redis.call('ZREVRANGE', k2, 0, 0)[1]
-    if top ~= me then
-      out[#out + 1] = 's ' .. h .. ' ' .. string.match(top, '^%S+ (%S+)$')
-    else
-      redis.call('SET', k1, me .. ' ' .. g, 'PX', lease)
+  local st = redis.call('HGET', k1, me)
+  if not st then  -- Redis lost it: run again if there is room, else it was superseded
+    local lim = tonumber(redis.call('HGET', k1, 'lim') or '1')
+    local running, newest = 0, nil
+    for _, m in ipairs(redis.call('ZRANGE', k2, 0, -1)) do
+      if redis.call('HGET', k1, m) == 'r' then
+        running = running + 1
+        newest = m
+      end
     end
+    if running < lim then
+      st = 'r'
+      redis.call('HSET', k1, me, 'r')
+    else
+      st = 's ' .. string.match(newest, '^%S+ (%S+)$')
+      redis.call('HSET', k1, me, st)
+    end
+    redis.call('ZADD', k2, g, me)
   end
+  redis.call('HSET', k1, 'd ' .. me, deadline)
+  if string.sub(st, 1, 2) == 's ' then out[#out + 1] = 's ' .. h .. string.sub(st, 2) end
+  redis.call('PEXPIRE', k1, redis.call('HEXISTS', k1, 'seq') == 1 and ARGV[3] or lease)
+  redis.call('PEXPIRE', k2, lease)
 end
 return out
 """

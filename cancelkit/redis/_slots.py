@@ -1,4 +1,4 @@
-"""The LatestOnly side of the Redis backend: acquire, release, handover turns, generations."""
+"""The LatestOnly side of the Redis backend: admission by policy, sequence numbers, turns."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import final
 import anyio
 
 from .._reason import CancelKind, CancelReason
-from ..backends import Acquired, Deliver
+from ..backends import Acquired, Admission, Deliver, MemoryBackend, SlotPolicy
 from ._codec import deliver
 from ._config import Keys, Settings
 from ._connection import Connection, Down, RedisUnavailable
@@ -20,13 +20,15 @@ _CHUNK = 500  # entries per resync script call
 
 @final
 class _Claim:
-    __slots__ = ("deliver", "generation", "holder", "key", "synced", "turn")
+    __slots__ = ("deliver", "generation", "holder", "key", "local", "superseded", "synced", "turn")
 
     def __init__(self, key: str, holder: str, deliver: Deliver) -> None:
         self.key = key
         self.holder = holder
         self.deliver = deliver
         self.generation = 0
+        self.local: int | None = None  # its generation in the fallback, if made while down
+        self.superseded = False
         self.synced = False
         self.turn: anyio.Event | None = None
 
@@ -37,7 +39,12 @@ def _local_generation(last: int) -> int:
 
 @final
 class Slots:
-    """This worker's latest-only claims, and the scripts that share them with the fleet."""
+    """This worker's latest-only claims, and the scripts that share them with the fleet.
+
+    While Redis is unreachable (``fail_open``), claims made meanwhile follow this worker's
+    own semantics, kept in a private :class:`~cancelkit.backends.MemoryBackend`; the resync
+    re-asserts them once Redis is back (Redis's view wins).
+    """
 
     __slots__ = (
         "_by_holder",
@@ -45,7 +52,7 @@ class Slots:
         "_conn",
         "_keys",
         "_last_generation",
-        "_owners",
+        "_local",
         "_settings",
         "deliveries",
     )
@@ -56,7 +63,7 @@ class Slots:
         self._settings = settings
         self._by_holder: dict[str, _Claim] = {}
         self._by_key: dict[str, dict[str, _Claim]] = {}  # key -> local claims, oldest first
-        self._owners: dict[str, str] = {}  # key -> the holder that owns it (as far as we know)
+        self._local = MemoryBackend(seq_ttl=settings.seq_ttl, max_seq_keys=settings.max_seq_keys)
         self._last_generation = 0
         self.deliveries = 0
 
@@ -64,66 +71,100 @@ class Slots:
         return len(self._by_holder)
 
     async def acquire(
-        self, key: str, holder: str, callback: Deliver, *, replace: bool
-    ) -> Acquired | None:
+        self,
+        key: str,
+        holder: str,
+        callback: Deliver,
+        *,
+        policy: SlotPolicy,
+        limit: int,
+        max_waiting: int,
+        seq: int | None,
+    ) -> Acquired:
         """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`.
 
         The claim is recorded locally first. If the script's effect is unknown (the caller
         was cancelled while it ran, or it failed with ``fail_open=False``), an idempotent
-        release is queued at once; a claim it misses (the script ran after it) stops
-        blocking the key within one lease (its owner key expires, its queue deadline passes).
+        release is queued at once; a claim that release misses (the script ran after it)
+        is pruned once its lease deadline passes: it blocks the key for at most one lease.
         """
         self._conn.client  # noqa: B018 - raises if not running
         claim = self._by_holder[holder] = _Claim(key, holder, callback)  # record first
         self._by_key.setdefault(key, {})[holder] = claim
-        k, lease_ms = self._keys, self._settings.lease_ms
+        k, settings = self._keys, self._settings
         try:
             result = await self._conn.run(
                 "ACQUIRE",
-                [k("k", key), k("q", key), k.generations, k("qd", key)],
+                [k("k", key), k("q", key), k.generations, k.alive, k.sequences],
                 [
                     k.worker,
                     holder,
-                    "1" if replace else "0",
-                    lease_ms,
+                    policy,
+                    str(limit),
+                    str(max_waiting),
+                    "" if seq is None else str(seq),
+                    settings.lease_ms,
                     k.channel_prefix,
-                    str(max(86_400_000, 4 * int(lease_ms))),
+                    str(max(86_400_000, 4 * int(settings.lease_ms))),
+                    k.alive_prefix,
+                    settings.state_ms,
                     k.inbox_prefix,
                 ],
             )
         except Down:
-            if not self._settings.fail_open:
+            if not settings.fail_open:
                 self._abandon(claim)
                 raise RedisUnavailable("Redis is unreachable; not starting new work") from None
-            return self._acquire_locally(claim, replace=replace)
+            return await self._acquire_locally(
+                claim, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
+            )
         except BaseException:
             self._abandon(claim)
             raise
-        if result[0] == 0:
+        admission = Admission(str(result[0]))
+        if admission is Admission.STALE:
             self._forget(claim)
-            return None
+            return Acquired(admission, source=str(result[2]), seq=int(result[3]))
+        if admission is not Admission.RUNNING and admission is not Admission.WAITING:
+            self._forget(claim)
+            return Acquired(admission)
         claim.generation = int(result[1])
         self._last_generation = max(self._last_generation, claim.generation)
-        previous = None
-        if len(result) > 2:
-            previous = str(result[3])
-            if result[2] == k.worker and (old := self._by_holder.get(previous)):
-                self._deliver(old.deliver, CancelReason(CancelKind.SUPERSEDED, source=holder))
-        self._owners[key] = holder
         claim.synced = True
-        return Acquired(claim.generation, previous)
+        for line in result[2:]:  # this worker's claims it superseded or let run
+            kind, _, rest = str(line).partition(" ")
+            other, _, source = rest.partition(" ")
+            if kind == "s":
+                self.on_superseded(other, source)
+            else:
+                self.on_turn(other)
+        return Acquired(admission, claim.generation)
 
-    def _acquire_locally(self, claim: _Claim, *, replace: bool) -> Acquired | None:
-        previous = self._owners.get(claim.key)
-        if previous is not None and not replace:
+    async def _acquire_locally(
+        self, claim: _Claim, *, policy: SlotPolicy, limit: int, max_waiting: int, seq: int | None
+    ) -> Acquired:
+        def deliver(reason: CancelReason) -> None:
+            claim.superseded = True
+            self._deliver(claim.deliver, reason)
+
+        acquired = await self._local.acquire(
+            claim.key,
+            claim.holder,
+            deliver,
+            policy=policy,
+            limit=limit,
+            max_waiting=max_waiting,
+            seq=seq,
+        )
+        if acquired.admission is not Admission.RUNNING and acquired.admission is not (
+            Admission.WAITING
+        ):
             self._forget(claim)
-            return None
+            return acquired
+        claim.local = acquired.generation
         claim.generation = self._last_generation = _local_generation(self._last_generation)
-        self._owners[claim.key] = claim.holder
         claim.synced = True
-        if previous is not None and (old := self._by_holder.get(previous)):
-            self._deliver(old.deliver, CancelReason(CancelKind.SUPERSEDED, source=claim.holder))
-        return Acquired(claim.generation, previous)
+        return Acquired(acquired.admission, claim.generation)
 
     def _forget(self, claim: _Claim) -> None:
         self._by_holder.pop(claim.holder, None)
@@ -136,8 +177,18 @@ class Slots:
                 for other in local.values():  # a local waiter may have its turn now
                     if other.turn is not None:
                         other.turn.set()
-        if self._owners.get(claim.key) == claim.holder:
-            del self._owners[claim.key]
+
+    async def release(self, key: str, holder: str) -> None:
+        """See :meth:`RedisBackend.release <cancelkit.redis.RedisBackend.release>`."""
+        claim = self._by_holder.get(holder)
+        if claim is None or claim.key != key:
+            return
+        self._forget(claim)
+        if claim.local is not None:
+            await self._local.release(key, holder)
+        if self._conn.running:
+            with anyio.CancelScope(shield=True):
+                await self._release_remote(key, holder)
 
     def _abandon(self, claim: _Claim) -> None:
         """Forget a claim whose script may have run; release it in the background."""
@@ -146,61 +197,66 @@ class Slots:
             self._conn.defer(*self._release_call(claim.key, claim.holder))
 
     def _release_call(self, key: str, holder: str) -> tuple[str, list[str], list[str]]:
-        k = self._keys
+        k, settings = self._keys, self._settings
         return (
             "RELEASE",
-            [k("k", key), k("q", key), k("qd", key)],
-            [k.worker, holder, k.channel_prefix, k.inbox_prefix, self._settings.lease_ms],
+            [k("k", key), k("q", key), k.sequences],
+            [
+                k.worker,
+                holder,
+                k.channel_prefix,
+                k.alive_prefix,
+                settings.lease_ms,
+                settings.seq_ms,
+                str(settings.max_seq_keys),
+                settings.state_ms,
+            ],
         )
-
-    async def release(self, key: str, holder: str) -> None:
-        """See :meth:`RedisBackend.release <cancelkit.redis.RedisBackend.release>`."""
-        claim = self._by_holder.get(holder)
-        if claim is None or claim.key != key:
-            return
-        self._forget(claim)
-        if self._conn.running:
-            with anyio.CancelScope(shield=True):
-                await self._release_remote(key, holder)
 
     async def _release_remote(self, key: str, holder: str) -> None:
         await self._conn.run_or_defer(*self._release_call(key, holder))
 
-    async def wait_turn(self, key: str, holder: str) -> None:
+    async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""
         self._conn.client  # noqa: B018 - raises if not running
         k = self._keys
         while (claim := self._by_holder.get(holder)) is not None and claim.key == key:
+            if claim.local is not None:  # made while Redis was down: this worker's order
+                await self._local.wait_turn(key, holder, handover=handover)
+                return
             claim.turn = event = anyio.Event()
-            wait = self._settings.heartbeat
             try:
-                result = await self._conn.run(
-                    "TURN", [k("q", key), k("qd", key)], [k.me(holder), k.alive_prefix]
-                )
+                if await self._conn.run(
+                    "TURN",
+                    [k("k", key), k("q", key)],
+                    [k.worker, holder, k.alive_prefix, k.channel_prefix, "1" if handover else "0"],
+                ):
+                    return
             except Down:
                 if not self._settings.fail_open:
                     raise RedisUnavailable("Redis is unreachable; cannot wait for a turn") from None
                 if next(iter(self._by_key[key])) == holder:
                     return
-            else:
-                if result[0] == 1:
-                    return
-                wait = min(wait, int(result[1]) / 1000 + 0.001)  # until the head's lease ends
-            with anyio.move_on_after(wait):
+            with anyio.move_on_after(self._settings.heartbeat):
                 await event.wait()
 
-    async def generation(self, key: str) -> int | None:
-        """See :meth:`RedisBackend.generation <cancelkit.redis.RedisBackend.generation>`."""
+    async def is_current(self, key: str, generation: int) -> bool:
+        """See :meth:`RedisBackend.is_current <cancelkit.redis.RedisBackend.is_current>`."""
+        k = self._keys
         try:
-            value = await self._conn.get(self._keys("k", key))
+            return bool(
+                await self._conn.run("IS_CURRENT", [k("k", key), k("q", key)], [str(generation)])
+            )
         except Down:
             pass
-        else:
-            return None if value is None else int(value.rsplit(" ", 1)[1])
         if not self._settings.fail_open:
             raise RedisUnavailable("Redis is unreachable; the generation is unknown")
-        owner = self._owners.get(key)
-        return None if owner is None else self._by_holder[owner].generation
+        for claim in self._by_key.get(key, {}).values():
+            if claim.generation == generation:
+                if claim.local is not None:
+                    return await self._local.is_current(key, claim.local)
+                return not claim.superseded
+        return False
 
     def _deliver(self, callback: Deliver, reason: CancelReason) -> None:
         self.deliveries += 1
@@ -212,8 +268,7 @@ class Slots:
         """An ``s H NEW`` line: the holder's key belongs to ``source`` now."""
         claim = self._by_holder.get(holder)
         if claim is not None:
-            if self._owners.get(claim.key) == holder:
-                del self._owners[claim.key]
+            claim.superseded = True
             self._deliver(claim.deliver, CancelReason(CancelKind.SUPERSEDED, source=source))
 
     def on_turn(self, holder: str) -> None:
@@ -236,9 +291,9 @@ class Slots:
         for start in range(0, len(entries), _CHUNK):
             chunk = entries[start : start + _CHUNK]
             keys = [k.alive]
-            args = [k.worker, self._settings.lease_ms]
+            args = [k.worker, self._settings.lease_ms, self._settings.state_ms]
             for claim in chunk:
-                keys += [k("k", claim.key), k("q", claim.key), k("qd", claim.key)]
+                keys += [k("k", claim.key), k("q", claim.key)]
                 args += [claim.holder, str(claim.generation)]
             result = await self._conn.run("SYNC_CLAIMS", keys, args, force=force)
             lines += map(str, result)

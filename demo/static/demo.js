@@ -120,3 +120,64 @@ function follow() {
 }
 $("all-tabs").addEventListener("change", follow);
 follow();
+
+// The background export: start it, follow its status until it ends, stop it by id.
+let exportUrl = null; // the status URL of the running export (its Location)
+
+function setExport(text, fraction) {
+  $("export-status").textContent = text;
+  if (fraction !== undefined) $("export-progress").value = fraction;
+}
+
+function describeExport(status) {
+  const where = status.worker ? ` (worker ${status.worker})` : "";
+  if (status.state === "running") {
+    const p = status.progress;
+    return p ? `Exporting: ${p.message}${where}…` : `Export started${where}…`;
+  }
+  if (status.state === "completed") return `Export finished: ${status.result.words} words${where}.`;
+  if (status.state === "cancelled") return `Export stopped: ${status.reason.kind}${where}.`;
+  if (status.state === "failed") return `Export failed: ${status.error.type}: ${status.error.message}.`;
+  return `Export lost: ${status.error.message}.`;
+}
+
+async function followExport(url) {
+  while (url === exportUrl) {
+    // ?wait= returns at the end, or after a moment with the progress so far
+    const response = await fetch(url + "?wait=0.3", { headers: { "X-User": user } });
+    if (!response.ok) { setExport(`Export status: HTTP ${response.status}`); break; }
+    const status = await response.json();
+    const p = status.progress;
+    setExport(describeExport(status), p && p.total ? p.done / p.total : undefined);
+    if (status.state !== "running") break;
+  }
+  if (url === exportUrl) {
+    exportUrl = null;
+    $("export-stop").disabled = true;
+    $("export-start").disabled = false;
+  }
+}
+
+async function startExport() {
+  $("export-start").disabled = true;
+  const response = await fetch("/exports", { method: "POST", headers: { "X-User": user } });
+  const body = await response.json();
+  if (response.status !== 202) {
+    setExport(`Export refused: ${body.detail}`);
+    $("export-start").disabled = false;
+    return;
+  }
+  exportUrl = response.headers.get("Location");
+  $("export-stop").disabled = false;
+  setExport("Export started…", 0);
+  followExport(exportUrl);
+}
+
+async function stopExport() {
+  if (exportUrl === null) return;
+  const response = await fetch(exportUrl, { method: "DELETE", headers: { "X-User": user } });
+  if (response.status === 404) setExport("Nothing to stop: the export had already ended.");
+}
+
+$("export-start").addEventListener("click", startExport);
+$("export-stop").addEventListener("click", stopExport);

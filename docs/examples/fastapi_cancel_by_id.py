@@ -25,7 +25,9 @@ def current_user(x_user: Annotated[str, Header()]) -> str:
     return x_user
 
 
-# DELETE /operations/{operation_id}: 202 cancelled/pending, 404 not yours or unknown, 422 bad id
+# DELETE /operations/{operation_id} answers 202 "cancelled" (it was running) or
+# 202 "pending" (unknown yet: it will start cancelled), 404 (another owner's, or just
+# finished), 422 (a malformed id)
 app.include_router(cancel_router(registry, owner=current_user))
 
 

@@ -43,7 +43,7 @@ async def demo() -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         alice = {"x-user": "alice"}
         first = asyncio.ensure_future(http.get("/search", params={"q": "ca"}, headers=alice))
-        while searches.statistics().active == 0:  # 'ca' is running; alice keeps typing...
+        while searches.statistics().running == 0:  # 'ca' is running; alice keeps typing...
             await asyncio.sleep(0.005)
         second = http.get("/search", params={"q": "cat"}, headers=alice)
         bob = http.get("/search", params={"q": "dog"}, headers={"x-user": "bob"})

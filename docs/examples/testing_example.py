@@ -30,7 +30,7 @@ async def test_a_newer_search_supersedes_the_older_one() -> None:
 
         tg.start_soon(search, "ca")
         await anyio.wait_all_tasks_blocked()  # 'ca' is inside the endpoint: no guessing
-        assert searches.statistics().active == 1
+        assert searches.statistics().running == 1
         tg.start_soon(search, "cat")
     assert results["ca"].status_code == 409
     assert results["ca"].json()["reason"] == "superseded"

@@ -1,0 +1,184 @@
+"""One HTTP answer per reason: the status, the body and the log line of stopped work.
+
+Both the ASGI layer (:class:`~cancelkit.CancelOnDisconnect`) and the FastAPI adapters answer
+from this table, so a plain-ASGI application and a FastAPI application give the same answers:
+
+=================================================  ======  ============================
+what stopped the work                              status  notes
+=================================================  ======  ============================
+superseded (a stale sequence number too)           409
+cancelled by request (by id, ``token.cancel()``)   409
+deadline                                           504
+shutdown                                           503     ``Retry-After: 1``
+client disconnected                                499     nobody reads it: logged once
+linked token (``parent``)                          the root reason's answer
+key busy (:exc:`~cancelkit.SlotBusy`)              409     or 429; ``Retry-After``
+registry full (:exc:`~cancelkit.RegistryFull`)     503     ``Retry-After: 1``
+id already running (:exc:`~cancelkit.OperationExists`)  409
+=================================================  ======  ============================
+
+The body is JSON: ``{"detail": <message>, "reason": <kind>, "source": <id or null>}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Literal, final
+
+from ._latest import SlotBusy
+from ._reason import CancelKind, CancelReason, OperationCancelled
+from .backends import OperationExists, RegistryFull
+
+__all__ = ["HTTPAnswer", "answer_for", "answer_for_reason", "exception_handlers", "log_gone"]
+
+logger = logging.getLogger("cancelkit")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Status of each root reason kind (``parent`` never is a root).
+STATUS: dict[CancelKind, int] = {
+    CancelKind.SUPERSEDED: 409,
+    CancelKind.REQUESTED: 409,
+    CancelKind.DEADLINE: 504,
+    CancelKind.SHUTDOWN: 503,
+    CancelKind.CLIENT_DISCONNECTED: 499,
+}
+#: Statuses whose answer carries ``Retry-After``; seconds.
+_RETRY_AFTER = {503: 1}
+
+#: The scope key that records that this request's 499 line was written.
+_LOGGED_KEY = "cancelkit.gone_logged"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class HTTPAnswer:
+    """The HTTP answer to stopped or refused work: status, JSON body fields, ``Retry-After``.
+
+    An instance is also an ASGI application that sends the answer, so a Starlette exception
+    handler may return it as its response. A ``499`` is logged too (once per request), since
+    nobody reads it.
+    """
+
+    status: int
+    reason: str
+    detail: str
+    source: str | None = None
+    retry_after: int | None = None
+
+    def body(self) -> bytes:
+        """The JSON body."""
+        fields = {"detail": self.detail, "reason": self.reason, "source": self.source}
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The response headers (content type and length, ``Retry-After``)."""
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(self.body())).encode()),
+        ]
+        if self.retry_after is not None:
+            headers.append((b"retry-after", str(self.retry_after).encode()))
+        return headers
+
+    async def send(self, send: Send, *, close: bool = False) -> None:
+        """Send the answer through an ASGI ``send``; ``close`` asks to close the connection."""
+        headers = self.headers()
+        if close:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body()})
+
+    async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
+        if self.status == 499:
+            log_gone(scope)
+        await self.send(send)
+
+
+def answer_for_reason(reason: CancelReason) -> HTTPAnswer:
+    """Return the answer to work stopped for ``reason`` (a linked reason answers as its root)."""
+    root = reason.root
+    status = STATUS.get(root.kind, 409)
+    return HTTPAnswer(status, root.kind.value, root.message, root.source, _RETRY_AFTER.get(status))
+
+
+def answer_for(
+    exc: BaseException, *, busy_status: Literal[409, 429] = 409, busy_retry_after: float = 1.0
+) -> HTTPAnswer | None:
+    """Return the answer to a cancelkit exception, or ``None`` for any other exception."""
+    if isinstance(exc, OperationCancelled):
+        return answer_for_reason(exc.reason)
+    if isinstance(exc, SlotBusy):
+        return HTTPAnswer(busy_status, "busy", str(exc), None, max(1, round(busy_retry_after)))
+    if isinstance(exc, RegistryFull):
+        return HTTPAnswer(503, "full", str(exc), None, 1)
+    if isinstance(exc, OperationExists):
+        return HTTPAnswer(409, "exists", str(exc))
+    return None
+
+
+def client(scope: Scope) -> str:
+    """The client's ``host:port`` for a log line, ``-`` when unknown."""
+    peer = scope.get("client")
+    if peer:
+        return f"{peer[0]}:{peer[1]}"
+    return "-"
+
+
+def _request_line(scope: Scope) -> str:
+    return f'{client(scope)} "{scope.get("method", "")} {scope.get("path", "")}"'
+
+
+def log_gone(scope: Scope) -> None:
+    """Write the one ``499 client disconnected`` line of this request (later calls: nothing)."""
+    if scope.get(_LOGGED_KEY):
+        return
+    scope[_LOGGED_KEY] = True
+    logger.info("%s 499 client disconnected", _request_line(scope))
+
+
+def log_ended(scope: Scope, reason: CancelReason, *, cut: bool) -> None:
+    """Log an interrupted request that was answered (``ended``) or left incomplete (``cut``)."""
+    logger.info("%s %s: %s", _request_line(scope), "cut short" if cut else "ended", reason)
+
+
+Handler = Callable[[Any, Exception], Awaitable[HTTPAnswer]]
+
+
+def exception_handlers(
+    *, busy_status: Literal[409, 429] = 409, busy_retry_after: float = 1.0
+) -> dict[type[Exception], Handler]:
+    """Return exception handlers that answer cancelkit's exceptions from the one table.
+
+    For Starlette (``Starlette(exception_handlers=cancelkit.exception_handlers())``); FastAPI
+    applications get the same handlers from :func:`cancelkit.fastapi.install`. Each handler
+    takes ``(request, exc)`` and returns an ASGI application that sends the answer.
+
+    Args:
+        busy_status: ``409`` or ``429`` for a claim refused by the ``reject`` policy.
+        busy_retry_after: seconds for that answer's ``Retry-After`` (at least 1).
+
+    Raises:
+        ValueError: for a ``busy_status`` other than 409 or 429.
+
+    .. versionadded:: 0.1
+    """
+    if busy_status not in (409, 429):
+        raise ValueError(f"busy_status must be 409 or 429, not {busy_status!r}")
+
+    async def handler(request: Any, exc: Exception) -> HTTPAnswer:
+        answer = answer_for(exc, busy_status=busy_status, busy_retry_after=busy_retry_after)
+        assert answer is not None  # registered for cancelkit's exceptions only
+        return answer
+
+    return {
+        OperationCancelled: handler,
+        SlotBusy: handler,
+        RegistryFull: handler,
+        OperationExists: handler,
+    }

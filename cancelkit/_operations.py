@@ -1,0 +1,896 @@
+"""BackgroundOperations: work started by a request that outlives it, stopped by id later.
+
+The name says what the object is — the application's background operations, as one owned
+collection (like a task group) — rather than what it does (an ``OperationRunner`` would also
+fit a one-off helper that runs a single call). Its parts reuse the vocabulary of the rest of
+cancelkit: an *operation* has an id and an owner, as in :class:`~cancelkit.TokenRegistry`;
+it is cancelled with a :class:`~cancelkit.CancelReason`; refusals are
+:exc:`~cancelkit.RegistryFull` and :exc:`~cancelkit.OperationExists`.
+
+.. versionadded:: 0.2
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any, Protocol, TypeVarTuple, Unpack, final
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._registry import TokenRegistry, _check
+from ._token import CancellationToken
+from .backends import CancelOutcome, OperationExists, RegistryFull
+
+__all__ = [
+    "BackgroundOperations",
+    "MemoryStatusStore",
+    "OperationError",
+    "OperationState",
+    "OperationStatus",
+    "OperationsStatistics",
+    "Progress",
+    "StatusStore",
+]
+
+logger = logging.getLogger("cancelkit.operations")
+
+PosArgsT = TypeVarTuple("PosArgsT")
+
+_MAX_TEXT = 1000  # characters kept of an error message or a progress message
+
+
+@final
+class OperationState(enum.StrEnum):
+    """Where a background operation is in its life.
+
+    .. versionadded:: 0.2
+    """
+
+    #: Started and not ended yet.
+    RUNNING = "running"
+    #: The function returned; its result (as kept) is in :attr:`OperationStatus.result`.
+    COMPLETED = "completed"
+    #: The function raised; :attr:`OperationStatus.error` has the type and message.
+    FAILED = "failed"
+    #: Stopped by a cancellation; :attr:`OperationStatus.reason` says why.
+    CANCELLED = "cancelled"
+    #: The worker that ran it stopped answering before it ended (killed, crashed,
+    #: partitioned): its outcome is unknown. Only a shared store (Redis) can report this.
+    LOST = "lost"
+
+    @property
+    def ended(self) -> bool:
+        """Whether the operation is over (every state but :attr:`RUNNING`)."""
+        return self is not OperationState.RUNNING
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class OperationError:
+    """Why an operation failed: the exception's type name and message, never a traceback.
+
+    Attributes:
+        type_name: the exception's class name, e.g. ``"ValueError"`` (``"type"`` in JSON).
+        message: ``str(exc)``, cut to 1000 characters.
+
+    .. versionadded:: 0.2
+    """
+
+    type_name: str
+    message: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A progress report of a running operation (see :meth:`BackgroundOperations.report`).
+
+    Attributes:
+        done: how much is done, in the operation's own unit (rows, bytes, percent...).
+        total: how much there is in all, if known.
+        message: a short human-readable note (cut to 1000 characters).
+
+    .. versionadded:: 0.2
+    """
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class OperationStatus:
+    """What is known about one background operation, from :meth:`BackgroundOperations.status`.
+
+    Attributes:
+        id: the operation's id.
+        owner: the owner it runs for.
+        state: running, completed, failed, cancelled, or lost.
+        started_at: when it started, as :func:`time.time`.
+        ended_at: when it ended (``None`` while running, and for a lost operation).
+        result: for a completed operation, its result as the application chose to keep it
+            (by default the return value if it is JSON-serializable, else ``None``).
+        error: for a failed operation, the error's type and message; for a lost one, an
+            error of type ``WorkerLost`` saying which worker stopped answering.
+        reason: for a cancelled operation, why.
+        progress: the latest progress report, if the operation made any.
+        worker: the worker that runs it, when the store knows one (Redis), else ``None``.
+
+    .. versionadded:: 0.2
+    """
+
+    id: str
+    owner: str | None
+    state: OperationState
+    started_at: float
+    ended_at: float | None = None
+    result: Any = None
+    error: OperationError | None = None
+    reason: CancelReason | None = None
+    progress: Progress | None = None
+    worker: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the status as a JSON-serializable dict (the HTTP body, the Redis value)."""
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "state": self.state.value,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "result": self.result,
+            "error": None
+            if self.error is None
+            else {"type": self.error.type_name, "message": self.error.message},
+            "reason": None if self.reason is None else _reason_to_json(self.reason),
+            "progress": None
+            if self.progress is None
+            else {
+                "done": self.progress.done,
+                "total": self.progress.total,
+                "message": self.progress.message,
+            },
+            "worker": self.worker,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OperationStatus:
+        """Rebuild a status from :meth:`to_json`'s output."""
+        error, reason, progress = data.get("error"), data.get("reason"), data.get("progress")
+        return cls(
+            id=data["id"],
+            owner=data.get("owner"),
+            state=OperationState(data["state"]),
+            started_at=data["started_at"],
+            ended_at=data.get("ended_at"),
+            result=data.get("result"),
+            error=None if error is None else OperationError(error["type"], error["message"]),
+            reason=None if reason is None else _reason_from_json(reason),
+            progress=None
+            if progress is None
+            else Progress(progress["done"], progress.get("total"), progress.get("message")),
+            worker=data.get("worker"),
+        )
+
+
+def _reason_to_json(reason: CancelReason) -> dict[str, Any]:
+    data: dict[str, Any] = {"kind": reason.kind.value, "message": reason.message, "at": reason.at}
+    if reason.source is not None:
+        data["source"] = reason.source
+    if reason.origin is not None:
+        data["origin"] = _reason_to_json(reason.origin)
+    return data
+
+
+def _reason_from_json(data: Mapping[str, Any]) -> CancelReason:
+    origin = data.get("origin")
+    return CancelReason(
+        CancelKind(data["kind"]),
+        message=data.get("message", ""),
+        source=data.get("source"),
+        origin=None if origin is None else _reason_from_json(origin),
+        at=data.get("at", 0.0),
+    )
+
+
+class StatusStore(Protocol):
+    """Where the statuses of background operations are kept.
+
+    :class:`MemoryStatusStore` (the default) serves one process; ``cancelkit.redis``'s
+    ``RedisStatusStore`` makes every status readable from every worker. Statuses live in
+    per-owner namespaces, like registrations in a :class:`~cancelkit.TokenRegistry`.
+
+    Rules: a running status stays while the process that wrote it runs (a shared store
+    refreshes it with a heartbeat and reports :attr:`OperationState.LOST` once that process
+    stops answering); an ended status is kept for a bounded time and count, then dropped; a
+    running status never replaces the ended status of the same run (same ``started_at``
+    and ``worker``); calls are bounded in time and never block the event loop.
+    :class:`BackgroundOperations` enters the store when it is entered.
+
+    .. versionadded:: 0.2
+    """
+
+    @property
+    def worker(self) -> str | None:
+        """The id this process has in the store while it runs (``None`` if not shared)."""
+        ...
+
+    async def __aenter__(self) -> object:
+        """Start (connect, heartbeat); called by ``async with BackgroundOperations(...)``."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stop; running statuses written by this process are left to be reported lost."""
+        ...
+
+    async def put(self, status: OperationStatus) -> None:
+        """Write ``status`` for ``(status.owner, status.id)``, replacing what was there."""
+        ...
+
+    async def get(self, id: str, owner: str | None) -> OperationStatus | None:
+        """Return the status of ``(owner, id)``; ``None`` if unknown, expired or another's."""
+        ...
+
+
+@final
+class MemoryStatusStore:
+    """Keeps statuses in this process's memory: the default :class:`StatusStore`.
+
+    Args:
+        retention: seconds an ended status is kept.
+        max_retained: the most ended statuses kept; the oldest are dropped first.
+        clock: the monotonic clock used for expiry, in seconds (tests pass a fake one).
+
+    Raises:
+        ValueError: if an option is out of range.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = ("_clock", "_ended", "_max", "_retention", "_running")
+
+    def __init__(
+        self,
+        *,
+        retention: float = 3600.0,
+        max_retained: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < retention < math.inf:
+            raise ValueError(f"retention must be seconds > 0, not {retention!r}")
+        if max_retained < 1:
+            raise ValueError(f"max_retained must be >= 1, not {max_retained!r}")
+        self._retention = float(retention)
+        self._max = max_retained
+        self._clock = clock
+        self._running: dict[tuple[str | None, str], OperationStatus] = {}
+        # ended statuses in the order they ended (dicts keep insertion order), with expiry
+        self._ended: dict[tuple[str | None, str], tuple[OperationStatus, float]] = {}
+
+    @property
+    def worker(self) -> None:
+        """Always ``None``: a memory store is not shared between processes."""
+        return None
+
+    async def __aenter__(self) -> MemoryStatusStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def put(self, status: OperationStatus) -> None:
+        """See :meth:`StatusStore.put`."""
+        name = (status.owner, status.id)
+        self._prune()
+        if not status.state.ended:
+            old = self._ended.get(name)
+            if old is not None and _same_run(old[0], status):
+                return  # a late progress write never revives an ended run
+            self._ended.pop(name, None)
+            self._running[name] = status
+            return
+        self._running.pop(name, None)
+        self._ended.pop(name, None)  # re-insert at the end: the newest
+        self._ended[name] = (status, self._clock() + self._retention)
+        while len(self._ended) > self._max:
+            del self._ended[next(iter(self._ended))]
+
+    async def get(self, id: str, owner: str | None) -> OperationStatus | None:
+        """See :meth:`StatusStore.get`."""
+        name = (owner, id)
+        running = self._running.get(name)
+        if running is not None:
+            return running
+        self._prune()
+        ended = self._ended.get(name)
+        return None if ended is None else ended[0]
+
+    def _prune(self) -> None:
+        now = self._clock()
+        ended = self._ended
+        while ended:
+            name = next(iter(ended))
+            if ended[name][1] > now:
+                break
+            del ended[name]
+
+    def __len__(self) -> int:
+        """The number of statuses kept (running and ended, expired ones not yet dropped)."""
+        return len(self._running) + len(self._ended)
+
+    def __repr__(self) -> str:
+        return (
+            f"<MemoryStatusStore running={len(self._running)} ended={len(self._ended)} "
+            f"retention={self._retention} max_retained={self._max}>"
+        )
+
+
+def _same_run(a: OperationStatus, b: OperationStatus) -> bool:
+    return a.started_at == b.started_at and a.worker == b.worker
+
+
+def _keep_json(value: object) -> Any:
+    """The default ``result=``: keep a JSON-serializable return value, drop anything else."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        logger.debug("an operation's result of type %s is not JSON; kept None", type(value))
+        return None
+    return value
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class OperationsStatistics:
+    """A snapshot of a :class:`BackgroundOperations`, from its ``statistics()``.
+
+    Attributes:
+        running: operations of this process started and not yet ended.
+        started: operations started since it was made (refusals not counted).
+        completed: of the ended ones, how many completed.
+        failed: how many failed.
+        cancelled: how many were cancelled, by the kind of the root reason.
+        refused: starts refused by a limit (:exc:`~cancelkit.RegistryFull`).
+
+    .. versionadded:: 0.2
+    """
+
+    running: int
+    started: int
+    completed: int
+    failed: int
+    cancelled: Mapping[CancelKind, int]
+    refused: int
+
+
+@final
+class _Run:
+    __slots__ = ("done", "id", "owner", "status", "token", "writing")
+
+    def __init__(self, id: str, owner: str | None) -> None:
+        self.id = id
+        self.owner = owner
+        self.token: CancellationToken | None = None
+        self.status: OperationStatus | None = None
+        self.done = anyio.Event()
+        self.writing = False  # a progress write is in flight (later reports coalesce into it)
+
+
+_current: ContextVar[_Run | None] = ContextVar("cancelkit_operation", default=None)
+
+_SHUTDOWN = "the application is shutting down"
+
+
+@final
+class BackgroundOperations:
+    """Runs work that outlives the request that started it, cancellable by id from anywhere.
+
+    Enter it in the application's lifespan; it owns the task group the operations run in::
+
+        operations = BackgroundOperations()
+
+        @asynccontextmanager
+        async def lifespan(app):
+            async with operations:  # on exit: grace, then cancel with reason "shutdown"
+                yield
+
+        id = await operations.start(export, query, owner=user)   # returns once it runs
+        status = await operations.status(id, owner=user)          # running, completed...
+        outcome = await operations.cancel(id, owner=user)         # from any request
+
+    Each operation runs under a token tracked in ``registry`` (``async with
+    registry.track(id, owner=owner)``), so cancel by id, cancel-before-start tombstones and
+    owner scoping work as they do for requests, on the memory and the Redis backend. Its
+    status is written to ``store`` when it starts, when it reports progress and when it ends.
+
+    Args:
+        registry: where the operations are tracked (a new one with a memory backend if
+            omitted). Use a Redis-backed one, and a Redis status store, to cancel and read
+            operations from every worker.
+        store: where statuses are kept (a new :class:`MemoryStatusStore` if omitted).
+        max_running: the most operations this process runs at once.
+        max_running_per_owner: the most operations one owner runs at once in this process
+            (``None``: no per-owner limit).
+        grace: seconds that running operations get to finish on exit before they are
+            cancelled with reason ``shutdown``.
+        cleanup_timeout: seconds that cancelled operations then get for their cleanup,
+            after which the task group is cancelled outright; exit waits no longer
+            (unless an operation shields itself from cancellation).
+        result: how a completed operation's return value is kept in its status; the default
+            keeps JSON-serializable values and ``None`` otherwise. It is called with the value
+            and must return something the store can keep (JSON for Redis).
+        poll_interval: seconds between reads of the store while :meth:`wait` waits for an
+            operation that runs in another process.
+
+    Raises:
+        ValueError: if an option is out of range.
+
+    .. versionadded:: 0.2
+    """
+
+    __slots__ = (
+        "_cancelled",
+        "_cleanup_timeout",
+        "_closing",
+        "_completed",
+        "_failed",
+        "_grace",
+        "_idle",
+        "_max_running",
+        "_max_running_per_owner",
+        "_per_owner",
+        "_poll_interval",
+        "_refused",
+        "_registry",
+        "_result",
+        "_running",
+        "_started",
+        "_store",
+        "_task_group",
+    )
+
+    def __init__(
+        self,
+        *,
+        registry: TokenRegistry | None = None,
+        store: StatusStore | None = None,
+        max_running: int = 1_000,
+        max_running_per_owner: int | None = None,
+        grace: float = 5.0,
+        cleanup_timeout: float = 5.0,
+        result: Callable[[Any], Any] = _keep_json,
+        poll_interval: float = 0.05,
+    ) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, not {max_running!r}")
+        if max_running_per_owner is not None and max_running_per_owner < 1:
+            raise ValueError(
+                f"max_running_per_owner must be None or >= 1, not {max_running_per_owner!r}"
+            )
+        for name, value in (("grace", grace), ("cleanup_timeout", cleanup_timeout)):
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be seconds >= 0, not {value!r}")
+        if not 0 < poll_interval < math.inf:
+            raise ValueError(f"poll_interval must be seconds > 0, not {poll_interval!r}")
+        if not callable(result):
+            raise TypeError(f"result must be callable, not {type(result).__name__}")
+        self._registry = TokenRegistry() if registry is None else registry
+        self._store: StatusStore = MemoryStatusStore() if store is None else store
+        self._max_running = max_running
+        self._max_running_per_owner = max_running_per_owner
+        self._grace = float(grace)
+        self._cleanup_timeout = float(cleanup_timeout)
+        self._result = result
+        self._poll_interval = float(poll_interval)
+        self._task_group: TaskGroup | None = None
+        self._closing = False
+        self._idle: anyio.Event | None = None
+        self._running: dict[tuple[str | None, str], _Run] = {}
+        self._per_owner: dict[str | None, int] = {}
+        self._started = self._completed = self._failed = self._refused = 0
+        self._cancelled = dict.fromkeys(CancelKind, 0)
+
+    @property
+    def registry(self) -> TokenRegistry:
+        """The registry the operations are tracked in."""
+        return self._registry
+
+    @property
+    def store(self) -> StatusStore:
+        """The status store."""
+        return self._store
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> BackgroundOperations:
+        """Enter the store and open the task group the operations run in.
+
+        Raises:
+            RuntimeError: if it is already running.
+        """
+        if self._task_group is not None:
+            raise RuntimeError("these BackgroundOperations are already running")
+        await self._store.__aenter__()
+        task_group = anyio.create_task_group()
+        try:
+            await task_group.__aenter__()
+        except BaseException as exc:
+            await self._store.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._task_group = task_group
+        self._closing = False
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Shut down, bounded: first refuse new operations.
+
+        Then wait ``grace`` seconds for the running ones, cancel the rest with reason
+        ``shutdown``, wait ``cleanup_timeout`` seconds for their cleanup, and stop the task
+        group and the store.
+        """
+        task_group = self._task_group
+        if task_group is None:
+            return
+        self._closing = True
+        try:
+            with anyio.CancelScope(shield=True):  # a shutdown is bounded by its own timeouts
+                await self._drain()
+            task_group.cancel_scope.cancel()
+            await task_group.__aexit__(None, None, None)
+        finally:
+            self._task_group = None
+            await self._store.__aexit__(exc_type, exc, tb)
+
+    async def _drain(self) -> None:
+        if self._running:
+            with anyio.move_on_after(self._grace):
+                await self._wait_idle()
+        if self._running:
+            reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
+            for run in list(self._running.values()):
+                if run.token is not None:
+                    run.token.cancel(reason)
+            with anyio.move_on_after(self._cleanup_timeout):
+                await self._wait_idle()
+        if self._running:
+            logger.warning(
+                "%d background operation(s) still running %.1f s after the shutdown "
+                "cancellation; cancelling their task group",
+                len(self._running),
+                self._cleanup_timeout,
+            )
+
+    async def _wait_idle(self) -> None:
+        while self._running:
+            self._idle = idle = anyio.Event()
+            await idle.wait()
+
+    # -- starting ----------------------------------------------------------------------
+
+    async def start(
+        self,
+        func: Callable[[Unpack[PosArgsT]], Awaitable[Any]],
+        *args: *PosArgsT,
+        id: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        """Start ``func(*args)`` as a background operation and return its id.
+
+        It returns as soon as the operation is registered and its ``running`` status is
+        written (or, when a cancel for this id arrived first, once its ``cancelled`` status is
+        written: the function then never runs). The operation runs in this object's task
+        group, not in the caller's: the caller's cancellation does not stop it.
+
+        Args:
+            func: an async function; its return value becomes the status's ``result``.
+            *args: positional arguments for ``func``.
+            id: the operation id (1 to 128 characters from ``A-Z a-z 0-9 . _ : -``); a random
+                one of 128 bits when omitted. A client-chosen id lets the client cancel
+                before it has the answer to the start.
+            owner: who may see and cancel it (a user or tenant id); ``None`` is a namespace too.
+
+        Returns:
+            The operation id.
+
+        Raises:
+            ValueError: for an invalid id or owner.
+            OperationExists: if ``id`` runs already for ``owner`` (a ValueError too).
+            RegistryFull: if ``max_running`` (``limit="max_running"``) or
+                ``max_running_per_owner`` operations run already, or the registry is full.
+            OperationCancelled: with reason ``shutdown`` once the application is shutting
+                down (FastAPI answers ``503``).
+            RuntimeError: if it is not running (enter it first, in the lifespan).
+        """
+        if id is None:
+            id = _new_id()
+        _check(id, owner)
+        task_group = self._task_group
+        if task_group is None:
+            raise RuntimeError(
+                "BackgroundOperations is not running: enter it first (`async with "
+                "operations:`, for example in the application's lifespan)"
+            )
+        if self._closing:
+            raise OperationCancelled(
+                CancelReason(CancelKind.SHUTDOWN, "shutting down: no new operations")
+            )
+        name = (owner, id)
+        if name in self._running:
+            raise OperationExists(id)
+        if len(self._running) >= self._max_running:
+            self._refused += 1
+            raise RegistryFull("max_running", self._max_running)
+        per_owner = self._per_owner.get(owner, 0)
+        if self._max_running_per_owner is not None and per_owner >= self._max_running_per_owner:
+            self._refused += 1
+            raise RegistryFull("max_running_per_owner", self._max_running_per_owner)
+        run = _Run(id, owner)
+        self._running[name] = run  # reserved now, so the limits hold across concurrent starts
+        self._per_owner[owner] = per_owner + 1
+        try:
+            await task_group.start(self._run, run, func, args)
+        except BaseException:
+            self._forget(run)
+            raise
+        return id
+
+    async def _run(
+        self,
+        run: _Run,
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        *,
+        task_status: TaskStatus[None],
+    ) -> None:
+        status = OperationStatus(
+            run.id, run.owner, OperationState.RUNNING, time.time(), worker=self._store.worker
+        )
+        final: OperationStatus
+        began = False
+        context = _current.set(run)
+        try:
+            async with self._registry.track(run.id, owner=run.owner) as op:
+                run.token = op.token
+                run.status = status
+                await self._store.put(status)
+                began = True
+                self._started += 1
+                task_status.started()
+                value = await func(*args)
+        except OperationCancelled as exc:  # by id, at shutdown, or by a tombstone before it began
+            final = self._ended(run, status, OperationState.CANCELLED, reason=exc.reason)
+        except anyio.get_cancelled_exc_class():
+            if not began:
+                raise
+            # the task group itself was cancelled (shutdown, after cleanup_timeout)
+            token = run.token
+            reason = None if token is None else token.reason
+            if reason is None:
+                reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
+            final = self._ended(run, status, OperationState.CANCELLED, reason=reason)
+            with anyio.CancelScope(shield=True):
+                await self._finish(run, final, began, task_status)
+            raise
+        except Exception as exc:
+            if not began:
+                raise  # OperationExists, RegistryFull, the store's error: for start()'s caller
+            logger.exception("background operation %r failed", run.id)
+            error = OperationError(type(exc).__name__, _cut(str(exc)))
+            final = self._ended(run, status, OperationState.FAILED, error=error)
+        else:
+            try:
+                kept = self._result(value)
+            except Exception as exc:
+                logger.exception("result= failed for background operation %r", run.id)
+                error = OperationError(type(exc).__name__, _cut(str(exc)))
+                final = self._ended(run, status, OperationState.FAILED, error=error)
+            else:
+                final = self._ended(run, status, OperationState.COMPLETED, result=kept)
+        finally:
+            _current.reset(context)
+        await self._finish(run, final, began, task_status)
+
+    def _ended(
+        self, run: _Run, status: OperationStatus, state: OperationState, **fields: Any
+    ) -> OperationStatus:
+        progress = run.status.progress if run.status is not None else None
+        return replace(status, state=state, ended_at=time.time(), progress=progress, **fields)
+
+    async def _finish(
+        self, run: _Run, final: OperationStatus, began: bool, task_status: TaskStatus[None]
+    ) -> None:
+        run.status = final
+        if final.state is OperationState.COMPLETED:
+            self._completed += 1
+        elif final.state is OperationState.FAILED:
+            self._failed += 1
+        elif final.reason is not None:
+            self._cancelled[final.reason.root.kind] += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._store.put(final)
+        except Exception:
+            logger.exception("could not write the final status of operation %r", run.id)
+        finally:
+            self._forget(run)
+            if not began:  # cancelled before it began (a tombstone): start() returns the id
+                task_status.started()
+
+    def _forget(self, run: _Run) -> None:
+        name = (run.owner, run.id)
+        if self._running.get(name) is run:
+            del self._running[name]
+            left = self._per_owner[run.owner] - 1
+            if left:
+                self._per_owner[run.owner] = left
+            else:
+                del self._per_owner[run.owner]
+            run.done.set()
+            if not self._running and self._idle is not None:
+                self._idle.set()
+
+    # -- progress ----------------------------------------------------------------------
+
+    async def report(
+        self, done: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        """Report the progress of the operation this is called from; it shows in its status.
+
+        Reports made while an earlier one is still being written are coalesced: the store
+        gets the newest, never more than one write at a time per operation.
+
+        Args:
+            done: how much is done.
+            total: how much there is in all, if known.
+            message: a short note.
+
+        Raises:
+            RuntimeError: outside a background operation of this object.
+        """
+        run = _current.get()
+        if run is None or self._running.get((run.owner, run.id)) is not run:
+            raise RuntimeError("report() must be called from a running background operation")
+        status = run.status
+        assert status is not None
+        progress = Progress(done, total, None if message is None else _cut(message))
+        run.status = replace(status, progress=progress)
+        if run.writing:
+            return  # the write in flight picks up the newest status when it is done
+        run.writing = True
+        try:
+            written: OperationStatus | None = None
+            while (status := run.status) is not written and not status.state.ended:
+                await self._store.put(status)
+                written = status
+        except Exception as exc:  # a lost progress report must not end the operation
+            logger.warning("progress of operation %r not written: %s", run.id, exc)
+        finally:
+            run.writing = False
+
+    # -- reading and cancelling --------------------------------------------------------
+
+    async def status(self, id: str, *, owner: str | None = None) -> OperationStatus | None:
+        """Return the status of operation ``id`` of ``owner``.
+
+        Args:
+            id: the operation id.
+            owner: its owner; another owner's operation looks absent.
+
+        Returns:
+            The status, or ``None`` if there is none for this owner (never started, another
+            owner's, or ended longer ago than the store keeps statuses).
+
+        Raises:
+            ValueError: for an invalid id or owner.
+        """
+        _check(id, owner)
+        run = self._running.get((owner, id))
+        if run is not None and run.status is not None:
+            return run.status  # the freshest view: it runs here
+        return await self._store.get(id, owner)
+
+    async def wait(self, id: str, *, owner: str | None = None) -> OperationStatus | None:
+        """Wait for operation ``id`` to end and return its status.
+
+        Bound the wait with the caller's own scope (``with anyio.move_on_after(10):``) and
+        read :meth:`status` afterwards; that is what the FastAPI router's ``?wait=`` does.
+
+        Returns:
+            The ended status, or ``None`` if there is none for this owner.
+
+        Raises:
+            ValueError: for an invalid id or owner.
+        """
+        status = await self.status(id, owner=owner)
+        while status is not None and not status.state.ended:
+            run = self._running.get((owner, id))
+            if run is not None:
+                await run.done.wait()
+            else:  # it runs in another process: read the store again in a moment
+                await anyio.sleep(self._poll_interval)
+            status = await self.status(id, owner=owner)
+        return status
+
+    async def cancel(
+        self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
+    ) -> CancelOutcome:
+        """Cancel operation ``id`` of ``owner``, wherever it runs, even before it started.
+
+        Returns:
+            :attr:`~cancelkit.CancelOutcome.CANCELLED` if it was running,
+            :attr:`~cancelkit.CancelOutcome.PENDING` if it has not registered yet (it will
+            start already cancelled), :attr:`~cancelkit.CancelOutcome.NOT_FOUND` if it has
+            ended (or is lost, or is another owner's).
+
+        Raises:
+            ValueError: for an invalid id or owner.
+            RegistryFull: if a tombstone is needed and the backend's limit is reached.
+        """
+        _check(id, owner)
+        status = await self.status(id, owner=owner)
+        if status is not None and status.state.ended:
+            return CancelOutcome.NOT_FOUND  # no tombstone for an id whose run is over
+        return await self._registry.cancel(id, owner=owner, reason=reason)
+
+    def operations(self, *, owner: str | None = None) -> list[OperationStatus]:
+        """Return the statuses of ``owner``'s operations running in this process."""
+        return [
+            run.status
+            for run in self._running.values()
+            if run.owner == owner and run.status is not None
+        ]
+
+    def statistics(self) -> OperationsStatistics:
+        """Return a snapshot of this object's counters."""
+        return OperationsStatistics(
+            running=len(self._running),
+            started=self._started,
+            completed=self._completed,
+            failed=self._failed,
+            cancelled={kind: n for kind, n in self._cancelled.items() if n},
+            refused=self._refused,
+        )
+
+    def __repr__(self) -> str:
+        state = (
+            "stopped" if self._task_group is None else ("closing" if self._closing else "running")
+        )
+        return (
+            f"<BackgroundOperations {state} running={len(self._running)} "
+            f"max_running={self._max_running} store={self._store!r}>"
+        )
+
+
+def _new_id() -> str:
+    return secrets.token_urlsafe(16)

@@ -1,0 +1,252 @@
+"""Background operations across workers: a real redis-server, real processes.
+
+The start/status/cancel/owner/limit/retention behaviour shared with the memory store is
+tested in test_operations.py (parametrized over both); this module holds what only a shared
+store has: several workers, a killed worker, key TTLs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from cancelkit import (
+    BackgroundOperations,
+    CancelKind,
+    CancelOutcome,
+    OperationState,
+    RegistryFull,
+    TokenRegistry,
+)
+from cancelkit.redis import RedisBackend, RedisStatusStore, RedisUnavailable
+from tests.workers import one_client_per_worker
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).parent.parent
+
+
+@asynccontextmanager
+async def worker(url: str, prefix: str, **options: Any) -> AsyncIterator[BackgroundOperations]:
+    """One worker's BackgroundOperations on Redis (several may run in one test process)."""
+    backend = RedisBackend(url, prefix=prefix, heartbeat=0.1, lease=0.4)
+    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.1, lease=0.4)
+    registry = TokenRegistry(backend=backend)
+    async with backend, BackgroundOperations(registry=registry, store=store, **options) as ops:
+        yield ops
+
+
+async def wait_while_running(ops: BackgroundOperations, id: str, owner: str | None) -> Any:
+    """Poll the shared store until the status stops saying running (bounded by the caller)."""
+    while True:
+        status = await ops.status(id, owner=owner)
+        if status is None or status.state is not OperationState.RUNNING:
+            return status
+        await anyio.sleep(0.05)  # another process must act: nothing to wait on here
+
+
+async def test_another_worker_reads_and_cancels_the_operation(redis: Any) -> None:
+    """Started on worker A: worker B sees it running (on A), cancels it, sees it cancelled."""
+    prefix = f"t{secrets.token_hex(6)}"
+    started = anyio.Event()
+
+    async def export() -> None:
+        await a.report(5, 10)
+        started.set()
+        await anyio.sleep_forever()
+
+    async with worker(redis.url, prefix) as a, worker(redis.url, prefix) as b:
+        id = await a.start(export, owner="alice")
+        await started.wait()
+        seen = await b.status(id, owner="alice")
+        assert seen is not None
+        assert seen.state is OperationState.RUNNING
+        assert seen.worker == a.store.worker
+        assert seen.progress is not None
+        assert seen.progress.done == 5
+        assert await b.status(id, owner="bob") is None
+        assert await b.cancel(id, owner="bob") is CancelOutcome.NOT_FOUND
+        assert await b.cancel(id, owner="alice") is CancelOutcome.CANCELLED
+        with anyio.fail_after(30):
+            final = await b.wait(id, owner="alice")  # polls the store: it runs on A
+        assert final is not None
+        assert final.state is OperationState.CANCELLED
+        assert final.reason is not None
+        assert final.reason.kind is CancelKind.REQUESTED
+        assert await b.cancel(id, owner="alice") is CancelOutcome.NOT_FOUND
+
+
+async def test_a_cancel_on_one_worker_before_the_start_on_another(redis: Any) -> None:
+    """B cancels an id nobody started yet (PENDING); A's start of it then never runs it."""
+    prefix = f"t{secrets.token_hex(6)}"
+    ran: list[str] = []
+
+    async def export() -> None:
+        ran.append("ran")
+
+    async with worker(redis.url, prefix) as a, worker(redis.url, prefix) as b:
+        assert await b.cancel("exp-1", owner="alice") is CancelOutcome.PENDING
+        assert await a.start(export, id="exp-1", owner="alice") == "exp-1"
+        status = await b.status("exp-1", owner="alice")
+        assert status is not None
+        assert status.state is OperationState.CANCELLED
+    assert ran == []
+
+
+async def test_limits_are_per_worker(redis: Any) -> None:
+    """max_running_per_owner counts this worker's operations; another worker has its own."""
+    prefix = f"t{secrets.token_hex(6)}"
+    async with (
+        worker(redis.url, prefix, max_running_per_owner=1, grace=0) as a,
+        worker(redis.url, prefix, max_running_per_owner=1, grace=0) as b,
+    ):
+        await a.start(anyio.sleep_forever, owner="alice")
+        with pytest.raises(RegistryFull, match="max_running_per_owner"):
+            await a.start(anyio.sleep_forever, owner="alice")
+        await b.start(anyio.sleep_forever, owner="alice")
+
+
+async def test_statuses_live_in_keys_with_bounded_ttls(redis: Any) -> None:
+    """A running status lives lease + retention (refreshed), an ended one retention."""
+    prefix = f"t{secrets.token_hex(6)}"
+    store = RedisStatusStore(redis.url, prefix=prefix, heartbeat=1, lease=3, retention=60)
+    release = anyio.Event()
+
+    async def export() -> None:
+        await release.wait()
+
+    async with BackgroundOperations(store=store) as ops:
+        await ops.start(export, id="e1", owner="al:ice")
+        key = f"{prefix}:o:s:6:al:ice:e1"
+        running_ttl = int(redis.command("PTTL", key)[1:])
+        assert 60_000 < running_ttl <= 63_000
+        alive_ttl = int(redis.command("PTTL", f"{prefix}:o:a:{store.worker}")[1:])
+        assert 0 < alive_ttl <= 3_000  # how long a dead worker's operations still read running
+        release.set()
+        await ops.wait("e1", owner="al:ice")
+        ended_ttl = int(redis.command("PTTL", key)[1:])
+        assert 0 < ended_ttl <= 60_000
+        assert redis.command("ZCARD", f"{prefix}:o:z") == b":1"
+
+
+async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
+    redis: Any, anyio_backend: str
+) -> None:
+    """SIGKILL the worker: the status turns from running to lost (within the lease)."""
+    prefix = f"t{secrets.token_hex(6)}"
+    command = [
+        *(sys.executable, "-m", "tests.operations_worker"),
+        *(redis.url, prefix, anyio_backend, "exp-9", "alice"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    async with await anyio.open_process(command, cwd=ROOT, env=env, stderr=None) as process:
+        assert process.stdout is not None
+        with anyio.fail_after(30):
+            line = await BufferedByteReceiveStream(process.stdout).receive_until(b"\n", 1000)
+        assert line.startswith(b"running "), line
+        dead_worker = line.split()[1].decode()
+        async with AsyncExitStack() as stack:
+            store = await stack.enter_async_context(RedisStatusStore(redis.url, prefix=prefix))
+            reader = await stack.enter_async_context(BackgroundOperations(store=store))
+            status = await reader.status("exp-9", owner="alice")
+            assert status is not None
+            assert status.state is OperationState.RUNNING
+            assert status.worker == dead_worker
+            alive_ttl = int(redis.command("PTTL", f"{prefix}:o:a:{dead_worker}")[1:])
+            assert 0 < alive_ttl <= 400  # the bound: the worker's lease
+            process.send_signal(signal.SIGKILL)
+            with anyio.fail_after(30):
+                assert await process.wait() == -signal.SIGKILL
+                lost = await wait_while_running(reader, "exp-9", "alice")
+            assert lost is not None
+            assert lost.state is OperationState.LOST
+            assert lost.state.ended
+            assert lost.error is not None
+            assert lost.error.type_name == "WorkerLost"
+            assert dead_worker in lost.error.message
+            assert await reader.cancel("exp-9", owner="alice") is CancelOutcome.NOT_FOUND
+
+
+async def test_an_unreachable_redis_is_a_clear_error() -> None:
+    """Entering a store whose server does not answer raises RedisUnavailable, no hang."""
+    store = RedisStatusStore("redis://127.0.0.1:1/0", timeout=0.5)
+    with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
+        async with BackgroundOperations(store=store):
+            pass  # pragma: no cover
+
+
+def test_options_are_checked() -> None:
+    """Bad options of the Redis store raise ValueError naming the option."""
+    for options, name in (
+        ({"heartbeat": 0}, "heartbeat"),
+        ({"heartbeat": 1, "lease": 1}, "lease"),
+        ({"retention": -1}, "retention"),
+        ({"max_retained": 0}, "max_retained"),
+        ({"prefix": "a b"}, "prefix"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            RedisStatusStore(**options)
+
+
+def test_two_uvicorn_workers_start_on_one_read_and_cancel_on_the_other(redis: Any) -> None:
+    """uvicorn --workers 2 on Redis: POST on worker 1; GET and DELETE on worker 2."""
+    examples = ROOT / "docs" / "examples"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "CANCELKIT_REDIS_URL": redis.url, "PYTHONPATH": str(examples)}
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "uvicorn", "fastapi_operations:app", "--workers", "2"),
+            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        ],
+        cwd=examples,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    clients: dict[str, httpx.Client] = {}
+    try:
+        clients = one_client_per_worker(
+            f"http://127.0.0.1:{port}",
+            lambda client: str(client.get("/worker").json()["worker"]),
+            workers=2,
+            headers={"x-user": "alice"},
+            deadline=time.monotonic() + 30,
+        )
+        (first_worker, first), (_, second) = clients.items()
+        started = first.post("/exports", params={"table": "users", "chunks": 100_000})
+        assert started.status_code == 202
+        location = started.headers["location"]
+        status = second.get(location).json()
+        assert status["state"] == "running"
+        assert status["worker"] == first_worker  # it runs on the first worker
+        assert second.get(location, headers={"x-user": "bob"}).status_code == 404
+        stop = second.delete(location)
+        assert (stop.status_code, stop.json()["outcome"]) == (202, "cancelled")
+        final = second.get(location, params={"wait": 20}).json()
+        assert final["state"] == "cancelled"
+        assert final["reason"]["kind"] == "requested"
+        assert first.get(location).json()["state"] == "cancelled"
+        assert second.delete(location).status_code == 404
+    finally:
+        for client in clients.values():
+            client.close()
+        server.send_signal(signal.SIGINT)
+        _, stderr = server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert b"Traceback" not in stderr, stderr.decode()
