@@ -1,17 +1,23 @@
 """Requests/second of a trivial FastAPI endpoint under uvicorn, as ratios to the bare app.
 
-Run from the repository root (peers need Python >= 3.12, so use an environment that has
-them; they are optional)::
+Run from the repository root (the peers need Python >= 3.12/3.13; they are optional, and
+belong in a separate environment, never in the project's dependencies)::
 
-    python -m benchmarks.bench_throughput [--seconds 4] [--rounds 3] [--connections 16]
+    python -m benchmarks.bench_throughput [--seconds 2] [--rounds 9] [--connections 16]
 
-Each variant is served by its own uvicorn process (one worker, 127.0.0.1, access log off),
-all started up front, and loaded by ``wrk`` (Debian package ``wrk``) for a bounded time:
-short rounds, every variant once per round in random order, each compared with the bare
-app's figure from the same round; the table shows the median of those per-round ratios.
+(the values shown are the defaults). Each variant is served by its own uvicorn process (one
+worker, 127.0.0.1, access log off), all started up front, and loaded by ``wrk`` (Debian
+package ``wrk``) for ``--seconds``: every variant once per round, in a fresh random order,
+compared with the bare app's figure from the same round (drift of a shared machine cancels
+out). The one statistic shown per variant is the **median of those per-round ratios**; the
+spread column is the lowest and highest per-round ratio, to show the noise. The bare app's
+median requests/second is printed once, for scale.
+
+Install the peers for a comparison run, e.g. ``uv venv -p 3.13 .venv-bench && uv pip install
+-p .venv-bench -e '.[fastapi]' uvicorn fastapi-disconnect==0.4.0 aiofence==0.5.0``.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations": FastAPI resolves the routes' annotations at run time.
 
 import argparse
 import os
@@ -24,16 +30,19 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 VARIANTS = {
     "none": "the bare app",
     "cancelkit": "CancelOnDisconnect, every route guarded (interrupt mode)",
     "cancelkit-signal": "CancelOnDisconnect, every route guarded (signal mode)",
     "cancelkit-unused": "CancelOnDisconnect installed, route not guarded",
+    "cancelkit-token": "CancelOnDisconnect + a RequestToken dependency on the route",
     "fastapi-disconnect": "@cancel_on_disconnect on the route",
     "fastapi-disconnect-mw": "CancelOnDisconnectMiddleware",
+    "fastapi-disconnect-dep": "a Disconnected dependency on the route",
     "aiofence": "aiofence DisconnectMiddleware + move_on_cancel in the route",
+    "aiofence-dep": "aiofence DisconnectMiddleware + a DisconnectEvent dependency on the route",
 }
 
 
@@ -51,6 +60,13 @@ def make_app() -> Any:
         async def guarded() -> dict[str, bool]:
             return {"ok": True}
 
+    elif variant == "fastapi-disconnect-dep":
+        from fastapi_disconnect import Disconnected
+
+        @api.get("/t")
+        async def with_event(disconnected: Disconnected) -> dict[str, bool]:
+            return {"ok": not disconnected.is_set()}
+
     elif variant == "aiofence":
         from aiofence import get_current_fencing
 
@@ -59,13 +75,27 @@ def make_app() -> Any:
             with get_current_fencing().move_on_cancel():
                 return {"ok": True}
 
+    elif variant == "aiofence-dep":
+        from aiofence.contrib.fastapi import DisconnectEvent
+
+        @api.get("/t")
+        async def with_fence_event(disconnected: DisconnectEvent) -> dict[str, bool]:
+            return {"ok": not disconnected.is_set()}
+
+    elif variant == "cancelkit-token":
+        from cancelkit.fastapi import RequestToken
+
+        @api.get("/t")
+        async def with_token(token: RequestToken) -> dict[str, bool]:
+            return {"ok": not token.cancelled}
+
     else:
 
         @api.get("/t")
         async def plain() -> dict[str, bool]:
             return {"ok": True}
 
-    if variant == "none" or variant == "fastapi-disconnect":
+    if variant in ("none", "fastapi-disconnect", "fastapi-disconnect-dep"):
         return api
     if variant.startswith("cancelkit"):
         from cancelkit import CancelOnDisconnect
@@ -84,7 +114,7 @@ def make_app() -> Any:
 
 def available(variant: str) -> bool:
     module = {"fastapi-disconnect": "fastapi_disconnect", "aiofence": "aiofence"}.get(
-        variant.removesuffix("-mw"), "fastapi"
+        variant.removesuffix("-mw").removesuffix("-dep"), "fastapi"
     )
     try:
         __import__(module)
@@ -124,7 +154,21 @@ def start_server(variant: str) -> tuple[subprocess.Popen[bytes], str]:
             return server, f"http://127.0.0.1:{port}/t"
 
 
-def load(url: str, seconds: int, connections: int) -> float:
+class Load(NamedTuple):
+    per_second: float  # requests per wall-clock second
+    per_cpu_second: float  # requests per CPU second of the server process
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(server: subprocess.Popen[bytes], url: str, seconds: int, connections: int) -> Load:
+    """Load one server with wrk; return its requests/s and its requests per CPU second."""
+    cpu_before = cpu_seconds(server.pid)
     result = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "2s", url],
         capture_output=True,
@@ -132,19 +176,29 @@ def load(url: str, seconds: int, connections: int) -> float:
         check=True,
         timeout=seconds + 30,
     )
+    cpu = cpu_seconds(server.pid) - cpu_before
     if "Non-2xx" in result.stdout or "Socket errors" in result.stdout:
         raise RuntimeError(f"{url}: errors under load:\n{result.stdout}")
-    match = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
-    assert match is not None, result.stdout
-    return float(match.group(1))
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", result.stdout)
+    count = re.search(r"(\d+) requests in", result.stdout)
+    assert rate is not None, result.stdout
+    assert count is not None, result.stdout
+    return Load(float(rate.group(1)), int(count.group(1)) / max(cpu, 1e-9))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument(
+        "--statistic",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: requests per CPU second of the server (default; steady on a shared "
+        "machine); wall: requests per second",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed: apt-get install -y wrk")
@@ -157,17 +211,21 @@ def main() -> None:
     try:
         for variant in variants:
             servers[variant] = start_server(variant)
-        for _, url in servers.values():
-            load(url, 1, 4)  # warm up
+        for server, url in servers.values():
+            load(server, url, 1, 4)  # warm up
         rps: dict[str, list[float]] = {v: [] for v in variants}
         ratios: dict[str, list[float]] = {v: [] for v in variants}
         for round_ in range(args.rounds):
             # Each round loads every variant once, in a fresh random order, and compares it
             # with the bare app of the same round: drift of a shared machine cancels out.
             order = random.sample(variants, len(variants))
-            measured = {v: load(servers[v][1], args.seconds, args.connections) for v in order}
+            loads = {v: load(*servers[v], args.seconds, args.connections) for v in order}
+            measured = {
+                v: x.per_cpu_second if args.statistic == "cpu" else x.per_second
+                for v, x in loads.items()
+            }
             for variant, value in measured.items():
-                rps[variant].append(value)
+                rps[variant].append(loads[variant].per_second)
                 ratios[variant].append(value / measured["none"])
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     finally:
@@ -181,13 +239,21 @@ def main() -> None:
                 server.wait()
     print(
         f"\nuvicorn, Python {sys.version.split()[0]}, wrk -c{args.connections}, "
-        f"{args.rounds} interleaved rounds of {args.seconds}s; median of per-round ratios"
+        f"{args.rounds} interleaved rounds of {args.seconds}s; the bare app served "
+        f"{statistics.median(rps['none']):.0f} req/s (median)"
     )
-    print(f"{'variant':24} {'req/s':>9} {'ratio':>6}  what")
+    what = "requests per server CPU second" if args.statistic == "cpu" else "requests per second"
+    print(
+        f"ratio: the median of per-round ratios of {what} to the bare app's; spread: lowest-highest"
+    )
+    print(f"{'variant':24} {'ratio':>6} {'spread':>12}  what")
     for variant in variants:
+        if variant == "none":
+            continue
+        low, high = min(ratios[variant]), max(ratios[variant])
         print(
-            f"{variant:24} {statistics.median(rps[variant]):9.0f} "
-            f"{statistics.median(ratios[variant]):6.3f}  {VARIANTS[variant]}"
+            f"{variant:24} {statistics.median(ratios[variant]):6.3f} "
+            f"{low:5.3f}-{high:5.3f}  {VARIANTS[variant]}"
         )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import enum
 import re
 import sys
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -162,6 +163,9 @@ class DisconnectOutcome:
     reason: CancelReason | None
 
 
+_QUIET = DisconnectOutcome(watched=False, client_gone=False, interrupted=False, reason=None)
+
+
 class _Response(enum.Enum):
     """Where the response of a guarded request stands."""
 
@@ -296,6 +300,34 @@ class ReadAhead:
 
 
 @final
+class _WatcherBatch:
+    """The guards started during one turn of an asyncio loop: one ``call_soon`` for them all.
+
+    On the loop's next turn each guard whose request is still running gets its watcher task;
+    the others (most trivial requests) never cost one.
+    """
+
+    __slots__ = ("guards", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.guards: list[DisconnectGuard] = []
+
+    def add(self, guard: DisconnectGuard) -> None:
+        if not self.guards:
+            self.loop.call_soon(self._spawn)
+        self.guards.append(guard)
+
+    def _spawn(self) -> None:
+        guards, self.guards = self.guards, []
+        for guard in guards:
+            guard._start_watcher(self.loop)
+
+
+_batches = threading.local()  # .current: the _WatcherBatch of this thread's running loop
+
+
+@final
 class DisconnectGuard:
     """Run one HTTP request so that a client disconnect cancels its token at once.
 
@@ -338,12 +370,12 @@ class DisconnectGuard:
 
     __slots__ = (
         "_app_done",
-        "_handle",
         "_interrupt",
         "_interrupted",
         "_link",
         "_max_buffer",
         "_mode",
+        "_on_asyncio",
         "_own_token",
         "_reader",
         "_receive",
@@ -383,7 +415,7 @@ class DisconnectGuard:
         self._response = _Response.PENDING
         self._interrupt: anyio.CancelScope | None = None
         self._link: CallbackHandle | None = None
-        self._handle: asyncio.Handle | None = None
+        self._on_asyncio = False
         self._watch_scope: anyio.CancelScope | None = None
         self._watch_done: anyio.Event | None = None
         self._app_done = False
@@ -406,12 +438,12 @@ class DisconnectGuard:
 
     def outcome(self) -> DisconnectOutcome:
         """How the request went so far (final once :meth:`run` has returned or raised)."""
-        return DisconnectOutcome(
-            watched=self._watch_done is not None,
-            client_gone=self._response is _Response.GONE,
-            interrupted=self._interrupted,
-            reason=self.token.reason,
-        )
+        watched = self._watch_done is not None
+        gone = self._response is _Response.GONE
+        reason = self.token.reason
+        if not (watched or gone or self._interrupted or reason is not None):
+            return _QUIET  # most requests: no allocation
+        return DisconnectOutcome(watched, gone, self._interrupted, reason)
 
     def cancel(self, reason: CancelReason) -> bool:
         """Cancel the token and, in ``"interrupt"`` mode, interrupt the application.
@@ -443,7 +475,11 @@ class DisconnectGuard:
         loop = _asyncio_loop()
         if loop is not None:
             # Deferred: a request that finishes before the loop runs anything else needs none.
-            self._handle = loop.call_soon(self._spawn_asyncio, loop)
+            self._on_asyncio = True
+            batch = getattr(_batches, "current", None)
+            if batch is None or batch.loop is not loop:
+                batch = _batches.current = _WatcherBatch(loop)
+            batch.add(self)
         else:
             import trio  # only reached when running under trio, so it is installed
 
@@ -452,7 +488,10 @@ class DisconnectGuard:
             try:
                 await self._run_app(app)
             finally:
-                await self._stop_watcher()
+                self._stop_watcher()
+                if self._watch_done is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._watch_done.wait()
         except OperationCancelled as exc:
             if exc.reason is not self.token.reason:
                 raise
@@ -486,31 +525,24 @@ class DisconnectGuard:
 
     def _new_scope(self) -> anyio.CancelScope:
         global _asyncio_backend
-        if self._handle is None:  # not on asyncio
+        if not self._on_asyncio:
             return anyio.CancelScope()
         if _asyncio_backend is None:
             _asyncio_backend = anyio.lowlevel.current_token().backend_class
         # The same as anyio.CancelScope(), without detecting the event loop again.
         return _asyncio_backend.create_cancel_scope()
 
-    def _spawn_asyncio(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Only reached while the application runs: _stop_watcher() cancels the handle.
-        self._handle = None
-        loop.create_task(self._watch())
+    def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._app_done:  # else the request finished before the loop's next turn
+            loop.create_task(self._watch())
 
-    async def _stop_watcher(self) -> None:
+    def _stop_watcher(self) -> None:
         self._app_done = True
         self._interrupt = None
         if self._link is not None:
             self._link.unregister()
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
         if self._watch_scope is not None:
             self._watch_scope.cancel()
-        if self._watch_done is not None:
-            with anyio.CancelScope(shield=True):
-                await self._watch_done.wait()
 
     async def _finish_interrupted(self) -> None:
         reason = self.token.reason
@@ -732,7 +764,10 @@ class CancelOnDisconnect:
                 outcome = await guard.run(self.app)
             finally:
                 running.discard(guard)
-                self._count(guard.outcome() if outcome is None else outcome)
+                if outcome is None:
+                    outcome = guard.outcome()
+                if outcome is not _QUIET:
+                    self._count(outcome)
                 if not running and self._idle is not None:
                     self._idle.set()
         elif kind == "lifespan":

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
+from functools import partial
 from types import TracebackType
 from typing import Any, Protocol, TypeVarTuple, Unpack, final
 
@@ -361,6 +362,14 @@ def _keep_json(value: object) -> Any:
     return value
 
 
+def _check_seconds(*, grace: float, cleanup_timeout: float, poll_interval: float) -> None:
+    for name, value in (("grace", grace), ("cleanup_timeout", cleanup_timeout)):
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be seconds >= 0, not {value!r}")
+    if not 0 < poll_interval < math.inf:
+        raise ValueError(f"poll_interval must be seconds > 0, not {poll_interval!r}")
+
+
 def _cut(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
@@ -389,8 +398,15 @@ class OperationsStatistics:
     refused: int
 
 
+_current: ContextVar[_Run | None] = ContextVar("cancelkit_operation", default=None)
+
+_SHUTDOWN = "the application is shutting down"
+
+
 @final
 class _Run:
+    """One operation of this process, from its reservation by start() to its end."""
+
     __slots__ = ("done", "id", "owner", "status", "token", "writing")
 
     def __init__(self, id: str, owner: str | None) -> None:
@@ -401,10 +417,216 @@ class _Run:
         self.done = anyio.Event()
         self.writing = False  # a progress write is in flight (later reports coalesce into it)
 
+    async def execute(
+        self,
+        ops: BackgroundOperations,
+        func: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        *,
+        task_status: TaskStatus[None],
+    ) -> None:
+        """Register, write ``running``, tell start() it began, run ``func``, write the end."""
+        store, runs = ops._store, ops._runs
+        status = OperationStatus(
+            self.id, self.owner, OperationState.RUNNING, time.time(), worker=store.worker
+        )
+        final: OperationStatus
+        began = False
+        context = _current.set(self)
+        try:
+            async with ops._registry.track(self.id, owner=self.owner) as op:
+                self.token = op.token
+                if runs.shutdown is not None:  # it registered after the shutdown cancelled
+                    op.token.cancel(runs.shutdown)
+                self.status = status
+                await store.put(status)
+                began = True
+                runs.started += 1
+                task_status.started()
+                value = await func(*args)
+        except OperationCancelled as exc:  # by id, at shutdown, or by a tombstone before it began
+            final = self._ended(status, OperationState.CANCELLED, reason=exc.reason)
+        except anyio.get_cancelled_exc_class():
+            if not began:
+                raise
+            # the task group itself was cancelled (shutdown, after cleanup_timeout)
+            reason = None if self.token is None else self.token.reason
+            if reason is None:
+                reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
+            final = self._ended(status, OperationState.CANCELLED, reason=reason)
+            with anyio.CancelScope(shield=True):
+                await self._finish(ops, final, began, task_status)
+            raise
+        except Exception as exc:
+            if not began:
+                raise  # OperationExists, RegistryFull, the store's error: for start()'s caller
+            logger.exception("background operation %r failed", self.id)
+            final = self._failed(status, exc)
+        else:
+            try:
+                kept = ops._result(value)
+            except Exception as exc:
+                logger.exception("result= failed for background operation %r", self.id)
+                final = self._failed(status, exc)
+            else:
+                final = self._ended(status, OperationState.COMPLETED, result=kept)
+        finally:
+            _current.reset(context)
+        await self._finish(ops, final, began, task_status)
 
-_current: ContextVar[_Run | None] = ContextVar("cancelkit_operation", default=None)
+    def _failed(self, status: OperationStatus, exc: Exception) -> OperationStatus:
+        error = OperationError(type(exc).__name__, _cut(str(exc)))
+        return self._ended(status, OperationState.FAILED, error=error)
 
-_SHUTDOWN = "the application is shutting down"
+    def _ended(
+        self, status: OperationStatus, state: OperationState, **fields: Any
+    ) -> OperationStatus:
+        progress = None if self.status is None else self.status.progress
+        return replace(status, state=state, ended_at=time.time(), progress=progress, **fields)
+
+    async def _finish(
+        self,
+        ops: BackgroundOperations,
+        final: OperationStatus,
+        began: bool,
+        task_status: TaskStatus[None],
+    ) -> None:
+        self.status = final
+        ops._runs.count(final)
+        try:
+            with anyio.CancelScope(shield=True):
+                await ops._store.put(final)
+        except Exception:
+            logger.exception("could not write the final status of operation %r", self.id)
+        finally:
+            ops._runs.forget(self)
+            if not began:  # cancelled before it began (a tombstone): start() returns the id
+                task_status.started()
+
+    async def report(self, store: StatusStore, progress: Progress) -> None:
+        """Record ``progress``; write it unless a write is in flight (that one writes it)."""
+        assert self.status is not None
+        self.status = replace(self.status, progress=progress)
+        if self.writing:
+            return  # the write in flight picks up the newest status when it is done
+        self.writing = True
+        try:
+            written: OperationStatus | None = None
+            while (status := self.status) is not written and not status.state.ended:
+                await store.put(status)
+                written = status
+        except Exception as exc:  # a lost progress report must not end the operation
+            logger.warning("progress of operation %r not written: %s", self.id, exc)
+        finally:
+            self.writing = False
+
+
+@final
+class _Runs:
+    """The operations running in this process: limits, the idle wait, counters."""
+
+    __slots__ = (
+        "by_name",
+        "cancelled",
+        "completed",
+        "failed",
+        "idle",
+        "max_running",
+        "max_running_per_owner",
+        "per_owner",
+        "refused",
+        "shutdown",
+        "started",
+    )
+
+    def __init__(self, max_running: int, max_running_per_owner: int | None) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, not {max_running!r}")
+        if max_running_per_owner is not None and max_running_per_owner < 1:
+            raise ValueError(
+                f"max_running_per_owner must be None or >= 1, not {max_running_per_owner!r}"
+            )
+        self.max_running = max_running
+        self.max_running_per_owner = max_running_per_owner
+        self.by_name: dict[tuple[str | None, str], _Run] = {}
+        self.per_owner: dict[str | None, int] = {}
+        self.idle: anyio.Event | None = None
+        self.shutdown: CancelReason | None = None  # set once running operations were cancelled
+        self.started = self.completed = self.failed = self.refused = 0
+        self.cancelled = dict.fromkeys(CancelKind, 0)
+
+    def reserve(self, id: str, owner: str | None) -> _Run:
+        """Take a place for a new operation, or refuse it (nothing recorded then)."""
+        if (owner, id) in self.by_name:
+            raise OperationExists(id)
+        if len(self.by_name) >= self.max_running:
+            self.refused += 1
+            raise RegistryFull("max_running", self.max_running)
+        per_owner = self.per_owner.get(owner, 0)
+        if self.max_running_per_owner is not None and per_owner >= self.max_running_per_owner:
+            self.refused += 1
+            raise RegistryFull("max_running_per_owner", self.max_running_per_owner)
+        run = self.by_name[(owner, id)] = _Run(id, owner)
+        self.per_owner[owner] = per_owner + 1
+        return run
+
+    def get(self, id: str, owner: str | None) -> _Run | None:
+        return self.by_name.get((owner, id))
+
+    def forget(self, run: _Run) -> None:
+        """Give the place back (once; later calls do nothing) and wake the waiters."""
+        name = (run.owner, run.id)
+        if self.by_name.get(name) is not run:
+            return
+        del self.by_name[name]
+        left = self.per_owner[run.owner] - 1
+        if left:
+            self.per_owner[run.owner] = left
+        else:
+            del self.per_owner[run.owner]
+        run.done.set()
+        if not self.by_name and self.idle is not None:
+            self.idle.set()
+
+    def count(self, final: OperationStatus) -> None:
+        if final.state is OperationState.COMPLETED:
+            self.completed += 1
+        elif final.state is OperationState.FAILED:
+            self.failed += 1
+        elif final.reason is not None:
+            self.cancelled[final.reason.root.kind] += 1
+
+    async def drain(self, grace: float, cleanup_timeout: float) -> None:
+        """Wait ``grace`` for the end, cancel with reason shutdown, wait ``cleanup_timeout``."""
+        if self.by_name:
+            with anyio.move_on_after(grace):
+                await self.wait_idle()
+        if self.by_name:
+            self.cancel_all(CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN))
+            with anyio.move_on_after(cleanup_timeout):
+                await self.wait_idle()
+        if self.by_name:
+            logger.warning(
+                "%d background operation(s) still running %.1f s after the shutdown "
+                "cancellation; cancelling their task group",
+                len(self.by_name),
+                cleanup_timeout,
+            )
+
+    async def wait_idle(self) -> None:
+        while self.by_name:
+            self.idle = idle = anyio.Event()
+            await idle.wait()
+
+    def cancel_all(self, reason: CancelReason) -> None:
+        """Cancel every running operation; one still registering cancels itself."""
+        self.shutdown = reason
+        for run in list(self.by_name.values()):
+            if run.token is not None:
+                run.token.cancel(reason)
+
+    def __len__(self) -> int:
+        return len(self.by_name)
 
 
 @final
@@ -442,9 +664,8 @@ class BackgroundOperations:
         cleanup_timeout: seconds that cancelled operations then get for their cleanup,
             after which the task group is cancelled outright; exit waits no longer
             (unless an operation shields itself from cancellation).
-        result: how a completed operation's return value is kept in its status; the default
-            keeps JSON-serializable values and ``None`` otherwise. It is called with the value
-            and must return something the store can keep (JSON for Redis).
+        result: turns a completed operation's return value into what its status keeps (JSON
+            for Redis); by default a JSON-serializable value, else ``None``.
         poll_interval: seconds between reads of the store while :meth:`wait` waits for an
             operation that runs in another process.
 
@@ -455,22 +676,13 @@ class BackgroundOperations:
     """
 
     __slots__ = (
-        "_cancelled",
         "_cleanup_timeout",
         "_closing",
-        "_completed",
-        "_failed",
         "_grace",
-        "_idle",
-        "_max_running",
-        "_max_running_per_owner",
-        "_per_owner",
         "_poll_interval",
-        "_refused",
         "_registry",
         "_result",
-        "_running",
-        "_started",
+        "_runs",
         "_store",
         "_task_group",
     )
@@ -487,34 +699,18 @@ class BackgroundOperations:
         result: Callable[[Any], Any] = _keep_json,
         poll_interval: float = 0.05,
     ) -> None:
-        if max_running < 1:
-            raise ValueError(f"max_running must be >= 1, not {max_running!r}")
-        if max_running_per_owner is not None and max_running_per_owner < 1:
-            raise ValueError(
-                f"max_running_per_owner must be None or >= 1, not {max_running_per_owner!r}"
-            )
-        for name, value in (("grace", grace), ("cleanup_timeout", cleanup_timeout)):
-            if not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be seconds >= 0, not {value!r}")
-        if not 0 < poll_interval < math.inf:
-            raise ValueError(f"poll_interval must be seconds > 0, not {poll_interval!r}")
+        _check_seconds(grace=grace, cleanup_timeout=cleanup_timeout, poll_interval=poll_interval)
         if not callable(result):
             raise TypeError(f"result must be callable, not {type(result).__name__}")
         self._registry = TokenRegistry() if registry is None else registry
         self._store: StatusStore = MemoryStatusStore() if store is None else store
-        self._max_running = max_running
-        self._max_running_per_owner = max_running_per_owner
+        self._runs = _Runs(max_running, max_running_per_owner)
         self._grace = float(grace)
         self._cleanup_timeout = float(cleanup_timeout)
         self._result = result
         self._poll_interval = float(poll_interval)
         self._task_group: TaskGroup | None = None
         self._closing = False
-        self._idle: anyio.Event | None = None
-        self._running: dict[tuple[str | None, str], _Run] = {}
-        self._per_owner: dict[str | None, int] = {}
-        self._started = self._completed = self._failed = self._refused = 0
-        self._cancelled = dict.fromkeys(CancelKind, 0)
 
     @property
     def registry(self) -> TokenRegistry:
@@ -545,6 +741,7 @@ class BackgroundOperations:
             raise
         self._task_group = task_group
         self._closing = False
+        self._runs.shutdown = None
         return self
 
     async def __aexit__(
@@ -565,36 +762,12 @@ class BackgroundOperations:
         self._closing = True
         try:
             with anyio.CancelScope(shield=True):  # a shutdown is bounded by its own timeouts
-                await self._drain()
+                await self._runs.drain(self._grace, self._cleanup_timeout)
             task_group.cancel_scope.cancel()
             await task_group.__aexit__(None, None, None)
         finally:
             self._task_group = None
             await self._store.__aexit__(exc_type, exc, tb)
-
-    async def _drain(self) -> None:
-        if self._running:
-            with anyio.move_on_after(self._grace):
-                await self._wait_idle()
-        if self._running:
-            reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
-            for run in list(self._running.values()):
-                if run.token is not None:
-                    run.token.cancel(reason)
-            with anyio.move_on_after(self._cleanup_timeout):
-                await self._wait_idle()
-        if self._running:
-            logger.warning(
-                "%d background operation(s) still running %.1f s after the shutdown "
-                "cancellation; cancelling their task group",
-                len(self._running),
-                self._cleanup_timeout,
-            )
-
-    async def _wait_idle(self) -> None:
-        while self._running:
-            self._idle = idle = anyio.Event()
-            await idle.wait()
 
     # -- starting ----------------------------------------------------------------------
 
@@ -633,7 +806,7 @@ class BackgroundOperations:
             RuntimeError: if it is not running (enter it first, in the lifespan).
         """
         if id is None:
-            id = _new_id()
+            id = secrets.token_urlsafe(16)
         _check(id, owner)
         task_group = self._task_group
         if task_group is None:
@@ -645,122 +818,13 @@ class BackgroundOperations:
             raise OperationCancelled(
                 CancelReason(CancelKind.SHUTDOWN, "shutting down: no new operations")
             )
-        name = (owner, id)
-        if name in self._running:
-            raise OperationExists(id)
-        if len(self._running) >= self._max_running:
-            self._refused += 1
-            raise RegistryFull("max_running", self._max_running)
-        per_owner = self._per_owner.get(owner, 0)
-        if self._max_running_per_owner is not None and per_owner >= self._max_running_per_owner:
-            self._refused += 1
-            raise RegistryFull("max_running_per_owner", self._max_running_per_owner)
-        run = _Run(id, owner)
-        self._running[name] = run  # reserved now, so the limits hold across concurrent starts
-        self._per_owner[owner] = per_owner + 1
+        run = self._runs.reserve(id, owner)  # now: the limits hold across concurrent starts
         try:
-            await task_group.start(self._run, run, func, args)
+            await task_group.start(partial(run.execute, self, func, args))
         except BaseException:
-            self._forget(run)
+            self._runs.forget(run)
             raise
         return id
-
-    async def _run(
-        self,
-        run: _Run,
-        func: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        *,
-        task_status: TaskStatus[None],
-    ) -> None:
-        status = OperationStatus(
-            run.id, run.owner, OperationState.RUNNING, time.time(), worker=self._store.worker
-        )
-        final: OperationStatus
-        began = False
-        context = _current.set(run)
-        try:
-            async with self._registry.track(run.id, owner=run.owner) as op:
-                run.token = op.token
-                run.status = status
-                await self._store.put(status)
-                began = True
-                self._started += 1
-                task_status.started()
-                value = await func(*args)
-        except OperationCancelled as exc:  # by id, at shutdown, or by a tombstone before it began
-            final = self._ended(run, status, OperationState.CANCELLED, reason=exc.reason)
-        except anyio.get_cancelled_exc_class():
-            if not began:
-                raise
-            # the task group itself was cancelled (shutdown, after cleanup_timeout)
-            token = run.token
-            reason = None if token is None else token.reason
-            if reason is None:
-                reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
-            final = self._ended(run, status, OperationState.CANCELLED, reason=reason)
-            with anyio.CancelScope(shield=True):
-                await self._finish(run, final, began, task_status)
-            raise
-        except Exception as exc:
-            if not began:
-                raise  # OperationExists, RegistryFull, the store's error: for start()'s caller
-            logger.exception("background operation %r failed", run.id)
-            error = OperationError(type(exc).__name__, _cut(str(exc)))
-            final = self._ended(run, status, OperationState.FAILED, error=error)
-        else:
-            try:
-                kept = self._result(value)
-            except Exception as exc:
-                logger.exception("result= failed for background operation %r", run.id)
-                error = OperationError(type(exc).__name__, _cut(str(exc)))
-                final = self._ended(run, status, OperationState.FAILED, error=error)
-            else:
-                final = self._ended(run, status, OperationState.COMPLETED, result=kept)
-        finally:
-            _current.reset(context)
-        await self._finish(run, final, began, task_status)
-
-    def _ended(
-        self, run: _Run, status: OperationStatus, state: OperationState, **fields: Any
-    ) -> OperationStatus:
-        progress = run.status.progress if run.status is not None else None
-        return replace(status, state=state, ended_at=time.time(), progress=progress, **fields)
-
-    async def _finish(
-        self, run: _Run, final: OperationStatus, began: bool, task_status: TaskStatus[None]
-    ) -> None:
-        run.status = final
-        if final.state is OperationState.COMPLETED:
-            self._completed += 1
-        elif final.state is OperationState.FAILED:
-            self._failed += 1
-        elif final.reason is not None:
-            self._cancelled[final.reason.root.kind] += 1
-        try:
-            with anyio.CancelScope(shield=True):
-                await self._store.put(final)
-        except Exception:
-            logger.exception("could not write the final status of operation %r", run.id)
-        finally:
-            self._forget(run)
-            if not began:  # cancelled before it began (a tombstone): start() returns the id
-                task_status.started()
-
-    def _forget(self, run: _Run) -> None:
-        name = (run.owner, run.id)
-        if self._running.get(name) is run:
-            del self._running[name]
-            left = self._per_owner[run.owner] - 1
-            if left:
-                self._per_owner[run.owner] = left
-            else:
-                del self._per_owner[run.owner]
-            run.done.set()
-            if not self._running and self._idle is not None:
-                self._idle.set()
-
-    # -- progress ----------------------------------------------------------------------
 
     async def report(
         self, done: float, total: float | None = None, message: str | None = None
@@ -779,43 +843,23 @@ class BackgroundOperations:
             RuntimeError: outside a background operation of this object.
         """
         run = _current.get()
-        if run is None or self._running.get((run.owner, run.id)) is not run:
+        if run is None or self._runs.get(run.id, run.owner) is not run:
             raise RuntimeError("report() must be called from a running background operation")
-        status = run.status
-        assert status is not None
         progress = Progress(done, total, None if message is None else _cut(message))
-        run.status = replace(status, progress=progress)
-        if run.writing:
-            return  # the write in flight picks up the newest status when it is done
-        run.writing = True
-        try:
-            written: OperationStatus | None = None
-            while (status := run.status) is not written and not status.state.ended:
-                await self._store.put(status)
-                written = status
-        except Exception as exc:  # a lost progress report must not end the operation
-            logger.warning("progress of operation %r not written: %s", run.id, exc)
-        finally:
-            run.writing = False
+        await run.report(self._store, progress)
 
     # -- reading and cancelling --------------------------------------------------------
 
     async def status(self, id: str, *, owner: str | None = None) -> OperationStatus | None:
-        """Return the status of operation ``id`` of ``owner``.
+        """Return the status of operation ``id`` of ``owner``, or ``None`` if there is none.
 
-        Args:
-            id: the operation id.
-            owner: its owner; another owner's operation looks absent.
-
-        Returns:
-            The status, or ``None`` if there is none for this owner (never started, another
-            owner's, or ended longer ago than the store keeps statuses).
+        ``None`` also for another owner's operation, and once the store dropped the status.
 
         Raises:
             ValueError: for an invalid id or owner.
         """
         _check(id, owner)
-        run = self._running.get((owner, id))
+        run = self._runs.get(id, owner)
         if run is not None and run.status is not None:
             return run.status  # the freshest view: it runs here
         return await self._store.get(id, owner)
@@ -834,7 +878,7 @@ class BackgroundOperations:
         """
         status = await self.status(id, owner=owner)
         while status is not None and not status.state.ended:
-            run = self._running.get((owner, id))
+            run = self._runs.get(id, owner)
             if run is not None:
                 await run.done.wait()
             else:  # it runs in another process: read the store again in a moment
@@ -857,7 +901,6 @@ class BackgroundOperations:
             ValueError: for an invalid id or owner.
             RegistryFull: if a tombstone is needed and the backend's limit is reached.
         """
-        _check(id, owner)
         status = await self.status(id, owner=owner)
         if status is not None and status.state.ended:
             return CancelOutcome.NOT_FOUND  # no tombstone for an id whose run is over
@@ -865,32 +908,21 @@ class BackgroundOperations:
 
     def operations(self, *, owner: str | None = None) -> list[OperationStatus]:
         """Return the statuses of ``owner``'s operations running in this process."""
-        return [
-            run.status
-            for run in self._running.values()
-            if run.owner == owner and run.status is not None
-        ]
+        runs = self._runs.by_name.values()
+        return [run.status for run in runs if run.owner == owner and run.status is not None]
 
     def statistics(self) -> OperationsStatistics:
         """Return a snapshot of this object's counters."""
+        runs = self._runs
         return OperationsStatistics(
-            running=len(self._running),
-            started=self._started,
-            completed=self._completed,
-            failed=self._failed,
-            cancelled={kind: n for kind, n in self._cancelled.items() if n},
-            refused=self._refused,
+            running=len(runs),
+            started=runs.started,
+            completed=runs.completed,
+            failed=runs.failed,
+            cancelled={kind: n for kind, n in runs.cancelled.items() if n},
+            refused=runs.refused,
         )
 
     def __repr__(self) -> str:
-        state = (
-            "stopped" if self._task_group is None else ("closing" if self._closing else "running")
-        )
-        return (
-            f"<BackgroundOperations {state} running={len(self._running)} "
-            f"max_running={self._max_running} store={self._store!r}>"
-        )
-
-
-def _new_id() -> str:
-    return secrets.token_urlsafe(16)
+        state = "stopped" if self._task_group is None else "closing" if self._closing else "up"
+        return f"<BackgroundOperations {state} running={len(self._runs)} store={self._store!r}>"

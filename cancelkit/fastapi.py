@@ -102,20 +102,35 @@ def request_level_token(request: Request) -> CancellationToken:
     return cast(CancellationToken, token)
 
 
+async def _request_token_dependency(request: Request) -> CancellationToken:
+    # async def: a sync dependency costs every request a hop through the threadpool.
+    return request_level_token(request)
+
+
 #: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
 #: :func:`request_level_token`). In a sync ``def`` endpoint (run in a worker thread), call
 #: ``token.raise_if_cancelled()`` between steps to stop when it is cancelled.
-RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_token)]
+RequestToken: TypeAlias = Annotated[CancellationToken, Depends(_request_token_dependency)]
 
 
 @contextmanager
 def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
-    """Cancel the request-level token too when ``source`` is cancelled, while in the block."""
+    """While in the block, link ``source`` (a claim's or an operation's token) both ways.
+
+    The request-level token (:data:`RequestToken`) is cancelled when ``source`` is, and
+    ``source`` when the :class:`~cancelkit.CancelOnDisconnect` token of the request is (a
+    client disconnect, shutdown): the endpoint runs in ``source.scope()``, so that is the
+    token :func:`~cancelkit.current_token` returns there, in a worker thread too.
+    """
     handle = source.on_cancel(request_level_token(request).cancel)
+    outer = request.scope.get(_ASGI_TOKEN)
+    outer_handle = None if outer is None else outer.on_cancel(source.cancel)
     try:
         yield
     finally:
         handle.unregister()
+        if outer_handle is not None:
+            outer_handle.unregister()
 
 
 def _interrupting(
@@ -278,7 +293,7 @@ def latest_only(
 _OwnerDependency = Callable[..., str | Awaitable[str | None] | None]
 
 
-def _no_owner() -> None:
+async def _no_owner() -> None:
     return None
 
 

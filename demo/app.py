@@ -15,8 +15,10 @@ that outlives its request: ``POST /exports`` answers ``202`` with a ``Location``
 follows its progress with ``GET /exports/{id}?wait=...`` and stops it with ``DELETE
 /exports/{id}``, on any worker in Redis mode.
 
-The server records what happened to each search in a small in-memory log; the page shows it
-live (``GET /events``, Server-Sent Events) and tests read it (``GET /log``).
+The server records what happened to each search in a small bounded log; the page shows it
+live (``GET /events``, Server-Sent Events) and tests read it (``GET /log``). On Redis, every
+worker appends to one bounded Redis stream and follows it, so each worker's page shows what
+every worker did (:class:`RedisEventLog`).
 
 A "user" is a random id each tab makes for itself and sends as ``X-User``: there is no login
 in a demo, and two tabs must never supersede each other.
@@ -37,7 +39,9 @@ from typing import Annotated, Any, Literal
 import anyio
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -74,6 +78,7 @@ __all__ = [
     "DemoState",
     "EventLog",
     "LogEvent",
+    "RedisEventLog",
     "SearchResult",
     "app_from_env",
     "create_app",
@@ -132,6 +137,7 @@ class LogEvent(BaseModel):
         user: the tab that sent it.
         at: when, as :func:`time.time`.
         detail: more about it: the number of matches, or why the search stopped.
+        worker: which worker process did it (on Redis; empty in memory).
     """
 
     seq: int
@@ -141,6 +147,7 @@ class LogEvent(BaseModel):
     user: str
     at: float
     detail: str = ""
+    worker: str = ""
 
 
 class EventLog:
@@ -168,6 +175,16 @@ class EventLog:
             self._changed = None
         return event
 
+    def append(self, event: LogEvent) -> None:
+        """Append an event numbered elsewhere (by Redis); ignore one already seen."""
+        if event.seq <= self._seq:
+            return
+        self._seq = event.seq
+        self._events.append(event)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
     def since(self, after: int = 0, *, user: str | None = None) -> list[LogEvent]:
         """Return the kept events numbered above ``after`` (of ``user`` only, if given)."""
         return [e for e in self._events if e.seq > after and user in (None, e.user)]
@@ -187,6 +204,89 @@ class EventLog:
                 if user in (None, event.user):
                     yield event
             await changed.wait()
+
+
+class RedisEventLog:
+    """The log of a fleet: one bounded Redis stream that every worker appends to and follows.
+
+    Each event gets its number from a counter in the same Lua script that appends it, so
+    numbers follow the stream's order across workers. Every worker mirrors the stream into its
+    own :class:`EventLog` (which its ``/events`` streams follow): a page sees what every
+    worker did for its tab, whichever worker serves its event stream.
+
+    Args:
+        client: a connected coredis client (decoding responses).
+        mirror: this worker's local log, fed by :meth:`run`.
+        prefix: the Redis key prefix.
+        size: about how many events the stream keeps (``MAXLEN ~``).
+        ttl: seconds the log lives after its last event.
+    """
+
+    _APPEND = """
+        local seq = redis.call('INCR', KEYS[1])
+        redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], seq .. '-0', 'event', ARGV[2])
+        redis.call('EXPIRE', KEYS[1], ARGV[3])
+        redis.call('EXPIRE', KEYS[2], ARGV[3])
+        return seq
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        mirror: EventLog,
+        *,
+        prefix: str = "cancelkit-demo",
+        size: int = 1000,
+        ttl: int = 24 * 3600,
+    ) -> None:
+        """Prepare; nothing is sent to Redis until the first call."""
+        self._client = client
+        self._mirror = mirror
+        self._counter = f"{prefix}:log:seq"
+        self.stream = f"{prefix}:log"
+        self._size = size
+        self._ttl = ttl
+        self._append = client.register_script(self._APPEND)
+
+    async def add(
+        self, kind: EventKind, *, query: str, op: str, user: str, detail: str, worker: str
+    ) -> None:
+        """Append an event to the stream (the mirrors, this worker's too, pick it up)."""
+        event = LogEvent(
+            seq=0, kind=kind, query=query, op=op, user=user, at=time.time(), detail=detail
+        )
+        body = event.model_copy(update={"worker": worker}).model_dump_json()
+        keys = [self._counter, self.stream]
+        await self._append(keys=keys, args=[str(self._size), body, str(self._ttl)])
+
+    @staticmethod
+    def _decode(entry: Any) -> LogEvent:
+        data = dict(entry.field_values)["event"]
+        seq = int(str(entry.identifier).split("-")[0])
+        return LogEvent.model_validate_json(data).model_copy(update={"seq": seq})
+
+    async def since(self, after: int = 0, *, user: str | None = None) -> list[LogEvent]:
+        """The kept events numbered above ``after`` (of ``user`` only), straight from Redis."""
+        entries = await self._client.xrange(self.stream, f"{after + 1}-0", "+")
+        events = [self._decode(entry) for entry in entries]
+        return [e for e in events if user in (None, e.user)]
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        """Mirror the stream into the local log: what is kept, then each new event; forever."""
+        kept = await self._client.xrevrange(self.stream, "+", "-", count=self._size)
+        last = "0-0"
+        for entry in reversed(kept):
+            self._mirror.append(self._decode(entry))
+            last = str(entry.identifier)
+        task_status.started()
+        while True:
+            # Block at most a second per call: a short wait keeps the connection's read
+            # timeout out of play; the loop ends when the lifespan cancels it.
+            reply = await self._client.xread({self.stream: last}, count=100, block=1000)
+            for entries in (reply or {}).values():
+                for entry in entries:
+                    self._mirror.append(self._decode(entry))
+                    last = str(entry.identifier)
 
 
 # -- the search -------------------------------------------------------------------------------
@@ -301,9 +401,10 @@ class DemoState:
         self, backend: Backend, work_seconds: float, store: StatusStore | None = None
     ) -> None:
         """Make the parts, all on one backend."""
-        # The log is this process's own: with several workers, a page sees what the worker
-        # serving its event stream did (a fleet-wide log would need Redis too).
+        # This process's log; on Redis, a mirror of the fleet's (see RedisEventLog).
         self.log = EventLog()
+        self.fleet_log: RedisEventLog | None = None  # set by the lifespan on Redis
+        self.backend = backend
         self.slot = LatestOnly(backend=backend)
         self.registry = TokenRegistry(backend=backend)
         self.closing = CancellationToken(name="demo closing")
@@ -311,6 +412,23 @@ class DemoState:
         self.operations = BackgroundOperations(
             registry=self.registry, store=store, max_running_per_owner=2, grace=1
         )
+
+    async def record(
+        self, kind: EventKind, *, query: str, op: str, user: str, detail: str = ""
+    ) -> None:
+        """Log what happened: in this process, or on Redis for every worker to see."""
+        if self.fleet_log is None:
+            self.log.add(kind, query=query, op=op, user=user, detail=detail)
+        else:
+            worker = str(getattr(self.backend, "worker", None) or os.getpid())
+            fields = {"query": query, "op": op, "user": user, "detail": detail}
+            await self.fleet_log.add(kind, worker=worker, **fields)
+
+    async def since(self, after: int = 0, *, user: str | None = None) -> list[LogEvent]:
+        """The log's kept events above ``after``: this process's, or the fleet's on Redis."""
+        if self.fleet_log is None:
+            return self.log.since(after, user=user)
+        return await self.fleet_log.since(after, user=user)
 
 
 def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> FastAPI:
@@ -337,11 +455,31 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
             if hasattr(backend, "__aenter__"):  # RedisBackend connects here, in each worker
                 await stack.enter_async_context(backend)  # type: ignore[arg-type]
             await stack.enter_async_context(demo.operations)  # the exports' task group
+            if redis_url is not None:  # the fleet's log: one Redis stream, mirrored here
+                import coredis
+
+                client = coredis.Redis.from_url(redis_url, decode_responses=True)
+                await stack.enter_async_context(client)
+                fleet_log = RedisEventLog(client, demo.log)
+                tasks = await stack.enter_async_context(anyio.create_task_group())
+                stack.callback(tasks.cancel_scope.cancel)  # runs first: stop mirroring
+                await tasks.start(fleet_log.run)
+                demo.fleet_log = fleet_log
             yield
 
     app = FastAPI(title="cancelkit demo", lifespan=lifespan)
     app.state.demo = demo
     install(app)  # superseded / cancelled → 409, client gone → 499, with a JSON reason
+
+    @app.exception_handler(RequestValidationError)
+    async def one_message_per_problem(request: Request, exc: RequestValidationError) -> Any:
+        """Report each problem once (``X-User`` feeds three dependencies, hence 3 reports)."""
+        unique: list[Any] = []
+        for error in exc.errors():
+            if error not in unique:
+                unique.append(error)
+        return JSONResponse({"detail": jsonable_encoder(unique)}, status_code=422)
+
     # Interrupt a handler the moment its client disconnects (the tab was closed).
     app.add_middleware(CancelOnDisconnect, mode="interrupt")
 
@@ -370,21 +508,25 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
         try:
             yield record
         except OperationCancelled as exc:  # superseded, or stopped by id (maybe before start)
-            _log_end(record, exc.reason)
+            await _log_end(record, exc.reason)
             raise
         except BaseException:  # the client left: the middleware interrupted the handler
             if token.reason is not None:
-                _log_end(record, token.reason)
+                await _log_end(record, token.reason)
             raise
         else:
             matches = record.matches or []
-            log.add("completed", query=q, op=record.op, user=user, detail=f"{len(matches)} matches")
+            detail = f"{len(matches)} matches"
+            await demo.record("completed", query=q, op=record.op, user=user, detail=detail)
 
-    def _log_end(record: SearchRecord, reason: CancelReason) -> None:
+    async def _log_end(record: SearchRecord, reason: CancelReason) -> None:
         root = reason.root
         kind = _ENDINGS.get(root.kind, "stopped")
         detail = root.message if record.started else f"{root.message}, before it started"
-        log.add(kind, query=record.query, op=record.op, user=record.user, detail=detail)
+        # The handler may be in a cancelled scope: logging its end must still happen, briefly.
+        with anyio.move_on_after(5, shield=True):
+            fields = {"query": record.query, "op": record.op, "user": record.user}
+            await demo.record(kind, detail=detail, **fields)
 
     # -- the routes -------------------------------------------------------------------------
 
@@ -409,12 +551,12 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
     ) -> SearchResult:
         """Search the word list; slowly, so that there is something to cancel."""
         record.started, record.op = True, op.id  # the client's id, or one made up for it
-        log.add("started", query=record.query, op=op.id, user=record.user)
+        await demo.record("started", query=record.query, op=op.id, user=record.user)
         record.matches = await find_words(record.query, demo.work_seconds)
         return SearchResult(query=record.query, op=op.id, matches=record.matches)
 
-    # DELETE /operations/{id}: 202 when it stopped (or will not start), 404 when there is
-    # nothing of this user's to stop.
+    # DELETE /operations/{id}: 202 when it stopped (or, unknown yet, will start stopped),
+    # 404 when it is another tab's or has just ended.
     app.include_router(cancel_router(demo.registry, owner=current_user))
 
     # -- the background export ----------------------------------------------------------------
@@ -439,7 +581,7 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
         user: Annotated[str | None, Query(pattern=USER_PATTERN)] = None,
     ) -> list[LogEvent]:
         """The events kept in the log (of one user, if given)."""
-        return log.since(after, user=user)
+        return await demo.since(after, user=user)
 
     @app.get("/events", response_class=StreamingResponse)
     async def events(

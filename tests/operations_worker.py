@@ -17,8 +17,8 @@ from cancelkit.redis import RedisBackend, RedisStatusStore
 
 
 async def main(url: str, prefix: str, id: str, owner: str) -> None:
-    backend = RedisBackend(url, prefix=prefix, heartbeat=0.1, lease=0.4)
-    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.1, lease=0.4)
+    backend = RedisBackend(url, prefix=prefix, heartbeat=0.5, lease=5)
+    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=5)
     operations = BackgroundOperations(registry=TokenRegistry(backend=backend), store=store)
 
     async def export() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.from_thread
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 from fastapi import FastAPI, Request
@@ -456,6 +457,46 @@ async def test_fastapi_endpoint_cancelled(server_kind: tuple[str, str]) -> None:
             await stream.aclose()
             await handler.ended.wait()
     assert reason_kind(handler.token) is CancelKind.CLIENT_DISCONNECTED
+
+
+@pytest.mark.parametrize("dependency", ["latest_only", "tracked"])
+async def test_current_token_in_a_sync_dependency_endpoint_sees_the_disconnect(
+    server_kind: tuple[str, str], dependency: str
+) -> None:
+    """In a sync latest_only/tracked endpoint (threadpool), current_token() is cancelled by a
+    client disconnect, as RequestToken is (issue 12 item 2)."""
+    from cancelkit import LatestOnly, TokenRegistry, current_token
+    from cancelkit.fastapi import latest_only, tracked
+
+    started = anyio.Event()
+    ended = anyio.Event()
+    seen: list[object] = []
+    marker = (
+        latest_only(LatestOnly(), key=lambda request: "k")
+        if dependency == "latest_only"
+        else tracked(TokenRegistry())
+    )
+    api = FastAPI()
+
+    @api.get("/work")
+    def work(held: Any = marker) -> dict[str, str]:  # (annotations are strings here)
+        token = current_token()
+        assert token is held.token
+        anyio.from_thread.run_sync(started.set)
+        try:
+            seen.append(token.wait_blocking(timeout=LIMIT / 2))  # True: cancelled in time
+            seen.append(None if token.reason is None else token.reason.root.kind)
+        finally:
+            anyio.from_thread.run_sync(ended.set)
+        return {}
+
+    with anyio.fail_after(LIMIT):
+        async with serve(server_kind, CancelOnDisconnect(api)) as port:
+            stream = await request(port, "/work")
+            await started.wait()
+            await stream.aclose()
+            await ended.wait()
+    assert seen == [True, CancelKind.CLIENT_DISCONNECTED]
 
 
 # --------------------------------------------------------------------------- granian

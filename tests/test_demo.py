@@ -495,7 +495,7 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
     try:
         assert server.stdout is not None
         url = server.stdout.readline().strip().removeprefix("cancelkit demo: open ")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
 
         def worker_of(client: httpx.Client) -> str:
             about = client.get("/about").json()
@@ -525,5 +525,118 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
     finally:
         for client in clients.values():
             client.close()
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=30)
+
+
+async def test_a_request_without_x_user_gets_one_clear_422() -> None:
+    """No X-User: one 422 that names the header once (three dependencies read it)."""
+    app = create_app(work_seconds=0)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://demo"
+    ) as http:
+        missing = await http.get("/search", params={"q": "c"})
+        malformed = await http.get("/search", params={"q": "c"}, headers={"X-User": "a b"})
+    assert missing.status_code == 422
+    [problem] = missing.json()["detail"]
+    assert problem["loc"] == ["header", "x-user"]
+    assert problem["type"] == "missing"
+    assert malformed.status_code == 422
+    [problem] = malformed.json()["detail"]
+    assert problem["type"] == "string_pattern_mismatch"
+    assert state(app).log.since() == []  # nothing ran
+
+
+def test_redis_live_log_shows_what_every_worker_did_for_a_tab(redis: Any) -> None:
+    """Two uvicorn workers on Redis: one worker's live log (SSE) and /log show the events of
+    both workers for the tab: the search superseded on one and the one completed on the other.
+    """
+    import os
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "demo", "--port", "0", "--workers", "2"),
+            *("--redis", redis.url, "--work-seconds", "2"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    clients: dict[str, httpx.Client] = {}
+    lines: queue.Queue[str | None] = queue.Queue()
+    reader: threading.Thread | None = None
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip().removeprefix("cancelkit demo: open ")
+        deadline = time.monotonic() + 60
+        tab = {"X-User": "tab-live"}
+
+        def worker_of(client: httpx.Client) -> str:
+            return str(client.get("/about").json()["worker"])
+
+        # One connection per worker for the searches, and one for the live log (an
+        # httpx.Client used by two threads at once would open a connection to any worker).
+        clients = one_client_per_worker(url, worker_of, workers=2, headers=tab, deadline=deadline)
+        (worker_a, first), (worker_b, second) = clients.items()
+        watchers = one_client_per_worker(url, worker_of, workers=2, headers=tab, deadline=deadline)
+        watcher = watchers.pop(worker_a)  # the live log is served by the first worker
+        for other in watchers.values():
+            other.close()
+        clients["watcher"] = watcher
+
+        def follow() -> None:  # the page's live log
+            with watcher.stream("GET", "/events", params={"user": "tab-live"}) as stream:
+                for line in stream.iter_lines():
+                    lines.put(line)
+                    if '"completed"' in line:
+                        break
+            lines.put(None)
+
+        reader = threading.Thread(target=follow, daemon=True)
+        reader.start()
+        with ThreadPoolExecutor(1) as pool:
+            older = pool.submit(first.get, "/search", params={"q": "ca"})
+            # 'ca' runs on the first worker: the second one's /log (Redis) tells when
+            while not second.get("/log", params={"user": "tab-live"}).json():
+                assert time.monotonic() < deadline, "the first search never started"
+                time.sleep(0.01)
+            newer = second.get("/search", params={"q": "cat"})
+            assert older.result().status_code == 409
+            assert newer.status_code == 200
+
+        seen: list[dict[str, Any]] = []
+        while (line := lines.get(timeout=max(0.0, deadline - time.monotonic()))) is not None:
+            if line.startswith("data: "):
+                seen.append(json.loads(line.removeprefix("data: ")))
+        live = [(e["query"], e["kind"], e["worker"]) for e in seen]
+        assert live == [
+            ("ca", "started", worker_a),
+            ("ca", "superseded", worker_a),
+            ("cat", "started", worker_b),
+            ("cat", "completed", worker_b),
+        ] or live == [
+            ("ca", "started", worker_a),
+            ("cat", "started", worker_b),
+            ("ca", "superseded", worker_a),
+            ("cat", "completed", worker_b),
+        ], live
+        assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
+        # /log on the other worker reads the same fleet-wide log
+        logged = second.get("/log", params={"user": "tab-live"}).json()
+        assert [(e["query"], e["kind"], e["worker"]) for e in logged] == live
+    finally:
+        for client in clients.values():
+            client.close()
+        if reader is not None:
+            reader.join(30)
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)

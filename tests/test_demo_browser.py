@@ -41,6 +41,8 @@ WORK_SECONDS = 2.0  # long enough to act mid-search, short enough for a quick te
 LIMIT = 15.0  # seconds: the most any wait here may take
 MS = int(LIMIT * 1000)
 SCREENSHOTS = os.environ.get("CANCELKIT_DEMO_SCREENSHOTS")
+#: benchmarks/demo_browser_repeat.py runs the typing tests this many times in one session.
+REPEAT = range(int(os.environ.get("CANCELKIT_DEMO_REPEAT", "1")))
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +149,12 @@ def shot(page: Page, name: str) -> None:
         page.screenshot(path=str(Path(SCREENSHOTS) / f"demo-{name}.png"), full_page=True)
 
 
-def test_typing_fast_completes_only_the_last_search(page: Page, server: str) -> None:
-    """Typing 'cancel' key by key: the server completes 'cancel' only; the rest are superseded."""
+@pytest.mark.parametrize("attempt", REPEAT)
+def test_typing_fast_completes_only_the_last_search(page: Page, server: str, attempt: int) -> None:
+    """Typing 'cancel' key by key: the server completes 'cancel' only; the rest are superseded.
+
+    In whatever order the requests arrive: the page numbers its keystrokes (``X-Sequence``).
+    """
     from playwright.sync_api import expect
 
     user = user_of(page)
@@ -174,6 +180,38 @@ def test_typing_fast_completes_only_the_last_search(page: Page, server: str) -> 
     expect(page.locator("#log tr.completed")).to_have_count(1)
     expect(page.locator("#stop")).to_be_disabled()
     shot(page, "2-completed")
+
+
+@pytest.mark.parametrize("attempt", REPEAT)
+def test_an_older_search_arriving_last_is_stale(page: Page, server: str, attempt: int) -> None:
+    """'canc' held back in the browser until 'cancel' completed: it arrives last, is stale."""
+    from playwright.sync_api import Route, expect
+
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    page.route(re.compile(r"/search\?q=canc$"), hold)
+    user = user_of(page)
+    page.locator("#q").press_sequentially("cancel", delay=30)
+    expect(page.locator("#status")).to_have_text("3 matches for “cancel”.")
+    assert len(held) == 1
+    held[0].continue_()  # the older search reaches the server now, after the newest one
+    events = wait_log(server, user, lambda events: len(ends(events)) == 6)
+    assert ends(events) == {
+        "c": "superseded",
+        "ca": "superseded",
+        "can": "superseded",
+        "canc": "superseded",
+        "cance": "superseded",
+        "cancel": "completed",
+    }
+    (late,) = (e for e in events if e["query"] == "canc")
+    assert late["detail"].startswith("stale:")
+    assert late["detail"].endswith("before it started")
+    expect(page.locator("#status")).to_have_text("3 matches for “cancel”.")  # unchanged
+    expect(page.locator("#results li")).to_have_text(["cancel", "cancelled", "cancelling"])
 
 
 def test_stop_cancels_the_running_search_by_id(page: Page, server: str) -> None:

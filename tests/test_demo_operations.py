@@ -110,7 +110,7 @@ def test_two_workers_on_redis_start_on_one_and_stop_on_the_other(redis: Any) -> 
             return str(client.get("/about").json()["worker"])
 
         clients = one_client_per_worker(
-            url, worker_of, workers=2, headers={"X-User": "tab-1"}, deadline=time.monotonic() + 30
+            url, worker_of, workers=2, headers={"X-User": "tab-1"}, deadline=time.monotonic() + 120
         )
         first, second = clients.values()
         started = first.post("/exports")

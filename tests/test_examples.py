@@ -240,3 +240,17 @@ def test_naive_background_tasks_recipe_shows_every_failure() -> None:
         "6. shutdown while an export runs:",
         "  still running after the server stopped: 1 task(s)",
     ]
+
+
+def test_latest_policies_example_shows_each_policy_and_the_clients_order() -> None:
+    """docs/examples/latest_policies.py: order, replace x2, reject, keep_latest, enqueue."""
+    assert run_example("latest_policies.py").stdout.splitlines() == [
+        *("order", "  cancel#6: started", "  canc#4: superseded (stale)", "  cancel#6: completed"),
+        *("replace, 2 at once", "  a: started", "  b: started", "  c: started"),
+        *("  a: superseded", "  b: completed", "  c: completed"),
+        *("reject", "  a: started", "  b: refused (busy)", "  a: completed"),
+        *("keep_latest", "  a: started", "  b: superseded", "  c: superseded"),
+        *("  a: completed", "  d: started", "  d: completed"),
+        *("enqueue, 2 may wait", "  a: started", "  d: refused (busy)", "  a: completed"),
+        *("  b: started", "  b: completed", "  c: started", "  c: completed"),
+    ]

@@ -80,6 +80,13 @@ async def superseded_claim(token: CancellationToken, ctx: Context) -> None:
         await anyio.sleep_forever()
 
 
+async def stale_claim(token: CancellationToken, ctx: Context) -> None:
+    async with ctx.slot.claim("k", seq=5) as newest:
+        ctx.newer = newest.id
+    async with ctx.slot.claim("k", seq=3):  # older than the newest seen: never runs
+        raise AssertionError("a stale claim ran")  # pragma: no cover
+
+
 async def cancelled_by_id(token: CancellationToken, ctx: Context) -> None:
     async with ctx.registry.track("op-1"):
         ctx.waiting.set()
@@ -105,7 +112,8 @@ CASES: dict[str, tuple[Stop, Answer]] = {
         superseded_claim,
         (409, None, body("superseded", "superseded by a newer request", "newer")),
     ),
-    "superseded-stale": (
+    "superseded-stale": (stale_claim, (409, None, None)),  # detail: "stale: ..."
+    "superseded-stale-raised": (
         raising(OperationCancelled(reason(CancelKind.SUPERSEDED, message=STALE))),
         (409, None, body("superseded", STALE)),
     ),
@@ -274,6 +282,10 @@ async def test_starlette_and_fastapi_answer_every_reason_alike(case: str, mode: 
     assert plain == fast
     assert matches(plain, expected), plain
     assert plain_log == fast_log
+    if case.startswith("superseded-stale"):
+        assert plain[2] is not None
+        assert plain[2]["reason"] == "superseded"
+        assert plain[2]["detail"].startswith("stale:")
 
 
 @pytest.mark.parametrize("busy_status", [409, 429])

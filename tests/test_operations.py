@@ -463,7 +463,7 @@ async def test_misuse_is_refused_with_clear_errors() -> None:
             await ops.start(forever, owner="")
         with pytest.raises(RuntimeError, match="already running"):
             await ops.__aenter__()
-        assert "running" in repr(ops)
+        assert "up running=0" in repr(ops)
     assert "stopped" in repr(ops)
     bad: list[dict[str, Any]] = [{"max_running": 0}, {"max_running_per_owner": 0}, {"grace": -1}]
     for options in bad:
@@ -503,3 +503,45 @@ def test_a_status_round_trips_through_json() -> None:
         worker="w1",
     )
     assert OperationStatus.from_json(status.to_json()) == status
+
+
+async def test_many_racing_starts_and_cancels_all_end_consistently(make: Make) -> None:
+    """60 operations; cancels before, during and after their start race them: every one
+    ends cancelled or completed as its cancel's outcome says, and nothing stays running."""
+    release = anyio.Event()
+
+    async def work(n: int) -> int:
+        await release.wait()
+        return n
+
+    outcomes: dict[str, CancelOutcome] = {}
+    async with make(max_running=100) as ops:
+
+        async def start(n: int) -> None:
+            await ops.start(work, n, id=f"op-{n}", owner=f"u{n % 3}")
+
+        async def cancel(n: int) -> None:
+            outcomes[f"op-{n}"] = await ops.cancel(f"op-{n}", owner=f"u{n % 3}")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(60):
+                if n % 3 == 0:  # cancel first, then start
+                    await cancel(n)
+                    tg.start_soon(start, n)
+                elif n % 3 == 1:  # start and cancel race
+                    tg.start_soon(start, n)
+                    tg.start_soon(cancel, n)
+                else:  # started, never cancelled
+                    tg.start_soon(start, n)
+        release.set()
+        for n in range(60):
+            status = await ops.wait(f"op-{n}", owner=f"u{n % 3}")
+            assert status is not None
+            outcome = outcomes.get(f"op-{n}")
+            if outcome in (CancelOutcome.PENDING, CancelOutcome.CANCELLED):
+                assert status.state is OperationState.CANCELLED, (n, outcome)
+            else:
+                assert status.state is OperationState.COMPLETED, (n, outcome)
+                assert status.result == n
+        assert ops.statistics().running == 0
+        assert all(ops.registry.operations(owner=f"u{k}") == [] for k in range(3))

@@ -20,6 +20,7 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, final
@@ -27,11 +28,11 @@ from typing import Any, final
 import anyio
 import coredis
 import coredis.exceptions
-from anyio.abc import TaskGroup
 from coredis.commands import Script
 from coredis.retry import ConstantRetryPolicy
 
 from .._operations import OperationError, OperationState, OperationStatus
+from ..backends import RegistryFull
 from ._connection import RedisUnavailable, _Pool, leaf, redact
 
 __all__ = ["RedisStatusStore"]
@@ -39,24 +40,47 @@ __all__ = ["RedisStatusStore"]
 logger = logging.getLogger("cancelkit.redis")
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
+#: Any failure of a call (no answer, a lost connection, an error reply such as BUSY or OOM)
+#: ends as RedisUnavailable for the caller.
+_ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
 
-# KEYS: status, ended set, this worker's alive key.
+# KEYS: status, ended set, this worker's alive key, the owner's running set, the running set.
 # ARGV: value, ttl ms, "r"/"e", run, max retained, now ms, name, lease ms, status key prefix,
-#       retention ms.
+#       retention ms, max running per owner (0: none), max running (0: none), limits on (1/0).
+# Returns 1 (written), 0 (a late running write of an ended run: ignored), -1 / -2 (refused:
+# the owner's / the fleet's limit of running operations).
 _PUT = """
 local old = redis.call('GET', KEYS[1])
+local now = tonumber(ARGV[6])
 if ARGV[3] == 'r' then
   if old and string.sub(old, 1, 2) == 'e ' then
     local _, _, run = string.find(old, '^e %S+ (%S+) ')
     if run == ARGV[4] then return 0 end
+  end
+  if ARGV[13] == '1' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+    if not redis.call('ZSCORE', KEYS[4], ARGV[7]) then
+      local per_owner, total = tonumber(ARGV[11]), tonumber(ARGV[12])
+      if per_owner > 0 and redis.call('ZCARD', KEYS[4]) >= per_owner then return -1 end
+      if total > 0 and redis.call('ZCARD', KEYS[5]) >= total then return -2 end
+    end
+    local expiry = now + tonumber(ARGV[8])
+    redis.call('ZADD', KEYS[4], expiry, ARGV[7])
+    redis.call('PEXPIRE', KEYS[4], ARGV[8])
+    redis.call('ZADD', KEYS[5], expiry, ARGV[7])
+    redis.call('PEXPIRE', KEYS[5], ARGV[8])
   end
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   redis.call('ZREM', KEYS[2], ARGV[7])
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
   return 1
 end
+if ARGV[13] == '1' then
+  redis.call('ZREM', KEYS[4], ARGV[7])
+  redis.call('ZREM', KEYS[5], ARGV[7])
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local now = tonumber(ARGV[6])
 redis.call('ZADD', KEYS[2], now, ARGV[7])
 local dropped = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[10]))
 local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
@@ -88,14 +112,24 @@ end
 return {value, 0}
 """
 
-# KEYS: alive key, then the statuses of this worker's running operations.
-# ARGV: lease ms, running ttl ms, this worker.
+# KEYS: alive key, the running set, then per running operation: its status, its owner's set.
+# ARGV: lease ms, running ttl ms, this worker, expiry (now + lease, ms), limits on (1/0),
+#       then the operations' names.
 _BEAT = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-for i = 2, #KEYS do
+local mine = 'r ' .. ARGV[3] .. ' '
+local n = 5
+for i = 3, #KEYS, 2 do
+  n = n + 1
   local value = redis.call('GET', KEYS[i])
-  if value and string.sub(value, 1, 3 + #ARGV[3]) == 'r ' .. ARGV[3] .. ' ' then
+  if value and string.sub(value, 1, #mine) == mine then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    if ARGV[5] == '1' then
+      redis.call('ZADD', KEYS[i + 1], ARGV[4], ARGV[n])
+      redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+      redis.call('ZADD', KEYS[2], ARGV[4], ARGV[n])
+      redis.call('PEXPIRE', KEYS[2], ARGV[1])
+    end
   end
 end
 return 1
@@ -108,6 +142,110 @@ def _name(id: str, owner: str | None) -> str:
 
 def _run_marker(status: OperationStatus) -> str:
     return f"{status.worker or '-'}/{status.started_at!r}"
+
+
+@final
+class _Link:
+    """The store's own client, scripts and background task (the heartbeat)."""
+
+    __slots__ = ("client", "scripts", "stack", "timeout", "url")
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.client: coredis.Redis[str] | None = None
+        self.scripts: dict[str, Script[str]] = {}
+        self.stack: AsyncExitStack | None = None
+
+    async def open(
+        self, first: Callable[[], Awaitable[None]], forever: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        """Connect, register the scripts, await ``first()``, then run ``forever()``."""
+        stack = AsyncExitStack()
+        try:
+            pool = _Pool.from_url(
+                self.url,
+                decode_responses=True,
+                connect_timeout=self.timeout / 2,
+                stream_timeout=self.timeout,
+                timeout=self.timeout,
+            )
+            client: coredis.Redis[str] = coredis.Redis(
+                connection_pool=pool,
+                decode_responses=True,
+                retry_policy=ConstantRetryPolicy(
+                    (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
+                ),
+            )
+            await stack.enter_async_context(client)
+            with anyio.fail_after(self.timeout * 2):
+                await client.ping()
+            self.client = client
+            self.scripts = {
+                name: client.register_script(text)
+                for name, text in (("put", _PUT), ("get", _GET), ("beat", _BEAT))
+            }
+            await first()
+            task_group = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(task_group.cancel_scope.cancel)  # runs before the group exits
+            task_group.start_soon(forever)
+        except BaseException as exc:
+            self.client = None
+            await stack.aclose()
+            if isinstance(exc, _ERRORS):
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {redact(self.url)}: {leaf(exc)}"
+                ) from exc
+            raise
+        self.stack = stack
+
+    async def close(self) -> None:
+        stack, self.stack = self.stack, None
+        try:
+            if stack is not None:
+                await stack.aclose()
+        finally:
+            self.client = None
+
+    async def call(self, script: str, keys: list[str], args: list[str]) -> Any:
+        """Run one script, bounded by the timeout; any failure is RedisUnavailable."""
+        if self.client is None:
+            raise RuntimeError(
+                "RedisStatusStore is not running: enter it first (BackgroundOperations "
+                "enters its store)"
+            )
+        try:
+            with anyio.fail_after(self.timeout):
+                return await self.scripts[script](keys=keys, args=args)
+        except _ERRORS as exc:
+            raise RedisUnavailable(
+                f"Redis at {redact(self.url)} did not answer: {leaf(exc)}"
+            ) from exc
+
+
+def _validate(
+    prefix: str,
+    lease: float | None,
+    max_retained: int,
+    limits: dict[str, int | None],
+    **seconds: float,
+) -> float:
+    """Check the options; return the lease (three heartbeats by default)."""
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
+    for option, value in seconds.items():
+        if not 0 < value < math.inf:
+            raise ValueError(f"{option} must be seconds > 0, not {value!r}")
+    if lease is None:
+        lease = 3 * seconds["heartbeat"]
+    if not 2 * seconds["heartbeat"] <= lease < math.inf:
+        raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
+    if max_retained < 1:
+        raise ValueError(f"max_retained must be >= 1, not {max_retained!r}")
+    for option, limit in limits.items():
+        if limit is not None and limit < 1:
+            raise ValueError(f"{option} must be None or >= 1, not {limit!r}")
+    return lease
 
 
 @final
@@ -144,6 +282,9 @@ class RedisStatusStore:
             ``heartbeat``; three heartbeats by default.
         retention: seconds an ended (or lost) status is kept.
         max_retained: the most ended statuses kept.
+        max_running: the most operations running across the fleet (``None``: no fleet-wide
+            limit; each worker's :class:`~cancelkit.BackgroundOperations` still has its own).
+        max_running_per_owner: the most operations one owner runs across the fleet.
 
     Raises:
         ValueError: if an option is out of range.
@@ -152,20 +293,19 @@ class RedisStatusStore:
     """
 
     __slots__ = (
-        "_client",
+        "_down",
         "_entered",
         "_heartbeat",
         "_lease_ms",
+        "_link",
         "_local",
         "_max",
+        "_max_running",
+        "_max_running_per_owner",
+        "_pending",
         "_prefix",
         "_retention_ms",
         "_running_ms",
-        "_scripts",
-        "_stack",
-        "_task_group",
-        "_timeout",
-        "_url",
         "_worker",
     )
 
@@ -179,38 +319,36 @@ class RedisStatusStore:
         lease: float | None = None,
         retention: float = 3600.0,
         max_retained: int = 10_000,
+        max_running: int | None = None,
+        max_running_per_owner: int | None = None,
     ) -> None:
         """Configure the store; nothing connects until it is entered."""
-        if not _PREFIX.fullmatch(prefix):
-            raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
-        for option, value in (
-            ("timeout", timeout),
-            ("heartbeat", heartbeat),
-            ("retention", retention),
-        ):
-            if not 0 < value < math.inf:
-                raise ValueError(f"{option} must be seconds > 0, not {value!r}")
-        if lease is None:
-            lease = 3 * heartbeat
-        if not 2 * heartbeat <= lease < math.inf:
-            raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
-        if max_retained < 1:
-            raise ValueError(f"max_retained must be >= 1, not {max_retained!r}")
-        self._url = url
+        limits = {"max_running": max_running, "max_running_per_owner": max_running_per_owner}
+        lease = _validate(
+            prefix,
+            lease,
+            max_retained,
+            limits,
+            timeout=timeout,
+            heartbeat=heartbeat,
+            retention=retention,
+        )
+        self._max_running = max_running
+        self._max_running_per_owner = max_running_per_owner
+        self._link = _Link(url, float(timeout))
         self._prefix = prefix
-        self._timeout = float(timeout)
         self._heartbeat = float(heartbeat)
         self._lease_ms = math.ceil(lease * 1000)
         self._retention_ms = math.ceil(retention * 1000)
         self._running_ms = self._lease_ms + self._retention_ms
         self._max = max_retained
         self._worker: str | None = None
-        self._client: coredis.Redis[str] | None = None
-        self._scripts: dict[str, Script[str]] = {}
-        self._stack: AsyncExitStack | None = None
-        self._task_group: TaskGroup | None = None
-        self._local: dict[str, None] = {}  # status keys of this worker's running operations
+        # this worker's running operations: status key -> (name, the owner's running set)
+        self._local: dict[str, tuple[str, str]] = {}
         self._entered = 0  # nested entries (the application's and BackgroundOperations')
+        # ended statuses whose write failed, retried by the heartbeat (the newest per key)
+        self._pending: dict[str, tuple[list[str], list[str]]] = {}
+        self._down = False  # a failure was logged; the next success logs the recovery
 
     @property
     def worker(self) -> str | None:
@@ -233,48 +371,15 @@ class RedisStatusStore:
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
-        if self._stack is not None:
+        if self._link.stack is not None:
             self._entered += 1
             return self
         self._worker = secrets.token_urlsafe(9)  # made here, after any fork
-        stack = AsyncExitStack()
         try:
-            pool = _Pool.from_url(
-                self._url,
-                decode_responses=True,
-                connect_timeout=self._timeout / 2,
-                stream_timeout=self._timeout,
-                timeout=self._timeout,
-            )
-            client: coredis.Redis[str] = coredis.Redis(
-                connection_pool=pool,
-                decode_responses=True,
-                retry_policy=ConstantRetryPolicy(
-                    (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
-                ),
-            )
-            await stack.enter_async_context(client)
-            with anyio.fail_after(self._timeout * 2):
-                await client.ping()
-            self._client = client
-            self._scripts = {
-                "put": client.register_script(_PUT),
-                "get": client.register_script(_GET),
-                "beat": client.register_script(_BEAT),
-            }
-            await self._beat_once()
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            self._task_group.start_soon(self._beat)
-        except BaseException as exc:
-            self._client = self._task_group = None
+            await self._link.open(self._beat_once, self._beat)
+        except BaseException:
             self._worker = None
-            await stack.aclose()
-            if isinstance(exc, Exception):  # any failure to connect or to answer
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redact(self._url)}: {leaf(exc)}"
-                ) from exc
             raise
-        self._stack = stack
         self._entered = 1
         return self
 
@@ -285,18 +390,14 @@ class RedisStatusStore:
         tb: TracebackType | None,
     ) -> None:
         """Stop the heartbeat and disconnect (running statuses left behind read as lost)."""
-        if self._stack is None:
+        if self._link.stack is None:
             return
         self._entered -= 1
         if self._entered:
             return
-        stack, self._stack = self._stack, None
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
         try:
-            await stack.aclose()
+            await self._link.close()
         finally:
-            self._client = self._task_group = None
             self._worker = None
             self._local.clear()
 
@@ -304,34 +405,53 @@ class RedisStatusStore:
         while True:
             await anyio.sleep(self._heartbeat)
             try:
+                while self._pending:  # final statuses that could not be written, oldest first
+                    key = next(iter(self._pending))
+                    keys, args = self._pending[key]
+                    await self._link.call("put", keys, args)
+                    if self._pending.get(key) == (keys, args):
+                        del self._pending[key]
                 await self._beat_once()
             except RedisUnavailable as exc:
-                logger.warning("status heartbeat failed: %s", exc)
+                if not self._down:
+                    self._down = True
+                    logger.warning(
+                        "status heartbeat failed (%s); this worker's running operations read "
+                        "as lost once the lease passes; retrying every %s s",
+                        exc,
+                        self._heartbeat,
+                    )
+            else:
+                if self._down:
+                    self._down = False
+                    logger.warning("status heartbeat works again")
+
+    @property
+    def _limited(self) -> bool:
+        return self._max_running is not None or self._max_running_per_owner is not None
 
     async def _beat_once(self) -> None:
-        keys = [self._alive, *self._local]
-        args = [str(self._lease_ms), str(self._running_ms), str(self._worker)]
-        await self._call("beat", keys, args)
-
-    async def _call(self, script: str, keys: list[str], args: list[str]) -> Any:
-        if self._client is None:
-            raise RuntimeError(
-                "RedisStatusStore is not running: enter it first (BackgroundOperations "
-                "enters its store)"
-            )
-        try:
-            with anyio.fail_after(self._timeout):
-                return await self._scripts[script](keys=keys, args=args)
-        except Exception as exc:  # error replies (BUSY, OOM...) too: never raw, never fatal
-            raise RedisUnavailable(
-                f"Redis at {redact(self._url)} did not answer: {leaf(exc)}"
-            ) from exc
+        keys = [self._alive, f"{self._prefix}:o:r"]
+        names = []
+        for key, (name, owner_set) in self._local.items():
+            keys += [key, owner_set]
+            names.append(name)
+        expiry = time.time_ns() // 1_000_000 + self._lease_ms
+        args = [str(self._lease_ms), str(self._running_ms), str(self._worker), str(expiry)]
+        args += ["1" if self._limited else "0", *names]
+        await self._link.call("beat", keys, args)
 
     async def put(self, status: OperationStatus) -> None:
         """See :meth:`StatusStore.put <cancelkit.StatusStore.put>`.
 
+        An ended status that cannot be written is kept (up to 10,000) and written by the
+        heartbeat once Redis answers again, so an operation that ended during an outage does
+        not read as lost afterwards.
+
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
+            RegistryFull: for a new running status beyond ``max_running`` or
+                ``max_running_per_owner`` (across the fleet); nothing was written.
         """
         name = _name(status.id, status.owner)
         key = self._key(name)
@@ -339,26 +459,41 @@ class RedisStatusStore:
         run = _run_marker(status)
         text = json.dumps(status.to_json(), separators=(",", ":"))
         value = f"{'r' if running else 'e'} {status.worker or '-'} {run} {text}"
+        owner = "-" if status.owner is None else f"{len(status.owner)}:{status.owner}"
+        owner_set = f"{self._prefix}:o:r:{owner}"
+        keys = [key, f"{self._prefix}:o:z", self._alive, owner_set, f"{self._prefix}:o:r"]
+        args = [
+            value,
+            str(self._running_ms if running else self._retention_ms),
+            "r" if running else "e",
+            run,
+            str(self._max),
+            str(time.time_ns() // 1_000_000),
+            name,
+            str(self._lease_ms),
+            self._key(""),
+            str(self._retention_ms),
+            str(self._max_running_per_owner or 0),
+            str(self._max_running or 0),
+            "1" if self._limited else "0",
+        ]
         if running:
-            self._local[key] = None
-        else:
-            self._local.pop(key, None)
-        await self._call(
-            "put",
-            [key, f"{self._prefix}:o:z", self._alive],
-            [
-                value,
-                str(self._running_ms if running else self._retention_ms),
-                "r" if running else "e",
-                run,
-                str(self._max),
-                str(time.time_ns() // 1_000_000),
-                name,
-                str(self._lease_ms),
-                self._key(""),
-                str(self._retention_ms),
-            ],
-        )
+            result = int(await self._link.call("put", keys, args))
+            if result == -1:
+                raise RegistryFull("max_running_per_owner", self._max_running_per_owner or 0)
+            if result == -2:
+                raise RegistryFull("max_running", self._max_running or 0)
+            self._local[key] = (name, owner_set)
+            return
+        self._local.pop(key, None)
+        self._pending.pop(key, None)  # this write supersedes an older failed one
+        try:
+            await self._link.call("put", keys, args)
+        except RedisUnavailable:
+            if len(self._pending) >= 10_000:  # bounded: the oldest failed write is dropped
+                del self._pending[next(iter(self._pending))]
+            self._pending[key] = (keys, args)  # the heartbeat writes it once Redis is back
+            raise
 
     async def get(self, id: str, owner: str | None) -> OperationStatus | None:
         """See :meth:`StatusStore.get <cancelkit.StatusStore.get>`.
@@ -369,7 +504,9 @@ class RedisStatusStore:
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
-        result = await self._call("get", [self._key(_name(id, owner))], [f"{self._prefix}:o:a:"])
+        result = await self._link.call(
+            "get", [self._key(_name(id, owner))], [f"{self._prefix}:o:a:"]
+        )
         if result is None:
             return None
         value, gone = str(result[0]), int(result[1])
@@ -392,8 +529,8 @@ class RedisStatusStore:
 
     def __repr__(self) -> str:
         """Show the server (password hidden), prefix, worker and local running statuses."""
-        state = "stopped" if self._client is None else "running"
+        state = "stopped" if self._link.client is None else "running"
         return (
-            f"<RedisStatusStore {redact(self._url)} prefix={self._prefix!r} "
+            f"<RedisStatusStore {redact(self._link.url)} prefix={self._prefix!r} "
             f"worker={self._worker} {state} running={len(self._local)}>"
         )

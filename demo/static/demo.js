@@ -12,6 +12,10 @@ function randomId() {
 const user = "tab-" + randomId().slice(0, 8);
 const $ = (id) => document.getElementById(id);
 let current = null; // the operation id of the newest search, while it runs
+// The keystroke counter: requests travel on parallel connections and may reach the server
+// (or different workers) out of order; X-Sequence tells the server which one is newest, so
+// a late older search is refused (409, stale) instead of superseding the newer one.
+let keystrokes = 0;
 
 function setStatus(text) { $("status").textContent = text; }
 
@@ -27,13 +31,14 @@ function showMatches(matches) {
 // supersedes them (an aborted fetch would look like a closed tab instead).
 async function search(query) {
   const op = randomId();
+  const seq = ++keystrokes;
   current = op;
   $("stop").disabled = false;
   setStatus(`Searching for “${query}”…`);
   let response;
   try {
     response = await fetch("/search?" + new URLSearchParams({ q: query }), {
-      headers: { "X-User": user, "X-Operation-Id": op },
+      headers: { "X-User": user, "X-Operation-Id": op, "X-Sequence": String(seq) },
     });
   } catch (error) {
     if (op === current) setStatus(`Network error: ${error}`);
@@ -95,6 +100,7 @@ function addLogRow(event) {
     const ms = Math.round((event.at - started.get(event.op)) * 1000);
     detail = `${detail} (after ${ms} ms)`;
   }
+  if (event.worker) detail = detail ? `${detail}, on worker ${event.worker}` : `on worker ${event.worker}`;
   const time = new Date(event.at * 1000).toLocaleTimeString([], { hour12: false });
   const tab = event.user === user ? "this tab" : event.user;
   const cells = [time, tab, LABELS[event.kind] || event.kind, event.query, event.op.slice(0, 8), detail];

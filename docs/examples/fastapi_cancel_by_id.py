@@ -1,7 +1,7 @@
 """Stop a running request from another request: DELETE /operations/{id}.
 
-The client picks the operation id (a UUID) and sends it with the work, so it can cancel the
-work while it runs, or even before the server has seen it.
+The client picks the operation id (a UUID) and sends it with the work, so it
+can cancel the work while it runs, or even before the server has seen it.
 
 Run: python docs/examples/fastapi_cancel_by_id.py
 """

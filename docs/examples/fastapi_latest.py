@@ -12,8 +12,8 @@ from cancelkit import Claim, LatestOnly
 from cancelkit.fastapi import install, latest_only
 
 app = FastAPI()
-install(app)  # superseded -> 409, deadline -> 504, client gone -> 499, busy -> 409/429
-searches = LatestOnly()  # in-memory; pass backend=RedisBackend(...) for several workers
+install(app)  # superseded -> 409, deadline -> 504, client gone -> 499
+searches = LatestOnly()  # in memory; backend=RedisBackend(...) for workers
 
 
 def search_key(request: Request, x_user: Annotated[str, Header()]) -> str:
@@ -21,9 +21,12 @@ def search_key(request: Request, x_user: Annotated[str, Header()]) -> str:
     return f"{x_user}:{request.url.path}"
 
 
+SearchClaim = Annotated[Claim, latest_only(searches, key=search_key)]
+
+
 @app.get("/search")
-async def search(q: str, claim: Annotated[Claim, latest_only(searches, key=search_key)]) -> dict:
-    await asyncio.sleep(0.5)  # the expensive part: interrupted when a newer request arrives
+async def search(q: str, claim: SearchClaim) -> dict:
+    await asyncio.sleep(0.5)  # the expensive part: a newer request interrupts it
     return {"q": q, "results": [f"{q}-1", f"{q}-2"], "generation": claim.generation}
 
 
@@ -52,7 +55,9 @@ async def demo() -> None:
             await asyncio.gather(first, second, bob),
             strict=True,
         ):
-            print(f"{name} -> {response.status_code} {response.json()}")
+            body = response.json()
+            body.pop("source", None)  # the superseding request's id
+            print(f"{name} -> {response.status_code} {body}")
     server.should_exit = True
     await serving
 

@@ -27,7 +27,7 @@ overlap_seen = False
 
 
 def make_app() -> FastAPI:
-    """One 'worker': an app with its own module-global current_task, as the recipe has it."""
+    """One 'worker': an app with its own global current_task, as in the recipe."""
     app = FastAPI()
     current_task: asyncio.Task[str] | None = None
 

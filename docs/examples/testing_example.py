@@ -1,4 +1,6 @@
-"""Testing an app that uses cancelkit: concurrent requests in-process, no sleeps, no server.
+"""Testing an app that uses cancelkit: concurrent requests in-process.
+
+No sleeps, no server, no sockets.
 
 Run: python -m pytest docs/examples/testing_example.py
 """
@@ -18,7 +20,11 @@ def anyio_backend() -> str:
 
 def client(user: str) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app)  # the app runs in this event loop: no sockets
-    return httpx.AsyncClient(transport=transport, base_url="http://test", headers={"x-user": user})
+    return httpx.AsyncClient(
+        transport=transport,
+        base_url="http://test",
+        headers={"x-user": user},
+    )
 
 
 async def test_a_newer_search_supersedes_the_older_one() -> None:
@@ -38,7 +44,11 @@ async def test_a_newer_search_supersedes_the_older_one() -> None:
 
 
 async def test_users_do_not_supersede_each_other() -> None:
-    async with client("alice") as alice, client("bob") as bob, anyio.create_task_group() as tg:
+    async with (
+        client("alice") as alice,
+        client("bob") as bob,
+        anyio.create_task_group() as tg,
+    ):
         responses: list[httpx.Response] = []
 
         async def search(http: httpx.AsyncClient, q: str) -> None:
