@@ -159,7 +159,8 @@ class Connection:
 
     The error model: every failure of a call (an error reply such as BUSY, READONLY, OOM or
     NOSCRIPT, a lost or closed connection, a timeout) is retried every 10 ms while it can
-    succeed, within ``timeout`` for the whole call. A call that still fails marks Redis down
+    succeed, within ``timeout`` for the whole call (while Redis is marked down: one attempt,
+    also bounded by ``timeout``). A call that still fails marks Redis down
     (logged once), calls ``on_down`` (the listener resubscribes) and raises :exc:`Down`,
     which the callers turn into :exc:`RedisUnavailable` or their fail-open path; the
     listener marks Redis up again once it has resubscribed and resynced. Every script is
@@ -239,18 +240,16 @@ class Connection:
     async def run(
         self, script: str, keys: Sequence[str], args: Sequence[str], *, force: bool = False
     ) -> Any:
-        """Run a script; :exc:`Down` if Redis is down (unless ``force``) or the call fails."""
+        """Run a script; :exc:`Down` if the call fails (see the class docs)."""
         self.client  # noqa: B018 - raises if not running
-        if not (self.up or force):
-            raise Down
-        return await self._call(lambda: self._scripts[script](keys=keys, args=args))
+        return await self._call(
+            lambda: self._scripts[script](keys=keys, args=args), retry=self.up or force
+        )
 
     async def get(self, key: str) -> str | None:
-        """GET a key; :exc:`Down` if Redis is down or the call fails."""
+        """GET a key; :exc:`Down` if the call fails."""
         client = self.client
-        if not self.up:
-            raise Down
-        value: str | None = await self._call(lambda: client.get(key))
+        value: str | None = await self._call(lambda: client.get(key), retry=self.up)
         return value
 
     async def command(
@@ -258,11 +257,12 @@ class Connection:
     ) -> Any:
         """Run ``call(client)`` with the error model of :meth:`run`."""
         client = self.client
-        if not (self.up or force):
-            raise Down
-        return await self._call(lambda: call(client))
+        return await self._call(lambda: call(client), retry=self.up or force)
 
-    async def _call(self, attempt: Callable[[], Any]) -> Any:
+    async def _call(self, attempt: Callable[[], Any], *, retry: bool) -> Any:
+        # While Redis is marked down, one attempt only: an outage costs callers no more than
+        # a refused connection, and a server that is back (or a connection kill that cost
+        # the reader its subscription) is used at once.
         deadline = anyio.current_time() + self._timeout
         while True:
             try:
@@ -270,7 +270,11 @@ class Connection:
                     return await attempt()
             except Exception as exc:  # every failure of a call is "Redis unavailable"
                 error = exc
-            if not _transient(error) or anyio.current_time() + _RETRY_PAUSE >= deadline:
+            if (
+                not retry
+                or not _transient(error)
+                or anyio.current_time() + _RETRY_PAUSE >= deadline
+            ):
                 break
             await anyio.sleep(_RETRY_PAUSE)
         self.mark_down(error)
@@ -302,7 +306,7 @@ class Connection:
             self._wake = anyio.Event()
             if not self._cleanup:
                 await self._wake.wait()
-            if self.up:
+            if self._cleanup:
                 try:
                     await self.drain()
                 except Down:

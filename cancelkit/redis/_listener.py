@@ -140,17 +140,15 @@ class Listener:
         while True:
             await anyio.sleep(self._settings.heartbeat)
             self._slots.poke_turns()  # messages can be lost
-            if self._conn.up:
-                with suppress(Down), _survive("heartbeat"):
-                    await self.resync()
+            with _survive("heartbeat"), suppress(Down):
+                await self.resync()  # also while marked down: leases must not lapse
 
     async def poll(self) -> None:
         """Every ``poll_interval``: read the inbox while Redis is up."""
         while True:
             await anyio.sleep(self._settings.poll_interval)
-            if self._conn.up:
-                with suppress(Down), _survive("inbox poll"):
-                    await self.read_inbox()
+            with _survive("inbox poll"), suppress(Down):
+                await self.read_inbox()
 
     async def read_inbox(self, *, force: bool = False) -> None:
         """Deliver the lines in this worker's inbox, then drop exactly those (at least once)."""
