@@ -711,3 +711,65 @@ def test_example_runs(redis: RedisServer) -> None:
     assert result.returncode == 0, result.stderr
     assert "worker 1: superseded by" in result.stdout
     assert "worker 2: finished" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("", "empty"),
+        ("not a url", "no scheme"),
+        ("redis://", "no host"),
+        ("http://localhost:6379", "scheme 'http'"),
+        ("redis://localhost:99999", "malformed"),
+        ("redis://localhost/zero", "not a number"),
+        ("unix://", "no socket path"),
+    ],
+)
+def test_malformed_urls_are_refused_at_construction(url: str, problem: str) -> None:
+    """A URL coredis cannot use raises ValueError naming the problem before anything connects."""
+    with pytest.raises(ValueError, match=problem):
+        RedisBackend(url)
+
+
+async def test_tombstones_are_bounded_per_owner(redis: RedisServer, prefix: str) -> None:
+    """One owner's tombstones stop at max_tombstones_per_owner; other owners keep working."""
+    async with workers(redis, prefix, n=1, max_tombstones_per_owner=2) as (a,):
+        registry = TokenRegistry(backend=a)
+        for id in ("t1", "t2"):
+            assert await registry.cancel(id, owner="alice") is CancelOutcome.PENDING
+        with pytest.raises(RegistryFull) as info:
+            await registry.cancel("t3", owner="alice")
+        assert (info.value.limit, info.value.value) == ("max_tombstones_per_owner", 2)
+        assert await registry.cancel("t3", owner="bob") is CancelOutcome.PENDING
+        assert await registry.cancel("t3") is CancelOutcome.PENDING  # no owner: total only
+        with pytest.raises(OperationCancelled):  # a consumed tombstone frees its place
+            async with registry.track("t1", owner="alice"):
+                pass  # pragma: no cover
+        assert await registry.cancel("t4", owner="alice") is CancelOutcome.PENDING
+
+
+async def test_a_cancel_interrupted_in_flight_leaves_no_orphan(
+    redis: RedisServer, prefix: str
+) -> None:
+    """A claim and a registration whose callers are cancelled mid-script are released."""
+    async with workers(redis, prefix) as (a, b), raw(redis) as client:
+        for _ in range(20):
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # cancelled at the first await: the script may or may not run
+                async with LatestOnly(backend=a).claim("k"), TokenRegistry(backend=a).track("op"):
+                    pass  # pragma: no cover
+        await wait_for(lambda: a.statistics().claims == a.statistics().registrations == 0)
+        with anyio.fail_after(10):  # at once, or within one lease if a release raced a script
+            while True:
+                try:
+                    async with LatestOnly(policy="reject", backend=b).claim("k"):
+                        break
+                except SlotBusy:
+                    await anyio.sleep(0.05)
+            while True:
+                try:
+                    async with TokenRegistry(backend=b).track("op"):
+                        break
+                except OperationExists:
+                    await anyio.sleep(0.05)
+        assert -1 not in (await keys_of(client, prefix)).values()
