@@ -586,7 +586,7 @@ async def worker_process(redis: RedisServer, prefix: str, backend: str) -> Async
     async with await anyio.open_process(command, env=env, stderr=subprocess.DEVNULL) as process:
         worker = Worker(process)
         try:
-            await worker.expect("ready")
+            await worker.expect("ready", limit=30)  # a loaded box starts Python slowly
             yield worker
         finally:
             if process.returncode is None:
