@@ -331,7 +331,7 @@ _batches = threading.local()  # .current: the _WatcherBatch of this thread's run
 class DisconnectGuard:
     """Run one HTTP request so that a client disconnect cancels its token at once.
 
-    The guard is the only reader of the server's ``receive`` (through a :class:`ReadAhead`).
+    The guard is the only reader of the server's ``receive`` (through its read-ahead buffer).
     Request-body messages reach the application untouched and in order; ahead of the
     application the guard reads at most ``max_buffer`` bytes (then waits for the application
     to catch up), so a slow handler neither loses an upload nor makes the guard hold all of

@@ -147,7 +147,8 @@ def log_ended(scope: Scope, reason: CancelReason, *, cut: bool) -> None:
     logger.info("%s %s: %s", _request_line(scope), "cut short" if cut else "ended", reason)
 
 
-Handler = Callable[[Any, Exception], Awaitable[HTTPAnswer]]
+#: ``(request, exc) -> an ASGI application that sends the answer`` (an :class:`HTTPAnswer`).
+Handler = Callable[[Any, Exception], Awaitable[Callable[..., Awaitable[None]]]]
 
 
 def exception_handlers(

@@ -77,7 +77,18 @@ class OperationBody(BaseModel):
 # -- the request's token ----------------------------------------------------------------------
 
 
-def request_level_token(request: Request) -> CancellationToken:
+def _request_level_token(request: Request) -> CancellationToken:
+    """The request's token, creating it on first use (see :func:`request_level_token`)."""
+    scope = request.scope
+    token = scope.get(_REQUEST_TOKEN)
+    if token is None:
+        outer = scope.get(_ASGI_TOKEN)
+        token = CancellationToken() if outer is None else outer.child()
+        scope[_REQUEST_TOKEN] = token
+    return cast(CancellationToken, token)
+
+
+async def request_level_token(request: Request) -> CancellationToken:
     """Return the request's token, creating it on first use.
 
     It follows the :class:`~cancelkit.CancelOnDisconnect` token when that middleware runs the
@@ -93,24 +104,14 @@ def request_level_token(request: Request) -> CancellationToken:
 
     .. versionadded:: 0.1
     """
-    scope = request.scope
-    token = scope.get(_REQUEST_TOKEN)
-    if token is None:
-        outer = scope.get(_ASGI_TOKEN)
-        token = CancellationToken() if outer is None else outer.child()
-        scope[_REQUEST_TOKEN] = token
-    return cast(CancellationToken, token)
-
-
-async def _request_token_dependency(request: Request) -> CancellationToken:
-    # async def: a sync dependency costs every request a hop through the threadpool.
-    return request_level_token(request)
+    # async def: a sync dependency costs every request a trip through the threadpool.
+    return _request_level_token(request)
 
 
 #: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
 #: :func:`request_level_token`). In a sync ``def`` endpoint (run in a worker thread), call
 #: ``token.raise_if_cancelled()`` between steps to stop when it is cancelled.
-RequestToken: TypeAlias = Annotated[CancellationToken, Depends(_request_token_dependency)]
+RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_token)]
 
 
 @contextmanager
@@ -122,7 +123,7 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     client disconnect, shutdown): the endpoint runs in ``source.scope()``, so that is the
     token :func:`~cancelkit.current_token` returns there, in a worker thread too.
     """
-    handle = source.on_cancel(request_level_token(request).cancel)
+    handle = source.on_cancel(_request_level_token(request).cancel)
     outer = request.scope.get(_ASGI_TOKEN)
     outer_handle = None if outer is None else outer.on_cancel(source.cancel)
     try:
@@ -354,7 +355,7 @@ def tracked(
         owner: str | None,
         operation_id: str | None = None,
     ) -> AsyncIterator[TrackedOperation]:
-        async with registry.track(operation_id, owner=owner, interrupt=False) as op:
+        async with registry.hold(operation_id, owner=owner) as op:
             response.headers[header] = op.id
             with _relayed(op.token, request):
                 yield op
@@ -534,6 +535,8 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 # Kept apart from the request-level adapters above; the core is cancelkit._operations.
 # =============================================================================================
 
+import sys  # noqa: E402
+
 import anyio  # noqa: E402
 from fastapi import Query  # noqa: E402
 from pydantic import Field  # noqa: E402
@@ -626,6 +629,14 @@ def _status_body(status: OperationStatus) -> dict[str, Any]:
     return data
 
 
+def _unavailable(exc: Exception) -> Response | None:
+    """503 for a store or backend that cannot be reached (cancelkit.redis, if it is in use)."""
+    redis = sys.modules.get("cancelkit.redis")
+    if redis is None or not isinstance(exc, redis.RedisUnavailable):
+        return None
+    return _answer(HTTPAnswer(503, "unavailable", str(exc), None, 1))
+
+
 def _answer(answer: HTTPAnswer) -> Response:
     headers = {} if answer.retry_after is None else {"Retry-After": str(answer.retry_after)}
     return Response(
@@ -680,6 +691,10 @@ class OperationStarter:
             answer = answer_for(exc)
             assert answer is not None
             return _answer(answer)
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         location = str(self._request.url_for(self._route, operation_id=id))
         status = await self._operations.status(id, owner=self._owner)
         state = "running" if status is None else status.state.value
@@ -760,6 +775,9 @@ def operations_router(
       ``"pending"`` (not started yet: it will start already cancelled), ``404`` when there
       is nothing of this owner's to cancel (ended, lost, or someone else's).
 
+    Both answer ``503`` with ``Retry-After`` (reason ``"unavailable"``) while Redis cannot
+    be reached, as does a start.
+
     Args:
         operations: the application's :class:`~cancelkit.BackgroundOperations`.
         owner: your dependency that returns the owner; another owner's operations look absent.
@@ -785,8 +803,10 @@ def operations_router(
         raise ValueError(f"max_wait must be seconds from 0 to 3600, not {max_wait!r}")
     owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
     router = APIRouter(**router_options)
+    unavailable = {"model": CancelledBody, "description": "Redis cannot be reached"}
     not_found: dict[int | str, dict[str, Any]] = {
-        404: {"model": CancelledBody, "description": "No such operation of yours"}
+        404: {"model": CancelledBody, "description": "No such operation of yours"},
+        503: unavailable,
     }
 
     @router.get(
@@ -804,10 +824,15 @@ def operations_router(
             Query(ge=0, le=max_wait, description="Seconds to wait for the operation to end"),
         ] = 0,
     ) -> Any:
-        if wait > 0:
-            with anyio.move_on_after(wait):
-                await operations.wait(operation_id, owner=owner)
-        status = await operations.status(operation_id, owner=owner)
+        try:
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await operations.wait(operation_id, owner=owner)
+            status = await operations.status(operation_id, owner=owner)
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         if status is None:
             body = {"detail": "no such operation", "reason": "not_found", "source": None}
             return JSONResponse(body, status_code=404)
@@ -817,16 +842,24 @@ def operations_router(
         path,
         status_code=202,
         response_model=OperationBody,
-        responses={404: {"model": OperationBody, "description": "Nothing of yours to cancel"}},
+        responses={
+            404: {"model": OperationBody, "description": "Nothing of yours to cancel"},
+            503: unavailable,
+        },
         summary="Cancel a background operation",
     )
     async def cancel_background_operation(
         operation_id: Annotated[str, Path(pattern=_ID_PATTERN, max_length=128)],
         owner: Annotated[str | None, Depends(owner_dependency)],
     ) -> Any:
-        outcome = await operations.cancel(
-            operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
-        )
+        try:
+            outcome = await operations.cancel(
+                operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
+            )
+        except Exception as exc:
+            if (response := _unavailable(exc)) is not None:
+                return response
+            raise
         body = {"id": operation_id, "outcome": outcome.value}
         if outcome is CancelOutcome.NOT_FOUND:
             return JSONResponse(body, status_code=404)

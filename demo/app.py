@@ -504,7 +504,7 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
     ) -> AsyncIterator[SearchRecord]:
         """Log how the search ends, however it ends (declared first, so it sees it all)."""
         record = SearchRecord(q, user, request.headers.get("x-operation-id", "-"))
-        token = request_level_token(request)  # follows the claim, the op and the disconnect
+        token = await request_level_token(request)  # follows the claim, the op and the disconnect
         try:
             yield record
         except OperationCancelled as exc:  # superseded, or stopped by id (maybe before start)

@@ -11,6 +11,7 @@ newer finished, the remembered sequence number would still refuse it.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,10 +21,14 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
+import pytest
+from fastapi import FastAPI, Query
 
+from cancelkit import Claim, LatestOnly
+from cancelkit.fastapi import install, latest_only
 from tests.conftest import RedisServer
 from tests.workers import one_client_per_worker
 
@@ -125,3 +130,53 @@ def test_a_malformed_sequence_is_a_422_naming_the_header() -> None:
             assert response.status_code == 422
             assert response.json()["detail"][0]["loc"] == ["header", "X-Sequence"]
         assert client.get("/started").json()["started"] == []
+
+
+def from_query(n: Annotated[int | str | None, Query()] = None) -> Any:
+    """A sequence dependency: the ``n`` query parameter (an int if it is digits)."""
+    return int(n) if isinstance(n, str) and n.isdigit() else n
+
+
+# Module level: FastAPI resolves these (string) annotations in the module's globals.
+Ordered = Annotated[
+    Claim, latest_only(LatestOnly(), key=lambda request: request.headers["x-run"], seq=from_query)
+]
+ByHeader = Annotated[Claim, latest_only(LatestOnly(), key=lambda request: "k")]
+
+
+@pytest.mark.anyio
+async def test_the_sequence_may_come_from_any_dependency() -> None:
+    """seq=<dependency>: its int orders the claims; a value that is no int in range is a 422."""
+    app = FastAPI()
+    install(app)
+
+    @app.get("/s")
+    async def endpoint(claim: Ordered) -> Any:
+        return {"seq": claim.seq}
+
+    transport = httpx.ASGITransport(app=app)
+    run = {"x-run": secrets.token_hex(4)}  # a fresh key for each run
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", headers=run
+    ) as client:
+        assert (await client.get("/s", params={"n": "5"})).json() == {"seq": 5}
+        stale = await client.get("/s", params={"n": "5"})  # equal: a number is used once
+        assert stale.status_code == 409
+        assert stale.json()["detail"].startswith("stale:")
+        bad = await client.get("/s", params={"n": "five"})
+        assert bad.status_code == 422
+        assert "sequence number must be an int" in bad.json()["detail"][0]["msg"]
+        assert (await client.get("/s")).json() == {"seq": None}  # none: arrival order
+    assert "X-Sequence" not in str(app.openapi()["paths"]["/s"])  # a dependency, no header
+
+
+def test_the_sequence_header_is_documented() -> None:
+    """The default X-Sequence header shows in the OpenAPI schema, optional."""
+    app = FastAPI()
+
+    @app.get("/s")
+    async def endpoint(claim: ByHeader) -> Any:
+        return {}
+
+    (param,) = app.openapi()["paths"]["/s"]["get"]["parameters"]
+    assert (param["name"], param["in"], param["required"]) == ("X-Sequence", "header", False)

@@ -545,3 +545,59 @@ async def test_many_racing_starts_and_cancels_all_end_consistently(make: Make) -
                 assert status.result == n
         assert ops.statistics().running == 0
         assert all(ops.registry.operations(owner=f"u{k}") == [] for k in range(3))
+
+
+class SlowStore:
+    """A StatusStore whose running-status writes wait for the test (an app's own store)."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStatusStore()
+        self.gate = anyio.Event()
+        self.writes: list[OperationStatus] = []
+        self.waiting = anyio.Event()
+
+    @property
+    def worker(self) -> str | None:
+        return None
+
+    async def __aenter__(self) -> SlowStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    async def put(self, status: OperationStatus) -> None:
+        if status.progress is not None and not status.state.ended:
+            self.waiting.set()
+            await self.gate.wait()
+        self.writes.append(status)
+        await self.inner.put(status)
+
+    async def get(self, id: str, owner: str | None) -> OperationStatus | None:
+        return await self.inner.get(id, owner)
+
+
+async def test_progress_reports_coalesce_while_a_write_is_in_flight() -> None:
+    """Five reports during one slow write make two writes: the first and the newest."""
+    store = SlowStore()
+    reported = anyio.Event()
+
+    async def export() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ops.report, 1)  # its write waits at the gate
+            await store.waiting.wait()
+            for done in range(2, 6):
+                await ops.report(done)  # return at once: the write in flight takes them
+            reported.set()
+        # the first report's task wrote the newest progress before it returned
+
+    async with BackgroundOperations(store=store) as ops:
+        id = await ops.start(export)
+        await reported.wait()
+        store.gate.set()
+        status = await ops.wait(id)
+    assert status is not None
+    assert status.state is OperationState.COMPLETED
+    progress = [s.progress.done for s in store.writes if s.progress and not s.state.ended]
+    assert progress == [1, 5]
+    assert status.progress == Progress(5)

@@ -198,10 +198,10 @@ async def test_openapi_documents_the_answers() -> None:
         "$ref": "#/components/schemas/OperationStartedBody"
     }
     status = paths["/operations/{operation_id}"]["get"]
-    assert {"200", "404", "422"} <= set(status["responses"])
+    assert {"200", "404", "422", "503"} <= set(status["responses"])
     assert [p["name"] for p in status["parameters"]] == ["operation_id", "wait", "x-user"]
     cancel = paths["/operations/{operation_id}"]["delete"]["responses"]
-    assert {"202", "404"} <= set(cancel)
+    assert {"202", "404", "503"} <= set(cancel)
 
 
 async def test_the_router_state_maps_every_operation_state() -> None:

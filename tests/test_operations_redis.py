@@ -23,6 +23,7 @@ import anyio
 import httpx
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
+from fastapi import FastAPI, Response
 
 from cancelkit import (
     BackgroundOperations,
@@ -32,6 +33,7 @@ from cancelkit import (
     RegistryFull,
     TokenRegistry,
 )
+from cancelkit.fastapi import OperationStarter, install, operation_starter, operations_router
 from cancelkit.redis import RedisBackend, RedisStatusStore, RedisUnavailable
 from tests.workers import one_client_per_worker
 
@@ -307,3 +309,37 @@ async def test_an_end_during_a_redis_outage_is_written_once_redis_is_back(redis:
                 await anyio.sleep(0.05)
     assert status.state is OperationState.COMPLETED
     assert status.result == "done"
+
+
+async def test_the_router_answers_503_while_redis_is_down(redis: Any) -> None:
+    """During an outage a start, and the status or cancel of an operation that does not run
+    in this worker, answer 503 unavailable with Retry-After; a local one still answers."""
+    prefix = f"t{secrets.token_hex(6)}"
+    store = RedisStatusStore(redis.url, prefix=prefix, heartbeat=0.5, lease=5, timeout=0.5)
+    ops = BackgroundOperations(store=store, grace=0)
+    app = FastAPI()
+    install(app)
+    app.include_router(operations_router(ops))
+
+    @app.post("/exports", status_code=202)
+    async def start_export(start: OperationStarter = operation_starter(ops)) -> Response:  # noqa: B008
+        return await start(anyio.sleep_forever)
+
+    transport = httpx.ASGITransport(app)
+    async with ops, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        location = (await http.post("/exports")).headers["location"]
+        redis.stop()
+        try:
+            answers = [
+                await http.post("/exports"),
+                await http.get("/operations/elsewhere"),
+                await http.delete("/operations/elsewhere"),
+            ]
+            local = await http.get(location)  # it runs here: its status is known
+        finally:
+            redis.start()
+    assert local.json()["state"] == "running"
+    for answer in answers:
+        assert answer.status_code == 503
+        assert answer.json()["reason"] == "unavailable"
+        assert answer.headers["retry-after"] == "1"

@@ -93,3 +93,61 @@ def test_plain_uvicorn_shows_the_499_line_with_the_documented_logging_setup(
         client.sendall(b"GET /report HTTP/1.1\r\nHost: docs\r\n\r\n")
     line = uvicorn_logging.wait_for_line('"GET /report" 499 client disconnected')
     assert line.startswith("INFO:     cancelkit 127.0.0.1:")
+
+
+def run_example(name: str) -> str:
+    """Run docs/examples/<name> as a script (it serves on 127.0.0.1); return its output."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT * 2,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr  # no traceback, no error line
+    return result.stdout
+
+
+def test_token_stream_stops_on_new_prompt_stop_and_leaving_and_ends_cleanly() -> None:
+    """The streaming recipe on a real uvicorn: a new prompt supersedes the streaming answer,
+    Stop cancels one by id, a closed connection stops one; each stream the client still
+    reads ends with a final `end` event (a clean end, not a cut connection)."""
+    out = run_example("streaming_llm.py")
+    assert "first:  ends with event: end / data: superseded" in out
+    assert "Stop -> 202 cancelled" in out
+    assert "second: ends with event: end / data: requested" in out
+    assert (
+        "the server stopped: first: superseded, second: requested, third: client_disconnected"
+        in out
+    )
+
+
+def test_websocket_message_supersedes_the_previous_work_and_closing_stops_it() -> None:
+    """The WebSocket recipe on a real uvicorn: a newer message supersedes the previous one's
+    work (the client is told), closing the connection stops what runs."""
+    out = run_example("websocket_latest.py").splitlines()
+    assert out == [
+        '{"for":"ca","stopped":"superseded"}',
+        '{"for":"cat","answer":"CAT"}',
+        "the server stopped: ca: superseded, cats: client_disconnected",
+    ]
+
+
+def test_pytest_asyncio_recipe_is_a_passing_test_module_next_to_anyio() -> None:
+    """The pytest-asyncio recipe passes with this project's pytest configuration, where
+    anyio's plugin is active too: one test runs under each plugin."""
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA"),
+            "testing_pytest_asyncio.py",
+        ],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=LIMIT * 4,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
+    assert "PASSED testing_pytest_asyncio.py::test_a_newer_search_supersedes" in result.stdout

@@ -16,7 +16,16 @@ import coredis.exceptions
 from coredis.commands import Script
 from coredis.retry import NoRetryPolicy
 
-__all__ = ["Connection", "Down", "RedisUnavailable", "leaf", "redact"]
+from ._cluster import (
+    CLUSTER_ERRORS,
+    cluster_client,
+    cluster_scripts,
+    is_cluster,
+    load_scripts,
+    report_error,
+)
+
+__all__ = ["REDIS_ERRORS", "Connection", "Down", "RedisUnavailable", "leaf", "redact"]
 
 logger = logging.getLogger("cancelkit.redis")
 
@@ -43,7 +52,9 @@ _TRANSIENT = (
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, coredis.exceptions.ReadOnlyError | coredis.exceptions.NoScriptError):
+    if isinstance(
+        exc, (coredis.exceptions.ReadOnlyError, coredis.exceptions.NoScriptError, *CLUSTER_ERRORS)
+    ):
         return True
     if isinstance(
         exc, coredis.exceptions.AuthenticationError | coredis.exceptions.AuthorizationError
@@ -52,6 +63,11 @@ def _transient(exc: Exception) -> bool:
     if isinstance(exc, coredis.exceptions.ResponseError):
         return str(exc).startswith(_TRANSIENT)
     return True  # lost connections, timeouts, closed or broken streams, OS errors
+
+
+#: What a Redis call raises when the server cannot be reached (or, on a cluster, while a slot
+#: moves or its shard fails over).
+REDIS_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError, *CLUSTER_ERRORS)
 
 
 class RedisUnavailable(Exception):
@@ -178,6 +194,7 @@ class Connection:
         "_timeout",
         "_url",
         "_wake",
+        "cluster",
         "failures",
         "on_down",
         "up",
@@ -187,11 +204,12 @@ class Connection:
         self._url = url
         self._timeout = timeout
         self._fail_open = fail_open
-        self._client: coredis.Redis[str] | None = None
+        self._client: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._scripts: dict[str, Script[str]] = {}
         self._cleanup: deque[tuple[str, list[str], list[str]]] = deque(maxlen=100_000)
         self._wake: anyio.Event | None = None  # made in open(): it needs the event loop
         self.up = False
+        self.cluster = False  # known once open: whether the server is a Redis Cluster
         self.failures = 0
         self.on_down: Callable[[], None] | None = None
 
@@ -201,7 +219,7 @@ class Connection:
         return self._client is not None
 
     @property
-    def client(self) -> coredis.Redis[str]:
+    def client(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
         """The client; :exc:`RuntimeError` if the backend is not running."""
         if self._client is None:
             raise RuntimeError(
@@ -226,10 +244,18 @@ class Connection:
         )
         await stack.enter_async_context(client)
         with anyio.fail_after(self._timeout * 2):
-            await client.ping()
-        self._client = client
+            cluster = await is_cluster(client, self._url)  # and ping
+        chosen: coredis.Redis[str] | coredis.RedisCluster[str] = client
+        if cluster:  # the node told us: use the cluster client (see ._cluster)
+            chosen = cluster_client(self._url, timeout=self._timeout)
+            # discovers the layout; each node's connect is bounded by the connect timeout
+            await stack.enter_async_context(chosen)
+            scripts = cluster_scripts(scripts)
+            await load_scripts(chosen, scripts, within=self._timeout * 2)
+        self._client = chosen
+        self.cluster = cluster
+        self._scripts = {name: chosen.register_script(text) for name, text in scripts.items()}
         self._wake = anyio.Event()
-        self._scripts = {name: client.register_script(text) for name, text in scripts.items()}
 
     def close(self) -> None:
         """Forget the client (its context was closed by the stack)."""
@@ -253,7 +279,10 @@ class Connection:
         return value
 
     async def command(
-        self, call: Callable[[coredis.Redis[str]], Any], *, force: bool = False
+        self,
+        call: Callable[[coredis.Redis[str] | coredis.RedisCluster[str]], Any],
+        *,
+        force: bool = False,
     ) -> Any:
         """Run ``call(client)`` with the error model of :meth:`run`."""
         client = self.client
@@ -270,6 +299,7 @@ class Connection:
                     return await attempt()
             except Exception as exc:  # every failure of a call is "Redis unavailable"
                 error = exc
+                report_error(self.client, exc)  # a cluster reloads its layout after a few
             if (
                 not retry
                 or not _transient(error)

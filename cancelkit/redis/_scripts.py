@@ -17,8 +17,10 @@ Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W``
 - ``P:co:X`` the answer of cancel call ``X`` (a random id per call), so a retried call
   answers what the first one did; TTL: the lease.
 - ``P:in:W`` a worker's inbox, a list of the message lines sent to it (below); TTL: the lease.
-- ``P:k:K`` the owner of latest-only key ``K``: ``"W H G"`` (G the generation); TTL: the lease.
-- ``P:q:K`` the claims on ``K`` not yet released, a sorted set of ``"W H"`` by generation.
+- ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit.
+- ``P:k:K`` the state of latest-only key ``K`` (its claims' states, its limit, its newest
+  sequence number) and ``P:q:K`` its claims by generation; ``P:sz`` the released keys whose
+  sequence number is remembered: see :mod:`cancelkit.redis._slot_scripts`.
 - ``P:gen`` the generation counter: ``max(counter + 1, server time in µs)``, so it stays
   monotonic even after the key expired.
 - ``P:a:W`` a worker's liveness; a claim of a worker whose key expired is pruned from queues.
