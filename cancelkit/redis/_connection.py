@@ -326,9 +326,12 @@ class Connection:
     async def drain(self, *, force: bool = False) -> None:
         """Run the queued cleanups, oldest first (:exc:`Down` at the first failure)."""
         while self._cleanup:
-            script, keys, args = self._cleanup[0]
-            await self.run(script, keys, args, force=force)
-            self._cleanup.popleft()
+            call = self._cleanup.popleft()  # taken: the heartbeat and the cleaner may both drain
+            try:
+                await self.run(*call, force=force)
+            except BaseException:
+                self._cleanup.appendleft(call)
+                raise
 
     async def clean(self, retry_delay: float) -> None:
         """Background task: drain the queued cleanups as soon as they are queued."""
