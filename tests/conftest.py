@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.cluster import LocalCluster
 from tests.programs import program, unavailable
 
 settings.register_profile(
@@ -113,3 +114,28 @@ def redis(redis_server: RedisServer) -> RedisServer:
     if redis_server.process is None:
         redis_server.start()
     return redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A Redis Cluster (3 primaries + 3 replicas) for the session; skipped like ``redis_server``."""
+    executable = program("CANCELKIT_REDIS_SERVER", "redis-server")
+    if executable is None:
+        unavailable(
+            "redis-server is not installed: apt-get install redis-server, or name it with "
+            "CANCELKIT_REDIS_SERVER (`python -m nox` installs it when run as root)"
+        )
+    cluster = LocalCluster(executable, tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: LocalCluster) -> LocalCluster:
+    """The session's cluster, healthy (nodes a test killed are restarted first)."""
+    if not redis_cluster_session.healthy():
+        redis_cluster_session.heal()
+    return redis_cluster_session

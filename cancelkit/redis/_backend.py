@@ -101,7 +101,13 @@ class RedisBackend:
     (claims supersede claims of the same worker; cancels reach operations of this worker);
     with ``fail_open=False`` new registrations and claims raise :exc:`RedisUnavailable`.
     A cancel of an operation not running in this worker raises :exc:`RedisUnavailable` in
-    both modes. Standalone Redis or Valkey (not Redis Cluster).
+    both modes.
+
+    Standalone Redis or Valkey, or Redis Cluster (>= 7): the backend asks the URL's node and,
+    on a cluster, uses the cluster client, puts every key and channel under the hash tag
+    ``{prefix}`` (one slot; a prefix with a hash tag of its own is kept) and wakes workers
+    with sharded pub/sub; after a failover it reconnects and resyncs (see the "Many hosts"
+    section of the Redis guide for the recovery time and what can be lost).
 
     Args:
         url: the server, ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for
@@ -198,6 +204,8 @@ class RedisBackend:
         stack = AsyncExitStack()
         try:
             await self._conn.open(stack, _SCRIPTS)
+            if self._conn.cluster:
+                self._keys.use_hash_tag()
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self._listener.read)
         except BaseException as exc:

@@ -10,6 +10,7 @@ from typing import final
 __all__ = ["Keys", "Settings"]
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
+_HASH_TAG = re.compile(r"^[^{]*\{[^}]+\}")  # Redis hashes only what the first {...} holds
 
 
 @final
@@ -113,6 +114,15 @@ class Keys:
         self.prefix = prefix
         self.channel_prefix = f"{prefix}:w:"
         self.worker = ""
+
+    def use_hash_tag(self) -> None:
+        """Put every key and channel in one slot of a Redis Cluster: ``{prefix}``.
+
+        A prefix that has a hash tag already (``{...}`` with something inside) is kept.
+        """
+        if not _HASH_TAG.search(self.prefix):
+            self.prefix = "{" + self.prefix + "}"
+            self.channel_prefix = f"{self.prefix}:w:"
 
     def __call__(self, kind: str, name: str) -> str:
         """The key ``<prefix>:<kind>:<name>``."""

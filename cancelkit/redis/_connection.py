@@ -15,12 +15,22 @@ import coredis.exceptions
 from coredis.commands import Script
 from coredis.retry import ConstantRetryPolicy
 
+from ._cluster import (
+    CLUSTER_ERRORS,
+    cluster_client,
+    cluster_scripts,
+    is_cluster,
+    load_scripts,
+    report_error,
+)
+
 __all__ = ["REDIS_ERRORS", "Connection", "Down", "RedisUnavailable", "leaf", "redact"]
 
 logger = logging.getLogger("cancelkit.redis")
 
-#: What a Redis call raises when the server cannot be reached.
-REDIS_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError)
+#: What a Redis call raises when the server cannot be reached (or, on a cluster, while a slot
+#: moves or its shard fails over).
+REDIS_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError, *CLUSTER_ERRORS)
 
 
 class RedisUnavailable(Exception):
@@ -123,6 +133,7 @@ class Connection:
         "_scripts",
         "_timeout",
         "_url",
+        "cluster",
         "failures",
         "on_down",
         "up",
@@ -132,10 +143,11 @@ class Connection:
         self._url = url
         self._timeout = timeout
         self._fail_open = fail_open
-        self._client: coredis.Redis[str] | None = None
+        self._client: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._scripts: dict[str, Script[str]] = {}
         self._cleanup: deque[tuple[str, list[str], list[str]]] = deque(maxlen=100_000)
         self.up = False
+        self.cluster = False  # known once open: whether the server is a Redis Cluster
         self.failures = 0
         self.on_down: Callable[[], None] | None = None
 
@@ -145,7 +157,7 @@ class Connection:
         return self._client is not None
 
     @property
-    def client(self) -> coredis.Redis[str]:
+    def client(self) -> coredis.Redis[str] | coredis.RedisCluster[str]:
         """The client; :exc:`RuntimeError` if the backend is not running."""
         if self._client is None:
             raise RuntimeError(
@@ -172,9 +184,17 @@ class Connection:
         )
         await stack.enter_async_context(client)
         with anyio.fail_after(self._timeout * 2):
-            await client.ping()
-        self._client = client
-        self._scripts = {name: client.register_script(text) for name, text in scripts.items()}
+            cluster = await is_cluster(client, self._url)  # and ping
+        chosen: coredis.Redis[str] | coredis.RedisCluster[str] = client
+        if cluster:  # the node told us: use the cluster client (see ._cluster)
+            chosen = cluster_client(self._url, timeout=self._timeout)
+            # discovers the layout; each node's connect is bounded by the connect timeout
+            await stack.enter_async_context(chosen)
+            scripts = cluster_scripts(scripts)
+            await load_scripts(chosen, scripts, within=self._timeout * 2)
+        self._client = chosen
+        self.cluster = cluster
+        self._scripts = {name: chosen.register_script(text) for name, text in scripts.items()}
 
     def close(self) -> None:
         """Forget the client (its context was closed by the stack)."""
@@ -193,6 +213,7 @@ class Connection:
             with anyio.fail_after(self._timeout):
                 return await self._scripts[script](keys=keys, args=args)
         except REDIS_ERRORS as exc:
+            report_error(self.client, exc)
             self.mark_down(exc)
             raise Down from exc
 

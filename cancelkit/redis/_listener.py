@@ -8,8 +8,8 @@ from typing import final
 
 import anyio
 from anyio.abc import TaskStatus
-from coredis.retry import NoRetryPolicy
 
+from ._cluster import lost_subscription, report_error, subscription
 from ._config import Keys, Settings
 from ._connection import Connection, Down, RedisUnavailable, leaf, redact
 from ._registrations import Registrations
@@ -74,12 +74,11 @@ class Listener:
         started = False
         while True:
             try:
-                async with client.pubsub(
-                    channels=[self._keys.channel],
-                    ignore_subscribe_messages=True,
-                    retry_policy=NoRetryPolicy(),
-                    subscription_timeout=settings.timeout,
-                    max_idle_seconds=settings.heartbeat,
+                async with subscription(
+                    client,
+                    self._keys.channel,
+                    timeout=settings.timeout,
+                    heartbeat=settings.heartbeat,
                 ) as pubsub:
                     with anyio.CancelScope() as scope:
                         self._scope = scope
@@ -95,10 +94,17 @@ class Listener:
                             task_status.started()
                         while True:
                             message = await pubsub.get_message()
-                            if message is not None and message["type"] == "message":
+                            if message is None:
+                                continue
+                            if message["type"] == "message":
                                 self.messages += 1
                                 self.on_line(str(message["data"]))
+                            elif lost_subscription(message["type"]):
+                                # the server ended it (on a cluster: the slot moved, or its
+                                # shard failed over); coredis does not subscribe again
+                                break
             except Exception as exc:
+                report_error(client, exc)
                 if not started:
                     raise RedisUnavailable(
                         f"cannot subscribe at {redact(settings.url)}: {leaf(exc)}"

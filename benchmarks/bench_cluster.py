@@ -1,0 +1,149 @@
+"""RedisBackend on a Redis Cluster (3 primaries + 3 replicas) beside a single redis-server.
+
+Starts both on loopback (``tests/cluster.py`` joins the cluster) and measures, in one run:
+
+- latency: supersede and cancel by id across two backends (``bench_redis``'s trials), on the
+  cluster and on the single server, and the ratio (target: cluster <= 1.5x single);
+- throughput: claim + release per second from several client processes, against the single
+  server, the cluster with every process on one prefix (one slot: one shard), and the cluster
+  with the processes' prefixes spread over the three shards;
+- failover: SIGKILL of the primary that serves a backend's prefix, then the time until the
+  replica is promoted and until the backend is connected again (``cluster-node-timeout`` is
+  1000 ms here; production clusters usually run 15000).
+
+Run: ``python -m benchmarks cluster`` (about a minute). Needs ``redis-server``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from benchmarks.bench_redis import percentile, redis_url
+from benchmarks.bench_redis import run as latency_run
+from cancelkit import LatestOnly
+from cancelkit.redis import RedisBackend
+from tests.cluster import LocalCluster  # run from the project root (python -m benchmarks)
+
+TARGET_RATIO = 1.5
+PROCESSES = 4
+SECONDS = 3.0
+
+
+def claims_worker(url: str, prefix: str, seconds: float, out: multiprocessing.Queue[int]) -> None:
+    async def main() -> int:
+        done = 0
+        async with RedisBackend(url, prefix=prefix) as backend:
+            slot = LatestOnly(backend=backend)
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                async with slot.claim(f"k{done % 64}"):
+                    pass
+                done += 1
+        return done
+
+    out.put(anyio.run(main))
+
+
+def claims_per_second(targets: list[tuple[str, str]]) -> float:
+    """Run one process per (url, prefix); the summed claims per second."""
+    context = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[int] = context.Queue()
+    processes = [
+        context.Process(target=claims_worker, args=(url, prefix, SECONDS, out))
+        for url, prefix in targets
+    ]
+    for process in processes:
+        process.start()
+    total = sum(out.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(30)
+    return total / SECONDS
+
+
+def spread_prefixes(cluster: LocalCluster, count: int) -> list[str]:
+    """``count`` prefixes whose slots are served by different primaries, round robin."""
+    by_node: dict[int, list[str]] = {}
+    i = 0
+    while sum(len(v) for v in by_node.values()) < count * 3 and i < 10_000:
+        name = f"spread{i}"
+        by_node.setdefault(cluster.primary_for_key("{" + name + "}").port, []).append(name)
+        i += 1
+    lists = list(by_node.values())
+    return [lists[j % len(lists)][j // len(lists)] for j in range(count)]
+
+
+async def failover_once(cluster: LocalCluster) -> tuple[float, float]:
+    prefix = f"fo{os.getpid()}{time.monotonic_ns() % 100000}"
+    victim = cluster.primary_for_key("{" + prefix + "}")
+    replica = next(
+        node
+        for node in cluster.nodes
+        if node.running and node.info("replication").get("master_port") == str(victim.port)
+    )
+    async with RedisBackend(cluster.url, prefix=prefix, heartbeat=0.2, timeout=0.5) as backend:
+        killed = time.perf_counter()
+        victim.kill()
+        promoted = None
+        with anyio.fail_after(60):
+            while backend.statistics().failures == 0 or not backend.statistics().connected:
+                if promoted is None and replica.role == "master":
+                    promoted = time.perf_counter() - killed
+                await anyio.sleep(0.01)
+        back = time.perf_counter() - killed
+    if promoted is None:
+        promoted = back
+    return promoted, back
+
+
+def main() -> None:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        sys.exit("redis-server not found")
+    with tempfile.TemporaryDirectory() as directory, redis_url() as single:
+        cluster = LocalCluster(executable, Path(directory))
+        cluster.start()
+        try:
+            print(
+                f"latency (supersede / cancel by id across two backends), target <= {TARGET_RATIO}x"
+            )
+            for backend in ("asyncio", "trio"):
+                one = anyio.run(latency_run, single, backend=backend)
+                many = anyio.run(latency_run, cluster.url, backend=backend)
+                for key, label in (("supersede", "supersede"), ("cancel", "cancel by id")):
+                    s, c = statistics.median(one[key]), statistics.median(many[key])
+                    ratio = c / s
+                    verdict = "ok" if ratio <= TARGET_RATIO else "OVER TARGET"
+                    print(
+                        f"  [{backend}] {label:<13} single {s * 1e3:6.3f} ms (p99 "
+                        f"{percentile(one[key], 99) * 1e3:5.2f})  cluster {c * 1e3:6.3f} ms (p99 "
+                        f"{percentile(many[key], 99) * 1e3:5.2f})  ratio {ratio:4.2f}x {verdict}"
+                    )
+            print(f"throughput: claim+release per second, {PROCESSES} processes, {SECONDS:g} s")
+            base = claims_per_second([(single, "tp-single")] * PROCESSES)
+            one_shard = claims_per_second([(cluster.url, "tp-one")] * PROCESSES)
+            spread = spread_prefixes(cluster, PROCESSES)
+            three = claims_per_second([(cluster.url, p) for p in spread])
+            shards = len({cluster.primary_for_key("{" + p + "}").port for p in spread})
+            print(f"  single server            {base:8.0f}/s")
+            print(f"  cluster, one prefix      {one_shard:8.0f}/s  ({one_shard / base:4.2f}x)")
+            print(f"  cluster, {shards} shards        {three:8.0f}/s  ({three / base:4.2f}x)")
+            print("failover: SIGKILL of the primary serving the prefix (cluster-node-timeout 1 s)")
+            for backend in ("asyncio", "trio"):
+                promoted, back = anyio.run(failover_once, cluster, backend=backend)
+                print(f"  [{backend}] replica promoted {promoted:5.2f} s, backend up {back:5.2f} s")
+                cluster.heal()
+        finally:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
