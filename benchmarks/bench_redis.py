@@ -177,7 +177,7 @@ RACE_JOBS, RACE_BODY, RACE_TARGET_P99 = 200, 0.3, 0.25
 
 async def race(url: str, fail_open: bool) -> dict[str, Any]:
     """Issue 11's race: cancels around registration while connections are killed."""
-    prefix = f"race{os.getpid()}{int(fail_open)}"
+    prefix = f"race{os.getpid()}-{time.monotonic_ns()}"  # fresh: earlier runs leave markers
     async with (
         RedisBackend(url, prefix=prefix, fail_open=fail_open) as a,
         RedisBackend(url, prefix=prefix) as b,
@@ -200,16 +200,19 @@ async def race(url: str, fail_open: bool) -> dict[str, Any]:
                 i += 1
 
         async def job(i: int, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            started = False
             try:
                 async with runner.track(f"job{i}"):
+                    started = True
                     task_status.started()
                     await anyio.sleep(RACE_BODY)
                 completed.add(i)
             except (OperationCancelled, RedisUnavailable):
                 pass
             finally:
-                task_status.started()
                 exited[i] = time.perf_counter()
+                if not started:
+                    task_status.started()
 
         async def cancel(i: int) -> None:
             asked[i] = time.perf_counter()
