@@ -67,14 +67,14 @@ class RegistryStatistics:
     """A snapshot of a :class:`TokenRegistry`, from :meth:`TokenRegistry.statistics`.
 
     Attributes:
-        live: operations being tracked now.
-        tracked: operations tracked since the registry was made.
+        running: operations entered and not yet exited (registered, or registering).
+        tracked: operations entered since the registry was made.
         cancelled: of the finished operations, how many ended cancelled, by reason kind.
 
     .. versionadded:: 0.1
     """
 
-    live: int
+    running: int
     tracked: int
     cancelled: Mapping[CancelKind, int]
 
@@ -86,28 +86,56 @@ class TokenRegistry:
     ``async with registry.track(id) as op:`` runs a block that ``await registry.cancel(id)``
     stops from anywhere, even when the cancel arrives before the block started (a tombstone
     makes it start already cancelled). Ids live in per-owner namespaces: what one owner
-    tracks is invisible to every other owner.
+    tracks is invisible to every other owner, and one owner's load cannot use up another
+    owner's budget (``max_running_per_owner`` here, ``max_tombstones_per_owner`` in the
+    backend).
 
     Args:
         backend: where registrations and tombstones live; a new
             :class:`~cancelkit.backends.MemoryBackend` if omitted (configure tombstone TTL and
-            limit there).
-        max_live: the most operations this registry tracks at once.
+            limits there).
+        max_running: the most operations this registry runs at once, over all owners.
+        max_running_per_owner: the most operations one owner (``None`` is one owner too)
+            runs at once in this registry; ``None``: only ``max_running`` applies.
 
     Raises:
-        ValueError: if ``max_live`` is below 1.
+        ValueError: if a limit is below 1.
+
+    .. versionchanged:: 0.1
+        ``max_live`` is now ``max_running``; ``max_running_per_owner`` is new.
 
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_backend", "_cancelled", "_live", "_max_live", "_tracked")
+    __slots__ = (
+        "_backend",
+        "_cancelled",
+        "_count",
+        "_max_per_owner",
+        "_max_running",
+        "_running",
+        "_tracked",
+    )
 
-    def __init__(self, *, backend: Backend | None = None, max_live: int = 100_000) -> None:
-        if max_live < 1:
-            raise ValueError(f"max_live must be >= 1, not {max_live!r}")
+    def __init__(
+        self,
+        *,
+        backend: Backend | None = None,
+        max_running: int = 100_000,
+        max_running_per_owner: int | None = None,
+    ) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, not {max_running!r}")
+        if max_running_per_owner is not None and max_running_per_owner < 1:
+            raise ValueError(
+                f"max_running_per_owner must be >= 1 or None, not {max_running_per_owner!r}"
+            )
         self._backend: Backend = MemoryBackend() if backend is None else backend
-        self._max_live = max_live
-        self._live: dict[tuple[str | None, str], TrackedOperation] = {}
+        self._max_running = max_running
+        self._max_per_owner = max_running_per_owner
+        # owner -> id -> operation: no (owner, id) tuple per operation, a count per owner free
+        self._running: dict[str | None, dict[str, TrackedOperation]] = {}
+        self._count = 0  # operations in self._running
         self._tracked = 0
         self._cancelled = dict.fromkeys(CancelKind, 0)
 
@@ -116,19 +144,20 @@ class TokenRegistry:
         """The backend in use."""
         return self._backend
 
-    def track(
+    def hold(
         self,
         id: str | None = None,
         *,
         owner: str | None = None,
         parent: CancellationToken | None = None,
-        interrupt: bool = True,
     ) -> AbstractAsyncContextManager[TrackedOperation]:
-        """Track the block as operation ``id`` of ``owner`` while it runs.
+        """Register the block as operation ``id`` of ``owner`` without interrupting it.
 
-        The block runs inside the operation's ``token.scope()``: a cancel interrupts it with
-        :exc:`~cancelkit.OperationCancelled`. The registration is always removed on exit
-        (normal, error, or an outer cancellation, which propagates as itself).
+        The block is *signalled*, not interrupted: a cancel only cancels ``op.token``, which
+        the block checks (``op.token.raise_if_cancelled()``) or scopes itself
+        (``with op.token.scope():`` around the part that may be interrupted). An operation
+        cancelled before it started never enters the block. The registration is always
+        removed on exit. :meth:`track` is this plus the interruption.
 
         Args:
             id: the operation id, 1 to 128 characters from ``A-Z a-z 0-9 . _ : -``; a random
@@ -136,9 +165,6 @@ class TokenRegistry:
             owner: the owner namespace (a user or tenant id); ``None`` is a namespace too.
             parent: a token (an application's shutdown token) that cancels the operation
                 too; the link is released on exit.
-            interrupt: run the block inside ``op.token.scope()`` (the default). With
-                ``False`` the block is not interrupted (it checks or scopes ``op.token``
-                itself); a tombstoned operation still never starts it.
 
         Returns:
             An async context manager that yields the :class:`TrackedOperation`.
@@ -146,13 +172,44 @@ class TokenRegistry:
         Raises:
             ValueError: for an invalid id or owner.
             OperationExists: for an id already tracked for this owner (a ValueError too).
-            RegistryFull: when ``max_live`` operations are already tracked.
-            OperationCancelled: when the operation was cancelled (before or while running).
+            RegistryFull: when ``max_running`` or ``max_running_per_owner`` is reached
+                (``limit`` names which).
+            OperationCancelled: when the operation was cancelled before it started.
+
+        .. versionadded:: 0.1
         """
         if id is None:
             id = secrets.token_urlsafe(16)
         _check(id, owner)
-        return _Tracking(self, id, owner, parent, interrupt)
+        return _Hold(self, id, owner, parent)
+
+    def track(
+        self,
+        id: str | None = None,
+        *,
+        owner: str | None = None,
+        parent: CancellationToken | None = None,
+    ) -> AbstractAsyncContextManager[TrackedOperation]:
+        """Track the block as operation ``id`` of ``owner`` while it runs, interruptibly.
+
+        :meth:`hold` with the block inside ``op.token.scope()``: a cancel interrupts the
+        block's awaits and surfaces as :exc:`~cancelkit.OperationCancelled`. The registration
+        is always removed on exit (normal, error, or an outer cancellation, which propagates
+        as itself). Arguments and errors as for :meth:`hold`.
+
+        Returns:
+            An async context manager that yields the :class:`TrackedOperation`.
+
+        Raises:
+            OperationCancelled: when the operation was cancelled (before or while running).
+
+        .. versionchanged:: 0.1
+            The ``interrupt=False`` flag is gone: use :meth:`hold`.
+        """
+        if id is None:
+            id = secrets.token_urlsafe(16)
+        _check(id, owner)
+        return _Track(self, id, owner, parent)
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -172,7 +229,8 @@ class TokenRegistry:
         Raises:
             ValueError: for an invalid id or owner.
             TypeError: if ``reason`` is not a :class:`~cancelkit.CancelReason`.
-            RegistryFull: if a tombstone is needed and the backend's limit is reached.
+            RegistryFull: if a tombstone is needed and the backend's limit for this owner
+                (``max_tombstones_per_owner``) or for all (``max_tombstones``) is reached.
         """
         _check(id, owner)
         if reason is None:
@@ -182,29 +240,60 @@ class TokenRegistry:
         return await self._backend.cancel(id, owner, reason)
 
     def operations(self, *, owner: str | None = None) -> list[TrackedOperation]:
-        """Return the operations of ``owner`` that this registry is tracking now."""
-        return [op for op in self._live.values() if op.owner == owner]
+        """Return the operations of ``owner`` that this registry is running now."""
+        return list(self._running.get(owner, {}).values())
 
     def statistics(self) -> RegistryStatistics:
         """Return a snapshot of this registry's counters."""
         return RegistryStatistics(
-            live=len(self._live),
+            running=self._count,
             tracked=self._tracked,
             cancelled={kind: n for kind, n in self._cancelled.items() if n},
         )
 
     def __repr__(self) -> str:
         return (
-            f"<TokenRegistry live={len(self._live)} max_live={self._max_live} "
-            f"backend={self._backend!r}>"
+            f"<TokenRegistry running={self._count} "
+            f"max_running={self._max_running} backend={self._backend!r}>"
         )
 
+    # -- the bookkeeping of _Hold ------------------------------------------------------
 
-@final
-class _Tracking:
-    """One ``async with registry.track(...)`` (a class, not a generator: it is lighter)."""
+    def _add(self, op: TrackedOperation) -> None:
+        ops = self._running.get(op.owner)
+        if ops is None:
+            if self._count >= self._max_running:
+                raise RegistryFull("max_running", self._max_running)
+            ops = self._running[op.owner] = {}
+        elif op.id in ops:
+            raise OperationExists(op.id)
+        limit = self._max_per_owner
+        if limit is not None and len(ops) >= limit:
+            raise RegistryFull("max_running_per_owner", limit)
+        if self._count >= self._max_running:
+            raise RegistryFull("max_running", self._max_running)
+        ops[op.id] = op
+        self._count += 1
+        self._tracked += 1
 
-    __slots__ = ("_holder", "_interrupt", "_op", "_registry", "_scope")
+    def _remove(self, op: TrackedOperation) -> None:
+        ops = self._running[op.owner]
+        del ops[op.id]
+        self._count -= 1
+        if not ops:
+            del self._running[op.owner]
+        reason = op.token.reason
+        if reason is not None:
+            self._cancelled[reason.kind] += 1
+
+
+class _Hold:
+    """One ``async with registry.hold(...)`` (a class, not a generator: it is lighter).
+
+    It is also the ``deliver`` callable handed to the backend (no bound method per operation).
+    """
+
+    __slots__ = ("_holder", "_op", "_registry")
 
     def __init__(
         self,
@@ -212,40 +301,31 @@ class _Tracking:
         id: str,
         owner: str | None,
         parent: CancellationToken | None,
-        interrupt: bool,
     ) -> None:
         self._registry = registry
         token = CancellationToken(name=id) if parent is None else parent.child(name=id)
         self._op = TrackedOperation(id, owner, token)
-        self._interrupt = interrupt
-        self._holder = new_holder_id()
-        self._scope: TokenScope | None = None
+        self._holder = ""
+
+    def __call__(self, reason: CancelReason) -> None:
+        self._op.token.cancel(reason)
 
     async def __aenter__(self) -> TrackedOperation:
         registry, op = self._registry, self._op
-        name = (op.owner, op.id)
-        if name in registry._live:
-            raise OperationExists(op.id)
-        if len(registry._live) >= registry._max_live:
-            raise RegistryFull("max_live", registry._max_live)
-        registry._live[name] = op
-        registry._tracked += 1
+        registry._add(op)
+        self._holder = new_holder_id()
         try:
-            tombstone = await registry._backend.register(
-                op.id, op.owner, self._holder, op.token.cancel
-            )
+            tombstone = await registry._backend.register(op.id, op.owner, self._holder, self)
             if tombstone is not None:
                 op.token.cancel(tombstone)
-            if self._interrupt:
-                scope = op.token.scope()
-                scope.__enter__()  # raises at once if tombstoned: the block never starts
-                self._scope = scope
-            else:
-                op.token.raise_if_cancelled()  # tombstoned: the block never starts
+            self._start()
         except BaseException:
             await self._finish()
             raise
         return op
+
+    def _start(self) -> None:
+        self._op.token.raise_if_cancelled()  # tombstoned: the block never starts
 
     async def __aexit__(
         self,
@@ -253,16 +333,45 @@ class _Tracking:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        try:
-            return self._scope is not None and self._scope.__exit__(exc_type, exc, tb)
-        finally:
-            await self._finish()
+        await self._finish()
+        return False
 
     async def _finish(self) -> None:
         registry, op = self._registry, self._op
-        del registry._live[(op.owner, op.id)]
-        op.token._detach()  # release the link to the parent now, not when garbage-collected
-        reason = op.token._reason
-        if reason is not None:
-            registry._cancelled[reason.kind] += 1
+        registry._remove(op)
+        op.token.close()  # release the link to the parent now, not when garbage-collected
         await registry._backend.unregister(op.id, op.owner, self._holder)  # always completes
+
+
+@final
+class _Track(_Hold):
+    """One ``async with registry.track(...)``: a hold whose block runs in ``token.scope()``."""
+
+    __slots__ = ("_scope",)
+
+    def __init__(
+        self,
+        registry: TokenRegistry,
+        id: str,
+        owner: str | None,
+        parent: CancellationToken | None,
+    ) -> None:
+        super().__init__(registry, id, owner, parent)
+        self._scope: TokenScope | None = None
+
+    def _start(self) -> None:
+        scope = self._op.token.scope()
+        scope.__enter__()  # raises at once if tombstoned: the block never starts
+        self._scope = scope
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._scope is not None
+        try:
+            return self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            await self._finish()

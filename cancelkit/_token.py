@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import sys
 import threading
 import time
 import weakref
+from asyncio import _get_running_loop
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextvars import ContextVar
-from contextvars import Token as _VarToken
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar, final
+from typing import Protocol, TypeVar, cast, final
 
 import anyio
 import anyio.lowlevel
-from anyio.lowlevel import EventLoopToken
 
 from ._reason import CancelKind, CancelReason, OperationCancelled
 
@@ -36,13 +37,18 @@ _current: ContextVar[CancellationToken | None] = ContextVar("cancelkit_token", d
 
 
 def current_token() -> CancellationToken | None:
-    """Return the token of the work running in this context, if any.
+    """Return the cancellation token of the work running in this context, if any.
 
     Set inside :meth:`CancellationToken.scope` and :meth:`CancellationToken.move_on` (and so
-    inside everything built on them: tracked operations, latest-only claims, requests under
-    the disconnect middleware). Context variables follow work into
-    :func:`anyio.to_thread.run_sync`, so a sync function running in a worker thread sees the
-    token of the request that called it.
+    inside everything built on them: ``TokenRegistry.track()``, ``LatestOnly.claim()``,
+    requests under the disconnect middleware; the non-interrupting ``hold()`` forms leave it
+    as it was). Context variables follow work into :func:`anyio.to_thread.run_sync`, so a sync
+    function running in a worker thread sees the token of the request that called it.
+
+    Not to be confused with :func:`anyio.lowlevel.current_token`, which returns the *event
+    loop's* token (for calling into the loop from other threads) and has nothing to do with
+    cancellation. This one returns a :class:`CancellationToken`: what code deep in a call
+    stack checks (``raise_if_cancelled()``) without threading a parameter through.
 
     Returns:
         The innermost active token, or ``None`` outside any.
@@ -52,14 +58,34 @@ def current_token() -> CancellationToken | None:
     return _current.get()
 
 
-def _this_loop() -> EventLoopToken | None:
-    try:
-        return anyio.lowlevel.current_token()
-    except anyio.NoEventLoopError:
-        return None
+def _this_loop() -> object | None:
+    """Return the running event loop's native handle (an asyncio loop, a trio token), or None.
+
+    The same handle as ``anyio.lowlevel.current_token().native_token``, got without anyio's
+    backend detection: this runs on every callback registration and scope entry.
+    """
+    loop: object = _get_running_loop()
+    if loop is not None:
+        return loop
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return cast(object, trio.lowlevel.current_trio_token())
+        except RuntimeError:
+            pass
+    return None
 
 
-_NO_LINKS: tuple[()] = ()
+def _call_soon(native: object, func: Callable[..., object], *args: object) -> None:
+    """Schedule ``func(*args)`` in the event loop ``native`` (thread-safe).
+
+    Raises:
+        RuntimeError: if that loop has finished (asyncio: closed; trio: RunFinishedError).
+    """
+    if isinstance(native, asyncio.AbstractEventLoop):
+        native.call_soon_threadsafe(func, *args)
+    else:
+        native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a trio TrioToken
 
 
 def _check_timeout(timeout: object) -> float:
@@ -70,6 +96,31 @@ def _check_timeout(timeout: object) -> float:
     return float(timeout)
 
 
+# One lock for the state of every token: the critical sections are a few pointer updates, and
+# a lock per token would cost each token more memory than the rest of it. Reentrant: a child
+# collected by the GC while this thread holds the lock (any allocation can trigger it)
+# unregisters its link, which takes the lock again.
+_lock = threading.RLock()
+
+
+class _Node(Protocol):
+    """Something waiting for a token's cancellation, in the token's list of waiters.
+
+    The waiters form an intrusive doubly-linked list (no dict and no handle object per
+    waiter): :class:`CallbackHandle` (``on_cancel``), :class:`_Link` (a child token) and
+    :class:`TokenScope` (an interrupted block). ``_token`` is the token while registered and
+    ``None`` once taken (run or unregistered); ``_native`` the event loop it must run in, or
+    ``None`` for any thread.
+    """
+
+    _prev: _Node | None
+    _next: _Node | None
+    _token: CancellationToken | None
+    _native: object
+
+    def _fire(self, token: CancellationToken, reason: CancelReason) -> None: ...
+
+
 @final
 class CallbackHandle:
     """A registered :meth:`CancellationToken.on_cancel` callback.
@@ -77,22 +128,14 @@ class CallbackHandle:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_backend", "_callback", "_native", "_thread", "_token")
+    __slots__ = ("_callback", "_native", "_next", "_prev", "_token")
 
-    def __init__(
-        self,
-        token: CancellationToken | None,
-        callback: Callable[[CancelReason], object] | None,
-        *,
-        anywhere: bool = False,
-    ) -> None:
-        self._token = token
-        self._callback = callback
-        self._thread = threading.get_ident()
-        loop = None if anywhere else _this_loop()
-        # kept as its two parts: an EventLoopToken per handle costs memory
-        self._backend = None if loop is None else loop.backend_class
-        self._native = None if loop is None else loop.native_token
+    def __init__(self, callback: Callable[[CancelReason], object], native: object) -> None:
+        self._prev: _Node | None = None
+        self._next: _Node | None = None
+        self._token: CancellationToken | None = None
+        self._callback: Callable[[CancelReason], object] | None = callback
+        self._native = native
 
     @property
     def registered(self) -> bool:
@@ -108,34 +151,60 @@ class CallbackHandle:
             True if this call prevented the callback from running, False if it had already run,
             was already scheduled to run in progress, or was removed before.
         """
-        token = self._token
-        if token is None:
+        if _take(self) is None:
             return False
-        return token._take(self) is not None
+        self._callback = None
+        return True
+
+    def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(reason)
 
     def __repr__(self) -> str:
         state = "registered" if self._callback is not None else "done"
         return f"<CallbackHandle {state} callback={self._callback!r}>"
 
 
-class _ChildRef(weakref.ref["CancellationToken"]):
-    """The link from a parent to a child: weak, so finished children cost the parent nothing."""
+class _Link(weakref.ref["CancellationToken"]):
+    """A parent's link to a child: weak, so finished children cost the parent nothing."""
 
-    __slots__ = ("handle", "parent")
+    __slots__ = ("_native", "_next", "_prev", "_token")
 
-    handle: CallbackHandle | None
-    parent: CancellationToken
+    _prev: _Node | None
+    _next: _Node | None
+    _token: CancellationToken | None
+    _native: object
 
-    def propagate(self, reason: CancelReason) -> None:
+    def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
         child = self()
         if child is not None:
-            child._cancel(CancelReason(CancelKind.PARENT, origin=reason), self.parent)
+            child._poll()  # a deadline of the child's own that passed first wins
+            child._cancel(CancelReason(CancelKind.PARENT, origin=reason), token)
 
 
 def _child_collected(ref: weakref.ref[CancellationToken]) -> None:
-    assert isinstance(ref, _ChildRef)
-    if ref.handle is not None:
-        ref.handle.unregister()
+    assert isinstance(ref, _Link)
+    _take(ref)
+
+
+def _take(node: _Node) -> CancellationToken | None:
+    """Take ``node`` out of its token's list; return the token, or None if already taken."""
+    with _lock:
+        token = node._token
+        if token is None:
+            return None
+        node._token = None
+        if token._reason is None:  # still in the live list (a cancel empties it)
+            prev, nxt = node._prev, node._next
+            if prev is None:
+                token._head = nxt
+            else:
+                prev._next = nxt
+            if nxt is not None:
+                nxt._prev = prev
+        node._prev = node._next = None
+        return token
 
 
 @final
@@ -182,13 +251,12 @@ class CancellationToken:
 
     __slots__ = (
         "__weakref__",
-        "_callbacks",
         "_cancelled_by",
         "_deadline",
         "_effective_deadline",
         "_errors",
+        "_head",
         "_links",
-        "_lock",
         "_name",
         "_parents_deadline",
         "_reason",
@@ -199,12 +267,9 @@ class CancellationToken:
         label: object = name
         if label is not None and not isinstance(label, str):
             raise TypeError(f"name must be a str or None, not {type(label).__name__}")
-        # Reentrant: a child collected by the GC while this thread holds the lock (any
-        # allocation can trigger it) unregisters its link, which takes the lock again.
-        self._lock = threading.RLock()
         self._reason: CancelReason | None = None
-        self._callbacks: dict[CallbackHandle, None] = {}
-        self._links: list[CallbackHandle] | tuple[()] = _NO_LINKS
+        self._head: _Node | None = None  # the newest waiter; the list runs to the oldest
+        self._links: tuple[_Link, ...] = ()
         self._deadline = deadline
         self._parents_deadline = _INF
         self._effective_deadline = deadline
@@ -223,8 +288,8 @@ class CancellationToken:
         Its reason is :attr:`CancelKind.PARENT` with the input's reason as
         :attr:`CancelReason.origin`, and :attr:`cancelled_by` names the input that fired. If an
         input is already cancelled, the new token starts cancelled. The links are weak and are
-        released when the new token is cancelled or garbage-collected, so a long-lived input
-        does not grow with the short-lived tokens linked to it.
+        released when the new token is cancelled, closed (:meth:`close`) or garbage-collected,
+        so a long-lived input does not grow with the short-lived tokens linked to it.
 
         Args:
             *tokens: the tokens to follow.
@@ -240,27 +305,50 @@ class CancellationToken:
                     f"any_of() takes CancellationToken objects, not {type(token).__name__}"
                 )
         child = cls(timeout=timeout, name=name)
-        links: list[CallbackHandle] = []
         for parent in tokens:
             parent._poll()
-            ref = _ChildRef(child, _child_collected)
-            ref.handle = None
-            ref.parent = parent
+            link = _Link(child, _child_collected)
             # A link runs in whatever thread cancels the parent, never via an event loop: the
             # child's state must change at once (its own callbacks keep their loop affinity).
-            handle = parent._register(ref.propagate, anywhere=True)
-            if child._reason is not None:  # this parent had already fired: done
-                break
-            ref.handle = handle
-            links.append(handle)
-            child._links = links
-            child._parents_deadline = min(child._parents_deadline, parent._effective_deadline)
+            link._native = None
+            link._prev = link._next = link._token = None
+            parent._add(link)
+            with _lock:
+                if child._reason is None:
+                    child._links += (link,)
+                    child._parents_deadline = min(
+                        child._parents_deadline, parent._effective_deadline
+                    )
+                    continue
+            # The child is cancelled already (this parent had fired, or another thread
+            # cancelled a parent or the child meanwhile): this link is not needed.
+            _take(link)
+            break
         child._effective_deadline = min(child._deadline, child._parents_deadline)
         return child
 
     def child(self, *, timeout: float | None = None, name: str | None = None) -> CancellationToken:
         """Return a new token that is cancelled when this one is (see :meth:`any_of`)."""
         return CancellationToken.any_of(self, timeout=timeout, name=name)
+
+    def close(self) -> None:
+        """Stop following the tokens this one is linked to, and release the links.
+
+        For work that is done with its token: the long-lived parent (an application's shutdown
+        token) then holds nothing for it, without waiting for the garbage collector. The
+        token keeps its state and its own deadline; only the parents' cancellations and
+        deadlines no longer reach it. Idempotent; safe from any thread.
+
+        .. versionadded:: 0.1
+        """
+        with _lock:
+            links = self._links
+            self._links = ()
+            if self._reason is None and links:
+                self._parents_deadline = _INF
+                self._effective_deadline = self._deadline
+        for link in links:
+            _take(link)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -272,7 +360,10 @@ class CancellationToken:
 
     @property
     def reason(self) -> CancelReason | None:
-        """Why the token was cancelled, or ``None`` while it is live."""
+        """Why the token was cancelled, or ``None`` while it is live.
+
+        This is the token's whole state in one read: a passed deadline is applied first.
+        """
         self._poll()
         return self._reason
 
@@ -297,7 +388,7 @@ class CancellationToken:
     @property
     def callback_errors(self) -> tuple[Exception, ...]:
         """Exceptions raised by :meth:`on_cancel` callbacks; each is also logged."""
-        with self._lock:
+        with _lock:
             return tuple(self._errors or ())
 
     def raise_if_cancelled(self) -> None:
@@ -318,7 +409,8 @@ class CancellationToken:
         Callbacks registered in an event loop run in that loop (a call from another thread
         wakes it); others run in the calling thread before this returns. An exception from a
         callback does not stop the others: it is logged on the ``cancelkit`` logger and kept in
-        :attr:`callback_errors`.
+        :attr:`callback_errors`. A deadline that has passed counts as the first reason even if
+        nobody looked at the token in between.
 
         Args:
             reason: why; :attr:`CancelKind.REQUESTED` when omitted.
@@ -334,70 +426,80 @@ class CancellationToken:
             reason = CancelReason(CancelKind.REQUESTED)
         elif not isinstance(reason, CancelReason):
             raise TypeError(f"reason must be a CancelReason or None, not {type(reason).__name__}")
+        self._poll()
         return self._cancel(reason, None)
 
     def _cancel(self, reason: CancelReason, by: CancellationToken | None) -> bool:
-        with self._lock:
+        with _lock:
             if self._reason is not None:
                 return False
             self._reason = reason
             self._cancelled_by = by
-            handles = self._callbacks
-            self._callbacks = {}
-        self._detach()
-        me = threading.get_ident()
-        errors: list[tuple[Callable[[CancelReason], object], Exception]] = []
-        for handle in handles:
-            backend = handle._backend
-            if backend is not None and handle._thread != me:
+            links = self._links
+            self._links = ()
+            waiters: list[_Node] = []
+            node = self._head
+            self._head = None
+            while node is not None:
+                waiters.append(node)
+                nxt = node._next
+                node._prev = node._next = None
+                node = nxt
+        for link in links:  # done: no more relays from the tokens this one followed
+            _take(link)
+        here: object = _UNKNOWN
+        errors: list[tuple[_Node, Exception]] = []
+        for node in reversed(waiters):  # in registration order
+            native = node._native
+            if native is not None:
+                if here is _UNKNOWN:
+                    here = _this_loop()
+                if native is not here:
+                    try:
+                        _call_soon(native, self._run_later, node, reason)
+                    except RuntimeError:  # that loop has finished: nobody is left to wake
+                        if _take(node) is not None and isinstance(node, CallbackHandle):
+                            node._callback = None
+                    continue
+            if _take(node) is not None:
                 try:
-                    backend.run_sync_soon(self._run_later, (handle, reason), handle._native)
-                except anyio.RunFinishedError:
-                    self._take(handle)  # nobody is left in that loop to wake
-                continue
-            callback = self._take(handle)
-            if callback is not None:
-                try:
-                    callback(reason)
+                    node._fire(self, reason)
                 except Exception as exc:
-                    errors.append((callback, exc))
+                    errors.append((node, exc))
         if errors:
             self._record(errors)
         return True
 
-    def _detach(self) -> None:
-        """Release the links to the tokens this one follows (done with them: no more relays)."""
-        with self._lock:
-            links = self._links
-            self._links = _NO_LINKS
-        for link in links:
-            link.unregister()
-
-    def _run_later(self, handle: CallbackHandle, reason: CancelReason) -> None:
-        callback = self._take(handle)
-        if callback is not None:
+    def _run_later(self, node: _Node, reason: CancelReason) -> None:
+        if _take(node) is not None:
             try:
-                callback(reason)
+                node._fire(self, reason)
             except Exception as exc:
-                self._record([(callback, exc)])
+                self._record([(node, exc)])
 
-    def _take(self, handle: CallbackHandle) -> Callable[[CancelReason], object] | None:
-        with self._lock:
-            callback = handle._callback
-            handle._callback = None
-            handle._token = None
-            self._callbacks.pop(handle, None)
-            if not self._callbacks:
-                self._callbacks = {}  # a dict never shrinks: let a drained one go
-        return callback
+    def _add(self, node: _Node) -> None:
+        """Put ``node`` on the list of waiters, or fire it at once if the token is cancelled."""
+        with _lock:
+            reason = self._reason
+            if reason is None:
+                node._token = self
+                head = node._next = self._head
+                if head is not None:
+                    head._prev = node
+                self._head = node
+                return
+        try:
+            node._fire(self, reason)
+        except Exception as exc:
+            self._record([(node, exc)])
 
-    def _record(self, errors: list[tuple[Callable[[CancelReason], object], Exception]]) -> None:
-        with self._lock:
+    def _record(self, errors: list[tuple[_Node, Exception]]) -> None:
+        with _lock:
             if self._errors is None:
                 self._errors = []
             self._errors.extend(exc for _, exc in errors)
-        for callback, exc in errors:
-            logger.error("on_cancel callback %r of %r failed", callback, self, exc_info=exc)
+        for node, exc in errors:
+            logger.error("on_cancel callback %r of %r failed", node, self, exc_info=exc)
 
     def _expire(self, now: float) -> None:
         """Cancel for a passed deadline: the earliest one in this token's ancestry wins."""
@@ -407,7 +509,7 @@ class CancellationToken:
         if self._deadline <= self._parents_deadline:
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
             return
-        for link in tuple(self._links):
+        for link in self._links:
             parent = link._token
             if parent is not None:
                 parent._expire(now)
@@ -438,24 +540,9 @@ class CancellationToken:
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-        return self._register(callback, anywhere=False)
-
-    def _register(
-        self, callback: Callable[[CancelReason], object], *, anywhere: bool
-    ) -> CallbackHandle:
         self._poll()
-        handle = CallbackHandle(self, callback, anywhere=anywhere)
-        with self._lock:
-            reason = self._reason
-            if reason is None:
-                self._callbacks[handle] = None
-                return handle
-            handle._callback = None
-            handle._token = None
-        try:
-            callback(reason)
-        except Exception as exc:
-            self._record([(callback, exc)])
+        handle = CallbackHandle(callback, _this_loop())
+        self._add(handle)
         return handle
 
     # -- waiting ---------------------------------------------------------------------------
@@ -577,13 +664,19 @@ class CancellationToken:
 
     def statistics(self) -> TokenStatistics:
         """Return a snapshot of the token's state."""
-        with self._lock:
+        with _lock:
             return TokenStatistics(
                 cancelled=self._reason is not None,
-                callbacks=len(self._callbacks),
+                callbacks=self._waiters(),
                 parents=len(self._links),
                 callback_errors=len(self._errors or ()),
             )
+
+    def _waiters(self) -> int:
+        count, node = 0, self._head
+        while node is not None:
+            count, node = count + 1, node._next
+        return count
 
     def __repr__(self) -> str:
         name = f" {self._name!r}" if self._name is not None else ""
@@ -593,29 +686,46 @@ class CancellationToken:
         extra = ""
         if self._effective_deadline < _INF:
             extra = f" deadline_in={self._effective_deadline - time.monotonic():.3f}s"
-        return f"<CancellationToken{name} live callbacks={len(self._callbacks)}{extra}>"
+        return f"<CancellationToken{name} live callbacks={self._waiters()}{extra}>"
 
 
 @final
 class TokenScope:
-    """The context manager returned by :meth:`CancellationToken.scope` and ``move_on()``.
+    """The context manager returned by :meth:`CancellationToken.move_on` and ``scope()``.
 
-    Use it once, with ``with``, inside a task.
+    Use it once, with ``with``, inside a task. ``move_on()`` is the primitive: it ends the
+    block quietly when the token interrupts it; ``scope()`` is the same thing, raising
+    :exc:`OperationCancelled` on the way out instead.
 
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_handle", "_scope", "_swallow", "_var", "cancelled_caught", "token")
+    __slots__ = (
+        "_cancelling",
+        "_native",
+        "_next",
+        "_prev",
+        "_raise",
+        "_scope",
+        "_token",
+        "_var",
+        "cancelled_caught",
+        "token",
+    )
 
     def __init__(self, token: CancellationToken, *, swallow: bool) -> None:
         #: The token that interrupts the block.
         self.token = token
         #: Whether the token interrupted the block (set on exit).
         self.cancelled_caught = False
-        self._swallow = swallow
+        self._raise = not swallow
         self._scope: anyio.CancelScope | None = None
-        self._handle: CallbackHandle | None = None
-        self._var: _VarToken[CancellationToken | None] | None = None
+        self._prev: _Node | None = None
+        self._next: _Node | None = None
+        self._token: CancellationToken | None = None
+        self._native: object = None
+        self._var: CancellationToken | None = None
+        self._cancelling = -1  # asyncio: the host task's cancelling() count on entry
 
     @property
     def reason(self) -> CancelReason | None:
@@ -627,18 +737,28 @@ class TokenScope:
             raise RuntimeError("a TokenScope can only be entered once")
         token = self.token
         token._poll()
-        if not self._swallow and token._reason is not None:
-            self._scope = anyio.CancelScope()
-            raise OperationCancelled(token._reason)
+        reason = token._reason
+        if reason is not None and self._raise:
+            self._scope = anyio.CancelScope()  # marks it used; never entered
+            raise OperationCancelled(reason)
         scope = self._scope = anyio.CancelScope(deadline=token._loop_deadline())
         scope.__enter__()
-        self._var = _current.set(token)
-        self._handle = token.on_cancel(self._interrupt)
+        loop = self._native = _this_loop()
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            task = asyncio.current_task(loop)
+            if task is not None:
+                self._cancelling = task.cancelling()
+        self._var = _current.get()
+        _current.set(token)
+        if reason is None:
+            token._add(self)
+        else:
+            scope.cancel()
         return self
 
-    def _interrupt(self, reason: CancelReason) -> None:
+    def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
         assert self._scope is not None
-        self._scope.cancel(reason.message)
+        self._scope.cancel()
 
     def __exit__(
         self,
@@ -646,28 +766,35 @@ class TokenScope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._scope is not None
-        assert self._handle is not None
-        assert self._var is not None
-        self._handle.unregister()
-        try:
-            _current.reset(self._var)
-        except BaseException:  # exited in another context: keep the task's scope stack sound
-            self._scope.__exit__(exc_type, exc, tb)
-            raise
-        self._scope.__exit__(exc_type, exc, tb)
-        if not self._scope.cancelled_caught:
-            return False  # not our cancellation (or none at all): let it through untouched
+        scope = self._scope
+        assert scope is not None
+        if self._token is not None:
+            _take(self)
+        _current.set(self._var)
+        self._var = None
+        swallowed = scope.__exit__(exc_type, exc, tb)
+        if not scope.cancelled_caught:
+            return swallowed  # not our cancellation (or none at all): let it through untouched
+        if self._cancelling >= 0 and exc is not None:
+            # asyncio: a Task.cancel() that arrived together with the token's cancellation
+            # was folded into the one CancelledError this scope just caught (anyio < 4.16
+            # swallows it): the task is still being cancelled, so let the error through.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() > self._cancelling:
+                return False
         token = self.token
         if token._reason is None:  # the scope's deadline fired first
             token._expire(max(time.monotonic(), token._effective_deadline))
         reason = token._reason
         assert reason is not None
         self.cancelled_caught = True
-        if self._swallow:
-            return True
-        raise OperationCancelled(reason) from None
+        if self._raise:
+            raise OperationCancelled(reason) from None
+        return True
 
     def __repr__(self) -> str:
-        kind = "move_on" if self._swallow else "scope"
+        kind = "scope" if self._raise else "move_on"
         return f"<TokenScope {kind} cancelled_caught={self.cancelled_caught} token={self.token!r}>"
+
+
+_UNKNOWN = object()

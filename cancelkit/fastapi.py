@@ -355,7 +355,7 @@ def tracked(
         owner: str | None,
         operation_id: str | None = None,
     ) -> AsyncIterator[TrackedOperation]:
-        async with registry.track(operation_id, owner=owner, interrupt=False) as op:
+        async with registry.hold(operation_id, owner=owner) as op:
             response.headers[header] = op.id
             with _relayed(op.token, request):
                 yield op

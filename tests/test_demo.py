@@ -193,7 +193,7 @@ async def test_closed_tab_stops_the_search_and_logs_client_gone() -> None:
     assert messages == []  # nobody is there to read an answer
     assert outcomes(app) == {"op-tab": ["started", "client_gone"]}
     assert state(app).log.since()[-1].detail == "the client disconnected"
-    assert state(app).registry.statistics().live == 0
+    assert state(app).registry.statistics().running == 0
     assert state(app).slot.statistics().running == 0
 
 

@@ -51,9 +51,9 @@ async def test_track_yields_a_random_id_and_a_live_token() -> None:
         assert not op.token.cancelled
         assert registry.operations(owner="u") == [op]
         assert registry.operations() == []
-        assert registry.statistics().live == 1
+        assert registry.statistics().running == 1
     assert registry.operations(owner="u") == []
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
 
 
 async def test_cancel_while_running_interrupts_the_body() -> None:
@@ -86,7 +86,7 @@ async def test_cancel_before_register_means_the_body_never_runs() -> None:
             ran = True
     assert not ran
     assert info.value.reason.kind is CancelKind.REQUESTED
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
 
 
 async def test_cancel_after_finish_is_not_found() -> None:
@@ -162,15 +162,15 @@ async def test_a_shared_backend_refuses_an_id_live_in_another_registry() -> None
         with pytest.raises(ValueError, match="already running"):
             async with two.track("a"):
                 pass
-        assert two.statistics().live == 0
+        assert two.statistics().running == 0
         assert await two.cancel("a") is CancelOutcome.CANCELLED
 
 
 async def test_live_limit() -> None:
-    """More than max_live ops at once raises RegistryFull naming the limit."""
-    registry = TokenRegistry(max_live=1)
+    """More than max_running ops at once raises RegistryFull naming the limit."""
+    registry = TokenRegistry(max_running=1)
     async with registry.track():
-        with pytest.raises(RegistryFull, match="max_live=1"):
+        with pytest.raises(RegistryFull, match="max_running=1"):
             async with registry.track():
                 pass
     async with registry.track():
@@ -207,8 +207,8 @@ async def test_invalid_arguments_are_refused() -> None:
             await registry.cancel("a", owner=owner)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="CancelReason"):
         await registry.cancel("a", reason="stop")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="max_live"):
-        TokenRegistry(max_live=0)
+    with pytest.raises(ValueError, match="max_running"):
+        TokenRegistry(max_running=0)
 
 
 async def test_entry_is_removed_when_the_body_fails() -> None:
@@ -217,7 +217,7 @@ async def test_entry_is_removed_when_the_body_fails() -> None:
     with pytest.raises(KeyError):
         async with registry.track("a"):
             raise KeyError("boom")
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
     assert await registry.cancel("a") is CancelOutcome.NOT_FOUND
 
 
@@ -230,7 +230,7 @@ async def test_outer_cancellation_propagates_and_unregisters() -> None:
             await anyio.sleep_forever()
     assert outer.cancelled_caught
     assert not op.token.cancelled
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
     assert await registry.cancel("a") is CancelOutcome.NOT_FOUND
 
 
@@ -256,7 +256,37 @@ async def test_outer_cancellation_wins_when_it_coincides_with_a_cancel() -> None
         assert await registry.cancel("a") is CancelOutcome.CANCELLED
     assert outer.cancelled_caught
     assert not isinstance(seen[0], OperationCancelled)
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_native_task_cancel_with_a_registry_cancel_propagates_as_cancelled_error() -> None:
+    """Task.cancel() in the same loop iteration as cancel(id) ends the task cancelled (12.1)."""
+    import asyncio
+
+    registry = TokenRegistry()
+    entered = asyncio.Event()
+    seen: list[str] = []
+
+    async def body() -> None:
+        try:
+            async with registry.track("a"):
+                entered.set()
+                await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("CancelledError")
+            raise
+        except OperationCancelled:  # pragma: no cover - must not happen
+            seen.append("OperationCancelled")
+
+    task = asyncio.ensure_future(body())
+    await entered.wait()
+    assert await registry.cancel("a") is CancelOutcome.CANCELLED
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen == ["CancelledError"]
+    assert registry.statistics().running == 0
 
 
 async def test_cancel_during_cleanup_lets_the_cleanup_finish() -> None:
@@ -281,7 +311,7 @@ async def test_cancel_during_cleanup_lets_the_cleanup_finish() -> None:
         assert await registry.cancel("a") is CancelOutcome.CANCELLED
         proceed.set()
     assert finished == ["cleanup"]
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
 
 
 async def test_parent_token_cancels_the_op_and_is_unlinked_on_exit() -> None:
@@ -319,10 +349,10 @@ async def test_cancel_from_another_thread() -> None:
 
 
 def test_repr_shows_state() -> None:
-    """repr() names the live count, the limit and the backend."""
-    text = repr(TokenRegistry(max_live=5))
-    assert "live=0" in text
-    assert "max_live=5" in text
+    """repr() names the running count, the limit and the backend."""
+    text = repr(TokenRegistry(max_running=5))
+    assert "running=0" in text
+    assert "max_running=5" in text
     assert "MemoryBackend" in text
     assert isinstance(TokenRegistry().backend, MemoryBackend)
 
@@ -332,6 +362,8 @@ def test_repr_shows_state() -> None:
 IDS = st.sampled_from(["a", "b", "c"])
 OWNERS = st.sampled_from([None, "u1", "u2"])
 TTL = 10.0
+RUNNING_PER_OWNER = 2
+TOMBS_PER_OWNER = 2
 
 
 class RegistryMachine(RuleBasedStateMachine):
@@ -343,7 +375,13 @@ class RegistryMachine(RuleBasedStateMachine):
         self.portal: BlockingPortal = self.portal_cm.__enter__()
         self.clock = FakeClock()
         self.registry = TokenRegistry(
-            backend=MemoryBackend(tombstone_ttl=TTL, max_tombstones=1000, clock=self.clock)
+            backend=MemoryBackend(
+                tombstone_ttl=TTL,
+                max_tombstones=1000,
+                max_tombstones_per_owner=TOMBS_PER_OWNER,
+                clock=self.clock,
+            ),
+            max_running_per_owner=RUNNING_PER_OWNER,
         )
         self.running: dict[tuple[str | None, str], tuple[anyio.Event, Future[Any]]] = {}
         self.tombstones: dict[tuple[str | None, str], float] = {}
@@ -379,6 +417,9 @@ class RegistryMachine(RuleBasedStateMachine):
         if name in self.running:
             with pytest.raises(ValueError, match="already running"):
                 self.portal.start_task(self._work, id, owner, event)
+        elif sum(o == owner for o, _ in self.running) >= RUNNING_PER_OWNER:
+            with pytest.raises(RegistryFull, match="max_running_per_owner"):
+                self.portal.start_task(self._work, id, owner, event)
         elif name in self.tombstones:
             with pytest.raises(OperationCancelled):
                 self.portal.start_task(self._work, id, owner, event)
@@ -401,6 +442,17 @@ class RegistryMachine(RuleBasedStateMachine):
     def cancel(self, id: str, owner: str | None) -> None:
         self._expire()
         name = (owner, id)
+        full = (
+            name not in self.running
+            and not any(running_id == id for _, running_id in self.running)
+            and name not in self.finished
+            and name not in self.tombstones
+            and sum(o == owner for o, _ in self.tombstones) >= TOMBS_PER_OWNER
+        )
+        if full:  # this owner's budget is used up; the others' stays untouched
+            with pytest.raises(RegistryFull, match="max_tombstones_per_owner"):
+                self.portal.call(lambda: self.registry.cancel(id, owner=owner))
+            return
         outcome = self.portal.call(lambda: self.registry.cancel(id, owner=owner))
         if name in self.running:
             assert outcome is CancelOutcome.CANCELLED
@@ -410,9 +462,11 @@ class RegistryMachine(RuleBasedStateMachine):
             assert outcome is CancelOutcome.NOT_FOUND  # another owner's: untouched, unseen
         elif name in self.finished:
             assert outcome is CancelOutcome.NOT_FOUND
+        elif name in self.tombstones:
+            assert outcome is CancelOutcome.PENDING
         else:
             assert outcome is CancelOutcome.PENDING
-            self.tombstones.setdefault(name, self.clock.now + TTL)
+            self.tombstones[name] = self.clock.now + TTL
 
     @rule(seconds=st.sampled_from([1.0, 5.0, TTL]))
     def advance(self, seconds: float) -> None:
@@ -423,7 +477,7 @@ class RegistryMachine(RuleBasedStateMachine):
         for owner in (None, "u1", "u2"):
             ids = {op.id for op in self.registry.operations(owner=owner)}
             assert ids == {i for o, i in self.running if o == owner}
-        assert self.registry.statistics().live == len(self.running)
+        assert self.registry.statistics().running == len(self.running)
 
 
 @pytest.mark.parametrize("backend_name", ["asyncio", "trio"])
@@ -444,14 +498,14 @@ def test_tracked_operation_is_a_frozen_value() -> None:
     assert math.isinf(op.token.deadline)
 
 
-async def test_track_without_interrupt_only_signals_the_block() -> None:
-    """interrupt=False: a cancelled block keeps running and sees its token cancelled."""
+async def test_hold_only_signals_the_block() -> None:
+    """hold(): a cancelled block keeps running and sees its token cancelled."""
     registry = TokenRegistry()
     go_on = anyio.Event()
     seen: list[CancelOutcome | str] = []
 
     async def work() -> None:
-        async with registry.track("op", interrupt=False) as op:
+        async with registry.hold("op") as op:
             await go_on.wait()  # not interrupted
             seen.append("requested" if op.token.cancelled else "live")
 
@@ -461,14 +515,67 @@ async def test_track_without_interrupt_only_signals_the_block() -> None:
         seen.append(await registry.cancel("op"))
         go_on.set()
     assert seen == [CancelOutcome.CANCELLED, "requested"]
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
 
 
-async def test_track_without_interrupt_still_refuses_a_tombstoned_start() -> None:
-    """interrupt=False: an operation cancelled before it registered never runs its block."""
+async def test_hold_still_refuses_a_tombstoned_start() -> None:
+    """hold(): an operation cancelled before it registered never runs its block."""
     registry = TokenRegistry()
     assert await registry.cancel("early") is CancelOutcome.PENDING
     with pytest.raises(OperationCancelled):
-        async with registry.track("early", interrupt=False):
+        async with registry.hold("early"):
             raise AssertionError("must not run")  # pragma: no cover
-    assert registry.statistics().live == 0
+    assert registry.statistics().running == 0
+
+
+# -- per-owner budgets -----------------------------------------------------------------------
+
+
+async def test_one_owner_flooding_cancels_cannot_starve_another_owner() -> None:
+    """An owner at its tombstone budget is refused by name; other owners keep every feature."""
+    backend = MemoryBackend(max_tombstones=10_000, max_tombstones_per_owner=100)
+    registry = TokenRegistry(backend=backend)
+    for i in range(100):
+        assert await registry.cancel(f"junk-{i}", owner="mallory") is CancelOutcome.PENDING
+    for i in range(100, 1_000):  # bounded: ten times the budget
+        with pytest.raises(RegistryFull, match="max_tombstones_per_owner=100") as info:
+            await registry.cancel(f"junk-{i}", owner="mallory")
+        assert (info.value.limit, info.value.value) == ("max_tombstones_per_owner", 100)
+    assert backend.statistics().tombstones == 100
+    # alice: cancel-before-start, track, and cancel of running work all still work
+    assert await registry.cancel("early", owner="alice") is CancelOutcome.PENDING
+    with pytest.raises(OperationCancelled):
+        async with registry.track("early", owner="alice"):
+            pytest.fail("a tombstoned operation must not start")  # pragma: no cover
+    async with registry.track("job", owner="alice") as op:
+        assert await registry.cancel("job", owner="alice") is CancelOutcome.CANCELLED
+        assert op.token.cancelled
+        await anyio.lowlevel.cancel_shielded_checkpoint()
+    # mallory herself can still track and cancel running work; only new tombstones are refused
+    async with registry.hold("mine", owner="mallory") as op:
+        assert await registry.cancel("mine", owner="mallory") is CancelOutcome.CANCELLED
+        assert op.token.cancelled
+
+
+async def test_one_owner_at_its_running_budget_leaves_others_running() -> None:
+    """max_running_per_owner refuses that owner's next operation; another owner still runs."""
+    registry = TokenRegistry(max_running=10, max_running_per_owner=2)
+    async with registry.hold("a", owner="mallory"), registry.hold("b", owner="mallory"):
+        with pytest.raises(RegistryFull, match="max_running_per_owner=2") as info:
+            async with registry.hold("c", owner="mallory"):
+                pytest.fail("over the owner's budget")  # pragma: no cover
+        assert info.value.limit == "max_running_per_owner"
+        async with registry.track("x", owner="alice") as op:
+            assert await registry.cancel("x", owner="alice") is CancelOutcome.CANCELLED
+            assert op.token.cancelled
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+        assert registry.statistics().running == 2
+    assert registry.statistics().running == 0
+
+
+def test_per_owner_limits_are_validated() -> None:
+    """Per-owner limits below 1 are refused with the option's name."""
+    with pytest.raises(ValueError, match="max_running_per_owner"):
+        TokenRegistry(max_running_per_owner=0)
+    with pytest.raises(ValueError, match="max_tombstones_per_owner"):
+        MemoryBackend(max_tombstones_per_owner=0)

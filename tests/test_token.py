@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import threading
 import time
 import weakref
@@ -515,6 +516,40 @@ def test_a_dropped_child_is_freed_without_the_cycle_collector() -> None:
         gc.enable()
 
 
+def test_any_of_racing_a_cancel_in_another_thread_leaves_no_link_behind() -> None:
+    """A child cancelled by another thread while any_of() links it leaks no link (issue 12.3)."""
+    shutdown = CancellationToken(name="shutdown")
+    for _ in range(40):
+        first = CancellationToken()
+        go = threading.Event()
+
+        def cancel_first(token: CancellationToken = first, go: threading.Event = go) -> None:
+            go.wait()
+            token.cancel()
+
+        thread = threading.Thread(target=cancel_first)
+        thread.start()
+        go.set()  # the cancel lands somewhere among the links below
+        CancellationToken.any_of(first, *[shutdown] * 2000)
+        thread.join()
+    gc.collect()
+    assert shutdown.statistics().callbacks == 0
+
+
+def test_close_releases_the_links_and_the_parents_deadline() -> None:
+    """close() unlinks a child from its parents: no callbacks left, no parent deadline."""
+    parent = CancellationToken(timeout=1000)
+    child = parent.child()
+    assert child.deadline == parent.deadline
+    child.close()
+    child.close()
+    assert parent.statistics().callbacks == 0
+    assert child.statistics().parents == 0
+    assert child.deadline == math.inf
+    parent.cancel()
+    assert not child.cancelled
+
+
 def test_parent_cancelled_after_child_cancelled_does_not_touch_the_child() -> None:
     """A child cancelled first keeps its own reason when the parent is cancelled later."""
     parent = CancellationToken()
@@ -591,6 +626,32 @@ def _frozen_clock(monkeypatch: pytest.MonkeyPatch) -> Callable[[float], None]:
         now[0] += seconds
 
     return advance
+
+
+def test_cancel_after_a_deadline_nobody_observed_reports_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A deadline that passed before cancel() is the first reason, read or not (issue 12.4)."""
+    advance = _frozen_clock(monkeypatch)
+    token = CancellationToken(timeout=1)
+    advance(2)
+    assert token.cancel(CancelReason(CancelKind.REQUESTED)) is False
+    assert token.reason is not None
+    assert token.reason.kind is CancelKind.DEADLINE
+
+
+def test_a_parent_cancel_after_the_childs_unobserved_deadline_keeps_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child whose own deadline passed unobserved reports it, not the parent's later cancel."""
+    advance = _frozen_clock(monkeypatch)
+    parent = CancellationToken()
+    child = parent.child(timeout=1)
+    advance(2)
+    parent.cancel()
+    assert child.reason is not None
+    assert child.reason.kind is CancelKind.DEADLINE
+    assert child.cancelled_by is None
 
 
 def _live(token: CancellationToken) -> bool:

@@ -106,6 +106,10 @@ class MemoryBackend:
         max_tombstones: the most unexpired tombstones; a cancel that needs one more raises
             :exc:`~cancelkit.RegistryFull`. Finished-markers share this bound but never cause
             an error: the oldest are dropped first.
+        max_tombstones_per_owner: the most unexpired tombstones of one owner (``None`` counts
+            as one owner); past it that owner's cancels of unknown ids raise
+            :exc:`~cancelkit.RegistryFull`, while every other owner's track, cancel and
+            cancel-before-start keep working. Keep it well below ``max_tombstones``.
         seq_ttl: seconds the newest sequence number of a latest-only key is remembered after
             its last claim was released (a stale claim arriving later still never runs).
         max_seq_keys: the most released keys whose sequence number is remembered; past it,
@@ -125,7 +129,9 @@ class MemoryBackend:
         "_keys",
         "_live_ids",
         "_max",
+        "_max_per_owner",
         "_max_seqs",
+        "_owner_tombs",
         "_regs",
         "_seq_ttl",
         "_seqs",
@@ -138,6 +144,7 @@ class MemoryBackend:
         *,
         tombstone_ttl: float = 60.0,
         max_tombstones: int = 10_000,
+        max_tombstones_per_owner: int = 1_000,
         seq_ttl: float = 60.0,
         max_seq_keys: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
@@ -146,6 +153,10 @@ class MemoryBackend:
             raise ValueError(f"tombstone_ttl must be seconds > 0, not {tombstone_ttl!r}")
         if max_tombstones < 1:
             raise ValueError(f"max_tombstones must be an int >= 1, not {max_tombstones!r}")
+        if max_tombstones_per_owner < 1:
+            raise ValueError(
+                f"max_tombstones_per_owner must be an int >= 1, not {max_tombstones_per_owner!r}"
+            )
         if not 0 < seq_ttl < math.inf:
             raise ValueError(f"seq_ttl must be seconds > 0, not {seq_ttl!r}")
         if max_seq_keys < 1:
@@ -154,6 +165,8 @@ class MemoryBackend:
         self._max_seqs = max_seq_keys
         self._ttl = float(tombstone_ttl)
         self._max = max_tombstones
+        self._max_per_owner = max_tombstones_per_owner
+        self._owner_tombs: dict[str | None, int] = {}  # owner -> its unexpired tombstones
         self._clock = clock
         self._regs: dict[_Id, tuple[str, Deliver]] = {}
         self._live_ids: dict[str, int] = {}  # id -> how many owners run an op with that id
@@ -171,10 +184,21 @@ class MemoryBackend:
         now = self._clock()
         tombs, finished = self._tombs, self._finished
         while tombs and next(iter(tombs.values()))[0] <= now:
-            del tombs[next(iter(tombs))]
+            self._forget_tomb(next(iter(tombs)))
         while finished and next(iter(finished.values())) <= now:
             del finished[next(iter(finished))]
         return now
+
+    def _forget_tomb(self, name: _Id) -> tuple[float, CancelReason] | None:
+        tomb = self._tombs.pop(name, None)
+        if tomb is not None:
+            owner = name[0]
+            left = self._owner_tombs[owner] - 1
+            if left:
+                self._owner_tombs[owner] = left
+            else:
+                del self._owner_tombs[owner]
+        return tomb
 
     def _mark_finished(self, name: _Id, now: float) -> None:
         finished = self._finished
@@ -194,7 +218,7 @@ class MemoryBackend:
         if name in self._regs:
             raise OperationExists(id)
         now = self._expire()
-        tomb = self._tombs.pop(name, None)
+        tomb = self._forget_tomb(name) if self._tombs else None
         if tomb is not None:
             self._mark_finished(name, now)
             return tomb[1]
@@ -228,11 +252,15 @@ class MemoryBackend:
         if name in self._finished:
             return CancelOutcome.NOT_FOUND
         if name not in self._tombs:
+            mine = self._owner_tombs.get(owner, 0)
+            if mine >= self._max_per_owner:
+                raise RegistryFull("max_tombstones_per_owner", self._max_per_owner)
             if len(self._tombs) >= self._max:
                 raise RegistryFull("max_tombstones", self._max)
             if len(self._tombs) + len(self._finished) >= self._max:
                 del self._finished[next(iter(self._finished))]
             self._tombs[name] = (now + self._ttl, reason)
+            self._owner_tombs[owner] = mine + 1
         return CancelOutcome.PENDING
 
     # -- LatestOnly --------------------------------------------------------------------
