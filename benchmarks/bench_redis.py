@@ -84,7 +84,7 @@ async def measure(
 
 
 async def run(url: str) -> dict[str, list[float]]:
-    prefix = f"bench{os.getpid()}"
+    prefix = f"bench{os.getpid()}-{time.monotonic_ns()}"  # per run: seqs are remembered per key
     async with (
         RedisBackend(url, prefix=prefix) as a,
         RedisBackend(url, prefix=prefix) as b,
