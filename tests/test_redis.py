@@ -741,7 +741,10 @@ async def test_tombstones_are_bounded_per_owner(redis: RedisServer, prefix: str)
             await registry.cancel("t3", owner="alice")
         assert (info.value.limit, info.value.value) == ("max_tombstones_per_owner", 2)
         assert await registry.cancel("t3", owner="bob") is CancelOutcome.PENDING
-        assert await registry.cancel("t3") is CancelOutcome.PENDING  # no owner: total only
+        assert await registry.cancel("t3") is CancelOutcome.PENDING  # no owner: one more owner
+        assert await registry.cancel("t4") is CancelOutcome.PENDING
+        with pytest.raises(RegistryFull):  # as in MemoryBackend: None counts as one owner
+            await registry.cancel("t5")
         with pytest.raises(OperationCancelled):  # a consumed tombstone frees its place
             async with registry.track("t1", owner="alice"):
                 pass  # pragma: no cover

@@ -130,8 +130,8 @@ class RedisBackend:
         tombstone_ttl: seconds a tombstone (and a finished-marker) lives.
         max_tombstones: the most unexpired tombstones across the fleet; a cancel that needs
             one more raises :exc:`~cancelkit.RegistryFull`.
-        max_tombstones_per_owner: the most unexpired tombstones of one owner (operations
-            tracked with ``owner=None`` count only against ``max_tombstones``); checked
+        max_tombstones_per_owner: the most unexpired tombstones of one owner (``None``
+            counts as one owner, as in :class:`~cancelkit.backends.MemoryBackend`); checked
             atomically with the cancel, so one tenant cannot use up the fleet's tombstones.
         poll_interval: seconds between reads of this worker's inbox (the bound on delivery
             when pub/sub loses a message).

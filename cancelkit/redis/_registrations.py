@@ -135,8 +135,8 @@ class Registrations:
         self._conn.client  # noqa: B018 - raises if not running
         name = _name(id, owner)
         settings, k = self._settings, self._keys
-        per_owner = "0" if owner is None else str(settings.max_tombstones_per_owner)
-        owner_set = k.tombstones if owner is None else f"{k.tombstones}:{len(owner)}:{owner}"
+        per_owner = str(settings.max_tombstones_per_owner)  # None counts as one owner ("-")
+        owner_set = f"{k.tombstones}:-" if owner is None else f"{k.tombstones}:{len(owner)}:{owner}"
         call = k("co", secrets.token_urlsafe(12))  # a retry of this call answers the same
         try:
             result = await self._conn.run(

@@ -13,7 +13,8 @@ Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W``
 - ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
   cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
 - ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit;
-  ``P:tz:O`` the same for one owner (``O`` = ``len:owner``), for the per-owner limit.
+  ``P:tz:O`` the same for one owner (``O`` = ``len:owner``, ``-`` for no owner), for the
+  per-owner limit.
 - ``P:co:X`` the answer of cancel call ``X`` (a random id per call), so a retried call
   answers what the first one did; TTL: the lease.
 - ``P:in:W`` a worker's inbox, a list of the message lines sent to it (below); TTL: the lease.
@@ -91,7 +92,7 @@ end
 
 #: KEYS: reg, tomb, fin, tz, id-index, the owner's tombstone set, the outcome of this call.
 #: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix, this worker, max tombstones
-#: per owner ('0': no owner), inbox prefix, lease ms. An id running for another owner looks
+#: per owner, inbox prefix, lease ms. An id running for another owner looks
 #: absent: 'not_found'. Idempotent: a retried call (same outcome key) answers what the
 #: first answered, even if the operation finished in between (never 'not_found' for a call
 #: that cancelled it). Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} |
