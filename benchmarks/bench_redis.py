@@ -7,6 +7,12 @@ Measured from the call on worker B to the deliver callback on worker A:
 - cancel by id: worker B cancels an operation registered on worker A;
 - floor: a raw PUBLISH from one coredis client to a subscriber on another.
 
+Then the race under connection kills (issue 11's target): worker A tracks 200 operations whose
+bodies run 300 ms; worker B cancels each within about 20 ms of its registration (half before
+it, half after) while every normal and pub/sub connection is killed every 20-50 ms. Reported:
+bodies that ran to completion although ``cancel()`` answered CANCELLED or PENDING (target 0),
+and cancel -> body exit latency (target p99 <= 250 ms).
+
 Uses ``$CANCELKIT_REDIS_URL`` if set, else starts a throw-away redis-server on a free port.
 Run: ``python -m benchmarks.bench_redis`` (or ``python -m benchmarks redis``).
 """
@@ -22,13 +28,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import anyio
 import coredis
 
-from cancelkit import CancelReason
-from cancelkit.redis import RedisBackend
+from cancelkit import CancelOutcome, CancelReason, OperationCancelled, TokenRegistry
+from cancelkit.redis import RedisBackend, RedisUnavailable
 
 TRIALS = 1000
 TARGET_MEDIAN, TARGET_P99 = 1e-3, 3e-3
@@ -77,7 +84,7 @@ async def measure(
 
 
 async def run(url: str) -> dict[str, list[float]]:
-    prefix = f"bench{os.getpid()}"
+    prefix = f"bench{os.getpid()}-{time.monotonic_ns()}"  # per run: seqs are remembered per key
     async with (
         RedisBackend(url, prefix=prefix) as a,
         RedisBackend(url, prefix=prefix) as b,
@@ -106,8 +113,9 @@ async def run(url: str) -> dict[str, list[float]]:
                 max_waiting=1,
                 seq=None,
             )
-            await seen.wait()
-            elapsed = stamp[0] - start
+            with anyio.move_on_after(5):  # a fail-open fallback (a stalled box) never delivers
+                await seen.wait()
+            elapsed = stamp[0] - start if seen.is_set() else 5.0
             await a.release(key, f"ha{i}")
             await b.release(key, f"hb{i}")
             return elapsed
@@ -119,8 +127,9 @@ async def run(url: str) -> dict[str, list[float]]:
             await a.register(op, None, f"ra{i}", deliver)
             start = time.perf_counter()
             await b.cancel(op, None, CancelReason())
-            await seen.wait()
-            elapsed = stamp[0] - start
+            with anyio.move_on_after(5):  # a fail-open fallback (a stalled box) never delivers
+                await seen.wait()
+            elapsed = stamp[0] - start if seen.is_set() else 5.0
             await a.unregister(op, None, f"ra{i}")
             return elapsed
 
@@ -163,11 +172,110 @@ def report(name: str, results: dict[str, list[float]]) -> None:
         print(f"    {label:<38} median {median * 1e3:6.3f} ms  p99 {p99 * 1e3:6.3f} ms{verdict}")
 
 
+RACE_JOBS, RACE_BODY, RACE_TARGET_P99 = 200, 0.3, 0.25
+
+
+async def race(url: str, fail_open: bool) -> dict[str, Any]:
+    """Issue 11's race: cancels around registration while connections are killed."""
+    prefix = f"race{os.getpid()}-{time.monotonic_ns()}"  # fresh: earlier runs leave markers
+    async with (
+        RedisBackend(url, prefix=prefix, fail_open=fail_open) as a,
+        RedisBackend(url, prefix=prefix) as b,
+        coredis.Redis.from_url(url, decode_responses=True) as killer_client,
+    ):
+        runner, canceller = TokenRegistry(backend=a), TokenRegistry(backend=b)
+        answers: dict[int, CancelOutcome | None] = {}
+        asked: dict[int, float] = {}
+        exited: dict[int, float] = {}
+        completed: set[int] = set()
+        stop = anyio.Event()
+
+        async def killer() -> None:
+            i = 0
+            while not stop.is_set():
+                for kind in (coredis.PureToken.NORMAL, coredis.PureToken.PUBSUB):
+                    with suppress(coredis.exceptions.RedisError):
+                        await killer_client.client_kill(type_=kind, skipme=True)
+                await anyio.sleep((0.02, 0.035, 0.05)[i % 3])
+                i += 1
+
+        async def job(i: int, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+            started = False
+            try:
+                async with runner.track(f"job{i}"):
+                    started = True
+                    task_status.started()
+                    await anyio.sleep(RACE_BODY)
+                completed.add(i)
+            except (OperationCancelled, RedisUnavailable):
+                pass
+            finally:
+                exited[i] = time.perf_counter()
+                if not started:
+                    task_status.started()
+
+        async def cancel(i: int) -> None:
+            asked[i] = time.perf_counter()
+            try:
+                answers[i] = await canceller.cancel(f"job{i}")
+            except RedisUnavailable:
+                answers[i] = None
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(killer)
+            for i in range(RACE_JOBS):
+                if i % 2:
+                    await cancel(i)
+                    tg.start_soon(job, i)
+                else:
+                    await tg.start(job, i)
+                    tg.start_soon(cancel, i)
+                await anyio.sleep(0.01)
+            with anyio.move_on_after(10):
+                while len(exited) < RACE_JOBS or len(answers) < RACE_JOBS:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)  # a benchmark: polling costs nothing measured
+            stop.set()
+            tg.cancel_scope.cancel()
+        obeyed = [i for i, answer in answers.items() if answer in ("cancelled", "pending")]
+        latencies = [
+            max(0.0, exited[i] - asked[i])
+            for i in obeyed
+            if answers[i] == "cancelled" and i in exited and i not in completed
+        ]
+        return {
+            "completed_after": sum(1 for i in obeyed if i in completed),
+            "answers": {
+                str(k): sum(1 for a in answers.values() if a == k)
+                for k in ("cancelled", "pending", "not_found", None)
+            },
+            "latencies": latencies,
+        }
+
+
+def report_race(name: str, result: dict[str, Any]) -> None:
+    lat = result["latencies"]
+    p50, p99 = (statistics.median(lat), percentile(lat, 99)) if lat else (0.0, 0.0)
+    ok = result["completed_after"] == 0 and p99 <= RACE_TARGET_P99
+    print(
+        f"    [{name}] answers {result['answers']}; completed after CANCELLED/PENDING: "
+        f"{result['completed_after']}; cancel -> exit p50 {p50 * 1e3:.1f} ms "
+        f"p99 {p99 * 1e3:.1f} ms  {'ok' if ok else 'OVER TARGET'}"
+    )
+
+
 def main() -> None:
     print(f"targets: median <= {TARGET_MEDIAN * 1e3:g} ms, p99 <= {TARGET_P99 * 1e3:g} ms")
     with redis_url() as url:
         for backend in ("asyncio", "trio"):
             report(backend, anyio.run(run, url, backend=backend))
+        print(
+            f"race under connection kills every 20-50 ms ({RACE_JOBS} jobs of "
+            f"{RACE_BODY * 1e3:.0f} ms; targets: 0 completed, p99 <= {RACE_TARGET_P99 * 1e3:g} ms)"
+        )
+        for backend in ("asyncio", "trio"):
+            for fail_open in (False, True):
+                result = anyio.run(race, url, fail_open, backend=backend)
+                report_race(f"{backend}, fail_open={fail_open}", result)
 
 
 if __name__ == "__main__":

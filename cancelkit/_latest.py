@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
@@ -12,7 +11,7 @@ from typing import final
 import anyio
 
 from ._reason import CancelKind, CancelReason, OperationCancelled
-from ._token import CancellationToken
+from ._token import CancellationToken, TokenScope
 from .backends import Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
 
 __all__ = ["Claim", "LatestOnly", "LatestOnlyStatistics", "Policy", "SlotBusy"]
@@ -235,6 +234,9 @@ class LatestOnly:
 
         .. versionadded:: 0.1
         """
+        return self._hold(key, seq)
+
+    def _hold(self, key: str, seq: int | None) -> _Hold:
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if not 0 < len(key) <= _MAX_KEY:
@@ -246,8 +248,7 @@ class LatestOnly:
                 raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
         return _Hold(self, Claim(key, seq))
 
-    @asynccontextmanager
-    async def claim(self, key: str, *, seq: int | None = None) -> AsyncIterator[Claim]:
+    def claim(self, key: str, *, seq: int | None = None) -> AbstractAsyncContextManager[Claim]:
         """Claim ``key`` and run the block as one of its newest holders.
 
         The block runs inside ``claim.token.scope()``: when the claim is superseded (or its
@@ -255,17 +256,16 @@ class LatestOnly:
         :exc:`~cancelkit.OperationCancelled` is raised. The key is released when the block
         exits, in every case. Arguments and errors as for :meth:`hold`.
 
-        Yields:
-            The :class:`Claim`, whose ``token`` stops the body.
+        Returns:
+            An async context manager yielding the :class:`Claim`, whose ``token`` stops the
+            body.
 
         Raises:
             SlotBusy: see the policies and ``handover_timeout``.
             OperationCancelled: when the claim was stale, or superseded (before or while its
                 body ran), or its token was cancelled otherwise.
         """
-        async with self.hold(key, seq=seq) as claim:
-            with claim.token.scope():
-                yield claim
+        return _Interrupting(self._hold(key, seq))
 
     async def is_current(self, key: str, generation: int) -> bool:
         """Whether the claim with ``generation`` still runs on ``key`` (for fencing writes).
@@ -388,3 +388,43 @@ class _Hold:
         slot._running -= 1
         self._count_superseded()
         await slot._backend.release(claim.key, claim.id)  # completes even when cancelled
+
+
+@final
+class _Interrupting:
+    """The context manager of :meth:`LatestOnly.claim` (use once).
+
+    :meth:`LatestOnly.hold` plus the claim's token scope around the block.
+    """
+
+    __slots__ = ("_hold", "_scope")
+
+    def __init__(self, hold: _Hold) -> None:
+        self._hold = hold
+        self._scope: TokenScope | None = None
+
+    async def __aenter__(self) -> Claim:
+        claim = await self._hold.__aenter__()
+        scope = claim.token.scope()
+        try:
+            scope.__enter__()
+        except BaseException as exc:  # cancelled between the hold and the scope
+            await self._hold.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._scope = scope
+        return claim
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._scope is not None
+        try:
+            self._scope.__exit__(exc_type, exc, tb)  # raises OperationCancelled if it stopped us
+        except BaseException as stopped:
+            await self._hold.__aexit__(type(stopped), stopped, stopped.__traceback__)
+            raise
+        await self._hold.__aexit__(exc_type, exc, tb)
+        return False

@@ -1,13 +1,15 @@
 """A worker process for the multi-process Redis tests, driven over stdin/stdout.
 
 Usage: ``python -m tests.redis_worker URL PREFIX ASYNC_BACKEND``. Reads commands, one a line:
-``claim KEY TAG``, ``track ID``, ``cancel ID``; writes events, one a line: ``ready WORKER``,
-``claimed TAG CLAIM_ID GENERATION``, ``tracking ID``, ``cancelled TAG_OR_ID KIND SOURCE``,
-``outcome ID OUTCOME``. Exits at end of input.
+``claim KEY TAG``, ``track ID``, ``job ID MS`` (track ID with a body of MS milliseconds),
+``cancel ID``; writes events, one a line: ``ready WORKER``, ``claimed TAG CLAIM_ID
+GENERATION``, ``tracking ID``, ``cancelled TAG_OR_ID KIND SOURCE``, ``completed ID`` (a job's
+body ran to its end), ``failed ID ERROR``, ``outcome ID OUTCOME``. Exits at end of input.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import anyio
@@ -23,7 +25,14 @@ def emit(line: str) -> None:
 
 
 async def main(url: str, prefix: str) -> None:
-    async with RedisBackend(url, prefix=prefix, heartbeat=0.1, lease=0.4) as backend:
+    async with RedisBackend(
+        url,
+        prefix=prefix,
+        heartbeat=0.1,
+        lease=0.4,
+        timeout=2,
+        fail_open=os.environ.get("CANCELKIT_FAIL_OPEN", "1") == "1",
+    ) as backend:
         slot = LatestOnly(backend=backend)
         registry = TokenRegistry(backend=backend)
 
@@ -43,6 +52,17 @@ async def main(url: str, prefix: str) -> None:
             except OperationCancelled as exc:
                 emit(f"cancelled {id} {exc.reason.kind} {exc.reason.source}")
 
+        async def job(id: str, ms: str) -> None:
+            try:
+                async with registry.track(id):
+                    emit(f"tracking {id}")
+                    await anyio.sleep(int(ms) / 1000)
+                emit(f"completed {id}")
+            except OperationCancelled as exc:
+                emit(f"cancelled {id} {exc.reason.kind} {exc.reason.source}")
+            except Exception as exc:  # a documented outcome (RedisUnavailable) or a bug
+                emit(f"failed {id} {type(exc).__name__}")
+
         emit(f"ready {backend.worker}")
         async with anyio.create_task_group() as tg:
             readline = sys.stdin.readline
@@ -52,6 +72,8 @@ async def main(url: str, prefix: str) -> None:
                     tg.start_soon(claim, *args)
                 elif command == "track":
                     tg.start_soon(track, *args)
+                elif command == "job":
+                    tg.start_soon(job, *args)
                 elif command == "cancel":
                     emit(f"outcome {args[0]} {await registry.cancel(args[0])}")
             tg.cancel_scope.cancel()

@@ -21,14 +21,13 @@ from types import TracebackType
 from typing import final
 
 import anyio
-import coredis.exceptions
 from anyio.abc import TaskGroup
 
 from .._reason import CancelReason
 from ..backends import Acquired, CancelOutcome, Deliver, SlotPolicy
 from . import _scripts, _slot_scripts
 from ._config import Keys, Settings
-from ._connection import REDIS_ERRORS, Connection, RedisUnavailable, leaf, redact
+from ._connection import Connection, RedisUnavailable, leaf, redact
 from ._listener import Listener
 from ._registrations import Registrations
 from ._slots import Slots
@@ -53,6 +52,8 @@ class RedisBackendStatistics:
         registrations: registrations held by this worker.
         claims: latest-only claims held by this worker.
         messages_received: cancel, supersede and turn messages received over pub/sub.
+        inbox_lines: messages read from this worker's inbox (each message is sent both
+            ways; the inbox is the path that does not depend on pub/sub surviving).
         deliveries: cancellations delivered to local holders (by message, resync or directly).
         resyncs: heartbeats and reconnects that re-read the state of the local entries.
         reconnects: times the pub/sub subscription was re-established.
@@ -70,6 +71,7 @@ class RedisBackendStatistics:
     resyncs: int
     reconnects: int
     failures: int
+    inbox_lines: int = 0
 
 
 @final
@@ -89,19 +91,24 @@ class RedisBackend:
                 yield
 
     Every key it writes starts with ``prefix`` and has a TTL: a lease refreshed every
-    ``heartbeat`` seconds for live entries, so a crashed worker leaves nothing behind.
-    Pub/sub carries the cancellations; because it drops messages while reconnecting, every
-    re-subscribe and every heartbeat re-reads the state of this worker's entries and delivers
-    what was lost.
+    ``heartbeat`` seconds for live entries, so a crashed worker leaves nothing behind, and a
+    holder that a cancelled caller may have left on the server blocks its key or id for at
+    most one lease. Each cancellation is published (the fast path) and pushed to the target
+    worker's inbox, which the worker reads every ``poll_interval`` seconds and after every
+    reconnect: while Redis answers, a cancel reaches its worker within ``poll_interval`` plus
+    a round trip even if pub/sub connections are lost. Every heartbeat also re-reads the
+    state of this worker's entries and delivers anything still missed.
 
-    When Redis becomes unreachable, the failure is logged once, no call waits longer than
-    ``timeout``, and the backend keeps trying to reconnect every ``retry_delay`` seconds;
-    once back it re-asserts this worker's entries (Redis's view wins on conflicts). Meanwhile,
-    with ``fail_open=True`` (the default) work goes on with this worker's local semantics
-    (claims supersede claims of the same worker; cancels reach operations of this worker);
-    with ``fail_open=False`` new registrations and claims raise :exc:`RedisUnavailable`.
-    A cancel of an operation not running in this worker raises :exc:`RedisUnavailable` in
-    both modes.
+    Every failure of a Redis call (no answer, a lost connection, an error reply such as BUSY,
+    READONLY, OOM or NOSCRIPT) is retried within ``timeout``; then it counts as Redis being
+    unreachable: logged once, and the backend keeps trying to reconnect every
+    ``retry_delay`` seconds; once back it re-asserts this worker's entries (Redis's view wins
+    on conflicts). No raw client error reaches a caller, and none ends the backend's
+    background tasks. While Redis is unreachable, with ``fail_open=True`` (the default) work
+    goes on with this worker's local semantics (claims supersede claims of the same worker;
+    cancels reach operations of this worker); with ``fail_open=False`` new registrations and
+    claims raise :exc:`RedisUnavailable`. A cancel of an operation not running in this worker
+    raises :exc:`RedisUnavailable` in both modes.
 
     Standalone Redis or Valkey, or Redis Cluster (>= 7): the backend asks the URL's node and,
     on a cluster, uses the cluster client, puts every key and channel under the hash tag
@@ -123,13 +130,20 @@ class RedisBackend:
         tombstone_ttl: seconds a tombstone (and a finished-marker) lives.
         max_tombstones: the most unexpired tombstones across the fleet; a cancel that needs
             one more raises :exc:`~cancelkit.RegistryFull`.
+        max_tombstones_per_owner: the most unexpired tombstones of one owner (``None``
+            counts as one owner, as in :class:`~cancelkit.backends.MemoryBackend`); checked
+            atomically with the cancel, so one tenant cannot use up the fleet's tombstones.
+        poll_interval: seconds between reads of this worker's inbox (the bound on delivery
+            when pub/sub loses a message).
         seq_ttl: seconds the newest sequence number of a latest-only key is remembered after
             its last claim was released (a stale claim arriving later still never runs).
         max_seq_keys: the most released keys whose sequence number is remembered, across
             the fleet; past it, the oldest is forgotten first.
 
     Raises:
-        ValueError: if an option is out of range.
+        ValueError: if an option is out of range, or ``url`` is not a Redis URL (the message
+            names the problem: no host, a scheme other than ``redis``, ``rediss`` or
+            ``unix``, a database that is not a number...).
 
     .. versionadded:: 0.1
     """
@@ -157,6 +171,8 @@ class RedisBackend:
         retry_delay: float = 0.1,
         tombstone_ttl: float = 60.0,
         max_tombstones: int = 10_000,
+        max_tombstones_per_owner: int = 1_000,
+        poll_interval: float = 0.05,
         seq_ttl: float = 60.0,
         max_seq_keys: int = 10_000,
     ) -> None:
@@ -171,6 +187,8 @@ class RedisBackend:
             retry_delay=retry_delay,
             tombstone_ttl=tombstone_ttl,
             max_tombstones=max_tombstones,
+            max_tombstones_per_owner=max_tombstones_per_owner,
+            poll_interval=poll_interval,
             seq_ttl=seq_ttl,
             max_seq_keys=max_seq_keys,
         )
@@ -215,12 +233,14 @@ class RedisBackend:
             await stack.aclose()
             if isinstance(exc, RedisUnavailable):
                 raise
-            if isinstance(exc, (*REDIS_ERRORS, coredis.exceptions.RedisError)):
+            if isinstance(exc, Exception):
                 raise RedisUnavailable(
                     f"cannot reach Redis at {redact(self._settings.url)}: {leaf(exc)}"
                 ) from exc
             raise
         self._task_group.start_soon(self._listener.beat)
+        self._task_group.start_soon(self._listener.poll)
+        self._task_group.start_soon(self._conn.clean, self._settings.retry_delay)
         self._stack = stack
         logger.debug("RedisBackend worker %s started", self._keys.worker)
         return self
@@ -328,6 +348,7 @@ class RedisBackend:
             resyncs=listener.resyncs,
             reconnects=listener.reconnects,
             failures=self._conn.failures,
+            inbox_lines=listener.inbox_lines,
         )
 
     def __repr__(self) -> str:

@@ -54,20 +54,14 @@ __all__ = [
     "lost_subscription",
     "report_error",
     "subscription",
-    "tagged",
 ]
 
 logger = logging.getLogger("cancelkit.redis")
 
-#: What a cluster call raises while a slot is moving or its shard fails over (transient:
-#: ``CLUSTERDOWN``, ``TRYAGAIN``, redirections coredis gave up on, no node for the slot).
-CLUSTER_ERRORS = (
-    coredis.exceptions.ClusterDownError,
-    coredis.exceptions.TryAgainError,
-    coredis.exceptions.ClusterError,
-    coredis.exceptions.ClusterRoutingError,
-    coredis.exceptions.AskError,  # and MovedError
-)
+#: What a cluster call raises while a slot is moving or its shard fails over, all transient:
+#: ``CLUSTERDOWN``, ``TRYAGAIN``, redirections coredis gave up on, no node for the slot, a
+#: fan-out (``SCRIPT LOAD`` after ``NOSCRIPT``) that reached a dead node.
+CLUSTER_ERRORS = (coredis.exceptions.RedisClusterError,)
 
 
 _BUFFERS = tuple(
@@ -75,11 +69,6 @@ _BUFFERS = tuple(
     for name in ("write", "push_message", "streamed_message")
     for end in ("in", "out")
 )
-
-
-def tagged(prefix: str) -> str:
-    """The key prefix on a cluster: the backend's prefix as the hash tag of every key."""
-    return "{" + prefix + "}"
 
 
 def cluster_scripts(scripts: Mapping[str, str]) -> dict[str, str]:

@@ -6,11 +6,46 @@ import math
 import re
 from dataclasses import dataclass
 from typing import final
+from urllib.parse import urlsplit
 
-__all__ = ["Keys", "Settings"]
+__all__ = ["Keys", "Settings", "check_url"]
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
 _HASH_TAG = re.compile(r"^[^{]*\{[^}]+\}")  # Redis hashes only what the first {...} holds
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_url(url: str) -> None:
+    """Raise :exc:`ValueError` naming what is wrong with a Redis URL (nothing connects).
+
+    Accepted: ``redis://[[user]:password@]host[:port][/db]``, the same with ``rediss://``
+    (TLS), and ``unix://[[user]:password@]/path/to/socket[?db=N]``.
+    """
+    example = "redis://host:6379/0"
+    if not url.strip():
+        raise ValueError(f"the Redis URL is empty; expected something like {example!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"the Redis URL {url!r} is malformed: {exc}") from None
+    if parts.scheme not in _SCHEMES:
+        found = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise ValueError(
+            f"the Redis URL {url!r} has {found}; use redis://, rediss:// (TLS) or unix:// "
+            f"(for example {example!r})"
+        )
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"the Redis URL {url!r} names no socket path (unix:///path/to.sock)")
+        return
+    if not parts.hostname:
+        raise ValueError(f"the Redis URL {url!r} names no host (for example {example!r})")
+    if port == 0:
+        raise ValueError(f"the Redis URL {url!r} has port 0")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the Redis URL {url!r} has a database {db!r} that is not a number")
 
 
 @final
@@ -27,6 +62,8 @@ class Settings:
     retry_delay: float
     tombstone_ttl: float
     max_tombstones: int
+    max_tombstones_per_owner: int
+    poll_interval: float
     seq_ttl: float = 60.0
     max_seq_keys: int = 10_000
 
@@ -43,10 +80,13 @@ class Settings:
         retry_delay: float,
         tombstone_ttl: float,
         max_tombstones: int,
+        max_tombstones_per_owner: int,
+        poll_interval: float,
         seq_ttl: float = 60.0,
         max_seq_keys: int = 10_000,
     ) -> Settings:
         """Check every option; raise :exc:`ValueError` naming the first bad one."""
+        check_url(url)
         if not _PREFIX.fullmatch(prefix):
             raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
         for name, value in (
@@ -54,6 +94,7 @@ class Settings:
             ("heartbeat", heartbeat),
             ("retry_delay", retry_delay),
             ("tombstone_ttl", tombstone_ttl),
+            ("poll_interval", poll_interval),
             ("seq_ttl", seq_ttl),
         ):
             if not 0 < value < math.inf:
@@ -62,8 +103,12 @@ class Settings:
             lease = 5 * heartbeat
         if not 2 * heartbeat <= lease < math.inf:
             raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
-        if max_tombstones < 1:
-            raise ValueError(f"max_tombstones must be an int >= 1, not {max_tombstones!r}")
+        for name, count in (
+            ("max_tombstones", max_tombstones),
+            ("max_tombstones_per_owner", max_tombstones_per_owner),
+        ):
+            if count < 1:
+                raise ValueError(f"{name} must be an int >= 1, not {count!r}")
         if max_seq_keys < 1:
             raise ValueError(f"max_seq_keys must be an int >= 1, not {max_seq_keys!r}")
         return cls(
@@ -76,6 +121,8 @@ class Settings:
             float(retry_delay),
             float(tombstone_ttl),
             max_tombstones,
+            max_tombstones_per_owner,
+            float(poll_interval),
             float(seq_ttl),
             max_seq_keys,
         )
@@ -147,6 +194,15 @@ class Keys:
     def tombstones(self) -> str:
         """The sorted set of live tombstones (for the limit)."""
         return f"{self.prefix}:tz"
+
+    def inbox(self, worker: str | None = None) -> str:
+        """A worker's inbox (this worker's by default)."""
+        return f"{self.prefix}:in:{self.worker if worker is None else worker}"
+
+    @property
+    def inbox_prefix(self) -> str:
+        """The start of every worker's inbox key."""
+        return f"{self.prefix}:in:"
 
     @property
     def sequences(self) -> str:

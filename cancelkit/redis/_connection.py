@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
+from contextvars import ContextVar
 from typing import Any, final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -13,7 +14,7 @@ import anyio
 import coredis
 import coredis.exceptions
 from coredis.commands import Script
-from coredis.retry import ConstantRetryPolicy
+from coredis.retry import NoRetryPolicy
 
 from ._cluster import (
     CLUSTER_ERRORS,
@@ -27,6 +28,42 @@ from ._cluster import (
 __all__ = ["REDIS_ERRORS", "Connection", "Down", "RedisUnavailable", "leaf", "redact"]
 
 logger = logging.getLogger("cancelkit.redis")
+
+#: Pause between attempts of one call (the call as a whole is bounded by ``timeout``).
+_RETRY_PAUSE = 0.01
+
+#: Error replies that say the server cannot serve the call *now*; anything else the server
+#: answers (a script bug, WRONGTYPE from a foreign key under our prefix, NOPERM) is not
+#: retried. Either way the caller gets the documented "Redis unavailable" outcome.
+_TRANSIENT = (
+    "BUSY",
+    "LOADING",
+    "READONLY",
+    "OOM",
+    "MASTERDOWN",
+    "TRYAGAIN",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "NOSCRIPT",
+    "MISCONF",
+    "UNBLOCKED",
+    "EXECABORT",
+)
+
+
+def _transient(exc: Exception) -> bool:
+    if isinstance(
+        exc, (coredis.exceptions.ReadOnlyError, coredis.exceptions.NoScriptError, *CLUSTER_ERRORS)
+    ):
+        return True
+    if isinstance(
+        exc, coredis.exceptions.AuthenticationError | coredis.exceptions.AuthorizationError
+    ):
+        return False
+    if isinstance(exc, coredis.exceptions.ResponseError):
+        return str(exc).startswith(_TRANSIENT)
+    return True  # lost connections, timeouts, closed or broken streams, OS errors
+
 
 #: What a Redis call raises when the server cannot be reached (or, on a cluster, while a slot
 #: moves or its shard fails over).
@@ -46,7 +83,10 @@ class RedisUnavailable(Exception):
 
 
 class Down(Exception):
-    """Internal: Redis did not answer (already logged and counted)."""
+    """Internal: a Redis call failed within its time bound (already logged and counted).
+
+    Whether the call took effect on the server is unknown.
+    """
 
 
 def leaf(exc: BaseException) -> str:
@@ -79,6 +119,19 @@ def _close_buffers(connection: object) -> None:
             stream.close()
 
 
+_made: ContextVar[list[coredis.BaseConnection] | None] = ContextVar("_made", default=None)
+
+
+@contextmanager
+def _collect_made() -> Iterator[list[coredis.BaseConnection]]:
+    made: list[coredis.BaseConnection] = []
+    token = _made.set(made)
+    try:
+        yield made
+    finally:
+        _made.reset(token)
+
+
 class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
     """coredis's pool, made robust against the connection losses this backend lives with.
 
@@ -86,28 +139,27 @@ class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
     a restarted server) or when the caller is cancelled while a connection is being made;
     after ``max_connections`` such events every command waits forever. Here a dead connection
     gives its slot back, and making a connection is shielded (it is bounded by the connect
-    timeout instead).
+    timeout instead). coredis also leaves the buffers of a connection that failed to connect
+    open; they are closed here, for the connection *this* caller made only (the connections
+    other callers are still making, or using, are never touched).
     """
-
-    _making: set[coredis.BaseConnection]
 
     async def _construct_connection(self) -> coredis.BaseConnection:
         connection = await super()._construct_connection()
-        self.__dict__.setdefault("_making", set()).add(connection)
+        made = _made.get()
+        if made is not None:
+            made.append(connection)
         return connection
 
     async def get_connection(self, **kwargs: Any) -> coredis.BaseConnection:
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), _collect_made() as made:
             try:
                 connection = await super().get_connection(**kwargs)
             except BaseException:
-                # coredis leaves the buffers of a connection that failed to connect open
-                for failed in self.__dict__.get("_making", ()):
+                for failed in made:
                     if not failed.usable:
                         _close_buffers(failed)
-                self.__dict__.get("_making", set()).clear()
                 raise
-        self.__dict__.get("_making", set()).discard(connection)
         return connection
 
     def release(self, connection: coredis.BaseConnection) -> None:
@@ -121,9 +173,17 @@ class _Pool(coredis.ConnectionPool[coredis.BaseConnection]):
 class Connection:
     """The client and the scripts; tracks whether Redis is up and retries lost cleanups.
 
-    A call that cannot reach Redis marks it down (logged once), calls ``on_down`` (the listener
-    resubscribes) and raises :exc:`Down`; the listener marks it up again once it has
-    resubscribed and resynced.
+    The error model: every failure of a call (an error reply such as BUSY, READONLY, OOM or
+    NOSCRIPT, a lost or closed connection, a timeout) is retried every 10 ms while it can
+    succeed, within ``timeout`` for the whole call (while Redis is marked down: one attempt,
+    also bounded by ``timeout``). A call that still fails marks Redis down
+    (logged once), calls ``on_down`` (the listener resubscribes) and raises :exc:`Down`,
+    which the callers turn into :exc:`RedisUnavailable` or their fail-open path; the
+    listener marks Redis up again once it has resubscribed and resynced. Every script is
+    idempotent, so a retry of a call that did take effect changes nothing.
+
+    Cleanups (releasing a holder) that cannot run now are queued and retried in the
+    background, oldest first, until they succeed.
     """
 
     __slots__ = (
@@ -133,6 +193,7 @@ class Connection:
         "_scripts",
         "_timeout",
         "_url",
+        "_wake",
         "cluster",
         "failures",
         "on_down",
@@ -146,6 +207,7 @@ class Connection:
         self._client: coredis.Redis[str] | coredis.RedisCluster[str] | None = None
         self._scripts: dict[str, Script[str]] = {}
         self._cleanup: deque[tuple[str, list[str], list[str]]] = deque(maxlen=100_000)
+        self._wake: anyio.Event | None = None  # made in open(): it needs the event loop
         self.up = False
         self.cluster = False  # known once open: whether the server is a Redis Cluster
         self.failures = 0
@@ -178,9 +240,7 @@ class Connection:
         client: coredis.Redis[str] = coredis.Redis(
             connection_pool=pool,
             decode_responses=True,
-            retry_policy=ConstantRetryPolicy(
-                (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
-            ),
+            retry_policy=NoRetryPolicy(),  # run() retries, within the call's time bound
         )
         await stack.enter_async_context(client)
         with anyio.fail_after(self._timeout * 2):
@@ -195,6 +255,7 @@ class Connection:
         self._client = chosen
         self.cluster = cluster
         self._scripts = {name: chosen.register_script(text) for name, text in scripts.items()}
+        self._wake = anyio.Event()
 
     def close(self) -> None:
         """Forget the client (its context was closed by the stack)."""
@@ -205,43 +266,87 @@ class Connection:
     async def run(
         self, script: str, keys: Sequence[str], args: Sequence[str], *, force: bool = False
     ) -> Any:
-        """Run a script; :exc:`Down` if Redis is down (unless ``force``) or does not answer."""
+        """Run a script; :exc:`Down` if the call fails (see the class docs)."""
         self.client  # noqa: B018 - raises if not running
-        if not (self.up or force):
-            raise Down
-        try:
-            with anyio.fail_after(self._timeout):
-                return await self._scripts[script](keys=keys, args=args)
-        except REDIS_ERRORS as exc:
-            report_error(self.client, exc)
-            self.mark_down(exc)
-            raise Down from exc
+        return await self._call(
+            lambda: self._scripts[script](keys=keys, args=args), retry=self.up or force
+        )
 
     async def get(self, key: str) -> str | None:
-        """GET a key; :exc:`Down` if Redis is down or does not answer."""
+        """GET a key; :exc:`Down` if the call fails."""
         client = self.client
-        if not self.up:
-            raise Down
-        try:
-            with anyio.fail_after(self._timeout):
-                return await client.get(key)
-        except REDIS_ERRORS as exc:
-            self.mark_down(exc)
-            raise Down from exc
+        value: str | None = await self._call(lambda: client.get(key), retry=self.up)
+        return value
+
+    async def command(
+        self,
+        call: Callable[[coredis.Redis[str] | coredis.RedisCluster[str]], Any],
+        *,
+        force: bool = False,
+    ) -> Any:
+        """Run ``call(client)`` with the error model of :meth:`run`."""
+        client = self.client
+        return await self._call(lambda: call(client), retry=self.up or force)
+
+    async def _call(self, attempt: Callable[[], Any], *, retry: bool) -> Any:
+        # While Redis is marked down, one attempt only: an outage costs callers no more than
+        # a refused connection, and a server that is back (or a connection kill that cost
+        # the reader its subscription) is used at once.
+        deadline = anyio.current_time() + self._timeout
+        while True:
+            try:
+                with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
+                    return await attempt()
+            except Exception as exc:  # every failure of a call is "Redis unavailable"
+                error = exc
+                report_error(self.client, exc)  # a cluster reloads its layout after a few
+            if (
+                not retry
+                or not _transient(error)
+                or anyio.current_time() + _RETRY_PAUSE >= deadline
+            ):
+                break
+            await anyio.sleep(_RETRY_PAUSE)
+        self.mark_down(error)
+        raise Down from error
 
     async def run_or_defer(self, script: str, keys: list[str], args: list[str]) -> None:
-        """Run an idempotent cleanup script now, or at the next resync if Redis is down."""
+        """Run an idempotent cleanup script now, or in the background if that fails."""
         try:
             await self.run(script, keys, args)
         except Down:
-            self._cleanup.append((script, keys, args))
+            self.defer(script, keys, args)
+
+    def defer(self, script: str, keys: list[str], args: list[str]) -> None:
+        """Queue an idempotent cleanup script for the background (never blocks)."""
+        self._cleanup.append((script, keys, args))
+        if self._wake is not None:
+            self._wake.set()
 
     async def drain(self, *, force: bool = False) -> None:
-        """Run the cleanups that failed earlier, oldest first (stops at the first failure)."""
+        """Run the queued cleanups, oldest first (:exc:`Down` at the first failure)."""
         while self._cleanup:
-            script, keys, args = self._cleanup[0]
-            await self.run(script, keys, args, force=force)
-            self._cleanup.popleft()
+            call = self._cleanup.popleft()  # taken: the heartbeat and the cleaner may both drain
+            try:
+                await self.run(*call, force=force)
+            except BaseException:
+                self._cleanup.appendleft(call)
+                raise
+
+    async def clean(self, retry_delay: float) -> None:
+        """Background task: drain the queued cleanups as soon as they are queued."""
+        while True:
+            self._wake = anyio.Event()
+            if not self._cleanup:
+                await self._wake.wait()
+            if self._cleanup:
+                try:
+                    await self.drain()
+                except Down:
+                    pass  # the resync after the reconnect drains the rest
+                except Exception:  # a bug: keep the task (and the application) alive
+                    logger.exception("cleanup failed; retrying at the next heartbeat")
+            await anyio.sleep(retry_delay)
 
     def mark_down(self, exc: BaseException) -> None:
         """Record that Redis did not answer (logged once per outage)."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import final
 
 import anyio
@@ -20,13 +21,28 @@ __all__ = ["Listener"]
 logger = logging.getLogger("cancelkit.redis")
 
 
+@contextmanager
+def _survive(loop: str) -> Iterator[None]:
+    """Log an unexpected error of a background loop instead of ending the task group."""
+    try:
+        yield
+    except Exception:
+        logger.exception("unexpected error in the %s; it carries on", loop)
+
+
 @final
 class Listener:
-    """Reads this worker's channel and keeps the local entries in step with Redis.
+    """Reads this worker's channel and inbox, and keeps the local entries in step with Redis.
 
-    Pub/sub is only the fast path: it drops messages while a subscriber reconnects. So after
-    every (re)subscribe, and on every heartbeat, :meth:`resync` re-reads the keys of the
-    local entries and delivers what was missed.
+    Pub/sub is only the fast path: it drops messages while a subscriber reconnects. Every
+    message is also pushed to the worker's inbox (a list), which the worker reads after every
+    (re)subscribe and every ``poll_interval`` seconds: a message reaches the worker within
+    ``poll_interval`` plus one round trip while Redis answers, whether or not pub/sub
+    survives. After every (re)subscribe, and on every heartbeat, :meth:`resync` re-reads the
+    keys of the local entries, refreshes their leases and delivers anything still missed.
+
+    Every loop here survives every failure (logged) and recovers by itself: none can end the
+    backend's task group.
     """
 
     __slots__ = (
@@ -36,6 +52,7 @@ class Listener:
         "_scope",
         "_settings",
         "_slots",
+        "inbox_lines",
         "messages",
         "reconnects",
         "resyncs",
@@ -55,7 +72,7 @@ class Listener:
         self._registrations = registrations
         self._slots = slots
         self._scope: anyio.CancelScope | None = None
-        self.messages = self.resyncs = self.reconnects = 0
+        self.messages = self.resyncs = self.reconnects = self.inbox_lines = 0
         conn.on_down = self.resubscribe
 
     def resubscribe(self) -> None:
@@ -83,6 +100,7 @@ class Listener:
                     with anyio.CancelScope() as scope:
                         self._scope = scope
                         await self.resync(force=True)  # after subscribing: nothing is missed
+                        await self.read_inbox(force=True)
                         if not self._conn.up:
                             if started:
                                 logger.warning(
@@ -110,7 +128,7 @@ class Listener:
                         f"cannot subscribe at {redact(settings.url)}: {leaf(exc)}"
                     ) from exc
                 # A lost subscription alone is not an outage: commands may still work. The
-                # resync after the next subscribe delivers what was published meanwhile.
+                # inbox and the resync after the next subscribe deliver what was missed.
                 logger.debug("pub/sub connection lost (%s); resubscribing", leaf(exc))
             finally:
                 self._scope = None
@@ -128,9 +146,28 @@ class Listener:
         while True:
             await anyio.sleep(self._settings.heartbeat)
             self._slots.poke_turns()  # messages can be lost
-            if self._conn.up:
-                with suppress(Down):
-                    await self.resync()
+            with _survive("heartbeat"), suppress(Down):
+                await self.resync()  # also while marked down: leases must not lapse
+
+    async def poll(self) -> None:
+        """Every ``poll_interval``: read the inbox while Redis is up."""
+        while True:
+            await anyio.sleep(self._settings.poll_interval)
+            with _survive("inbox poll"), suppress(Down):
+                await self.read_inbox()
+
+    async def read_inbox(self, *, force: bool = False) -> None:
+        """Deliver the lines in this worker's inbox, then drop exactly those (at least once)."""
+        inbox = self._keys.inbox()
+        lines: list[str] = await self._conn.command(
+            lambda client: client.lrange(inbox, 0, -1), force=force
+        )
+        if lines:
+            for line in lines:
+                self.inbox_lines += 1
+                self.on_line(str(line))
+            count = len(lines)
+            await self._conn.command(lambda client: client.ltrim(inbox, count, -1), force=force)
 
     async def resync(self, *, force: bool = False) -> None:
         """Retry lost cleanups, refresh liveness and TTLs, deliver lost cancellations."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from typing import final
 
 import anyio
@@ -60,7 +61,13 @@ class Registrations:
     async def register(
         self, id: str, owner: str | None, holder: str, callback: Deliver
     ) -> CancelReason | None:
-        """See :meth:`RedisBackend.register <cancelkit.redis.RedisBackend.register>`."""
+        """See :meth:`RedisBackend.register <cancelkit.redis.RedisBackend.register>`.
+
+        The registration is recorded locally first. If the script's effect is unknown (the
+        caller was cancelled while it ran, or it failed with ``fail_open=False``), an
+        idempotent unregister is queued at once; a registration it misses (the script ran
+        after it) expires within one lease, as nothing refreshes it.
+        """
         self._conn.client  # noqa: B018 - raises if not running
         name = _name(id, owner)
         if name in self._by_name:
@@ -76,16 +83,16 @@ class Registrations:
             )
         except Down:
             if not settings.fail_open:
-                self._forget(reg)
+                self._abandon(reg)
                 raise RedisUnavailable("Redis is unreachable; not starting new work") from None
             reg.synced = True  # asserted by the resync once Redis is back
             return None
         except BaseException:
-            self._forget(reg)
+            self._abandon(reg)
             raise
         if result[0] == -1:
             self._forget(reg)
-            raise ValueError(f"operation id {id!r} is already registered by another worker")
+            raise OperationExists(id)
         reg.synced = True
         if result[0] == 1:  # tombstoned: recorded as cancelled until the caller unregisters
             return load(str(result[1]))
@@ -95,6 +102,20 @@ class Registrations:
         self._by_holder.pop(reg.holder, None)
         if self._by_name.get(reg.name) == reg.holder:
             del self._by_name[reg.name]
+
+    def _abandon(self, reg: _Reg) -> None:
+        """Forget a registration whose script may have run; unregister it in the background."""
+        self._forget(reg)
+        if self._conn.running:
+            self._conn.defer(*self._unregister_call(reg))
+
+    def _unregister_call(self, reg: _Reg) -> tuple[str, list[str], list[str]]:
+        k = self._keys
+        return (
+            "UNREGISTER",
+            [k("r", reg.name), k("f", reg.name), k("i", reg.id)],
+            [k.me(reg.holder), self._settings.tombstone_ms],
+        )
 
     async def unregister(self, holder: str) -> None:
         """See :meth:`RedisBackend.unregister <cancelkit.redis.RedisBackend.unregister>`."""
@@ -107,28 +128,29 @@ class Registrations:
                 await self._unregister_remote(reg)
 
     async def _unregister_remote(self, reg: _Reg) -> None:
-        k = self._keys
-        await self._conn.run_or_defer(
-            "UNREGISTER",
-            [k("r", reg.name), k("f", reg.name), k("i", reg.id)],
-            [k.me(reg.holder), self._settings.tombstone_ms],
-        )
+        await self._conn.run_or_defer(*self._unregister_call(reg))
 
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
         """See :meth:`RedisBackend.cancel <cancelkit.redis.RedisBackend.cancel>`."""
         self._conn.client  # noqa: B018 - raises if not running
         name = _name(id, owner)
-        settings = self._settings
+        settings, k = self._settings, self._keys
+        per_owner = str(settings.max_tombstones_per_owner)  # None counts as one owner ("-")
+        owner_set = f"{k.tombstones}:-" if owner is None else f"{k.tombstones}:{len(owner)}:{owner}"
+        call = k("co", secrets.token_urlsafe(12))  # a retry of this call answers the same
         try:
             result = await self._conn.run(
                 "CANCEL",
-                self._reg_keys(name, id),
+                [*self._reg_keys(name, id), owner_set, call],
                 [
                     dump(reason),
                     settings.tombstone_ms,
                     str(settings.max_tombstones),
-                    self._keys.channel_prefix,
-                    self._keys.worker,
+                    k.channel_prefix,
+                    k.worker,
+                    per_owner,
+                    k.inbox_prefix,
+                    settings.lease_ms,
                 ],
             )
         except Down:
@@ -145,7 +167,9 @@ class Registrations:
                 self._deliver(reg.deliver, load(str(result[3])))
             return CancelOutcome.CANCELLED
         if outcome == "full":
-            raise RegistryFull("max_tombstones", settings.max_tombstones)
+            limit = str(result[1])
+            value = getattr(settings, limit)
+            raise RegistryFull(limit, value)
         return CancelOutcome(outcome)
 
     def _deliver(self, callback: Deliver, reason: CancelReason) -> None:

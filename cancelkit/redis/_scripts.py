@@ -12,6 +12,12 @@ Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W``
 - ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker; TTL: tombstone TTL.
 - ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
   cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
+- ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit;
+  ``P:tz:O`` the same for one owner (``O`` = ``len:owner``, ``-`` for no owner), for the
+  per-owner limit.
+- ``P:co:X`` the answer of cancel call ``X`` (a random id per call), so a retried call
+  answers what the first one did; TTL: the lease.
+- ``P:in:W`` a worker's inbox, a list of the message lines sent to it (below); TTL: the lease.
 - ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit.
 - ``P:k:K`` the state of latest-only key ``K`` (its claims' states, its limit, its newest
   sequence number) and ``P:q:K`` its claims by generation; ``P:sz`` the released keys whose
@@ -20,7 +26,8 @@ Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W``
   monotonic even after the key expired.
 - ``P:a:W`` a worker's liveness; a claim of a worker whose key expired is pruned from queues.
 
-Messages on a worker's channel ``P:w:W`` (and lines returned by the sync script):
+Messages, published on a worker's channel ``P:w:W`` and pushed to its inbox ``P:in:W`` (and
+returned by the sync scripts):
 ``c H REASON`` cancel registration holder H; ``s H NEW`` holder H was superseded by NEW;
 ``t H`` holder H may have its turn; ``l H`` (sync only) H's registration is held by another.
 """
@@ -69,34 +76,78 @@ end
 return 0
 """
 
-#: KEYS: reg, tomb, fin, tz, id-index. ARGV: reason, tombstone ttl ms, max tombstones,
-#: channel prefix, this worker. An id running for another owner looks absent: 'not_found'.
-#: Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full'}.
-CANCEL = """
+#: Sends a message line to worker W: PUBLISH on its channel (the fast path) and RPUSH to its
+#: inbox (the bounded path: the worker reads it on every reconnect and every poll). The inbox
+#: keeps the newest 1000 lines and lives for a lease after the last one.
+#: send(W, line, channel prefix, inbox prefix, lease ms); publish = false for this worker.
+SEND = """
+local function send(w, line, channels, inboxes, lease, publish)
+  if publish then redis.call('PUBLISH', channels .. w, line) end
+  local inbox = inboxes .. w
+  redis.call('RPUSH', inbox, line)
+  redis.call('LTRIM', inbox, -1000, -1)
+  redis.call('PEXPIRE', inbox, lease)
+end
+"""
+
+#: KEYS: reg, tomb, fin, tz, id-index, the owner's tombstone set, the outcome of this call.
+#: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix, this worker, max tombstones
+#: per owner, inbox prefix, lease ms. An id running for another owner looks
+#: absent: 'not_found'. Idempotent: a retried call (same outcome key) answers what the
+#: first answered, even if the operation finished in between (never 'not_found' for a call
+#: that cancelled it). Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} |
+#: {'full', option name}.
+CANCEL = (
+    SEND
+    + """
+local prior = redis.call('GET', KEYS[7])
+if prior then return cjson.decode(prior) end
+local function answer(reply)
+  redis.call('SET', KEYS[7], cjson.encode(reply), 'PX', ARGV[8])
+  return reply
+end
 local cur = redis.call('HGET', KEYS[1], 'o')
 if cur then
   local w, h = string.match(cur, '^(%S+) (%S+)$')
   redis.call('HSETNX', KEYS[1], 'c', ARGV[1])
   local c = redis.call('HGET', KEYS[1], 'c')
   redis.call('SET', KEYS[1] .. '#c', c, 'PX', ARGV[2])
-  if w ~= ARGV[5] then redis.call('PUBLISH', ARGV[4] .. w, 'c ' .. h .. ' ' .. c) end
-  return {'cancelled', w, h, c}
+  send(w, 'c ' .. h .. ' ' .. c, ARGV[4], ARGV[7], ARGV[8], w ~= ARGV[5])
+  return answer({'cancelled', w, h, c})
 end
 for _, other in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   if redis.call('EXISTS', other) == 1 then return {'not_found'} end
   redis.call('SREM', KEYS[5], other)
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'not_found'} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'pending'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return answer({'pending'}) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'full'} end
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[3]) then return {'full', 'max_tombstones'} end
+local per_owner = tonumber(ARGV[6])
+if per_owner > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now)
+  if redis.call('ZCARD', KEYS[6]) >= per_owner then
+    for _, other in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
+      if redis.call('EXISTS', other) == 0 then redis.call('ZREM', KEYS[6], other) end
+    end
+    if redis.call('ZCARD', KEYS[6]) >= per_owner then
+      return {'full', 'max_tombstones_per_owner'}
+    end
+  end
+end
+local expiry = string.format('%d', now + tonumber(ARGV[2]))
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[4], string.format('%d', now + tonumber(ARGV[2])), KEYS[2])
+redis.call('ZADD', KEYS[4], expiry, KEYS[2])
 redis.call('PEXPIRE', KEYS[4], ARGV[2])
-return {'pending'}
+if per_owner > 0 then
+  redis.call('ZADD', KEYS[6], expiry, KEYS[2])
+  redis.call('PEXPIRE', KEYS[6], ARGV[2])
+end
+return answer({'pending'})
 """
+)
 
 #: The heartbeat and the resync after a reconnect, for registrations: refresh this worker's
 #: liveness and the TTLs of its registrations, re-assert those that Redis lost, and report
@@ -105,7 +156,9 @@ return {'pending'}
 #: (H, id-index key). Returns message lines (see the module docs).
 SYNC_REGISTRATIONS = """
 local W, lease = ARGV[1], ARGV[2]
-redis.call('SET', KEYS[1], '1', 'PX', lease)
+-- A write that needs no memory first: under OOM (noeviction) Redis refuses only a script's
+-- first write, so the leases are still refreshed.
+if redis.call('PEXPIRE', KEYS[1], lease) == 0 then redis.call('SET', KEYS[1], '1', 'PX', lease) end
 local out = {}
 local n = (#ARGV - 2) / 2
 for i = 0, n - 1 do

@@ -13,8 +13,12 @@ keys and the messages are described in :mod:`cancelkit.redis._scripts`):
 - ``P:sz`` the released keys whose sequence number is remembered, a sorted set by expiry
   (ms), for the ``max_seq_keys`` bound (the oldest are forgotten first).
 
-Every script first prunes the claims of workers whose liveness key ``P:a:W`` expired (a
-crashed worker), then, while fewer than ``lim`` claims run, lets the oldest waiting claim run,
+Every claim also has a lease deadline, the field ``"d W H"`` of the state hash (ms):
+acquiring sets it and the heartbeat of the claim's worker moves it on. Every script first
+prunes the claims of workers whose liveness key ``P:a:W`` expired (a crashed worker) and the
+claims whose deadline passed (a claim left by a caller that was cancelled while its acquire
+was in flight, although its worker lives on: it blocks the key for at most one lease), then,
+while fewer than ``lim`` claims run, lets the oldest waiting claim run,
 and tells the first ``lim`` running or superseded claims, and those it let run, that their
 turn may have come (``t H``; other workers by pub/sub, this worker in the script's reply):
 the promoted ones always, the first ``lim`` only when a claim was released or pruned (so
@@ -22,6 +26,8 @@ that two waiting workers never wake each other in a loop).
 """
 
 from __future__ import annotations
+
+from ._scripts import SEND
 
 __all__ = ["ACQUIRE", "IS_CURRENT", "RELEASE", "SYNC_CLAIMS", "TURN"]
 
@@ -32,17 +38,23 @@ _SETTLE = """
 local function split(m)
   return string.match(m, '^(%S+) (%S+)$')
 end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function settle(W, alive, chan, released)
   local lim = tonumber(redis.call('HGET', KEYS[1], 'lim') or '1')
   local members = redis.call('ZRANGE', KEYS[2], 0, -1)
   local order, state, running, waiting = {}, {}, {}, {}
   local seen = {}
+  local now = now_ms()
   for _, m in ipairs(members) do
     local w = string.match(m, '^(%S+) ')
     local st = redis.call('HGET', KEYS[1], m)
-    if not st or (w ~= W and redis.call('EXISTS', alive .. w) == 0) then
+    local deadline = tonumber(redis.call('HGET', KEYS[1], 'd ' .. m) or '0')
+    if not st or deadline < now or (w ~= W and redis.call('EXISTS', alive .. w) == 0) then
       redis.call('ZREM', KEYS[2], m)
-      redis.call('HDEL', KEYS[1], m)
+      redis.call('HDEL', KEYS[1], m, 'd ' .. m)
       released = true
     else
       order[#order + 1] = m
@@ -97,11 +109,13 @@ end
 
 #: KEYS: state, order, gen counter, this worker's liveness key, P:sz.
 #: ARGV: W, H, policy, limit, max_waiting, seq ('' for none), lease ms, channel prefix,
-#: gen-key ttl ms, liveness-key prefix, state ttl ms (max of lease and sequence ttl).
+#: gen-key ttl ms, liveness-key prefix, state ttl ms (max of lease and sequence ttl), inbox
+#: prefix (a superseded claim of another worker is told by pub/sub and in its inbox).
 #: Returns {admission, G, extra...}: {'running'|'waiting', G, turn lines...},
 #: {'stale', 0, newest holder, newest seq}, {'busy'} or {'full'}. Idempotent for one holder.
 ACQUIRE = (
-    _SETTLE
+    SEND
+    + _SETTLE
     + """
 local W, H, policy = ARGV[1], ARGV[2], ARGV[3]
 local limit, max_waiting, seq = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
@@ -145,6 +159,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[9])
 local gs = string.format('%d', g)
 redis.call('ZREM', KEYS[5], KEYS[1])
 redis.call('HSET', KEYS[1], me, state)
+redis.call('HSET', KEYS[1], 'd ' .. me, string.format('%d', now_ms() + tonumber(ARGV[7])))
 redis.call('ZADD', KEYS[2], gs, me)
 if seq ~= '' then redis.call('HSET', KEYS[1], 'seq', seq, 'sh', H) end
 local out = {state == 'r' and 'running' or 'waiting', gs}
@@ -152,7 +167,7 @@ if victim then
   redis.call('HSET', KEYS[1], victim, 's ' .. H)
   local w, h = split(victim)
   if w == W then out[#out + 1] = 's ' .. h .. ' ' .. H
-  else redis.call('PUBLISH', ARGV[8] .. w, 's ' .. h .. ' ' .. H) end
+  else send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) end
 end
 for _, line in ipairs(mine) do out[#out + 1] = line end
 ttl(ARGV[7], ARGV[11])
@@ -170,7 +185,7 @@ RELEASE = (
 local W, H = ARGV[1], ARGV[2]
 local me = W .. ' ' .. H
 redis.call('ZREM', KEYS[2], me)
-redis.call('HDEL', KEYS[1], me)
+redis.call('HDEL', KEYS[1], me, 'd ' .. me)
 local running, waiting, mine, order = settle(W, ARGV[4], ARGV[3], true)
 if #order > 0 then
   ttl(ARGV[5], ARGV[8])
@@ -240,7 +255,12 @@ return 0
 #: per entry (H, G). Returns message lines (see :mod:`cancelkit.redis._scripts`).
 SYNC_CLAIMS = """
 local W, lease = ARGV[1], ARGV[2]
-redis.call('SET', KEYS[1], '1', 'PX', lease)
+-- A write that needs no memory first: under OOM (noeviction) Redis refuses only a script's
+-- first write, so the leases are still refreshed.
+if redis.call('PEXPIRE', KEYS[1], lease) == 0 then redis.call('SET', KEYS[1], '1', 'PX', lease) end
+local t = redis.call('TIME')
+local deadline = string.format(
+  '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease))
 local out = {}
 local n = (#ARGV - 3) / 2
 for i = 0, n - 1 do
@@ -266,6 +286,7 @@ for i = 0, n - 1 do
     end
     redis.call('ZADD', k2, g, me)
   end
+  redis.call('HSET', k1, 'd ' .. me, deadline)
   if string.sub(st, 1, 2) == 's ' then out[#out + 1] = 's ' .. h .. string.sub(st, 2) end
   redis.call('PEXPIRE', k1, redis.call('HEXISTS', k1, 'seq') == 1 and ARGV[3] or lease)
   redis.call('PEXPIRE', k2, lease)

@@ -81,7 +81,13 @@ class Slots:
         max_waiting: int,
         seq: int | None,
     ) -> Acquired:
-        """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`."""
+        """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`.
+
+        The claim is recorded locally first. If the script's effect is unknown (the caller
+        was cancelled while it ran, or it failed with ``fail_open=False``), an idempotent
+        release is queued at once; a claim that release misses (the script ran after it)
+        is pruned once its lease deadline passes: it blocks the key for at most one lease.
+        """
         self._conn.client  # noqa: B018 - raises if not running
         claim = self._by_holder[holder] = _Claim(key, holder, callback)  # record first
         self._by_key.setdefault(key, {})[holder] = claim
@@ -102,17 +108,18 @@ class Slots:
                     str(max(86_400_000, 4 * int(settings.lease_ms))),
                     k.alive_prefix,
                     settings.state_ms,
+                    k.inbox_prefix,
                 ],
             )
         except Down:
             if not settings.fail_open:
-                self._forget(claim)
+                self._abandon(claim)
                 raise RedisUnavailable("Redis is unreachable; not starting new work") from None
             return await self._acquire_locally(
                 claim, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
             )
         except BaseException:
-            self._forget(claim)
+            self._abandon(claim)
             raise
         admission = Admission(str(result[0]))
         if admission is Admission.STALE:
@@ -183,9 +190,15 @@ class Slots:
             with anyio.CancelScope(shield=True):
                 await self._release_remote(key, holder)
 
-    async def _release_remote(self, key: str, holder: str) -> None:
+    def _abandon(self, claim: _Claim) -> None:
+        """Forget a claim whose script may have run; release it in the background."""
+        self._forget(claim)
+        if self._conn.running:
+            self._conn.defer(*self._release_call(claim.key, claim.holder))
+
+    def _release_call(self, key: str, holder: str) -> tuple[str, list[str], list[str]]:
         k, settings = self._keys, self._settings
-        await self._conn.run_or_defer(
+        return (
             "RELEASE",
             [k("k", key), k("q", key), k.sequences],
             [
@@ -199,6 +212,9 @@ class Slots:
                 settings.state_ms,
             ],
         )
+
+    async def _release_remote(self, key: str, holder: str) -> None:
+        await self._conn.run_or_defer(*self._release_call(key, holder))
 
     async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""

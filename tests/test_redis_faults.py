@@ -1,0 +1,499 @@
+"""Fault suite for RedisBackend: one real redis-server per test, one fault each.
+
+Every test injects its fault while two backends (one ``fail_open=True``, one
+``fail_open=False``) carry traffic, then checks the same post-conditions: the backends (the
+"application") are alive and connected again; callers saw only documented outcomes (success,
+:exc:`OperationCancelled`, :exc:`RedisUnavailable`, :exc:`SlotBusy`); a supersede storm across
+the two backends ends with exactly one completed body; every key has a TTL; and what a
+cancelled caller may have left on the server blocks its key or id for at most one lease.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import anyio.to_thread
+import coredis
+import pytest
+
+from cancelkit import (
+    CancelOutcome,
+    LatestOnly,
+    OperationCancelled,
+    SlotBusy,
+    TokenRegistry,
+)
+from cancelkit.redis import RedisBackend, RedisUnavailable
+from tests.conftest import RedisServer
+from tests.test_redis import Worker, keys_of, wait_for
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE = 1.0
+OPTIONS: dict[str, Any] = {
+    "heartbeat": 0.2,
+    "lease": LEASE,
+    "timeout": 0.5,
+    "retry_delay": 0.02,
+    "poll_interval": 0.02,
+}
+#: What a caller may see: success or one of these.
+DOCUMENTED = (OperationCancelled, RedisUnavailable, SlotBusy)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, on a free port (faults must not leak to others)."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed (CI must install the Debian package)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    redis = RedisServer(executable, str(tmp_path))
+    redis.start()
+    try:
+        yield redis
+    finally:
+        if redis.process is not None:
+            redis.process.send_signal(signal.SIGCONT)  # in case a test left it stopped
+        redis.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "ckf"
+
+
+@asynccontextmanager
+async def two_backends(
+    server: RedisServer, prefix: str, **options: Any
+) -> AsyncIterator[list[RedisBackend]]:
+    """Backend A fails open, backend B fails closed."""
+    options = {**OPTIONS, **options}
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                RedisBackend(server.url, prefix=prefix, fail_open=fail_open, **options)
+            )
+            for fail_open in (True, False)
+        ]
+
+
+@asynccontextmanager
+async def raw(server: RedisServer) -> AsyncIterator[coredis.Redis[str]]:
+    async with coredis.Redis.from_url(server.url, decode_responses=True) as client:
+        yield client
+
+
+class Outcomes:
+    """Counts what callers saw; anything undocumented propagates and fails the test."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+
+    async def run(self, call: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await call()
+        except DOCUMENTED as exc:
+            self.seen[type(exc).__name__] += 1
+        else:
+            self.seen["ok"] += 1
+
+
+async def traffic(backends: list[RedisBackend], outcomes: Outcomes, tag: str, n: int = 12) -> None:
+    """Claims, registrations and cancels from both backends, each bounded by the timeout."""
+    slots = [LatestOnly(backend=b) for b in backends]
+    registries = [TokenRegistry(backend=b) for b in backends]
+
+    async def claim(i: int) -> None:
+        async with slots[i % 2].claim(f"{tag}-k{i % 3}"):
+            await anyio.lowlevel.checkpoint()
+
+    async def track(i: int) -> None:
+        async with registries[i % 2].track(f"{tag}-op{i}"):
+            await anyio.lowlevel.checkpoint()
+
+    async def cancel(i: int) -> None:
+        await registries[(i + 1) % 2].cancel(f"{tag}-c{i}")
+
+    with anyio.fail_after(20):  # no hang: every call is bounded by the timeout
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                for op in (claim, track, cancel):
+                    tg.start_soon(outcomes.run, lambda op=op, i=i: op(i))
+
+
+def _seen(i: int, *lists: list[int]) -> bool:
+    return any(i in seen for seen in lists)
+
+
+async def storm(backends: list[RedisBackend], key: str = "storm", n: int = 10) -> int:
+    """Claims on one key, alternating between the backends; returns the completed bodies."""
+    slots = [LatestOnly(backend=b) for b in backends]
+    started: list[int] = []
+    cancelled: list[int] = []
+    completed: list[int] = []
+    go = anyio.Event()
+
+    async def body(i: int) -> None:
+        try:
+            async with slots[i % 2].claim(key):
+                started.append(i)
+                await go.wait()
+                completed.append(i)
+        except OperationCancelled:
+            cancelled.append(i)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(body, i)
+                await wait_for(functools.partial(_seen, i, started, cancelled))
+            await wait_for(lambda: len(cancelled) == n - 1)
+            go.set()
+    return len(completed)
+
+
+async def unblocked_within_a_lease(backend: RedisBackend, keys: list[str], ids: list[str]) -> None:
+    """A reject-policy claim on each key and a registration of each id get through in time."""
+    slot = LatestOnly(policy="reject", backend=backend)
+    registry = TokenRegistry(backend=backend)
+    with anyio.fail_after(3 * LEASE + 2):  # one lease, a heartbeat, and slack for a busy box
+        for key in keys:
+            while True:
+                try:
+                    async with slot.claim(key):
+                        break
+                except SlotBusy:
+                    await anyio.sleep(0.05)
+        for id in ids:
+            while True:
+                try:
+                    async with registry.track(id):
+                        break
+                except ValueError:  # OperationExists: the id is still held
+                    await anyio.sleep(0.05)
+
+
+async def check_recovered(
+    server: RedisServer,
+    backends: list[RedisBackend],
+    outcomes: Outcomes,
+    *,
+    keys: list[str] = [],  # noqa: B006 - never mutated
+    ids: list[str] = [],  # noqa: B006
+) -> None:
+    assert set(outcomes.seen) <= {"ok", *(e.__name__ for e in DOCUMENTED)}, outcomes.seen
+    await wait_for(lambda: all(b.statistics().connected for b in backends), limit=15)
+    await unblocked_within_a_lease(backends[1], keys, ids)
+    assert await storm(backends) == 1
+    async with raw(server) as client:
+        live = await keys_of(client, "ckf")
+    assert -1 not in live.values(), live
+
+
+# -- the faults ---------------------------------------------------------------------------
+
+_BUSY_SCRIPT = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) + tonumber(t[2]) / 1e6
+while true do
+  t = redis.call('TIME')
+  if tonumber(t[1]) + tonumber(t[2]) / 1e6 - start > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+async def test_busy_script_from_another_client(server: RedisServer, prefix: str) -> None:
+    """BUSY replies (a long script elsewhere): no raw error, no dead task, then recovery."""
+    server.command("CONFIG", "SET", "busy-reply-threshold", "50")
+    async with two_backends(server, prefix) as backends:
+        outcomes = Outcomes()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                anyio.to_thread.run_sync, server.command, "EVAL", _BUSY_SCRIPT, "0", "1.2"
+            )
+            with anyio.fail_after(10):
+                while not (server.command("PING") or b"").startswith(b"-BUSY"):  # noqa: ASYNC110
+                    await anyio.sleep(0.01)  # another process's state: no event to wait on
+            await traffic(backends, outcomes, "busy")
+        assert outcomes.seen["RedisUnavailable"] >= 1  # fail-closed B saw BUSY as unavailable
+        await check_recovered(server, backends, outcomes)
+
+
+async def test_pause_write_with_an_outer_cancel(server: RedisServer, prefix: str) -> None:
+    """Claims and registrations cancelled while their scripts wait on CLIENT PAUSE WRITE
+    leave nothing that blocks the key or the id past one lease."""
+    async with two_backends(server, prefix) as (a, b):
+        outcomes = Outcomes()
+        scopes: list[anyio.CancelScope] = []
+
+        async def interrupted(call: Callable[[], Awaitable[None]]) -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await outcomes.run(call)
+
+        async def claim() -> None:
+            async with LatestOnly(policy="keep_latest", backend=a).claim("paused"):
+                await anyio.sleep_forever()
+
+        async def track() -> None:
+            async with TokenRegistry(backend=a).track("paused-op"):
+                await anyio.sleep_forever()
+
+        assert server.command("CLIENT", "PAUSE", "1500", "WRITE") == b"+OK"
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(interrupted, claim)
+                tg.start_soon(interrupted, track)
+                await anyio.wait_all_tasks_blocked()  # both scripts are in flight
+                for scope in scopes:
+                    scope.cancel()
+        server.command("CLIENT", "UNPAUSE")
+        await check_recovered(server, [a, b], outcomes, keys=["paused"], ids=["paused-op"])
+
+
+async def test_client_kill_every_20ms_during_a_200_operation_race(
+    server: RedisServer, prefix: str
+) -> None:
+    """Normal and pub/sub connections killed every 20 ms: every cancel reaches its operation."""
+    async with two_backends(server, prefix) as backends, raw(server) as client:
+        registries = [TokenRegistry(backend=b) for b in backends]
+        outcomes = Outcomes()
+        ended: list[int] = []
+        stop = anyio.Event()
+
+        async def killer() -> None:
+            while not stop.is_set():
+                for kind in (coredis.PureToken.NORMAL, coredis.PureToken.PUBSUB):
+                    with suppress(coredis.exceptions.RedisError):
+                        await client.client_kill(type_=kind, skipme=True)
+                await anyio.sleep(0.02)
+
+        async def operation(i: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+            try:
+                async with registries[i % 2].track(f"race{i}"):
+                    task_status.started()
+                    await anyio.sleep_forever()
+            except OperationCancelled:
+                ended.append(i)
+            except DOCUMENTED as exc:  # RedisUnavailable from the fail-closed backend
+                outcomes.seen[type(exc).__name__] += 1
+                ended.append(i)
+                task_status.started()
+
+        async def cancel(i: int) -> None:
+            try:
+                await registries[(i + 1) % 2].cancel(f"race{i}")
+            except RedisUnavailable:  # documented; then the operation is stopped here
+                outcomes.seen["RedisUnavailable"] += 1
+                for scope in scopes.pop(i, ()):
+                    scope.cancel()
+
+        scopes: dict[int, list[anyio.CancelScope]] = {}
+
+        async def guarded(i: int, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with anyio.CancelScope() as scope:
+                scopes[i] = [scope]
+                await operation(i, task_status=task_status)
+            if scope.cancelled_caught:
+                ended.append(i)
+
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(killer)
+                for i in range(200):
+                    await tg.start(guarded, i)
+                    tg.start_soon(cancel, i)
+                await wait_for(lambda: len(ended) == 200, limit=30)
+                stop.set()
+        await check_recovered(server, backends, outcomes)
+
+
+async def test_sigstop_sigcont(server: RedisServer, prefix: str) -> None:
+    """A frozen server: calls time out (never hang), then everything recovers."""
+    assert server.process is not None
+    async with two_backends(server, prefix) as backends:
+        outcomes = Outcomes()
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            await traffic(backends, outcomes, "stopped")
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert outcomes.seen["RedisUnavailable"] >= 1
+        await check_recovered(server, backends, outcomes)
+
+
+async def test_sigkill_and_restart_on_the_same_port(server: RedisServer, prefix: str) -> None:
+    """A crashed server (data lost) restarted on the same port: entries are re-asserted."""
+    assert server.process is not None
+    async with two_backends(server, prefix) as backends:
+        outcomes = Outcomes()
+        registry = TokenRegistry(backend=backends[0])
+        async with anyio.create_task_group() as tg:
+            started = anyio.Event()
+
+            async def survivor() -> None:
+                async with registry.track("survivor"):
+                    started.set()
+                    await anyio.sleep_forever()
+
+            tg.start_soon(outcomes.run, survivor)
+            await started.wait()
+            server.process.kill()
+            server.process.wait(10)
+            server.process = None
+            await traffic(backends, outcomes, "killed")
+            server.start()
+            await wait_for(lambda: all(b.statistics().connected for b in backends), limit=15)
+            other = TokenRegistry(backend=backends[1])
+            assert await other.cancel("survivor") is CancelOutcome.CANCELLED  # re-asserted
+        assert outcomes.seen["OperationCancelled"] >= 1
+        await check_recovered(server, backends, outcomes)
+
+
+async def test_out_of_memory(server: RedisServer, prefix: str) -> None:
+    """OOM (maxmemory with noeviction) refuses writes: unavailable, never raw, then recovery."""
+    async with two_backends(server, prefix) as backends:
+        outcomes = Outcomes()
+        server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        server.command("CONFIG", "SET", "maxmemory", "1")
+        try:
+            await traffic(backends, outcomes, "oom")
+        finally:
+            server.command("CONFIG", "SET", "maxmemory", "0")
+        assert outcomes.seen["RedisUnavailable"] >= 1
+        await check_recovered(server, backends, outcomes)
+
+
+async def test_readonly_replica(server: RedisServer, prefix: str) -> None:
+    """The server turned into a replica answers READONLY: unavailable, then recovery."""
+    async with two_backends(server, prefix) as backends:
+        outcomes = Outcomes()
+        server.command("REPLICAOF", "127.0.0.1", "1")  # a primary that never answers
+        try:
+            await traffic(backends, outcomes, "readonly")
+        finally:
+            server.command("REPLICAOF", "NO", "ONE")
+        assert outcomes.seen["RedisUnavailable"] >= 1
+        await check_recovered(server, backends, outcomes)
+
+
+async def test_script_flush_mid_run(server: RedisServer, prefix: str) -> None:
+    """SCRIPT FLUSH mid-run: scripts are loaded again; nobody notices."""
+    async with two_backends(server, prefix, timeout=5) as backends:  # no load-induced timeouts
+        outcomes = Outcomes()
+        await traffic(backends, outcomes, "before")
+        server.command("SCRIPT", "FLUSH")
+        await traffic(backends, outcomes, "after")
+        assert set(outcomes.seen) <= {"ok", "OperationCancelled", "SlotBusy"}, outcomes.seen
+        await check_recovered(server, backends, outcomes)
+
+
+# -- two processes ------------------------------------------------------------------------
+
+
+async def expect_any(worker: Worker, *starts: str, limit: float = 30) -> str:
+    """The first line (already read or next) that starts with one of ``starts``."""
+    with anyio.fail_after(limit):
+        while True:
+            for line in worker.lines:
+                if line.startswith(starts):
+                    worker.lines.remove(line)
+                    return line
+            raw_line = await worker.stdout.receive_until(b"\n", 1 << 16)
+            worker.lines.append(raw_line.decode())
+
+
+@asynccontextmanager
+async def job_process(server: RedisServer, prefix: str, backend: str) -> AsyncIterator[Worker]:
+    """A tests/redis_worker.py process whose backend fails closed."""
+    command = [sys.executable, "-m", "tests.redis_worker", server.url, prefix, backend]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CANCELKIT_FAIL_OPEN": "0"}
+    async with await anyio.open_process(command, env=env, stderr=subprocess.DEVNULL) as process:
+        worker = Worker(process)
+        try:
+            await worker.expect("ready", limit=30)  # a loaded box starts Python slowly
+            yield worker
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def test_two_process_cancel_race_with_connection_kills(
+    server: RedisServer, prefix: str, anyio_backend: str
+) -> None:
+    """Another process (failing closed) runs 200 jobs; each is cancelled from here around its
+    registration while connections are killed every 20-50 ms: no job whose cancel answered
+    CANCELLED or PENDING runs to completion, and no cancel answers NOT_FOUND."""
+    n = 200
+    async with (
+        job_process(server, prefix, anyio_backend) as other,
+        two_backends(server, prefix, timeout=2) as backends,
+        raw(server) as client,
+    ):
+        registry = TokenRegistry(backend=backends[0])
+        answers: dict[str, str] = {}
+        stop = anyio.Event()
+
+        async def killer() -> None:
+            pauses = (0.02, 0.035, 0.05)
+            i = 0
+            while not stop.is_set():
+                for kind in (coredis.PureToken.NORMAL, coredis.PureToken.PUBSUB):
+                    with suppress(coredis.exceptions.RedisError):
+                        await client.client_kill(type_=kind, skipme=True)
+                await anyio.sleep(pauses[i % 3])
+                i += 1
+
+        async def cancel(id: str) -> None:
+            try:
+                answers[id] = str(await registry.cancel(id))
+            except RedisUnavailable:  # documented: then the job may run to its end
+                answers[id] = "unavailable"
+
+        ends: dict[str, str] = {}
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(killer)
+                for i in range(n):
+                    id = f"job{i}"
+                    if i % 2:  # cancel first, register a moment later
+                        await cancel(id)
+                        await other.send(f"job {id} 3000")
+                    else:
+                        await other.send(f"job {id} 3000")
+                        if (await expect_any(other, f"tracking {id}", f"failed {id}")).startswith(
+                            "failed"
+                        ):
+                            ends[id] = "failed"  # refused: Redis unavailable for the worker
+                        tg.start_soon(cancel, id)
+                await wait_for(lambda: len(answers) == n, limit=30)
+                while len(ends) < n:  # every job ends: cancelled, completed or failed
+                    line = await other.expect("", limit=30)
+                    kind, id, *_ = line.split()
+                    if kind in ("cancelled", "completed", "failed"):
+                        ends[id] = kind
+                stop.set()
+        # NOT_FOUND only for a job that never ran (its registration failed: RedisUnavailable)
+        assert all(ends[id] == "failed" for id, a in answers.items() if a == "not_found"), answers
+        obeyed = {id for id, answer in answers.items() if answer in ("cancelled", "pending")}
+        assert obeyed, answers
+        assert not [id for id in obeyed if ends[id] == "completed"], (answers, ends)
+        await check_recovered(server, backends, Outcomes())
