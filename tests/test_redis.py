@@ -304,7 +304,7 @@ async def test_released_state_leaves_only_expiring_keys(redis: RedisServer, pref
         left = await keys_of(client, prefix)
         assert -1 not in left.values(), left
         kinds = {key.split(":")[1] for key in left}
-        assert kinds <= {"f", "a", "gen", "co", "in"}, left
+        assert kinds <= {"f", "a", "gen", "co", "in", "tz"}, left  # tz: per-owner index, expiring
 
 
 # -- resilience ---------------------------------------------------------------------------
