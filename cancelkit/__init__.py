@@ -1,6 +1,21 @@
 """Stop web work nobody will read: superseded, cancelled and abandoned requests.
 
 cancelkit is built on anyio, so everything here runs on asyncio and on trio.
+
+Vocabulary (one word for each idea, across the code, the statistics and the docs):
+
+- *interrupt*: the work's awaits are cancelled (an anyio cancel scope underneath);
+  *signal*: only the token is cancelled and the work checks it. ``LatestOnly.claim()`` and
+  ``TokenRegistry.track()`` interrupt; ``hold()`` on both only signals;
+  ``CancelOnDisconnect(mode="interrupt" | "signal")``; ``token.scope()`` raises on exit and
+  ``token.move_on()`` swallows (anyio's words).
+- *running*: entered and its body started, not yet exited; *waiting*: entered, body not
+  started yet (debounce, handover, a queue). Every ``statistics()`` uses these two words.
+- *owner*: the tenant who may see and cancel an id; *holder*: the one claim or registration
+  instance that holds a key or an id (never called owner).
+- :func:`current_token` is the :class:`CancellationToken` of the work running in this
+  context (a contextvar); ``anyio.lowlevel.current_token()`` is something else: the event
+  loop's own token, for calling back into the loop from threads.
 """
 
 from ._asgi import CancelOnDisconnect as CancelOnDisconnect
