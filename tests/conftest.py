@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -22,6 +24,37 @@ settings.register_profile(
     print_blob=True,
 )
 settings.load_profile("ci" if os.environ.get("CI") == "true" else "default")
+
+
+# pytest-timeout interrupts a test that runs too long, but a test whose tasks cannot end (a
+# shielded wait that nothing sets, a runner that waits for such a task) survives the interrupt and
+# would hang the whole run. The backstop: past its timeout plus this grace, the process prints
+# every thread's stack and exits, so the session fails in bounded time and says where.
+_BACKSTOP_GRACE = 120.0
+
+
+_STDERR = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_STDERR] = os.dup(sys.stderr.fileno())  # the terminal's, not the capture's
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.close(config.stash[_STDERR])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    marker = item.get_closest_marker("timeout")
+    limit = float(marker.args[0] if marker and marker.args else item.config.getini("timeout"))
+    faulthandler.dump_traceback_later(
+        limit + _BACKSTOP_GRACE, exit=True, file=item.config.stash[_STDERR]
+    )
+    try:
+        return (yield)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(params=["asyncio", "trio"])

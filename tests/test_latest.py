@@ -214,7 +214,7 @@ async def test_handover_timeout_raises_slot_busy() -> None:
             try:
                 await anyio.sleep_forever()
             finally:
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), anyio.fail_after(30):
                     in_cleanup.set()
                     await release.wait()
 
@@ -286,7 +286,7 @@ async def test_supersede_during_cleanup_lets_the_cleanup_finish() -> None:
             try:
                 pass
             finally:
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), anyio.fail_after(30):
                     in_cleanup.set()
                     await proceed.wait()
                     done.append("cleanup")

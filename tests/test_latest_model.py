@@ -238,7 +238,7 @@ class Machine(RuleBasedStateMachine):
                     await probe.finish.wait()
                 finally:
                     if probe.stubborn and claim.token.cancelled:
-                        with anyio.CancelScope(shield=True):
+                        with anyio.CancelScope(shield=True), anyio.fail_after(30):
                             probe.cleaning.set()
                             probe.settled.set()
                             await probe.let_go.wait()

@@ -400,7 +400,8 @@ async def test_shutdown_stops_waiting_after_cleanup_timeout_and_says_so(
         try:
             await anyio.sleep_forever()
         finally:
-            with anyio.CancelScope(shield=True):  # bounded by the app; here: by the test
+            # bounded by the app; here: by the test
+            with anyio.CancelScope(shield=True), anyio.fail_after(30):
                 await proceed.wait()
                 cleanup.append("flushed")
 

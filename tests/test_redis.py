@@ -231,8 +231,8 @@ async def test_handover_waits_for_the_other_workers_cleanup(
                     try:
                         await anyio.sleep_forever()
                     finally:
-                        with anyio.CancelScope(shield=True):
-                            await release.wait()
+                        with anyio.CancelScope(shield=True), anyio.fail_after(20):
+                            await release.wait()  # bounded: a failure must not hang the run
                             events.append("a cleaned up")
 
         async def second() -> None:

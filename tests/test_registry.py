@@ -300,7 +300,7 @@ async def test_cancel_during_cleanup_lets_the_cleanup_finish() -> None:
             try:
                 pass
             finally:
-                with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True), anyio.fail_after(30):
                     in_cleanup.set()
                     await proceed.wait()
                     finished.append("cleanup")

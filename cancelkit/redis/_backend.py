@@ -54,7 +54,8 @@ class RedisBackendStatistics:
         messages_received: cancel, supersede and turn messages received over pub/sub.
         inbox_lines: messages read from this worker's inbox (each message is sent both
             ways; the inbox is the path that does not depend on pub/sub surviving).
-        deliveries: cancellations delivered to local holders (by message, resync or directly).
+        deliveries: local holders cancelled through the backend, each counted once however
+            many paths (pub/sub, inbox, resync, directly) delivered its cancellation.
         resyncs: heartbeats and reconnects that re-read the state of the local entries.
         reconnects: times the pub/sub subscription was re-established.
         failures: times Redis became unreachable (each logged once).

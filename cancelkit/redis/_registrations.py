@@ -23,7 +23,7 @@ _CHUNK = 500  # entries per resync script call
 
 @final
 class _Reg:
-    __slots__ = ("deliver", "holder", "id", "name", "synced")
+    __slots__ = ("cancelled", "deliver", "holder", "id", "name", "synced")
 
     def __init__(self, id: str, name: str, holder: str, deliver: Deliver) -> None:
         self.id = id
@@ -31,6 +31,7 @@ class _Reg:
         self.holder = holder
         self.deliver = deliver
         self.synced = False  # whether the heartbeat re-asserts it (set once it is recorded)
+        self.cancelled = False  # whether a cancellation was delivered (repeats are not counted)
 
 
 def _name(id: str, owner: str | None) -> str:
@@ -159,12 +160,12 @@ class Registrations:
                 raise RedisUnavailable(
                     f"Redis is unreachable and operation {id!r} does not run in this worker"
                 ) from None
-            self._deliver(self._by_holder[holder].deliver, reason)
+            self._deliver(self._by_holder[holder], reason)
             return CancelOutcome.CANCELLED
         outcome = str(result[0])
         if outcome == "cancelled":
             if result[1] == self._keys.worker and (reg := self._by_holder.get(str(result[2]))):
-                self._deliver(reg.deliver, load(str(result[3])))
+                self._deliver(reg, load(str(result[3])))
             return CancelOutcome.CANCELLED
         if outcome == "full":
             limit = str(result[1])
@@ -172,9 +173,12 @@ class Registrations:
             raise RegistryFull(limit, value)
         return CancelOutcome(outcome)
 
-    def _deliver(self, callback: Deliver, reason: CancelReason) -> None:
-        self.deliveries += 1
-        deliver(callback, reason)
+    def _deliver(self, reg: _Reg, reason: CancelReason) -> None:
+        """Cancel the registration's token; a repeat (resync, inbox, pub/sub) is not counted."""
+        if not reg.cancelled:
+            reg.cancelled = True
+            self.deliveries += 1
+        deliver(reg.deliver, reason)
 
     # -- messages and resync -------------------------------------------------------------
 
@@ -182,7 +186,7 @@ class Registrations:
         """A ``c H REASON`` line: cancel the holder if it is still registered here."""
         reg = self._by_holder.get(holder)
         if reg is not None:
-            self._deliver(reg.deliver, load(reason))
+            self._deliver(reg, load(reason))
 
     def on_lost(self, holder: str) -> None:
         """An ``l H`` line: another worker holds the registration now."""

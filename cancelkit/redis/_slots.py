@@ -144,8 +144,7 @@ class Slots:
         self, claim: _Claim, *, policy: SlotPolicy, limit: int, max_waiting: int, seq: int | None
     ) -> Acquired:
         def deliver(reason: CancelReason) -> None:
-            claim.superseded = True
-            self._deliver(claim.deliver, reason)
+            self._deliver(claim, reason)
 
         acquired = await self._local.acquire(
             claim.key,
@@ -258,9 +257,12 @@ class Slots:
                 return not claim.superseded
         return False
 
-    def _deliver(self, callback: Deliver, reason: CancelReason) -> None:
-        self.deliveries += 1
-        deliver(callback, reason)
+    def _deliver(self, claim: _Claim, reason: CancelReason) -> None:
+        """Cancel the claim's body; a repeat (resync, inbox and pub/sub) is not counted."""
+        if not claim.superseded:
+            claim.superseded = True
+            self.deliveries += 1
+        deliver(claim.deliver, reason)
 
     # -- messages and resync -------------------------------------------------------------
 
@@ -268,8 +270,7 @@ class Slots:
         """An ``s H NEW`` line: the holder's key belongs to ``source`` now."""
         claim = self._by_holder.get(holder)
         if claim is not None:
-            claim.superseded = True
-            self._deliver(claim.deliver, CancelReason(CancelKind.SUPERSEDED, source=source))
+            self._deliver(claim, CancelReason(CancelKind.SUPERSEDED, source=source))
 
     def on_turn(self, holder: str) -> None:
         """A ``t H`` line: the holder may have its turn (it checks)."""
