@@ -177,10 +177,10 @@ def _as_dependency(func: Callable[..., Any], what: str) -> Callable[..., Any]:
 _SeqDependency = Callable[..., int | Awaitable[int | None] | None]
 
 
-def _seq_from_header(name: str) -> Callable[..., int | None]:
+def _seq_from_header(name: str) -> Callable[..., Awaitable[int | None]]:
     """A dependency reading the sequence number from header ``name`` (FastAPI validates it)."""
 
-    def sequence_header(
+    async def sequence_header(  # async: a sync dependency is a threadpool trip per request
         value: Annotated[
             int | None,
             Header(
@@ -200,7 +200,7 @@ def _seq_from_header(name: str) -> Callable[..., int | None]:
     return sequence_header
 
 
-def _no_seq() -> None:
+async def _no_seq() -> None:
     return None
 
 

@@ -1,3 +1,4 @@
+import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ import pytest
 from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 
 from cancelkit import (
     CancelKind,
@@ -201,10 +203,12 @@ async def test_request_token_follows_the_claim_whatever_the_declaration_order() 
         raise AssertionError("unreachable")  # pragma: no cover
 
     results: list[int] = []
+    answered = anyio.Event()
     async with client(app) as http, anyio.create_task_group() as tg:
 
         async def get() -> None:
             results.append((await http.get("/s")).status_code)
+            answered.set()
 
         tg.start_soon(get)
         with anyio.fail_after(10):
@@ -215,8 +219,54 @@ async def test_request_token_follows_the_claim_whatever_the_declaration_order() 
             await started.wait()
         assert seen[0].reason is not None
         assert seen[0].reason.kind is CancelKind.SUPERSEDED
+        # The superseded request's answer and the newcomer's start race (trio shuffles the
+        # order of ready tasks): wait for the answer instead of assuming it came first.
+        with anyio.fail_after(10):
+            await answered.wait()
         tg.cancel_scope.cancel()
     assert results == [409]
+
+
+def _cancelkit_dependency_calls(app: FastAPI) -> dict[str, Any]:
+    """Every dependency callable defined in cancelkit that the app's routes use, by path."""
+    found: dict[str, Any] = {}
+
+    def walk(path: str, dependant: Any) -> None:
+        for sub in dependant.dependencies:
+            call = sub.call
+            if getattr(call, "__module__", "").startswith("cancelkit"):
+                found[f"{path}: {call.__qualname__}"] = call
+            walk(path, sub)
+
+    for route in app.routes:
+        if isinstance(route, APIRoute):
+            walk(route.path, route.dependant)
+    return found
+
+
+def test_no_cancelkit_dependency_runs_in_the_threadpool() -> None:
+    """Every cancelkit dependency is async: FastAPI sends a sync one through the threadpool."""
+    app, _ = make_app()
+    slot = LatestOnly()
+
+    @app.get("/no-seq")
+    async def no_seq(claim: Annotated[Claim, latest_only(slot, key=search_key, seq=None)]) -> None:
+        pass
+
+    @app.get("/token")
+    async def token(token: RequestToken) -> None:
+        pass
+
+    calls = _cancelkit_dependency_calls(app)
+    names = {name.rsplit(": ", 1)[1] for name in calls}
+    assert {"request_level_token", "_no_seq"} <= names
+    assert any("sequence_header" in name for name in names)
+    sync = [
+        name
+        for name, call in calls.items()
+        if not (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call))
+    ]
+    assert sync == []
 
 
 # -- cancel by id -----------------------------------------------------------------------------
