@@ -234,9 +234,9 @@ class LatestOnly:
 
         .. versionadded:: 0.1
         """
-        return self._hold(key, seq)
+        return self._hold(key, seq, False)
 
-    def _hold(self, key: str, seq: int | None) -> _Hold:
+    def _hold(self, key: str, seq: int | None, interrupt: bool) -> _Hold:
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if not 0 < len(key) <= _MAX_KEY:
@@ -246,7 +246,7 @@ class LatestOnly:
                 raise TypeError(f"seq must be an int or None, not {type(seq).__name__}")
             if not 0 <= seq <= _MAX_SEQ:
                 raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
-        return _Hold(self, Claim(key, seq))
+        return _Hold(self, Claim(key, seq), interrupt)
 
     def claim(self, key: str, *, seq: int | None = None) -> AbstractAsyncContextManager[Claim]:
         """Claim ``key`` and run the block as one of its newest holders.
@@ -265,7 +265,7 @@ class LatestOnly:
             OperationCancelled: when the claim was stale, or superseded (before or while its
                 body ran), or its token was cancelled otherwise.
         """
-        return _Interrupting(self._hold(key, seq))
+        return self._hold(key, seq, True)
 
     async def is_current(self, key: str, generation: int) -> bool:
         """Whether the claim with ``generation`` still runs on ``key`` (for fencing writes).
@@ -297,13 +297,19 @@ class LatestOnly:
 
 @final
 class _Hold:
-    """The context manager of :meth:`LatestOnly.hold` (use once)."""
+    """The context manager of :meth:`LatestOnly.hold` and, interrupting, of ``claim()``.
 
-    __slots__ = ("_claim", "_slot")
+    Use once. Interrupting, the block runs in the claim's token scope, which ends before the
+    key is released.
+    """
 
-    def __init__(self, slot: LatestOnly, claim: Claim) -> None:
+    __slots__ = ("_claim", "_interrupt", "_scope", "_slot")
+
+    def __init__(self, slot: LatestOnly, claim: Claim, interrupt: bool) -> None:
         self._slot = slot
         self._claim = claim
+        self._interrupt = interrupt
+        self._scope: TokenScope | None = None
 
     async def __aenter__(self) -> Claim:
         slot, claim = self._slot, self._claim
@@ -326,8 +332,14 @@ class _Hold:
         if admission is Admission.RUNNING or admission is Admission.WAITING:
             slot._claimed += 1
             claim.generation = acquired.generation
+            queued = admission is Admission.WAITING
             try:
-                await self._wait(admission is Admission.WAITING)
+                if queued or slot._debounce or slot._handover is not None:
+                    await self._wait(queued)
+                if self._interrupt:
+                    scope = claim.token.scope()
+                    scope.__enter__()  # raises if the claim was superseded meanwhile
+                    self._scope = scope
             except BaseException:
                 slot._waiting -= 1
                 self._count_superseded()
@@ -360,8 +372,6 @@ class _Hold:
         """The debounce, queue and handover waits, interrupted by the claim's token."""
         slot, claim = self._slot, self._claim
         handover = slot._handover
-        if not (slot._debounce or queued or handover is not None):
-            return
         with claim.token.scope():
             if slot._debounce:
                 await anyio.sleep(slot._debounce)
@@ -383,48 +393,19 @@ class _Hold:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
+    ) -> bool:
+        scope = self._scope
+        if scope is not None:
+            try:
+                scope.__exit__(exc_type, exc, tb)  # raises OperationCancelled if it stopped us
+            except BaseException:
+                await self._release()
+                raise
+        await self._release()
+        return False
+
+    async def _release(self) -> None:
         slot, claim = self._slot, self._claim
         slot._running -= 1
         self._count_superseded()
         await slot._backend.release(claim.key, claim.id)  # completes even when cancelled
-
-
-@final
-class _Interrupting:
-    """The context manager of :meth:`LatestOnly.claim` (use once).
-
-    :meth:`LatestOnly.hold` plus the claim's token scope around the block.
-    """
-
-    __slots__ = ("_hold", "_scope")
-
-    def __init__(self, hold: _Hold) -> None:
-        self._hold = hold
-        self._scope: TokenScope | None = None
-
-    async def __aenter__(self) -> Claim:
-        claim = await self._hold.__aenter__()
-        scope = claim.token.scope()
-        try:
-            scope.__enter__()
-        except BaseException as exc:  # cancelled between the hold and the scope
-            await self._hold.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._scope = scope
-        return claim
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        assert self._scope is not None
-        try:
-            self._scope.__exit__(exc_type, exc, tb)  # raises OperationCancelled if it stopped us
-        except BaseException as stopped:
-            await self._hold.__aexit__(type(stopped), stopped, stopped.__traceback__)
-            raise
-        await self._hold.__aexit__(exc_type, exc, tb)
-        return False

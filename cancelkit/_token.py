@@ -76,6 +76,40 @@ def _this_loop() -> object | None:
     return None
 
 
+class _Scope(Protocol):
+    """The part of a cancel scope (anyio's, or trio's own) that a :class:`TokenScope` uses."""
+
+    cancelled_caught: bool
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+
+_asyncio_scope: Callable[..., _Scope] | None = None  # anyio's CancelScope class for asyncio
+
+
+def _new_scope(loop: object, deadline: float) -> _Scope:
+    """Return ``anyio.CancelScope(deadline=deadline)`` for the running ``loop`` (see _this_loop).
+
+    Without detecting the event loop again (anyio does that on every ``CancelScope()``), and on
+    trio without anyio's wrapper: anyio's trio scope only forwards to ``trio.CancelScope``.
+    """
+    global _asyncio_scope
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        if _asyncio_scope is None:
+            _asyncio_scope = cast(Callable[..., _Scope], type(anyio.CancelScope()))
+        return _asyncio_scope(deadline=deadline)
+    trio = sys.modules.get("trio")
+    if loop is not None and trio is not None:
+        return cast(_Scope, trio.CancelScope(deadline=deadline))
+    return cast(_Scope, anyio.CancelScope(deadline=deadline))  # pragma: no cover - no loop
+
+
 def _call_soon(native: object, func: Callable[..., object], *args: object) -> None:
     """Schedule ``func(*args)`` in the event loop ``native`` (thread-safe).
 
@@ -208,6 +242,17 @@ def _take(node: _Node) -> CancellationToken | None:
 
 
 @final
+class _Rare:
+    """The state few tokens need, kept out of every token's slots (memory per live token)."""
+
+    __slots__ = ("cancelled_by", "errors")
+
+    def __init__(self, cancelled_by: CancellationToken | None) -> None:
+        self.cancelled_by = cancelled_by
+        self.errors: list[Exception] = []
+
+
+@final
 @dataclass(frozen=True, slots=True)
 class TokenStatistics:
     """A snapshot of a token's state, from :meth:`CancellationToken.statistics`.
@@ -251,14 +296,12 @@ class CancellationToken:
 
     __slots__ = (
         "__weakref__",
-        "_cancelled_by",
         "_deadline",
         "_effective_deadline",
-        "_errors",
         "_head",
         "_links",
         "_name",
-        "_parents_deadline",
+        "_rare",
         "_reason",
     )
 
@@ -271,10 +314,8 @@ class CancellationToken:
         self._head: _Node | None = None  # the newest waiter; the list runs to the oldest
         self._links: tuple[_Link, ...] = ()
         self._deadline = deadline
-        self._parents_deadline = _INF
-        self._effective_deadline = deadline
-        self._cancelled_by: CancellationToken | None = None
-        self._errors: list[Exception] | None = None
+        self._effective_deadline = deadline  # the earliest of its own and its parents'
+        self._rare: _Rare | None = None  # what few tokens need: who cancelled, callback errors
         self._name = name
 
     # -- linking -------------------------------------------------------------------------
@@ -305,6 +346,7 @@ class CancellationToken:
                     f"any_of() takes CancellationToken objects, not {type(token).__name__}"
                 )
         child = cls(timeout=timeout, name=name)
+        parents_deadline = _INF
         for parent in tokens:
             parent._poll()
             link = _Link(child, _child_collected)
@@ -316,15 +358,13 @@ class CancellationToken:
             with _lock:
                 if child._reason is None:
                     child._links += (link,)
-                    child._parents_deadline = min(
-                        child._parents_deadline, parent._effective_deadline
-                    )
+                    parents_deadline = min(parents_deadline, parent._effective_deadline)
                     continue
             # The child is cancelled already (this parent had fired, or another thread
             # cancelled a parent or the child meanwhile): this link is not needed.
             _take(link)
             break
-        child._effective_deadline = min(child._deadline, child._parents_deadline)
+        child._effective_deadline = min(child._deadline, parents_deadline)
         return child
 
     def child(self, *, timeout: float | None = None, name: str | None = None) -> CancellationToken:
@@ -345,7 +385,6 @@ class CancellationToken:
             links = self._links
             self._links = ()
             if self._reason is None and links:
-                self._parents_deadline = _INF
                 self._effective_deadline = self._deadline
         for link in links:
             _take(link)
@@ -370,7 +409,8 @@ class CancellationToken:
     @property
     def cancelled_by(self) -> CancellationToken | None:
         """The linked token whose cancellation cancelled this one, if that is what happened."""
-        return self._cancelled_by
+        rare = self._rare
+        return None if rare is None else rare.cancelled_by
 
     @property
     def deadline(self) -> float:
@@ -389,7 +429,8 @@ class CancellationToken:
     def callback_errors(self) -> tuple[Exception, ...]:
         """Exceptions raised by :meth:`on_cancel` callbacks; each is also logged."""
         with _lock:
-            return tuple(self._errors or ())
+            rare = self._rare
+            return () if rare is None else tuple(rare.errors)
 
     def raise_if_cancelled(self) -> None:
         """Raise :exc:`OperationCancelled` if the token is cancelled; works in any thread.
@@ -434,7 +475,8 @@ class CancellationToken:
             if self._reason is not None:
                 return False
             self._reason = reason
-            self._cancelled_by = by
+            if by is not None:  # (callback errors come only after this)
+                self._rare = _Rare(by)
             links = self._links
             self._links = ()
             waiters: list[_Node] = []
@@ -495,9 +537,9 @@ class CancellationToken:
 
     def _record(self, errors: list[tuple[_Node, Exception]]) -> None:
         with _lock:
-            if self._errors is None:
-                self._errors = []
-            self._errors.extend(exc for _, exc in errors)
+            if self._rare is None:
+                self._rare = _Rare(None)
+            self._rare.errors.extend(exc for _, exc in errors)
         for node, exc in errors:
             logger.error("on_cancel callback %r of %r failed", node, self, exc_info=exc)
 
@@ -506,7 +548,7 @@ class CancellationToken:
         deadline = self._effective_deadline
         if self._reason is not None or deadline == _INF or deadline > now:
             return
-        if self._deadline <= self._parents_deadline:
+        if self._deadline <= deadline:  # its own deadline is the earliest
             self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
             return
         for link in self._links:
@@ -669,7 +711,7 @@ class CancellationToken:
                 cancelled=self._reason is not None,
                 callbacks=self._waiters(),
                 parents=len(self._links),
-                callback_errors=len(self._errors or ()),
+                callback_errors=0 if self._rare is None else len(self._rare.errors),
             )
 
     def _waiters(self) -> int:
@@ -705,21 +747,18 @@ class TokenScope:
         "_native",
         "_next",
         "_prev",
-        "_raise",
         "_scope",
+        "_state",
         "_token",
         "_var",
-        "cancelled_caught",
         "token",
     )
 
     def __init__(self, token: CancellationToken, *, swallow: bool) -> None:
         #: The token that interrupts the block.
         self.token = token
-        #: Whether the token interrupted the block (set on exit).
-        self.cancelled_caught = False
-        self._raise = not swallow
-        self._scope: anyio.CancelScope | None = None
+        self._state = 0 if swallow else _RAISE  # | _CAUGHT on exit: one slot, not two
+        self._scope: _Scope | None = None
         self._prev: _Node | None = None
         self._next: _Node | None = None
         self._token: CancellationToken | None = None
@@ -730,7 +769,12 @@ class TokenScope:
     @property
     def reason(self) -> CancelReason | None:
         """The token's reason when it interrupted the block, else ``None``."""
-        return self.token._reason if self.cancelled_caught else None
+        return self.token._reason if self._state & _CAUGHT else None
+
+    @property
+    def cancelled_caught(self) -> bool:
+        """Whether the token interrupted the block (set on exit)."""
+        return bool(self._state & _CAUGHT)
 
     def __enter__(self) -> TokenScope:
         if self._scope is not None:
@@ -738,12 +782,12 @@ class TokenScope:
         token = self.token
         token._poll()
         reason = token._reason
-        if reason is not None and self._raise:
-            self._scope = anyio.CancelScope()  # marks it used; never entered
+        if reason is not None and self._state & _RAISE:
+            self._scope = _USED  # never entered
             raise OperationCancelled(reason)
-        scope = self._scope = anyio.CancelScope(deadline=token._loop_deadline())
-        scope.__enter__()
         loop = self._native = _this_loop()
+        scope = self._scope = _new_scope(loop, token._loop_deadline())
+        scope.__enter__()
         if isinstance(loop, asyncio.AbstractEventLoop):
             task = asyncio.current_task(loop)
             if task is not None:
@@ -787,14 +831,19 @@ class TokenScope:
             token._expire(max(time.monotonic(), token._effective_deadline))
         reason = token._reason
         assert reason is not None
-        self.cancelled_caught = True
-        if self._raise:
+        self._state |= _CAUGHT
+        if self._state & _RAISE:
             raise OperationCancelled(reason) from None
         return True
 
     def __repr__(self) -> str:
-        kind = "scope" if self._raise else "move_on"
+        kind = "scope" if self._state & _RAISE else "move_on"
         return f"<TokenScope {kind} cancelled_caught={self.cancelled_caught} token={self.token!r}>"
 
 
 _UNKNOWN = object()
+_RAISE, _CAUGHT = 1, 2  # the bits of TokenScope._state
+
+
+# The ``_scope`` of a TokenScope that raised on entry: used once, never entered.
+_USED = cast(_Scope, object())
