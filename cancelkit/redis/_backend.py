@@ -176,6 +176,7 @@ class RedisBackend:
         poll_interval: float = 0.05,
         seq_ttl: float = 60.0,
         max_seq_keys: int = 10_000,
+        slot_groups: int = 16,
     ) -> None:
         """Configure the backend; nothing connects until it is entered."""
         settings = self._settings = Settings.validate(
@@ -192,6 +193,7 @@ class RedisBackend:
             poll_interval=poll_interval,
             seq_ttl=seq_ttl,
             max_seq_keys=max_seq_keys,
+            slot_groups=slot_groups,
         )
         self._keys = Keys(prefix)
         self._conn = Connection(url, timeout=settings.timeout, fail_open=fail_open)
@@ -224,7 +226,7 @@ class RedisBackend:
         try:
             await self._conn.open(stack, _SCRIPTS)
             if self._conn.cluster:
-                self._keys.use_hash_tag()
+                self._keys.use_cluster(self._settings.slot_groups)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self._listener.read)
         except BaseException as exc:

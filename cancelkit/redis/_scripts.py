@@ -34,7 +34,7 @@ returned by the sync scripts):
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
+__all__ = ["CANCEL", "REGISTER", "SEND_TO", "SYNC_REGISTRATIONS", "UNREGISTER"]
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
 #: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
@@ -90,8 +90,20 @@ local function send(w, line, channels, inboxes, lease, publish)
 end
 """
 
+#: One message line to one worker, for a caller whose script left it the message (keys
+#: spread over slot groups: the worker's inbox and channel are in another slot).
+#: KEYS: the worker's inbox. ARGV: its channel, the line, lease ms.
+SEND_TO = """
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -1000, -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
 #: KEYS: reg, tomb, fin, tz, id-index, the owner's tombstone set, the outcome of this call.
-#: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix, this worker, max tombstones
+#: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix ('' when keys are spread
+#: over slot groups: the caller then tells the holder's worker), this worker, max tombstones
 #: per owner, inbox prefix, lease ms. An id running for another owner looks
 #: absent: 'not_found'. Idempotent: a retried call (same outcome key) answers what the
 #: first answered, even if the operation finished in between (never 'not_found' for a call
@@ -112,7 +124,9 @@ if cur then
   redis.call('HSETNX', KEYS[1], 'c', ARGV[1])
   local c = redis.call('HGET', KEYS[1], 'c')
   redis.call('SET', KEYS[1] .. '#c', c, 'PX', ARGV[2])
-  send(w, 'c ' .. h .. ' ' .. c, ARGV[4], ARGV[7], ARGV[8], w ~= ARGV[5])
+  if ARGV[4] ~= '' then  -- else the caller tells the worker (another slot group)
+    send(w, 'c ' .. h .. ' ' .. c, ARGV[4], ARGV[7], ARGV[8], w ~= ARGV[5])
+  end
   return answer({'cancelled', w, h, c})
 end
 for _, other in ipairs(redis.call('SMEMBERS', KEYS[5])) do
