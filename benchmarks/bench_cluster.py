@@ -4,9 +4,10 @@ Starts both on loopback (``tests/cluster.py`` joins the cluster) and measures, i
 
 - latency: supersede and cancel by id across two backends (``bench_redis``'s trials), on the
   cluster and on the single server, and the ratio (target: cluster <= 1.5x single);
-- throughput: claim + release per second from several client processes, against the single
-  server, the cluster with every process on one prefix (one slot: one shard), and the cluster
-  with the processes' prefixes spread over the three shards;
+- throughput: claim + release per second from several client processes, all on one prefix,
+  against the single server, the cluster with the prefix in one slot group (``slot_groups=1``:
+  one shard serves it) and the cluster with the default layout (16 slot groups spread over
+  the three shards), and the ratio 3 shards / 1 shard;
 - failover: SIGKILL of the primary that serves a backend's prefix, then the time until the
   replica is promoted and until the backend is connected again (``cluster-node-timeout`` is
   1000 ms here; production clusters usually run 15000).
@@ -43,10 +44,12 @@ async def bounded_latency(url: str) -> dict[str, list[float]]:
         return await latency_run(url)
 
 
-def claims_worker(url: str, prefix: str, seconds: float, out: multiprocessing.Queue[int]) -> None:
+def claims_worker(
+    url: str, prefix: str, groups: int, seconds: float, out: multiprocessing.Queue[int]
+) -> None:
     async def main() -> int:
         done = 0
-        async with RedisBackend(url, prefix=prefix) as backend:
+        async with RedisBackend(url, prefix=prefix, slot_groups=groups) as backend:
             slot = LatestOnly(backend=backend)
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline:
@@ -58,13 +61,13 @@ def claims_worker(url: str, prefix: str, seconds: float, out: multiprocessing.Qu
     out.put(anyio.run(main))
 
 
-def claims_per_second(targets: list[tuple[str, str]]) -> float:
-    """Run one process per (url, prefix); the summed claims per second."""
+def claims_per_second(url: str, prefix: str, groups: int = 16) -> float:
+    """Run PROCESSES processes on one prefix; the summed claims per second."""
     context = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[int] = context.Queue()
     processes = [
-        context.Process(target=claims_worker, args=(url, prefix, SECONDS, out))
-        for url, prefix in targets
+        context.Process(target=claims_worker, args=(url, prefix, groups, SECONDS, out))
+        for _ in range(PROCESSES)
     ]
     for process in processes:
         process.start()
@@ -72,18 +75,6 @@ def claims_per_second(targets: list[tuple[str, str]]) -> float:
     for process in processes:
         process.join(30)
     return total / SECONDS
-
-
-def spread_prefixes(cluster: LocalCluster, count: int) -> list[str]:
-    """``count`` prefixes whose slots are served by different primaries, round robin."""
-    by_node: dict[int, list[str]] = {}
-    i = 0
-    while sum(len(v) for v in by_node.values()) < count * 3 and i < 10_000:
-        name = f"spread{i}"
-        by_node.setdefault(cluster.primary_for_key("{" + name + "}").port, []).append(name)
-        i += 1
-    lists = list(by_node.values())
-    return [lists[j % len(lists)][j // len(lists)] for j in range(count)]
 
 
 async def failover_once(cluster: LocalCluster) -> tuple[float, float]:
@@ -132,15 +123,23 @@ def main() -> None:
                         f"{percentile(one[key], 99) * 1e3:5.2f})  cluster {c * 1e3:6.3f} ms (p99 "
                         f"{percentile(many[key], 99) * 1e3:5.2f})  ratio {ratio:4.2f}x {verdict}"
                     )
-            print(f"throughput: claim+release per second, {PROCESSES} processes, {SECONDS:g} s")
-            base = claims_per_second([(single, "tp-single")] * PROCESSES)
-            one_shard = claims_per_second([(cluster.url, "tp-one")] * PROCESSES)
-            spread = spread_prefixes(cluster, PROCESSES)
-            three = claims_per_second([(cluster.url, p) for p in spread])
-            shards = len({cluster.primary_for_key("{" + p + "}").port for p in spread})
-            print(f"  single server            {base:8.0f}/s")
-            print(f"  cluster, one prefix      {one_shard:8.0f}/s  ({one_shard / base:4.2f}x)")
-            print(f"  cluster, {shards} shards        {three:8.0f}/s  ({three / base:4.2f}x)")
+            print(
+                f"throughput: claim+release per second, {PROCESSES} processes on one prefix, "
+                f"{SECONDS:g} s each"
+            )
+            base = claims_per_second(single, "tp-single")
+            one_shard = claims_per_second(cluster.url, "tp-one", groups=1)
+            three = claims_per_second(cluster.url, "tp-spread")
+            shards = len({cluster.primary_for_key(f"{{tp-spread:{g}}}").port for g in range(16)})
+            print(f"  single server                     {base:8.0f}/s")
+            print(
+                f"  cluster, slot_groups=1 (1 shard)  {one_shard:8.0f}/s  "
+                f"({one_shard / base:4.2f}x single)"
+            )
+            print(
+                f"  cluster, slot_groups=16 (~{shards} shards) {three:8.0f}/s  "
+                f"({three / base:4.2f}x single, {three / one_shard:4.2f}x one shard)"
+            )
             print("failover: SIGKILL of the primary serving the prefix (cluster-node-timeout 1 s)")
             for backend in ("asyncio", "trio"):
                 promoted, back = anyio.run(failover_once, cluster, backend=backend)
