@@ -79,13 +79,10 @@ def claims_per_second(url: str, prefix: str, groups: int = 16) -> float:
 
 async def failover_once(cluster: LocalCluster) -> tuple[float, float]:
     prefix = f"fo{os.getpid()}{time.monotonic_ns() % 100000}"
-    victim = cluster.primary_for_key("{" + prefix + "}")
-    replica = next(
-        node
-        for node in cluster.nodes
-        if node.running and node.info("replication").get("master_port") == str(victim.port)
-    )
     async with RedisBackend(cluster.url, prefix=prefix, heartbeat=0.2, timeout=0.5) as backend:
+        # the primary serving this worker's inbox (it reads it every poll_interval)
+        victim = cluster.primary_for_key(backend._keys.inbox())
+        replica = victim.replica(cluster)
         killed = time.perf_counter()
         victim.kill()
         promoted = None
@@ -140,7 +137,9 @@ def main() -> None:
                 f"  cluster, slot_groups=16 (~{shards} shards) {three:8.0f}/s  "
                 f"({three / base:4.2f}x single, {three / one_shard:4.2f}x one shard)"
             )
-            print("failover: SIGKILL of the primary serving the prefix (cluster-node-timeout 1 s)")
+            print(
+                "failover: SIGKILL of the primary serving a worker's inbox (cluster-node-timeout 1 s)"
+            )
             for backend in ("asyncio", "trio"):
                 promoted, back = anyio.run(failover_once, cluster, backend=backend)
                 print(f"  [{backend}] replica promoted {promoted:5.2f} s, backend up {back:5.2f} s")

@@ -243,12 +243,15 @@ async def test_keys_spread_over_the_shards_one_slot_per_entity(
                 by_entity.setdefault(entity, set()).add(key_slot(name))
         for entity in [*names, *ops, "early"]:
             assert len(by_entity[entity]) == 1, (entity, by_entity[entity])
-        for backend in (a, b):  # inbox and channel: the worker's group
-            assert key_slot(backend._keys.inbox()) == key_slot(backend._keys.channel())
+        for backend in (a, b):  # the inbox: the worker's group; a channel in every group
+            assert key_slot(backend._keys.inbox()) == key_slot(
+                backend._keys.base(backend.worker or "")
+            )
+            assert len({key_slot(channel) for channel in backend._keys.channels()}) == 16
         channels = set()
         for node in redis_cluster.primaries():
             channels |= set(node.call("PUBSUB", "SHARDCHANNELS") or [])
-        assert {a._keys.channel(), b._keys.channel()} <= channels
+        assert {*a._keys.channels(), *b._keys.channels()} <= channels
 
 
 async def test_a_prefix_with_a_hash_tag_stays_in_one_slot(

@@ -255,12 +255,14 @@ class ShardedSubscription(coredis.patterns.pubsub.ShardedPubSub[str]):
 
 def subscription(
     client: coredis.Redis[str] | coredis.RedisCluster[str],
-    channel: str,
+    channels: list[str],
     *,
     timeout: float,
     heartbeat: float,
 ) -> AbstractAsyncContextManager[Any]:
-    """The pub/sub of ``channel``: sharded on a cluster, plain on a single server.
+    """The pub/sub of ``channels``: sharded on a cluster, plain on a single server.
+
+    Sharded: one connection to each shard that serves one of the channels.
 
     No retry policy (the listener resubscribes, and resyncs, itself); subscribe and
     unsubscribe messages are kept, so the listener sees a ``sunsubscribe`` from the server.
@@ -269,14 +271,14 @@ def subscription(
     if isinstance(client, coredis.RedisCluster):
         pubsub = ShardedSubscription(
             client.connection_pool,
-            channels=[channel],
+            channels=channels,
             retry_policy=NoRetryPolicy(),
             subscription_timeout=timeout,
             max_idle_seconds=heartbeat,
         )
     else:
         pubsub = client.pubsub(
-            channels=[channel],
+            channels=channels,
             retry_policy=NoRetryPolicy(),
             subscription_timeout=timeout,
             max_idle_seconds=heartbeat,

@@ -188,11 +188,12 @@ class Keys:
     Cluster the prefix's key space is split into ``slot_groups`` groups, each with its own
     hash tag ``{prefix:g}``: a registration goes to the group of its operation id (so all
     owners' registrations of one id share a slot), a latest-only key to the group of the
-    key, a worker's inbox, channel and liveness to the group of the worker's id, and the
-    counted sets (tombstones, remembered sequence numbers) and the generation counter exist
-    once per group. Every script touches the keys of one group; a message to a worker of
-    another group is sent by the caller in a second call (:attr:`spread`). A prefix that holds
-    braces, or ``slot_groups=1``, keeps every key under one hash tag (one slot).
+    key, a worker's inbox to the group of the worker's id; a worker has a channel and a
+    liveness key in every group, and the counted sets (tombstones, remembered sequence
+    numbers) and the generation counter exist once per group. Every script touches the keys
+    of one group and publishes on the channels of that group; only the inbox of a worker of
+    another group is written by the caller, in a second call (:attr:`spread`). A prefix that
+    holds braces, or ``slot_groups=1``, keeps every key under one hash tag (one slot).
 
     ``worker`` is set while the backend runs (a new id at every start).
     """
@@ -224,8 +225,8 @@ class Keys:
     def spread(self) -> bool:
         """Whether keys are in several slot groups.
 
-        Scripts then leave messages to workers of other groups to the caller (``>W line`` in
-        their replies) instead of publishing them.
+        Scripts then publish in their own group but leave the inbox line of a worker of
+        another group to the caller (``>W line`` in their replies).
         """
         return len(self._bases) > 1
 
@@ -244,18 +245,13 @@ class Keys:
         """The key ``<base>:<kind>:<name>``, in the group of ``entity`` (default: ``name``)."""
         return f"{self.base(name if entity is None else entity)}:{kind}:{name}"
 
-    def channel(self, worker: str | None = None) -> str:
-        """A worker's channel (this worker's by default)."""
-        worker = self.worker if worker is None else worker
-        return f"{self.base(worker)}:w:{worker}"
+    def channels(self) -> list[str]:
+        """This worker's channels: one per slot group (one on a single server)."""
+        return [f"{base}:w:{self.worker}" for base in self._bases]
 
-    @property
-    def channel_prefix(self) -> str:
-        """The start of every worker's channel, for scripts that publish themselves.
-
-        ``""`` when keys are spread: scripts then return the messages (see :attr:`spread`).
-        """
-        return "" if self.spread else f"{self._bases[0]}:w:"
+    def channel_prefix(self, entity: str) -> str:
+        """The start of every worker's channel in the group of ``entity``."""
+        return f"{self.base(entity)}:w:"
 
     def alive(self, entity: str | None = None) -> str:
         """This worker's liveness key in the group of ``entity`` (its own by default)."""
@@ -276,8 +272,11 @@ class Keys:
 
     @property
     def inbox_prefix(self) -> str:
-        """The start of every worker's inbox key (for scripts that publish themselves)."""
-        return f"{self._bases[0]}:in:"
+        """The start of every worker's inbox key, for scripts.
+
+        ``""`` when keys are spread: the caller writes the inbox (see :attr:`spread`).
+        """
+        return "" if self.spread else f"{self._bases[0]}:in:"
 
     def sequences(self, entity: str) -> str:
         """The released keys of ``entity``'s group whose sequence number is remembered."""
@@ -288,9 +287,9 @@ class Keys:
         return f"{self.base(entity)}:gen"
 
     def message(self, line: str, lease_ms: str) -> tuple[str, list[str], list[str]]:
-        """The call that sends a script's ``>W LINE`` reply line to worker W (``SEND_TO``)."""
+        """The call that writes a script's ``>W LINE`` reply line to worker W's inbox."""
         worker, _, text = line[1:].partition(" ")
-        return ("SEND_TO", [self.inbox(worker)], [self.channel(worker), text, lease_ms])
+        return ("INBOX", [self.inbox(worker)], [text, lease_ms])
 
     def me(self, holder: str) -> str:
         """How scripts name one of this worker's holders: ``"W H"``."""

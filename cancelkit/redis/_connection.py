@@ -317,25 +317,12 @@ class Connection:
         except Down:
             self.defer(script, keys, args)
 
-    async def tell(self, calls: Sequence[tuple[str, list[str], list[str]]]) -> None:
-        """Send messages to workers of other slot groups (``SEND_TO`` calls), never failing.
-
-        A call that fails, or that its caller's cancellation interrupts, is queued for the
-        background: at least once. A message that still never arrives is found by the
-        worker's own resync, which re-reads the state the message was about.
-        """
-        for i, call in enumerate(calls):
-            try:
-                await self.run(*call)
-            except Down:
-                self.defer(*call)
-            except BaseException:
-                for rest in calls[i:]:
-                    self.defer(*rest)
-                raise
-
     def defer(self, script: str, keys: list[str], args: list[str]) -> None:
-        """Queue an idempotent cleanup script for the background (never blocks)."""
+        """Queue an idempotent cleanup script, or an inbox write, for the background.
+
+        Never blocks. A queued call that fails is retried until it succeeds; an inbox line
+        that never arrives is found by its worker's resync, which re-reads the state.
+        """
         self._cleanup.append((script, keys, args))
         if self._wake is not None:
             self._wake.set()

@@ -155,7 +155,7 @@ class Registrations:
                     dump(reason),
                     settings.tombstone_ms,
                     str(k.share(settings.max_tombstones)),
-                    k.channel_prefix,
+                    k.channel_prefix(id),
                     k.worker,
                     per_owner,
                     k.inbox_prefix,
@@ -176,10 +176,9 @@ class Registrations:
             if worker == k.worker:
                 if reg := self._by_holder.get(holder):
                     self._deliver(reg, load(text))
-            elif k.spread:  # the holder's worker is in another slot group: tell it from here
-                await self._conn.tell(
-                    [k.message(f">{worker} c {holder} {text}", settings.lease_ms)]
-                )
+            elif k.spread:  # published; the inbox is in the worker's group: written in the
+                # background (the caller does not wait for the bounded path)
+                self._conn.defer(*k.message(f">{worker} c {holder} {text}", settings.lease_ms))
             return CancelOutcome.CANCELLED
         if outcome == "full":
             limit = str(result[1])

@@ -34,7 +34,7 @@ returned by the sync scripts):
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "REGISTER", "SEND_TO", "SYNC_REGISTRATIONS", "UNREGISTER"]
+__all__ = ["CANCEL", "INBOX", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
 #: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
@@ -80,35 +80,39 @@ return 0
 #: inbox (the bounded path: the worker reads it on every reconnect and every poll). The inbox
 #: keeps the newest 1000 lines and lives for a lease after the last one.
 #: send(W, line, channel prefix, inbox prefix, lease ms); publish = false for this worker.
+#: On a cluster with keys spread over slot groups, the channel prefix is the one of the
+#: script's own group (every worker listens in every group) and the inbox prefix is '': the
+#: inbox is in the worker's group, another slot, so send returns false and the caller writes
+#: the inbox (INBOX).
 SEND = """
 local function send(w, line, channels, inboxes, lease, publish)
   if publish then redis.call('PUBLISH', channels .. w, line) end
+  if inboxes == '' then return false end
   local inbox = inboxes .. w
   redis.call('RPUSH', inbox, line)
   redis.call('LTRIM', inbox, -1000, -1)
   redis.call('PEXPIRE', inbox, lease)
+  return true
 end
 """
 
-#: One message line to one worker, for a caller whose script left it the message (keys
-#: spread over slot groups: the worker's inbox and channel are in another slot).
-#: KEYS: the worker's inbox. ARGV: its channel, the line, lease ms.
-SEND_TO = """
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-redis.call('RPUSH', KEYS[1], ARGV[2])
+#: The inbox half of SEND, for a caller whose script could not write it (keys spread over
+#: slot groups: the worker's inbox is in the worker's group). KEYS: the worker's inbox.
+#: ARGV: the line, lease ms.
+INBOX = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], -1000, -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
 #: KEYS: reg, tomb, fin, tz, id-index, the owner's tombstone set, the outcome of this call.
-#: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix ('' when keys are spread
-#: over slot groups: the caller then tells the holder's worker), this worker, max tombstones
-#: per owner, inbox prefix, lease ms. An id running for another owner looks
-#: absent: 'not_found'. Idempotent: a retried call (same outcome key) answers what the
-#: first answered, even if the operation finished in between (never 'not_found' for a call
-#: that cancelled it). Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} |
-#: {'full', option name}.
+#: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix, this worker, max tombstones
+#: per owner, inbox prefix ('' when keys are spread: the caller writes the inbox), lease ms.
+#: An id running for another owner looks absent: 'not_found'. Idempotent: a retried call
+#: (same outcome key) answers what the first answered, even if the operation finished in
+#: between (never 'not_found' for a call that cancelled it). Returns
+#: {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full', option name}.
 CANCEL = (
     SEND
     + """
@@ -124,9 +128,7 @@ if cur then
   redis.call('HSETNX', KEYS[1], 'c', ARGV[1])
   local c = redis.call('HGET', KEYS[1], 'c')
   redis.call('SET', KEYS[1] .. '#c', c, 'PX', ARGV[2])
-  if ARGV[4] ~= '' then  -- else the caller tells the worker (another slot group)
-    send(w, 'c ' .. h .. ' ' .. c, ARGV[4], ARGV[7], ARGV[8], w ~= ARGV[5])
-  end
+  send(w, 'c ' .. h .. ' ' .. c, ARGV[4], ARGV[7], ARGV[8], w ~= ARGV[5])
   return answer({'cancelled', w, h, c})
 end
 for _, other in ipairs(redis.call('SMEMBERS', KEYS[5])) do

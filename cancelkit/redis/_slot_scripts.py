@@ -92,7 +92,6 @@ local function settle(W, alive, chan, released)
       seen[m] = true
       local w, h = split(m)
       if w == W then mine[#mine + 1] = 't ' .. h
-      elseif chan == '' then mine[#mine + 1] = '>' .. w .. ' t ' .. h
       else redis.call('PUBLISH', chan .. w, 't ' .. h) end
     end
   end
@@ -168,8 +167,9 @@ if victim then
   redis.call('HSET', KEYS[1], victim, 's ' .. H)
   local w, h = split(victim)
   if w == W then out[#out + 1] = 's ' .. h .. ' ' .. H
-  elseif ARGV[8] == '' then out[#out + 1] = '>' .. w .. ' s ' .. h .. ' ' .. H
-  else send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) end
+  elseif not send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) then
+    out[#out + 1] = '>' .. w .. ' s ' .. h .. ' ' .. H  -- the caller writes the inbox
+  end
 end
 for _, line in ipairs(mine) do out[#out + 1] = line end
 ttl(ARGV[7], ARGV[11])
@@ -221,8 +221,7 @@ return mine
 
 #: KEYS: state, order. ARGV: W, H, liveness-key prefix, channel prefix, handover ('1'/'0').
 #: {1, lines...} if the holder's body may start (or the holder is unknown), else {0, lines...};
-#: the lines are turns for this worker's holders (``t H``) and, when keys are spread over slot
-#: groups, for other workers' (``>W t H``).
+#: the lines are turns for this worker's holders (``t H``).
 TURN = (
     _SETTLE
     + """

@@ -104,7 +104,7 @@ class Slots:
                     str(max_waiting),
                     "" if seq is None else str(seq),
                     settings.lease_ms,
-                    k.channel_prefix,
+                    k.channel_prefix(key),
                     str(max(86_400_000, 4 * int(settings.lease_ms))),
                     k.alive_prefix(key),
                     settings.state_ms,
@@ -131,19 +131,19 @@ class Slots:
         claim.generation = int(result[1])
         self._last_generation = max(self._last_generation, claim.generation)
         claim.synced = True
-        await self._dispatch(result[2:])  # the claims it superseded or let run
+        self._dispatch(result[2:])  # the claims it superseded or let run
         return Acquired(admission, claim.generation)
 
-    async def _dispatch(self, lines: list[Any]) -> None:
+    def _dispatch(self, lines: list[Any]) -> None:
         """Act on a script's message lines.
 
         This worker's (``s H NEW``, ``t H``) here; other workers' (``>W ...``, only when keys
-        are spread over slot groups) are sent to them.
+        are spread over slot groups: published already) queued for their inboxes (written in
+        the background: the caller does not wait for the bounded path).
         """
-        remote = []
         for line in map(str, lines):
             if line.startswith(">"):
-                remote.append(self._keys.message(line, self._settings.lease_ms))
+                self._conn.defer(*self._keys.message(line, self._settings.lease_ms))
                 continue
             kind, _, rest = line.partition(" ")
             other, _, source = rest.partition(" ")
@@ -151,8 +151,6 @@ class Slots:
                 self.on_superseded(other, source)
             else:
                 self.on_turn(other)
-        if remote:
-            await self._conn.tell(remote)
 
     async def _acquire_locally(
         self, claim: _Claim, *, policy: SlotPolicy, limit: int, max_waiting: int, seq: int | None
@@ -217,7 +215,7 @@ class Slots:
             [
                 k.worker,
                 holder,
-                k.channel_prefix,
+                k.channel_prefix(key),
                 k.alive_prefix(key),
                 settings.lease_ms,
                 settings.seq_ms,
@@ -233,7 +231,7 @@ class Slots:
         except Down:
             self._conn.defer(*call)
             return
-        await self._dispatch(lines)  # turns: waiters of other workers may run now
+        self._dispatch(lines)  # turns: waiters of other workers may run now
 
     async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""
@@ -252,11 +250,11 @@ class Slots:
                         k.worker,
                         holder,
                         k.alive_prefix(key),
-                        k.channel_prefix,
+                        k.channel_prefix(key),
                         "1" if handover else "0",
                     ],
                 )
-                await self._dispatch(result[1:])
+                self._dispatch(result[1:])
                 if result[0]:
                     return
             except Down:
