@@ -137,9 +137,7 @@ def main() -> None:
                 f"  cluster, slot_groups=16 (~{shards} shards) {three:8.0f}/s  "
                 f"({three / base:4.2f}x single, {three / one_shard:4.2f}x one shard)"
             )
-            print(
-                "failover: SIGKILL of the primary serving a worker's inbox (cluster-node-timeout 1 s)"
-            )
+            print("failover: SIGKILL of the primary serving a worker's inbox (node timeout 1 s)")
             for backend in ("asyncio", "trio"):
                 promoted, back = anyio.run(failover_once, cluster, backend=backend)
                 print(f"  [{backend}] replica promoted {promoted:5.2f} s, backend up {back:5.2f} s")
