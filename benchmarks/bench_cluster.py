@@ -61,6 +61,28 @@ def claims_worker(
     out.put(anyio.run(main))
 
 
+def script_calls(cluster: LocalCluster) -> dict[int, int]:
+    """Script calls (EVALSHA and EVAL) served by each primary since its stats were reset."""
+    calls = {}
+    for node in cluster.primaries():
+        stats = node.info("commandstats")
+        calls[node.port] = sum(
+            int(stats.get(name, "calls=0").split(",")[0].removeprefix("calls="))
+            for name in ("cmdstat_evalsha", "cmdstat_eval")
+        )
+    return calls
+
+
+def reset_stats(cluster: LocalCluster) -> None:
+    for node in cluster.primaries():
+        node.call("CONFIG", "RESETSTAT")
+
+
+def busiest_share(calls: dict[int, int]) -> float:
+    """The busiest primary's share of the script calls (1/3 is a perfect spread over 3)."""
+    return max(calls.values()) / max(sum(calls.values()), 1)
+
+
 def claims_per_second(url: str, prefix: str, groups: int = 16) -> float:
     """Run PROCESSES processes on one prefix; the summed claims per second."""
     context = multiprocessing.get_context("spawn")
@@ -125,17 +147,27 @@ def main() -> None:
                 f"{SECONDS:g} s each"
             )
             base = claims_per_second(single, "tp-single")
+            reset_stats(cluster)
             one_shard = claims_per_second(cluster.url, "tp-one", groups=1)
+            one_share = busiest_share(script_calls(cluster))
+            reset_stats(cluster)
             three = claims_per_second(cluster.url, "tp-spread")
-            shards = len({cluster.primary_for_key(f"{{tp-spread:{g}}}").port for g in range(16)})
-            print(f"  single server                     {base:8.0f}/s")
+            spread_calls = script_calls(cluster)
+            three_share = busiest_share(spread_calls)
+            shards = sum(1 for calls in spread_calls.values() if calls)
+            print(f"  single server                        {base:8.0f}/s")
             print(
-                f"  cluster, slot_groups=1 (1 shard)  {one_shard:8.0f}/s  "
-                f"({one_shard / base:4.2f}x single)"
+                f"  cluster, slot_groups=1  (1 shard)    {one_shard:8.0f}/s  "
+                f"({one_shard / base:4.2f}x single)  busiest shard: {one_share:4.0%} of scripts"
             )
             print(
-                f"  cluster, slot_groups=16 (~{shards} shards) {three:8.0f}/s  "
-                f"({three / base:4.2f}x single, {three / one_shard:4.2f}x one shard)"
+                f"  cluster, slot_groups=16 ({shards} shards)   {three:8.0f}/s  "
+                f"({three / base:4.2f}x single, {three / one_shard:4.2f}x one shard)  "
+                f"busiest shard: {three_share:4.0%} of scripts"
+            )
+            print(
+                "  (the clients and all six servers share this machine's cores: the busiest "
+                "shard's share bounds the spread where shards have cores of their own)"
             )
             print("failover: SIGKILL of the primary serving a worker's inbox (node timeout 1 s)")
             for backend in ("asyncio", "trio"):
