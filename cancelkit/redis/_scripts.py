@@ -3,7 +3,10 @@
 The LatestOnly scripts are in :mod:`cancelkit.redis._slot_scripts`.
 
 Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W`` a worker id,
-``H`` a holder id; every key has a TTL):
+``H`` a holder id; every key has a TTL). On a Redis Cluster ``P`` is the hash tag of the slot
+group of the key's entity (:class:`~cancelkit.redis._config.Keys`): the operation id for the
+registry's keys, the worker for its inbox; the counted sets (``P:tz``, ``P:sz``), ``P:gen``,
+the liveness keys and the channels exist once per group.
 
 - ``P:r:N`` a registration, a hash: ``o`` = ``"W H"``, ``c`` = the first cancel reason (JSON)
   once the operation was cancelled; TTL: the lease, refreshed by the heartbeat.
