@@ -400,19 +400,27 @@ async def promoted(cluster: LocalCluster, key: str, old: int) -> None:
 # coredis 6.9's layout discovery opens a throwaway client per node and leaves the buffers of a
 # connection that failed (to the dead primary) unclosed: garbage, collected inside this test.
 @pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
+@pytest.mark.parametrize("layout", ["pinned", "spread"])
 async def test_primary_killed_mid_run(
-    redis_cluster: LocalCluster, pinned: tuple[ClusterNodeServer, str]
+    redis_cluster: LocalCluster,
+    redis: ClusterNodeServer,
+    pinned: tuple[ClusterNodeServer, str],
+    layout: str,
 ) -> None:
-    """SIGKILL of the primary serving a prefix with a hash tag (every key in its slot) while
-    two backends work: its replica takes
-    over, the backends stay up, callers see only documented outcomes, an operation and a claim
-    held across the failover are still cancelled and superseded from the other worker, and
-    afterwards a storm completes exactly one body, every key has a TTL and no key is blocked
-    past one lease."""
-    redis, prefix = pinned
-    victim = redis_cluster.primary_for_key(prefix)
+    """SIGKILL of the primary serving the held operation and claim while two backends work
+    (every key in its slot with a prefix with a hash tag; a third of the slot groups with a
+    plain prefix): its replica takes over, the backends stay up, callers see only documented
+    outcomes, the operation and the claim held across the failover are still cancelled and
+    superseded from the other worker, and afterwards a storm completes exactly one body,
+    every key has a TTL and no key is blocked past one lease."""
+    if layout == "pinned":
+        redis, prefix = pinned
+    else:
+        prefix = pinned[1].strip("{}")
     seen: Counter[str] = Counter()
     async with workers(redis, prefix) as (a, b):  # type: ignore[arg-type]
+        anchor = a._keys.base("held")  # the slot of the held operation and claim
+        victim = redis_cluster.primary_for_key(anchor)
         slots = [LatestOnly(backend=a), LatestOnly(backend=b)]
         registries = [TokenRegistry(backend=a), TokenRegistry(backend=b)]
         stop = anyio.Event()
@@ -467,7 +475,7 @@ async def test_primary_killed_mid_run(
                 tg.start_soon(load, 1)
                 await wait_for(lambda: seen["track ran"] >= 10 and len(holding) == 2)
                 victim.kill()  # SIGKILL: no goodbye to the cluster
-                await promoted(redis_cluster, prefix, victim.port)
+                await promoted(redis_cluster, anchor, victim.port)
                 await wait_for(lambda: a.statistics().connected and b.statistics().connected, 30)
                 stop.set()
                 # what workers hold survives the failover: replicated, or (a lease that lapsed
@@ -479,7 +487,7 @@ async def test_primary_killed_mid_run(
                     await wait_for(lambda: len(held) == 2)
         assert held["op"].reason.kind is CancelKind.REQUESTED
         assert held["claim"].reason.kind is CancelKind.SUPERSEDED
-        assert victim.port != redis_cluster.primary_for_key(prefix).port  # the replica took over
+        assert victim.port != redis_cluster.primary_for_key(anchor).port  # the replica took over
         completed, superseded = await storm([a, b], "after", 20)
         assert (completed, superseded) == (1, 19)
         await anyio.sleep(1.0)  # one lease (5 heartbeats of 0.2 s): whatever was orphaned expired
@@ -487,7 +495,7 @@ async def test_primary_killed_mid_run(
         for i in range(4):
             async with reject.claim(f"k{i}"):
                 pass
-        home = ClusterNodeServer(redis_cluster.primary_for_key(prefix).port)
+        home = ClusterNodeServer(redis_cluster.primary_for_key(anchor).port)
         async with raw(home) as client:
             left = await keys_of(client, prefix)
         assert -1 not in left.values(), left
