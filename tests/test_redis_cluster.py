@@ -341,14 +341,20 @@ async def test_supersede_storm_and_cancel_by_id_across_two_backends(
         assert set(outcomes) == {CancelOutcome.CANCELLED}
 
 
+@pytest.mark.parametrize("layout", ["pinned", "spread"])
 async def test_slot_migration_is_followed(
-    redis_cluster: LocalCluster, pinned: tuple[ClusterNodeServer, str]
+    redis_cluster: LocalCluster,
+    redis: ClusterNodeServer,
+    pinned: tuple[ClusterNodeServer, str],
+    layout: str,
 ) -> None:
-    """The slot of a prefix with a hash tag moves to another primary: MOVED/ASK are followed,
-    the subscriptions move with it (the server ends them), and supersede and cancel work as
-    before."""
-    redis, prefix = pinned
+    """The slot of a held key moves to another primary (with a prefix with a hash tag: every
+    key's slot; with a plain prefix: one slot group's): MOVED/ASK are followed, the
+    subscriptions move with it (the server ends them), and supersede works as before."""
+    prefix = pinned[1] if layout == "pinned" else pinned[1].strip("{}")
     async with workers(redis, prefix) as (a, b):  # type: ignore[arg-type]
+        anchor = a._keys.base("k")  # the slot of the key's state
+        old_home = redis_cluster.primary_for_key(anchor)
         slot_a, slot_b = LatestOnly(backend=a), LatestOnly(backend=b)
         reconnects = a.statistics().reconnects
         caught: list[OperationCancelled] = []
@@ -366,7 +372,7 @@ async def test_slot_migration_is_followed(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(first)
                 await started.wait()
-                migration = redis_cluster.start_migration(prefix)
+                migration = redis_cluster.start_migration(anchor)
                 migration.move_keys()
                 # ASK: a key of the slot is read from the importing node
                 assert await LatestOnly(backend=a).is_current("k", 1) is False
@@ -376,8 +382,8 @@ async def test_slot_migration_is_followed(
                 async with slot_b.claim("k"):
                     await wait_for(lambda: bool(caught))
         assert caught[0].reason.kind is CancelKind.SUPERSEDED
-        new_home = redis_cluster.primary_for_key(prefix)
-        assert new_home.port != redis.port
+        new_home = redis_cluster.primary_for_key(anchor)
+        assert new_home.port != old_home.port
         async with raw(ClusterNodeServer(new_home.port)) as client:
             left = await keys_of(client, prefix)
         assert -1 not in left.values(), left
