@@ -248,6 +248,14 @@ async def test_keys_spread_over_the_shards_one_slot_per_entity(
                 by_entity.setdefault(entity, set()).add(key_slot(name))
         for entity in [*names, *ops, "early"]:
             assert len(by_entity[entity]) == 1, (entity, by_entity[entity])
+        seed = (
+            redis_cluster.nodes[0]
+            if redis_cluster.nodes[0].running
+            else redis_cluster.primaries()[0]
+        )
+        for g, base in enumerate(a._keys._bases):  # the slot Redis computes; evenly spaced
+            assert int(seed.call("CLUSTER", "KEYSLOT", base)) == key_slot(base)
+            assert key_slot(base) * 16 // 16384 == g, (g, base)
         for backend in (a, b):  # the inbox: the worker's group; a channel in every group
             assert key_slot(backend._keys.inbox()) == key_slot(
                 backend._keys.base(backend.worker or "")
