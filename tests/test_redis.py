@@ -564,6 +564,8 @@ def test_options_are_validated() -> None:
         ({"heartbeat": math.inf}, "heartbeat"),
         ({"heartbeat": 1.0, "lease": 1.5}, "lease"),
         ({"max_tombstones": 0}, "max_tombstones"),
+        ({"slot_groups": 0}, "slot_groups"),
+        ({"slot_groups": 1025}, "slot_groups"),
     ]
     for options, name in cases:
         with pytest.raises(ValueError, match=name):

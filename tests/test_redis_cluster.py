@@ -248,6 +248,14 @@ async def test_keys_spread_over_the_shards_one_slot_per_entity(
                 by_entity.setdefault(entity, set()).add(key_slot(name))
         for entity in [*names, *ops, "early"]:
             assert len(by_entity[entity]) == 1, (entity, by_entity[entity])
+        seed = (
+            redis_cluster.nodes[0]
+            if redis_cluster.nodes[0].running
+            else redis_cluster.primaries()[0]
+        )
+        for g, base in enumerate(a._keys._bases):  # the slot Redis computes; evenly spaced
+            assert int(seed.call("CLUSTER", "KEYSLOT", base)) == key_slot(base)
+            assert key_slot(base) * 16 // 16384 == g, (g, base)
         for backend in (a, b):  # the inbox: the worker's group; a channel in every group
             assert key_slot(backend._keys.inbox()) == key_slot(
                 backend._keys.base(backend.worker or "")
@@ -341,14 +349,20 @@ async def test_supersede_storm_and_cancel_by_id_across_two_backends(
         assert set(outcomes) == {CancelOutcome.CANCELLED}
 
 
+@pytest.mark.parametrize("layout", ["pinned", "spread"])
 async def test_slot_migration_is_followed(
-    redis_cluster: LocalCluster, pinned: tuple[ClusterNodeServer, str]
+    redis_cluster: LocalCluster,
+    redis: ClusterNodeServer,
+    pinned: tuple[ClusterNodeServer, str],
+    layout: str,
 ) -> None:
-    """The slot of a prefix with a hash tag moves to another primary: MOVED/ASK are followed,
-    the subscriptions move with it (the server ends them), and supersede and cancel work as
-    before."""
-    redis, prefix = pinned
+    """The slot of a held key moves to another primary (with a prefix with a hash tag: every
+    key's slot; with a plain prefix: one slot group's): MOVED/ASK are followed, the
+    subscriptions move with it (the server ends them), and supersede works as before."""
+    prefix = pinned[1] if layout == "pinned" else pinned[1].strip("{}")
     async with workers(redis, prefix) as (a, b):  # type: ignore[arg-type]
+        anchor = a._keys.base("k")  # the slot of the key's state
+        old_home = redis_cluster.primary_for_key(anchor)
         slot_a, slot_b = LatestOnly(backend=a), LatestOnly(backend=b)
         reconnects = a.statistics().reconnects
         caught: list[OperationCancelled] = []
@@ -366,7 +380,7 @@ async def test_slot_migration_is_followed(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(first)
                 await started.wait()
-                migration = redis_cluster.start_migration(prefix)
+                migration = redis_cluster.start_migration(anchor)
                 migration.move_keys()
                 # ASK: a key of the slot is read from the importing node
                 assert await LatestOnly(backend=a).is_current("k", 1) is False
@@ -376,8 +390,8 @@ async def test_slot_migration_is_followed(
                 async with slot_b.claim("k"):
                     await wait_for(lambda: bool(caught))
         assert caught[0].reason.kind is CancelKind.SUPERSEDED
-        new_home = redis_cluster.primary_for_key(prefix)
-        assert new_home.port != redis.port
+        new_home = redis_cluster.primary_for_key(anchor)
+        assert new_home.port != old_home.port
         async with raw(ClusterNodeServer(new_home.port)) as client:
             left = await keys_of(client, prefix)
         assert -1 not in left.values(), left
@@ -400,19 +414,27 @@ async def promoted(cluster: LocalCluster, key: str, old: int) -> None:
 # coredis 6.9's layout discovery opens a throwaway client per node and leaves the buffers of a
 # connection that failed (to the dead primary) unclosed: garbage, collected inside this test.
 @pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
+@pytest.mark.parametrize("layout", ["pinned", "spread"])
 async def test_primary_killed_mid_run(
-    redis_cluster: LocalCluster, pinned: tuple[ClusterNodeServer, str]
+    redis_cluster: LocalCluster,
+    redis: ClusterNodeServer,
+    pinned: tuple[ClusterNodeServer, str],
+    layout: str,
 ) -> None:
-    """SIGKILL of the primary serving a prefix with a hash tag (every key in its slot) while
-    two backends work: its replica takes
-    over, the backends stay up, callers see only documented outcomes, an operation and a claim
-    held across the failover are still cancelled and superseded from the other worker, and
-    afterwards a storm completes exactly one body, every key has a TTL and no key is blocked
-    past one lease."""
-    redis, prefix = pinned
-    victim = redis_cluster.primary_for_key(prefix)
+    """SIGKILL of the primary serving the held operation and claim while two backends work
+    (every key in its slot with a prefix with a hash tag; a third of the slot groups with a
+    plain prefix): its replica takes over, the backends stay up, callers see only documented
+    outcomes, the operation and the claim held across the failover are still cancelled and
+    superseded from the other worker, and afterwards a storm completes exactly one body,
+    every key has a TTL and no key is blocked past one lease."""
+    if layout == "pinned":
+        redis, prefix = pinned
+    else:
+        prefix = pinned[1].strip("{}")
     seen: Counter[str] = Counter()
     async with workers(redis, prefix) as (a, b):  # type: ignore[arg-type]
+        anchor = a._keys.base("held")  # the slot of the held operation and claim
+        victim = redis_cluster.primary_for_key(anchor)
         slots = [LatestOnly(backend=a), LatestOnly(backend=b)]
         registries = [TokenRegistry(backend=a), TokenRegistry(backend=b)]
         stop = anyio.Event()
@@ -467,7 +489,7 @@ async def test_primary_killed_mid_run(
                 tg.start_soon(load, 1)
                 await wait_for(lambda: seen["track ran"] >= 10 and len(holding) == 2)
                 victim.kill()  # SIGKILL: no goodbye to the cluster
-                await promoted(redis_cluster, prefix, victim.port)
+                await promoted(redis_cluster, anchor, victim.port)
                 await wait_for(lambda: a.statistics().connected and b.statistics().connected, 30)
                 stop.set()
                 # what workers hold survives the failover: replicated, or (a lease that lapsed
@@ -479,7 +501,7 @@ async def test_primary_killed_mid_run(
                     await wait_for(lambda: len(held) == 2)
         assert held["op"].reason.kind is CancelKind.REQUESTED
         assert held["claim"].reason.kind is CancelKind.SUPERSEDED
-        assert victim.port != redis_cluster.primary_for_key(prefix).port  # the replica took over
+        assert victim.port != redis_cluster.primary_for_key(anchor).port  # the replica took over
         completed, superseded = await storm([a, b], "after", 20)
         assert (completed, superseded) == (1, 19)
         await anyio.sleep(1.0)  # one lease (5 heartbeats of 0.2 s): whatever was orphaned expired
@@ -487,7 +509,7 @@ async def test_primary_killed_mid_run(
         for i in range(4):
             async with reject.claim(f"k{i}"):
                 pass
-        home = ClusterNodeServer(redis_cluster.primary_for_key(prefix).port)
+        home = ClusterNodeServer(redis_cluster.primary_for_key(anchor).port)
         async with raw(home) as client:
             left = await keys_of(client, prefix)
         assert -1 not in left.values(), left

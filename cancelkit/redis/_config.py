@@ -239,7 +239,7 @@ class Keys:
         bases = self._bases
         if len(bases) == 1:
             return bases[0]
-        return bases[zlib.crc32(entity.encode()) % len(bases)]
+        return bases[zlib.crc32(entity.encode(errors="surrogatepass")) % len(bases)]
 
     def __call__(self, kind: str, name: str, entity: str | None = None) -> str:
         """The key ``<base>:<kind>:<name>``, in the group of ``entity`` (default: ``name``)."""
