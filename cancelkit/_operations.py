@@ -366,6 +366,19 @@ def _keep_json(value: object) -> Any:
     return value
 
 
+def _progress(done: float, total: float | None, message: str | None) -> Progress:
+    """A progress report, or ValueError for a number JSON cannot carry (inf, NaN)."""
+    for name, value in (("done", done), ("total", total)):
+        number: object = value
+        if number is not None and not (
+            isinstance(number, int | float)
+            and not isinstance(number, bool)
+            and math.isfinite(number)
+        ):
+            raise ValueError(f"progress {name} must be a finite number, not {value!r}")
+    return Progress(done, total, None if message is None else _cut(message))
+
+
 def _check_seconds(*, grace: float, cleanup_timeout: float, poll_interval: float) -> None:
     for name, value in (("grace", grace), ("cleanup_timeout", cleanup_timeout)):
         if not 0 <= value < math.inf:
@@ -652,6 +665,16 @@ class _Runs:
             if run.token is not None:
                 run.token.cancel(reason)
 
+    def statistics(self) -> OperationsStatistics:
+        return OperationsStatistics(
+            running=len(self.by_name),
+            started=self.started,
+            completed=self.completed,
+            failed=self.failed,
+            cancelled={kind: n for kind, n in self.cancelled.items() if n},
+            refused=self.refused,
+        )
+
     def __len__(self) -> int:
         return len(self.by_name)
 
@@ -814,12 +837,9 @@ class BackgroundOperations:
         written: the function then never runs). The operation runs in this object's task
         group, not in the caller's: the caller's cancellation does not stop it.
 
-        A start is never half done. From its first step (registering, writing the status)
-        the operation runs in the task group, so when the caller is cancelled while start()
-        waits (a client that disconnects, a timeout), start() raises the caller's
-        cancellation at once and the operation still starts and runs, exactly as if start()
-        had returned; its status is readable by id (give an ``id`` to be able to find it).
-        A start that is refused (the exceptions below) leaves no status behind.
+        A start is never half done: it all runs in the task group, so a caller cancelled
+        while start() waits gets its cancellation at once and the operation still starts and
+        runs, readable by id. A refused start (the exceptions below) leaves no status behind.
 
         Args:
             func: an async function; its return value becomes the status's ``result``.
@@ -879,22 +899,13 @@ class BackgroundOperations:
             message: a short note.
 
         Raises:
-            ValueError: if ``done`` or ``total`` is not a finite number (JSON has no
-                infinity and no NaN).
+            ValueError: if ``done`` or ``total`` is not a finite number (inf, NaN).
             RuntimeError: outside a background operation of this object.
         """
-        for name, value in (("done", done), ("total", total)):
-            number: object = value
-            if number is not None and not (
-                isinstance(number, int | float)
-                and not isinstance(number, bool)
-                and math.isfinite(number)
-            ):
-                raise ValueError(f"progress {name} must be a finite number, not {value!r}")
+        progress = _progress(done, total, message)
         run = _current.get()
         if run is None or self._runs.get(run.id, run.owner) is not run:
             raise RuntimeError("report() must be called from a running background operation")
-        progress = Progress(done, total, None if message is None else _cut(message))
         await run.report(self._store, progress)
 
     # -- reading and cancelling --------------------------------------------------------
@@ -925,18 +936,15 @@ class BackgroundOperations:
         Raises:
             ValueError: for an invalid id or owner.
         """
-        run = self._runs.get(id, owner)
-        if run is not None:  # it runs here (perhaps still starting: no status written yet)
-            await run.done.wait()
-        status = await self.status(id, owner=owner)
-        while status is not None and not status.state.ended:
-            run = self._runs.get(id, owner)
-            if run is not None:
-                await run.done.wait()
-            else:  # it runs in another process: read the store again in a moment
+        status = None
+        while True:
+            if (run := self._runs.get(id, owner)) is not None:
+                await run.done.wait()  # it runs here (perhaps still starting: no status yet)
+            elif status is not None:  # it runs in another process: read again in a moment
                 await anyio.sleep(self._poll_interval)
             status = await self.status(id, owner=owner)
-        return status
+            if status is None or status.state.ended:
+                return status
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -965,15 +973,7 @@ class BackgroundOperations:
 
     def statistics(self) -> OperationsStatistics:
         """Return a snapshot of this object's counters."""
-        runs = self._runs
-        return OperationsStatistics(
-            running=len(runs),
-            started=runs.started,
-            completed=runs.completed,
-            failed=runs.failed,
-            cancelled={kind: n for kind, n in runs.cancelled.items() if n},
-            refused=runs.refused,
-        )
+        return self._runs.statistics()
 
     def __repr__(self) -> str:
         state = "stopped" if self._task_group is None else "closing" if self._closing else "up"
