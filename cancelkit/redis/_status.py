@@ -3,8 +3,10 @@
 Keys (``P`` is the prefix; ``N`` an owner-scoped name, ``-:<id>`` or ``<len>:<owner>:<id>``):
 
 - ``P:o:s:N`` — one status: ``"<r|e> <worker> <run> <json>"`` (``r`` running, ``e`` ended;
-  ``run`` tells one run of an id from the next). A running status lives ``lease + retention``
-  and is refreshed by its worker's heartbeat; an ended one lives ``retention``.
+  ``run`` tells one run of an id from the next). A running status is first written to live
+  ``lease`` (a start whose answer never came back, as in a pause, leaves nothing for longer),
+  then confirmed to ``lease + retention`` once the write answered, and refreshed by its
+  worker's heartbeat; an ended one lives ``retention``.
 - ``P:o:a:<worker>`` — the worker is alive; TTL ``lease``, refreshed every ``heartbeat``. A
   running status whose worker has no such key reads as ``lost``.
 - ``P:o:z`` — the ended statuses by end time, trimmed to ``max_retained`` (and by time).
@@ -441,12 +443,23 @@ class RedisStatusStore:
         args += ["1" if self._limited else "0", *names]
         await self._link.call("beat", keys, args)
 
+    async def _confirm(self, key: str, name: str, owner_set: str) -> None:
+        """Give a first running status its full TTL (the heartbeat does it if this fails)."""
+        expiry = str(time.time_ns() // 1_000_000 + self._lease_ms)
+        keys = [self._alive, f"{self._prefix}:o:r", key, owner_set]
+        args = [str(self._lease_ms), str(self._running_ms), str(self._worker), expiry]
+        try:
+            await self._link.call("beat", keys, [*args, "1" if self._limited else "0", name])
+        except RedisUnavailable as exc:
+            logger.debug("running status %s not confirmed yet (%s); the heartbeat will", key, exc)
+
     async def put(self, status: OperationStatus) -> None:
         """See :meth:`StatusStore.put <cancelkit.StatusStore.put>`.
 
         An ended status that cannot be written is kept (up to 10,000) and written by the
         heartbeat once Redis answers again, so an operation that ended during an outage does
-        not read as lost afterwards.
+        not read as lost afterwards. A new running status lives ``lease`` until its write
+        answered: one written late (after a timeout in a pause) is gone a lease later.
 
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
@@ -456,6 +469,7 @@ class RedisStatusStore:
         name = _name(status.id, status.owner)
         key = self._key(name)
         running = not status.state.ended
+        first = running and key not in self._local  # it lives one lease until confirmed
         run = _run_marker(status)
         text = json.dumps(status.to_json(), separators=(",", ":"))
         value = f"{'r' if running else 'e'} {status.worker or '-'} {run} {text}"
@@ -464,7 +478,7 @@ class RedisStatusStore:
         keys = [key, f"{self._prefix}:o:z", self._alive, owner_set, f"{self._prefix}:o:r"]
         args = [
             value,
-            str(self._running_ms if running else self._retention_ms),
+            str(self._lease_ms if first else self._running_ms if running else self._retention_ms),
             "r" if running else "e",
             run,
             str(self._max),
@@ -484,6 +498,8 @@ class RedisStatusStore:
             if result == -2:
                 raise RegistryFull("max_running", self._max_running or 0)
             self._local[key] = (name, owner_set)
+            if first:
+                await self._confirm(key, name, owner_set)
             return
         self._local.pop(key, None)
         self._pending.pop(key, None)  # this write supersedes an older failed one
