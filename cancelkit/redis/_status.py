@@ -294,10 +294,8 @@ class RedisStatusStore:
         timeout: the bound, in seconds, on every Redis call (and on connecting).
         heartbeat: seconds between refreshes of this worker's liveness and running statuses.
         lease: seconds after its last heartbeat that a worker counts as gone; at least twice
-            ``heartbeat``; 12 by default (or three heartbeats, if longer). Keep it at least
-            the registry's :class:`RedisBackend` ``lease`` plus twice its ``heartbeat`` (the
-            defaults do: 10 + 2): then an operation that reads ``lost`` has lost its
-            registration too, and its id can be started again at once.
+            ``heartbeat``; 12 by default (or 3 heartbeats). At least the backend's ``lease``
+            plus 2 ``heartbeat``: then a ``lost`` id can be started again at once.
         retention: seconds an ended (or lost) status is kept.
         max_retained: the most ended statuses kept.
         max_running: the most operations running across the fleet (``None``: no fleet-wide
@@ -448,10 +446,10 @@ class RedisStatusStore:
     def _limited(self) -> bool:
         return self._max_running is not None or self._max_running_per_owner is not None
 
-    async def _beat_once(self) -> None:
+    async def _beat_once(self, local: dict[str, tuple[str, str, str]] | None = None) -> None:
         keys = [self._alive, f"{self._prefix}:o:r"]
         names = []
-        for key, (name, owner_set, value) in self._local.items():
+        for key, (name, owner_set, value) in (self._local if local is None else local).items():
             keys += [key, owner_set]
             names += [name, value]
         expiry = time.time_ns() // 1_000_000 + self._lease_ms
@@ -461,11 +459,8 @@ class RedisStatusStore:
 
     async def _confirm(self, key: str, name: str, owner_set: str, value: str) -> None:
         """Give a first running status its full TTL (the heartbeat does it if this fails)."""
-        expiry = str(time.time_ns() // 1_000_000 + self._lease_ms)
-        keys = [self._alive, f"{self._prefix}:o:r", key, owner_set]
-        args = [str(self._lease_ms), str(self._running_ms), str(self._worker), expiry]
         try:
-            await self._link.call("beat", keys, [*args, "1" if self._limited else "0", name, value])
+            await self._beat_once({key: (name, owner_set, value)})
         except RedisUnavailable as exc:
             logger.debug("running status %s not confirmed yet (%s); the heartbeat will", key, exc)
 
