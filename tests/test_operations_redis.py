@@ -46,7 +46,7 @@ ROOT = Path(__file__).parent.parent
 async def worker(url: str, prefix: str, **options: Any) -> AsyncIterator[BackgroundOperations]:
     """One worker's BackgroundOperations on Redis (several may run in one test process)."""
     backend = RedisBackend(url, prefix=prefix, heartbeat=0.5, lease=5)
-    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=5)
+    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=6)  # backend's + 2 beats
     registry = TokenRegistry(backend=backend)
     async with backend, BackgroundOperations(registry=registry, store=store, **options) as ops:
         yield ops
@@ -172,7 +172,7 @@ async def test_statuses_live_in_keys_with_bounded_ttls(redis: Any) -> None:
 async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
     redis: Any, anyio_backend: str
 ) -> None:
-    """SIGKILL the worker: the status turns from running to lost (within the lease, 5 s)."""
+    """SIGKILL the worker: the status turns from running to lost (within the lease, 6 s)."""
     prefix = f"t{secrets.token_hex(6)}"
     command = [
         *(sys.executable, "-m", "tests.operations_worker"),
@@ -193,7 +193,7 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             assert status.state is OperationState.RUNNING
             assert status.worker == dead_worker
             alive_ttl = int(redis.command("PTTL", f"{prefix}:o:a:{dead_worker}")[1:])
-            assert 0 < alive_ttl <= 5_000  # the bound: the worker's lease
+            assert 0 < alive_ttl <= 6_000  # the bound: the worker's lease
             process.send_signal(signal.SIGKILL)
             with anyio.fail_after(30):
                 assert await process.wait() == -signal.SIGKILL
@@ -205,6 +205,19 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             assert lost.error.type_name == "WorkerLost"
             assert dead_worker in lost.error.message
             assert await reader.cancel("exp-9", owner="alice") is CancelOutcome.NOT_FOUND
+            # lost means the registration expired too: the id can be started again at once
+            retry = await stack.enter_async_context(worker(redis.url, prefix))
+            assert await retry.start(anyio.sleep_forever, id="exp-9", owner="alice") == "exp-9"
+            status = await retry.status("exp-9", owner="alice")
+            assert status is not None
+            assert status.state is OperationState.RUNNING
+
+
+def test_the_default_leases_agree() -> None:
+    """The store's default lease outlasts a default RedisBackend's registrations (lease + two
+    heartbeats of the store), so a status reading lost means its id can be started again."""
+    store, backend = RedisStatusStore(), RedisBackend()
+    assert store._lease_ms / 1000 >= backend._settings.lease + 2 * store._heartbeat
 
 
 async def test_an_unreachable_redis_is_a_clear_error() -> None:
@@ -309,6 +322,56 @@ async def test_an_end_during_a_redis_outage_is_written_once_redis_is_back(redis:
                 await anyio.sleep(0.05)
     assert status.state is OperationState.COMPLETED
     assert status.result == "done"
+
+
+async def test_a_start_refused_during_a_redis_pause_leaves_nothing_past_a_lease(
+    redis: Any,
+) -> None:
+    """Redis pauses (CLIENT PAUSE, like a SIGSTOP: it runs the script after the caller gave
+    up): the start fails with RedisUnavailable; the status Redis then writes lives one lease,
+    not lease + retention."""
+    prefix = f"t{secrets.token_hex(6)}"
+    store = RedisStatusStore(redis.url, prefix=prefix, heartbeat=1, lease=3, timeout=0.3)
+    key = f"{prefix}:o:s:5:alice:paused"
+    async with BackgroundOperations(store=store) as ops:
+        await ops.start(anyio.sleep_forever, id="fine", owner="alice")
+        confirmed = int(redis.command("PTTL", f"{prefix}:o:s:5:alice:fine")[1:])
+        assert confirmed > 3_000  # an answered start gets lease + retention at once
+        assert redis.command("CLIENT", "PAUSE", "1500", "WRITE") == b"+OK"
+        with pytest.raises(RedisUnavailable):
+            await ops.start(anyio.sleep_forever, id="paused", owner="alice")
+        with anyio.fail_after(30):
+            while redis.command("EXISTS", key) != b":1":  # noqa: ASYNC110 - Redis, no event
+                await anyio.sleep(0.01)
+        ttl = int(redis.command("PTTL", key)[1:])
+        assert ttl <= 3_000  # the lease: gone soon, never an hour of "running"
+        assert ops.statistics().running == 1
+
+
+async def test_a_redis_restarted_empty_gets_the_running_statuses_back(redis: Any) -> None:
+    """Redis restarts without its data while an operation runs: the heartbeat of the worker
+    running it writes its status again, so other workers read running (not 404)."""
+    prefix = f"t{secrets.token_hex(6)}"
+    options: dict[str, Any] = {"prefix": prefix, "heartbeat": 0.2, "lease": 1, "timeout": 0.5}
+    store = RedisStatusStore(redis.url, **options)
+    async with BackgroundOperations(store=store) as ops:
+        await ops.start(anyio.sleep_forever, id="long-1", owner="kim")
+        redis.stop()
+        redis.start()
+        assert redis.command("EXISTS", f"{prefix}:o:s:3:kim:long-1") == b":0"  # empty
+        async with RedisStatusStore(redis.url, **options) as other:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        status = await other.get("long-1", "kim")
+                    except RedisUnavailable:
+                        status = None  # a client still reconnecting
+                    if status is not None:
+                        break
+                    await anyio.sleep(0.05)  # the other worker's heartbeat acts: no event
+        assert status.state is OperationState.RUNNING
+        assert status.worker == store.worker
+        assert await ops.cancel("long-1", owner="kim") is CancelOutcome.CANCELLED
 
 
 async def test_the_router_answers_503_while_redis_is_down(redis: Any) -> None:
