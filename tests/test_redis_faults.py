@@ -328,14 +328,11 @@ async def test_client_kill_every_20ms_during_a_200_operation_race(
                 with suppress(TimeoutError):
                     await wait_for(lambda: len(ended) == 200, limit=30)
                 stuck = {f"race{i}": answers.get(i) for i in range(200) if i not in ended}
+                statistics = [b.statistics() for b in backends]
                 stop.set()
                 if stuck:  # end them, so that the failure below says which
                     tg.cancel_scope.cancel()
-        assert not stuck, (
-            "never stopped (id: what its cancel answered)",
-            stuck,
-            [b.statistics() for b in backends],
-        )
+        assert not stuck, f"never stopped (id: its cancel's answer): {stuck}; {statistics}"
         not_found = {
             f"race{i}" for i, a in answers.items() if a == "not_found" and i not in refused
         }
