@@ -4,9 +4,10 @@ Starts both on loopback (``tests/cluster.py`` joins the cluster) and measures, i
 
 - latency: supersede and cancel by id across two backends (``bench_redis``'s trials), on the
   cluster and on the single server, and the ratio (target: cluster <= 1.5x single);
-- throughput: claim + release per second from several client processes, against the single
-  server, the cluster with every process on one prefix (one slot: one shard), and the cluster
-  with the processes' prefixes spread over the three shards;
+- throughput: claim + release per second from several client processes, all on one prefix,
+  against the single server, the cluster with the prefix in one slot group (``slot_groups=1``:
+  one shard serves it) and the cluster with the default layout (16 slot groups spread over
+  the three shards), and the ratio 3 shards / 1 shard;
 - failover: SIGKILL of the primary that serves a backend's prefix, then the time until the
   replica is promoted and until the backend is connected again (``cluster-node-timeout`` is
   1000 ms here; production clusters usually run 15000).
@@ -43,10 +44,12 @@ async def bounded_latency(url: str) -> dict[str, list[float]]:
         return await latency_run(url)
 
 
-def claims_worker(url: str, prefix: str, seconds: float, out: multiprocessing.Queue[int]) -> None:
+def claims_worker(
+    url: str, prefix: str, groups: int, seconds: float, out: multiprocessing.Queue[int]
+) -> None:
     async def main() -> int:
         done = 0
-        async with RedisBackend(url, prefix=prefix) as backend:
+        async with RedisBackend(url, prefix=prefix, slot_groups=groups) as backend:
             slot = LatestOnly(backend=backend)
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline:
@@ -58,13 +61,35 @@ def claims_worker(url: str, prefix: str, seconds: float, out: multiprocessing.Qu
     out.put(anyio.run(main))
 
 
-def claims_per_second(targets: list[tuple[str, str]]) -> float:
-    """Run one process per (url, prefix); the summed claims per second."""
+def script_calls(cluster: LocalCluster) -> dict[int, int]:
+    """Script calls (EVALSHA and EVAL) served by each primary since its stats were reset."""
+    calls = {}
+    for node in cluster.primaries():
+        stats = node.info("commandstats")
+        calls[node.port] = sum(
+            int(stats.get(name, "calls=0").split(",")[0].removeprefix("calls="))
+            for name in ("cmdstat_evalsha", "cmdstat_eval")
+        )
+    return calls
+
+
+def reset_stats(cluster: LocalCluster) -> None:
+    for node in cluster.primaries():
+        node.call("CONFIG", "RESETSTAT")
+
+
+def busiest_share(calls: dict[int, int]) -> float:
+    """The busiest primary's share of the script calls (1/3 is a perfect spread over 3)."""
+    return max(calls.values()) / max(sum(calls.values()), 1)
+
+
+def claims_per_second(url: str, prefix: str, groups: int = 16) -> float:
+    """Run PROCESSES processes on one prefix; the summed claims per second."""
     context = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[int] = context.Queue()
     processes = [
-        context.Process(target=claims_worker, args=(url, prefix, SECONDS, out))
-        for url, prefix in targets
+        context.Process(target=claims_worker, args=(url, prefix, groups, SECONDS, out))
+        for _ in range(PROCESSES)
     ]
     for process in processes:
         process.start()
@@ -74,27 +99,12 @@ def claims_per_second(targets: list[tuple[str, str]]) -> float:
     return total / SECONDS
 
 
-def spread_prefixes(cluster: LocalCluster, count: int) -> list[str]:
-    """``count`` prefixes whose slots are served by different primaries, round robin."""
-    by_node: dict[int, list[str]] = {}
-    i = 0
-    while sum(len(v) for v in by_node.values()) < count * 3 and i < 10_000:
-        name = f"spread{i}"
-        by_node.setdefault(cluster.primary_for_key("{" + name + "}").port, []).append(name)
-        i += 1
-    lists = list(by_node.values())
-    return [lists[j % len(lists)][j // len(lists)] for j in range(count)]
-
-
 async def failover_once(cluster: LocalCluster) -> tuple[float, float]:
     prefix = f"fo{os.getpid()}{time.monotonic_ns() % 100000}"
-    victim = cluster.primary_for_key("{" + prefix + "}")
-    replica = next(
-        node
-        for node in cluster.nodes
-        if node.running and node.info("replication").get("master_port") == str(victim.port)
-    )
     async with RedisBackend(cluster.url, prefix=prefix, heartbeat=0.2, timeout=0.5) as backend:
+        # the primary serving this worker's inbox (it reads it every poll_interval)
+        victim = cluster.primary_for_key(backend._keys.inbox())
+        replica = victim.replica(cluster)
         killed = time.perf_counter()
         victim.kill()
         promoted = None
@@ -132,16 +142,34 @@ def main() -> None:
                         f"{percentile(one[key], 99) * 1e3:5.2f})  cluster {c * 1e3:6.3f} ms (p99 "
                         f"{percentile(many[key], 99) * 1e3:5.2f})  ratio {ratio:4.2f}x {verdict}"
                     )
-            print(f"throughput: claim+release per second, {PROCESSES} processes, {SECONDS:g} s")
-            base = claims_per_second([(single, "tp-single")] * PROCESSES)
-            one_shard = claims_per_second([(cluster.url, "tp-one")] * PROCESSES)
-            spread = spread_prefixes(cluster, PROCESSES)
-            three = claims_per_second([(cluster.url, p) for p in spread])
-            shards = len({cluster.primary_for_key("{" + p + "}").port for p in spread})
-            print(f"  single server            {base:8.0f}/s")
-            print(f"  cluster, one prefix      {one_shard:8.0f}/s  ({one_shard / base:4.2f}x)")
-            print(f"  cluster, {shards} shards        {three:8.0f}/s  ({three / base:4.2f}x)")
-            print("failover: SIGKILL of the primary serving the prefix (cluster-node-timeout 1 s)")
+            print(
+                f"throughput: claim+release per second, {PROCESSES} processes on one prefix, "
+                f"{SECONDS:g} s each"
+            )
+            base = claims_per_second(single, "tp-single")
+            reset_stats(cluster)
+            one_shard = claims_per_second(cluster.url, "tp-one", groups=1)
+            one_share = busiest_share(script_calls(cluster))
+            reset_stats(cluster)
+            three = claims_per_second(cluster.url, "tp-spread")
+            spread_calls = script_calls(cluster)
+            three_share = busiest_share(spread_calls)
+            shards = sum(1 for calls in spread_calls.values() if calls)
+            print(f"  single server                        {base:8.0f}/s")
+            print(
+                f"  cluster, slot_groups=1  (1 shard)    {one_shard:8.0f}/s  "
+                f"({one_shard / base:4.2f}x single)  busiest shard: {one_share:4.0%} of scripts"
+            )
+            print(
+                f"  cluster, slot_groups=16 ({shards} shards)   {three:8.0f}/s  "
+                f"({three / base:4.2f}x single, {three / one_shard:4.2f}x one shard)  "
+                f"busiest shard: {three_share:4.0%} of scripts"
+            )
+            print(
+                "  (the clients and all six servers share this machine's cores: the busiest "
+                "shard's share bounds the spread where shards have cores of their own)"
+            )
+            print("failover: SIGKILL of the primary serving a worker's inbox (node timeout 1 s)")
             for backend in ("asyncio", "trio"):
                 promoted, back = anyio.run(failover_once, cluster, backend=backend)
                 print(f"  [{backend}] replica promoted {promoted:5.2f} s, backend up {back:5.2f} s")

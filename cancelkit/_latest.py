@@ -20,6 +20,17 @@ __all__ = ["Claim", "LatestOnly", "LatestOnlyStatistics", "Policy", "SlotBusy"]
 Policy = SlotPolicy
 _POLICIES = ("replace", "reject", "enqueue", "keep_latest")
 _MAX_KEY = 256
+
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates), as every backend stores it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _MAX_SEQ = 2**53  # exact in a Lua (double) number, so the Redis scripts compare it exactly
 
 #: The start of the reason message of a claim refused for its sequence number.
@@ -241,6 +252,8 @@ class LatestOnly:
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if not 0 < len(key) <= _MAX_KEY:
             raise ValueError(f"key must have 1 to {_MAX_KEY} characters, not {len(key)}")
+        if not key.isascii() and not _encodable(key):
+            raise ValueError(f"key {key!r} is not valid Unicode (a lone surrogate)")
         if seq is not None:
             if isinstance(seq, bool) or not isinstance(seq, int):
                 raise TypeError(f"seq must be an int or None, not {type(seq).__name__}")

@@ -21,12 +21,11 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from functools import partial
 from types import TracebackType
 from typing import Any, Protocol, TypeVarTuple, Unpack, final
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._registry import TokenRegistry, _check
@@ -352,14 +351,32 @@ def _same_run(a: OperationStatus, b: OperationStatus) -> bool:
     return a.started_at == b.started_at and a.worker == b.worker
 
 
+def _check_json(value: object) -> None:
+    """Raise TypeError or ValueError unless ``value`` is JSON that every store can carry."""
+    json.dumps(value, allow_nan=False, ensure_ascii=False).encode()  # no NaN, no lone surrogate
+
+
 def _keep_json(value: object) -> Any:
     """The default ``result=``: keep a JSON-serializable return value, drop anything else."""
     try:
-        json.dumps(value, allow_nan=False)
+        _check_json(value)
     except (TypeError, ValueError):
         logger.debug("an operation's result of type %s is not JSON; kept None", type(value))
         return None
     return value
+
+
+def _progress(done: float, total: float | None, message: str | None) -> Progress:
+    """A progress report, or ValueError for a number JSON cannot carry (inf, NaN)."""
+    for name, value in (("done", done), ("total", total)):
+        number: object = value
+        if number is not None and not (
+            isinstance(number, int | float)
+            and not isinstance(number, bool)
+            and math.isfinite(number)
+        ):
+            raise ValueError(f"progress {name} must be a finite number, not {value!r}")
+    return Progress(done, total, None if message is None else _cut(message))
 
 
 def _check_seconds(*, grace: float, cleanup_timeout: float, poll_interval: float) -> None:
@@ -371,6 +388,12 @@ def _check_seconds(*, grace: float, cleanup_timeout: float, poll_interval: float
 
 
 def _cut(text: str) -> str:
+    r"""Return ``text`` cut to 1000 characters, with lone surrogates escaped.
+
+    A lone surrogate (a file name decoded with ``surrogateescape``) becomes ``\udcxx``, so
+    every store and every JSON answer can carry the text.
+    """
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
@@ -407,7 +430,7 @@ _SHUTDOWN = "the application is shutting down"
 class _Run:
     """One operation of this process, from its reservation by start() to its end."""
 
-    __slots__ = ("done", "id", "owner", "status", "token", "writing")
+    __slots__ = ("begun", "done", "id", "owner", "refusal", "status", "token", "writing")
 
     def __init__(self, id: str, owner: str | None) -> None:
         self.id = id
@@ -415,17 +438,19 @@ class _Run:
         self.token: CancellationToken | None = None
         self.status: OperationStatus | None = None
         self.done = anyio.Event()
+        self.begun = anyio.Event()  # set once it began, ended before it began, or was refused
+        self.refusal: BaseException | None = None  # why the start was refused, for start()
         self.writing = False  # a progress write is in flight (later reports coalesce into it)
 
     async def execute(
-        self,
-        ops: BackgroundOperations,
-        func: Callable[..., Awaitable[Any]],
-        args: tuple[Any, ...],
-        *,
-        task_status: TaskStatus[None],
+        self, ops: BackgroundOperations, func: Callable[..., Awaitable[Any]], args: tuple[Any, ...]
     ) -> None:
-        """Register, write ``running``, tell start() it began, run ``func``, write the end."""
+        """Register, write ``running``, tell start() it began, run ``func``, write the end.
+
+        It runs in the operations' task group from the first step, so the caller of start()
+        can be cancelled at any moment without interrupting it: the start either completes
+        (and the operation runs) or is refused (and leaves nothing); start() reads which.
+        """
         store, runs = ops._store, ops._runs
         status = OperationStatus(
             self.id, self.owner, OperationState.RUNNING, time.time(), worker=store.worker
@@ -442,12 +467,13 @@ class _Run:
                 await store.put(status)
                 began = True
                 runs.started += 1
-                task_status.started()
+                self.begun.set()
                 value = await func(*args)
         except OperationCancelled as exc:  # by id, at shutdown, or by a tombstone before it began
             final = self._ended(status, OperationState.CANCELLED, reason=exc.reason)
         except anyio.get_cancelled_exc_class():
-            if not began:
+            if not began:  # the task group was cancelled before the operation began
+                self._refuse(runs, OperationCancelled(CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)))
                 raise
             # the task group itself was cancelled (shutdown, after cleanup_timeout)
             reason = None if self.token is None else self.token.reason
@@ -455,24 +481,45 @@ class _Run:
                 reason = CancelReason(CancelKind.SHUTDOWN, _SHUTDOWN)
             final = self._ended(status, OperationState.CANCELLED, reason=reason)
             with anyio.CancelScope(shield=True):
-                await self._finish(ops, final, began, task_status)
+                await self._finish(ops, final)
             raise
         except Exception as exc:
-            if not began:
-                raise  # OperationExists, RegistryFull, the store's error: for start()'s caller
+            if not began:  # OperationExists, RegistryFull, the store's error: for start()
+                self._refuse(runs, exc)
+                return
             logger.exception("background operation %r failed", self.id)
             final = self._failed(status, exc)
         else:
-            try:
-                kept = ops._result(value)
-            except Exception as exc:
-                logger.exception("result= failed for background operation %r", self.id)
-                final = self._failed(status, exc)
-            else:
-                final = self._ended(status, OperationState.COMPLETED, result=kept)
+            final = self._completed(ops, status, value)
         finally:
             _current.reset(context)
-        await self._finish(ops, final, began, task_status)
+        await self._finish(ops, final)
+
+    def _refuse(self, runs: _Runs, exc: BaseException) -> None:
+        """The start was refused: give the place back and hand ``exc`` to start()."""
+        self.refusal = exc
+        runs.forget(self)
+        self.begun.set()
+
+    def _completed(
+        self, ops: BackgroundOperations, status: OperationStatus, value: Any
+    ) -> OperationStatus:
+        """The completed status, or a failed one if ``result=`` fails or keeps a non-JSON value."""
+        try:
+            kept = ops._result(value)
+        except Exception as exc:
+            logger.exception("result= failed for background operation %r", self.id)
+            return self._failed(status, exc)
+        try:
+            _check_json(kept)
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+            logger.exception("result= kept a value that is not JSON for operation %r", self.id)
+            error = OperationError(
+                "ResultNotJSON",
+                _cut(f"the operation's result (as kept by result=) is not JSON: {exc}"),
+            )
+            return self._ended(status, OperationState.FAILED, error=error)
+        return self._ended(status, OperationState.COMPLETED, result=kept)
 
     def _failed(self, status: OperationStatus, exc: Exception) -> OperationStatus:
         error = OperationError(type(exc).__name__, _cut(str(exc)))
@@ -484,13 +531,7 @@ class _Run:
         progress = None if self.status is None else self.status.progress
         return replace(status, state=state, ended_at=time.time(), progress=progress, **fields)
 
-    async def _finish(
-        self,
-        ops: BackgroundOperations,
-        final: OperationStatus,
-        began: bool,
-        task_status: TaskStatus[None],
-    ) -> None:
+    async def _finish(self, ops: BackgroundOperations, final: OperationStatus) -> None:
         self.status = final
         ops._runs.count(final)
         try:
@@ -500,8 +541,7 @@ class _Run:
             logger.exception("could not write the final status of operation %r", self.id)
         finally:
             ops._runs.forget(self)
-            if not began:  # cancelled before it began (a tombstone): start() returns the id
-                task_status.started()
+            self.begun.set()  # cancelled before it began (a tombstone): start() returns the id
 
     async def report(self, store: StatusStore, progress: Progress) -> None:
         """Record ``progress``; write it unless a write is in flight (that one writes it)."""
@@ -625,6 +665,16 @@ class _Runs:
             if run.token is not None:
                 run.token.cancel(reason)
 
+    def statistics(self) -> OperationsStatistics:
+        return OperationsStatistics(
+            running=len(self.by_name),
+            started=self.started,
+            completed=self.completed,
+            failed=self.failed,
+            cancelled={kind: n for kind, n in self.cancelled.items() if n},
+            refused=self.refused,
+        )
+
     def __len__(self) -> int:
         return len(self.by_name)
 
@@ -664,8 +714,10 @@ class BackgroundOperations:
         cleanup_timeout: seconds that cancelled operations then get for their cleanup,
             after which the task group is cancelled outright; exit waits no longer
             (unless an operation shields itself from cancellation).
-        result: turns a completed operation's return value into what its status keeps (JSON
-            for Redis); by default a JSON-serializable value, else ``None``.
+        result: turns a completed operation's return value into what its status keeps; by
+            default a JSON-serializable value, else ``None``. What it returns must be JSON
+            (no NaN or infinity, no lone surrogate): otherwise the operation ends ``failed``
+            with an error of type ``ResultNotJSON`` that says why.
         poll_interval: seconds between reads of the store while :meth:`wait` waits for an
             operation that runs in another process.
 
@@ -785,6 +837,10 @@ class BackgroundOperations:
         written: the function then never runs). The operation runs in this object's task
         group, not in the caller's: the caller's cancellation does not stop it.
 
+        A start is never half done: it all runs in the task group, so a caller cancelled
+        while start() waits gets its cancellation at once and the operation still starts and
+        runs, readable by id. A refused start (the exceptions below) leaves no status behind.
+
         Args:
             func: an async function; its return value becomes the status's ``result``.
             *args: positional arguments for ``func``.
@@ -820,10 +876,13 @@ class BackgroundOperations:
             )
         run = self._runs.reserve(id, owner)  # now: the limits hold across concurrent starts
         try:
-            await task_group.start(partial(run.execute, self, func, args))
+            task_group.start_soon(run.execute, self, func, args, name=f"operation {id}")
         except BaseException:
             self._runs.forget(run)
             raise
+        await run.begun.wait()  # the caller's cancellation stops this wait, not the operation
+        if run.refusal is not None:
+            raise run.refusal
         return id
 
     async def report(
@@ -840,12 +899,13 @@ class BackgroundOperations:
             message: a short note.
 
         Raises:
+            ValueError: if ``done`` or ``total`` is not a finite number (inf, NaN).
             RuntimeError: outside a background operation of this object.
         """
+        progress = _progress(done, total, message)
         run = _current.get()
         if run is None or self._runs.get(run.id, run.owner) is not run:
             raise RuntimeError("report() must be called from a running background operation")
-        progress = Progress(done, total, None if message is None else _cut(message))
         await run.report(self._store, progress)
 
     # -- reading and cancelling --------------------------------------------------------
@@ -876,15 +936,15 @@ class BackgroundOperations:
         Raises:
             ValueError: for an invalid id or owner.
         """
-        status = await self.status(id, owner=owner)
-        while status is not None and not status.state.ended:
-            run = self._runs.get(id, owner)
-            if run is not None:
-                await run.done.wait()
-            else:  # it runs in another process: read the store again in a moment
+        status = None
+        while True:
+            if (run := self._runs.get(id, owner)) is not None:
+                await run.done.wait()  # it runs here (perhaps still starting: no status yet)
+            elif status is not None:  # it runs in another process: read again in a moment
                 await anyio.sleep(self._poll_interval)
             status = await self.status(id, owner=owner)
-        return status
+            if status is None or status.state.ended:
+                return status
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -913,15 +973,7 @@ class BackgroundOperations:
 
     def statistics(self) -> OperationsStatistics:
         """Return a snapshot of this object's counters."""
-        runs = self._runs
-        return OperationsStatistics(
-            running=len(runs),
-            started=runs.started,
-            completed=runs.completed,
-            failed=runs.failed,
-            cancelled={kind: n for kind, n in runs.cancelled.items() if n},
-            refused=runs.refused,
-        )
+        return self._runs.statistics()
 
     def __repr__(self) -> str:
         state = "stopped" if self._task_group is None else "closing" if self._closing else "up"

@@ -535,15 +535,17 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 # Kept apart from the request-level adapters above; the core is cancelkit._operations.
 # =============================================================================================
 
+import logging  # noqa: E402
 import sys  # noqa: E402
 
 import anyio  # noqa: E402
-from fastapi import Query  # noqa: E402
+from fastapi import HTTPException, Query  # noqa: E402
 from pydantic import Field  # noqa: E402
 
 from ._http import HTTPAnswer, answer_for  # noqa: E402
 from ._operations import BackgroundOperations, OperationStatus  # noqa: E402
 from ._reason import OperationCancelled  # noqa: E402
+from ._registry import _check  # noqa: E402
 from .backends import OperationExists, RegistryFull  # noqa: E402
 
 __all__ += [
@@ -558,6 +560,34 @@ __all__ += [
 ]
 
 _STATUS_ROUTE = "cancelkit_operation_status"
+
+_INVALID_OWNER = (
+    "the owner that the application's auth dependency gave is not a valid cancelkit owner "
+    "(None, or 1 to 256 printable characters without whitespace); the server log says more"
+)
+
+
+def _checked_owner(owner: _OwnerDependency | None) -> Callable[..., Any]:
+    """The app's owner dependency, checked: an owner cancelkit refuses answers a clear 500.
+
+    The owner is the application's (its auth dependency), not the client's input, so an
+    owner cancelkit cannot use is a server error; the body names the problem, the log the
+    owner, and no operation is started, read or cancelled.
+    """
+    dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
+
+    async def operation_owner(
+        value: Annotated[str | None, Depends(dependency)],
+    ) -> str | None:
+        try:
+            _check("-", value)
+        except (TypeError, ValueError) as exc:
+            log = logging.getLogger("cancelkit.fastapi")
+            log.error("%s: %s", _INVALID_OWNER, exc)  # noqa: TRY400 - no traceback wanted
+            raise HTTPException(500, _INVALID_OWNER) from None
+        return value
+
+    return operation_owner
 
 
 class OperationStartedBody(BaseModel):
@@ -722,7 +752,9 @@ def operation_starter(
     Args:
         operations: the application's :class:`~cancelkit.BackgroundOperations`.
         owner: your dependency that returns the owner (the authenticated user or tenant); the
-            same one you give :func:`operations_router`.
+            same one you give :func:`operations_router`. An owner cancelkit refuses (not
+            ``None`` or 1 to 256 printable characters without whitespace) answers ``500``
+            with a ``detail`` saying so.
         header: the request header that may carry a client-chosen operation id (so that the
             client can cancel before it has the answer); a random id otherwise.
         status_route: the name of the status route the ``Location`` points at (the default
@@ -735,7 +767,7 @@ def operation_starter(
     """
     if not isinstance(operations, BackgroundOperations):
         raise TypeError(f"operations must be BackgroundOperations, not {type(operations).__name__}")
-    owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
+    owner_dependency = _checked_owner(owner)
 
     async def starter(
         request: Request,
@@ -780,7 +812,8 @@ def operations_router(
 
     Args:
         operations: the application's :class:`~cancelkit.BackgroundOperations`.
-        owner: your dependency that returns the owner; another owner's operations look absent.
+        owner: your dependency that returns the owner; another owner's operations look absent
+            (an owner cancelkit refuses answers ``500`` with a ``detail`` saying so).
         path: the route path; it must contain ``{operation_id}``.
         max_wait: the most seconds a ``GET`` may wait for the end.
         status_route: the name of the ``GET`` route (for ``Location`` headers).
@@ -801,7 +834,7 @@ def operations_router(
         raise ValueError(f"path must contain '{{operation_id}}', not {path!r}")
     if not 0 <= max_wait <= 3600:
         raise ValueError(f"max_wait must be seconds from 0 to 3600, not {max_wait!r}")
-    owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
+    owner_dependency = _checked_owner(owner)
     router = APIRouter(**router_options)
     unavailable = {"model": CancelledBody, "description": "Redis cannot be reached"}
     not_found: dict[int | str, dict[str, Any]] = {

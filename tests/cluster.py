@@ -119,6 +119,27 @@ class ClusterNode:
             sock.sendall(payload.encode())
             return _read_reply(sock.makefile("rb"))
 
+    def read(self, *args: str, timeout: float = 5) -> Any:
+        """Send one read command after ``READONLY`` (so a replica answers for its own data)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            stream = sock.makefile("rb")
+            for command in (("READONLY",), args):
+                payload = f"*{len(command)}\r\n" + "".join(
+                    f"${len(a.encode())}\r\n{a}\r\n" for a in command
+                )
+                sock.sendall(payload.encode())
+                reply = _read_reply(stream)
+            return reply
+
+    def replica(self, cluster: LocalCluster) -> ClusterNode:
+        """The running replica of this primary."""
+        port = str(self.port)
+        return next(
+            node
+            for node in cluster.nodes
+            if node.running and node.info("replication").get("master_port") == port
+        )
+
     def cli(self, *args: str, timeout: float = 5) -> str:
         """One command's reply as text; ``""`` if the node does not answer or answers an error."""
         try:

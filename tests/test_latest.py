@@ -317,10 +317,15 @@ async def test_cancel_from_another_thread() -> None:
 
 @pytest.mark.parametrize(
     ("key", "error", "match"),
-    [("", ValueError, "1 to 256"), ("k" * 257, ValueError, "1 to 256"), (3, TypeError, "str")],
+    [
+        ("", ValueError, "1 to 256"),
+        ("k" * 257, ValueError, "1 to 256"),
+        (3, TypeError, "str"),
+        ("file-\udcff.csv", ValueError, "lone surrogate"),  # os.listdir's undecodable bytes
+    ],
 )
 async def test_bad_keys_are_refused(key: Any, error: type[Exception], match: str) -> None:
-    """Keys must be non-empty strings of at most 256 characters."""
+    """Keys must be non-empty strings of at most 256 characters that UTF-8 can encode."""
     with pytest.raises(error, match=match):
         async with LatestOnly().claim(key):
             pass

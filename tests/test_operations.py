@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import math
+import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -8,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 
 from cancelkit import (
     BackgroundOperations,
@@ -145,6 +150,73 @@ async def test_a_result_that_is_not_json_is_dropped_unless_the_app_decides(make:
         status = await ops.wait(id)
         assert status is not None
         assert status.result == "object"
+
+
+async def test_a_result_kept_by_result_that_is_not_json_ends_failed(make: Make) -> None:
+    """result= keeping a datetime, NaN or a lone surrogate: the operation ends failed with
+    a ResultNotJSON error (never a status stuck at running, never a 500 when it is read)."""
+
+    async def export(value: object) -> object:
+        return value
+
+    when = datetime.datetime(2026, 11, 30)
+    async with make(result=lambda value: value, max_running_per_owner=1) as ops:
+        for value in ({"url": "/dl/1", "when": when}, math.nan, "caf\udce9"):
+            id = await ops.start(export, value, owner="alice")  # the last one's place is free
+            with anyio.fail_after(10):
+                status = await ops.wait(id, owner="alice")
+            assert status is not None
+            assert status.state is OperationState.FAILED
+            assert status.error is not None
+            assert status.error.type_name == "ResultNotJSON"
+            assert "not JSON" in status.error.message
+            assert await ops.cancel(id, owner="alice") is CancelOutcome.NOT_FOUND
+        assert ops.statistics().failed == 3
+
+
+async def test_an_error_message_with_a_lone_surrogate_is_kept_escaped(make: Make) -> None:
+    """A message with a surrogate-escaped file name is stored as \\udcxx, readable as JSON."""
+
+    name = os.fsdecode(b"caf\xe9.csv")  # a Latin-1 file name on a UTF-8 system
+
+    async def parse() -> None:
+        raise ValueError(f"cannot parse {name}")
+
+    async def progress() -> None:
+        await ops.report(1, message=os.fsdecode(b"caf\xe9"))
+        raise KeyError("x")
+
+    async with make() as ops:
+        id = await ops.start(parse)
+        second = await ops.start(progress)
+        status = await ops.wait(id)
+        other = await ops.wait(second)
+    assert status is not None
+    assert status.error == OperationError("ValueError", "cannot parse caf\\udce9.csv")
+    assert other is not None
+    assert other.progress == Progress(1, None, "caf\\udce9")
+    json.dumps(status.to_json(), ensure_ascii=False).encode()
+
+
+async def test_progress_that_is_not_a_finite_number_is_refused(make: Make) -> None:
+    """report(inf) / report(nan) / report(1, total=inf) raise ValueError in the operation."""
+    errors: list[str] = []
+
+    async def export() -> None:
+        for done, total in ((math.inf, None), (math.nan, None), (1, math.inf), ("1", None)):
+            try:
+                await ops.report(done, total)  # type: ignore[arg-type]
+            except ValueError as exc:
+                errors.append(str(exc))
+        await ops.report(2, 4)
+
+    async with make() as ops:
+        id = await ops.start(export)
+        status = await ops.wait(id)
+    assert len(errors) == 4
+    assert all("finite number" in error for error in errors)
+    assert status is not None
+    assert status.progress == Progress(2, 4, None)
 
 
 async def test_a_failure_keeps_type_and_message_never_a_traceback(
@@ -438,6 +510,76 @@ async def test_the_callers_cancellation_does_not_stop_the_operation(make: Make) 
         status = await ops.wait(id)
     assert status is not None
     assert status.result == "finished"
+
+
+async def cancel_after(scope: anyio.CancelScope, checkpoints: int) -> None:
+    for _ in range(checkpoints):
+        await anyio.lowlevel.checkpoint()
+    scope.cancel()
+
+
+def cancel_soon(group: TaskGroup, scope: anyio.CancelScope, checkpoints: int) -> None:
+    """Cancel ``scope`` once ``checkpoints`` rounds of the scheduler passed (0: now)."""
+    if checkpoints:
+        group.start_soon(cancel_after, scope, checkpoints)
+    else:
+        scope.cancel()
+
+
+async def test_a_caller_cancelled_at_any_point_of_start_leaves_a_running_operation(
+    make: Make,
+) -> None:
+    """The caller of start() is cancelled after its k-th checkpoint, for every k until start()
+    returns: start() raises the caller's cancellation, the operation still runs to its end
+    (never a lingering running status, never a cancellation with reason shutdown)."""
+
+    async def export(k: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return k
+
+    interrupted = returned_in_a_row = 0
+    async with make() as ops:
+        for k in range(2000):
+            id = f"op-{k}"
+            returned = None
+            async with anyio.create_task_group() as group:
+                with anyio.CancelScope() as request_scope:
+                    cancel_soon(group, request_scope, k)
+                    returned = await ops.start(export, k, id=id, owner="alice")
+            with anyio.fail_after(10):
+                status = await ops.wait(id, owner="alice")
+            assert status is not None, k
+            assert (status.state, status.result, status.reason) == (
+                OperationState.COMPLETED,
+                k,
+                None,
+            ), k
+            if returned is None:
+                assert request_scope.cancelled_caught  # the caller's cancellation propagated
+                interrupted += 1
+                returned_in_a_row = 0
+            else:
+                assert returned == id
+                returned_in_a_row += 1
+                if returned_in_a_row == 5:
+                    break  # start() no longer suspends this long: every point was tried
+        else:
+            pytest.fail("start() never returned")
+        assert interrupted >= 1
+        assert ops.statistics().started == k + 1
+        assert ops.statistics().running == 0
+
+
+async def test_a_refused_start_of_a_cancelled_caller_leaves_nothing(make: Make) -> None:
+    """A start refused (its id runs already) while the caller was cancelled ends quietly."""
+    async with make() as ops:
+        await ops.start(forever, id="dup", owner="alice")
+        with anyio.CancelScope() as request_scope:
+            request_scope.cancel()
+            with pytest.raises(OperationExists):
+                await ops.start(forever, id="dup", owner="alice")  # refused before it waits
+        assert ops.statistics().running == 1
+        assert await ops.cancel("dup", owner="alice") is CancelOutcome.CANCELLED
 
 
 async def test_wait_is_bounded_by_the_callers_scope(make: Make) -> None:

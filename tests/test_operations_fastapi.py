@@ -211,3 +211,23 @@ async def test_the_router_state_maps_every_operation_state() -> None:
     for state in OperationState:
         body = OperationStatusBody(id="x", state=state.value, started_at=0.0)
         assert body.state == state.value
+
+
+@pytest.mark.parametrize("user", ["two words", "x" * 257, "tab\there"])
+async def test_an_owner_cancelkit_refuses_answers_a_clear_500(
+    user: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app's auth gives an owner cancelkit cannot use: start, status and cancel answer 500
+    with a body naming the problem (not a bare 500), the log has the owner, nothing starts."""
+    async with running() as (ops, _, client), client(user) as http:
+        answers = [
+            await http.post("/exports", params={"table": "users"}),
+            await http.get("/operations/some-id"),
+            await http.delete("/operations/some-id"),
+        ]
+        assert ops.statistics().started == 0
+    for answer in answers:
+        assert answer.status_code == 500
+        assert "not a valid cancelkit owner" in answer.json()["detail"]
+        assert user not in answer.text
+    assert any("invalid owner" in record.getMessage() for record in caplog.records)

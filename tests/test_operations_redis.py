@@ -311,6 +311,56 @@ async def test_an_end_during_a_redis_outage_is_written_once_redis_is_back(redis:
     assert status.result == "done"
 
 
+async def test_a_start_refused_during_a_redis_pause_leaves_nothing_past_a_lease(
+    redis: Any,
+) -> None:
+    """Redis pauses (CLIENT PAUSE, like a SIGSTOP: it runs the script after the caller gave
+    up): the start fails with RedisUnavailable; the status Redis then writes lives one lease,
+    not lease + retention."""
+    prefix = f"t{secrets.token_hex(6)}"
+    store = RedisStatusStore(redis.url, prefix=prefix, heartbeat=1, lease=3, timeout=0.3)
+    key = f"{prefix}:o:s:5:alice:paused"
+    async with BackgroundOperations(store=store) as ops:
+        await ops.start(anyio.sleep_forever, id="fine", owner="alice")
+        confirmed = int(redis.command("PTTL", f"{prefix}:o:s:5:alice:fine")[1:])
+        assert confirmed > 3_000  # an answered start gets lease + retention at once
+        assert redis.command("CLIENT", "PAUSE", "1500", "WRITE") == b"+OK"
+        with pytest.raises(RedisUnavailable):
+            await ops.start(anyio.sleep_forever, id="paused", owner="alice")
+        with anyio.fail_after(30):
+            while redis.command("EXISTS", key) != b":1":  # noqa: ASYNC110 - Redis, no event
+                await anyio.sleep(0.01)
+        ttl = int(redis.command("PTTL", key)[1:])
+        assert ttl <= 3_000  # the lease: gone soon, never an hour of "running"
+        assert ops.statistics().running == 1
+
+
+async def test_a_redis_restarted_empty_gets_the_running_statuses_back(redis: Any) -> None:
+    """Redis restarts without its data while an operation runs: the heartbeat of the worker
+    running it writes its status again, so other workers read running (not 404)."""
+    prefix = f"t{secrets.token_hex(6)}"
+    options: dict[str, Any] = {"prefix": prefix, "heartbeat": 0.2, "lease": 1, "timeout": 0.5}
+    store = RedisStatusStore(redis.url, **options)
+    async with BackgroundOperations(store=store) as ops:
+        await ops.start(anyio.sleep_forever, id="long-1", owner="kim")
+        redis.stop()
+        redis.start()
+        assert redis.command("EXISTS", f"{prefix}:o:s:3:kim:long-1") == b":0"  # empty
+        async with RedisStatusStore(redis.url, **options) as other:
+            with anyio.fail_after(30):
+                while True:
+                    try:
+                        status = await other.get("long-1", "kim")
+                    except RedisUnavailable:
+                        status = None  # a client still reconnecting
+                    if status is not None:
+                        break
+                    await anyio.sleep(0.05)  # the other worker's heartbeat acts: no event
+        assert status.state is OperationState.RUNNING
+        assert status.worker == store.worker
+        assert await ops.cancel("long-1", owner="kim") is CancelOutcome.CANCELLED
+
+
 async def test_the_router_answers_503_while_redis_is_down(redis: Any) -> None:
     """During an outage a start, and the status or cancel of an operation that does not run
     in this worker, answer 503 unavailable with Retry-After; a local one still answers."""

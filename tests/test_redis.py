@@ -72,12 +72,25 @@ async def wait_for(predicate: Callable[[], bool], limit: float = 10) -> None:
             await anyio.sleep(0.005)
 
 
-async def keys_of(client: coredis.Redis[str], prefix: str) -> dict[str, int]:
-    """Every key under the prefix with its PTTL."""
+async def keys_of(
+    client: coredis.Redis[str] | coredis.RedisCluster[str], prefix: str
+) -> dict[str, int]:
+    """Every key under the prefix (``prefix:…``, or ``{prefix:g}:…`` on a cluster) with its PTTL."""
     found: dict[str, int] = {}
-    async for key in client.scan_iter(match=f"{prefix}:*"):
+    async for key in client.scan_iter(match=f"*{prefix}*"):
         found[key] = await client.pttl(key)
     return found
+
+
+def kind_of(key: str) -> str:
+    """The kind of a backend key: ``r`` for ``prefix:r:…`` and for ``{prefix:3}:r:…``."""
+    return key[key.index("}") + 2 :].split(":")[0] if key.startswith("{") else key.split(":")[1]
+
+
+def key(backend: RedisBackend, kind: str, name: str, entity: str | None = None) -> str:
+    """The name of a backend's key (its layout differs on a cluster): ``kind`` and ``name`` of
+    ``entity`` (the operation id of a registration; a latest-only key is its own)."""
+    return backend._keys(kind, name, entity)
 
 
 async def hold(token_scope: Any, started: anyio.Event) -> None:
@@ -267,7 +280,11 @@ async def test_generation_fences_across_workers(redis: RedisServer, prefix: str)
 
 async def test_tombstone_limit_and_expiry(redis: RedisServer, prefix: str) -> None:
     """Tombstones are bounded fleet-wide (RegistryFull) and expire after tombstone_ttl."""
-    async with workers(redis, prefix, max_tombstones=2, tombstone_ttl=0.3) as (a, b):
+    # one slot group: the limit is exact (a single server has one; see test_redis_cluster)
+    async with workers(redis, prefix, max_tombstones=2, tombstone_ttl=0.3, slot_groups=1) as (
+        a,
+        b,
+    ):
         reg_a, reg_b = TokenRegistry(backend=a), TokenRegistry(backend=b)
         assert await reg_a.cancel("t1") is CancelOutcome.PENDING
         assert await reg_b.cancel("t2") is CancelOutcome.PENDING
@@ -276,7 +293,9 @@ async def test_tombstone_limit_and_expiry(redis: RedisServer, prefix: str) -> No
             await reg_a.cancel("t3")
         async with raw(redis) as client:
             with anyio.fail_after(5):
-                while await client.exists([f"{prefix}:t:-:t1", f"{prefix}:t:-:t2"]):  # noqa: ASYNC110
+                while await client.exists([key(a, "t", "-:t1", "t1")]) + await client.exists(  # noqa: ASYNC110
+                    [key(a, "t", "-:t2", "t2")]
+                ):
                     await anyio.sleep(0.02)
         assert await reg_a.cancel("t3") is CancelOutcome.PENDING
         async with reg_b.track("t1") as op:
@@ -291,7 +310,7 @@ async def test_released_state_leaves_only_expiring_keys(redis: RedisServer, pref
         await reg_b.cancel("early")
         async with reg_a.track("op"), slot_a.claim("k1"), slot_b.claim("k2"):
             live = await keys_of(client, prefix)
-        kinds = {key.split(":")[1] for key in live}
+        kinds = {kind_of(name) for name in live}
         assert (
             {"r", "i", "k", "q", "t", "tz", "a", "gen", "co"}
             <= kinds
@@ -303,7 +322,7 @@ async def test_released_state_leaves_only_expiring_keys(redis: RedisServer, pref
                 pass  # pragma: no cover
         left = await keys_of(client, prefix)
         assert -1 not in left.values(), left
-        kinds = {key.split(":")[1] for key in left}
+        kinds = {kind_of(name) for name in left}
         assert kinds <= {"f", "a", "gen", "co", "in", "tz"}, left  # tz: per-owner index, expiring
 
 
@@ -317,7 +336,7 @@ async def test_resync_delivers_a_lost_cancel(redis: RedisServer, prefix: str) ->
         reason = CancelReason(CancelKind.SHUTDOWN, source="ops")
         with pytest.raises(OperationCancelled) as info:
             async with registry.track("op"):
-                await client.hset(f"{prefix}:r:-:op", {"c": _dump(reason)})  # no message sent
+                await client.hset(key(a, "r", "-:op", "op"), {"c": _dump(reason)})  # no message
                 await anyio.sleep_forever()
         assert info.value.reason == reason
         assert a.statistics().messages_received == 0
@@ -330,12 +349,12 @@ async def test_cancel_survives_a_lapsed_lease(redis: RedisServer, prefix: str) -
         reason = CancelReason(CancelKind.REQUESTED, source="late")
         with pytest.raises(OperationCancelled) as info:
             async with registry.track("op"):
-                key = f"{prefix}:r:-:op"
-                await client.set(f"{key}#c", _dump(reason), px=10_000)  # what cancel() leaves
-                await client.delete([key])  # the lease lapsed before the heartbeat came
+                reg = key(a, "r", "-:op", "op")
+                await client.set(f"{reg}#c", _dump(reason), px=10_000)  # what cancel() leaves
+                await client.delete([reg])  # the lease lapsed before the heartbeat came
                 await anyio.sleep_forever()
         assert info.value.reason == reason
-        assert not await client.exists([f"{prefix}:r:-:op", f"{prefix}:r:-:op#c"])
+        assert not await client.exists([reg]) + await client.exists([f"{reg}#c"])
 
 
 async def test_resync_delivers_a_lost_supersede(redis: RedisServer, prefix: str) -> None:
@@ -344,7 +363,7 @@ async def test_resync_delivers_a_lost_supersede(redis: RedisServer, prefix: str)
         slot = LatestOnly(backend=a)
         with pytest.raises(OperationCancelled) as info:
             async with slot.claim("k") as claim:  # superseded in Redis, no message sent
-                await client.hset(f"{prefix}:k:k", {f"{a.worker} {claim.id}": "s h2"})
+                await client.hset(key(a, "k", "k"), {f"{a.worker} {claim.id}": "s h2"})
                 await anyio.sleep_forever()
         assert info.value.reason == CancelReason(CancelKind.SUPERSEDED, source="h2")
         assert a.statistics().resyncs >= 2
@@ -545,6 +564,8 @@ def test_options_are_validated() -> None:
         ({"heartbeat": math.inf}, "heartbeat"),
         ({"heartbeat": 1.0, "lease": 1.5}, "lease"),
         ({"max_tombstones": 0}, "max_tombstones"),
+        ({"slot_groups": 0}, "slot_groups"),
+        ({"slot_groups": 1025}, "slot_groups"),
     ]
     for options, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -683,13 +704,16 @@ async def test_crashed_workers_keys_expire(redis: RedisServer, prefix: str) -> N
             await other.send("track op")
             await other.expect("claimed A")
             await other.expect("tracking op")
-            kinds = {key.split(":")[1] for key in await keys_of(client, prefix)}
+            kinds = {kind_of(name) for name in await keys_of(client, prefix)}
             assert {"k", "q", "r", "i", "a"} <= kinds
             other.process.kill()
         with anyio.fail_after(10):
-            while (left := await keys_of(client, prefix)).keys() - {f"{prefix}:gen"}:
+            while True:
+                left = await keys_of(client, prefix)
+                kinds = {kind_of(name) for name in left}
+                if not kinds - {"gen"}:
+                    break
                 assert -1 not in left.values(), left
-                kinds = {key.split(":")[1] for key in left}
                 assert kinds <= {"k", "q", "r", "i", "a", "gen", "in"}
                 await anyio.sleep(0.05)
         assert -1 not in left.values()  # the generation counter expires too
@@ -733,7 +757,8 @@ def test_malformed_urls_are_refused_at_construction(url: str, problem: str) -> N
 
 async def test_tombstones_are_bounded_per_owner(redis: RedisServer, prefix: str) -> None:
     """One owner's tombstones stop at max_tombstones_per_owner; other owners keep working."""
-    async with workers(redis, prefix, n=1, max_tombstones_per_owner=2) as (a,):
+    # one slot group: the limit is exact (a single server has one; see test_redis_cluster)
+    async with workers(redis, prefix, n=1, max_tombstones_per_owner=2, slot_groups=1) as (a,):
         registry = TokenRegistry(backend=a)
         for id in ("t1", "t2"):
             assert await registry.cancel(id, owner="alice") is CancelOutcome.PENDING

@@ -112,10 +112,11 @@ class RedisBackend:
     raises :exc:`RedisUnavailable` in both modes.
 
     Standalone Redis or Valkey, or Redis Cluster (>= 7): the backend asks the URL's node and,
-    on a cluster, uses the cluster client, puts every key and channel under the hash tag
-    ``{prefix}`` (one slot; a prefix with a hash tag of its own is kept) and wakes workers
-    with sharded pub/sub; after a failover it reconnects and resyncs (see the "Many hosts"
-    section of the Redis guide for the recovery time and what can be lost).
+    on a cluster, uses the cluster client, spreads the prefix's keys over ``slot_groups``
+    hash tags (each operation id and each latest-only key in one slot; a prefix with braces,
+    or ``slot_groups=1``, keeps them all in one slot) and wakes workers with sharded pub/sub;
+    after a failover it reconnects and resyncs (see the "Many hosts" section of the Redis
+    guide for the key layout, the recovery time and what can be lost).
 
     Args:
         url: the server, ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for
@@ -130,7 +131,8 @@ class RedisBackend:
         retry_delay: seconds between reconnection attempts (constant, never growing).
         tombstone_ttl: seconds a tombstone (and a finished-marker) lives.
         max_tombstones: the most unexpired tombstones across the fleet; a cancel that needs
-            one more raises :exc:`~cancelkit.RegistryFull`.
+            one more raises :exc:`~cancelkit.RegistryFull`. On a cluster with several slot
+            groups, each group holds its share (see ``slot_groups``).
         max_tombstones_per_owner: the most unexpired tombstones of one owner (``None``
             counts as one owner, as in :class:`~cancelkit.backends.MemoryBackend`); checked
             atomically with the cancel, so one tenant cannot use up the fleet's tombstones.
@@ -140,6 +142,11 @@ class RedisBackend:
             its last claim was released (a stale claim arriving later still never runs).
         max_seq_keys: the most released keys whose sequence number is remembered, across
             the fleet; past it, the oldest is forgotten first.
+        slot_groups: on a Redis Cluster, how many hash slots the keys of ``prefix`` spread
+            over (1 to 1024; ignored on a single server). ``max_tombstones``,
+            ``max_tombstones_per_owner`` and ``max_seq_keys`` then hold per group, each
+            group taking an even share; 1 keeps every key in one slot (exact limits, one
+            shard). It must be the same in every worker.
 
     Raises:
         ValueError: if an option is out of range, or ``url`` is not a Redis URL (the message
@@ -176,6 +183,7 @@ class RedisBackend:
         poll_interval: float = 0.05,
         seq_ttl: float = 60.0,
         max_seq_keys: int = 10_000,
+        slot_groups: int = 16,
     ) -> None:
         """Configure the backend; nothing connects until it is entered."""
         settings = self._settings = Settings.validate(
@@ -192,6 +200,7 @@ class RedisBackend:
             poll_interval=poll_interval,
             seq_ttl=seq_ttl,
             max_seq_keys=max_seq_keys,
+            slot_groups=slot_groups,
         )
         self._keys = Keys(prefix)
         self._conn = Connection(url, timeout=settings.timeout, fail_open=fail_open)
@@ -224,7 +233,7 @@ class RedisBackend:
         try:
             await self._conn.open(stack, _SCRIPTS)
             if self._conn.cluster:
-                self._keys.use_hash_tag()
+                self._keys.use_cluster(self._settings.slot_groups)
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self._listener.read)
         except BaseException as exc:

@@ -1,13 +1,14 @@
 """Redis Cluster: one hash slot per backend, sharded pub/sub, recovery after failover.
 
-Layout. Every key and channel of a backend starts with ``{<prefix>}``: the hash tag puts all
-of them in one slot (``CLUSTER KEYSLOT {<prefix>}``), so every script touches one slot,
-including the keys a script computes (a holder's ``#c`` key, a worker's liveness key or inbox),
-and a script may ``SPUBLISH`` to a worker's channel, which lives in the same slot. The Lua is
-the same as on a single server; only ``PUBLISH`` becomes ``SPUBLISH`` (a message then goes to
-the one shard that serves the slot, not to every node). Different prefixes (applications,
-tenants) land on different slots and so spread over the shards; one prefix is served by one
-shard (and its replicas).
+Layout (see :class:`~cancelkit.redis._config.Keys`). The keys of a prefix are spread over
+``slot_groups`` hash tags; every script touches the keys of one group, including the keys it
+computes (a holder's ``#c`` key, a worker's liveness key in that group), and ``SPUBLISH``-es
+on the workers' channels of that group (every worker subscribes in every group). Only a
+worker's inbox lives in the worker's own group; a script that cannot write it returns the
+line and the caller writes it. The Lua is the same as on a single server; only ``PUBLISH``
+becomes ``SPUBLISH`` (a message then goes to the one shard that serves the slot, not to every
+node). With one group (``slot_groups=1``, or a prefix with braces) everything is in one slot,
+as on a single server.
 
 Client. coredis's :class:`~coredis.RedisCluster`, found by asking the URL's node (``INFO
 cluster``); it follows ``MOVED`` and ``ASK`` and reloads the layout after connection errors.
@@ -255,12 +256,14 @@ class ShardedSubscription(coredis.patterns.pubsub.ShardedPubSub[str]):
 
 def subscription(
     client: coredis.Redis[str] | coredis.RedisCluster[str],
-    channel: str,
+    channels: list[str],
     *,
     timeout: float,
     heartbeat: float,
 ) -> AbstractAsyncContextManager[Any]:
-    """The pub/sub of ``channel``: sharded on a cluster, plain on a single server.
+    """The pub/sub of ``channels``: sharded on a cluster, plain on a single server.
+
+    Sharded: one connection to each shard that serves one of the channels.
 
     No retry policy (the listener resubscribes, and resyncs, itself); subscribe and
     unsubscribe messages are kept, so the listener sees a ``sunsubscribe`` from the server.
@@ -269,14 +272,14 @@ def subscription(
     if isinstance(client, coredis.RedisCluster):
         pubsub = ShardedSubscription(
             client.connection_pool,
-            channels=[channel],
+            channels=channels,
             retry_policy=NoRetryPolicy(),
             subscription_timeout=timeout,
             max_idle_seconds=heartbeat,
         )
     else:
         pubsub = client.pubsub(
-            channels=[channel],
+            channels=channels,
             retry_policy=NoRetryPolicy(),
             subscription_timeout=timeout,
             max_idle_seconds=heartbeat,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import binascii
 import math
 import re
+import zlib
 from dataclasses import dataclass
 from typing import final
 from urllib.parse import urlsplit
 
-__all__ = ["Keys", "Settings", "check_url"]
+__all__ = ["Keys", "Settings", "check_url", "key_slot"]
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
 _HASH_TAG = re.compile(r"^[^{]*\{[^}]+\}")  # Redis hashes only what the first {...} holds
@@ -66,6 +68,7 @@ class Settings:
     poll_interval: float
     seq_ttl: float = 60.0
     max_seq_keys: int = 10_000
+    slot_groups: int = 16
 
     @classmethod
     def validate(
@@ -84,6 +87,7 @@ class Settings:
         poll_interval: float,
         seq_ttl: float = 60.0,
         max_seq_keys: int = 10_000,
+        slot_groups: int = 16,
     ) -> Settings:
         """Check every option; raise :exc:`ValueError` naming the first bad one."""
         check_url(url)
@@ -111,6 +115,8 @@ class Settings:
                 raise ValueError(f"{name} must be an int >= 1, not {count!r}")
         if max_seq_keys < 1:
             raise ValueError(f"max_seq_keys must be an int >= 1, not {max_seq_keys!r}")
+        if not 1 <= slot_groups <= 1024:
+            raise ValueError(f"slot_groups must be an int from 1 to 1024, not {slot_groups!r}")
         return cls(
             url,
             prefix,
@@ -125,6 +131,7 @@ class Settings:
             float(poll_interval),
             float(seq_ttl),
             max_seq_keys,
+            slot_groups,
         )
 
     @property
@@ -148,71 +155,141 @@ class Settings:
         return str(math.ceil(self.tombstone_ttl * 1000))
 
 
+def key_slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key`` (CRC16/XMODEM of its hash tag, mod 16384)."""
+    data = key.encode()
+    start = data.find(b"{")
+    if start >= 0:
+        end = data.find(b"}", start + 1)
+        if end > start + 1:
+            data = data[start + 1 : end]
+    return binascii.crc_hqx(data, 0) % 16384
+
+
+def _group_tag(prefix: str, group: int, groups: int) -> str:
+    """The hash tag of slot group ``group``: ``{prefix:group}``, with a suffix if needed.
+
+    Its slot lies in the group's share of the slot range, so that the groups spread evenly
+    over shards that own contiguous slot ranges (what ``redis-cli --cluster create`` makes).
+    """
+    n = 0
+    while True:
+        tag = "{" + (f"{prefix}:{group}" if n == 0 else f"{prefix}:{group}.{n}") + "}"
+        if key_slot(tag) * groups // 16384 == group:
+            return tag
+        n += 1
+
+
 @final
 class Keys:
     """Key and channel names (see :mod:`cancelkit.redis._scripts` for the schema).
 
+    Every name starts with a *base*. On a single server the base is the prefix. On a Redis
+    Cluster the prefix's key space is split into ``slot_groups`` groups, each with its own
+    hash tag ``{prefix:g}``: a registration goes to the group of its operation id (so all
+    owners' registrations of one id share a slot), a latest-only key to the group of the
+    key, a worker's inbox to the group of the worker's id; a worker has a channel and a
+    liveness key in every group, and the counted sets (tombstones, remembered sequence
+    numbers) and the generation counter exist once per group. Every script touches the keys
+    of one group and publishes on the channels of that group; only the inbox of a worker of
+    another group is written by the caller, in a second call (:attr:`spread`). A prefix that
+    holds braces, or ``slot_groups=1``, keeps every key under one hash tag (one slot).
+
     ``worker`` is set while the backend runs (a new id at every start).
     """
 
-    __slots__ = ("channel_prefix", "prefix", "worker")
+    __slots__ = ("_bases", "prefix", "worker")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.channel_prefix = f"{prefix}:w:"
+        self._bases = [prefix]
         self.worker = ""
 
-    def use_hash_tag(self) -> None:
-        """Put every key and channel in one slot of a Redis Cluster: ``{prefix}``.
+    def use_cluster(self, slot_groups: int) -> None:
+        """Name keys for a Redis Cluster: ``slot_groups`` hash tags, or one (see the class)."""
+        prefix = self.prefix
+        if "{" in prefix or "}" in prefix:
+            # a hash tag of its own ({...} with something inside) is kept; otherwise wrapped
+            self._bases = [prefix if _HASH_TAG.search(prefix) else "{" + prefix + "}"]
+        elif slot_groups == 1:
+            self._bases = ["{" + prefix + "}"]
+        else:
+            self._bases = [_group_tag(prefix, g, slot_groups) for g in range(slot_groups)]
 
-        A prefix that has a hash tag already (``{...}`` with something inside) is kept.
+    @property
+    def groups(self) -> int:
+        """How many slot groups the keys are spread over (1 on a single server)."""
+        return len(self._bases)
+
+    @property
+    def spread(self) -> bool:
+        """Whether keys are in several slot groups.
+
+        Scripts then publish in their own group but leave the inbox line of a worker of
+        another group to the caller (``>W line`` in their replies).
         """
-        if not _HASH_TAG.search(self.prefix):
-            self.prefix = "{" + self.prefix + "}"
-            self.channel_prefix = f"{self.prefix}:w:"
+        return len(self._bases) > 1
 
-    def __call__(self, kind: str, name: str) -> str:
-        """The key ``<prefix>:<kind>:<name>``."""
-        return f"{self.prefix}:{kind}:{name}"
+    def share(self, limit: int) -> int:
+        """A fleet-wide count limit's share per slot group (the limit on a single server)."""
+        return -(-limit // len(self._bases))
 
-    @property
-    def channel(self) -> str:
-        """This worker's channel."""
-        return self.channel_prefix + self.worker
+    def base(self, entity: str) -> str:
+        """The start of every key of ``entity`` (an operation id, a key, a worker id)."""
+        bases = self._bases
+        if len(bases) == 1:
+            return bases[0]
+        return bases[zlib.crc32(entity.encode(errors="surrogatepass")) % len(bases)]
 
-    @property
-    def alive(self) -> str:
-        """This worker's liveness key."""
-        return f"{self.prefix}:a:{self.worker}"
+    def __call__(self, kind: str, name: str, entity: str | None = None) -> str:
+        """The key ``<base>:<kind>:<name>``, in the group of ``entity`` (default: ``name``)."""
+        return f"{self.base(name if entity is None else entity)}:{kind}:{name}"
 
-    @property
-    def alive_prefix(self) -> str:
-        """The start of every worker's liveness key."""
-        return f"{self.prefix}:a:"
+    def channels(self) -> list[str]:
+        """This worker's channels: one per slot group (one on a single server)."""
+        return [f"{base}:w:{self.worker}" for base in self._bases]
 
-    @property
-    def tombstones(self) -> str:
-        """The sorted set of live tombstones (for the limit)."""
-        return f"{self.prefix}:tz"
+    def channel_prefix(self, entity: str) -> str:
+        """The start of every worker's channel in the group of ``entity``."""
+        return f"{self.base(entity)}:w:"
+
+    def alive(self, entity: str | None = None) -> str:
+        """This worker's liveness key in the group of ``entity`` (its own by default)."""
+        return f"{self.alive_prefix(entity)}{self.worker}"
+
+    def alive_prefix(self, entity: str | None = None) -> str:
+        """The start of every worker's liveness key in the group of ``entity``."""
+        return f"{self.base(self.worker if entity is None else entity)}:a:"
+
+    def tombstones(self, entity: str) -> str:
+        """The sorted set of live tombstones of ``entity``'s group (for the limit)."""
+        return f"{self.base(entity)}:tz"
 
     def inbox(self, worker: str | None = None) -> str:
         """A worker's inbox (this worker's by default)."""
-        return f"{self.prefix}:in:{self.worker if worker is None else worker}"
+        worker = self.worker if worker is None else worker
+        return f"{self.base(worker)}:in:{worker}"
 
     @property
     def inbox_prefix(self) -> str:
-        """The start of every worker's inbox key."""
-        return f"{self.prefix}:in:"
+        """The start of every worker's inbox key, for scripts.
 
-    @property
-    def sequences(self) -> str:
-        """The sorted set of released keys whose sequence number is remembered (for the limit)."""
-        return f"{self.prefix}:sz"
+        ``""`` when keys are spread: the caller writes the inbox (see :attr:`spread`).
+        """
+        return "" if self.spread else f"{self._bases[0]}:in:"
 
-    @property
-    def generations(self) -> str:
-        """The generation counter."""
-        return f"{self.prefix}:gen"
+    def sequences(self, entity: str) -> str:
+        """The released keys of ``entity``'s group whose sequence number is remembered."""
+        return f"{self.base(entity)}:sz"
+
+    def generations(self, entity: str) -> str:
+        """The generation counter of ``entity``'s group."""
+        return f"{self.base(entity)}:gen"
+
+    def message(self, line: str, lease_ms: str) -> tuple[str, list[str], list[str]]:
+        """The call that writes a script's ``>W LINE`` reply line to worker W's inbox."""
+        worker, _, text = line[1:].partition(" ")
+        return ("INBOX", [self.inbox(worker)], [text, lease_ms])
 
     def me(self, holder: str) -> str:
         """How scripts name one of this worker's holders: ``"W H"``."""

@@ -318,7 +318,11 @@ class Connection:
             self.defer(script, keys, args)
 
     def defer(self, script: str, keys: list[str], args: list[str]) -> None:
-        """Queue an idempotent cleanup script for the background (never blocks)."""
+        """Queue an idempotent cleanup script, or an inbox write, for the background.
+
+        Never blocks. A queued call that fails is retried until it succeeds; an inbox line
+        that never arrives is found by its worker's resync, which re-reads the state.
+        """
         self._cleanup.append((script, keys, args))
         if self._wake is not None:
             self._wake.set()

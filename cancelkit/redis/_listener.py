@@ -93,7 +93,7 @@ class Listener:
             try:
                 async with subscription(
                     client,
-                    self._keys.channel,
+                    self._keys.channels(),
                     timeout=settings.timeout,
                     heartbeat=settings.heartbeat,
                 ) as pubsub:

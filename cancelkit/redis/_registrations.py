@@ -56,8 +56,14 @@ class Registrations:
         return len(self._by_holder)
 
     def _reg_keys(self, reg_name: str, id: str) -> list[str]:
-        k = self._keys
-        return [k("r", reg_name), k("t", reg_name), k("f", reg_name), k.tombstones, k("i", id)]
+        k = self._keys  # every key of an operation id lives in the id's slot group
+        return [
+            k("r", reg_name, id),
+            k("t", reg_name, id),
+            k("f", reg_name, id),
+            k.tombstones(id),
+            k("i", id),
+        ]
 
     async def register(
         self, id: str, owner: str | None, holder: str, callback: Deliver
@@ -114,7 +120,7 @@ class Registrations:
         k = self._keys
         return (
             "UNREGISTER",
-            [k("r", reg.name), k("f", reg.name), k("i", reg.id)],
+            [k("r", reg.name, reg.id), k("f", reg.name, reg.id), k("i", reg.id)],
             [k.me(reg.holder), self._settings.tombstone_ms],
         )
 
@@ -136,9 +142,11 @@ class Registrations:
         self._conn.client  # noqa: B018 - raises if not running
         name = _name(id, owner)
         settings, k = self._settings, self._keys
-        per_owner = str(settings.max_tombstones_per_owner)  # None counts as one owner ("-")
-        owner_set = f"{k.tombstones}:-" if owner is None else f"{k.tombstones}:{len(owner)}:{owner}"
-        call = k("co", secrets.token_urlsafe(12))  # a retry of this call answers the same
+        # the limits are checked per slot group (each group gets its share; see Keys)
+        per_owner = str(k.share(settings.max_tombstones_per_owner))  # None: one owner ("-")
+        tombstones = k.tombstones(id)
+        owner_set = f"{tombstones}:-" if owner is None else f"{tombstones}:{len(owner)}:{owner}"
+        call = k("co", secrets.token_urlsafe(12), id)  # a retry of this call answers the same
         try:
             result = await self._conn.run(
                 "CANCEL",
@@ -146,8 +154,8 @@ class Registrations:
                 [
                     dump(reason),
                     settings.tombstone_ms,
-                    str(settings.max_tombstones),
-                    k.channel_prefix,
+                    str(k.share(settings.max_tombstones)),
+                    k.channel_prefix(id),
                     k.worker,
                     per_owner,
                     k.inbox_prefix,
@@ -164,8 +172,13 @@ class Registrations:
             return CancelOutcome.CANCELLED
         outcome = str(result[0])
         if outcome == "cancelled":
-            if result[1] == self._keys.worker and (reg := self._by_holder.get(str(result[2]))):
-                self._deliver(reg, load(str(result[3])))
+            worker, holder, text = str(result[1]), str(result[2]), str(result[3])
+            if worker == k.worker:
+                if reg := self._by_holder.get(holder):
+                    self._deliver(reg, load(text))
+            elif k.spread:  # published; the inbox is in the worker's group: written in the
+                # background (the caller does not wait for the bounded path)
+                self._conn.defer(*k.message(f">{worker} c {holder} {text}", settings.lease_ms))
             return CancelOutcome.CANCELLED
         if outcome == "full":
             limit = str(result[1])
@@ -198,14 +211,22 @@ class Registrations:
         Always runs at least one script (it refreshes this worker's liveness key).
         """
         k = self._keys
-        entries = [r for r in self._by_holder.values() if r.synced]
+        groups: dict[str, list[_Reg]] = {}
+        for reg in self._by_holder.values():
+            if reg.synced:  # one script per slot group (its keys share a slot)
+                groups.setdefault(k.base(reg.id), []).append(reg)
+        chunks = [
+            group[start : start + _CHUNK]
+            for group in groups.values()
+            for start in range(0, len(group), _CHUNK)
+        ]
         lines: list[str] = []
-        for start in range(0, max(len(entries), 1), _CHUNK):
-            chunk = entries[start : start + _CHUNK]
-            keys = [k.alive, k.tombstones]
+        for chunk in chunks or [[]]:
+            entity = chunk[0].id if chunk else k.worker
+            keys = [k.alive(entity), k.tombstones(entity)]
             args = [k.worker, self._settings.lease_ms]
             for reg in chunk:
-                keys += [k("r", reg.name), k("t", reg.name)]
+                keys += [k("r", reg.name, reg.id), k("t", reg.name, reg.id)]
                 args += [reg.holder, k("i", reg.id)]
             result = await self._conn.run("SYNC_REGISTRATIONS", keys, args, force=force)
             lines += map(str, result)

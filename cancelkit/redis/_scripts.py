@@ -3,7 +3,10 @@
 The LatestOnly scripts are in :mod:`cancelkit.redis._slot_scripts`.
 
 Keys (``P`` is the backend's prefix, ``N`` an owner-scoped operation name, ``W`` a worker id,
-``H`` a holder id; every key has a TTL):
+``H`` a holder id; every key has a TTL). On a Redis Cluster ``P`` is the hash tag of the slot
+group of the key's entity (:class:`~cancelkit.redis._config.Keys`): the operation id for the
+registry's keys, the worker for its inbox; the counted sets (``P:tz``, ``P:sz``), ``P:gen``,
+the liveness keys and the channels exist once per group.
 
 - ``P:r:N`` a registration, a hash: ``o`` = ``"W H"``, ``c`` = the first cancel reason (JSON)
   once the operation was cancelled; TTL: the lease, refreshed by the heartbeat.
@@ -36,7 +39,7 @@ returned by the sync scripts):
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
+__all__ = ["CANCEL", "INBOX", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
 #: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
@@ -82,23 +85,39 @@ return 0
 #: inbox (the bounded path: the worker reads it on every reconnect and every poll). The inbox
 #: keeps the newest 1000 lines and lives for a lease after the last one.
 #: send(W, line, channel prefix, inbox prefix, lease ms); publish = false for this worker.
+#: On a cluster with keys spread over slot groups, the channel prefix is the one of the
+#: script's own group (every worker listens in every group) and the inbox prefix is '': the
+#: inbox is in the worker's group, another slot, so send returns false and the caller writes
+#: the inbox (INBOX).
 SEND = """
 local function send(w, line, channels, inboxes, lease, publish)
   if publish then redis.call('PUBLISH', channels .. w, line) end
+  if inboxes == '' then return false end
   local inbox = inboxes .. w
   redis.call('RPUSH', inbox, line)
   redis.call('LTRIM', inbox, -1000, -1)
   redis.call('PEXPIRE', inbox, lease)
+  return true
 end
+"""
+
+#: The inbox half of SEND, for a caller whose script could not write it (keys spread over
+#: slot groups: the worker's inbox is in the worker's group). KEYS: the worker's inbox.
+#: ARGV: the line, lease ms.
+INBOX = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -1000, -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 #: KEYS: reg, tomb, fin, tz, id-index, the owner's tombstone set, the outcome of this call.
 #: ARGV: reason, tombstone ttl ms, max tombstones, channel prefix, this worker, max tombstones
-#: per owner, inbox prefix, lease ms. An id running for another owner looks
-#: absent: 'not_found'. Idempotent: a retried call (same outcome key) answers what the
-#: first answered, even if the operation finished in between (never 'not_found' for a call
-#: that cancelled it). Returns {'cancelled', W, H, reason} | {'not_found'} | {'pending'} |
-#: {'full', option name}.
+#: per owner, inbox prefix ('' when keys are spread: the caller writes the inbox), lease ms.
+#: An id running for another owner looks absent: 'not_found'. Idempotent: a retried call
+#: (same outcome key) answers what the first answered, even if the operation finished in
+#: between (never 'not_found' for a call that cancelled it). Returns
+#: {'cancelled', W, H, reason} | {'not_found'} | {'pending'} | {'full', option name}.
 CANCEL = (
     SEND
     + """

@@ -167,7 +167,9 @@ if victim then
   redis.call('HSET', KEYS[1], victim, 's ' .. H)
   local w, h = split(victim)
   if w == W then out[#out + 1] = 's ' .. h .. ' ' .. H
-  else send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) end
+  elseif not send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) then
+    out[#out + 1] = '>' .. w .. ' s ' .. h .. ' ' .. H  -- the caller writes the inbox
+  end
 end
 for _, line in ipairs(mine) do out[#out + 1] = line end
 ttl(ARGV[7], ARGV[11])
@@ -218,25 +220,31 @@ return mine
 )
 
 #: KEYS: state, order. ARGV: W, H, liveness-key prefix, channel prefix, handover ('1'/'0').
-#: 1 if the holder's body may start (or the holder is unknown), else 0.
+#: {1, lines...} if the holder's body may start (or the holder is unknown), else {0, lines...};
+#: the lines are turns for this worker's holders (``t H``).
 TURN = (
     _SETTLE
     + """
 local me = ARGV[1] .. ' ' .. ARGV[2]
-if not redis.call('HGET', KEYS[1], me) then return 1 end
+if not redis.call('HGET', KEYS[1], me) then return {1} end
 local running, waiting, mine, order, state = settle(ARGV[1], ARGV[3], ARGV[4], false)
-if state[me] ~= 'r' then return 0 end
-if ARGV[5] == '0' then return 1 end
+local function reply(flag)
+  local out = {flag}
+  for _, line in ipairs(mine) do out[#out + 1] = line end
+  return out
+end
+if state[me] ~= 'r' then return reply(0) end
+if ARGV[5] == '0' then return reply(1) end
 local lim = tonumber(redis.call('HGET', KEYS[1], 'lim') or '1')
 local ahead = 0
 for _, m in ipairs(order) do
-  if m == me then return 1 end
+  if m == me then return reply(1) end
   if state[m] ~= 'w' then
     ahead = ahead + 1
-    if ahead >= lim then return 0 end
+    if ahead >= lim then return reply(0) end
   end
 end
-return 1
+return reply(1)
 """
 )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import final
+from typing import Any, final
 
 import anyio
 
@@ -95,7 +95,7 @@ class Slots:
         try:
             result = await self._conn.run(
                 "ACQUIRE",
-                [k("k", key), k("q", key), k.generations, k.alive, k.sequences],
+                [k("k", key), k("q", key), k.generations(key), k.alive(key), k.sequences(key)],
                 [
                     k.worker,
                     holder,
@@ -104,9 +104,9 @@ class Slots:
                     str(max_waiting),
                     "" if seq is None else str(seq),
                     settings.lease_ms,
-                    k.channel_prefix,
+                    k.channel_prefix(key),
                     str(max(86_400_000, 4 * int(settings.lease_ms))),
-                    k.alive_prefix,
+                    k.alive_prefix(key),
                     settings.state_ms,
                     k.inbox_prefix,
                 ],
@@ -131,14 +131,26 @@ class Slots:
         claim.generation = int(result[1])
         self._last_generation = max(self._last_generation, claim.generation)
         claim.synced = True
-        for line in result[2:]:  # this worker's claims it superseded or let run
-            kind, _, rest = str(line).partition(" ")
+        self._dispatch(result[2:])  # the claims it superseded or let run
+        return Acquired(admission, claim.generation)
+
+    def _dispatch(self, lines: list[Any]) -> None:
+        """Act on a script's message lines.
+
+        This worker's (``s H NEW``, ``t H``) here; other workers' (``>W ...``, only when keys
+        are spread over slot groups: published already) queued for their inboxes (written in
+        the background: the caller does not wait for the bounded path).
+        """
+        for line in map(str, lines):
+            if line.startswith(">"):
+                self._conn.defer(*self._keys.message(line, self._settings.lease_ms))
+                continue
+            kind, _, rest = line.partition(" ")
             other, _, source = rest.partition(" ")
             if kind == "s":
                 self.on_superseded(other, source)
             else:
                 self.on_turn(other)
-        return Acquired(admission, claim.generation)
 
     async def _acquire_locally(
         self, claim: _Claim, *, policy: SlotPolicy, limit: int, max_waiting: int, seq: int | None
@@ -199,21 +211,27 @@ class Slots:
         k, settings = self._keys, self._settings
         return (
             "RELEASE",
-            [k("k", key), k("q", key), k.sequences],
+            [k("k", key), k("q", key), k.sequences(key)],
             [
                 k.worker,
                 holder,
-                k.channel_prefix,
-                k.alive_prefix,
+                k.channel_prefix(key),
+                k.alive_prefix(key),
                 settings.lease_ms,
                 settings.seq_ms,
-                str(settings.max_seq_keys),
+                str(k.share(settings.max_seq_keys)),  # per slot group: its share
                 settings.state_ms,
             ],
         )
 
     async def _release_remote(self, key: str, holder: str) -> None:
-        await self._conn.run_or_defer(*self._release_call(key, holder))
+        call = self._release_call(key, holder)
+        try:
+            lines = await self._conn.run(*call)
+        except Down:
+            self._conn.defer(*call)
+            return
+        self._dispatch(lines)  # turns: waiters of other workers may run now
 
     async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""
@@ -225,11 +243,19 @@ class Slots:
                 return
             claim.turn = event = anyio.Event()
             try:
-                if await self._conn.run(
+                result = await self._conn.run(
                     "TURN",
                     [k("k", key), k("q", key)],
-                    [k.worker, holder, k.alive_prefix, k.channel_prefix, "1" if handover else "0"],
-                ):
+                    [
+                        k.worker,
+                        holder,
+                        k.alive_prefix(key),
+                        k.channel_prefix(key),
+                        "1" if handover else "0",
+                    ],
+                )
+                self._dispatch(result[1:])
+                if result[0]:
                     return
             except Down:
                 if not self._settings.fail_open:
@@ -287,18 +313,25 @@ class Slots:
     async def resync(self, *, force: bool = False) -> list[str]:
         """Refresh TTLs, re-assert lost claims; return the lines of claims superseded meanwhile."""
         k = self._keys
-        entries = [c for c in self._by_holder.values() if c.synced]
+        groups: dict[str, list[_Claim]] = {}
+        for claim in self._by_holder.values():
+            if claim.synced:  # one script per slot group (its keys share a slot)
+                groups.setdefault(k.base(claim.key), []).append(claim)
         lines: list[str] = []
-        for start in range(0, len(entries), _CHUNK):
-            chunk = entries[start : start + _CHUNK]
-            keys = [k.alive]
-            args = [k.worker, self._settings.lease_ms, self._settings.state_ms]
-            for claim in chunk:
-                keys += [k("k", claim.key), k("q", claim.key)]
-                args += [claim.holder, str(claim.generation)]
-            result = await self._conn.run("SYNC_CLAIMS", keys, args, force=force)
-            lines += map(str, result)
-            for claim in chunk:  # released while the script ran: clean up again
-                if claim.holder not in self._by_holder:
-                    await self._release_remote(claim.key, claim.holder)
+        for group in groups.values():
+            for start in range(0, len(group), _CHUNK):
+                lines += await self._resync_chunk(group[start : start + _CHUNK], force=force)
         return lines
+
+    async def _resync_chunk(self, chunk: list[_Claim], *, force: bool) -> list[str]:
+        k = self._keys
+        keys = [k.alive(chunk[0].key)]
+        args = [k.worker, self._settings.lease_ms, self._settings.state_ms]
+        for claim in chunk:
+            keys += [k("k", claim.key), k("q", claim.key)]
+            args += [claim.holder, str(claim.generation)]
+        result = await self._conn.run("SYNC_CLAIMS", keys, args, force=force)
+        for claim in chunk:  # released while the script ran: clean up again
+            if claim.holder not in self._by_holder:
+                await self._release_remote(claim.key, claim.holder)
+        return [str(line) for line in result]

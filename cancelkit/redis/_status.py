@@ -3,8 +3,10 @@
 Keys (``P`` is the prefix; ``N`` an owner-scoped name, ``-:<id>`` or ``<len>:<owner>:<id>``):
 
 - ``P:o:s:N`` — one status: ``"<r|e> <worker> <run> <json>"`` (``r`` running, ``e`` ended;
-  ``run`` tells one run of an id from the next). A running status lives ``lease + retention``
-  and is refreshed by its worker's heartbeat; an ended one lives ``retention``.
+  ``run`` tells one run of an id from the next). A running status is first written to live
+  ``lease`` (a start whose answer never came back, as in a pause, leaves nothing for longer),
+  then confirmed to ``lease + retention`` once the write answered, and refreshed by its
+  worker's heartbeat; an ended one lives ``retention``.
 - ``P:o:a:<worker>`` — the worker is alive; TTL ``lease``, refreshed every ``heartbeat``. A
   running status whose worker has no such key reads as ``lost``.
 - ``P:o:z`` — the ended statuses by end time, trimmed to ``max_retained`` (and by time).
@@ -114,22 +116,29 @@ return {value, 0}
 
 # KEYS: alive key, the running set, then per running operation: its status, its owner's set.
 # ARGV: lease ms, running ttl ms, this worker, expiry (now + lease, ms), limits on (1/0),
-#       then the operations' names.
+#       then per operation its name and its running value. A running status of this worker is
+#       refreshed; a missing one (Redis restarted empty, or lost it in a failover) is written
+#       again, for one lease (the next beat refreshes it if the operation still runs here).
 _BEAT = """
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 local mine = 'r ' .. ARGV[3] .. ' '
-local n = 5
+local n = 4
 for i = 3, #KEYS, 2 do
-  n = n + 1
+  n = n + 2
   local value = redis.call('GET', KEYS[i])
-  if value and string.sub(value, 1, #mine) == mine then
+  local ours = true
+  if not value then
+    redis.call('SET', KEYS[i], ARGV[n + 1], 'PX', ARGV[1])
+  elseif string.sub(value, 1, #mine) == mine then
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
-    if ARGV[5] == '1' then
-      redis.call('ZADD', KEYS[i + 1], ARGV[4], ARGV[n])
-      redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
-      redis.call('ZADD', KEYS[2], ARGV[4], ARGV[n])
-      redis.call('PEXPIRE', KEYS[2], ARGV[1])
-    end
+  else
+    ours = false
+  end
+  if ours and ARGV[5] == '1' then
+    redis.call('ZADD', KEYS[i + 1], ARGV[4], ARGV[n])
+    redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[n])
+    redis.call('PEXPIRE', KEYS[2], ARGV[1])
   end
 end
 return 1
@@ -344,7 +353,7 @@ class RedisStatusStore:
         self._max = max_retained
         self._worker: str | None = None
         # this worker's running operations: status key -> (name, the owner's running set)
-        self._local: dict[str, tuple[str, str]] = {}
+        self._local: dict[str, tuple[str, str, str]] = {}  # key -> name, owner set, value
         self._entered = 0  # nested entries (the application's and BackgroundOperations')
         # ended statuses whose write failed, retried by the heartbeat (the newest per key)
         self._pending: dict[str, tuple[list[str], list[str]]] = {}
@@ -433,20 +442,31 @@ class RedisStatusStore:
     async def _beat_once(self) -> None:
         keys = [self._alive, f"{self._prefix}:o:r"]
         names = []
-        for key, (name, owner_set) in self._local.items():
+        for key, (name, owner_set, value) in self._local.items():
             keys += [key, owner_set]
-            names.append(name)
+            names += [name, value]
         expiry = time.time_ns() // 1_000_000 + self._lease_ms
         args = [str(self._lease_ms), str(self._running_ms), str(self._worker), str(expiry)]
         args += ["1" if self._limited else "0", *names]
         await self._link.call("beat", keys, args)
+
+    async def _confirm(self, key: str, name: str, owner_set: str, value: str) -> None:
+        """Give a first running status its full TTL (the heartbeat does it if this fails)."""
+        expiry = str(time.time_ns() // 1_000_000 + self._lease_ms)
+        keys = [self._alive, f"{self._prefix}:o:r", key, owner_set]
+        args = [str(self._lease_ms), str(self._running_ms), str(self._worker), expiry]
+        try:
+            await self._link.call("beat", keys, [*args, "1" if self._limited else "0", name, value])
+        except RedisUnavailable as exc:
+            logger.debug("running status %s not confirmed yet (%s); the heartbeat will", key, exc)
 
     async def put(self, status: OperationStatus) -> None:
         """See :meth:`StatusStore.put <cancelkit.StatusStore.put>`.
 
         An ended status that cannot be written is kept (up to 10,000) and written by the
         heartbeat once Redis answers again, so an operation that ended during an outage does
-        not read as lost afterwards.
+        not read as lost afterwards. A new running status lives ``lease`` until its write
+        answered: one written late (after a timeout in a pause) is gone a lease later.
 
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
@@ -456,6 +476,7 @@ class RedisStatusStore:
         name = _name(status.id, status.owner)
         key = self._key(name)
         running = not status.state.ended
+        first = running and key not in self._local  # it lives one lease until confirmed
         run = _run_marker(status)
         text = json.dumps(status.to_json(), separators=(",", ":"))
         value = f"{'r' if running else 'e'} {status.worker or '-'} {run} {text}"
@@ -464,7 +485,7 @@ class RedisStatusStore:
         keys = [key, f"{self._prefix}:o:z", self._alive, owner_set, f"{self._prefix}:o:r"]
         args = [
             value,
-            str(self._running_ms if running else self._retention_ms),
+            str(self._lease_ms if first else self._running_ms if running else self._retention_ms),
             "r" if running else "e",
             run,
             str(self._max),
@@ -483,7 +504,9 @@ class RedisStatusStore:
                 raise RegistryFull("max_running_per_owner", self._max_running_per_owner or 0)
             if result == -2:
                 raise RegistryFull("max_running", self._max_running or 0)
-            self._local[key] = (name, owner_set)
+            self._local[key] = (name, owner_set, value)
+            if first:
+                await self._confirm(key, name, owner_set, value)
             return
         self._local.pop(key, None)
         self._pending.pop(key, None)  # this write supersedes an older failed one
