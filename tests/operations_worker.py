@@ -18,7 +18,7 @@ from cancelkit.redis import RedisBackend, RedisStatusStore
 
 async def main(url: str, prefix: str, id: str, owner: str) -> None:
     backend = RedisBackend(url, prefix=prefix, heartbeat=0.5, lease=5)
-    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=5)
+    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=6)  # backend's + 2 beats
     operations = BackgroundOperations(registry=TokenRegistry(backend=backend), store=store)
 
     async def export() -> None:

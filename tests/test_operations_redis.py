@@ -46,7 +46,7 @@ ROOT = Path(__file__).parent.parent
 async def worker(url: str, prefix: str, **options: Any) -> AsyncIterator[BackgroundOperations]:
     """One worker's BackgroundOperations on Redis (several may run in one test process)."""
     backend = RedisBackend(url, prefix=prefix, heartbeat=0.5, lease=5)
-    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=5)
+    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=6)  # backend's + 2 beats
     registry = TokenRegistry(backend=backend)
     async with backend, BackgroundOperations(registry=registry, store=store, **options) as ops:
         yield ops
@@ -172,7 +172,7 @@ async def test_statuses_live_in_keys_with_bounded_ttls(redis: Any) -> None:
 async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
     redis: Any, anyio_backend: str
 ) -> None:
-    """SIGKILL the worker: the status turns from running to lost (within the lease, 5 s)."""
+    """SIGKILL the worker: the status turns from running to lost (within the lease, 6 s)."""
     prefix = f"t{secrets.token_hex(6)}"
     command = [
         *(sys.executable, "-m", "tests.operations_worker"),
@@ -193,7 +193,7 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             assert status.state is OperationState.RUNNING
             assert status.worker == dead_worker
             alive_ttl = int(redis.command("PTTL", f"{prefix}:o:a:{dead_worker}")[1:])
-            assert 0 < alive_ttl <= 5_000  # the bound: the worker's lease
+            assert 0 < alive_ttl <= 6_000  # the bound: the worker's lease
             process.send_signal(signal.SIGKILL)
             with anyio.fail_after(30):
                 assert await process.wait() == -signal.SIGKILL
@@ -205,6 +205,19 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             assert lost.error.type_name == "WorkerLost"
             assert dead_worker in lost.error.message
             assert await reader.cancel("exp-9", owner="alice") is CancelOutcome.NOT_FOUND
+            # lost means the registration expired too: the id can be started again at once
+            retry = await stack.enter_async_context(worker(redis.url, prefix))
+            assert await retry.start(anyio.sleep_forever, id="exp-9", owner="alice") == "exp-9"
+            status = await retry.status("exp-9", owner="alice")
+            assert status is not None
+            assert status.state is OperationState.RUNNING
+
+
+def test_the_default_leases_agree() -> None:
+    """The store's default lease outlasts a default RedisBackend's registrations (lease + two
+    heartbeats of the store), so a status reading lost means its id can be started again."""
+    store, backend = RedisStatusStore(), RedisBackend()
+    assert store._lease_ms / 1000 >= backend._settings.lease + 2 * store._heartbeat
 
 
 async def test_an_unreachable_redis_is_a_clear_error() -> None:

@@ -232,6 +232,12 @@ class _Link:
             ) from exc
 
 
+#: The default lease: a status reads lost only once the registration of its operation in a
+#: RedisBackend with default settings (lease 10 s) has expired too, so a lost id can be
+#: started again at once.
+_DEFAULT_LEASE = 12.0
+
+
 def _validate(
     prefix: str,
     lease: float | None,
@@ -239,14 +245,14 @@ def _validate(
     limits: dict[str, int | None],
     **seconds: float,
 ) -> float:
-    """Check the options; return the lease (three heartbeats by default)."""
+    """Check the options; return the lease (12 s, or three heartbeats if longer, by default)."""
     if not _PREFIX.fullmatch(prefix):
         raise ValueError(f"prefix must be 1 to 64 characters without whitespace: {prefix!r}")
     for option, value in seconds.items():
         if not 0 < value < math.inf:
             raise ValueError(f"{option} must be seconds > 0, not {value!r}")
-    if lease is None:
-        lease = 3 * seconds["heartbeat"]
+    if lease is None:  # the RedisBackend's default lease (10 s) plus two heartbeats
+        lease = max(3 * seconds["heartbeat"], _DEFAULT_LEASE)
     if not 2 * seconds["heartbeat"] <= lease < math.inf:
         raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
     if max_retained < 1:
@@ -278,7 +284,7 @@ class RedisStatusStore:
     Every worker reads every status (per owner). An operation runs in the worker that started
     it; that worker refreshes a liveness key every ``heartbeat`` seconds. When it stops
     (killed, crashed, cut off from Redis for longer than ``lease``), its running operations
-    read as :attr:`~cancelkit.OperationState.LOST` at most ``lease`` seconds later, kept
+    read as :attr:`~cancelkit.OperationState.LOST` at most ``lease`` seconds (12) later, kept
     ``retention`` seconds more; an ended status is kept ``retention`` seconds and at most
     ``max_retained`` of them across the fleet (the oldest go first).
 
@@ -288,7 +294,8 @@ class RedisStatusStore:
         timeout: the bound, in seconds, on every Redis call (and on connecting).
         heartbeat: seconds between refreshes of this worker's liveness and running statuses.
         lease: seconds after its last heartbeat that a worker counts as gone; at least twice
-            ``heartbeat``; three heartbeats by default.
+            ``heartbeat``; 12 by default (or 3 heartbeats). At least the backend's ``lease``
+            plus 2 ``heartbeat``: then a ``lost`` id can be started again at once.
         retention: seconds an ended (or lost) status is kept.
         max_retained: the most ended statuses kept.
         max_running: the most operations running across the fleet (``None``: no fleet-wide
@@ -439,10 +446,10 @@ class RedisStatusStore:
     def _limited(self) -> bool:
         return self._max_running is not None or self._max_running_per_owner is not None
 
-    async def _beat_once(self) -> None:
+    async def _beat_once(self, local: dict[str, tuple[str, str, str]] | None = None) -> None:
         keys = [self._alive, f"{self._prefix}:o:r"]
         names = []
-        for key, (name, owner_set, value) in self._local.items():
+        for key, (name, owner_set, value) in (self._local if local is None else local).items():
             keys += [key, owner_set]
             names += [name, value]
         expiry = time.time_ns() // 1_000_000 + self._lease_ms
@@ -452,11 +459,8 @@ class RedisStatusStore:
 
     async def _confirm(self, key: str, name: str, owner_set: str, value: str) -> None:
         """Give a first running status its full TTL (the heartbeat does it if this fails)."""
-        expiry = str(time.time_ns() // 1_000_000 + self._lease_ms)
-        keys = [self._alive, f"{self._prefix}:o:r", key, owner_set]
-        args = [str(self._lease_ms), str(self._running_ms), str(self._worker), expiry]
         try:
-            await self._link.call("beat", keys, [*args, "1" if self._limited else "0", name, value])
+            await self._beat_once({key: (name, owner_set, value)})
         except RedisUnavailable as exc:
             logger.debug("running status %s not confirmed yet (%s); the heartbeat will", key, exc)
 
