@@ -177,25 +177,43 @@ def _as_dependency(func: Callable[..., Any], what: str) -> Callable[..., Any]:
 _SeqDependency = Callable[..., int | Awaitable[int | None] | None]
 
 
+def _seq_error(value: object, loc: tuple[str, ...]) -> RequestValidationError:
+    return RequestValidationError(
+        [
+            {
+                "type": "value_error",
+                "loc": loc,
+                "msg": f"the sequence number must be an int from 0 to 2**53, not {value!r}",
+                "input": value,
+            }
+        ]
+    )
+
+
 def _seq_from_header(name: str) -> Callable[..., Awaitable[int | None]]:
-    """A dependency reading the sequence number from header ``name`` (FastAPI validates it)."""
+    """A dependency reading the sequence number from header ``name``: ASCII digits only."""
 
     async def sequence_header(  # async: a sync dependency is a threadpool trip per request
         value: Annotated[
-            int | None,
+            str | None,
             Header(
                 alias=name,
-                ge=0,
-                le=_MAX_SEQ,
+                pattern=r"^[0-9]{1,16}$",  # no sign, no "1.0", no "5_000", no spaces
                 description=(
-                    "The client's own number for this request, increasing per key (a keystroke "
-                    "counter): a request whose number is not above the newest one seen is "
-                    "stale and answered 409 without running. Omit it to keep arrival order."
+                    "The client's own number for this request (decimal digits, at most 2**53), "
+                    "increasing per key (a keystroke counter): a request whose number is not "
+                    "above the newest one seen is stale and answered 409 without running. "
+                    "Omit it to keep arrival order."
                 ),
             ),
         ] = None,
     ) -> int | None:
-        return value
+        if value is None:
+            return None
+        seq = int(value)
+        if seq > _MAX_SEQ:
+            raise _seq_error(value, ("header", name))
+        return seq
 
     return sequence_header
 
@@ -213,16 +231,7 @@ def _checked_seq(seq: _SeqDependency) -> Callable[..., Any]:
             isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_SEQ
         ):
             return value
-        raise RequestValidationError(
-            [
-                {
-                    "type": "value_error",
-                    "loc": ("seq",),
-                    "msg": f"the sequence number must be an int from 0 to 2**53, not {value!r}",
-                    "input": value,
-                }
-            ]
-        )
+        raise _seq_error(value, ("seq",))
 
     return sequence
 

@@ -122,10 +122,10 @@ def test_two_workers_on_redis_run_only_the_newer(redis: RedisServer) -> None:
 
 
 def test_a_malformed_sequence_is_a_422_naming_the_header() -> None:
-    """X-Sequence must be an int from 0 to 2**53; anything else is a 422 that names it."""
+    """X-Sequence must be decimal digits up to 2**53; anything else is a 422 that names it."""
     with uvicorn_workers(1, {"CANCELKIT_REDIS_URL": ""}) as by_worker:
         (client, _) = by_worker.values()
-        for header in ("soon", "-1", "9007199254740993"):
+        for header in ("soon", "-1", "9007199254740993", "1.0", "+5", "5_000", "1e3", "0x10"):
             response = client.get("/search", params={"q": "x"}, headers={"X-Sequence": header})
             assert response.status_code == 422
             assert response.json()["detail"][0]["loc"] == ["header", "X-Sequence"]

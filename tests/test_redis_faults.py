@@ -30,6 +30,7 @@ import coredis
 import pytest
 
 from cancelkit import (
+    CancelKind,
     CancelOutcome,
     LatestOnly,
     OperationCancelled,
@@ -267,23 +268,17 @@ async def test_pause_write_with_an_outer_cancel(server: RedisServer, prefix: str
         await check_recovered(server, [a, b], outcomes, keys=["paused"], ids=["paused-op"])
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known bug, open in issue 11: under CPU load (about 1 run in 3 with both cores busy) "
-        "about 10 of 200 operations on the fail-open backend are neither cancelled nor "
-        "running after cancel() answered PENDING; they leave the registry without their "
-        "token being cancelled and never end (found by the lead's final run)"
-    ),
-)
 async def test_client_kill_every_20ms_during_a_200_operation_race(
     server: RedisServer, prefix: str
 ) -> None:
-    """Normal and pub/sub connections killed every 20 ms: every cancel reaches its operation."""
+    """Normal and pub/sub connections killed every 20 ms: every operation whose cancel answered
+    CANCELLED or PENDING stops, and no cancel of a running operation answers NOT_FOUND."""
     async with two_backends(server, prefix) as backends, raw(server) as client:
         registries = [TokenRegistry(backend=b) for b in backends]
         outcomes = Outcomes()
         ended: list[int] = []
+        refused: set[int] = set()  # RedisUnavailable from the fail-closed backend: never ran
+        answers: dict[int, str] = {}
         stop = anyio.Event()
 
         async def killer() -> None:
@@ -302,13 +297,15 @@ async def test_client_kill_every_20ms_during_a_200_operation_race(
                 ended.append(i)
             except DOCUMENTED as exc:  # RedisUnavailable from the fail-closed backend
                 outcomes.seen[type(exc).__name__] += 1
+                refused.add(i)
                 ended.append(i)
                 task_status.started()
 
         async def cancel(i: int) -> None:
             try:
-                await registries[(i + 1) % 2].cancel(f"race{i}")
+                answers[i] = str(await registries[(i + 1) % 2].cancel(f"race{i}"))
             except RedisUnavailable:  # documented; then the operation is stopped here
+                answers[i] = "unavailable"
                 outcomes.seen["RedisUnavailable"] += 1
                 for scope in scopes.pop(i, ()):
                     scope.cancel()
@@ -322,14 +319,24 @@ async def test_client_kill_every_20ms_during_a_200_operation_race(
             if scope.cancelled_caught:
                 ended.append(i)
 
-        with anyio.fail_after(40):
+        with anyio.fail_after(100):  # no hang (a loaded box registers 200 slowly under kills)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(killer)
                 for i in range(200):
                     await tg.start(guarded, i)
                     tg.start_soon(cancel, i)
-                await wait_for(lambda: len(ended) == 200, limit=30)
+                with suppress(TimeoutError):
+                    await wait_for(lambda: len(ended) == 200, limit=30)
+                stuck = {f"race{i}": answers.get(i) for i in range(200) if i not in ended}
+                statistics = [b.statistics() for b in backends]
                 stop.set()
+                if stuck:  # end them, so that the failure below says which
+                    tg.cancel_scope.cancel()
+        assert not stuck, f"never stopped (id: its cancel's answer): {stuck}; {statistics}"
+        not_found = {
+            f"race{i}" for i, a in answers.items() if a == "not_found" and i not in refused
+        }
+        assert not not_found, ("a cancel of a running operation answered NOT_FOUND", not_found)
         await check_recovered(server, backends, outcomes)
 
 
@@ -411,6 +418,150 @@ async def test_script_flush_mid_run(server: RedisServer, prefix: str) -> None:
         await traffic(backends, outcomes, "after")
         assert set(outcomes.seen) <= {"ok", "OperationCancelled", "SlotBusy"}, outcomes.seen
         await check_recovered(server, backends, outcomes)
+
+
+# -- a partitioned link -------------------------------------------------------------------
+
+
+class Gate:
+    """Open or closed; bytes that meet a closed gate wait (as in a network partition)."""
+
+    def __init__(self) -> None:
+        self._open = anyio.Event()
+        self._open.set()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        if self._open.is_set():
+            self._open = anyio.Event()
+
+    async def wait(self) -> None:
+        while not self._open.is_set():
+            await self._open.wait()
+
+
+class Link:
+    """A TCP proxy between one backend and the server whose two directions can be cut.
+
+    ``requests`` carries client to server, ``replies`` server to client; a cut holds the
+    bytes (the connections stay open); :meth:`sever` closes every connection made so far
+    (what was held is lost) and opens both gates.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.requests = Gate()
+        self.replies = Gate()
+        self._scopes: set[anyio.CancelScope] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def serve(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._connection)
+
+    def sever(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        self.requests.open()
+        self.replies.open()
+
+    async def _connection(self, client: anyio.abc.SocketStream) -> None:
+        async with client:
+            with anyio.CancelScope() as scope:
+                self._scopes.add(scope)
+                try:
+                    async with (
+                        await anyio.connect_tcp("127.0.0.1", self.target) as server,
+                        anyio.create_task_group() as tg,
+                    ):
+                        tg.start_soon(self._pipe, client, server, self.requests, tg.cancel_scope)
+                        tg.start_soon(self._pipe, server, client, self.replies, tg.cancel_scope)
+                finally:
+                    self._scopes.discard(scope)
+
+    @staticmethod
+    async def _pipe(
+        source: anyio.abc.SocketStream,
+        sink: anyio.abc.SocketStream,
+        gate: Gate,
+        both: anyio.CancelScope,
+    ) -> None:
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            async for chunk in source:
+                await gate.wait()
+                await sink.send(chunk)
+        both.cancel()  # one side closed: close the other
+
+
+async def test_a_cancel_taken_by_a_resync_whose_reply_is_lost_survives_the_lease(
+    server: RedisServer, prefix: str
+) -> None:
+    """A fail-open worker's resync takes a tombstone (cancel answered PENDING) but its reply
+    is lost, and the registration's lease lapses before the next resync: the operation
+    still stops once the worker is back (the reason outlives the lease, as the tombstone
+    would have)."""
+    link = Link(server.port)
+    registration, tombstone = f"{prefix}:r:-:op", f"{prefix}:t:-:op"
+    async with anyio.create_task_group() as tg:
+        await tg.start(link.serve)
+        async with (
+            RedisBackend(link.url, prefix=prefix, fail_open=True, **OPTIONS) as a,
+            RedisBackend(server.url, prefix=prefix, fail_open=False, **OPTIONS) as b,
+            raw(server) as client,
+        ):
+            running, stopped = anyio.Event(), anyio.Event()
+            reasons: list[CancelKind] = []
+
+            async def operation() -> None:
+                try:
+                    async with TokenRegistry(backend=a).track("op"):
+                        running.set()
+                        await anyio.sleep_forever()
+                except OperationCancelled as exc:
+                    reasons.append(exc.reason.kind)
+                    stopped.set()
+
+            tg.start_soon(operation)
+            await running.wait()
+            await wait_for(lambda: a.statistics().registrations == 1)
+
+            async def exists(key: str) -> bool:
+                return bool(await client.exists([key]))
+
+            async def until(predicate: Callable[[], Awaitable[bool]]) -> None:
+                with anyio.fail_after(15):  # the server's state: no event to wait on
+                    while not await predicate():  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+
+            await until(lambda: exists(registration))
+            link.requests.close()  # A is cut off: its calls time out, its lease lapses
+            link.replies.close()
+            await until(lambda: _not(exists(registration)))
+            assert await TokenRegistry(backend=b).cancel("op") is CancelOutcome.PENDING
+            link.requests.open()  # A's resync runs on the server; its reply is held
+            await until(lambda: _not(exists(tombstone)))
+            assert await client.hget(registration, "c") is not None  # taken by A's resync
+            link.requests.close()  # cut off again until the lease lapses once more
+            await until(lambda: _not(exists(registration)))
+            assert not stopped.is_set()  # A never heard of the cancel
+            link.sever()  # back, with fresh connections
+            with anyio.fail_after(15):  # A resyncs within a heartbeat or two; or never (the bug)
+                await stopped.wait()
+            assert reasons == [CancelKind.REQUESTED]
+        tg.cancel_scope.cancel()
+
+
+async def _not(value: Awaitable[bool]) -> bool:
+    return not await value
 
 
 # -- two processes ------------------------------------------------------------------------

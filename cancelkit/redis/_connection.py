@@ -176,8 +176,8 @@ class Connection:
     The error model: every failure of a call (an error reply such as BUSY, READONLY, OOM or
     NOSCRIPT, a lost or closed connection, a timeout) is retried every 10 ms while it can
     succeed, within ``timeout`` for the whole call (while Redis is marked down: one attempt,
-    also bounded by ``timeout``). A call that still fails marks Redis down
-    (logged once), calls ``on_down`` (the listener resubscribes) and raises :exc:`Down`,
+    also bounded by ``timeout``). A call that still fails marks Redis down (logged once;
+    on that change only, ``on_down``: the listener resubscribes) and raises :exc:`Down`,
     which the callers turn into :exc:`RedisUnavailable` or their fail-open path; the
     listener marks Redis up again once it has resubscribed and resynced. Every script is
     idempotent, so a retry of a call that did take effect changes nothing.
@@ -353,16 +353,23 @@ class Connection:
             await anyio.sleep(retry_delay)
 
     def mark_down(self, exc: BaseException) -> None:
-        """Record that Redis did not answer (logged once per outage)."""
-        if self.up:
-            self.up = False
-            self.failures += 1
-            mode = "running on local state" if self._fail_open else "refusing new work"
-            logger.warning(
-                "Redis at %s is unreachable (%s); %s until it is back",
-                redact(self._url),
-                leaf(exc),
-                mode,
-            )
+        """Record that Redis did not answer (logged once per outage).
+
+        ``on_down`` (the listener resubscribes) is called when Redis *becomes* unreachable,
+        not at every failure while it is: the listener is then already recovering, and
+        cancelling its recovery at every failed call (the cleaner retries every
+        ``retry_delay``) would keep it from ever completing while connections churn.
+        """
+        if not self.up:
+            return
+        self.up = False
+        self.failures += 1
+        mode = "running on local state" if self._fail_open else "refusing new work"
+        logger.warning(
+            "Redis at %s is unreachable (%s); %s until it is back",
+            redact(self._url),
+            leaf(exc),
+            mode,
+        )
         if self.on_down is not None:
             self.on_down()

@@ -170,13 +170,17 @@ class Listener:
             await self._conn.command(lambda client: client.ltrim(inbox, count, -1), force=force)
 
     async def resync(self, *, force: bool = False) -> None:
-        """Retry lost cleanups, refresh liveness and TTLs, deliver lost cancellations."""
+        """Refresh liveness and TTLs, deliver lost cancellations, then retry lost cleanups.
+
+        Deliveries first: a queue of cleanups that fail one by one (connections churning)
+        must not hold back the cancellations of running work.
+        """
         self.resyncs += 1
-        await self._conn.drain(force=force)
         for line in await self._registrations.resync(force=force):
             self.on_line(line)
         for line in await self._slots.resync(force=force):
             self.on_line(line)
+        await self._conn.drain(force=force)
 
     def on_line(self, line: str) -> None:
         """Dispatch a message line (see :mod:`cancelkit.redis._scripts`)."""

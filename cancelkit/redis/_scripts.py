@@ -12,6 +12,8 @@ the liveness keys and the channels exist once per group.
   once the operation was cancelled; TTL: the lease, refreshed by the heartbeat.
 - ``P:r:N#c`` the cancel reason of a running registration, kept for the tombstone TTL, so a
   cancel survives even if the registration's lease lapsed before its worker heard of it.
+  Every script that records a cancel on a registration writes it: CANCEL, and REGISTER and
+  the resync when they take a tombstone (their reply, which tells the worker, can be lost).
 - ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker; TTL: tombstone TTL.
 - ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
   cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
@@ -196,6 +198,12 @@ for i = 0, n - 1 do
     if not t then
       t = redis.call('GET', k2)
       if t then
+        -- The reason outlives the lease, for as long as the tombstone would have: the reply
+        -- that carries it to the worker can be lost, and the lease can lapse before the
+        -- next resync (then the registration, and its 'c', are gone).
+        local ttl = redis.call('PTTL', k2)
+        if ttl <= 0 then ttl = lease end
+        redis.call('SET', k1 .. '#c', t, 'PX', ttl)
         redis.call('DEL', k2)
         redis.call('ZREM', KEYS[2], k2)
       end
