@@ -200,6 +200,17 @@ def defined_in_examples() -> set[str]:
     return names
 
 
+def produced_by_cancelkit() -> set[str]:
+    """Every string constant in cancelkit's code: values it produces (an error ``type``)."""
+    package = Path(cancelkit.__file__).parent
+    return {
+        node.value
+        for source in package.rglob("*.py")
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
+
 def _resolves(dotted: str) -> bool:
     import importlib
 
@@ -222,9 +233,10 @@ def _resolves(dotted: str) -> bool:
 def test_every_name_quoted_in_the_docs_exists(page: Path) -> None:
     """Every CamelCase name and `cancelkit.x` quoted in a page's prose exists.
 
-    It is cancelkit's, or an example defines or imports it, or the page defines it in a quoted
-    assignment (`CurrentUser = ...`), or it is a known outside name. (`CurrentUser` was once
-    used and never defined.) Names inside `{role}` references are checked by Sphinx (`-n`).
+    It is cancelkit's (a name, or a value it produces), or an example defines or imports it,
+    or the page defines it in a quoted assignment (`CurrentUser = ...`), or it is a known
+    outside name. (`CurrentUser` was once used and never defined.) Names inside `{role}`
+    references are checked by Sphinx (`-n`).
     """
     public = {
         *cancelkit.__all__,
@@ -234,7 +246,7 @@ def test_every_name_quoted_in_the_docs_exists(page: Path) -> None:
     }
     spans = quoted(page)
     on_page = {m for span in spans for m in re.findall(r"^([A-Z]\w*)\s*=", span)}
-    known = public | defined_in_examples() | on_page | EXTERNAL
+    known = public | defined_in_examples() | produced_by_cancelkit() | on_page | EXTERNAL
     for span in spans:
         for dotted in re.findall(r"\bcancelkit(?:\.\w+)+", span):
             assert _resolves(dotted), f"{page.name}: `{span}`: {dotted} does not exist"
