@@ -12,7 +12,8 @@ import anyio
 
 from ._reason import CancelKind, CancelReason, OperationCancelled
 from ._token import CancellationToken, TokenScope
-from .backends import Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
+from .backends import Acquired, Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
+from .backends._memory import _admit, _drop
 
 __all__ = ["Claim", "LatestOnly", "LatestOnlyStatistics", "Policy", "SlotBusy"]
 
@@ -176,6 +177,7 @@ class LatestOnly:
         "_handover",
         "_limit",
         "_max_waiting",
+        "_memory",
         "_policy",
         "_rejected",
         "_running",
@@ -211,6 +213,8 @@ class LatestOnly:
         self._debounce = debounce
         self._handover = handover_timeout
         self._backend: Backend = MemoryBackend() if backend is None else backend
+        # The in-memory backend never waits: claims call it without making coroutines.
+        self._memory = self._backend if type(self._backend) is MemoryBackend else None
         self._running = self._waiting = 0
         self._claimed = self._superseded = self._stale = self._rejected = 0
 
@@ -245,21 +249,7 @@ class LatestOnly:
 
         .. versionadded:: 0.1
         """
-        return self._hold(key, seq, False)
-
-    def _hold(self, key: str, seq: int | None, interrupt: bool) -> _Hold:
-        if not isinstance(key, str):
-            raise TypeError(f"key must be a str, not {type(key).__name__}")
-        if not 0 < len(key) <= _MAX_KEY:
-            raise ValueError(f"key must have 1 to {_MAX_KEY} characters, not {len(key)}")
-        if not key.isascii() and not _encodable(key):
-            raise ValueError(f"key {key!r} is not valid Unicode (a lone surrogate)")
-        if seq is not None:
-            if isinstance(seq, bool) or not isinstance(seq, int):
-                raise TypeError(f"seq must be an int or None, not {type(seq).__name__}")
-            if not 0 <= seq <= _MAX_SEQ:
-                raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
-        return _Hold(self, Claim(key, seq), interrupt)
+        return _Hold(self, key, seq, False)
 
     def claim(self, key: str, *, seq: int | None = None) -> AbstractAsyncContextManager[Claim]:
         """Claim ``key`` and run the block as one of its newest holders.
@@ -278,7 +268,7 @@ class LatestOnly:
             OperationCancelled: when the claim was stale, or superseded (before or while its
                 body ran), or its token was cancelled otherwise.
         """
-        return self._hold(key, seq, True)
+        return _Hold(self, key, seq, True)
 
     async def is_current(self, key: str, generation: int) -> bool:
         """Whether the claim with ``generation`` still runs on ``key`` (for fencing writes).
@@ -318,45 +308,78 @@ class _Hold:
 
     __slots__ = ("_claim", "_interrupt", "_scope", "_slot")
 
-    def __init__(self, slot: LatestOnly, claim: Claim, interrupt: bool) -> None:
+    def __init__(self, slot: LatestOnly, key: str, seq: int | None, interrupt: bool) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if not 0 < len(key) <= _MAX_KEY:
+            raise ValueError(f"key must have 1 to {_MAX_KEY} characters, not {len(key)}")
+        if not key.isascii() and not _encodable(key):
+            raise ValueError(f"key {key!r} is not valid Unicode (a lone surrogate)")
+        if seq is not None:
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise TypeError(f"seq must be an int or None, not {type(seq).__name__}")
+            if not 0 <= seq <= _MAX_SEQ:
+                raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
         self._slot = slot
-        self._claim = claim
+        self._claim = Claim(key, seq)
         self._interrupt = interrupt
         self._scope: TokenScope | None = None
 
     async def __aenter__(self) -> Claim:
         slot, claim = self._slot, self._claim
-        backend, key = slot._backend, claim.key
+        key, memory = claim.key, slot._memory
         slot._waiting += 1
         try:
-            acquired = await backend.acquire(
-                key,
-                claim.id,
-                claim.token.cancel,
-                policy=slot._policy,
-                limit=slot._limit,
-                max_waiting=slot._max_waiting,
-                seq=claim.seq,
-            )
+            if memory is not None:
+                acquired: Acquired | int = _admit(
+                    memory,
+                    key,
+                    claim.id,
+                    claim.token.cancel,
+                    slot._policy,
+                    slot._limit,
+                    slot._max_waiting,
+                    claim.seq,
+                )
+            else:
+                acquired = await slot._backend.acquire(
+                    key,
+                    claim.id,
+                    claim.token.cancel,
+                    policy=slot._policy,
+                    limit=slot._limit,
+                    max_waiting=slot._max_waiting,
+                    seq=claim.seq,
+                )
         except BaseException:
             slot._waiting -= 1
             raise
-        admission = acquired.admission
+        if isinstance(acquired, int):  # the in-memory backend's answer for a running claim
+            admission, generation = Admission.RUNNING, acquired
+        else:
+            admission, generation = acquired.admission, acquired.generation
         if admission is Admission.RUNNING or admission is Admission.WAITING:
+            claim.generation = generation
             slot._claimed += 1
-            claim.generation = acquired.generation
             queued = admission is Admission.WAITING
             try:
                 if queued or slot._debounce or slot._handover is not None:
                     await self._wait(queued)
                 if self._interrupt:
-                    scope = claim.token.scope()
-                    scope.__enter__()  # raises if the claim was superseded meanwhile
+                    # move_on(), which __aexit__ turns into OperationCancelled after releasing
+                    # the key (a scope() would raise it first, to be caught and raised again)
+                    if claim.token.cancelled:  # superseded meanwhile: the body never starts
+                        claim.token.raise_if_cancelled()
+                    scope = TokenScope(claim.token, swallow=True)
+                    scope.__enter__()
                     self._scope = scope
             except BaseException:
                 slot._waiting -= 1
                 self._count_superseded()
-                await backend.release(key, claim.id)  # completes even when cancelled
+                if memory is not None:
+                    _drop(memory, key, claim.id)
+                else:
+                    await slot._backend.release(key, claim.id)  # completes even when cancelled
                 raise
             slot._waiting -= 1
             slot._running += 1
@@ -364,6 +387,7 @@ class _Hold:
             return claim
         slot._waiting -= 1
         if admission is Admission.STALE:
+            assert isinstance(acquired, Acquired)
             slot._stale += 1
             slot._superseded += 1
             reason = CancelReason(
@@ -410,15 +434,31 @@ class _Hold:
         scope = self._scope
         if scope is not None:
             try:
-                scope.__exit__(exc_type, exc, tb)  # raises OperationCancelled if it stopped us
+                scope.__exit__(exc_type, exc, tb)
             except BaseException:
                 await self._release()
                 raise
-        await self._release()
+        slot, claim = self._slot, self._claim
+        slot._running -= 1
+        stopped = None if scope is None else scope.reason  # the claim's token stopped the block
+        reason = claim.token.reason if stopped is None else stopped
+        if reason is not None and reason.kind is CancelKind.SUPERSEDED:
+            slot._superseded += 1
+        memory = slot._memory
+        if memory is not None:
+            _drop(memory, claim.key, claim.id)
+        else:
+            await slot._backend.release(claim.key, claim.id)  # completes even when cancelled
+        if stopped is not None:
+            raise OperationCancelled(stopped) from None
         return False
 
     async def _release(self) -> None:
         slot, claim = self._slot, self._claim
         slot._running -= 1
         self._count_superseded()
-        await slot._backend.release(claim.key, claim.id)  # completes even when cancelled
+        memory = slot._memory
+        if memory is not None:
+            _drop(memory, claim.key, claim.id)
+        else:
+            await slot._backend.release(claim.key, claim.id)  # completes even when cancelled

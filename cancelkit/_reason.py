@@ -102,6 +102,32 @@ class CancelReason:
         return text
 
 
+_new = object.__new__
+_time = time.time
+# The slots' own setters: they skip the frozen dataclass's __setattr__ (as its __init__ does).
+_set_kind, _set_message, _set_source, _set_origin, _set_at = (
+    CancelReason.__dict__[name].__set__ for name in ("kind", "message", "source", "origin", "at")
+)
+
+
+def _fast_reason(
+    kind: CancelKind, source: str | None = None, origin: CancelReason | None = None
+) -> CancelReason:
+    """Return ``CancelReason(kind, source=source, origin=origin)`` for arguments known valid.
+
+    For cancelkit's own hot paths (a supersede, a plain ``cancel()``, a parent's relay): the
+    same value as the public constructor gives, without the dataclass ``__init__``, its
+    ``default_factory`` call and the checks of ``__post_init__`` (about half the cost).
+    """
+    reason: CancelReason = _new(CancelReason)
+    _set_kind(reason, kind)
+    _set_message(reason, _DEFAULT_MESSAGES[kind])
+    _set_source(reason, source)
+    _set_origin(reason, origin)
+    _set_at(reason, _time())
+    return reason
+
+
 class OperationCancelled(Exception):
     """Raised when work is stopped by a :class:`CancellationToken`.
 

@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar, cast, final
 import anyio
 import anyio.lowlevel
 
-from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._reason import CancelKind, CancelReason, OperationCancelled, _fast_reason
 
 __all__ = [
     "CallbackHandle",
@@ -70,9 +70,10 @@ def _this_loop() -> object | None:
     trio = sys.modules.get("trio")
     if trio is not None:
         try:
-            return cast(object, trio.lowlevel.current_trio_token())
+            loop = trio.lowlevel.current_trio_token()
         except RuntimeError:
-            pass
+            return None
+        return loop
     return None
 
 
@@ -91,23 +92,19 @@ class _Scope(Protocol):
 
 
 _asyncio_scope: Callable[..., _Scope] | None = None  # anyio's CancelScope class for asyncio
+# Whether a TokenScope must itself notice a Task.cancel() that asyncio folded into the token's
+# cancellation (see TokenScope.__exit__). anyio does it since 4.16 (its scope then records
+# Task.cancelling() on entry, in the slot named below), and the check is redundant there.
+_fold_check = True
 
 
-def _new_scope(loop: object, deadline: float) -> _Scope:
-    """Return ``anyio.CancelScope(deadline=deadline)`` for the running ``loop`` (see _this_loop).
-
-    Without detecting the event loop again (anyio does that on every ``CancelScope()``), and on
-    trio without anyio's wrapper: anyio's trio scope only forwards to ``trio.CancelScope``.
-    """
-    global _asyncio_scope
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        if _asyncio_scope is None:
-            _asyncio_scope = cast(Callable[..., _Scope], type(anyio.CancelScope()))
-        return _asyncio_scope(deadline=deadline)
-    trio = sys.modules.get("trio")
-    if loop is not None and trio is not None:
-        return cast(_Scope, trio.CancelScope(deadline=deadline))
-    return cast(_Scope, anyio.CancelScope(deadline=deadline))  # pragma: no cover - no loop
+def _asyncio_scope_class() -> Callable[..., _Scope]:
+    """Return anyio's ``CancelScope`` class for asyncio (called once, in a running loop)."""
+    global _asyncio_scope, _fold_check
+    cls = cast(Callable[..., _Scope], type(anyio.CancelScope()))
+    _fold_check = "_cancelling_at_enter" not in getattr(cls, "__slots__", ())
+    _asyncio_scope = cls
+    return cls
 
 
 def _call_soon(native: object, func: Callable[..., object], *args: object) -> None:
@@ -214,7 +211,7 @@ class _Link(weakref.ref["CancellationToken"]):
         child = self()
         if child is not None:
             child._poll()  # a deadline of the child's own that passed first wins
-            child._cancel(CancelReason(CancelKind.PARENT, origin=reason), token)
+            child._cancel(_fast_reason(CancelKind.PARENT, origin=reason), token)
 
 
 def _child_collected(ref: weakref.ref[CancellationToken]) -> None:
@@ -394,7 +391,8 @@ class CancellationToken:
     @property
     def cancelled(self) -> bool:
         """Whether the token is cancelled (a passed deadline counts)."""
-        self._poll()
+        if self._reason is None and self._effective_deadline < _INF:  # self._poll(), inlined
+            self._expire(time.monotonic())
         return self._reason is not None
 
     @property
@@ -403,7 +401,8 @@ class CancellationToken:
 
         This is the token's whole state in one read: a passed deadline is applied first.
         """
-        self._poll()
+        if self._reason is None and self._effective_deadline < _INF:  # self._poll(), inlined
+            self._expire(time.monotonic())
         return self._reason
 
     @property
@@ -464,13 +463,17 @@ class CancellationToken:
             TypeError: if ``reason`` is not a :class:`CancelReason`.
         """
         if reason is None:
-            reason = CancelReason(CancelKind.REQUESTED)
+            reason = _fast_reason(CancelKind.REQUESTED)
         elif not isinstance(reason, CancelReason):
             raise TypeError(f"reason must be a CancelReason or None, not {type(reason).__name__}")
-        self._poll()
+        if self._effective_deadline < _INF and self._reason is None:  # self._poll(), inlined
+            self._expire(time.monotonic())
         return self._cancel(reason, None)
 
     def _cancel(self, reason: CancelReason, by: CancellationToken | None) -> bool:
+        here: object = _UNKNOWN
+        local: list[_Node] = []  # taken here, so that nobody can unregister them: run now
+        remote: list[_Node] = []  # to run in their own event loop, if still registered then
         with _lock:
             if self._reason is not None:
                 return False
@@ -479,35 +482,38 @@ class CancellationToken:
                 self._rare = _Rare(by)
             links = self._links
             self._links = ()
-            waiters: list[_Node] = []
             node = self._head
             self._head = None
             while node is not None:
-                waiters.append(node)
                 nxt = node._next
                 node._prev = node._next = None
+                native = node._native
+                if native is not None:
+                    if here is _UNKNOWN:
+                        here = _get_running_loop()
+                        if here is None:
+                            here = _this_loop()
+                    if native is not here:
+                        remote.append(node)
+                        node = nxt
+                        continue
+                node._token = None  # taken (what _take does)
+                local.append(node)
                 node = nxt
         for link in links:  # done: no more relays from the tokens this one followed
             _take(link)
-        here: object = _UNKNOWN
+        for node in reversed(remote):  # in registration order
+            try:
+                _call_soon(node._native, self._run_later, node, reason)
+            except RuntimeError:  # that loop has finished: nobody is left to wake
+                if _take(node) is not None and isinstance(node, CallbackHandle):
+                    node._callback = None
         errors: list[tuple[_Node, Exception]] = []
-        for node in reversed(waiters):  # in registration order
-            native = node._native
-            if native is not None:
-                if here is _UNKNOWN:
-                    here = _this_loop()
-                if native is not here:
-                    try:
-                        _call_soon(native, self._run_later, node, reason)
-                    except RuntimeError:  # that loop has finished: nobody is left to wake
-                        if _take(node) is not None and isinstance(node, CallbackHandle):
-                            node._callback = None
-                    continue
-            if _take(node) is not None:
-                try:
-                    node._fire(self, reason)
-                except Exception as exc:
-                    errors.append((node, exc))
+        for node in reversed(local):  # in registration order
+            try:
+                node._fire(self, reason)
+            except Exception as exc:
+                errors.append((node, exc))
         if errors:
             self._record(errors)
         return True
@@ -549,14 +555,14 @@ class CancellationToken:
         if self._reason is not None or deadline == _INF or deadline > now:
             return
         if self._deadline <= deadline:  # its own deadline is the earliest
-            self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
+            self._cancel(_fast_reason(CancelKind.DEADLINE, self._name), None)
             return
         for link in self._links:
             parent = link._token
             if parent is not None:
                 parent._expire(now)
         if self._deadline <= now:  # no-op if a parent's deadline already cancelled it
-            self._cancel(CancelReason(CancelKind.DEADLINE, source=self._name), None)
+            self._cancel(_fast_reason(CancelKind.DEADLINE, self._name), None)
 
     def _poll(self) -> None:
         if self._reason is None and self._effective_deadline < _INF:
@@ -780,24 +786,45 @@ class TokenScope:
         if self._scope is not None:
             raise RuntimeError("a TokenScope can only be entered once")
         token = self.token
-        token._poll()
+        deadline = token._effective_deadline
+        if deadline < _INF:
+            token._poll()
+            deadline = token._loop_deadline()
         reason = token._reason
         if reason is not None and self._state & _RAISE:
             self._scope = _USED  # never entered
             raise OperationCancelled(reason)
-        loop = self._native = _this_loop()
-        scope = self._scope = _new_scope(loop, token._loop_deadline())
-        scope.__enter__()
-        if isinstance(loop, asyncio.AbstractEventLoop):
-            task = asyncio.current_task(loop)
-            if task is not None:
-                self._cancelling = task.cancelling()
+        # anyio.CancelScope(deadline=deadline), made without detecting the event loop again
+        # (anyio does on every CancelScope()), and on trio without anyio's wrapper: anyio's
+        # trio scope only forwards to trio.CancelScope.
+        loop = _get_running_loop()
+        if loop is not None:
+            scope = self._scope = (_asyncio_scope or _asyncio_scope_class())(deadline=deadline)
+            self._native = loop
+            scope.__enter__()
+            if _fold_check:
+                task = asyncio.current_task(loop)
+                if task is not None:
+                    self._cancelling = task.cancelling()
+        else:
+            native = self._native = _this_loop()  # a trio token
+            if native is not None:
+                scope = self._scope = sys.modules["trio"].CancelScope(deadline=deadline)
+            else:  # pragma: no cover - no event loop: anyio raises the error
+                scope = self._scope = cast(_Scope, anyio.CancelScope(deadline=deadline))
+            scope.__enter__()
         self._var = _current.get()
         _current.set(token)
         if reason is None:
-            token._add(self)
-        else:
-            scope.cancel()
+            with _lock:  # token._add(self), inlined
+                if token._reason is None:
+                    self._token = token
+                    head = self._next = token._head
+                    if head is not None:
+                        head._prev = self
+                    token._head = self
+                    return self
+        scope.cancel()  # cancelled already (move_on), or just now by another thread
         return self
 
     def _fire(self, token: CancellationToken, reason: CancelReason) -> None:

@@ -140,6 +140,20 @@ async def test_acquire_supersedes_the_oldest_running_claim() -> None:
     assert await backend.is_current("k", third.generation)
 
 
+async def test_acquire_answers_equal_public_values() -> None:
+    """acquire's answers (made without the dataclass __init__ when running) are plain Acquired."""
+    backend, _, got = make()
+    running = await acquire(backend, "h1", got, "keep_latest")
+    assert type(running) is Acquired
+    assert running == Acquired(Admission.RUNNING, running.generation)
+    assert hash(running) == hash(Acquired(Admission.RUNNING, running.generation))
+    assert repr(running) == repr(Acquired(Admission.RUNNING, running.generation))
+    with pytest.raises(AttributeError):
+        running.generation = 0  # type: ignore[misc]
+    waiting = await acquire(backend, "h2", got, "keep_latest")
+    assert waiting == Acquired(Admission.WAITING, waiting.generation)
+
+
 async def test_reject_refuses_past_the_limit() -> None:
     """reject: with the limit reached, a newcomer is BUSY and nothing changes."""
     backend, _, got = make()

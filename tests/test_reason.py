@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import FrozenInstanceError
 
 import pytest
 
 from cancelkit import CancelKind, CancelReason, OperationCancelled
+from cancelkit._reason import _fast_reason
 
 
 def test_default_reason_is_requested_with_a_message() -> None:
@@ -91,3 +93,20 @@ def test_exception_pickles_with_its_reason() -> None:
     copy = pickle.loads(pickle.dumps(exc))
     assert isinstance(copy, OperationCancelled)
     assert copy.reason == exc.reason
+
+
+@pytest.mark.parametrize("kind", list(CancelKind))
+def test_the_internal_fast_reason_equals_the_public_one(kind: CancelKind) -> None:
+    """The hot paths' unchecked constructor makes the same frozen value as CancelReason()."""
+    origin = CancelReason(CancelKind.SUPERSEDED, source="req-2")
+    for source, parent in ((None, None), ("req-3", None), (None, origin)):
+        fast = _fast_reason(kind, source, parent)
+        public = CancelReason(kind, source=source, origin=parent)
+        assert type(fast) is CancelReason
+        assert fast == public
+        assert hash(fast) == hash(public)
+        assert repr(fast).split(", at=")[0] == repr(public).split(", at=")[0]
+        assert abs(fast.at - public.at) < 60
+        assert pickle.loads(pickle.dumps(fast)) == public
+        with pytest.raises(FrozenInstanceError):
+            fast.source = "other"  # type: ignore[misc]

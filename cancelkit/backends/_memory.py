@@ -11,7 +11,7 @@ from typing import final
 
 import anyio
 
-from .._reason import CancelKind, CancelReason
+from .._reason import CancelKind, CancelReason, _fast_reason
 from ._protocol import (
     Acquired,
     Admission,
@@ -20,6 +20,7 @@ from ._protocol import (
     OperationExists,
     RegistryFull,
     SlotPolicy,
+    _running,
 )
 
 __all__ = ["MemoryBackend", "MemoryBackendStatistics"]
@@ -301,68 +302,12 @@ class MemoryBackend:
         seq: int | None,
     ) -> Acquired:
         """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`."""
-        slot = self._keys.get(key)
-        if slot is None:
-            remembered = self._seqs.get(key) if self._seqs else None
-            if remembered is not None and remembered[0] > self._clock():
-                slot = _Key(limit, remembered[1], remembered[2])
-            else:
-                slot = _Key(limit, None, "")
-        if seq is not None and slot.seq is not None and seq <= slot.seq:
-            return Acquired(Admission.STALE, source=slot.seq_holder, seq=slot.seq)
-        running, waiting = slot.running, slot.waiting
-        victim: str | None = None
-        state = _RUNNING
-        if len(running) >= limit:
-            if policy == "replace":
-                victim = next(iter(running))
-                del running[victim]
-            elif policy == "reject":
-                return Acquired(Admission.BUSY)
-            elif policy == "keep_latest":
-                state = _WAITING
-                if waiting:
-                    victim = next(iter(waiting))
-                    del waiting[victim]
-            elif len(waiting) < max_waiting:
-                state = _WAITING
-            else:
-                return Acquired(Admission.FULL)
-        if not slot.entries:
-            self._keys[key] = slot
-            self._seqs.pop(key, None)
-        generation = next(self._counter)
-        slot.entries[holder] = _Entry(deliver, generation, state)
-        (running if state == _RUNNING else waiting)[holder] = None
-        if seq is not None:
-            slot.seq, slot.seq_holder = seq, holder
-        if victim is not None:
-            superseded = slot.entries[victim]
-            superseded.state = _SUPERSEDED
-            superseded.deliver(CancelReason(CancelKind.SUPERSEDED, source=holder))
-        return Acquired(Admission.RUNNING if state == _RUNNING else Admission.WAITING, generation)
+        acquired = _admit(self, key, holder, deliver, policy, limit, max_waiting, seq)
+        return _running(acquired) if isinstance(acquired, int) else acquired
 
     async def release(self, key: str, holder: str) -> None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
-        slot = self._keys.get(key)
-        if slot is None or (entry := slot.entries.pop(holder, None)) is None:
-            return
-        if entry.state == _RUNNING:
-            del slot.running[holder]
-            if slot.waiting:  # the oldest waiting claim takes the freed slot
-                promoted = next(iter(slot.waiting))
-                del slot.waiting[promoted]
-                slot.entries[promoted].state = _RUNNING
-                slot.running[promoted] = None
-        elif entry.state == _WAITING:
-            del slot.waiting[holder]
-        if not slot.entries:
-            del self._keys[key]
-            if slot.seq is not None:
-                self._remember(key, slot.seq, slot.seq_holder)
-        if slot.changed is not None:
-            slot.changed.set()
-            slot.changed = None
+        _drop(self, key, holder)
 
     def _expire_seqs(self) -> float:
         seqs, now = self._seqs, self._clock()
@@ -415,3 +360,86 @@ class MemoryBackend:
             f"tombstones={len(self._tombs)} "
             f"keys={len(self._keys)} tombstone_ttl={self._ttl}>"
         )
+
+
+def _admit(
+    backend: MemoryBackend,
+    key: str,
+    holder: str,
+    deliver: Deliver,
+    policy: SlotPolicy,
+    limit: int,
+    max_waiting: int,
+    seq: int | None,
+) -> Acquired | int:
+    """``backend.acquire(...)`` without a coroutine: this backend never waits.
+
+    ``LatestOnly`` calls it directly for its in-memory backend. Returns the generation for a
+    claim that runs (the common case, without making an :class:`Acquired`), else the
+    :class:`Acquired`.
+    """
+    slot = backend._keys.get(key)
+    if slot is None:
+        remembered = backend._seqs.get(key) if backend._seqs else None
+        if remembered is not None and remembered[0] > backend._clock():
+            slot = _Key(limit, remembered[1], remembered[2])
+        else:
+            slot = _Key(limit, None, "")
+    if seq is not None and slot.seq is not None and seq <= slot.seq:
+        return Acquired(Admission.STALE, source=slot.seq_holder, seq=slot.seq)
+    running, waiting = slot.running, slot.waiting
+    victim: str | None = None
+    state = _RUNNING
+    if len(running) >= limit:
+        if policy == "replace":
+            victim = next(iter(running))
+            del running[victim]
+        elif policy == "reject":
+            return Acquired(Admission.BUSY)
+        elif policy == "keep_latest":
+            state = _WAITING
+            if waiting:
+                victim = next(iter(waiting))
+                del waiting[victim]
+        elif len(waiting) < max_waiting:
+            state = _WAITING
+        else:
+            return Acquired(Admission.FULL)
+    entries = slot.entries
+    if not entries:
+        backend._keys[key] = slot
+        if backend._seqs:
+            backend._seqs.pop(key, None)
+    generation = next(backend._counter)
+    entries[holder] = _Entry(deliver, generation, state)
+    if seq is not None:
+        slot.seq, slot.seq_holder = seq, holder
+    (running if state == _RUNNING else waiting)[holder] = None
+    if victim is not None:
+        superseded = entries[victim]
+        superseded.state = _SUPERSEDED
+        superseded.deliver(_fast_reason(CancelKind.SUPERSEDED, holder))
+    return generation if state == _RUNNING else Acquired(Admission.WAITING, generation)
+
+
+def _drop(backend: MemoryBackend, key: str, holder: str) -> None:
+    """``backend.release(key, holder)`` without a coroutine (for ``LatestOnly``, as ``_admit``)."""
+    slot = backend._keys.get(key)
+    if slot is None or (entry := slot.entries.pop(holder, None)) is None:
+        return
+    if entry.state == _RUNNING:
+        del slot.running[holder]
+        if slot.waiting:  # the oldest waiting claim takes the freed slot
+            promoted = next(iter(slot.waiting))
+            del slot.waiting[promoted]
+            slot.entries[promoted].state = _RUNNING
+            slot.running[promoted] = None
+    elif entry.state == _WAITING:
+        del slot.waiting[holder]
+    if not slot.entries:
+        del backend._keys[key]
+        if slot.seq is not None:
+            backend._remember(key, slot.seq, slot.seq_holder)
+    if slot.changed is not None:
+        slot.changed.set()
+        slot.changed = None

@@ -146,6 +146,23 @@ class Acquired:
     seq: int | None = None
 
 
+_new = object.__new__
+# The slots' own setters: they skip the frozen dataclass's __setattr__ (as its __init__ does).
+_set_admission, _set_generation, _set_source, _set_seq = (
+    Acquired.__dict__[name].__set__ for name in ("admission", "generation", "source", "seq")
+)
+
+
+def _running(generation: int) -> Acquired:
+    """Return ``Acquired(Admission.RUNNING, generation)``, without the dataclass ``__init__``."""
+    acquired: Acquired = _new(Acquired)
+    _set_admission(acquired, Admission.RUNNING)
+    _set_generation(acquired, generation)
+    _set_source(acquired, None)
+    _set_seq(acquired, None)
+    return acquired
+
+
 #: The policies a backend implements (see :class:`cancelkit.LatestOnly`).
 SlotPolicy = Literal["replace", "reject", "enqueue", "keep_latest"]
 
