@@ -1,24 +1,33 @@
-"""Requests/second of a trivial FastAPI endpoint under uvicorn, as ratios to the bare app.
+"""What the disconnect helpers cost per request of a trivial FastAPI endpoint (ratios).
 
 Run from the repository root (the peers need Python >= 3.12/3.13; they are optional, and
 belong in a separate environment, never in the project's dependencies)::
 
+    python -m benchmarks.bench_throughput --instructions   # the figures of the docs' page
+    python -m benchmarks.bench_throughput --in-process
     python -m benchmarks.bench_throughput [--seconds 2] [--rounds 9] [--connections 16]
 
-(the values shown are the defaults). Each variant is served by its own uvicorn process (one
-worker, 127.0.0.1, access log off), all started up front, and loaded by ``wrk`` (Debian
-package ``wrk``) for ``--seconds``: every variant once per round, in a fresh random order,
-compared with the bare app's figure from the same round (drift of a shared machine cancels
-out). The one statistic shown per variant is the **median of those per-round ratios**; the
-spread column is the lowest and highest per-round ratio, to show the noise. The bare app's
-median requests/second is printed once, for scale.
+Every variant (see VARIANTS) is the same app with one helper, each under its own path
+(``/<variant>/t``) of **one** uvicorn process (one worker, 127.0.0.1, access log off): separate
+processes differ from each other by more than the costs measured here. Three methods:
 
-``--in-process`` measures the same apps without a server or a load generator: each request is
-an ASGI call with a scripted ``receive``/``send``, timed in CPU seconds of this process
-(``time.process_time``), ``--requests`` per variant per round; its one statistic is the ratio
-of the least CPU time per request over the rounds (other processes only ever add time). That
-leaves out the server's own work, so its ratios are lower bounds of the served ones, but it is
-steadier on a shared, loaded machine than wrk's figures.
+- ``--instructions`` (the one statistic the docs quote): the server runs under valgrind's
+  callgrind (Debian package ``valgrind``); for each variant its instruction counter is zeroed,
+  ``--requests`` (default 200) GETs are sent over ``--connections`` keep-alive connections and
+  all answered, and the counter is read: the server's whole work per request (HTTP parsing,
+  the application, writing the response). The ratio is the bare app's instructions per
+  request divided by the variant's (at equal instructions per cycle, its throughput ratio),
+  the median over ``--rounds`` (at most 3) interleaved rounds. Instruction counts do not
+  depend on what else the machine does: reruns agree to about 0.5 %.
+- ``--in-process``: no server; each request is an ASGI call with a scripted
+  ``receive``/``send``, timed in CPU seconds of this process, ``--requests`` (default 3000)
+  per variant per round; the ratio of the least CPU time per request over ``--rounds``
+  interleaved rounds. It leaves out the server's own work, so its ratios are lower bounds.
+- by default: ``wrk`` (Debian package ``wrk``) loads one variant at a time for ``--seconds``,
+  every variant once per round in a fresh random order; the ratio of requests per server CPU
+  second (``--statistic wall``: per second) to the bare app's in the same round, the median
+  over the rounds, with the lowest and highest as the spread. On a shared 2-core machine
+  the spread is wide (±20 %): for scale, not for comparing close variants.
 
 Install the peers for a comparison run, e.g. ``uv venv -p 3.13 .venv-bench && uv pip install
 -p .venv-bench -e '.[fastapi]' uvicorn fastapi-disconnect==0.4.0 aiofence==0.5.0``.
@@ -27,6 +36,8 @@ Install the peers for a comparison run, e.g. ``uv venv -p 3.13 .venv-bench && uv
 # No "from __future__ import annotations": FastAPI resolves the routes' annotations at run time.
 
 import argparse
+import glob
+import http.client
 import os
 import random
 import re
@@ -36,8 +47,10 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 VARIANTS = {
     "none": "the bare app",
@@ -45,6 +58,8 @@ VARIANTS = {
     "cancelkit-signal": "CancelOnDisconnect, every route guarded (signal mode)",
     "cancelkit-unused": "CancelOnDisconnect installed, route not guarded",
     "cancelkit-token": "CancelOnDisconnect + a RequestToken dependency on the route",
+    "cancelkit-current": "CancelOnDisconnect + current_token() in the route",
+    "fastapi-dep": "reference: any async FastAPI dependency (request: Request), no helper",
     "fastapi-disconnect": "@cancel_on_disconnect on the route",
     "fastapi-disconnect-mw": "CancelOnDisconnectMiddleware",
     "fastapi-disconnect-dep": "a Disconnected dependency on the route",
@@ -53,16 +68,15 @@ VARIANTS = {
 }
 
 
-def make_app() -> Any:
-    """Build the app named by $BENCH_VARIANT (used as a uvicorn --factory)."""
+def make_app(variant: str, path: str = "/t") -> Any:
+    """Build the app of ``variant`` (a key of VARIANTS), its route at ``path``."""
     from fastapi import FastAPI
 
-    variant = os.environ["BENCH_VARIANT"]
     api = FastAPI()
     if variant == "fastapi-disconnect":
         from fastapi_disconnect import cancel_on_disconnect
 
-        @api.get("/t")
+        @api.get(path)
         @cancel_on_disconnect
         async def guarded() -> dict[str, bool]:
             return {"ok": True}
@@ -70,14 +84,14 @@ def make_app() -> Any:
     elif variant == "fastapi-disconnect-dep":
         from fastapi_disconnect import Disconnected
 
-        @api.get("/t")
+        @api.get(path)
         async def with_event(disconnected: Disconnected) -> dict[str, bool]:
             return {"ok": not disconnected.is_set()}
 
     elif variant == "aiofence":
         from aiofence import get_current_fencing
 
-        @api.get("/t")
+        @api.get(path)
         async def fenced() -> dict[str, bool]:
             with get_current_fencing().move_on_cancel():
                 return {"ok": True}
@@ -85,24 +99,44 @@ def make_app() -> Any:
     elif variant == "aiofence-dep":
         from aiofence.contrib.fastapi import DisconnectEvent
 
-        @api.get("/t")
+        @api.get(path)
         async def with_fence_event(disconnected: DisconnectEvent) -> dict[str, bool]:
             return {"ok": not disconnected.is_set()}
+
+    elif variant == "fastapi-dep":
+        from fastapi import Depends, Request
+
+        async def dependency(request: Request) -> object:
+            return request.scope.get("state")
+
+        @api.get(path)
+        async def with_dependency(
+            value: Annotated[object, Depends(dependency)],
+        ) -> dict[str, bool]:
+            return {"ok": value is not None}
+
+    elif variant == "cancelkit-current":
+        from cancelkit import current_token
+
+        @api.get(path)
+        async def with_current() -> dict[str, bool]:
+            token = current_token()
+            return {"ok": token is not None and not token.cancelled}
 
     elif variant == "cancelkit-token":
         from cancelkit.fastapi import RequestToken
 
-        @api.get("/t")
+        @api.get(path)
         async def with_token(token: RequestToken) -> dict[str, bool]:
             return {"ok": not token.cancelled}
 
     else:
 
-        @api.get("/t")
+        @api.get(path)
         async def plain() -> dict[str, bool]:
             return {"ok": True}
 
-    if variant in ("none", "fastapi-disconnect", "fastapi-disconnect-dep"):
+    if variant in ("none", "fastapi-dep", "fastapi-disconnect", "fastapi-disconnect-dep"):
         return api
     if variant.startswith("cancelkit"):
         from cancelkit import CancelOnDisconnect
@@ -137,28 +171,59 @@ def free_port() -> int:
         return port
 
 
-def start_server(variant: str) -> tuple[subprocess.Popen[bytes], str]:
+def served_app() -> Any:
+    """Every variant of $BENCH_VARIANTS in one app, each under ``/<variant>/t`` (uvicorn --factory).
+
+    One process serves them all, so every variant runs in the same interpreter, memory layout
+    and CPU placement: separate processes differ from each other by more than the costs
+    measured here. The dispatch by the path's first segment is the same for every variant.
+    """
+    apps = {v: make_app(v, f"/{v}/t") for v in os.environ["BENCH_VARIANTS"].split(",")}
+
+    async def dispatch(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await apps[scope["path"].split("/", 2)[1]](scope, receive, send)
+
+    return dispatch
+
+
+def start_server(
+    variants: list[str], wrapper: tuple[str, ...] = (), cwd: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start uvicorn serving ``variants`` (see served_app), under ``wrapper`` if given."""
     port = free_port()
-    env = {**os.environ, "BENCH_VARIANT": variant, "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "BENCH_VARIANTS": ",".join(variants), "PYTHONPATH": os.getcwd()}
     server = subprocess.Popen(
         [
-            *[sys.executable, "-m", "uvicorn", "--factory", "benchmarks.bench_throughput:make_app"],
+            *wrapper,
+            *[
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "benchmarks.bench_throughput:served_app",
+            ],
             *["--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             *["--log-level", "warning", "--no-access-log"],
         ],
         env=env,
+        cwd=cwd,
     )
-    deadline = time.monotonic() + 60  # a shared machine can be slow to import
+    deadline = time.monotonic() + 120  # a shared machine (or valgrind) can be slow to import
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         except OSError:
             if time.monotonic() > deadline or server.poll() is not None:
                 server.kill()
-                raise RuntimeError(f"{variant}: server did not start") from None
+                raise RuntimeError("the server did not start") from None
             time.sleep(0.05)
         else:
-            return server, f"http://127.0.0.1:{port}/t"
+            return server, port
 
 
 class Load(NamedTuple):
@@ -191,6 +256,83 @@ def load(server: subprocess.Popen[bytes], url: str, seconds: int, connections: i
     assert rate is not None, result.stdout
     assert count is not None, result.stdout
     return Load(float(rate.group(1)), int(count.group(1)) / max(cpu, 1e-9))
+
+
+class Client:
+    """``connections`` keep-alive HTTP connections to one server, used from as many threads."""
+
+    def __init__(self, port: int, connections: int) -> None:
+        self.connections = [
+            http.client.HTTPConnection("127.0.0.1", port, timeout=300) for _ in range(connections)
+        ]
+
+    def burst(self, path: str, requests: int) -> None:
+        """Send ``requests`` GETs of ``path`` over the connections; return once all are answered."""
+
+        def send(connection: http.client.HTTPConnection, count: int) -> None:
+            for _ in range(count):
+                connection.request("GET", path)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{path}: status {response.status}")
+
+        count = len(self.connections)
+        threads = [
+            threading.Thread(target=send, args=(c, requests // count + (i < requests % count)))
+            for i, c in enumerate(self.connections)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+
+def instructions(variants: list[str], rounds: int, requests: int, connections: int) -> Any:
+    """Each variant's instructions per request in the server process, one figure per round.
+
+    The server runs under valgrind's callgrind; its counters are zeroed before and read after
+    each burst of ``requests`` (all answered in between), so each figure is the server's whole
+    work for those requests: HTTP parsing, the application, the writing of the response.
+    """
+    control = shutil.which("callgrind_control")
+    if control is None:
+        sys.exit("valgrind is needed for --instructions: apt-get install -y valgrind")
+    with tempfile.TemporaryDirectory() as out:
+        valgrind = (
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out}/cg",
+        )
+        server, port = start_server(variants, valgrind, cwd=out)
+        try:
+            pid = str(server.pid)
+            client = Client(port, connections)
+            for variant in variants:  # warm up, not yet counted (and 50 times faster)
+                client.burst(f"/{variant}/t", requests)
+            subprocess.run([control, "--instr=on", pid], capture_output=True, check=True)
+            counts: dict[str, list[float]] = {v: [] for v in variants}
+            for round_ in range(rounds):
+                for variant in random.sample(variants, len(variants)):
+                    subprocess.run([control, "--zero", pid], capture_output=True, check=True)
+                    client.burst(f"/{variant}/t", requests)
+                    subprocess.run([control, "--dump", pid], capture_output=True, check=True)
+                    dump = max(glob.glob(f"{out}/cg*"), key=os.path.getmtime)
+                    with open(dump) as file:
+                        total = re.search(r"^(?:summary|totals): (\d+)", file.read(), re.M)
+                    assert total is not None, dump
+                    counts[variant].append(int(total.group(1)) / requests)
+                    os.remove(dump)
+                print(f"round {round_ + 1}/{rounds} done", flush=True)
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    return counts
 
 
 def asgi_scope() -> dict[str, Any]:
@@ -241,8 +383,7 @@ def in_process(variants: list[str], rounds: int, requests: int) -> dict[str, lis
 
     apps = {}
     for variant in variants:
-        os.environ["BENCH_VARIANT"] = variant
-        apps[variant] = make_app()
+        apps[variant] = make_app(variant)
 
     async def run() -> dict[str, list[float]]:
         for app in apps.values():
@@ -272,18 +413,48 @@ def main() -> None:
     parser.add_argument(
         "--in-process", action="store_true", help="call the apps in-process (no server, no wrk)"
     )
-    parser.add_argument("--requests", type=int, default=3000, help="per variant per round")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the server's instructions per request under valgrind (reproducible)",
+    )
+    parser.add_argument(
+        "--requests", type=int, help="per variant per round (default 3000 in-process, 200 counted)"
+    )
     args = parser.parse_args()
+    if args.instructions:
+        chosen = [v for v in args.variants if v == "none" or available(v)]
+        if "none" not in chosen:
+            chosen.insert(0, "none")
+        requests = args.requests or 200
+        rounds = min(args.rounds, 3)
+        counts = instructions(chosen, rounds, requests, args.connections)
+        base = statistics.median(counts["none"])
+        print(
+            f"\nuvicorn under callgrind, Python {sys.version.split()[0]}, {args.connections} "
+            f"connections, {rounds} rounds of {requests} requests per variant; the bare app: "
+            f"{base / 1e3:.0f} k instructions per request (the server's whole work)"
+        )
+        print("ratio: the bare app's instructions per request / the variant's (medians)")
+        print(f"{'variant':24} {'ratio':>6} {'added':>8} {'rounds':>12}  what")
+        for variant in chosen[1:]:
+            mine = statistics.median(counts[variant])
+            spread = [base / c for c in counts[variant]]
+            print(
+                f"{variant:24} {base / mine:6.3f} {(mine - base) / 1e3:6.0f} k "
+                f"{min(spread):5.3f}-{max(spread):5.3f}  {VARIANTS[variant]}"
+            )
+        return
     if args.in_process:
         chosen = [v for v in args.variants if v == "none" or available(v)]
         if "none" not in chosen:
             chosen.insert(0, "none")
-        costs = in_process(chosen, args.rounds, args.requests)
+        costs = in_process(chosen, args.rounds, args.requests or 3000)
         base = min(costs["none"])
         print(
             f"\nin-process ASGI calls, Python {sys.version.split()[0]}, {args.rounds} interleaved "
-            f"rounds of {args.requests} requests per variant; the bare app: {base * 1e6:.1f} µs "
-            "CPU per request"
+            f"rounds of {args.requests or 3000} requests per variant; the bare app: "
+            f"{base * 1e6:.1f} µs CPU per request"
         )
         print("ratio: the bare app's least CPU per request (over the rounds) / the variant's")
         print("(the least-disturbed round of each: other processes only ever add time)")
@@ -302,19 +473,18 @@ def main() -> None:
         print(f"{variant}: not installed in this environment, skipped")
     if "none" not in variants:
         variants.insert(0, "none")
-    servers = {}
+    server, port = start_server(variants)
+    urls = {v: f"http://127.0.0.1:{port}/{v}/t" for v in variants}
     try:
         for variant in variants:
-            servers[variant] = start_server(variant)
-        for server, url in servers.values():
-            load(server, url, 1, 4)  # warm up
+            load(server, urls[variant], 1, 4)  # warm up
         rps: dict[str, list[float]] = {v: [] for v in variants}
         ratios: dict[str, list[float]] = {v: [] for v in variants}
         for round_ in range(args.rounds):
             # Each round loads every variant once, in a fresh random order, and compares it
             # with the bare app of the same round: drift of a shared machine cancels out.
             order = random.sample(variants, len(variants))
-            loads = {v: load(*servers[v], args.seconds, args.connections) for v in order}
+            loads = {v: load(server, urls[v], args.seconds, args.connections) for v in order}
             measured = {
                 v: x.per_cpu_second if args.statistic == "cpu" else x.per_second
                 for v, x in loads.items()
@@ -324,14 +494,12 @@ def main() -> None:
                 ratios[variant].append(value / measured["none"])
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     finally:
-        for server, _ in servers.values():
-            server.send_signal(signal.SIGINT)
-        for server, _ in servers.values():
-            try:
-                server.wait(10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
     print(
         f"\nuvicorn, Python {sys.version.split()[0]}, wrk -c{args.connections}, "
         f"{args.rounds} interleaved rounds of {args.seconds}s; the bare app served "

@@ -15,8 +15,9 @@ Printed side by side, each figure with its one statistic:
 - **throughput** of a trivial FastAPI route as ratios to the same route without helpers,
   in-process ASGI calls (``bench_throughput --in-process``; the peers fastapi-disconnect and
   aiofence as comparison rows when installed). Statistic: the least CPU time per request over
-  9 interleaved rounds, bare / variant. ``--served`` adds the served figures (uvicorn + wrk,
-  median of per-round ratios; slower, and noisy on a shared machine).
+  9 interleaved rounds, bare / variant. ``--served`` adds the served figures: the server's
+  instructions per request, uvicorn under valgrind's callgrind (``bench_throughput
+  --instructions``: reproducible to about 0.5 %; about 6 minutes more).
 
 All figures on asyncio and trio except throughput (FastAPI under uvicorn: asyncio).
 """
@@ -112,8 +113,8 @@ def main() -> None:
     sys.argv = ["bench_throughput", "--in-process"]
     bench_throughput.main()
     if served:
-        print("[throughput, served: uvicorn + wrk]")
-        sys.argv = ["bench_throughput"]
+        print("[throughput, served: the server's instructions per request]")
+        sys.argv = ["bench_throughput", "--instructions"]
         bench_throughput.main()
 
 
