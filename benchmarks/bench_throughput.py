@@ -8,8 +8,8 @@ belong in a separate environment, never in the project's dependencies)::
     python -m benchmarks.bench_throughput [--seconds 2] [--rounds 9] [--connections 16]
 
 Every variant (see VARIANTS) is the same app with one helper, each under its own path
-(``/<variant>/t``) of **one** uvicorn process (one worker, 127.0.0.1, access log off): separate
-processes differ from each other by more than the costs measured here. Three methods:
+(``/<variant>/t``) of **one** uvicorn process (one worker, 127.0.0.1, access log off), so that
+every variant runs in the same interpreter and memory layout. Three methods:
 
 - ``--instructions`` (the one statistic the docs quote): the server runs under valgrind's
   callgrind (Debian package ``valgrind``); for each variant its instruction counter is zeroed,
@@ -174,9 +174,8 @@ def free_port() -> int:
 def served_app() -> Any:
     """Every variant of $BENCH_VARIANTS in one app, each under ``/<variant>/t`` (uvicorn --factory).
 
-    One process serves them all, so every variant runs in the same interpreter, memory layout
-    and CPU placement: separate processes differ from each other by more than the costs
-    measured here. The dispatch by the path's first segment is the same for every variant.
+    One process serves them all, so every variant runs in the same interpreter and memory
+    layout. The dispatch by the path's first segment is the same for every variant.
     """
     apps = {v: make_app(v, f"/{v}/t") for v in os.environ["BENCH_VARIANTS"].split(",")}
 
@@ -301,6 +300,7 @@ def instructions(variants: list[str], rounds: int, requests: int, connections: i
     with tempfile.TemporaryDirectory() as out:
         valgrind = (
             "valgrind",
+            "-q",
             "--tool=callgrind",
             "--instr-atstart=no",
             f"--callgrind-out-file={out}/cg",
