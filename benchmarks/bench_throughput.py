@@ -225,6 +225,16 @@ def start_server(
             return server, port
 
 
+def stop(server: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop the server as Ctrl+C would; kill it if it is not gone within ``grace`` seconds."""
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(grace)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 class Load(NamedTuple):
     per_second: float  # requests per wall-clock second
     per_cpu_second: float  # requests per CPU second of the server process
@@ -326,12 +336,7 @@ def instructions(variants: list[str], rounds: int, requests: int, connections: i
                     os.remove(dump)
                 print(f"round {round_ + 1}/{rounds} done", flush=True)
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop(server, 60)
     return counts
 
 
@@ -494,12 +499,7 @@ def main() -> None:
                 ratios[variant].append(value / measured["none"])
             print(f"round {round_ + 1}/{args.rounds} done", flush=True)
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, 10)
     print(
         f"\nuvicorn, Python {sys.version.split()[0]}, wrk -c{args.connections}, "
         f"{args.rounds} interleaved rounds of {args.seconds}s; the bare app served "
