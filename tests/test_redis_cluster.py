@@ -137,7 +137,9 @@ globals().update(_contract_tests())
 async def storm(backends: list[RedisBackend], key: str, n: int) -> tuple[int, int]:
     """``n`` claims on ``key``, alternating between ``backends``, all started at once.
 
-    Every body waits until all claims have entered; then the bodies still current finish.
+    Every body waits until all claims have entered; then the body still current finishes, and
+    the others wait for their cancellation (a supersede from the other worker arrives over
+    pub/sub, after a failover possibly by the inbox poll: no fixed time is enough for it).
     Returns (completed bodies, superseded bodies).
     """
     slots = [LatestOnly(backend=backend) for backend in backends]
@@ -148,12 +150,14 @@ async def storm(backends: list[RedisBackend], key: str, n: int) -> tuple[int, in
     async def one(i: int) -> None:
         nonlocal entered, completed, superseded
         try:
-            async with slots[i % len(slots)].claim(key):
+            slot = slots[i % len(slots)]
+            async with slot.claim(key) as claim:
                 entered += 1
                 if entered + superseded >= n:
                     everyone.set()
                 await everyone.wait()
-                await anyio.sleep(0.05)  # room for late supersedes
+                if not await slot.is_current(key, claim.generation):
+                    await anyio.sleep_forever()  # superseded: its cancellation is on the way
             completed += 1
         except OperationCancelled as exc:
             assert exc.reason.kind is CancelKind.SUPERSEDED  # noqa: PT017
