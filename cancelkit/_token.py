@@ -472,7 +472,7 @@ class CancellationToken:
 
     def _cancel(self, reason: CancelReason, by: CancellationToken | None) -> bool:
         here: object = _UNKNOWN
-        local: list[_Node] = []  # taken here, so that nobody can unregister them: run now
+        local: list[_Node] = []  # to run now, each taken just before it runs (see below)
         remote: list[_Node] = []  # to run in their own event loop, if still registered then
         with _lock:
             if self._reason is not None:
@@ -497,7 +497,6 @@ class CancellationToken:
                         remote.append(node)
                         node = nxt
                         continue
-                node._token = None  # taken (what _take does)
                 local.append(node)
                 node = nxt
         for link in links:  # done: no more relays from the tokens this one followed
@@ -510,6 +509,10 @@ class CancellationToken:
                     node._callback = None
         errors: list[tuple[_Node, Exception]] = []
         for node in reversed(local):  # in registration order
+            # Taken one at a time: a callback that unregisters a later one (or closes a later
+            # child) still stops it, as unregister() and close() promise.
+            if _take(node) is None:
+                continue
             try:
                 node._fire(self, reason)
             except Exception as exc:

@@ -170,6 +170,27 @@ def test_unregister_after_the_callback_ran_reports_false() -> None:
     assert len(seen) == 1
 
 
+def _unregister_the_later_callback() -> list[object]:
+    token = CancellationToken()
+    calls: list[object] = []
+    handles: dict[str, CallbackHandle] = {}
+    token.on_cancel(lambda reason: calls.append(("a", handles["b"].unregister())))
+    handles["b"] = token.on_cancel(lambda reason: calls.append("b"))
+    token.cancel()
+    return calls
+
+
+def test_a_callback_that_unregisters_a_later_one_stops_it() -> None:
+    """unregister() from inside an earlier callback of the same cancel still prevents the run."""
+    assert _unregister_the_later_callback() == [("a", True)]
+
+
+@pytest.mark.anyio
+async def test_a_callback_that_unregisters_a_later_one_stops_it_in_a_loop() -> None:
+    """The same with callbacks registered in the event loop that cancels."""
+    assert _unregister_the_later_callback() == [("a", True)]
+
+
 def test_callback_errors_are_collected_logged_and_never_stop_others(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -548,6 +569,17 @@ def test_close_releases_the_links_and_the_parents_deadline() -> None:
     assert child.deadline == math.inf
     parent.cancel()
     assert not child.cancelled
+
+
+def test_a_child_closed_by_an_earlier_callback_of_the_same_cancel_stays_live() -> None:
+    """close() from inside the parent's cancel (through a sibling) still unlinks the child."""
+    parent = CancellationToken()
+    first = parent.child()
+    second = parent.child()
+    first.on_cancel(lambda reason: second.close())
+    parent.cancel()
+    assert first.cancelled
+    assert not second.cancelled
 
 
 def test_parent_cancelled_after_child_cancelled_does_not_touch_the_child() -> None:
