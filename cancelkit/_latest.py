@@ -368,18 +368,14 @@ class _Hold:
                 if self._interrupt:
                     # move_on(), which __aexit__ turns into OperationCancelled after releasing
                     # the key (a scope() would raise it first, to be caught and raised again)
-                    if claim.token.cancelled:  # superseded meanwhile: the body never starts
-                        claim.token.raise_if_cancelled()
+                    claim.token.raise_if_cancelled()  # superseded meanwhile: no body
                     scope = TokenScope(claim.token, swallow=True)
                     scope.__enter__()
                     self._scope = scope
             except BaseException:
                 slot._waiting -= 1
                 self._count_superseded()
-                if memory is not None:
-                    _drop(memory, key, claim.id)
-                else:
-                    await slot._backend.release(key, claim.id)  # completes even when cancelled
+                await self._drop_key()
                 raise
             slot._waiting -= 1
             slot._running += 1
@@ -438,25 +434,19 @@ class _Hold:
             except BaseException:
                 await self._release()
                 raise
-        slot, claim = self._slot, self._claim
-        slot._running -= 1
+        await self._release()
         stopped = None if scope is None else scope.reason  # the claim's token stopped the block
-        reason = claim.token.reason if stopped is None else stopped
-        if reason is not None and reason.kind is CancelKind.SUPERSEDED:
-            slot._superseded += 1
-        memory = slot._memory
-        if memory is not None:
-            _drop(memory, claim.key, claim.id)
-        else:
-            await slot._backend.release(claim.key, claim.id)  # completes even when cancelled
         if stopped is not None:
             raise OperationCancelled(stopped) from None
         return False
 
     async def _release(self) -> None:
-        slot, claim = self._slot, self._claim
-        slot._running -= 1
+        self._slot._running -= 1
         self._count_superseded()
+        await self._drop_key()
+
+    async def _drop_key(self) -> None:
+        slot, claim = self._slot, self._claim
         memory = slot._memory
         if memory is not None:
             _drop(memory, claim.key, claim.id)

@@ -490,9 +490,7 @@ class CancellationToken:
                 native = node._native
                 if native is not None:
                     if here is _UNKNOWN:
-                        here = _get_running_loop()
-                        if here is None:
-                            here = _this_loop()
+                        here = _this_loop()
                     if native is not here:
                         remote.append(node)
                         node = nxt
@@ -818,16 +816,7 @@ class TokenScope:
             scope.__enter__()
         self._var = _current.get()
         _current.set(token)
-        if reason is None:
-            with _lock:  # token._add(self), inlined
-                if token._reason is None:
-                    self._token = token
-                    head = self._next = token._head
-                    if head is not None:
-                        head._prev = self
-                    token._head = self
-                    return self
-        scope.cancel()  # cancelled already (move_on), or just now by another thread
+        token._add(self)  # fires at once (cancels the scope) if the token is cancelled already
         return self
 
     def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
