@@ -92,18 +92,12 @@ class _Scope(Protocol):
 
 
 _asyncio_scope: Callable[..., _Scope] | None = None  # anyio's CancelScope class for asyncio
-# Whether a TokenScope must itself notice a Task.cancel() that asyncio folded into the token's
-# cancellation (see TokenScope.__exit__). anyio does it since 4.16 (its scope then records
-# Task.cancelling() on entry, in the slot named below), and the check is redundant there.
-_fold_check = True
 
 
 def _asyncio_scope_class() -> Callable[..., _Scope]:
     """Return anyio's ``CancelScope`` class for asyncio (called once, in a running loop)."""
-    global _asyncio_scope, _fold_check
-    cls = cast(Callable[..., _Scope], type(anyio.CancelScope()))
-    _fold_check = "_cancelling_at_enter" not in getattr(cls, "__slots__", ())
-    _asyncio_scope = cls
+    global _asyncio_scope
+    cls = _asyncio_scope = cast(Callable[..., _Scope], type(anyio.CancelScope()))
     return cls
 
 
@@ -750,7 +744,6 @@ class TokenScope:
     """
 
     __slots__ = (
-        "_cancelling",
         "_native",
         "_next",
         "_prev",
@@ -771,7 +764,6 @@ class TokenScope:
         self._token: CancellationToken | None = None
         self._native: object = None
         self._var: CancellationToken | None = None
-        self._cancelling = -1  # asyncio: the host task's cancelling() count on entry
 
     @property
     def reason(self) -> CancelReason | None:
@@ -803,10 +795,6 @@ class TokenScope:
             scope = self._scope = (_asyncio_scope or _asyncio_scope_class())(deadline=deadline)
             self._native = loop
             scope.__enter__()
-            if _fold_check:
-                task = asyncio.current_task(loop)
-                if task is not None:
-                    self._cancelling = task.cancelling()
         else:
             native = self._native = _this_loop()  # a trio token
             if native is not None:
@@ -838,13 +826,6 @@ class TokenScope:
         swallowed = scope.__exit__(exc_type, exc, tb)
         if not scope.cancelled_caught:
             return swallowed  # not our cancellation (or none at all): let it through untouched
-        if self._cancelling >= 0 and exc is not None:
-            # asyncio: a Task.cancel() that arrived together with the token's cancellation
-            # was folded into the one CancelledError this scope just caught (anyio < 4.16
-            # swallows it): the task is still being cancelled, so let the error through.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling() > self._cancelling:
-                return False
         token = self.token
         if token._reason is None:  # the scope's deadline fired first
             token._expire(max(time.monotonic(), token._effective_deadline))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import math
 import operator
@@ -8,13 +9,15 @@ import os
 import secrets
 import subprocess
 import sys
+import warnings
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.streams.buffered
 import coredis
 import pytest
@@ -32,6 +35,7 @@ from cancelkit import (
 )
 from cancelkit.redis import RedisBackend, RedisBackendStatistics, RedisUnavailable
 from cancelkit.redis._codec import dump as _dump
+from cancelkit.redis._connection import _close_buffers, _Pool
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -520,6 +524,32 @@ async def test_unreachable_at_start_is_a_clear_error() -> None:
     with anyio.fail_after(10), pytest.raises(RedisUnavailable, match="cannot reach Redis at"):
         async with RedisBackend("redis://:secret@127.0.0.1:1/0", timeout=0.5):
             pass  # pragma: no cover
+
+
+async def test_a_connection_cut_short_as_it_connects_is_closed(redis: RedisServer) -> None:
+    """A connection attempt cancelled at any step, the step it connects included, leaves no
+    socket open (anyio < 4.16 lost the connected socket there: the reason for the floor)."""
+    pool = _Pool.from_url(redis.url, decode_responses=True, connect_timeout=5)
+
+    async def attempt(connection: coredis.BaseConnection) -> None:
+        with suppress(coredis.exceptions.ConnectionError):  # coredis's word for "cut short"
+            await connection.run()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            for steps in range(25):  # past the handshake: every step of the attempt is hit
+                connection = await pool._construct_connection()
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(attempt, connection)
+                        for _ in range(steps):
+                            await anyio.lowlevel.cancel_shielded_checkpoint()
+                        tg.cancel_scope.cancel()
+                _close_buffers(connection)
+                del connection
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 async def test_use_before_start_is_a_clear_error() -> None:
