@@ -10,6 +10,7 @@ it is missing (see ``noxfile.py``); under ``CI=true`` a missing server fails ins
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -17,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -166,3 +168,49 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+class OneShotProxy:
+    """A TCP forwarder to the server that accepts one connection, then refuses all others.
+
+    A driver sends its cancel request to the address it connected to: through this proxy the
+    connection works, and the cancel request's new connection is refused.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        self.threads = [threading.Thread(target=self._accept_one, daemon=True)]
+        self.threads[0].start()
+
+    def _accept_one(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except OSError:  # closed before anyone connected
+            return
+        self.listener.close()  # from now on, connections to self.port are refused
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        self.sockets += [client, upstream]
+        for source, sink in ((client, upstream), (upstream, client)):
+            thread = threading.Thread(target=self._pump, args=(source, sink), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        for thread in self.threads:
+            thread.join(10)

@@ -92,6 +92,7 @@ class PostgresTransaction:
     """
 
     __slots__ = (
+        "_canceller",
         "_cm",
         "_conn",
         "_driver",
@@ -106,6 +107,7 @@ class PostgresTransaction:
         self._conn: Any = conn
         self._driver = _driver(conn)
         self._cm: Any = None
+        self._canceller: threading.Thread | None = None
         #: The token the transaction follows.
         self.token = token
         #: The most seconds the cancel, the rollback and the release may take together.
@@ -187,13 +189,15 @@ class PostgresTransaction:
         conn = self._conn
         set_timeout = self._begin()
         tx = conn.transaction()
-        await tx.start()
-        committing = False
-        try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(self.cancel_timeout):
+            await tx.start()  # cut short, it would leave the connection in an unknown state
             if set_timeout is not None:
                 await conn.execute(set_timeout)
+        committing = False
+        try:
             with self.token.scope():
                 yield self
+            self.token.raise_if_cancelled()  # cancelled, not interrupted: never commit
             committing = True
             await tx.commit()
         except BaseException as exc:
@@ -224,26 +228,31 @@ class PostgresTransaction:
     async def _psycopg(self) -> AsyncIterator[PostgresTransaction]:
         # psycopg cancels the statement itself when its task is cancelled once; an anyio cancel
         # scope cancels again while it waits for the server, and psycopg then closes the
-        # connection with the statement still running. So the token does not interrupt a
-        # statement: a watcher sends the cancel request and interrupts the block only once the
-        # statement has ended (psycopg's lock is free), or after cancel_timeout.
+        # connection with the statement still running. So nothing interrupts a statement: the
+        # block is shielded (an enclosing scope's cancellation, the token's own TokenScope
+        # included, waits for it to end), and a watcher sends the cancel request and interrupts
+        # the block only once the statement has ended (psycopg's lock is free), or after
+        # cancel_timeout.
         conn = self._conn
         set_timeout = self._begin()
         key = conn.pgconn.get_cancel()  # still usable after psycopg closed the connection
         tx = conn.transaction()
-        await tx.__aenter__()
-        try:
+        with anyio.CancelScope(shield=True), anyio.fail_after(self.cancel_timeout):
+            await tx.__aenter__()  # cut short, it would leave the connection in an unknown state
             if set_timeout is not None:
                 await conn.execute(set_timeout)
-            with anyio.CancelScope() as scope:
+        try:
+            with anyio.CancelScope(shield=True) as scope:  # cancelled by the watcher only
                 watcher = asyncio.get_running_loop().create_task(self._watch(scope))
                 try:
                     yield self
                 finally:
-                    watcher.cancel()
+                    if not self.token.cancelled:
+                        watcher.cancel()  # else let it end: a cancel request cut short may
+                        # still reach the server, late, and cancel the next statement
                     with anyio.CancelScope(shield=True):
                         await asyncio.wait([watcher])
-            self._raise_if_interrupted(scope)
+            self.token.raise_if_cancelled()  # whether or not it interrupted the block
             await tx.__aexit__(None, None, None)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -253,10 +262,6 @@ class PostgresTransaction:
                 raise
             raise stopped from exc
         self.outcome = TransactionOutcome.COMMITTED
-
-    def _raise_if_interrupted(self, scope: anyio.CancelScope) -> None:
-        if scope.cancelled_caught:
-            self.token.raise_if_cancelled()
 
     async def _watch(self, scope: anyio.CancelScope) -> None:
         conn = self._conn
@@ -285,7 +290,10 @@ class PostgresTransaction:
             await conn.close()
             if closed_by_driver:  # its statement may still run: stop it with the saved key
                 with anyio.move_on_after(self.cancel_timeout):
-                    await anyio.to_thread.run_sync(key.cancel, abandon_on_cancel=True)
+                    try:
+                        await anyio.to_thread.run_sync(key.cancel, abandon_on_cancel=True)
+                    except Exception as cancel_error:
+                        error = self.error = self.error or cancel_error
             self._discarded(self.error or error, "the cancel or the rollback failed or timed out")
             return
         self.outcome = TransactionOutcome.ROLLED_BACK
@@ -316,11 +324,16 @@ class PostgresTransaction:
         finally:
             if handle is not None:
                 handle.unregister()
+            if self._canceller is not None:  # a cancel request cut short may still arrive,
+                self._canceller.join(self.cancel_timeout)  # late, and cancel the next statement
         self.outcome = TransactionOutcome.COMMITTED
 
     def _cancel_in_thread(self) -> None:
         # The token may be cancelled in an event loop's thread: never block it.
-        threading.Thread(target=self._cancel_sync, name="cancelkit-pg-cancel", daemon=True).start()
+        self._canceller = threading.Thread(
+            target=self._cancel_sync, name="cancelkit-pg-cancel", daemon=True
+        )
+        self._canceller.start()
 
     def _cancel_sync(self) -> None:
         try:

@@ -1,0 +1,286 @@
+"""cancelkit.postgres against a real PostgreSQL server: the query stops on the server.
+
+Server-side effects are observed from a second connection polling ``pg_stat_activity`` until a
+generous bound (``POLL``); the bound only decides when to give up, never what passes.
+asyncpg and psycopg's async mode run on asyncio only; the sync psycopg connection in a worker
+thread is the trio way (it runs on both).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import psycopg
+import psycopg_pool
+import pytest
+from anyio import wait_all_tasks_blocked
+
+import cancelkit
+from cancelkit.postgres import PostgresTransaction, TransactionOutcome, transaction
+from tests.postgres import OneShotProxy, PostgresServer
+
+POLL = 10.0  # seconds to wait for a server-side effect before failing
+CYCLES = 1000
+
+pytestmark = pytest.mark.anyio
+asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+
+def application_name() -> str:
+    return f"ck-{uuid.uuid4().hex[:12]}"
+
+
+class Monitor:
+    """A second connection that reads ``pg_stat_activity`` (sync, from worker threads)."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.conn = psycopg.connect(server.dsn, autocommit=True)
+
+    def states(self, app: str) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
+            (app,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def sql(self, query: str, *params: object) -> Any:
+        cursor = self.conn.execute(query.encode(), params)
+        row = cursor.fetchone() if cursor.description else None
+        return None if row is None else row[0]
+
+    async def wait_for(self, app: str, done: Callable[[list[str]], bool], what: str) -> None:
+        give_up = time.monotonic() + POLL
+        while not done(states := await anyio.to_thread.run_sync(self.states, app)):
+            if time.monotonic() > give_up:
+                pytest.fail(f"{what}: {POLL} s later the backends of {app} are {states}")
+            await anyio.sleep(0.002)
+
+    async def started(self, app: str) -> None:
+        await self.wait_for(app, lambda states: "active" in states, "the query never started")
+
+    async def stopped(self, app: str) -> None:
+        await self.wait_for(app, lambda states: "active" not in states, "the query still runs")
+
+    def terminate(self, app: str) -> None:
+        self.sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            app,
+        )
+
+
+@pytest.fixture
+def monitor(postgres_server: PostgresServer) -> Any:
+    monitor = Monitor(postgres_server)
+    yield monitor
+    monitor.conn.close()
+
+
+# --------------------------------------------------------------------------- the two drivers
+
+
+class Driver:
+    """What the tests do with a driver's pool and connections, the same for both."""
+
+    name = ""
+
+    def pool(self, server: PostgresServer, app: str, size: int) -> Any:
+        raise NotImplementedError
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        raise NotImplementedError
+
+    async def run(self, conn: Any, query: str) -> Any:
+        raise NotImplementedError
+
+
+class Asyncpg(Driver):
+    name = "asyncpg"
+
+    @asynccontextmanager
+    async def pool(self, server: PostgresServer, app: str, size: int) -> AsyncIterator[Any]:
+        async with asyncpg.create_pool(
+            server.url, min_size=size, max_size=size, server_settings={"application_name": app}
+        ) as pool:
+            yield pool
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        return pool.acquire()  # type: ignore[no-any-return]
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=port,
+            user=server.user,
+            database=server.database,
+            server_settings={"application_name": app},
+        )
+
+    async def run(self, conn: Any, query: str) -> Any:
+        return await conn.fetchval(query)
+
+
+class Psycopg(Driver):
+    name = "psycopg"
+
+    @asynccontextmanager
+    async def pool(self, server: PostgresServer, app: str, size: int) -> AsyncIterator[Any]:
+        async with psycopg_pool.AsyncConnectionPool(
+            server.dsn,
+            min_size=size,
+            max_size=size,
+            kwargs={"application_name": app, "autocommit": True},
+            open=False,
+        ) as pool:
+            await pool.wait()
+            yield pool
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        return pool.connection()  # type: ignore[no-any-return]
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        return await psycopg.AsyncConnection.connect(
+            f"host=127.0.0.1 port={port} user={server.user} dbname={server.database}",
+            application_name=app,
+            autocommit=True,
+        )
+
+    async def run(self, conn: Any, query: str) -> Any:
+        cursor = await conn.execute(query.encode())
+        row = await cursor.fetchone() if cursor.description else None
+        return None if row is None else row[0]
+
+
+DRIVERS = [pytest.param(Asyncpg(), id="asyncpg"), pytest.param(Psycopg(), id="psycopg")]
+
+
+async def cancelled_in_flight(
+    monitor: Monitor, app: str, token: cancelkit.CancellationToken, work: Callable[[], Any]
+) -> None:
+    """Run ``work`` until its query is active on the server, cancel, see the query stop."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await monitor.started(app)
+        token.cancel()
+        await monitor.stopped(app)
+
+
+# --------------------------------------------------------------------------- asyncio drivers
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_cancelled_query_stops_on_the_server_and_the_pooled_connection_is_reused(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """pg_sleep(30) under a cancelled token leaves `active`; the pool's connection then works."""
+    app = application_name()
+    token = cancelkit.CancellationToken()
+    seen: dict[str, Any] = {}
+
+    async def work() -> None:
+        async with driver.acquire(pool) as conn:
+            seen["pid"] = await driver.run(conn, "SELECT pg_backend_pid()")
+            with pytest.raises(cancelkit.OperationCancelled) as caught:
+                async with transaction(conn, token=token) as seen["tx"]:
+                    await driver.run(conn, "SELECT pg_sleep(30)")
+            assert caught.value.reason is token.reason
+
+    async with driver.pool(postgres_server, app, 1) as pool:
+        await cancelled_in_flight(monitor, app, token, work)
+        assert seen["tx"].outcome is TransactionOutcome.ROLLED_BACK
+        async with driver.acquire(pool) as conn:
+            assert await driver.run(conn, "SELECT pg_backend_pid()") == seen["pid"]
+            assert await driver.run(conn, "SELECT 1") == 1
+    assert monitor.states(app) in ([], ["idle"])  # idle: the pool's close still on its way
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_cancelled_statements_row_lock_is_released(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """The cancelled statement's transaction is rolled back: another one gets its row lock."""
+    app, table = application_name(), f"locks_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+    monitor.sql(f"INSERT INTO {table} VALUES (1, 0) RETURNING v")
+    token = cancelkit.CancellationToken()
+
+    async def work() -> None:
+        with pytest.raises(cancelkit.OperationCancelled):
+            async with driver.acquire(pool) as conn, transaction(conn, token=token):
+                await driver.run(conn, f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+                await driver.run(conn, "SELECT pg_sleep(30)")
+
+    def take_the_lock() -> Any:
+        with psycopg.connect(postgres_server.dsn) as other:
+            other.execute(f"SET lock_timeout = '{POLL}s'")
+            row = other.execute(f"UPDATE {table} SET v = v + 10 WHERE id = 1 RETURNING v")
+            return row.fetchone()
+
+    async with driver.pool(postgres_server, app, 1) as pool:
+        await cancelled_in_flight(monitor, app, token, work)
+        assert await anyio.to_thread.run_sync(take_the_lock) == (10,)  # the +1 rolled back
+    monitor.sql(f"DROP TABLE {table}")
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_cancel_cycles_leak_no_connection_and_leave_none_idle_in_transaction(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """1,000 cancels (before the transaction, as it begins, in a statement), in track()'s scope."""
+    app, size = application_name(), 2
+    outcomes: dict[TransactionOutcome | None, int] = {}
+
+    async def one(pool: Any, token: cancelkit.CancellationToken, ready: anyio.Event) -> None:
+        async with driver.acquire(pool) as conn:
+            tx = transaction(conn, token=token)
+            with token.move_on():  # the request's own interrupting scope, as in track()
+                try:
+                    async with tx:
+                        ready.set()
+                        await driver.run(conn, "SELECT pg_sleep(0.05)")
+                except cancelkit.OperationCancelled:
+                    assert token.cancelled
+            outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
+
+    async with driver.pool(postgres_server, app, size) as pool:
+        for cycle in range(CYCLES // size):
+            lanes = [(cancelkit.CancellationToken(), anyio.Event()) for _ in range(size)]
+            async with anyio.create_task_group() as tg:
+                for token, ready in lanes:
+                    if cycle % 3 == 0:
+                        token.cancel()  # before the transaction
+                    tg.start_soon(one, pool, token, ready)
+                if cycle % 3 == 1:  # in the statement: sent, its answer awaited
+                    for _, ready in lanes:
+                        await ready.wait()
+                    await wait_all_tasks_blocked()
+                else:  # cycle % 3 == 2: wherever they are (acquiring, beginning)
+                    await anyio.lowlevel.checkpoint()
+                for token, _ in lanes:
+                    token.cancel()
+        states = monitor.states(app)
+        assert sorted(states) == ["idle"] * size  # none active, none idle in transaction
+    await monitor.wait_for(app, lambda states: not states, "connections left after the pool")
+    before = size * len(range(0, CYCLES // size, 3))  # cancelled before: never began
+    assert outcomes.pop(None) == before
+    # A statement may end before its cancel (then it commits): all that matters is that no
+    # connection had to be discarded.
+    assert set(outcomes) <= {TransactionOutcome.ROLLED_BACK, TransactionOutcome.COMMITTED}
+    assert outcomes[TransactionOutcome.ROLLED_BACK] > (CYCLES - before) // 2, outcomes
