@@ -211,6 +211,8 @@ class OneShotProxy:
 
     def close(self) -> None:
         for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv()
             sock.close()
         for thread in self.threads:
             thread.join(10)

@@ -8,10 +8,10 @@ thread is the trio way (it runs on both).
 
 from __future__ import annotations
 
-import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -284,3 +284,236 @@ async def test_cancel_cycles_leak_no_connection_and_leave_none_idle_in_transacti
     # connection had to be discarded.
     assert set(outcomes) <= {TransactionOutcome.ROLLED_BACK, TransactionOutcome.COMMITTED}
     assert outcomes[TransactionOutcome.ROLLED_BACK] > (CYCLES - before) // 2, outcomes
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_the_deadline_stops_the_query_when_the_client_process_is_killed(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """statement_timeout from the token's deadline: the server stops it, the client is gone."""
+    app = application_name()
+    dsn = postgres_server.url if driver.name == "asyncpg" else postgres_server.dsn
+    command = [sys.executable, "-m", "tests.postgres_client", driver.name, dsn, app, "2"]
+    client = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        await monitor.started(app)
+        client.send_signal(signal.SIGKILL)  # long before its deadline: it cannot cancel
+        assert await anyio.to_thread.run_sync(client.wait) == -signal.SIGKILL
+        await monitor.stopped(app)  # pg_sleep(30), stopped at about 2 s by the server
+    finally:
+        client.kill()
+        client.wait()
+        assert client.stderr is not None
+        client.stderr.close()
+        monitor.terminate(app)
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_refused_cancel_request_ends_in_bounded_time_without_a_raw_exception(
+    driver: Driver,
+    postgres_server: PostgresServer,
+    monitor: Monitor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The cancel connection refused: OperationCancelled, the connection discarded, logged."""
+    app = application_name()
+    proxy = OneShotProxy(postgres_server.port)  # the cancel request's connection is refused
+    token = cancelkit.CancellationToken()
+    seen: dict[str, Any] = {}
+
+    async def work() -> None:
+        conn = await driver.connect(postgres_server, app, proxy.port)
+        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+            async with transaction(conn, token=token, cancel_timeout=1) as seen["tx"]:
+                await driver.run(conn, "SELECT pg_sleep(30)")
+        seen["closed"] = conn.is_closed() if driver.name == "asyncpg" else conn.closed
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await monitor.started(app)
+            token.cancel()
+    finally:
+        proxy.close()
+        monitor.terminate(app)
+    assert seen["tx"].outcome is TransactionOutcome.DISCARDED
+    assert seen["closed"]
+    assert "connection discarded" in caplog.text
+
+
+# --------------------------------------------------------------------------- sync psycopg in a thread
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_thread_statement_stops_when_the_token_is_cancelled_on_trio(
+    postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """Sync psycopg in a worker thread: the token's cancel stops it; the connection is reused."""
+    app, table = application_name(), f"locks_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+    monitor.sql(f"INSERT INTO {table} VALUES (1, 0)")
+    conn = psycopg.connect(postgres_server.dsn, application_name=app, autocommit=True)
+    token = cancelkit.CancellationToken()
+    seen: dict[str, PostgresTransaction] = {}
+
+    def work() -> None:  # current_token() follows the call into the thread
+        with transaction(conn) as seen["tx"]:
+            conn.execute(f"UPDATE {table} SET v = v + 1 WHERE id = 1".encode())
+            conn.execute(b"SELECT pg_sleep(30)")
+
+    async def request() -> None:
+        with pytest.raises(cancelkit.OperationCancelled), token.scope():
+            await anyio.to_thread.run_sync(work)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await monitor.started(app)
+            token.cancel()
+            await monitor.stopped(app)
+        assert seen["tx"].outcome is TransactionOutcome.ROLLED_BACK
+        assert conn.execute(b"SELECT v FROM " + table.encode()).fetchone() == (0,)
+    finally:
+        conn.close()
+        monitor.sql(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_thread_cancel_cycles_leave_the_connection_clean_on_trio(
+    postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """Cancels before and during a thread's statement: never idle in transaction, never lost."""
+    app = application_name()
+    conn = psycopg.connect(postgres_server.dsn, application_name=app, autocommit=True)
+    outcomes: dict[TransactionOutcome | None, int] = {}
+
+    def work(token: cancelkit.CancellationToken, ready: threading.Event) -> None:
+        tx = transaction(conn, token=token)
+        try:
+            with tx:
+                ready.set()
+                conn.execute(b"SELECT pg_sleep(0.05)")
+        except cancelkit.OperationCancelled:
+            pass
+        finally:
+            ready.set()
+            outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
+
+    try:
+        for cycle in range(CYCLES // 5):
+            token, ready = cancelkit.CancellationToken(), threading.Event()
+            if cycle % 2 == 0:
+                token.cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, work, token, ready)
+                await anyio.to_thread.run_sync(ready.wait)
+                token.cancel()
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert monitor.states(app) == ["idle"]
+    finally:
+        conn.close()
+    assert outcomes.pop(None) == CYCLES // 10
+    assert set(outcomes) <= {TransactionOutcome.ROLLED_BACK, TransactionOutcome.COMMITTED}
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_refused_cancel_in_a_thread_is_logged_and_the_deadline_still_stops_it(
+    postgres_server: PostgresServer, monitor: Monitor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The thread's cancel request refused: logged; the statement_timeout ends the statement."""
+    app = application_name()
+    proxy = OneShotProxy(postgres_server.port)
+    conn = psycopg.connect(
+        f"host=127.0.0.1 port={proxy.port} user={postgres_server.user}",
+        application_name=app,
+        autocommit=True,
+    )
+    token = cancelkit.CancellationToken(timeout=2)
+
+    def work() -> None:
+        with transaction(conn, token=token, cancel_timeout=1):
+            conn.execute(b"SELECT pg_sleep(30)")
+
+    async def request() -> None:
+        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+            await anyio.to_thread.run_sync(work)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await monitor.started(app)
+            token.cancel()  # its cancel request is refused: the statement goes on, till 2 s
+    finally:
+        conn.close()
+        proxy.close()
+        monitor.terminate(app)
+    assert "the cancel request failed" in caplog.text
+
+
+# --------------------------------------------------------------------------- the rest of the contract
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_commit_error_and_outer_cancel_leave_nothing_behind(
+    driver: Driver, postgres_server: PostgresServer
+) -> None:
+    """Commits; SET LOCAL ends with it; an error rolls back; an outer cancel goes through."""
+    async with driver.pool(postgres_server, application_name(), 1) as pool:
+        async with driver.acquire(pool) as conn:
+            token = cancelkit.CancellationToken(timeout=60)
+            async with transaction(conn, token=token) as tx:
+                assert tx.statement_timeout is not None
+                assert 59_000 < tx.statement_timeout <= 60_000
+                assert await driver.run(conn, "SHOW statement_timeout") == "1min"
+            assert tx.outcome is TransactionOutcome.COMMITTED
+            assert await driver.run(conn, "SHOW statement_timeout") == "0"  # not left behind
+
+            with pytest.raises(ZeroDivisionError):
+                async with transaction(conn, token=cancelkit.CancellationToken()) as tx:
+                    assert tx.statement_timeout is None  # no deadline, no timeout
+                    1 / 0  # noqa: B018
+            assert tx.outcome is TransactionOutcome.ROLLED_BACK
+
+            with anyio.CancelScope() as outer:
+                with cancelkit.CancellationToken().scope() as scope:
+                    async with transaction(conn) as tx:  # current_token()
+                        outer.cancel()
+                        await driver.run(conn, "SELECT pg_sleep(0.1)")
+                    await anyio.lowlevel.checkpoint()
+            assert outer.cancelled_caught and not scope.cancelled_caught  # not swallowed
+            # asyncpg's statement is interrupted; psycopg's block is shielded from everything but
+            # its token (psycopg would close the connection), so the outer cancel waits for it
+            expected = "rolled_back" if driver.name == "asyncpg" else "committed"
+            assert tx.outcome == expected
+            assert await driver.run(conn, "SELECT 1") == 1
+
+
+@asyncio_only
+async def test_misuse_is_refused_clearly(postgres_server: PostgresServer) -> None:
+    """Wrong connection type, wrong kind of `with`, no token, a bad timeout, a second entry."""
+    token = cancelkit.CancellationToken()
+    with pytest.raises(TypeError, match="asyncpg connection"):
+        transaction(object(), token=token)  # type: ignore[arg-type]
+    with psycopg.Connection.connect(postgres_server.dsn) as conn:
+        with pytest.raises(RuntimeError, match="needs a token"):
+            transaction(conn)
+        with pytest.raises(ValueError, match="cancel_timeout"):
+            transaction(conn, token=token, cancel_timeout=0)
+        tx = transaction(conn, token=token)
+        with pytest.raises(TypeError, match="'with transaction"):
+            await tx.__aenter__()
+        with tx:
+            pass
+        with pytest.raises(RuntimeError, match="only be entered once"), tx:
+            pass
+    async with await psycopg.AsyncConnection.connect(postgres_server.dsn) as aconn:
+        atx = transaction(aconn, token=token)
+        with pytest.raises(TypeError, match="'async with"):
+            atx.__enter__()
+        async with atx:
+            pass
+        with pytest.raises(RuntimeError, match="only be entered once"):
+            await atx.__aenter__()

@@ -199,7 +199,8 @@ class PostgresTransaction:
                 yield self
             self.token.raise_if_cancelled()  # cancelled, not interrupted: never commit
             committing = True
-            await tx.commit()
+            with anyio.CancelScope(shield=True):  # cut short, it would leave an unknown state
+                await tx.commit()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._settle_asyncpg(tx, committing)
@@ -253,7 +254,8 @@ class PostgresTransaction:
                     with anyio.CancelScope(shield=True):
                         await asyncio.wait([watcher])
             self.token.raise_if_cancelled()  # whether or not it interrupted the block
-            await tx.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):  # cut short, psycopg would close the connection
+                await tx.__aexit__(None, None, None)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._settle_psycopg(tx, key, exc)
@@ -285,7 +287,7 @@ class PostgresTransaction:
                 if not conn.closed:
                     await tx.__aexit__(type(exc), exc, exc.__traceback__)
                 _check_clean(conn.closed or conn.info.transaction_status != _psycopg_idle())
-        except Exception as error:
+        except Exception:
             closed_by_driver = conn.closed
             await conn.close()
             if closed_by_driver:  # its statement may still run: stop it with the saved key
@@ -330,10 +332,11 @@ class PostgresTransaction:
 
     def _cancel_in_thread(self) -> None:
         # The token may be cancelled in an event loop's thread: never block it.
-        self._canceller = threading.Thread(
+        canceller = threading.Thread(
             target=self._cancel_sync, name="cancelkit-pg-cancel", daemon=True
         )
-        self._canceller.start()
+        canceller.start()
+        self._canceller = canceller
 
     def _cancel_sync(self) -> None:
         try:
