@@ -16,8 +16,8 @@ import cancelkit
 from cancelkit.postgres import transaction
 
 
-async def main(driver: str, dsn: str, app: str, timeout: float) -> None:
-    token = cancelkit.CancellationToken(timeout=timeout)
+async def main(driver: str, dsn: str, app: str, seconds: float) -> None:
+    token = cancelkit.CancellationToken(timeout=seconds)
     if driver == "asyncpg":
         import asyncpg
 
