@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -499,7 +500,7 @@ async def test_misuse_is_refused_clearly(postgres_server: PostgresServer) -> Non
     """Wrong connection type, wrong kind of `with`, no token, a bad timeout, a second entry."""
     token = cancelkit.CancellationToken()
     with pytest.raises(TypeError, match="asyncpg connection"):
-        transaction(object(), token=token)  # type: ignore[arg-type]
+        transaction(object(), token=token)
     with psycopg.Connection.connect(postgres_server.dsn) as conn:
         with pytest.raises(RuntimeError, match="needs a token"):
             transaction(conn)
@@ -520,3 +521,23 @@ async def test_misuse_is_refused_clearly(postgres_server: PostgresServer) -> Non
             pass
         with pytest.raises(RuntimeError, match="only be entered once"):
             await atx.__aenter__()
+
+
+def test_the_docs_example_stops_both_queries(postgres_server: PostgresServer) -> None:
+    """docs/examples/postgres_example.py against a real server: both statements stop."""
+    example = Path(__file__).parent.parent / "docs" / "examples" / "postgres_example.py"
+    result = subprocess.run(
+        [sys.executable, str(example), postgres_server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "statement_timeout for this transaction: 10000 ms",
+        "asyncpg: stopped: requested",
+        "asyncpg: statements still running on the server: 0",
+        "trio: stopped: requested",
+        "trio: the connection is IDLE",
+    ]

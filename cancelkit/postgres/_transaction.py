@@ -12,22 +12,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, final
+from typing import Any, Literal, TypeAlias, final
 
 import anyio
 import anyio.to_thread
 
 from .. import CancellationToken, OperationCancelled, current_token
-
-if TYPE_CHECKING:
-    import asyncpg
-    import asyncpg.pool
-    import psycopg
-
-    Connection: TypeAlias = (
-        "asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[Any]"
-        " | psycopg.AsyncConnection[Any] | psycopg.Connection[Any]"
-    )
 
 __all__ = ["PostgresTransaction", "TransactionOutcome", "transaction"]
 
@@ -103,7 +93,7 @@ class PostgresTransaction:
         "token",
     )
 
-    def __init__(self, conn: Connection, token: CancellationToken, cancel_timeout: float) -> None:
+    def __init__(self, conn: object, token: CancellationToken, cancel_timeout: float) -> None:
         self._conn: Any = conn
         self._driver = _driver(conn)
         self._cm: Any = None
@@ -364,7 +354,7 @@ def _psycopg_idle() -> object:
 
 
 def transaction(
-    conn: Connection,
+    conn: object,
     *,
     token: CancellationToken | None = None,
     cancel_timeout: float = 5.0,
@@ -378,7 +368,8 @@ def transaction(
     transaction ends).
 
     Args:
-        conn: the connection.
+        conn: an ``asyncpg.Connection`` or pool connection, a ``psycopg.AsyncConnection``, or
+            a sync ``psycopg.Connection`` (checked when called).
         token: the token to follow; :func:`~cancelkit.current_token` when omitted.
         cancel_timeout: the most seconds the cancel request, the wait for the statement to
             end and the rollback may take before the connection is discarded instead.
