@@ -1,8 +1,9 @@
 """Nox sessions: tests on 3.11-3.13, coverage, lint, typecheck, docs, example, demo, bench.
 
-The tests need two programs that pip cannot install: a real ``redis-server`` (the Redis
-integration tests) and Chromium (the demo's browser test; Playwright drives the system browser,
-it never downloads one). The ``tests`` sessions find them, and when one is missing and this
+The tests need programs that pip cannot install: a real ``redis-server`` (the Redis
+integration tests), Chromium (the demo's browser test; Playwright drives the system browser,
+it never downloads one) and PostgreSQL's ``pg_ctl``/``initdb`` (``CANCELKIT_PG_CTL``; the
+Postgres tests). The ``tests`` sessions find them, and when one is missing and this
 process may use Debian's package manager (root, ``apt-get`` present), install it with
 ``apt-get`` and say so. ``CANCELKIT_PROVISION=no`` forbids installing; ``CANCELKIT_REDIS_SERVER``
 and ``CANCELKIT_CHROMIUM`` name the programs to use instead of looking them up on ``PATH``.
