@@ -50,7 +50,10 @@ class Monitor:
 
     def states(self, app: str) -> list[str]:
         rows = self.conn.execute(
-            "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
+            # "active" means our pg_sleep() runs: other statements are not what tests wait for
+            "SELECT CASE WHEN state = 'active' AND query NOT LIKE '%%pg_sleep%%'"
+            " THEN 'active (other)' ELSE coalesce(state, '') END"
+            " FROM pg_stat_activity WHERE application_name = %s",
             (app,),
         ).fetchall()
         return [row[0] for row in rows]
