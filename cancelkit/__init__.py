@@ -24,11 +24,17 @@ from ._asgi import DisconnectOutcome as DisconnectOutcome
 from ._asgi import DisconnectStatistics as DisconnectStatistics
 from ._asgi import request_token as request_token
 from ._asgi import shielded_cleanup as shielded_cleanup
+from ._exceptions import BackendUnavailable as BackendUnavailable
+from ._exceptions import CancelkitError as CancelkitError
+from ._exceptions import OperationCancelled as OperationCancelled
+from ._exceptions import OperationExists as OperationExists
+from ._exceptions import RegistryFull as RegistryFull
+from ._exceptions import SlotBusy as SlotBusy
 from ._http import exception_handlers as exception_handlers
 from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
-from ._latest import SlotBusy as SlotBusy
+from ._latest import Policy as Policy
 from ._operations import BackgroundOperations as BackgroundOperations
 from ._operations import MemoryStatusStore as MemoryStatusStore
 from ._operations import OperationError as OperationError
@@ -39,7 +45,6 @@ from ._operations import Progress as Progress
 from ._operations import StatusStore as StatusStore
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
-from ._reason import OperationCancelled as OperationCancelled
 from ._registry import RegistryStatistics as RegistryStatistics
 from ._registry import TokenRegistry as TokenRegistry
 from ._registry import TrackedOperation as TrackedOperation
@@ -49,16 +54,16 @@ from ._token import TokenScope as TokenScope
 from ._token import TokenStatistics as TokenStatistics
 from ._token import current_token as current_token
 from .backends import CancelOutcome as CancelOutcome
-from .backends import OperationExists as OperationExists
-from .backends import RegistryFull as RegistryFull
 
 __all__ = [
+    "BackendUnavailable",
     "BackgroundOperations",
     "CallbackHandle",
     "CancelKind",
     "CancelOnDisconnect",
     "CancelOutcome",
     "CancelReason",
+    "CancelkitError",
     "CancellationToken",
     "Claim",
     "DisconnectGuard",
@@ -73,6 +78,7 @@ __all__ = [
     "OperationState",
     "OperationStatus",
     "OperationsStatistics",
+    "Policy",
     "Progress",
     "RegistryFull",
     "RegistryStatistics",
@@ -91,5 +97,6 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 for _name in __all__:
-    globals()[_name].__module__ = __name__
+    if _name != "Policy":  # a typing alias (cached by typing, shared): it keeps its module
+        globals()[_name].__module__ = __name__
 del _name

@@ -19,8 +19,9 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import AsyncBackend
 
+from ._exceptions import OperationCancelled
 from ._http import answer_for_reason, log_ended, log_gone
-from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._reason import CancelKind, CancelReason
 from ._token import CallbackHandle, CancellationToken, _current
 
 __all__ = [

@@ -28,9 +28,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
-from ._latest import SlotBusy
-from ._reason import CancelKind, CancelReason, OperationCancelled
-from .backends import OperationExists, RegistryFull
+from ._exceptions import OperationCancelled, OperationExists, RegistryFull, SlotBusy
+from ._reason import CancelKind, CancelReason
 
 __all__ = ["HTTPAnswer", "answer_for", "answer_for_reason", "exception_handlers", "log_gone"]
 

@@ -10,7 +10,8 @@ from typing import final
 
 import anyio
 
-from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._exceptions import OperationCancelled, SlotBusy
+from ._reason import CancelKind, CancelReason
 from ._token import CancellationToken, TokenScope
 from .backends import Acquired, Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
 from .backends._memory import _admit, _drop
@@ -36,25 +37,6 @@ _MAX_SEQ = 2**53  # exact in a Lua (double) number, so the Redis scripts compare
 
 #: The start of the reason message of a claim refused for its sequence number.
 STALE = "stale:"
-
-
-class SlotBusy(Exception):
-    """A claim could not start because the key is taken.
-
-    Raised by the ``reject`` policy while ``max_concurrency`` claims run on the key, by
-    ``enqueue`` when ``max_waiting`` claims already wait, and by any policy when the claim's
-    turn did not come within ``handover_timeout``.
-
-    Args:
-        key: the key.
-        message: what happened.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{message} (key {key!r})")
-        self.key = key
 
 
 @final

@@ -7,7 +7,7 @@ cancelkit: an *operation* has an id and an owner, as in :class:`~cancelkit.Token
 it is cancelled with a :class:`~cancelkit.CancelReason`; refusals are
 :exc:`~cancelkit.RegistryFull` and :exc:`~cancelkit.OperationExists`.
 
-.. versionadded:: 0.2
+.. versionadded:: 0.1
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from typing import Any, Protocol, TypeVarTuple, Unpack, final
 import anyio
 from anyio.abc import TaskGroup
 
-from ._reason import CancelKind, CancelReason, OperationCancelled
+from ._exceptions import OperationCancelled, OperationExists, RegistryFull
+from ._reason import CancelKind, CancelReason
 from ._registry import TokenRegistry, _check
 from ._token import CancellationToken
-from .backends import CancelOutcome, OperationExists, RegistryFull
+from .backends import CancelOutcome
 
 __all__ = [
     "BackgroundOperations",
@@ -54,7 +55,7 @@ _MAX_TEXT = 1000  # characters kept of an error message or a progress message
 class OperationState(enum.StrEnum):
     """Where a background operation is in its life.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     #: Started and not ended yet.
@@ -84,7 +85,7 @@ class OperationError:
         type_name: the exception's class name, e.g. ``"ValueError"`` (``"type"`` in JSON).
         message: ``str(exc)``, cut to 1000 characters.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     type_name: str
@@ -101,7 +102,7 @@ class Progress:
         total: how much there is in all, if known.
         message: a short human-readable note (cut to 1000 characters).
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     done: float
@@ -128,7 +129,7 @@ class OperationStatus:
         progress: the latest progress report, if the operation made any.
         worker: the worker that runs it, when the store knows one (Redis), else ``None``.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     id: str
@@ -219,7 +220,7 @@ class StatusStore(Protocol):
     and ``worker``); calls are bounded in time and never block the event loop.
     :class:`BackgroundOperations` enters the store when it is entered.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     @property
@@ -261,7 +262,7 @@ class MemoryStatusStore:
     Raises:
         ValueError: if an option is out of range.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     __slots__ = ("_clock", "_ended", "_max", "_retention", "_running")
@@ -410,7 +411,7 @@ class OperationsStatistics:
         cancelled: how many were cancelled, by the kind of the root reason.
         refused: starts refused by a limit (:exc:`~cancelkit.RegistryFull`).
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     running: int
@@ -724,7 +725,7 @@ class BackgroundOperations:
     Raises:
         ValueError: if an option is out of range.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     __slots__ = (
@@ -854,7 +855,7 @@ class BackgroundOperations:
 
         Raises:
             ValueError: for an invalid id or owner.
-            OperationExists: if ``id`` runs already for ``owner`` (a ValueError too).
+            OperationExists: if ``id`` runs already for ``owner``.
             RegistryFull: if ``max_running`` (``limit="max_running"``) or
                 ``max_running_per_owner`` operations run already, or the registry is full.
             OperationCancelled: with reason ``shutdown`` once the application is shutting

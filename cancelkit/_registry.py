@@ -10,14 +10,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import final
 
+from ._exceptions import OperationExists, RegistryFull
 from ._reason import CancelKind, CancelReason
 from ._token import CancellationToken, TokenScope
 from .backends import (
     Backend,
     CancelOutcome,
     MemoryBackend,
-    OperationExists,
-    RegistryFull,
     new_holder_id,
 )
 
@@ -171,7 +170,7 @@ class TokenRegistry:
 
         Raises:
             ValueError: for an invalid id or owner.
-            OperationExists: for an id already tracked for this owner (a ValueError too).
+            OperationExists: for an id already tracked for this owner.
             RegistryFull: when ``max_running`` or ``max_running_per_owner`` is reached
                 (``limit`` names which).
             OperationCancelled: when the operation was cancelled before it started.

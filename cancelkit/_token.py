@@ -19,7 +19,8 @@ from typing import Protocol, TypeVar, cast, final
 import anyio
 import anyio.lowlevel
 
-from ._reason import CancelKind, CancelReason, OperationCancelled, _fast_reason
+from ._exceptions import OperationCancelled
+from ._reason import CancelKind, CancelReason, _fast_reason
 
 __all__ = [
     "CallbackHandle",

@@ -545,17 +545,20 @@ def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
 # =============================================================================================
 
 import logging  # noqa: E402
-import sys  # noqa: E402
 
 import anyio  # noqa: E402
 from fastapi import HTTPException, Query  # noqa: E402
 from pydantic import Field  # noqa: E402
 
+from ._exceptions import (  # noqa: E402
+    BackendUnavailable,
+    OperationCancelled,
+    OperationExists,
+    RegistryFull,
+)
 from ._http import HTTPAnswer, answer_for  # noqa: E402
 from ._operations import BackgroundOperations, OperationStatus  # noqa: E402
-from ._reason import OperationCancelled  # noqa: E402
 from ._registry import _check  # noqa: E402
-from .backends import OperationExists, RegistryFull  # noqa: E402
 
 __all__ += [
     "OperationErrorBody",
@@ -602,7 +605,7 @@ def _checked_owner(owner: _OwnerDependency | None) -> Callable[..., Any]:
 class OperationStartedBody(BaseModel):
     """The JSON body of ``202 Accepted`` for a started background operation.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     id: str
@@ -613,7 +616,7 @@ class OperationStartedBody(BaseModel):
 class OperationErrorBody(BaseModel):
     """Why a background operation failed: the error's type (``"type"`` in JSON) and message.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     type_name: str = Field(alias="type")
@@ -623,7 +626,7 @@ class OperationErrorBody(BaseModel):
 class OperationReasonBody(BaseModel):
     """Why a background operation was cancelled (the root reason, as in :class:`CancelledBody`).
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     kind: str
@@ -634,7 +637,7 @@ class OperationReasonBody(BaseModel):
 class OperationProgressBody(BaseModel):
     """The latest progress report of a background operation.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     done: float
@@ -645,7 +648,7 @@ class OperationProgressBody(BaseModel):
 class OperationStatusBody(BaseModel):
     """The JSON body of the status endpoint (see :class:`~cancelkit.OperationStatus`).
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     id: str
@@ -669,9 +672,8 @@ def _status_body(status: OperationStatus) -> dict[str, Any]:
 
 
 def _unavailable(exc: Exception) -> Response | None:
-    """503 for a store or backend that cannot be reached (cancelkit.redis, if it is in use)."""
-    redis = sys.modules.get("cancelkit.redis")
-    if redis is None or not isinstance(exc, redis.RedisUnavailable):
+    """503 for a store or backend that cannot be reached (a Redis server, say)."""
+    if not isinstance(exc, BackendUnavailable):
         return None
     return _answer(HTTPAnswer(503, "unavailable", str(exc), None, 1))
 
@@ -697,7 +699,7 @@ class OperationStarter:
     the id and a ``Location`` of its status; a refusal is answered from cancelkit's table:
     ``409`` for a running id, ``503`` with ``Retry-After`` for a limit or a shutdown.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     __slots__ = ("_id", "_operations", "_owner", "_request", "_route")
@@ -772,7 +774,7 @@ def operation_starter(
     Returns:
         A ``Depends`` marker for ``Annotated[OperationStarter, ...]``.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
     if not isinstance(operations, BackgroundOperations):
         raise TypeError(f"operations must be BackgroundOperations, not {type(operations).__name__}")
@@ -835,7 +837,7 @@ def operations_router(
     Raises:
         ValueError: for a path without ``{operation_id}`` or a negative ``max_wait``.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
     if not isinstance(operations, BackgroundOperations):
         raise TypeError(f"operations must be BackgroundOperations, not {type(operations).__name__}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from cancelkit import CancelKind, CancelOutcome, CancelReason, RegistryFull
+from cancelkit import CancelKind, CancelOutcome, CancelReason, OperationExists, RegistryFull
 from cancelkit.backends import Acquired, Admission, MemoryBackend, SlotPolicy, new_holder_id
 
 pytestmark = pytest.mark.anyio
@@ -76,7 +76,7 @@ async def test_duplicate_registration_is_refused() -> None:
     """Registering a live (owner, id) again raises ValueError and keeps the first holder."""
     backend, _, got = make()
     await backend.register("a", None, "h1", got.append)
-    with pytest.raises(ValueError, match="already running"):
+    with pytest.raises(OperationExists, match="already running"):
         await backend.register("a", None, "h2", got.append)
     await backend.unregister("a", None, "h2")
     assert await backend.cancel("a", None, CancelReason()) is CancelOutcome.CANCELLED

@@ -34,6 +34,7 @@ from cancelkit import (
     CancelOutcome,
     LatestOnly,
     OperationCancelled,
+    OperationExists,
     SlotBusy,
     TokenRegistry,
 )
@@ -193,7 +194,7 @@ async def unblocked_within_a_lease(backend: RedisBackend, keys: list[str], ids: 
                 try:
                     async with registry.track(id):
                         break
-                except ValueError:  # OperationExists: the id is still held
+                except OperationExists:  # the id is still held
                     await anyio.sleep(0.05)
 
 

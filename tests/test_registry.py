@@ -23,6 +23,7 @@ from cancelkit import (
     CancelOutcome,
     CancelReason,
     OperationCancelled,
+    OperationExists,
     RegistryFull,
     TokenRegistry,
     TrackedOperation,
@@ -146,7 +147,7 @@ async def test_the_same_id_is_refused_while_live_but_fine_for_another_owner() ->
     """Tracking a live id again raises ValueError; other owners have their own ids."""
     registry = TokenRegistry()
     async with registry.track("a") as first:
-        with pytest.raises(ValueError, match="already running"):
+        with pytest.raises(OperationExists, match="already running"):
             async with registry.track("a"):
                 pass
         async with registry.track("a", owner="u"):
@@ -159,7 +160,7 @@ async def test_a_shared_backend_refuses_an_id_live_in_another_registry() -> None
     backend = MemoryBackend()
     one, two = TokenRegistry(backend=backend), TokenRegistry(backend=backend)
     async with one.track("a"):
-        with pytest.raises(ValueError, match="already running"):
+        with pytest.raises(OperationExists, match="already running"):
             async with two.track("a"):
                 pass
         assert two.statistics().running == 0
@@ -415,7 +416,7 @@ class RegistryMachine(RuleBasedStateMachine):
         name = (owner, id)
         event = self.portal.call(anyio.Event)
         if name in self.running:
-            with pytest.raises(ValueError, match="already running"):
+            with pytest.raises(OperationExists, match="already running"):
                 self.portal.start_task(self._work, id, owner, event)
         elif sum(o == owner for o, _ in self.running) >= RUNNING_PER_OWNER:
             with pytest.raises(RegistryFull, match="max_running_per_owner"):

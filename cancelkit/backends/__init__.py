@@ -3,6 +3,8 @@
 .. versionadded:: 0.1
 """
 
+from .._exceptions import OperationExists as OperationExists
+from .._exceptions import RegistryFull as RegistryFull
 from ._memory import MemoryBackend as MemoryBackend
 from ._memory import MemoryBackendStatistics as MemoryBackendStatistics
 from ._protocol import Acquired as Acquired
@@ -10,8 +12,6 @@ from ._protocol import Admission as Admission
 from ._protocol import Backend as Backend
 from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
-from ._protocol import OperationExists as OperationExists
-from ._protocol import RegistryFull as RegistryFull
 from ._protocol import SlotPolicy as SlotPolicy
 from ._protocol import new_holder_id as new_holder_id
 
@@ -30,6 +30,8 @@ __all__ = [
 ]
 
 for _name in __all__:
-    if _name not in ("Deliver", "SlotPolicy"):
+    # The exceptions live in the flat namespace (``cancelkit.OperationExists``), the aliases
+    # are typing objects; re-exported here, they keep their own module.
+    if _name not in ("Deliver", "OperationExists", "RegistryFull", "SlotPolicy"):
         globals()[_name].__module__ = __name__
 del _name

@@ -11,14 +11,13 @@ from typing import final
 
 import anyio
 
+from .._exceptions import OperationExists, RegistryFull
 from .._reason import CancelKind, CancelReason, _fast_reason
 from ._protocol import (
     Acquired,
     Admission,
     CancelOutcome,
     Deliver,
-    OperationExists,
-    RegistryFull,
     SlotPolicy,
     _running,
 )

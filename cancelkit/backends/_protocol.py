@@ -54,8 +54,6 @@ __all__ = [
     "Backend",
     "CancelOutcome",
     "Deliver",
-    "OperationExists",
-    "RegistryFull",
     "SlotPolicy",
     "new_holder_id",
 ]
@@ -165,39 +163,6 @@ def _running(generation: int) -> Acquired:
 
 #: The policies a backend implements (see :class:`cancelkit.LatestOnly`).
 SlotPolicy = Literal["replace", "reject", "enqueue", "keep_latest"]
-
-
-class OperationExists(ValueError):
-    """An operation with this id is already running for this owner; nothing was recorded.
-
-    A client that retries with the same operation id while the first attempt still runs gets
-    this (the FastAPI adapters answer ``409``).
-
-    Args:
-        id: the operation id.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, id: str) -> None:
-        super().__init__(f"operation id {id!r} is already running")
-        self.id = id
-
-
-class RegistryFull(Exception):
-    """A limit on live operations or on tombstones was reached; nothing was recorded.
-
-    Args:
-        limit: the name of the constructor option that set the limit.
-        value: the limit's value.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, limit: str, value: int) -> None:
-        super().__init__(f"{limit}={value} reached; nothing was recorded (raise {limit}?)")
-        self.limit = limit
-        self.value = value
 
 
 class Backend(Protocol):

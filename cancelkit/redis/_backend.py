@@ -23,11 +23,12 @@ from typing import final
 import anyio
 from anyio.abc import TaskGroup
 
+from .._exceptions import RedisUnavailable
 from .._reason import CancelReason
 from ..backends import Acquired, CancelOutcome, Deliver, SlotPolicy
 from . import _scripts, _slot_scripts
 from ._config import Keys, Settings
-from ._connection import Connection, RedisUnavailable, leaf, redact
+from ._connection import Connection, leaf, redact
 from ._listener import Listener
 from ._registrations import Registrations
 from ._slots import Slots

@@ -8,11 +8,12 @@ from typing import final
 
 import anyio
 
+from .._exceptions import OperationExists, RedisUnavailable, RegistryFull
 from .._reason import CancelReason
-from ..backends import CancelOutcome, Deliver, OperationExists, RegistryFull
+from ..backends import CancelOutcome, Deliver
 from ._codec import deliver, dump, load
 from ._config import Keys, Settings
-from ._connection import Connection, Down, RedisUnavailable
+from ._connection import Connection, Down
 
 __all__ = ["Registrations"]
 

@@ -7,11 +7,12 @@ from typing import Any, final
 
 import anyio
 
+from .._exceptions import RedisUnavailable
 from .._reason import CancelKind, CancelReason
 from ..backends import Acquired, Admission, Deliver, MemoryBackend, SlotPolicy
 from ._codec import deliver
 from ._config import Keys, Settings
-from ._connection import Connection, Down, RedisUnavailable
+from ._connection import Connection, Down
 
 __all__ = ["Slots"]
 
