@@ -36,24 +36,24 @@ from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
 from ._latest import Policy as Policy
 from ._operations import BackgroundOperations as BackgroundOperations
-from ._operations import MemoryStatusStore as MemoryStatusStore
-from ._operations import OperationError as OperationError
 from ._operations import OperationsStatistics as OperationsStatistics
-from ._operations import OperationState as OperationState
-from ._operations import OperationStatus as OperationStatus
-from ._operations import Progress as Progress
-from ._operations import StatusStore as StatusStore
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
 from ._registry import RegistryStatistics as RegistryStatistics
 from ._registry import TokenRegistry as TokenRegistry
 from ._registry import TrackedOperation as TrackedOperation
+from ._status import OperationError as OperationError
+from ._status import OperationState as OperationState
+from ._status import OperationStatus as OperationStatus
+from ._status import Progress as Progress
 from ._token import CallbackHandle as CallbackHandle
 from ._token import CancellationToken as CancellationToken
 from ._token import TokenScope as TokenScope
 from ._token import TokenStatistics as TokenStatistics
 from ._token import current_token as current_token
 from .backends import CancelOutcome as CancelOutcome
+from .backends import MemoryStatusStore as MemoryStatusStore
+from .backends import StatusStore as StatusStore
 
 __all__ = [
     "BackendUnavailable",

@@ -14,6 +14,8 @@ from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
 from ._protocol import SlotPolicy as SlotPolicy
 from ._protocol import new_holder_id as new_holder_id
+from ._status import MemoryStatusStore as MemoryStatusStore
+from ._status import StatusStore as StatusStore
 
 __all__ = [
     "Acquired",
@@ -23,15 +25,25 @@ __all__ = [
     "Deliver",
     "MemoryBackend",
     "MemoryBackendStatistics",
+    "MemoryStatusStore",
     "OperationExists",
     "RegistryFull",
     "SlotPolicy",
+    "StatusStore",
     "new_holder_id",
 ]
 
+# The exceptions and the status stores live in the flat namespace (``cancelkit.X``), the
+# aliases are typing objects: re-exported here, they keep their own module.
+_ELSEWHERE = {
+    "Deliver",
+    "MemoryStatusStore",
+    "OperationExists",
+    "RegistryFull",
+    "SlotPolicy",
+    "StatusStore",
+}
 for _name in __all__:
-    # The exceptions live in the flat namespace (``cancelkit.OperationExists``), the aliases
-    # are typing objects; re-exported here, they keep their own module.
-    if _name not in ("Deliver", "OperationExists", "RegistryFull", "SlotPolicy"):
+    if _name not in _ELSEWHERE:
         globals()[_name].__module__ = __name__
 del _name

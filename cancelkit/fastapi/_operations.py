@@ -15,9 +15,10 @@ from fastapi.responses import JSONResponse
 
 from .._exceptions import BackendUnavailable, OperationCancelled, OperationExists, RegistryFull
 from .._http import HTTPAnswer, answer_for
-from .._operations import BackgroundOperations, OperationStatus
+from .._operations import BackgroundOperations
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, _check
+from .._status import OperationStatus
 from ..backends import CancelOutcome
 from ._openapi import (
     RESPONSES_ATTR,

@@ -34,7 +34,7 @@ from coredis.commands import Script
 from coredis.retry import ConstantRetryPolicy
 
 from .._exceptions import RedisUnavailable, RegistryFull
-from .._operations import OperationError, OperationState, OperationStatus
+from .._status import OperationError, OperationState, OperationStatus
 from ._connection import _Pool, leaf, redact
 
 __all__ = ["RedisStatusStore"]
