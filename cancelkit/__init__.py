@@ -23,7 +23,7 @@ from ._asgi import DisconnectGuard as DisconnectGuard
 from ._asgi import DisconnectOutcome as DisconnectOutcome
 from ._asgi import DisconnectStatistics as DisconnectStatistics
 from ._asgi import request_token as request_token
-from ._asgi import shielded_cleanup as shielded_cleanup
+from ._cleanup import shielded_cleanup as shielded_cleanup
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import CancelkitError as CancelkitError
 from ._exceptions import OperationCancelled as OperationCancelled

@@ -8,20 +8,19 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
-import sys
 import threading
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import AsyncBackend
 
+from . import _loop
 from ._exceptions import OperationCancelled
-from ._http import answer_for_reason, log_ended, log_gone
+from ._http import ASGIApp, Message, Receive, Scope, Send, answer_for_reason, log_ended, log_gone
 from ._reason import CancelKind, CancelReason
+from ._receive import ReadAhead
 from ._token import CallbackHandle, CancellationToken, _current
 
 __all__ = [
@@ -31,14 +30,7 @@ __all__ = [
     "DisconnectOutcome",
     "DisconnectStatistics",
     "request_token",
-    "shielded_cleanup",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: ``"interrupt"``: the handler's awaits are cancelled when the client leaves.
 #: ``"signal"``: only the request's token is cancelled; the handler decides what to do.
@@ -53,8 +45,6 @@ PathPattern = str | re.Pattern[str]
 SCOPE_KEY = "cancelkit.token"
 
 _MODES = ("interrupt", "signal")
-_DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
-_MAX_BUFFERED_MESSAGES = 16
 
 
 def request_token(scope: Mapping[str, Any]) -> CancellationToken:
@@ -81,40 +71,6 @@ def request_token(scope: Mapping[str, Any]) -> CancellationToken:
         )
     assert isinstance(token, CancellationToken)
     return token
-
-
-def shielded_cleanup(timeout: float = 5.0) -> anyio.CancelScope:
-    """Return a cancel scope for cleanup that must run even in an interrupted handler.
-
-    ``with shielded_cleanup(2.0): await tx.rollback()`` shields the block from the
-    cancellation that interrupted the handler, but never for longer than ``timeout`` seconds:
-    after that the block is cancelled and execution continues after it
-    (check ``cancelled_caught`` on the returned scope).
-
-    Args:
-        timeout: the most seconds the cleanup may take.
-
-    Raises:
-        ValueError: if ``timeout`` is negative.
-
-    .. versionadded:: 0.1
-    """
-    if timeout < 0:
-        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
-    return anyio.move_on_after(timeout, shield=True)
-
-
-_asyncio_backend: type[AsyncBackend] | None = None
-
-
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """Return the running asyncio loop, or None (trio, including trio in guest mode)."""
-    loop = asyncio._get_running_loop()
-    if loop is not None:
-        trio = sys.modules.get("trio")
-        if trio is not None and trio.lowlevel.in_trio_run():  # pragma: no cover (guest mode)
-            return None
-    return loop
 
 
 @final
@@ -174,130 +130,6 @@ class _Response(enum.Enum):
     STARTED = "responding"  # http.response.start sent, more to come
     COMPLETE = "response complete"  # the last body message was handed to the server
     GONE = "client gone"  # the client left before the response was complete
-
-
-@final
-class ReadAhead:
-    """The one reader of the server's ``receive``, with a bounded read-ahead buffer.
-
-    The watcher reads ahead of the application (:meth:`fill`) up to ``max_bytes`` of body or
-    ``max_messages`` messages, so that a disconnect is seen at once; the application takes the
-    messages in order (:meth:`receive`). Only one read of the server is in progress at a time.
-
-    Args:
-        receive: the server's ``receive``.
-        on_disconnect: called (once per ``http.disconnect``) when the server reports one.
-        max_bytes: request-body bytes that may be read ahead of the application.
-        max_messages: messages that may be read ahead of the application.
-    """
-
-    __slots__ = (
-        "_buffer",
-        "_bytes",
-        "_changed",
-        "_error",
-        "_max_bytes",
-        "_max_messages",
-        "_on_disconnect",
-        "_reading",
-        "_receive",
-        "body_done",
-        "disconnected",
-    )
-
-    def __init__(
-        self,
-        receive: Receive,
-        on_disconnect: Callable[[], object],
-        *,
-        max_bytes: int,
-        max_messages: int = _MAX_BUFFERED_MESSAGES,
-    ) -> None:
-        self._receive = receive
-        self._on_disconnect = on_disconnect
-        self._max_bytes = max_bytes
-        self._max_messages = max_messages
-        self._buffer: deque[Message] = deque()
-        self._bytes = 0
-        self._reading = False
-        self._changed: anyio.Event | None = None
-        self._error: Exception | None = None
-        #: The last request-body message has been read from the server.
-        self.body_done = False
-        #: The server reported ``http.disconnect`` (or the guard learned it otherwise).
-        self.disconnected = False
-
-    @property
-    def full(self) -> bool:
-        """Whether the read-ahead limit is reached (never once the body is read)."""
-        return not self.body_done and (
-            self._bytes >= self._max_bytes or len(self._buffer) >= self._max_messages
-        )
-
-    def _notify(self) -> None:
-        changed = self._changed
-        if changed is not None:
-            self._changed = None
-            changed.set()
-
-    async def _wait_changed(self) -> None:
-        changed = self._changed
-        if changed is None:
-            changed = self._changed = anyio.Event()
-        await changed.wait()
-
-    async def _pump(self) -> None:
-        """Read one message from the server and file it; only one caller at a time."""
-        self._reading = True
-        try:
-            message = await self._receive()
-        finally:
-            self._reading = False
-            self._notify()
-        if message["type"] == "http.disconnect":
-            self.disconnected = True
-            self._on_disconnect()
-        else:
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                self.body_done = True
-            self._buffer.append(message)
-            self._bytes += len(message.get("body", b""))
-
-    async def fill(self) -> None:
-        """Read ahead until the server reports a disconnect (the watcher's loop).
-
-        An error from the server's ``receive`` is kept for the application's next
-        :meth:`receive`.
-        """
-        try:
-            while not self.disconnected:
-                if self._reading or self.full:
-                    await self._wait_changed()
-                else:
-                    await self._pump()
-        except Exception as exc:
-            self._error = exc
-            self._notify()
-
-    async def receive(self) -> Message:
-        """The application's ``receive``: the next message, in order."""
-        while True:
-            if self._buffer:
-                # A receive() in a cancelled scope (Starlette's is_disconnected() does that)
-                # must not take a read-ahead body message with it: raise before popping.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                message = self._buffer.popleft()
-                self._bytes -= len(message.get("body", b""))
-                self._notify()
-                return message
-            if self.disconnected:
-                return dict(_DISCONNECT)
-            if self._error is not None:
-                raise self._error
-            if self._reading:
-                await self._wait_changed()
-            else:
-                await self._pump()
 
 
 @final
@@ -414,7 +246,7 @@ class DisconnectGuard:
         self._own_token = token is None
         self._reader: ReadAhead | None = None  # made on first use: most GETs never read
         self._response = _Response.PENDING
-        self._interrupt: anyio.CancelScope | None = None
+        self._interrupt: _loop.Scope | None = None
         self._link: CallbackHandle | None = None
         self._on_asyncio = False
         self._watch_scope: anyio.CancelScope | None = None
@@ -473,7 +305,7 @@ class DisconnectGuard:
                 :exc:`~cancelkit.OperationCancelled` carrying this request's token's reason.
         """
         self._scope[SCOPE_KEY] = self.token
-        loop = _asyncio_loop()
+        loop = _loop.asyncio_loop()
         if loop is not None:
             # Deferred: a request that finishes before the loop runs anything else needs none.
             self._on_asyncio = True
@@ -514,7 +346,8 @@ class DisconnectGuard:
                 return
             # The fast path: a bare cancel scope. The token is linked to it only once the
             # request yields to the event loop (see _watch); before that nobody else can run.
-            with self._new_scope() as scope:
+            scope = self._new_scope()
+            with scope:
                 self._interrupt = scope
                 if token.cancelled:
                     scope.cancel()
@@ -524,14 +357,11 @@ class DisconnectGuard:
         if scope.cancelled_caught:
             await self._finish_interrupted()
 
-    def _new_scope(self) -> anyio.CancelScope:
-        global _asyncio_backend
+    def _new_scope(self) -> _loop.Scope:
         if not self._on_asyncio:
             return anyio.CancelScope()
-        if _asyncio_backend is None:
-            _asyncio_backend = anyio.lowlevel.current_token().backend_class
         # The same as anyio.CancelScope(), without detecting the event loop again.
-        return _asyncio_backend.create_cancel_scope()
+        return (_loop.asyncio_scope or _loop.asyncio_scope_class())()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._app_done:  # else the request finished before the loop's next turn

@@ -35,9 +35,12 @@ __all__ = ["HTTPAnswer", "answer_for", "answer_for_reason", "exception_handlers"
 
 logger = logging.getLogger("cancelkit")
 
+# The ASGI types (the spec's names), for the modules that speak ASGI.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Status of each root reason kind (``parent`` never is a root).
 STATUS: dict[CancelKind, int] = {

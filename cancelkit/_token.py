@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import sys
 import threading
 import time
 import weakref
-from asyncio import _get_running_loop
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -19,7 +17,9 @@ from typing import Protocol, TypeVar, cast, final
 import anyio
 import anyio.lowlevel
 
+from . import _loop
 from ._exceptions import OperationCancelled
+from ._loop import Scope, call_soon, running_loop, this_loop
 from ._reason import CancelKind, CancelReason, _fast_reason
 
 __all__ = [
@@ -57,61 +57,6 @@ def current_token() -> CancellationToken | None:
     .. versionadded:: 0.1
     """
     return _current.get()
-
-
-def _this_loop() -> object | None:
-    """Return the running event loop's native handle (an asyncio loop, a trio token), or None.
-
-    The same handle as ``anyio.lowlevel.current_token().native_token``, got without anyio's
-    backend detection: this runs on every callback registration and scope entry.
-    """
-    loop: object = _get_running_loop()
-    if loop is not None:
-        return loop
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            loop = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            return None
-        return loop
-    return None
-
-
-class _Scope(Protocol):
-    """The part of a cancel scope (anyio's, or trio's own) that a :class:`TokenScope` uses."""
-
-    cancelled_caught: bool
-
-    def __enter__(self) -> object: ...
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-
-_asyncio_scope: Callable[..., _Scope] | None = None  # anyio's CancelScope class for asyncio
-
-
-def _asyncio_scope_class() -> Callable[..., _Scope]:
-    """Return anyio's ``CancelScope`` class for asyncio (called once, in a running loop)."""
-    global _asyncio_scope
-    cls = _asyncio_scope = cast(Callable[..., _Scope], type(anyio.CancelScope()))
-    return cls
-
-
-def _call_soon(native: object, func: Callable[..., object], *args: object) -> None:
-    """Schedule ``func(*args)`` in the event loop ``native`` (thread-safe).
-
-    Raises:
-        RuntimeError: if that loop has finished (asyncio: closed; trio: RunFinishedError).
-    """
-    if isinstance(native, asyncio.AbstractEventLoop):
-        native.call_soon_threadsafe(func, *args)
-    else:
-        native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a trio TrioToken
 
 
 def _check_timeout(timeout: object) -> float:
@@ -485,7 +430,7 @@ class CancellationToken:
                 native = node._native
                 if native is not None:
                     if here is _UNKNOWN:
-                        here = _this_loop()
+                        here = this_loop()
                     if native is not here:
                         remote.append(node)
                         node = nxt
@@ -496,7 +441,7 @@ class CancellationToken:
             _take(link)
         for node in reversed(remote):  # in registration order
             try:
-                _call_soon(node._native, self._run_later, node, reason)
+                call_soon(node._native, self._run_later, node, reason)
             except RuntimeError:  # that loop has finished: nobody is left to wake
                 if _take(node) is not None and isinstance(node, CallbackHandle):
                     node._callback = None
@@ -585,7 +530,7 @@ class CancellationToken:
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         self._poll()
-        handle = CallbackHandle(callback, _this_loop())
+        handle = CallbackHandle(callback, this_loop())
         self._add(handle)
         return handle
 
@@ -629,7 +574,7 @@ class CancellationToken:
         Raises:
             RuntimeError: when called in an event loop's thread, where it would block the loop.
         """
-        if _this_loop() is not None:
+        if this_loop() is not None:
             raise RuntimeError(
                 "wait_blocking() would block the event loop; use 'await token.wait()' there"
             )
@@ -759,7 +704,7 @@ class TokenScope:
         #: The token that interrupts the block.
         self.token = token
         self._state = 0 if swallow else _RAISE  # | _CAUGHT on exit: one slot, not two
-        self._scope: _Scope | None = None
+        self._scope: Scope | None = None
         self._prev: _Node | None = None
         self._next: _Node | None = None
         self._token: CancellationToken | None = None
@@ -791,17 +736,19 @@ class TokenScope:
         # anyio.CancelScope(deadline=deadline), made without detecting the event loop again
         # (anyio does on every CancelScope()), and on trio without anyio's wrapper: anyio's
         # trio scope only forwards to trio.CancelScope.
-        loop = _get_running_loop()
+        loop = running_loop()
         if loop is not None:
-            scope = self._scope = (_asyncio_scope or _asyncio_scope_class())(deadline=deadline)
+            scope = self._scope = (_loop.asyncio_scope or _loop.asyncio_scope_class())(
+                deadline=deadline
+            )
             self._native = loop
             scope.__enter__()
         else:
-            native = self._native = _this_loop()  # a trio token
+            native = self._native = this_loop()  # a trio token
             if native is not None:
                 scope = self._scope = sys.modules["trio"].CancelScope(deadline=deadline)
             else:  # pragma: no cover - no event loop: anyio raises the error
-                scope = self._scope = cast(_Scope, anyio.CancelScope(deadline=deadline))
+                scope = self._scope = cast(Scope, anyio.CancelScope(deadline=deadline))
             scope.__enter__()
         self._var = _current.get()
         _current.set(token)
@@ -847,4 +794,4 @@ _RAISE, _CAUGHT = 1, 2  # the bits of TokenScope._state
 
 
 # The ``_scope`` of a TokenScope that raised on entry: used once, never entered.
-_USED = cast(_Scope, object())
+_USED = cast(Scope, object())
