@@ -42,11 +42,11 @@ from ._reason import CancelReason as CancelReason
 from ._registry import RegistryStatistics as RegistryStatistics
 from ._registry import TokenRegistry as TokenRegistry
 from ._registry import TrackedOperation as TrackedOperation
+from ._signal import CallbackHandle as CallbackHandle
 from ._status import OperationError as OperationError
 from ._status import OperationState as OperationState
 from ._status import OperationStatus as OperationStatus
 from ._status import Progress as Progress
-from ._token import CallbackHandle as CallbackHandle
 from ._token import CancellationToken as CancellationToken
 from ._token import TokenScope as TokenScope
 from ._token import TokenStatistics as TokenStatistics

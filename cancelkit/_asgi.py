@@ -21,7 +21,8 @@ from ._exceptions import OperationCancelled
 from ._http import ASGIApp, Message, Receive, Scope, Send, answer_for_reason, log_ended, log_gone
 from ._reason import CancelKind, CancelReason
 from ._receive import ReadAhead
-from ._token import CallbackHandle, CancellationToken, _current
+from ._signal import CallbackHandle
+from ._token import CancellationToken, _current
 
 __all__ = [
     "CancelOnDisconnect",

@@ -12,7 +12,7 @@ import anyio
 
 from ._exceptions import OperationCancelled, SlotBusy
 from ._reason import CancelKind, CancelReason
-from ._token import CancellationToken, TokenScope
+from ._token import CancellationToken, TokenScope, token_scope
 from .backends import Acquired, Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
 from .backends._memory import _admit, _drop
 
@@ -56,13 +56,15 @@ class Claim:
 
     __slots__ = ("_started", "generation", "id", "key", "seq", "token")
 
-    def __init__(self, key: str, seq: int | None) -> None:
-        self.key = key
-        self.seq = seq
-        self.id = new_holder_id()
-        self.token = CancellationToken(name=self.id)
-        self.generation = 0
-        self._started = False
+    key: str
+    seq: int | None
+    id: str
+    token: CancellationToken
+    generation: int
+    _started: bool
+
+    def __init__(self) -> None:
+        raise TypeError("Claim cannot be created directly; use slot.claim(key) or slot.hold(key)")
 
     @property
     def started(self) -> bool:
@@ -76,6 +78,18 @@ class Claim:
             f"<Claim key={self.key!r} id={self.id!r}{seq} generation={self.generation} "
             f"{state} token={self.token!r}>"
         )
+
+
+def _new_claim(key: str, seq: int | None) -> Claim:
+    """Return a new, not yet started :class:`Claim` (its ``__init__`` refuses users)."""
+    claim: Claim = object.__new__(Claim)
+    claim.key = key
+    claim.seq = seq
+    claim.id = new_holder_id()
+    claim.token = CancellationToken(name=claim.id)
+    claim.generation = 0
+    claim._started = False
+    return claim
 
 
 @final
@@ -303,7 +317,7 @@ class _Hold:
             if not 0 <= seq <= _MAX_SEQ:
                 raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
         self._slot = slot
-        self._claim = Claim(key, seq)
+        self._claim = _new_claim(key, seq)
         self._interrupt = interrupt
         self._scope: TokenScope | None = None
 
@@ -351,7 +365,7 @@ class _Hold:
                     # move_on(), which __aexit__ turns into OperationCancelled after releasing
                     # the key (a scope() would raise it first, to be caught and raised again)
                     claim.token.raise_if_cancelled()  # superseded meanwhile: no body
-                    scope = TokenScope(claim.token, swallow=True)
+                    scope = token_scope(claim.token, 0)  # move_on(), one call less
                     scope.__enter__()
                     self._scope = scope
             except BaseException:

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import re
 import types
 import typing
+
+import pytest
 
 import cancelkit
 
@@ -58,3 +61,32 @@ def test_package_is_typed() -> None:
     from importlib.resources import files
 
     assert files("cancelkit").joinpath("py.typed").is_file()
+
+
+@pytest.mark.parametrize(
+    ("cls", "factory"),
+    [
+        (cancelkit.Claim, "slot.claim(key)"),
+        (cancelkit.CallbackHandle, "token.on_cancel()"),
+        (cancelkit.TokenScope, "token.scope()"),
+    ],
+)
+def test_handles_are_made_by_their_factories_only(cls: type, factory: str) -> None:
+    """Claim, CallbackHandle and TokenScope refuse to be built by hand, naming the factory."""
+    with pytest.raises(TypeError, match=re.escape(factory)):
+        cls()
+
+
+@pytest.mark.anyio
+async def test_the_factories_still_make_them() -> None:
+    """What the factories return is an instance of the class, with its state set."""
+    token = cancelkit.CancellationToken()
+    assert isinstance(token.on_cancel(print), cancelkit.CallbackHandle)
+    assert token.on_cancel(print).registered
+    scope = token.move_on()
+    assert isinstance(scope, cancelkit.TokenScope)
+    assert scope.token is token
+    assert not scope.cancelled_caught
+    async with cancelkit.LatestOnly().hold("key") as claim:
+        assert isinstance(claim, cancelkit.Claim)
+        assert claim.started
