@@ -18,6 +18,8 @@ over the framework-agnostic core:
 .. versionadded:: 0.1
 """
 
+from typing import TypeAlias as _TypeAlias
+
 from ._openapi import CancelledBody as CancelledBody
 from ._openapi import OperationBody as OperationBody
 from ._openapi import OperationErrorBody as OperationErrorBody
@@ -29,11 +31,16 @@ from ._openapi import install as install
 from ._operations import OperationStarter as OperationStarter
 from ._operations import operation_starter as operation_starter
 from ._operations import operations_router as operations_router
-from ._requests import RequestToken as RequestToken
+from ._requests import RequestToken as _RequestToken
 from ._requests import cancel_router as cancel_router
 from ._requests import latest_only as latest_only
 from ._requests import request_level_token as request_level_token
 from ._requests import tracked as tracked
+
+#: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
+#: :func:`request_level_token`). In a sync ``def`` endpoint (run in a worker thread), call
+#: ``token.raise_if_cancelled()`` between steps to stop when it is cancelled.
+RequestToken: _TypeAlias = _RequestToken
 
 __all__ = [
     "CancelledBody",

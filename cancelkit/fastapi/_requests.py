@@ -66,9 +66,7 @@ async def request_level_token(request: Request) -> CancellationToken:
     return _request_level_token(request)
 
 
-#: ``token: RequestToken`` in an endpoint or dependency: the request's token (see
-#: :func:`request_level_token`). In a sync ``def`` endpoint (run in a worker thread), call
-#: ``token.raise_if_cancelled()`` between steps to stop when it is cancelled.
+# The request's token as an annotation (documented where it is exported: __init__.py).
 RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_token)]
 
 
