@@ -104,11 +104,10 @@ def test_no_class_is_longer_than_the_limit() -> None:
     )
 
 
-def inherited_private_names(trees: dict[str, ast.Module], module: str) -> set[str]:
-    """Underscore names that the cancelkit base classes of ``module``'s classes define."""
-    by_name = {cls.name: cls for tree in trees.values() for cls in classes(tree)}
+def inherited_private_names(by_name: dict[str, ast.ClassDef], tree: ast.Module) -> set[str]:
+    """Underscore names that the cancelkit base classes of a module's classes define."""
     names: set[str] = set()
-    pending = [base for cls in classes(trees[module]) for base in cls.bases]
+    pending = [base for cls in classes(tree) for base in cls.bases]
     while pending:
         base = pending.pop()
         if isinstance(base, ast.Name) and base.id in by_name:
@@ -121,10 +120,11 @@ def test_no_module_reaches_into_another_modules_classes() -> None:
     """No module uses an underscore attribute defined by a class of another cancelkit module."""
     trees = dict(modules())
     defined = {module: defined_private_names(tree) for module, tree in trees.items()}
+    by_name = {cls.name: cls for tree in trees.values() for cls in classes(tree)}
     offenders: dict[str, list[int]] = {}
     for module, tree in trees.items():
         elsewhere = set().union(*(names for m, names in defined.items() if m != module))
-        foreign = elsewhere - defined[module] - inherited_private_names(trees, module)
+        foreign = elsewhere - defined[module] - inherited_private_names(by_name, tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr in foreign:
                 owner = ast.unparse(node.value)
