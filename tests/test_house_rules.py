@@ -31,7 +31,13 @@ TESTS = Path(__file__).resolve().parent
 MAX_CLASS_LINES = 300
 
 #: The public namespaces and the typing aliases in them (typing objects keep their module).
-NAMESPACES = ("cancelkit", "cancelkit.backends", "cancelkit.fastapi", "cancelkit.redis")
+NAMESPACES = (
+    "cancelkit",
+    "cancelkit.backends",
+    "cancelkit.fastapi",
+    "cancelkit.httpx",
+    "cancelkit.redis",
+)
 ALIASES = {"Deliver", "Policy", "RequestToken", "SlotPolicy"}
 
 #: "module.py: name._attr" -> who removes the reach-in. Empty these, never add to them.
@@ -188,7 +194,7 @@ def test_the_redis_status_store_imports_value_types_not_the_runtime() -> None:
 
 def test_the_core_imports_no_web_framework_and_no_redis_client() -> None:
     """cancelkit/*.py and cancelkit/backends/ run with anyio alone (the extras are optional)."""
-    extras = ("fastapi", "starlette", "pydantic", "coredis")
+    extras = ("fastapi", "starlette", "pydantic", "coredis", "httpx", "httpcore")
     for module, tree in modules():
         if "/" in module and not module.startswith("backends/"):
             continue

@@ -1,0 +1,272 @@
+"""TokenTransport: outgoing httpx requests carry the token's deadline and stop with it.
+
+The next hop is a real server on 127.0.0.1 in this process (hypercorn, on asyncio and on trio;
+the three-process tests of test_hops.py use uvicorn) running a handler under CancelOnDisconnect,
+so the test sees what the next server sees: the header, and its client going away. Tasks are
+ordered with events, never sleeps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from cancelkit import (
+    CancelKind,
+    CancellationToken,
+    CancelOnDisconnect,
+    CancelReason,
+    OperationCancelled,
+    request_token,
+)
+from cancelkit._token import _current
+from cancelkit.httpx import TokenTransport
+from tests.test_asgi_servers import LIMIT, lifespan, respond, serve
+
+pytestmark = pytest.mark.anyio
+
+SERVER = {"asyncio": ("hypercorn", "asyncio"), "trio": ("hypercorn", "trio")}
+
+
+class NextHop:
+    """The next service: records each request's deadline header; how /wait and /stream end."""
+
+    def __init__(self) -> None:
+        self.headers: list[str | None] = []
+        self.started = anyio.Event()
+        self.ended = anyio.Event()
+        self.reasons: list[CancelKind | None] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        value = dict(scope["headers"]).get(b"request-timeout-ms")
+        self.headers.append(None if value is None else value.decode())
+        token = request_token(scope)
+        if scope["path"] == "/ok":
+            await respond(send)
+            return
+        if scope["path"] == "/expired":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 504,
+                    "headers": [(b"deadline-expired", b"true"), (b"content-length", b"0")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        try:
+            if scope["path"] == "/stream":
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"first", "more_body": True})
+            self.started.set()
+            await token.wait()  # until the client goes away
+        finally:
+            self.reasons.append(None if token.reason is None else token.reason.kind)
+            self.ended.set()
+
+
+@asynccontextmanager
+async def next_hop(anyio_backend: str) -> AsyncIterator[tuple[NextHop, str, httpx.AsyncClient]]:
+    """The next hop's server, its URL, and a client with a TokenTransport (within LIMIT)."""
+    hop = NextHop()
+    with anyio.fail_after(LIMIT):
+        async with (
+            serve(SERVER[anyio_backend], CancelOnDisconnect(hop, mode="signal")) as port,
+            httpx.AsyncClient(transport=TokenTransport()) as client,
+        ):
+            yield hop, f"http://127.0.0.1:{port}", client
+
+
+@contextmanager
+def current(token: CancellationToken) -> Iterator[None]:
+    """Make ``token`` the current one without interrupting anything (as signal mode does)."""
+    reset = _current.set(token)
+    try:
+        yield
+    finally:
+        _current.reset(reset)
+
+
+def open_connections(client: httpx.AsyncClient) -> int:
+    transport = client._transport
+    assert isinstance(transport, TokenTransport)
+    inner = transport.transport
+    assert isinstance(inner, httpx.AsyncHTTPTransport)
+    return sum(not c.is_closed() for c in inner._pool.connections)
+
+
+async def test_outside_a_token_a_request_passes_through(anyio_backend: str) -> None:
+    """No current token: no header, nothing wrapped, the answer as it came."""
+    async with next_hop(anyio_backend) as (hop, url, client):
+        response = await client.get(f"{url}/ok")
+    assert response.status_code == 200
+    assert hop.headers == [None]
+
+
+async def test_a_token_without_a_deadline_sends_no_header(anyio_backend: str) -> None:
+    """Inside a token without a deadline the request goes out as it is."""
+    async with next_hop(anyio_backend) as (hop, url, client):
+        with CancellationToken().scope():
+            response = await client.get(f"{url}/ok")
+    assert response.text == "ok"
+    assert hop.headers == [None]
+
+
+async def test_the_header_is_the_time_left_as_the_headers_are_written(anyio_backend: str) -> None:
+    """The milliseconds left when httpcore writes the headers (a user's trace still runs)."""
+    token = CancellationToken(timeout=60)
+    seen: list[tuple[str, int, float]] = []
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            value = dict(info["request"].headers)[b"Request-Timeout-Ms"]
+            seen.append((event, int(value), token.deadline - time.monotonic()))
+
+    async with next_hop(anyio_backend) as (hop, url, client):
+        with token.scope():
+            await client.get(f"{url}/ok", extensions={"trace": trace})
+    ((event, sent, left_after),) = seen
+    assert event == "http11.send_request_headers.started"
+    # computed just before `left_after` was: floored, so at most 1 ms above it, never below
+    assert left_after * 1000 - 1 <= sent <= left_after * 1000 + 1
+    assert hop.headers == [str(sent)]
+
+
+async def test_a_cancelled_token_never_sends(anyio_backend: str) -> None:
+    """A request made under a cancelled token raises at once; the server never sees it."""
+    token = CancellationToken()
+    token.cancel(CancelReason(CancelKind.SUPERSEDED))
+    async with next_hop(anyio_backend) as (hop, url, client):
+        with current(token), pytest.raises(OperationCancelled) as caught:
+            await client.get(f"{url}/ok")
+        assert open_connections(client) == 0
+    assert caught.value.reason is token.reason
+    assert hop.headers == []
+
+
+@pytest.mark.parametrize("path", ["/wait", "/stream"])
+async def test_cancel_aborts_the_request_and_the_server_sees_its_client_go(
+    anyio_backend: str, path: str
+) -> None:
+    """Cancelled while waiting for the answer or reading a streamed body: the connection
+    closes, the next server's handler is cancelled (client gone), the caller gets the reason."""
+    token = CancellationToken()
+    errors: list[OperationCancelled] = []
+    chunks: list[bytes] = []
+    async with next_hop(anyio_backend) as (hop, url, client):
+
+        async def call() -> None:
+            with current(token):
+                try:
+                    async with client.stream("GET", f"{url}{path}") as response:
+                        chunks.extend([chunk async for chunk in response.aiter_raw()])
+                except OperationCancelled as exc:
+                    errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await hop.started.wait()
+            token.cancel()
+        await hop.ended.wait()
+        assert open_connections(client) == 0
+    assert [e.reason for e in errors] == [token.reason]
+    assert hop.reasons == [CancelKind.CLIENT_DISCONNECTED]
+    assert b"".join(chunks) in (b"", b"first")
+
+
+async def test_an_interrupting_scope_aborts_the_request_too(anyio_backend: str) -> None:
+    """Inside token.scope() the scope's own interruption ends the call; the server sees it."""
+    token = CancellationToken()
+    async with next_hop(anyio_backend) as (hop, url, client):
+
+        async def call() -> None:
+            with token.move_on():
+                await client.get(f"{url}/wait")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await hop.started.wait()
+            token.cancel()
+        await hop.ended.wait()
+        assert open_connections(client) == 0
+    assert hop.reasons == [CancelKind.CLIENT_DISCONNECTED]
+
+
+async def test_a_deadline_that_passes_aborts_the_request(anyio_backend: str) -> None:
+    """The token's deadline ends the call with reason deadline, even without a scope."""
+    async with next_hop(anyio_backend) as (hop, url, client):
+        await client.get(f"{url}/ok")  # connected: the budget is all for the call
+        token = CancellationToken(timeout=0.2)
+        with current(token), pytest.raises(OperationCancelled) as caught:
+            await client.get(f"{url}/wait")
+        await hop.ended.wait()
+    assert caught.value.reason.kind is CancelKind.DEADLINE
+    assert hop.headers[0] is None
+    sent = hop.headers[1]
+    assert sent is not None
+    assert 0 <= int(sent) <= 200
+    assert hop.reasons == [CancelKind.CLIENT_DISCONNECTED]
+
+
+async def test_an_expired_answer_far_from_our_deadline_is_passed_on(anyio_backend: str) -> None:
+    """A 504 Deadline-Expired while our own deadline is far: the next hop's own limit; the
+    caller gets the answer as it is."""
+    async with next_hop(anyio_backend) as (_, url, client):
+        with CancellationToken(timeout=60).scope():
+            response = await client.get(f"{url}/expired")
+    assert response.status_code == 504
+
+
+async def test_an_expired_answer_to_our_deadline_ends_the_call_at_it(anyio_backend: str) -> None:
+    """A 504 Deadline-Expired that answers the deadline we sent (ours is at most 2 ms away):
+    the caller gets OperationCancelled(deadline) at its own deadline, not the 504."""
+    token = CancellationToken(timeout=0.05)
+    app_response: list[httpx.Response] = []
+
+    def answer_expired(request: httpx.Request) -> httpx.Response:
+        # the next hop answers as its (equal) deadline passes: ours is <= 1 ms away now
+        while token.deadline - time.monotonic() > 0.001:
+            time.sleep(0.0002)
+        response = httpx.Response(504, headers={"Deadline-Expired": "true"})
+        app_response.append(response)
+        return response
+
+    transport = TokenTransport(httpx.MockTransport(answer_expired))
+    async with httpx.AsyncClient(transport=transport) as client:
+        with current(token), pytest.raises(OperationCancelled) as caught:
+            await client.get("http://next/expired")
+    assert caught.value.reason.kind is CancelKind.DEADLINE
+    assert app_response  # the 504 came, and was turned into this hop's deadline
+    assert token.deadline <= time.monotonic()
+
+
+async def test_the_transport_wraps_and_closes_its_transport() -> None:
+    """The default transport is httpx's; aclose() closes the wrapped one; bad input refused."""
+    closed: list[bool] = []
+
+    class Inner(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200)
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    inner = Inner()
+    transport = TokenTransport(inner)
+    assert transport.transport is inner
+    assert repr(transport).startswith("<TokenTransport transport=")
+    async with httpx.AsyncClient(transport=transport) as client:
+        assert (await client.get("http://x/")).status_code == 200
+    assert closed == [True]
+    assert isinstance(TokenTransport().transport, httpx.AsyncHTTPTransport)
+    with pytest.raises(TypeError, match="httpx transport"):
+        TokenTransport(object())  # type: ignore[arg-type]
