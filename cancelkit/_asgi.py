@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import re
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
@@ -17,12 +19,13 @@ import anyio
 import anyio.lowlevel
 
 from . import _loop
+from ._deadline import parse_deadline
 from ._exceptions import OperationCancelled
 from ._http import ASGIApp, Message, Receive, Scope, Send, answer_for_reason, log_ended, log_gone
 from ._reason import CancelKind, CancelReason
 from ._receive import ReadAhead
 from ._signal import CallbackHandle
-from ._token import CancellationToken, _current
+from ._token import CancellationToken, _check_timeout, _current
 
 __all__ = [
     "CancelOnDisconnect",
@@ -187,17 +190,21 @@ class DisconnectGuard:
     escapes the application ends the request just as quietly. A cancellation that the guard
     did not cause (server shutdown cancelling the application) propagates.
 
+    The token's deadline is the smaller of ``timeout`` and the time left that the caller sent
+    (``Request-Timeout-Ms``, :doc:`/beyond`) from the request's arrival; it answers ``504``. A
+    request whose token is cancelled before it starts never runs the application.
+
     Args:
         scope: the HTTP scope; the token is stored in it (see :func:`request_token`).
         receive: the server's ``receive``.
         send: the server's ``send``.
         mode: ``"interrupt"`` or ``"signal"``.
         max_buffer: how many request-body bytes may be read ahead of the application.
-        token: the token to use; a new one by default.
+        token: the token to use (a new one by default; with a deadline, a child of it).
+        timeout: this server's limit in seconds (a deadline header can only shorten it).
 
     Raises:
-        ValueError: for an unknown ``mode``, a negative ``max_buffer``, or a scope that is not
-            an HTTP scope.
+        ValueError: for a bad ``mode``, ``max_buffer`` or ``timeout``, or a non-HTTP scope.
 
     .. versionadded:: 0.1
     """
@@ -230,20 +237,16 @@ class DisconnectGuard:
         mode: DisconnectMode = "interrupt",
         max_buffer: int = 65536,
         token: CancellationToken | None = None,
+        timeout: float | None = None,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
-        if max_buffer < 0:
-            raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
-        if scope.get("type") != "http":
-            raise ValueError(f"a DisconnectGuard runs HTTP requests, not {scope.get('type')!r}")
+        _check(mode, max_buffer, timeout)
+        #: The request's token.
+        self.token = _request_token(scope, token, timeout)
         self._scope = scope
         self._receive = receive
         self._send = send
         self._mode = mode
         self._max_buffer = max_buffer
-        #: The request's token.
-        self.token = token if token is not None else CancellationToken()
         self._own_token = token is None
         self._reader: ReadAhead | None = None  # made on first use: most GETs never read
         self._response = _Response.PENDING
@@ -306,6 +309,9 @@ class DisconnectGuard:
                 :exc:`~cancelkit.OperationCancelled` carrying this request's token's reason.
         """
         self._scope[SCOPE_KEY] = self.token
+        if self.token.cancelled:  # nothing left of its deadline, a shutdown under way...
+            await self._finish_interrupted()  # ...: the application never starts
+            return self.outcome()
         loop = _loop.asyncio_loop()
         if loop is not None:
             # Deferred: a request that finishes before the loop runs anything else needs none.
@@ -419,7 +425,7 @@ class DisconnectGuard:
             self._link = self.token.on_cancel(self._interrupt_app)
         try:
             with anyio.CancelScope() as self._watch_scope:
-                await self._read_ahead().fill()
+                await _fill(self._read_ahead(), self.token)
         finally:
             done.set()
 
@@ -458,6 +464,44 @@ class DisconnectGuard:
             f"<DisconnectGuard {self._mode} {self._scope.get('method', '')} "
             f"{self._scope.get('path', '')!r} {state} watching={self.watching}>"
         )
+
+
+def _check(mode: str, max_buffer: int, timeout: float | None) -> float | None:
+    """Check the options that the guard and the middleware share; return ``timeout``."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
+    if max_buffer < 0:
+        raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
+    return None if timeout is None else _check_timeout(timeout)
+
+
+def _request_token(
+    scope: Scope, token: CancellationToken | None, timeout: float | None
+) -> CancellationToken:
+    """The token a request runs under: with the deadline of ``timeout`` and its headers."""
+    if scope.get("type") != "http":
+        raise ValueError(f"a DisconnectGuard runs HTTP requests, not {scope.get('type')!r}")
+    deadline = parse_deadline(scope.get("headers", ()), timeout)
+    if token is None:
+        return CancellationToken(timeout=deadline)
+    return token if deadline is None else token.child(timeout=deadline)
+
+
+async def _fill(reader: ReadAhead, token: CancellationToken) -> None:
+    """The watcher's wait: read ahead until the client leaves; cancel the token on its deadline.
+
+    The deadline is checked wherever the token is looked at; this cancels it on time even if
+    nothing looks, so that its callbacks (an interrupted handler, a relayed claim) run then.
+    """
+    deadline = token.deadline
+    if deadline < math.inf:
+        with anyio.CancelScope(
+            deadline=anyio.current_time() + (deadline - time.monotonic())
+        ) as timer:
+            await reader.fill()
+        if timer.cancelled_caught:  # (a reason the token got first is kept)
+            token.cancel(CancelReason(CancelKind.DEADLINE))
+    await reader.fill()
 
 
 def _compile(patterns: Iterable[PathPattern], what: str) -> tuple[PathPattern, ...]:
@@ -501,6 +545,9 @@ class CancelOnDisconnect:
         modes: per-route modes, ``{pattern: mode}``; the first matching pattern wins.
         shutdown_grace: seconds in-flight requests get to finish at shutdown.
         max_buffer: request-body bytes that may be read ahead of the application.
+        timeout: the most seconds a request may run (this server's own limit); a deadline
+            header from the caller can only shorten it (see :class:`DisconnectGuard`).
+            ``None``: only such a header limits a request.
 
     Raises:
         ValueError: for an unknown mode, a negative number, or a path not starting with ``/``.
@@ -522,6 +569,7 @@ class CancelOnDisconnect:
         "_running",
         "_shutdown_cancelled",
         "_shutdown_reason",
+        "_timeout",
         "_watchers",
         "app",
         "shutdown_grace",
@@ -537,13 +585,11 @@ class CancelOnDisconnect:
         modes: Mapping[PathPattern, DisconnectMode] | None = None,
         shutdown_grace: float = 5.0,
         max_buffer: int = 65536,
+        timeout: float | None = None,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
+        self._timeout = _check(mode, max_buffer, timeout)
         if shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
-        if max_buffer < 0:
-            raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
         route_modes = dict(modes or {})
         for route_mode in route_modes.values():
             if route_mode not in _MODES:
@@ -585,7 +631,9 @@ class CancelOnDisconnect:
             if mode is None or SCOPE_KEY in scope:
                 await self.app(scope, receive, send)
                 return
-            guard = DisconnectGuard(scope, receive, send, mode=mode, max_buffer=self._max_buffer)
+            guard = DisconnectGuard(
+                scope, receive, send, mode=mode, max_buffer=self._max_buffer, timeout=self._timeout
+            )
             if self._shutdown_reason is not None:
                 guard.token.cancel(self._shutdown_reason)  # the scope starts cancelled
             running = self._running

@@ -8,7 +8,7 @@ what stopped the work                              status  notes
 =================================================  ======  ============================
 superseded (a stale sequence number too)           409
 cancelled by request (by id, ``token.cancel()``)   409
-deadline                                           504
+deadline                                           504     ``Deadline-Expired: true``
 shutdown                                           503     ``Retry-After: 1``
 client disconnected                                499     nobody reads it: logged once
 linked token (``parent``)                          the root reason's answer
@@ -17,7 +17,10 @@ registry full (:exc:`~cancelkit.RegistryFull`)     503     ``Retry-After: 1``
 id already running (:exc:`~cancelkit.OperationExists`)  409
 =================================================  ======  ============================
 
-The body is JSON: ``{"detail": <message>, "reason": <kind>, "source": <id or null>}``.
+The body is JSON: ``{"detail": <message>, "reason": <kind>, "source": <id or null>}``. A
+``504`` says ``Deadline-Expired: true``: the caller's budget is spent, a retry with the same
+budget cannot succeed (and :class:`cancelkit.httpx.TokenTransport`, calling this service from
+another hop, turns it into that hop's own deadline).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
+from ._deadline import EXPIRED_HEADER
 from ._exceptions import OperationCancelled, OperationExists, RegistryFull, SlotBusy
 from ._reason import CancelKind, CancelReason
 
@@ -52,6 +56,9 @@ STATUS: dict[CancelKind, int] = {
 }
 #: Statuses whose answer carries ``Retry-After``; seconds.
 _RETRY_AFTER = {503: 1}
+
+#: The header of a deadline's answer.
+_EXPIRED = (EXPIRED_HEADER.lower().encode(), b"true")
 
 #: The scope key that records that this request's 499 line was written.
 _LOGGED_KEY = "cancelkit.gone_logged"
@@ -79,13 +86,15 @@ class HTTPAnswer:
         return json.dumps(fields, separators=(",", ":")).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """The response headers (content type and length, ``Retry-After``)."""
+        """The response headers (content type and length, ``Retry-After``, ``Deadline-Expired``)."""
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self.body())).encode()),
         ]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
+        if self.reason == "deadline":
+            headers.append(_EXPIRED)
         return headers
 
     async def send(self, send: Send, *, close: bool = False) -> None:

@@ -55,6 +55,19 @@ def current_token() -> CancellationToken | None:
     return _current.get()
 
 
+def shorten_deadline(token: CancellationToken, deadline: float) -> None:
+    """Bring ``token``'s own deadline forward to ``deadline`` (:func:`time.monotonic` seconds).
+
+    For the adapters that run a request under a token made elsewhere (a claim's, an
+    operation's), so that the request's deadline holds there too. Never moves a deadline
+    later; scopes already entered and tokens already linked to ``token`` keep what they saw.
+    """
+    with _lock:
+        if deadline < token._deadline:
+            token._deadline = deadline
+            token._effective_deadline = min(token._effective_deadline, deadline)
+
+
 def _check_timeout(timeout: object) -> float:
     if not isinstance(timeout, int | float) or isinstance(timeout, bool):
         raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")

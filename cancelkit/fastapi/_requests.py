@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from .._latest import _MAX_SEQ, Claim, LatestOnly
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
-from .._token import CancellationToken
+from .._token import CancellationToken, shorten_deadline
 from ..backends import CancelOutcome
 from ._openapi import LATEST_RESPONSES, RESPONSES_ATTR, TRACKED_RESPONSES, OperationBody
 
@@ -76,12 +76,16 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
 
     The request-level token (:data:`RequestToken`) is cancelled when ``source`` is, and
     ``source`` when the :class:`~cancelkit.CancelOnDisconnect` token of the request is (a
-    client disconnect, shutdown): the endpoint runs in ``source.scope()``, so that is the
-    token :func:`~cancelkit.current_token` returns there, in a worker thread too.
+    client disconnect, shutdown), whose deadline ``source`` gets too: the endpoint runs in
+    ``source.scope()``, so that is the token :func:`~cancelkit.current_token` returns there
+    (in a worker thread too), and the deadline outgoing calls carry.
     """
     handle = source.on_cancel(_request_level_token(request).cancel)
     outer = request.scope.get(_ASGI_TOKEN)
-    outer_handle = None if outer is None else outer.on_cancel(source.cancel)
+    outer_handle = None
+    if outer is not None:
+        shorten_deadline(source, outer.deadline)
+        outer_handle = outer.on_cancel(source.cancel)
     try:
         yield
     finally:
