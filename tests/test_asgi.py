@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -656,6 +658,8 @@ async def test_nested_middleware_shares_token() -> None:
         ({"modes": {"/x": "stop"}}, ValueError),
         ({"exclude": ["health"]}, ValueError),
         ({"include": [42]}, TypeError),
+        ({"timeout": -1}, ValueError),
+        ({"timeout": "5"}, TypeError),
     ],
 )
 def test_middleware_rejects_bad_configuration(kwargs: dict[str, Any], error: type) -> None:
@@ -673,11 +677,12 @@ def test_middleware_rejects_bad_configuration(kwargs: dict[str, Any], error: typ
     [
         ({"type": "http"}, {"mode": "kill"}),
         ({"type": "http"}, {"max_buffer": -1}),
+        ({"type": "http"}, {"timeout": -0.5}),
         ({"type": "websocket"}, {}),
     ],
 )
 def test_guard_rejects_bad_arguments(scope: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    """A guard refuses unknown modes, negative buffers and non-HTTP scopes."""
+    """A guard refuses unknown modes, negative buffers and timeouts, and non-HTTP scopes."""
     server = FakeServer()
     with pytest.raises(ValueError):  # noqa: PT011
         DisconnectGuard(scope, server.receive, server.send, **kwargs)
@@ -859,3 +864,135 @@ async def test_concurrent_shutdowns_both_return_when_the_server_is_idle() -> Non
             await anyio.wait_all_tasks_blocked()
             release.set()
     assert sorted(returned) == ["first", "second"]
+
+
+# -- deadlines ------------------------------------------------------------------------------
+
+
+def with_deadline(value: bytes, name: bytes = b"request-timeout-ms") -> dict[str, Any]:
+    scope = http_scope()
+    scope["headers"] = [(b"accept", b"*/*"), (name, value)]
+    return scope
+
+
+def header(server: FakeServer, name: bytes) -> bytes | None:
+    start = next(m for m in server.sent if m["type"] == "http.response.start")
+    return dict(start["headers"]).get(name)
+
+
+@pytest.mark.parametrize(
+    ("headers", "limit", "expected"),
+    [
+        ([(b"request-timeout-ms", b"5000")], None, 5.0),
+        ([(b"grpc-timeout", b"7S")], 60.0, 7.0),
+        ([(b"request-timeout-ms", b"9000")], 2.0, 2.0),  # the header never extends the limit
+        ([], 3.0, 3.0),
+        ([(b"request-timeout-ms", b"soon")], 4.0, 4.0),  # malformed: ignored
+        ([], None, None),
+    ],
+)
+async def test_the_token_deadline_is_the_smaller_limit_from_arrival(
+    headers: list[tuple[bytes, bytes]], limit: float | None, expected: float | None
+) -> None:
+    """Header and server limit: the smaller, counted on this server's clock from arrival."""
+    probe = Probe()
+    scope = http_scope()
+    scope["headers"] = headers
+    before = time.monotonic()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        probe.token = request_token(scope)
+        probe.current = current_token()
+        await respond(send)
+
+    await CancelOnDisconnect(app, timeout=limit)(scope, FakeServer(body()).receive, respond_sink)
+    after = time.monotonic()
+    assert probe.token is not None
+    assert probe.current is probe.token
+    if expected is None:
+        assert probe.token.deadline == math.inf
+    else:
+        assert before + expected <= probe.token.deadline <= after + expected
+
+
+async def respond_sink(message: Any) -> None:
+    """A server send that drops the answer."""
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "signal"])
+@pytest.mark.parametrize("value", [b"0", b"0S"])
+async def test_a_request_with_nothing_left_never_runs(mode: Any, value: bytes) -> None:
+    """0 ms left on arrival: 504 Deadline-Expired at once, the application never called."""
+    server = FakeServer(body())
+    name = b"grpc-timeout" if value.endswith(b"S") else b"request-timeout-ms"
+    called: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(True)
+
+    mw = CancelOnDisconnect(app, mode=mode)
+    await mw(with_deadline(value, name), server.receive, server.send)
+    assert called == []
+    assert server.status == 504
+    assert header(server, b"deadline-expired") == b"true"
+    assert json.loads(server.sent[1]["body"])["reason"] == "deadline"
+    assert mw.statistics().interrupted == 1
+
+
+async def test_a_deadline_that_passes_interrupts_and_answers_504_expired() -> None:
+    """The deadline passes while the handler waits: interrupted, 504 Deadline-Expired."""
+    server = FakeServer(body())
+    probe = Probe()
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(waiting_app(probe))(
+            with_deadline(b"20"), server.receive, server.send
+        )
+    assert probe.cleaned_up
+    assert not probe.finished
+    assert server.status == 504
+    assert header(server, b"deadline-expired") == b"true"
+    assert probe.token is not None
+    assert probe.token.reason is not None
+    assert probe.token.reason.kind is CancelKind.DEADLINE
+
+
+async def test_in_signal_mode_the_deadline_cancels_the_token_on_time() -> None:
+    """Nobody polls the token: its callbacks still run when the deadline passes."""
+    server = FakeServer(body())
+    fired: list[CancelReason] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        fired_event = anyio.Event()
+
+        def callback(reason: CancelReason) -> None:
+            fired.append(reason)
+            fired_event.set()
+
+        request_token(scope).on_cancel(callback)
+        await fired_event.wait()
+        await respond(send)  # signal mode: the handler decides; it answers
+
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(app, mode="signal")(
+            with_deadline(b"20"), server.receive, server.send
+        )
+    assert [reason.kind for reason in fired] == [CancelKind.DEADLINE]
+    assert server.status == 200
+
+
+async def test_a_callers_token_gets_a_child_with_the_deadline() -> None:
+    """DisconnectGuard(token=...) with a deadline header runs under a child of that token."""
+    server = FakeServer(body())
+    parent = CancellationToken()
+    guard = DisconnectGuard(with_deadline(b"60000"), server.receive, server.send, token=parent)
+    assert guard.token is not parent
+    assert guard.token.deadline < math.inf
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        parent.cancel(CancelReason(CancelKind.SUPERSEDED))
+        await anyio.sleep_forever()
+
+    await guard.run(app)
+    assert server.status == 409
+    assert guard.token.reason is not None
+    assert guard.token.reason.root.kind is CancelKind.SUPERSEDED

@@ -1,6 +1,7 @@
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -438,6 +439,44 @@ async def test_deadline_maps_to_504_and_disconnect_to_a_logged_499(
     assert late.json()["reason"] == "deadline"
     assert gone_response.status_code == 499
     assert any('"GET /gone" 499' in r.getMessage() for r in caplog.records)
+
+
+async def test_the_callers_deadline_reaches_claims_operations_and_the_request_token() -> None:
+    """Under CancelOnDisconnect a Request-Timeout-Ms header is the deadline of the endpoint's
+    current token (claim, operation) and of RequestToken; when it passes: 504, Deadline-Expired."""
+    from cancelkit import CancelOnDisconnect
+
+    slot, registry = LatestOnly(), TokenRegistry()
+    app = FastAPI()
+    install(app)
+    seen: dict[str, tuple[bool, float, float]] = {}
+
+    @app.get("/claim")
+    async def claimed(
+        claim: Annotated[Claim, latest_only(slot, key=lambda request: "k")], token: RequestToken
+    ) -> None:
+        seen["claim"] = (current_token() is claim.token, claim.token.deadline, token.deadline)
+        await anyio.sleep_forever()
+
+    @app.post("/op")
+    async def operation(op: Annotated[TrackedOperation, tracked(registry)]) -> None:
+        seen["op"] = (current_token() is op.token, op.token.deadline, op.token.deadline)
+        await anyio.sleep_forever()
+
+    transport = httpx.ASGITransport(CancelOnDisconnect(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        for method, path in (("GET", "/claim"), ("POST", "/op")):
+            before = time.monotonic()
+            with anyio.fail_after(10):
+                response = await http.request(method, path, headers={"Request-Timeout-Ms": "40"})
+            after = time.monotonic()
+            assert response.status_code == 504
+            assert response.headers["deadline-expired"] == "true"
+            assert response.json()["reason"] == "deadline"
+            is_current, deadline, request_deadline = seen[path.strip("/")]
+            assert is_current
+            assert before + 0.04 <= deadline <= after
+            assert request_deadline == deadline
 
 
 async def test_works_with_routers_sub_apps_and_other_middleware() -> None:

@@ -35,6 +35,7 @@ from cancelkit import (
     exception_handlers,
     request_token,
 )
+from cancelkit._http import answer_for_reason
 from cancelkit.fastapi import install
 
 pytestmark = pytest.mark.anyio
@@ -319,3 +320,13 @@ def test_exception_handlers_reject_a_bad_busy_status() -> None:
     """busy_status is 409 or 429."""
     with pytest.raises(ValueError, match="busy_status"):
         exception_handlers(busy_status=500)  # type: ignore[arg-type]
+
+
+def test_only_a_deadline_answer_says_deadline_expired() -> None:
+    """504 carries Deadline-Expired: true (callers do not retry it); no other answer does."""
+    for kind in CancelKind:
+        answer = answer_for_reason(reason(kind))
+        marked = (b"deadline-expired", b"true") in answer.headers()
+        assert marked is (kind is CancelKind.DEADLINE), kind
+    linked = answer_for_reason(reason(CancelKind.PARENT, origin=reason(CancelKind.DEADLINE)))
+    assert (b"deadline-expired", b"true") in linked.headers()
