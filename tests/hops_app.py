@@ -3,7 +3,9 @@
 Served by a real server process (uvicorn on asyncio, hypercorn on trio). ``HOP_NAME`` names it,
 ``HOP_NEXT`` is the next hop's URL (none for the last), ``HOP_MODE`` the CancelOnDisconnect
 mode. Every work route calls the next hop with :class:`cancelkit.httpx.TokenTransport`; the
-last hop answers at once, or holds (``hold=1``), or streams one chunk and holds (``hold=2``).
+last hop answers at once, or holds (``hold=1``), or streams one chunk and holds (``hold=2``),
+or works ``work_ms`` milliseconds and answers. ``HOP_PLAIN=1`` is the same chain without
+cancelkit (no middleware, httpx's own transport): the benchmark's baseline.
 
 The hop records, per request id, when its handler started and ended (the time left of its
 deadline, its reason) and every status it sent; ``GET /records/{id}?until=started|ended``
@@ -24,13 +26,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 from cancelkit import (
+    CancellationToken,
     CancelOnDisconnect,
     Claim,
     LatestOnly,
     TokenRegistry,
     TrackedOperation,
     current_token,
-    request_token,
 )
 from cancelkit.fastapi import cancel_router, install, latest_only, tracked
 from cancelkit.httpx import TokenTransport
@@ -38,6 +40,7 @@ from cancelkit.httpx import TokenTransport
 NAME = os.environ.get("HOP_NAME", "hop")
 NEXT = os.environ.get("HOP_NEXT", "")
 MODE: Any = os.environ.get("HOP_MODE", "interrupt")
+PLAIN = os.environ.get("HOP_PLAIN") == "1"
 WAIT_LIMIT = 30.0  # seconds a /records request may wait
 
 
@@ -83,7 +86,8 @@ def record(id: str) -> Record:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     global client
-    async with httpx.AsyncClient(transport=TokenTransport(), timeout=WAIT_LIMIT) as client:
+    transport = httpx.AsyncHTTPTransport() if PLAIN else TokenTransport()
+    async with httpx.AsyncClient(transport=transport, timeout=WAIT_LIMIT) as client:
         yield
 
 
@@ -95,8 +99,7 @@ app.include_router(cancel_router(registry))
 async def work(id: str, request: Request) -> Any:
     """The body of every work route: record, spend, call the next hop or hold."""
     rec = record(id)
-    token = current_token()
-    assert token is not None
+    token = current_token() or CancellationToken()  # (none without cancelkit)
     rec.entry = time.monotonic()
     rec.left_ms = None if token.deadline == float("inf") else (token.deadline - rec.entry) * 1000
     counts["started"] += 1
@@ -106,9 +109,11 @@ async def work(id: str, request: Request) -> Any:
         if spend:
             await anyio.sleep(spend / 1000)  # the hop's own work before it calls the next
         hold = request.query_params.get("hold", "0")
+        work_ms = int(request.query_params.get("work_ms", "0"))
         if NEXT:
             rec.call = time.monotonic()
-            answer = await client.get(f"{NEXT}/work/{id}", params={"hold": hold})
+            params = {"hold": hold, "work_ms": str(work_ms)}
+            answer = await client.get(f"{NEXT}/work/{id}", params=params)
             answer.raise_for_status()
             rec.end = "completed"
             return answer.json()
@@ -116,6 +121,7 @@ async def work(id: str, request: Request) -> Any:
             await anyio.sleep_forever()
         if hold == "2":
             return StreamingResponse(held_stream())  # the exchange ends when the client goes
+        await anyio.sleep(work_ms / 1000)
         rec.end = "completed"
         return {"done": NAME}
     finally:
@@ -187,7 +193,8 @@ def recorded(inner: Callable[..., Any]) -> Callable[..., Any]:
             await inner(scope, receive, noting)
         finally:
             if rec.end is None:  # never started, or a stream that ended: the request's token
-                reason = request_token(scope).reason
+                token = scope.get("cancelkit.token")
+                reason = None if token is None else token.reason
                 rec.end = "completed" if reason is None else reason.root.kind.value
             rec.end_at = time.monotonic()
             counts["ended"] += 1
@@ -199,4 +206,4 @@ def recorded(inner: Callable[..., Any]) -> Callable[..., Any]:
 
 
 WORK = {"work", "search", "report"}
-asgi = recorded(CancelOnDisconnect(app, mode=MODE))
+asgi = recorded(app if PLAIN else CancelOnDisconnect(app, mode=MODE))

@@ -9,16 +9,10 @@ events, bounded, so nothing here sleeps or times anything.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,11 +22,11 @@ import pytest
 
 from cancelkit import CancellationToken
 from cancelkit.httpx import TokenTransport
+from tests.hops import chain as hop_chain
 from tests.test_asgi_servers import read_response, request
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).parent.parent
 LIMIT = 60  # seconds: the most a test here may wait for anything
 
 
@@ -49,65 +43,16 @@ HOPS = {
 @dataclass
 class Chain:
     urls: dict[str, str]  # hop name -> base URL
-    ports: dict[str, int]
 
     def port(self, hop: str) -> int:
-        return self.ports[hop]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def command(server: str, port: int) -> list[str]:
-    if server == "uvicorn":
-        return [
-            *(sys.executable, "-m", "uvicorn", "tests.hops_app:asgi"),
-            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
-        ]
-    return [
-        *(sys.executable, "-m", "hypercorn", "-k", "trio"),
-        *("-b", f"127.0.0.1:{port}", "--graceful-timeout", "5", "tests.hops_app:asgi"),
-    ]
+        return int(self.urls[hop].rsplit(":", 1)[1])
 
 
 @pytest.fixture(scope="module")
 def chain() -> Iterator[Chain]:
     """A → B → C, started together, stopped (SIGINT) at the module's end."""
-    ports = {hop: free_port() for hop in HOPS}
-    urls = {hop: f"http://127.0.0.1:{port}" for hop, port in ports.items()}
-    following = {"A": urls["B"], "B": urls["C"], "C": ""}
-    processes = {
-        hop: subprocess.Popen(
-            command(server, ports[hop]),
-            cwd=ROOT,
-            env={**os.environ, "HOP_NAME": hop, "HOP_NEXT": following[hop], "HOP_MODE": mode},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        for hop, (server, mode) in HOPS.items()
-    }
-    try:
-        deadline = time.monotonic() + LIMIT
-        for hop, url in urls.items():
-            while True:
-                assert processes[hop].poll() is None, processes[hop].communicate()
-                try:
-                    httpx.get(f"{url}/counts", timeout=5).raise_for_status()
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, f"hop {hop} never started"
-                    time.sleep(0.05)  # the process is still starting
-        yield Chain(urls, ports)
-    finally:
-        for process in processes.values():
-            process.send_signal(signal.SIGINT)
-        for hop, process in processes.items():
-            _, stderr = process.communicate(timeout=30)
-            assert b"Traceback" not in stderr, f"hop {hop}: {stderr.decode()}"
+    with hop_chain(HOPS) as urls:
+        yield Chain(urls)
 
 
 @pytest.fixture
