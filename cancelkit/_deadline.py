@@ -2,8 +2,8 @@
 
 The deadline travels as the time that is *left*, in whole milliseconds, never as a wall-clock
 instant: the two hosts' clocks need not agree, and each hop re-anchors the duration on its own
-monotonic clock when the request arrives. The sender floors the milliseconds, so the next hop
-never gets more time than was left.
+monotonic clock when the request arrives. The sender keeps one millisecond for the answer's
+way back and floors the rest, so that the next hop gives up just before this one does.
 
 One header is sent: ``Request-Timeout-Ms`` (a plain duration whose unit is in its name, with no
 ``X-`` prefix (RFC 6648); the name users asked for in openai-python#3277). Three spellings are
@@ -46,6 +46,7 @@ _GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n"
 _MAX_DIGITS = 8
 _MAX_MS = 10**_MAX_DIGITS - 1  # what 8 digits can say: about 27.8 hours
 _SHOWN = 40  # bytes of a rejected value that the log line shows
+_RETURN_MS = 1  # what the sender keeps for the answer's way back
 
 
 def _seconds(name: bytes, value: bytes) -> float | None:
@@ -98,11 +99,14 @@ def parse_deadline(
 
 
 def header_value(remaining: float) -> str:
-    """The :data:`HEADER` value for ``remaining`` seconds: whole milliseconds, floored.
+    """The :data:`HEADER` value for ``remaining`` seconds: whole milliseconds, less one.
 
-    Floored so that the next hop never gets more time than is left; at most 8 digits (a
-    longer deadline is sent as 99999999 ms, about 27.8 hours); never negative.
+    Less the millisecond its answer may take to come back, and floored: the next hop gives up
+    a moment *before* this one, so that this hop gets its ``504`` instead of cutting it off.
+    At most 8 digits (a longer deadline is sent as 99999999 ms, about 27.8 hours); never
+    negative.
     """
-    if remaining <= 0:
+    ms = remaining * 1000 - _RETURN_MS
+    if ms <= 0:
         return "0"
-    return str(math.floor(min(remaining * 1000, _MAX_MS)))
+    return str(math.floor(min(ms, _MAX_MS)))

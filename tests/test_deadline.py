@@ -87,10 +87,20 @@ def test_a_long_hostile_value_is_logged_shortened(caplog: pytest.LogCaptureFixtu
 
 @pytest.mark.parametrize(
     ("remaining", "expected"),
-    [(-1.0, "0"), (0.0, "0"), (0.0009, "0"), (0.0011, "1"), (0.2999, "299"), (1e9, "99999999")],
+    [
+        (-1.0, "0"),
+        (0.0, "0"),
+        (0.0019, "0"),
+        (0.0021, "1"),
+        (0.2999, "298"),
+        (0.300, "299"),
+        (1e9, "99999999"),
+    ],
 )
-def test_header_value_floors_whole_milliseconds(remaining: float, expected: str) -> None:
-    """The next hop never gets more than is left, and never more than 8 digits."""
+def test_header_value_is_the_whole_milliseconds_left_less_one(
+    remaining: float, expected: str
+) -> None:
+    """The next hop gets less than is left (1 ms for the answer), never more than 8 digits."""
     assert header_value(remaining) == expected
 
 

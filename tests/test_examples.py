@@ -254,3 +254,19 @@ def test_latest_policies_example_shows_each_policy_and_the_clients_order() -> No
         *("enqueue, 2 may wait", "  a: started", "  d: refused (busy)", "  a: completed"),
         *("  b: started", "  b: completed", "  c: started", "  c: completed"),
     ]
+
+
+def test_beyond_example_stops_every_hop() -> None:
+    """Three services: the budget shrinks hop by hop and ends in a marked 504; a client that
+    leaves the frontend stops the search and the ranker too."""
+    out = run_example("beyond_hops.py").stdout
+    cat = [line for line in out.splitlines() if "'cat' started" in line]
+    assert [line.split(":")[0] for line in cat] == ["frontend", "search", "ranker"]
+    left = [int(line.split(", ")[1].split()[0]) for line in cat]
+    assert 250 >= left[0] > left[1] > left[2] > 0
+    assert "caller: HTTP 504, Deadline-Expired: true, deadline" in out
+    after_leaving = out.split("caller: leaves")[1]
+    for hop in ("frontend", "search", "ranker"):
+        assert f"{hop}: stopped: client_disconnected" in after_leaving
+        # stopped by the deadline, or (a moment earlier) by its caller giving up
+        assert out.split("caller: HTTP 504")[0].count(f"{hop}: stopped:") == 1

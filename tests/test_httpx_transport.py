@@ -68,7 +68,11 @@ class NextHop:
                 await send({"type": "http.response.start", "status": 200, "headers": []})
                 await send({"type": "http.response.body", "body": b"first", "more_body": True})
             self.started.set()
-            await token.wait()  # until the client goes away
+            if scope["path"] == "/deaf":  # a server that ignores deadlines: the client's leaving
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+            else:
+                await token.wait()  # until the client goes away
         finally:
             self.reasons.append(None if token.reason is None else token.reason.kind)
             self.ended.set()
@@ -136,8 +140,8 @@ async def test_the_header_is_the_time_left_as_the_headers_are_written(anyio_back
             await client.get(f"{url}/ok", extensions={"trace": trace})
     ((event, sent, left_after),) = seen
     assert event == "http11.send_request_headers.started"
-    # computed just before `left_after` was: floored, so at most 1 ms above it, never below
-    assert left_after * 1000 - 1 <= sent <= left_after * 1000 + 1
+    # computed just before `left_after` was: less 1 ms, floored; a moment earlier than that
+    assert left_after * 1000 - 2 <= sent <= left_after * 1000
     assert hop.headers == [str(sent)]
 
 
@@ -202,19 +206,19 @@ async def test_an_interrupting_scope_aborts_the_request_too(anyio_backend: str) 
 
 
 async def test_a_deadline_that_passes_aborts_the_request(anyio_backend: str) -> None:
-    """The token's deadline ends the call with reason deadline, even without a scope."""
+    """The token's deadline ends the call; a next hop that ignores it sees its client go."""
     async with next_hop(anyio_backend) as (hop, url, client):
         await client.get(f"{url}/ok")  # connected: the budget is all for the call
         token = CancellationToken(timeout=0.2)
-        with current(token), pytest.raises(OperationCancelled) as caught:
-            await client.get(f"{url}/wait")
-        await hop.ended.wait()
-    assert caught.value.reason.kind is CancelKind.DEADLINE
+        with token.move_on() as scope:
+            await client.get(f"{url}/deaf")  # a next hop that ignores its deadline
+        await hop.ended.wait()  # it saw its client go
+    assert scope.reason is not None
+    assert scope.reason.kind is CancelKind.DEADLINE
     assert hop.headers[0] is None
     sent = hop.headers[1]
     assert sent is not None
-    assert 0 <= int(sent) <= 200
-    assert hop.reasons == [CancelKind.CLIENT_DISCONNECTED]
+    assert 0 <= int(sent) <= 199
 
 
 async def test_an_expired_answer_far_from_our_deadline_is_passed_on(anyio_backend: str) -> None:
@@ -227,14 +231,14 @@ async def test_an_expired_answer_far_from_our_deadline_is_passed_on(anyio_backen
 
 
 async def test_an_expired_answer_to_our_deadline_ends_the_call_at_it(anyio_backend: str) -> None:
-    """A 504 Deadline-Expired that answers the deadline we sent (ours is at most 2 ms away):
+    """A 504 Deadline-Expired that answers the deadline we sent (ours is under 3 ms away):
     the caller gets OperationCancelled(deadline) at its own deadline, not the 504."""
     token = CancellationToken(timeout=0.05)
     app_response: list[httpx.Response] = []
 
     def answer_expired(request: httpx.Request) -> httpx.Response:
-        # the next hop answers as its (equal) deadline passes: ours is <= 1 ms away now
-        while token.deadline - time.monotonic() > 0.001:
+        # the next hop answers as its deadline (ours less 1-2 ms) passes
+        while token.deadline - time.monotonic() > 0.002:
             time.sleep(0.0002)
         response = httpx.Response(504, headers={"Deadline-Expired": "true"})
         app_response.append(response)
