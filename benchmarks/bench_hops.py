@@ -94,6 +94,7 @@ def cancel_latency(backend: str, trials: int, plain_trials: int) -> None:
 
 def budget(backend: str, trials: int) -> None:
     spreads, late, ends = [], [], {"deadline": 0, "client_disconnected": 0}
+    answered = 0
     with chain(CHAINS[backend]) as urls:
         for i in range(trials):
             id = f"b{i}"
@@ -110,13 +111,15 @@ def budget(backend: str, trials: int) -> None:
             late.append((a["end_at"] - (a["entry"] + a["left_ms"] / 1000)) * 1000)
             for hop in "BC":
                 ends[records[hop]["end"]] += 1
+            answered += all(r["statuses"] == [504] for r in records.values())
     median = statistics.median(spreads)
     print(
         f"  {backend:8} 300 ms budget: every hop ended within a median {median:5.2f} "
         f"ms of A (p99 {percentile(spreads, 99):5.2f}, max {max(spreads):5.2f}; target <= 15); "
         f"A's deadline fired a median {statistics.median(late):5.2f} ms late; "
         f"B and C stopped by their own deadline {ends['deadline']} times, by their caller "
-        f"leaving {ends['client_disconnected']} ({trials} trials)"
+        f"leaving {ends['client_disconnected']}; every hop answered one 504 in {answered} "
+        f"({trials} trials)"
     )
 
 

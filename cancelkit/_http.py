@@ -31,6 +31,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
+import anyio
+
 from ._deadline import EXPIRED_HEADER
 from ._exceptions import OperationCancelled, OperationExists, RegistryFull, SlotBusy
 from ._reason import CancelKind, CancelReason
@@ -56,6 +58,9 @@ STATUS: dict[CancelKind, int] = {
 }
 #: Statuses whose answer carries ``Retry-After``; seconds.
 _RETRY_AFTER = {503: 1}
+
+#: The most seconds the sending of an answer may hold off a cancellation (a slow client).
+SEND_LIMIT = 5.0
 
 #: The header of a deadline's answer.
 _EXPIRED = (EXPIRED_HEADER.lower().encode(), b"true")
@@ -98,12 +103,21 @@ class HTTPAnswer:
         return headers
 
     async def send(self, send: Send, *, close: bool = False) -> None:
-        """Send the answer through an ASGI ``send``; ``close`` asks to close the connection."""
+        """Send the answer through an ASGI ``send``; ``close`` asks to close the connection.
+
+        The two messages go out shielded (for at most :data:`SEND_LIMIT` seconds): the guard
+        may interrupt the request for the same reason while an exception handler sends this
+        answer (a deadline that the handler's scope and the guard see at once), and a response
+        cut between its start and its body is worse than none (hypercorn on trio even fails
+        the connection).
+        """
         headers = self.headers()
         if close:
             headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body()})
+        with anyio.move_on_after(SEND_LIMIT, shield=True):
+            start = {"type": "http.response.start", "status": self.status, "headers": headers}
+            await send(start)
+            await send({"type": "http.response.body", "body": self.body()})
 
     async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
         if self.status == 499:

@@ -330,3 +330,38 @@ def test_only_a_deadline_answer_says_deadline_expired() -> None:
         assert marked is (kind is CancelKind.DEADLINE), kind
     linked = answer_for_reason(reason(CancelKind.PARENT, origin=reason(CancelKind.DEADLINE)))
     assert (b"deadline-expired", b"true") in linked.headers()
+
+
+async def test_an_answer_is_not_cut_by_an_interruption_for_the_same_reason() -> None:
+    """The guard interrupts the request (its deadline passed) just as the handler's scope saw
+    the same deadline and the exception handler sends the 504: the answer goes out whole."""
+    app = FastAPI()
+    install(app)
+
+    @app.get("/")
+    async def endpoint(request: Request) -> None:
+        await anyio.wait_all_tasks_blocked()  # the guard's watcher runs: it can interrupt now
+        reason = CancelReason(CancelKind.DEADLINE)
+        request_token(request.scope).cancel(reason)  # the guard's interruption is pending...
+        raise OperationCancelled(reason)  # ...as the handler answers the same deadline
+
+    sent: list[dict[str, Any]] = []
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def send(message: Any) -> None:
+        await anyio.lowlevel.checkpoint()  # a real server's write yields
+        sent.append(dict(message))
+
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(app)(http_scope(), receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 504
+    assert (b"deadline-expired", b"true") in sent[0]["headers"]

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, final
 
+import anyio.lowlevel
 import httpx
 
 from .. import _loop
@@ -119,7 +120,11 @@ class TokenTransport(httpx.AsyncBaseTransport):
         ):  # the next hop's answer to our deadline: it is (nearly) ours too
             abort.handle.unregister()
             await response.aclose()
-            raise OperationCancelled(await token.wait())
+            reason = await token.wait()
+            # An interruption of this request by the same deadline comes first, if there is
+            # one: the request then ends by it (its guard answers), not by an exception.
+            await anyio.lowlevel.checkpoint()
+            raise OperationCancelled(reason)
         response.stream = _TokenStream(response.stream, abort)
         return response
 
