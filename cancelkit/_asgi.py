@@ -190,9 +190,8 @@ class DisconnectGuard:
     escapes the application ends the request just as quietly. A cancellation that the guard
     did not cause (server shutdown cancelling the application) propagates.
 
-    The token's deadline is the smaller of ``timeout`` and the time left that the caller sent
-    (``Request-Timeout-Ms``, :doc:`/beyond`) from the request's arrival; it answers ``504``. A
-    request whose token is cancelled before it starts never runs the application.
+    ``timeout`` and a caller's ``Request-Timeout-Ms`` (:doc:`/beyond`) set the token's deadline
+    (``504`` when it passes); a request cancelled before it starts never runs the application.
 
     Args:
         scope: the HTTP scope; the token is stored in it (see :func:`request_token`).
@@ -239,9 +238,8 @@ class DisconnectGuard:
         token: CancellationToken | None = None,
         timeout: float | None = None,
     ) -> None:
-        _check(mode, max_buffer, timeout)
         #: The request's token.
-        self.token = _request_token(scope, token, timeout)
+        self.token = _request_token(scope, token, mode, max_buffer, timeout)
         self._scope = scope
         self._receive = receive
         self._send = send
@@ -425,7 +423,9 @@ class DisconnectGuard:
             self._link = self.token.on_cancel(self._interrupt_app)
         try:
             with anyio.CancelScope() as self._watch_scope:
-                await _fill(self._read_ahead(), self.token)
+                if self.token.deadline < math.inf:
+                    await _until_deadline(self._read_ahead(), self.token)
+                await self._read_ahead().fill()
         finally:
             done.set()
 
@@ -476,9 +476,14 @@ def _check(mode: str, max_buffer: int, timeout: float | None) -> float | None:
 
 
 def _request_token(
-    scope: Scope, token: CancellationToken | None, timeout: float | None
+    scope: Scope,
+    token: CancellationToken | None,
+    mode: str,
+    max_buffer: int,
+    timeout: float | None,
 ) -> CancellationToken:
-    """The token a request runs under: with the deadline of ``timeout`` and its headers."""
+    """Check a guard's options; return the token its request runs under, with its deadline."""
+    _check(mode, max_buffer, timeout)
     if scope.get("type") != "http":
         raise ValueError(f"a DisconnectGuard runs HTTP requests, not {scope.get('type')!r}")
     deadline = parse_deadline(scope.get("headers", ()), timeout)
@@ -487,21 +492,17 @@ def _request_token(
     return token if deadline is None else token.child(timeout=deadline)
 
 
-async def _fill(reader: ReadAhead, token: CancellationToken) -> None:
-    """The watcher's wait: read ahead until the client leaves; cancel the token on its deadline.
+async def _until_deadline(reader: ReadAhead, token: CancellationToken) -> None:
+    """The watcher's wait until the token's deadline: then cancel the token (if still live).
 
     The deadline is checked wherever the token is looked at; this cancels it on time even if
     nothing looks, so that its callbacks (an interrupted handler, a relayed claim) run then.
     """
-    deadline = token.deadline
-    if deadline < math.inf:
-        with anyio.CancelScope(
-            deadline=anyio.current_time() + (deadline - time.monotonic())
-        ) as timer:
-            await reader.fill()
-        if timer.cancelled_caught:  # (a reason the token got first is kept)
-            token.cancel(CancelReason(CancelKind.DEADLINE))
-    await reader.fill()
+    deadline = anyio.current_time() + (token.deadline - time.monotonic())
+    with anyio.CancelScope(deadline=deadline) as timer:
+        await reader.fill()
+    if timer.cancelled_caught:  # (a reason the token got first is kept)
+        token.cancel(CancelReason(CancelKind.DEADLINE))
 
 
 def _compile(patterns: Iterable[PathPattern], what: str) -> tuple[PathPattern, ...]:
