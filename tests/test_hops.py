@@ -10,7 +10,7 @@ events, bounded, so nothing here sleeps or times anything.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -102,18 +102,36 @@ async def test_a_client_that_leaves_a_stops_b_and_c(chain: Chain) -> None:
     assert all(rec["statuses"] == [] for rec in records.values())  # nobody left to answer
 
 
+async def stopped_at_a(
+    chain: Chain,
+    client: httpx.AsyncClient,
+    id: str,
+    path: str,
+    stop: Callable[[], Awaitable[Any]],
+    **options: Any,
+) -> tuple[int, dict[str, Any]]:
+    """Send ``path`` to A, wait until C's handler runs, ``stop()`` it; A's status, the records."""
+    stream = await request(chain.port("A"), path, **options)
+    await wait_record(client, chain, "C", id, "started")
+    await stop()
+    status, _ = await read_response(stream)
+    await stream.aclose()
+    return status, await ended(client, chain, id)
+
+
 async def test_a_superseded_search_at_a_stops_b_and_c(chain: Chain) -> None:
     """A newer search at A supersedes the older: B's and C's handlers of it are cancelled."""
     older, newer = unique("older"), unique("newer")
+    answers: list[httpx.Response] = []
+
+    async def newer_search() -> None:
+        answers.append(await client.get(f"{chain.urls['A']}/search/{newer}"))
+
     async with hops(chain) as client:
-        stream = await request(chain.port("A"), f"/search/{older}?hold=1")
-        await wait_record(client, chain, "C", older, "started")
-        answer = await client.get(f"{chain.urls['A']}/search/{newer}")
-        status, _ = await read_response(stream)
-        await stream.aclose()
-        records = await ended(client, chain, older)
-    assert answer.status_code == 200
-    assert answer.json() == {"done": "C"}
+        status, records = await stopped_at_a(
+            chain, client, older, f"/search/{older}?hold=1", newer_search
+        )
+    assert answers[0].json() == {"done": "C"}
     assert status == 409
     assert {hop: rec["end"] for hop, rec in records.items()} == {
         "A": "superseded",
@@ -125,16 +143,22 @@ async def test_a_superseded_search_at_a_stops_b_and_c(chain: Chain) -> None:
 async def test_a_cancel_by_id_at_a_stops_b_and_c(chain: Chain) -> None:
     """DELETE /operations/{id} at A: the operation's calls to B and C are cancelled too."""
     id = unique("op")
+    cancels: list[httpx.Response] = []
+
+    async def cancel() -> None:
+        cancels.append(await client.delete(f"{chain.urls['A']}/operations/{id}"))
+
     async with hops(chain) as client:
-        stream = await request(
-            chain.port("A"), f"/report/{id}?hold=1", method="POST", headers={"X-Operation-Id": id}
+        status, records = await stopped_at_a(
+            chain,
+            client,
+            id,
+            f"/report/{id}?hold=1",
+            cancel,
+            method="POST",
+            headers={"X-Operation-Id": id},
         )
-        await wait_record(client, chain, "C", id, "started")
-        cancel = await client.delete(f"{chain.urls['A']}/operations/{id}")
-        status, _ = await read_response(stream)
-        await stream.aclose()
-        records = await ended(client, chain, id)
-    assert cancel.status_code == 202
+    assert cancels[0].status_code == 202
     assert status == 409
     assert {hop: rec["end"] for hop, rec in records.items()} == {
         "A": "requested",

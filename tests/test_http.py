@@ -37,6 +37,8 @@ from cancelkit import (
 )
 from cancelkit._http import answer_for_reason
 from cancelkit.fastapi import install
+from tests.test_asgi import FakeServer
+from tests.test_asgi import body as body_message
 
 pytestmark = pytest.mark.anyio
 
@@ -345,23 +347,14 @@ async def test_an_answer_is_not_cut_by_an_interruption_for_the_same_reason() -> 
         request_token(request.scope).cancel(reason)  # the guard's interruption is pending...
         raise OperationCancelled(reason)  # ...as the handler answers the same deadline
 
-    sent: list[dict[str, Any]] = []
-    requested = False
+    class Server(FakeServer):
+        async def send(self, message: Any) -> None:
+            await anyio.lowlevel.checkpoint()  # a real server's write yields
+            await super().send(message)
 
-    async def receive() -> dict[str, Any]:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await anyio.sleep_forever()
-        raise AssertionError  # pragma: no cover
-
-    async def send(message: Any) -> None:
-        await anyio.lowlevel.checkpoint()  # a real server's write yields
-        sent.append(dict(message))
-
+    server = Server(body_message())
     with anyio.fail_after(10):
-        await CancelOnDisconnect(app)(http_scope(), receive, send)
-    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
-    assert sent[0]["status"] == 504
-    assert (b"deadline-expired", b"true") in sent[0]["headers"]
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["http.response.start", "http.response.body"]
+    assert server.status == 504
+    assert (b"deadline-expired", b"true") in server.sent[0]["headers"]
