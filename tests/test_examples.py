@@ -115,7 +115,7 @@ def test_registry_example() -> None:
     assert "bob cancels report-1: not_found" in out
     assert "alice cancels report-1: cancelled" in out
     assert "report-2 -> stopped (requested" in out
-    assert "cancel report-2 again: not_found" in out
+    assert "report-2 retried -> stopped (requested" in out
 
 
 @pytest.mark.parametrize("expected", ["'c': superseded", "'cancel': finished", "'trio': finished"])

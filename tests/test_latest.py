@@ -91,13 +91,14 @@ async def test_different_keys_do_not_interfere() -> None:
 async def test_generations_fence_stale_work() -> None:
     """Each claim gets a larger generation; only the newest one is current."""
     slot = LatestOnly()
-    async with slot.claim("k") as first:
-        async with slot.claim("k") as second:
-            assert second.generation > first.generation
-            assert await slot.is_current("k", second.generation)
+    with pytest.raises(OperationCancelled):  # the first ends superseded, not as a success
+        async with slot.claim("k") as first:
+            async with slot.claim("k") as second:
+                assert second.generation > first.generation
+                assert await slot.is_current("k", second.generation)
+                assert not await slot.is_current("k", first.generation)
+            assert first.token.cancelled
             assert not await slot.is_current("k", first.generation)
-        assert first.token.cancelled
-        assert not await slot.is_current("k", first.generation)
     assert not await slot.is_current("k", second.generation)
     async with slot.claim("k") as third:
         assert third.generation > second.generation
@@ -282,14 +283,15 @@ async def test_supersede_during_cleanup_lets_the_cleanup_finish() -> None:
     done: list[str] = []
 
     async def old() -> None:
-        async with slot.claim("k"):
-            try:
-                pass
-            finally:
-                with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                    in_cleanup.set()
-                    await proceed.wait()
-                    done.append("cleanup")
+        with pytest.raises(OperationCancelled):  # superseded before it ended: not a success
+            async with slot.claim("k"):
+                try:
+                    pass
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.fail_after(30):
+                        in_cleanup.set()
+                        await proceed.wait()
+                        done.append("cleanup")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(old)
@@ -436,10 +438,11 @@ async def test_hold_only_signals_the_body() -> None:
     seen: list[str] = []
 
     async def old() -> None:
-        async with slot.hold("k") as claim:
-            await go_on.wait()  # not interrupted
-            assert claim.token.reason is not None
-            seen.append(claim.token.reason.kind.value)
+        with pytest.raises(OperationCancelled):  # it ended; the answer is the supersede's
+            async with slot.hold("k") as claim:
+                await go_on.wait()  # not interrupted
+                assert claim.token.reason is not None
+                seen.append(claim.token.reason.kind.value)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(old)

@@ -135,10 +135,11 @@ async def test_supersede_within_one_worker_is_direct(redis: RedisServer, prefix:
     """Two claims on the same worker supersede each other without a pub/sub round trip."""
     async with workers(redis, prefix, n=1) as (a,):
         slot = LatestOnly(backend=a)
-        async with slot.claim("k") as old, slot.claim("k") as new:
-            assert old.token.cancelled
-            assert old.token.reason == CancelReason(CancelKind.SUPERSEDED, source=new.id)
-            assert not new.token.cancelled
+        with pytest.raises(OperationCancelled):  # the old one ends superseded
+            async with slot.claim("k") as old, slot.claim("k") as new:
+                assert old.token.cancelled
+                assert old.token.reason == CancelReason(CancelKind.SUPERSEDED, source=new.id)
+                assert not new.token.cancelled
         assert a.statistics().messages_received == 0
 
 
@@ -182,7 +183,11 @@ async def test_cancel_before_register_across_workers(redis: RedisServer, prefix:
                 ran = True
         assert not ran
         assert info.value.reason == reason
-        assert await reg_b.cancel("op-2") is CancelOutcome.NOT_FOUND
+        with pytest.raises(OperationCancelled):  # a retried start, on B this time
+            async with reg_b.track("op-2"):
+                ran = True
+        assert not ran
+        assert await reg_b.cancel("op-2") is CancelOutcome.PENDING  # until the tombstone ends
 
 
 async def test_owner_scoping_across_workers(redis: RedisServer, prefix: str) -> None:
@@ -327,7 +332,8 @@ async def test_released_state_leaves_only_expiring_keys(redis: RedisServer, pref
         left = await keys_of(client, prefix)
         assert -1 not in left.values(), left
         kinds = {kind_of(name) for name in left}
-        assert kinds <= {"f", "a", "gen", "co", "in", "tz"}, left  # tz: per-owner index, expiring
+        # t: the tombstone refuses starts until it expires; tz: its (expiring) indexes
+        assert kinds <= {"f", "a", "gen", "co", "in", "t", "tz"}, left
 
 
 # -- resilience ---------------------------------------------------------------------------
@@ -456,10 +462,11 @@ async def test_redis_restart_mid_run(
             redis.stop()
             with anyio.fail_after(5):
                 for _ in range(5):
-                    async with slot_a.claim("k") as old, slot_a.claim("k") as newer:
-                        assert old.token.reason == CancelReason(
-                            CancelKind.SUPERSEDED, source=newer.id
-                        )
+                    with pytest.raises(OperationCancelled):  # the old one ends superseded
+                        async with slot_a.claim("k") as old, slot_a.claim("k") as newer:
+                            assert old.token.reason == CancelReason(
+                                CancelKind.SUPERSEDED, source=newer.id
+                            )
                     with pytest.raises(OperationCancelled):
                         async with reg_a.track("local") as op:
                             assert await reg_a.cancel("local") is CancelOutcome.CANCELLED
@@ -800,10 +807,11 @@ async def test_tombstones_are_bounded_per_owner(redis: RedisServer, prefix: str)
         assert await registry.cancel("t4") is CancelOutcome.PENDING
         with pytest.raises(RegistryFull):  # as in MemoryBackend: None counts as one owner
             await registry.cancel("t5")
-        with pytest.raises(OperationCancelled):  # a consumed tombstone frees its place
+        with pytest.raises(OperationCancelled):  # a refused start keeps the tombstone
             async with registry.track("t1", owner="alice"):
                 pass  # pragma: no cover
-        assert await registry.cancel("t4", owner="alice") is CancelOutcome.PENDING
+        with pytest.raises(RegistryFull):
+            await registry.cancel("t4", owner="alice")
 
 
 async def test_a_cancel_interrupted_in_flight_leaves_no_orphan(

@@ -3,14 +3,16 @@
 # No "from __future__ import annotations" here: FastAPI reads the annotations of the
 # dependencies made below at run time, and they refer to local variables.
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, Literal, TypeAlias, cast
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .._exceptions import OperationCancelled
 from .._latest import _MAX_SEQ, Claim, LatestOnly
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
@@ -27,6 +29,28 @@ __all__ = [
 ]
 
 _Scope = Literal["function", "request"]  # when a dependency lets go
+_T = TypeVar("_T")
+logger = logging.getLogger("cancelkit")
+
+
+@asynccontextmanager
+async def _answered(held: AbstractAsyncContextManager[_T], scope: _Scope) -> AsyncIterator[_T]:
+    """Hold a claim or an operation for a dependency of ``scope``.
+
+    A cancel that won before the endpoint finished makes the exit raise (its answer is the
+    cancellation's, not a 200); with ``scope="request"`` the response was sent already by
+    then (a stream that ended), so that is logged instead.
+    """
+    ended = False
+    try:
+        async with held as value:
+            yield value
+            ended = True
+    except OperationCancelled as exc:
+        if not ended or scope == "function":
+            raise
+        logger.info("cancelled after its response was sent: %s", exc.reason)
+
 
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
 _ASGI_TOKEN = "cancelkit.token"  # where CancelOnDisconnect keeps the disconnect token
@@ -247,7 +271,7 @@ def latest_only(
         key: Annotated[str, Depends(key_dependency)],
         seq: Annotated[int | None, Depends(seq_dependency)],
     ) -> AsyncIterator[Claim]:
-        async with slot.hold(key, seq=seq) as claim:
+        async with _answered(slot.hold(key, seq=seq), scope) as claim:
             with _relayed(claim.token, request):
                 yield claim
 
@@ -320,7 +344,7 @@ def tracked(
         owner: str | None,
         operation_id: str | None = None,
     ) -> AsyncIterator[TrackedOperation]:
-        async with registry.hold(operation_id, owner=owner) as op:
+        async with _answered(registry.hold(operation_id, owner=owner), scope) as op:
             response.headers[header] = op.id
             with _relayed(op.token, request):
                 yield op
