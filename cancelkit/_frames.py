@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, final
 import anyio
 
 from ._exceptions import OperationCancelled
+from ._loop import this_loop
 from ._reason import CancelKind, _fast_reason
 
 if TYPE_CHECKING:
@@ -149,7 +150,10 @@ def commit_here(token: CancellationToken, commit: Callable[[], None]) -> list[Fr
             pinned then.
     """
     frames: list[Frame] = []
-    frame = current.get()
+    # The frames live in an event loop; a worker thread (a sync endpoint) that commits only
+    # commits the token: the thread itself cannot be interrupted, and the loop's scopes are
+    # not the thread's to touch.
+    frame = current.get() if this_loop() is not None else None
     while frame is not None:
         if not frame._pinnable():
             reason = frame.token.reason

@@ -26,6 +26,7 @@ from cancelkit import (
     current_token,
 )
 from cancelkit.backends import MemoryBackend
+from tests.commit_sweep import claim_storm
 
 pytestmark = pytest.mark.anyio
 
@@ -475,3 +476,48 @@ async def test_hold_still_never_starts_a_debounced_loser() -> None:
         tg.cancel_scope.cancel()
     assert started == []
     assert empty(slot)
+
+
+# -- commit points ---------------------------------------------------------------------------
+
+
+async def test_a_committed_claim_is_superseded_but_not_interrupted() -> None:
+    """After claim.commit(), a newer claim takes the key; the committed body runs to its end."""
+    slot = LatestOnly()
+    events: list[str] = []
+    committed, newer_done = anyio.Event(), anyio.Event()
+
+    async def old() -> None:
+        async with slot.claim("k") as claim:
+            await claim.commit()
+            committed.set()
+            await newer_done.wait()  # not interrupted by the newer claim
+            assert not await slot.is_current("k", claim.generation)
+            events.append("old finished")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(old)
+        await committed.wait()
+        async with slot.claim("k"):
+            events.append("new ran")
+        newer_done.set()
+    assert events == ["new ran", "old finished"]
+    assert empty(slot)
+
+
+async def test_a_superseded_claim_cannot_commit() -> None:
+    """A claim superseded before its commit point raises SUPERSEDED from commit()."""
+    slot = LatestOnly()
+    with pytest.raises(OperationCancelled) as info:
+        async with slot.hold("k") as claim:
+            async with slot.claim("k") as newer:
+                pass
+            await claim.commit()
+    assert info.value.reason.kind is CancelKind.SUPERSEDED
+    assert info.value.reason.source == newer.id
+
+
+async def test_commit_against_a_newer_claim_at_every_step() -> None:
+    """A newer claim at each step of commit(): exactly one of them wins, every time."""
+    slot = LatestOnly()
+    await claim_storm(slot, slot, tag="claims")

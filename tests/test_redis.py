@@ -36,6 +36,7 @@ from cancelkit import (
 from cancelkit.redis import RedisBackend, RedisBackendStatistics, RedisUnavailable
 from cancelkit.redis._codec import dump as _dump
 from cancelkit.redis._connection import _close_buffers, _Pool
+from tests.commit_sweep import claim_storm, outer_storm, storm, sweep_commit
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -839,3 +840,115 @@ async def test_a_cancel_interrupted_in_flight_leaves_no_orphan(
                 except OperationExists:
                     await anyio.sleep(0.05)
         assert -1 not in (await keys_of(client, prefix)).values()
+
+
+# -- commit points ---------------------------------------------------------------------------
+
+
+async def test_a_cancel_on_another_worker_wins_over_a_later_commit(
+    redis: RedisServer, prefix: str, deaf: None
+) -> None:
+    """B cancels A's operation; A has not heard of it yet: A's commit is refused by Redis."""
+    async with workers(redis, prefix) as (a, b):
+        reg_a, reg_b = TokenRegistry(backend=a), TokenRegistry(backend=b)
+        charged = []
+        with pytest.raises(OperationCancelled) as info:
+            async with reg_a.track("pay", owner="u") as op:
+                reason = CancelReason(message="stop", source="b")
+                assert (
+                    await reg_b.cancel("pay", owner="u", reason=reason) is CancelOutcome.CANCELLED
+                )
+                assert not op.token.cancelled  # the delivery is still in flight
+                await op.commit()
+                charged.append("card")  # pragma: no cover
+        assert charged == []
+        assert info.value.reason == reason
+        assert op.token.reason == reason
+
+
+async def test_a_body_ending_before_its_cancel_arrives_reports_the_cancel(
+    redis: RedisServer, prefix: str, deaf: None
+) -> None:
+    """A body that returns after B's cancel answered CANCELLED, before A heard of it, ends
+    cancelled: the exit asks Redis (the issue's case 1, CANCELLED then it completes)."""
+    async with workers(redis, prefix) as (a, b):
+        reg_a, reg_b = TokenRegistry(backend=a), TokenRegistry(backend=b)
+        with pytest.raises(OperationCancelled) as info:
+            async with reg_a.hold("export"):
+                assert await reg_b.cancel("export") is CancelOutcome.CANCELLED
+        assert info.value.reason.kind is CancelKind.REQUESTED
+
+
+async def test_a_commit_wins_over_a_later_cancel_on_another_worker(
+    redis: RedisServer, prefix: str
+) -> None:
+    """A commits first: B's cancel answers COMMITTED and A's body is not interrupted."""
+    async with workers(redis, prefix) as (a, b):
+        reg_a, reg_b = TokenRegistry(backend=a), TokenRegistry(backend=b)
+        async with reg_a.track("pay") as op:
+            await op.commit()
+            assert await reg_b.cancel("pay") is CancelOutcome.COMMITTED
+            assert await reg_b.cancel("pay") is CancelOutcome.COMMITTED
+            await anyio.sleep(0.05)  # room for a (wrong) delivery to arrive
+        assert not op.token.cancelled
+        assert await reg_b.cancel("pay") is CancelOutcome.NOT_FOUND
+
+
+async def test_a_supersede_on_another_worker_wins_over_a_later_commit(
+    redis: RedisServer, prefix: str, deaf: None
+) -> None:
+    """B's newer claim came first: A's claim.commit() is refused with B's claim as source."""
+    async with workers(redis, prefix) as (a, b):
+        slot_a, slot_b = LatestOnly(backend=a), LatestOnly(backend=b)
+        with pytest.raises(OperationCancelled) as info:
+            async with slot_a.hold("k") as claim, slot_b.claim("k") as newer:
+                assert not claim.token.cancelled  # in flight
+                await claim.commit()
+        assert info.value.reason.kind is CancelKind.SUPERSEDED
+        assert info.value.reason.source == newer.id
+
+
+async def test_a_claim_superseded_in_flight_does_not_end_as_a_success(
+    redis: RedisServer, prefix: str, deaf: None
+) -> None:
+    """A body that returns after B superseded it, before A heard, ends superseded."""
+    async with workers(redis, prefix) as (a, b):
+        slot_a, slot_b = LatestOnly(backend=a), LatestOnly(backend=b)
+        with pytest.raises(OperationCancelled) as info:
+            async with slot_a.hold("k"), slot_b.claim("k") as newer:
+                pass
+        assert info.value.reason.source == newer.id
+
+
+async def test_a_committed_claim_runs_on_when_another_worker_supersedes_it(
+    redis: RedisServer, prefix: str
+) -> None:
+    """A commits its claim; B's newer claim runs at once, A's body is not interrupted."""
+    async with workers(redis, prefix) as (a, b):
+        slot_a, slot_b = LatestOnly(backend=a), LatestOnly(backend=b)
+        async with slot_a.claim("k") as claim:
+            await claim.commit()
+            async with slot_b.claim("k") as newer:
+                assert await slot_b.is_current("k", newer.generation)
+                assert not await slot_a.is_current("k", claim.generation)
+            await anyio.sleep(0.05)  # room for the supersede to arrive (and be refused)
+        assert not claim.token.cancelled
+
+
+async def test_commit_against_a_cancel_from_another_worker_at_every_step(
+    redis: RedisServer, prefix: str
+) -> None:
+    """B cancels at each step of A's commit(): the answer always agrees with what happened."""
+    async with workers(redis, prefix) as (a, b):
+        await storm(TokenRegistry(backend=a), TokenRegistry(backend=b), tag="storm")
+        await outer_storm(TokenRegistry(backend=a), tag="outer")
+        await claim_storm(LatestOnly(backend=a), LatestOnly(backend=b), tag="claims")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_commit_survives_a_cancellation_at_every_suspension_point(
+    redis: RedisServer, prefix: str
+) -> None:
+    """cancellens cancels the committing operation at each point it suspends (and twice)."""
+    async with workers(redis, prefix, n=1) as (a,):
+        await sweep_commit(TokenRegistry(backend=a))

@@ -29,6 +29,7 @@ from cancelkit import (
     current_token,
 )
 from cancelkit.backends import MemoryBackend
+from tests.commit_sweep import outer_storm, storm
 
 pytestmark = pytest.mark.anyio
 
@@ -586,3 +587,68 @@ def test_per_owner_limits_are_validated() -> None:
         TokenRegistry(max_running_per_owner=0)
     with pytest.raises(ValueError, match="max_tombstones_per_owner"):
         MemoryBackend(max_tombstones_per_owner=0)
+
+
+# -- commit points ---------------------------------------------------------------------------
+
+
+async def test_a_committed_operation_is_too_late_to_cancel() -> None:
+    """After op.commit(), cancel() answers COMMITTED, stops nothing, and the body succeeds."""
+    registry = TokenRegistry()
+    async with registry.track("pay") as op:
+        await op.commit()
+        assert await registry.cancel("pay") is CancelOutcome.COMMITTED
+        await anyio.lowlevel.checkpoint()  # not interrupted
+        assert not op.token.cancelled
+    assert registry.statistics().cancelled == {}
+
+
+async def test_a_cancel_before_the_commit_wins() -> None:
+    """A cancel that came first makes commit() raise its reason; the exit raises it too."""
+    registry = TokenRegistry()
+    reason = CancelReason(message="user pressed stop")
+    reached = []
+    with pytest.raises(OperationCancelled) as info:
+        async with registry.hold("pay") as op:
+            assert await registry.cancel("pay", reason=reason) is CancelOutcome.CANCELLED
+            await op.commit()
+            reached.append("charged")  # pragma: no cover
+    assert info.value.reason is reason
+    assert reached == []
+
+
+async def test_a_body_that_ends_after_its_cancel_reports_the_cancel() -> None:
+    """A body that returns after its cancel answered CANCELLED is not a success."""
+    registry = TokenRegistry()
+    with pytest.raises(OperationCancelled):
+        async with registry.hold("export"):
+            assert await registry.cancel("export") is CancelOutcome.CANCELLED
+            # (no checkpoint: the body ends as if the delivery were late)
+
+
+async def test_commit_is_idempotent_and_works_in_hold() -> None:
+    """Two commits are one; a committed hold() block ends as a success whatever comes."""
+    registry = TokenRegistry()
+    async with registry.hold("x") as op:
+        await op.commit()
+        await op.commit()
+        assert await registry.cancel("x") is CancelOutcome.COMMITTED
+    assert await registry.cancel("x") is CancelOutcome.NOT_FOUND
+
+
+async def test_commit_lifts_the_deadline_of_a_parent() -> None:
+    """A parent's deadline cannot stop an operation that committed before it passed."""
+    registry = TokenRegistry()
+    parent = CancellationToken(timeout=0.05)
+    async with registry.track("x", parent=parent) as op:
+        await op.commit()
+        await anyio.sleep(0.1)  # past the parent's deadline
+    assert parent.cancelled
+    assert not op.token.cancelled
+
+
+async def test_commit_against_a_cancel_at_every_step() -> None:
+    """A cancel at each step of commit(): the answer always agrees with what happened."""
+    registry = TokenRegistry()
+    await storm(registry, registry, tag="mem")
+    await outer_storm(registry, tag="outer")

@@ -18,7 +18,7 @@ from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from .._token import CancellationToken
 from ..backends import CancelOutcome
-from ._openapi import LATEST_RESPONSES, RESPONSES_ATTR, TRACKED_RESPONSES, OperationBody
+from ._openapi import COMMITTED, LATEST_RESPONSES, RESPONSES_ATTR, TRACKED_RESPONSES, OperationBody
 
 __all__ = [
     "RequestToken",
@@ -409,7 +409,10 @@ def cancel_router(
         methods=methods,
         status_code=202,
         response_model=OperationBody,
-        responses={404: {"model": OperationBody, "description": "Nothing of yours to cancel"}},
+        responses={
+            404: {"model": OperationBody, "description": "Nothing of yours to cancel"},
+            409: {"model": OperationBody, "description": COMMITTED},
+        },
         summary="Cancel an operation by id",
     )
     async def cancel_operation(
@@ -422,6 +425,8 @@ def cancel_router(
         body = {"id": operation_id, "outcome": outcome.value}
         if outcome is CancelOutcome.NOT_FOUND:
             return JSONResponse(body, status_code=404)
+        if outcome is CancelOutcome.COMMITTED:  # too late: it passed its commit point
+            return JSONResponse(body, status_code=409)
         return body
 
     return router

@@ -147,6 +147,9 @@ class Registrations:
         except Down:
             self._conn.defer(*call)
             return None
+        except BaseException:  # a native Task.cancel() gets through the shield: clean up later
+            self._conn.defer(*call)
+            raise
         return load(str(text)) if text else None
 
     async def commit(self, holder: str) -> CancelReason | None:

@@ -235,6 +235,9 @@ class Slots:
         except Down:
             self._conn.defer(*call)
             return None
+        except BaseException:  # a native Task.cancel() gets through the shield: clean up later
+            self._conn.defer(*call)
+            raise
         self._dispatch(lines[1:])  # turns: waiters of other workers may run now
         return _superseded(str(lines[0]))
 
