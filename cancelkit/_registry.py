@@ -63,11 +63,13 @@ class TrackedOperation:
 
     __slots__ = ("_hold", "id", "owner", "token")
 
-    def __init__(self, id: str, owner: str | None, token: CancellationToken, hold: _Hold) -> None:
-        self.id = id
-        self.owner = owner
-        self.token = token
-        self._hold = hold
+    id: str
+    owner: str | None
+    token: CancellationToken
+    _hold: _Hold
+
+    def __init__(self) -> None:
+        raise TypeError("TrackedOperation cannot be created directly; use registry.track(id)")
 
     async def commit(self) -> None:
         """Pass the commit point: from now on a cancel answers ``COMMITTED`` and stops nothing.
@@ -339,7 +341,9 @@ class _Hold:
         parent: CancellationToken | None,
     ) -> None:
         self._registry = registry
-        self._op = TrackedOperation(id, owner, held_token(id, parent), self)
+        op: TrackedOperation = object.__new__(TrackedOperation)
+        op.id, op.owner, op.token, op._hold = id, owner, held_token(id, parent), self
+        self._op = op
         self._holder = ""
 
     def __call__(self, reason: CancelReason) -> None:

@@ -254,3 +254,15 @@ def test_latest_policies_example_shows_each_policy_and_the_clients_order() -> No
         *("enqueue, 2 may wait", "  a: started", "  d: refused (busy)", "  a: completed"),
         *("  b: started", "  b: completed", "  c: started", "  c: completed"),
     ]
+
+
+def test_commit_payment_example() -> None:
+    """The commit-points example: Stop before the commit cancels, after it answers committed."""
+    out = run_example("commit_payment.py").stdout.splitlines()
+    assert out == [
+        "Stop order-1 -> cancelled",
+        "Stop order-2 -> committed",
+        "order-1 -> stopped before the charge (requested)",
+        "order-2 -> paid",
+        "charged: ['order-2']",
+    ]
