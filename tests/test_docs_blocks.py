@@ -20,6 +20,7 @@ MyST comment that the rendered page does not show. Each kind of block has its ch
 
 from __future__ import annotations
 
+import argparse
 import ast
 import inspect
 import re
@@ -59,62 +60,33 @@ FIXTURES = ("redis",)
 def parse(page: Path, backend: str = "asyncio") -> Document:
     """The page's blocks, each with its check; async Python blocks run on ``backend``."""
     run = PythonRunner(backend)
-    return Document.parse(
-        str(page),
-        FencedBlocks(run),
-        CodeDirectives(run),
-        InvisibleCode(run),
-        SkipParser(),  # a new one per page: it keeps state per document
-    )
 
+    def fenced(document: Document) -> Iterator[Region]:  # MyST directives start with {
+        for region in FencedCodeBlockLexer(language=r"[^{\n]*")(document):
+            yield from checked(region, region.lexemes["language"].strip(), run)
 
-class FencedBlocks:
-    """Every fenced block with a language (or none): the check is chosen by the language."""
-
-    def __init__(self, run: PythonRunner) -> None:
-        self.lexer = FencedCodeBlockLexer(language=r"[^{\n]*")  # MyST directives start with {
-        self.run = run
-
-    def __call__(self, document: Document) -> Iterator[Region]:
-        for region in self.lexer(document):
-            language = region.lexemes["language"].strip()
-            yield from checked(region, language, self.run)
-
-
-class CodeDirectives:
-    """`` ```{literalinclude} `` and `` ```{code-block} LANGUAGE `` (and its aliases)."""
-
-    def __init__(self, run: PythonRunner) -> None:
-        names = r"literalinclude|code-block|code-cell|code|sourcecode"
-        self.lexer = DirectiveLexer(directive=names)
-        self.run = run
-
-    def __call__(self, document: Document) -> Iterator[Region]:
-        for region in self.lexer(document):
+    def directives(document: Document) -> Iterator[Region]:
+        code = r"literalinclude|code-block|code-cell|code|sourcecode"
+        for region in DirectiveLexer(directive=code)(document):
             if region.lexemes["directive"] == "literalinclude":
                 region.parsed = region.lexemes["arguments"].strip()
                 region.evaluator = check_included
                 yield region
             else:
-                yield from checked(region, region.lexemes["arguments"].strip(), self.run)
+                yield from checked(region, region.lexemes["arguments"].strip(), run)
 
-
-class InvisibleCode:
-    """``% invisible-code-block: python`` comments: setup and checks the page does not show."""
-
-    def __init__(self, run: PythonRunner) -> None:
-        self.lexers = [
+    def invisible(document: Document) -> Iterator[Region]:  # setup and checks, not shown
+        for lexer in (
             DirectiveInPercentCommentLexer(directive="invisible-code-block", arguments="python"),
             DirectiveInHTMLCommentLexer(directive="invisible-code-block", arguments="python"),
-        ]
-        self.run = run
-
-    def __call__(self, document: Document) -> Iterator[Region]:
-        for lexer in self.lexers:
+        ):
             for region in lexer(document):
                 region.parsed = region.lexemes["source"]
-                region.evaluator = self.run
+                region.evaluator = run
                 yield region
+
+    # A new SkipParser per page: it keeps state per document.
+    return Document.parse(str(page), fenced, directives, invisible, SkipParser())
 
 
 def checked(region: Region, language: str, run: PythonRunner) -> Iterator[Region]:
@@ -148,10 +120,10 @@ def unchecked(language: str) -> Callable[[Example], None]:
 
 
 def is_async(source: str) -> bool:
-    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT | ast.PyCF_ONLY_AST
-    tree = compile(source, "<block>", "exec", flags=flags, dont_inherit=True)
-    compiled = compile(tree, "<block>", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
-    return bool(compiled.co_flags & inspect.CO_COROUTINE)
+    """Whether a Python block awaits at its top level (and so runs in an event loop)."""
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    code = compile(source, "<block>", "exec", flags=flags, dont_inherit=True)
+    return bool(code.co_flags & inspect.CO_COROUTINE)
 
 
 def python_blocks(document: Document) -> list[str]:
@@ -218,6 +190,11 @@ def check_flags(target: Path, args: list[str]) -> None:
         assert flag in source, f"{target.name} knows no {flag}"
 
 
+NOX = argparse.ArgumentParser(add_help=False)
+NOX.add_argument("-s", "--session", "--sessions", dest="sessions", nargs="+", default=[])
+NOX.add_argument("posargs", nargs="*")
+
+
 def check_command(command: str) -> None:
     """A shell command the docs show names only what exists."""
     for words in split_and(shlex.split(command, comments=True)):
@@ -232,12 +209,11 @@ def check_command(command: str) -> None:
                         missing = set(extras[1].split(",")) - set(known)
                         assert not missing, f"cancelkit has no extra {missing}"
             case ["python", "-m", "nox", *rest]:
-                options, _, posargs = " ".join(rest).partition("--")
-                named = re.findall(r"-s\s+([\w\s-]+?)(?=\s+-|$)", options.strip())
-                for session in " ".join(named).split():
+                nox, _ = NOX.parse_known_args(rest)
+                for session in nox.sessions:
                     assert session in nox_sessions(), f"noxfile.py has no session {session!r}"
-                if "bench" in named:
-                    assert set(posargs.split()) <= benchmarks(), f"no benchmark in {posargs!r}"
+                if nox.sessions == ["bench"]:  # its posargs name benchmarks
+                    assert set(nox.posargs) <= benchmarks(), f"no benchmark in {nox.posargs}"
             case ["python", "-m", "benchmarks", *names]:
                 assert set(names) <= benchmarks(), f"no benchmark in {names}"
             case ["python", "-m", module, *args]:
