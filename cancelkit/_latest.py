@@ -14,9 +14,9 @@ from ._exceptions import OperationCancelled, SlotBusy
 from ._reason import CancelKind, CancelReason
 from ._token import (
     CancellationToken,
+    HeldToken,
     TokenScope,
     commit_token,
-    held_token,
     settled_reason,
     token_scope,
     uncommit_token,
@@ -117,7 +117,7 @@ def _new_claim(key: str, seq: int | None, hold: _Hold) -> Claim:
     claim.key = key
     claim.seq = seq
     claim.id = new_holder_id()
-    claim.token = held_token(claim.id)
+    claim.token = HeldToken(name=claim.id)
     claim._hold = hold
     claim.generation = 0
     claim._started = False
@@ -500,5 +500,6 @@ class _Hold:
         slot, claim = self._slot, self._claim
         memory = slot._memory
         if memory is not None:
-            return _drop(memory, claim.key, claim.id)
+            _drop(memory, claim.key, claim.id)  # (its supersede was delivered at once)
+            return None
         return await slot._backend.release(claim.key, claim.id)  # completes even if cancelled

@@ -16,7 +16,7 @@ import anyio.lowlevel
 
 from . import _loop
 from ._exceptions import OperationCancelled
-from ._frames import _EXITED, Frame, Pinnable, commit_here
+from ._frames import _DEFERRED, _EXITED, _PIN, Frame, Pinnable, commit_here
 from ._frames import current as _current
 from ._loop import Scope, running_loop, this_loop
 from ._reason import CancelKind, CancelReason, _fast_reason
@@ -432,7 +432,7 @@ def uncommit_token(
         frame._unpin()
 
 
-class _HeldToken(CancellationToken):  # type: ignore[misc]  # private: same slots, one flag
+class HeldToken(CancellationToken):  # type: ignore[misc]  # private: same slots, one flag
     """The token of a tracked operation or a claim: its backend decides its commit."""
 
     __slots__ = ()
@@ -442,8 +442,8 @@ class _HeldToken(CancellationToken):  # type: ignore[misc]  # private: same slot
 def held_token(name: str, parent: CancellationToken | None = None) -> CancellationToken:
     """Return the token of a tracked operation or a claim (``commit()`` refuses it)."""
     if parent is None:
-        return _HeldToken(name=name)
-    return _HeldToken.any_of(parent, name=name)
+        return HeldToken(name=name)
+    return HeldToken.any_of(parent, name=name)
 
 
 # -- the bodies of the waiting methods ---------------------------------------------------------
@@ -589,7 +589,10 @@ class TokenScope(Pinnable):
         return self
 
     def _fire(self, token: _Signal, reason: CancelReason) -> None:
-        self._interrupt()  # pinned by a commit: only once unpinned
+        if self._state >= _PIN:  # pinned by a commit: only once unpinned
+            self._state |= _DEFERRED
+        else:
+            self._scope.cancel()  # type: ignore[union-attr]  # entered: a scope
 
     def __exit__(
         self,

@@ -340,7 +340,9 @@ class MemoryBackend:
 
     async def release(self, key: str, holder: str) -> CancelReason | None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
-        return _drop(self, key, holder)
+        entry = _drop(self, key, holder)
+        by = None if entry is None else entry.by
+        return _fast_reason(CancelKind.SUPERSEDED, by) if by else None
 
     async def commit_claim(self, key: str, holder: str) -> CancelReason | None:
         """See :meth:`Backend.commit_claim <cancelkit.backends.Backend.commit_claim>`."""
@@ -468,8 +470,12 @@ def _admit(
     return generation if state == _RUNNING else Acquired(Admission.WAITING, generation)
 
 
-def _drop(backend: MemoryBackend, key: str, holder: str) -> CancelReason | None:
-    """``backend.release(key, holder)`` without a coroutine (for ``LatestOnly``, as ``_admit``)."""
+def _drop(backend: MemoryBackend, key: str, holder: str) -> _Entry | None:
+    """``backend.release(key, holder)`` without a coroutine (for ``LatestOnly``, as ``_admit``).
+
+    Returns the claim's entry (``by`` names who superseded it); the in-memory backend
+    delivered that supersede already, so ``LatestOnly`` does not need it.
+    """
     slot = backend._keys.get(key)
     if slot is None or (entry := slot.entries.pop(holder, None)) is None:
         return None
@@ -489,5 +495,4 @@ def _drop(backend: MemoryBackend, key: str, holder: str) -> CancelReason | None:
     if slot.changed is not None:
         slot.changed.set()
         slot.changed = None
-    by = entry.by
-    return _fast_reason(CancelKind.SUPERSEDED, by) if by else None
+    return entry
