@@ -21,11 +21,13 @@ import anyio.lowlevel
 from . import _loop
 from ._deadline import parse_deadline
 from ._exceptions import OperationCancelled
+from ._frames import InterruptFrame, interrupt_frame
+from ._frames import current as _current
 from ._http import ASGIApp, Message, Receive, Scope, Send, answer_for_reason, log_ended, log_gone
 from ._reason import CancelKind, CancelReason
 from ._receive import ReadAhead
 from ._signal import CallbackHandle
-from ._token import CancellationToken, _check_timeout, _current
+from ._token import CancellationToken, _check_timeout
 
 __all__ = [
     "CancelOnDisconnect",
@@ -248,7 +250,7 @@ class DisconnectGuard:
         self._own_token = token is None
         self._reader: ReadAhead | None = None  # made on first use: most GETs never read
         self._response = _Response.PENDING
-        self._interrupt: _loop.Scope | None = None
+        self._interrupt: InterruptFrame | None = None
         self._link: CallbackHandle | None = None
         self._on_asyncio = False
         self._watch_scope: anyio.CancelScope | None = None
@@ -288,7 +290,7 @@ class DisconnectGuard:
         """
         cancelled = self.token.cancel(reason)
         if self._interrupt is not None:
-            self._interrupt.cancel()
+            self._interrupt.interrupt()  # (not while a commit pins the request's scope)
         return cancelled
 
     # -- running the application -------------------------------------------------------------
@@ -344,20 +346,22 @@ class DisconnectGuard:
             if token_scope.cancelled_caught:
                 await self._finish_interrupted()
             return
-        var = _current.set(token)
+        # The fast path: a bare cancel scope. The token is linked to it only once the request
+        # yields to the event loop (see _watch); before that nobody else can run.
+        scope = self._new_scope() if self._mode == "interrupt" else None
+        frame = interrupt_frame(token, scope)  # what a commit pins (never in signal mode)
+        var = _current.set(frame)
         try:
-            if self._mode == "signal":
+            if scope is None:
                 await app(self._scope, self._app_receive, self._app_send)
                 return
-            # The fast path: a bare cancel scope. The token is linked to it only once the
-            # request yields to the event loop (see _watch); before that nobody else can run.
-            scope = self._new_scope()
+            self._interrupt = frame
             with scope:
-                self._interrupt = scope
                 if token.cancelled:
                     scope.cancel()
                 await app(self._scope, self._app_receive, self._app_send)
         finally:
+            frame.exit()
             _current.reset(var)
         if scope.cancelled_caught:
             await self._finish_interrupted()
@@ -430,9 +434,9 @@ class DisconnectGuard:
             done.set()
 
     def _interrupt_app(self, reason: CancelReason) -> None:
-        scope = self._interrupt
-        assert scope is not None  # the link is removed before the scope is forgotten
-        scope.cancel()
+        frame = self._interrupt
+        assert frame is not None  # the link is removed before the frame is forgotten
+        frame.interrupt()
 
     async def _app_receive(self) -> Message:
         return await self._read_ahead().receive()

@@ -27,7 +27,7 @@ from anyio.abc import TaskGroup
 
 from ._exceptions import OperationCancelled, OperationExists, RegistryFull
 from ._reason import CancelKind, CancelReason
-from ._registry import TokenRegistry, _check
+from ._registry import TokenRegistry, TrackedOperation, _check
 from ._status import (
     OperationError,
     OperationState,
@@ -98,12 +98,13 @@ _SHUTDOWN = "the application is shutting down"
 class _Run:
     """One operation of this process, from its reservation by start() to its end."""
 
-    __slots__ = ("begun", "done", "id", "owner", "refusal", "status", "token", "writing")
+    __slots__ = ("begun", "done", "id", "op", "owner", "refusal", "status", "token", "writing")
 
     def __init__(self, id: str, owner: str | None) -> None:
         self.id = id
         self.owner = owner
         self.token: CancellationToken | None = None
+        self.op: TrackedOperation | None = None
         self.status: OperationStatus | None = None
         self.done = anyio.Event()
         self.begun = anyio.Event()  # set once it began, ended before it began, or was refused
@@ -128,7 +129,7 @@ class _Run:
         context = _current.set(self)
         try:
             async with ops._registry.track(self.id, owner=self.owner) as op:
-                self.token = op.token
+                self.token, self.op = op.token, op
                 if runs.shutdown is not None:  # it registered after the shutdown cancelled
                     op.token.cancel(runs.shutdown)
                 self.status = status
@@ -532,16 +533,7 @@ class BackgroundOperations:
         if id is None:
             id = secrets.token_urlsafe(16)
         _check(id, owner)
-        task_group = self._task_group
-        if task_group is None:
-            raise RuntimeError(
-                "BackgroundOperations is not running: enter it first (`async with "
-                "operations:`, for example in the application's lifespan)"
-            )
-        if self._closing:
-            raise OperationCancelled(
-                CancelReason(CancelKind.SHUTDOWN, "shutting down: no new operations")
-            )
+        task_group = _open_task_group(self)
         run = self._runs.reserve(id, owner)  # now: the limits hold across concurrent starts
         try:
             task_group.start_soon(run.execute, self, func, args, name=f"operation {id}")
@@ -571,10 +563,21 @@ class BackgroundOperations:
             RuntimeError: outside a background operation of this object.
         """
         progress = _progress(done, total, message)
-        run = _current.get()
-        if run is None or self._runs.get(run.id, run.owner) is not run:
-            raise RuntimeError("report() must be called from a running background operation")
-        await run.report(self._store, progress)
+        await _run_here(self, "report").report(self._store, progress)
+
+    async def commit(self) -> None:
+        """Pass the commit point of the calling operation (:meth:`TrackedOperation.commit`).
+
+        Call it just before the irreversible step: a later cancel answers ``COMMITTED``.
+
+        Raises:
+            OperationCancelled: if it was cancelled first (it ends ``cancelled``).
+            BackendUnavailable: if the backend cannot decide (nothing changed).
+            RuntimeError: outside a background operation of this object.
+        """
+        op = _run_here(self, "commit").op
+        assert op is not None  # the function runs inside its tracked operation
+        await op.commit()
 
     # -- reading and cancelling --------------------------------------------------------
 
@@ -604,15 +607,7 @@ class BackgroundOperations:
         Raises:
             ValueError: for an invalid id or owner.
         """
-        status = None
-        while True:
-            if (run := self._runs.get(id, owner)) is not None:
-                await run.done.wait()  # it runs here (perhaps still starting: no status yet)
-            elif status is not None:  # it runs in another process: read again in a moment
-                await anyio.sleep(self._poll_interval)
-            status = await self.status(id, owner=owner)
-            if status is None or status.state.ended:
-                return status
+        return await _wait_for_end(self, id, owner)
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -646,3 +641,40 @@ class BackgroundOperations:
     def __repr__(self) -> str:
         state = "stopped" if self._task_group is None else "closing" if self._closing else "up"
         return f"<BackgroundOperations {state} running={len(self._runs)} store={self._store!r}>"
+
+
+def _run_here(ops: BackgroundOperations, what: str) -> _Run:
+    """The operation of ``ops`` that the caller runs in, or RuntimeError naming ``what``."""
+    run = _current.get()
+    if run is None or ops._runs.get(run.id, run.owner) is not run:
+        raise RuntimeError(f"{what}() must be called from a running background operation")
+    return run
+
+
+async def _wait_for_end(
+    ops: BackgroundOperations, id: str, owner: str | None
+) -> OperationStatus | None:
+    """:meth:`BackgroundOperations.wait`: on its end here, or reading the store elsewhere."""
+    status = None
+    while True:
+        if (run := ops._runs.get(id, owner)) is not None:
+            await run.done.wait()  # it runs here (perhaps still starting: no status yet)
+        elif status is not None:  # it runs in another process: read again in a moment
+            await anyio.sleep(ops._poll_interval)
+        status = await ops.status(id, owner=owner)
+        if status is None or status.state.ended:
+            return status
+
+
+def _open_task_group(ops: BackgroundOperations) -> TaskGroup:
+    """The task group new operations start in; refuses them before and after the lifespan."""
+    if ops._task_group is None:
+        raise RuntimeError(
+            "BackgroundOperations is not running: enter it first (`async with "
+            "operations:`, for example in the application's lifespan)"
+        )
+    if ops._closing:
+        raise OperationCancelled(
+            CancelReason(CancelKind.SHUTDOWN, "shutting down: no new operations")
+        )
+    return ops._task_group

@@ -20,6 +20,7 @@ from typing import Protocol, final
 
 import anyio
 
+from ._exceptions import OperationCancelled
 from ._loop import call_soon, this_loop
 from ._reason import CancelKind, CancelReason, _fast_reason
 
@@ -157,11 +158,13 @@ def _take(node: _Node) -> _Signal | None:
 class _Rare:
     """The state few tokens need, kept out of every token's slots (memory per live token)."""
 
-    __slots__ = ("cancelled_by", "errors")
+    __slots__ = ("cancelled_by", "committed", "errors", "saved_deadline")
 
     def __init__(self, cancelled_by: _Signal | None) -> None:
         self.cancelled_by = cancelled_by
         self.errors: list[Exception] = []
+        self.committed = False  # commit() won: cancel() refuses, the deadline is lifted
+        self.saved_deadline = _INF  # the effective deadline before the commit
 
 
 class _Signal:
@@ -221,7 +224,11 @@ class _Signal:
             links = self._links
             self._links = ()
             if self._reason is None and links:
-                self._effective_deadline = self._deadline
+                rare = self._rare
+                if rare is not None and rare.committed:  # lifted until an uncommit
+                    rare.saved_deadline = self._deadline
+                else:
+                    self._effective_deadline = self._deadline
         for link in links:
             _take(link)
 
@@ -232,9 +239,14 @@ class _Signal:
         with _lock:
             if self._reason is not None:
                 return False
-            self._reason = reason
-            if by is not None:  # (callback errors come only after this)
+            rare = self._rare
+            if rare is not None:
+                if rare.committed:
+                    return False  # too late: the work passed its commit point
+                rare.cancelled_by = by
+            elif by is not None:
                 self._rare = _Rare(by)
+            self._reason = reason
             links = self._links
             self._links = ()
             node = self._head
@@ -273,6 +285,38 @@ class _Signal:
         if errors:
             self._record(errors)
         return True
+
+    def _commit(self) -> None:
+        """Mark the token committed, atomically with :meth:`_cancel`: exactly one of them wins.
+
+        Raises:
+            OperationCancelled: with the reason, if the token is cancelled (or its deadline
+                has passed).
+        """
+        self._poll()
+        with _lock:
+            reason = self._reason
+            if reason is None:
+                rare = self._rare
+                if rare is None:
+                    rare = self._rare = _Rare(None)
+                if not rare.committed:
+                    rare.committed = True
+                    rare.saved_deadline = self._effective_deadline
+                    self._effective_deadline = _INF
+                return
+        raise OperationCancelled(reason)
+
+    def _uncommit(self, reason: CancelReason | None) -> None:
+        """Undo :meth:`_commit` (a backend refused it), then cancel with ``reason`` if given."""
+        with _lock:
+            rare = self._rare
+            if rare is None or not rare.committed:
+                return
+            rare.committed = False
+            self._effective_deadline = rare.saved_deadline
+        if reason is not None:
+            self._cancel(reason, None)
 
     def _run_later(self, node: _Node, reason: CancelReason) -> None:
         if _take(node) is not None:

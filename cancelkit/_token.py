@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar, cast, final
@@ -17,6 +16,8 @@ import anyio.lowlevel
 
 from . import _loop
 from ._exceptions import OperationCancelled
+from ._frames import _DEFERRED, _EXITED, _PIN, Frame, Pinnable, commit_here
+from ._frames import current as _current
 from ._loop import Scope, running_loop, this_loop
 from ._reason import CancelKind, CancelReason, _fast_reason
 from ._signal import CallbackHandle, _lock, _Node, _Signal, _take, new_handle
@@ -30,7 +31,6 @@ __all__ = [
 
 T = TypeVar("T")
 _INF = math.inf
-_current: ContextVar[CancellationToken | None] = ContextVar("cancelkit_token", default=None)
 
 
 def current_token() -> CancellationToken | None:
@@ -52,7 +52,8 @@ def current_token() -> CancellationToken | None:
 
     .. versionadded:: 0.1
     """
-    return _current.get()
+    frame = _current.get()
+    return None if frame is None else frame.token
 
 
 def shorten_deadline(token: CancellationToken, deadline: float) -> None:
@@ -119,6 +120,9 @@ class CancellationToken(_Signal):
     """
 
     __slots__ = ()
+
+    #: Whether a backend decides this token's commit (a tracked operation's, a claim's).
+    _backed = False
 
     def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
         deadline = _INF if timeout is None else time.monotonic() + _check_timeout(timeout)
@@ -264,6 +268,34 @@ class CancellationToken(_Signal):
             self._expire(time.monotonic())
         return self._cancel(reason, None)
 
+    def commit(self) -> None:
+        """Pass the commit point: from now on nothing cancelkit does stops this work.
+
+        Exactly one of :meth:`cancel` and ``commit()`` wins, atomically. Afterwards
+        :meth:`cancel` returns False, the deadline is lifted, and the cancelkit scopes around
+        the caller stop interrupting it (see the "Commit points" guide). Idempotent.
+
+        Raises:
+            OperationCancelled: if the token, or a scope around the caller, was cancelled first.
+            RuntimeError: for the token of a tracked operation or a claim: use
+                ``await op.commit()`` / ``await claim.commit()``, which ask the backend.
+
+        .. versionadded:: 0.1
+        """
+        if self._backed:
+            raise RuntimeError(
+                "this token belongs to a tracked operation or a claim, whose backend decides "
+                "the commit: use 'await op.commit()' or 'await claim.commit()'"
+            )
+        if not self.committed:
+            commit_token(self)
+
+    @property
+    def committed(self) -> bool:
+        """Whether the token passed its commit point (:meth:`commit`)."""
+        rare = self._rare
+        return rare is not None and rare.committed
+
     # -- callbacks -------------------------------------------------------------------------
 
     def on_cancel(self, callback: Callable[[CancelReason], object]) -> CallbackHandle:
@@ -359,23 +391,72 @@ class CancellationToken(_Signal):
 
     def statistics(self) -> TokenStatistics:
         """Return a snapshot of the token's state."""
-        with _lock:
-            return TokenStatistics(
-                cancelled=self._reason is not None,
-                callbacks=self._waiters(),
-                parents=len(self._links),
-                callback_errors=0 if self._rare is None else len(self._rare.errors),
-            )
+        return _statistics(self)
 
     def __repr__(self) -> str:
-        name = f" {self._name!r}" if self._name is not None else ""
-        reason = self._reason
-        if reason is not None:
-            return f"<CancellationToken{name} cancelled ({reason})>"
-        extra = ""
-        if self._effective_deadline < _INF:
-            extra = f" deadline_in={self._effective_deadline - time.monotonic():.3f}s"
-        return f"<CancellationToken{name} live callbacks={self._waiters()}{extra}>"
+        return _describe(self)
+
+
+def _statistics(token: CancellationToken) -> TokenStatistics:
+    with _lock:
+        rare = token._rare
+        return TokenStatistics(
+            cancelled=token._reason is not None,
+            callbacks=token._waiters(),
+            parents=len(token._links),
+            callback_errors=0 if rare is None else len(rare.errors),
+        )
+
+
+def _describe(token: CancellationToken) -> str:
+    """The token's ``repr()``: its name, state, waiters and time left."""
+    name = f" {token._name!r}" if token._name is not None else ""
+    reason = token._reason
+    if reason is not None:
+        return f"<CancellationToken{name} cancelled ({reason})>"
+    if token.committed:
+        return f"<CancellationToken{name} committed>"
+    extra = ""
+    if token._effective_deadline < _INF:
+        extra = f" deadline_in={token._effective_deadline - time.monotonic():.3f}s"
+    return f"<CancellationToken{name} live callbacks={token._waiters()}{extra}>"
+
+
+def settled_reason(token: CancellationToken) -> CancelReason | None:
+    """The token's reason as it stands, without applying a deadline that passed unnoticed.
+
+    For the exits of tracked operations and claims: a body that returned before anyone saw
+    its deadline pass did finish; only a cancellation that already happened counts.
+    """
+    return token._reason
+
+
+def commit_token(token: CancellationToken) -> list[Frame]:
+    """Commit ``token`` and pin the frames around the caller (see :mod:`._frames`)."""
+    return commit_here(token, token._commit)
+
+
+def uncommit_token(
+    token: CancellationToken, frames: list[Frame], reason: CancelReason | None
+) -> None:
+    """Undo :func:`commit_token`: un-commit (then cancel with ``reason`` if given), unpin."""
+    token._uncommit(reason)
+    for frame in frames:
+        frame._unpin()
+
+
+class HeldToken(CancellationToken):  # type: ignore[misc]  # private: same slots, one flag
+    """The token of a tracked operation or a claim: its backend decides its commit."""
+
+    __slots__ = ()
+    _backed = True
+
+
+def held_token(name: str, parent: CancellationToken | None = None) -> CancellationToken:
+    """Return the token of a tracked operation or a claim (``commit()`` refuses it)."""
+    if parent is None:
+        return HeldToken(name=name)
+    return HeldToken.any_of(parent, name=name)
 
 
 # -- the bodies of the waiting methods ---------------------------------------------------------
@@ -441,7 +522,7 @@ async def _until_cancelled(token: CancellationToken, source: AsyncIterable[T]) -
 
 
 @final
-class TokenScope:
+class TokenScope(Pinnable):
     """The context manager returned by :meth:`CancellationToken.move_on` and ``scope()``.
 
     Use it once, with ``with``, inside a task. ``move_on()`` is the primitive: it ends the
@@ -454,11 +535,10 @@ class TokenScope:
     __slots__ = (
         "_native",
         "_next",
+        "_outer",
         "_prev",
         "_scope",
-        "_state",
         "_token",
-        "_var",
         "token",
     )
 
@@ -470,7 +550,7 @@ class TokenScope:
     _next: _Node | None
     _token: _Signal | None
     _native: object
-    _var: CancellationToken | None
+    _outer: Frame | None
 
     def __init__(self) -> None:
         raise TypeError(
@@ -516,14 +596,16 @@ class TokenScope:
             else:  # pragma: no cover - no event loop: anyio raises the error
                 scope = self._scope = cast(Scope, anyio.CancelScope(deadline=deadline))
             scope.__enter__()
-        self._var = _current.get()
-        _current.set(token)
+        self._outer = _current.get()
+        _current.set(self)
         token._add(self)  # fires at once (cancels the scope) if the token is cancelled already
         return self
 
     def _fire(self, token: _Signal, reason: CancelReason) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
+        if self._state >= _PIN:  # pinned by a commit: only once unpinned
+            self._state |= _DEFERRED
+        else:
+            self._scope.cancel()  # type: ignore[union-attr]  # entered: a scope
 
     def __exit__(
         self,
@@ -535,8 +617,9 @@ class TokenScope:
         assert scope is not None
         if self._token is not None:
             _take(self)
-        _current.set(self._var)
-        self._var = None
+        _current.set(self._outer)
+        self._outer = None
+        self._state |= _EXITED
         swallowed = scope.__exit__(exc_type, exc, tb)
         if not scope.cancelled_caught:
             return swallowed  # not our cancellation (or none at all): let it through untouched
@@ -567,7 +650,7 @@ def token_scope(token: CancellationToken, state: int) -> TokenScope:
     scope: TokenScope = _new(TokenScope)
     scope.token = token
     scope._state = state
-    scope._scope = scope._prev = scope._next = scope._token = scope._native = scope._var = None
+    scope._scope = scope._prev = scope._next = scope._token = scope._native = scope._outer = None
     return scope
 
 

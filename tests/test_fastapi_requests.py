@@ -635,3 +635,56 @@ async def test_typeahead_and_disconnect_over_a_real_server(server: str, anyio_ba
             await first.aclose()
     assert probe.finished == ["c left", "ca left"]
     assert slot.statistics().running == 0
+
+
+@pytest.mark.parametrize(
+    ("server", "anyio_backend"), [("uvicorn", "asyncio"), ("hypercorn", "trio")]
+)
+async def test_a_committed_request_runs_on_after_its_client_leaves(
+    server: str, anyio_backend: str
+) -> None:
+    """Real server: after op.commit() neither the client leaving nor DELETE stops the request
+    (409 committed): the disconnect is recorded on the request's token, nothing interrupts."""
+    from cancelkit import CancelOnDisconnect, request_token
+    from tests.test_asgi_servers import read_response, request, serve
+
+    registry = TokenRegistry()
+    app = FastAPI()
+    install(app)
+    app.include_router(cancel_router(registry, owner=user_id))
+    committed, charge, done = anyio.Event(), anyio.Event(), anyio.Event()
+    events: list[str] = []
+    tokens: list[CancellationToken] = []
+
+    @app.post("/pay")
+    async def pay(
+        request: Request, op: Annotated[TrackedOperation, tracked(registry, owner=user_id)]
+    ) -> dict[str, str]:
+        tokens.append(request_token(request.scope))
+        try:
+            await op.commit()
+            committed.set()
+            await charge.wait()  # the irreversible step, while the client goes away
+            events.append("charged")
+        finally:
+            done.set()
+        return {"id": op.id}
+
+    with anyio.fail_after(20):
+        async with serve((server, anyio_backend), CancelOnDisconnect(app)) as port:
+            paying = await request(
+                port, "/pay", method="POST", headers={"x-user": "u", "x-operation-id": "p1"}
+            )
+            await committed.wait()
+            await paying.aclose()  # the client leaves after the commit
+            while not tokens[0].cancelled:  # the server saw it go  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+            assert tokens[0].reason is not None
+            assert tokens[0].reason.kind is CancelKind.CLIENT_DISCONNECTED
+            cancel = await request(port, "/operations/p1", method="DELETE", headers={"x-user": "u"})
+            status, body = await read_response(cancel)
+            await cancel.aclose()
+            charge.set()
+            await done.wait()
+    assert (status, body) == (409, b'{"id":"p1","outcome":"committed"}')
+    assert events == ["charged"]

@@ -688,3 +688,54 @@ async def test_progress_reports_coalesce_while_a_write_is_in_flight() -> None:
     progress = [s.progress.done for s in store.writes if s.progress and not s.state.ended]
     assert progress == [1, 5]
     assert status.progress == Progress(5)
+
+
+async def test_a_committed_operation_completes_whatever_cancel_comes(make: Make) -> None:
+    """After operations.commit(), cancel() answers COMMITTED and the operation completes."""
+    committed, go = anyio.Event(), anyio.Event()
+
+    async def send_export(operations: BackgroundOperations) -> str:
+        await operations.commit()
+        committed.set()
+        await go.wait()  # sending: must not be cut
+        return "sent"
+
+    async with make() as ops:
+        id = await ops.start(send_export, ops, owner="alice")
+        await committed.wait()
+        assert await ops.cancel(id, owner="alice") is CancelOutcome.COMMITTED
+        go.set()
+        status = await ops.wait(id, owner="alice")
+        assert status is not None
+        assert status.state is OperationState.COMPLETED
+        assert status.result == "sent"
+
+
+async def test_an_operation_cancelled_before_its_commit_point_ends_cancelled(make: Make) -> None:
+    """A cancel before operations.commit(): commit() raises, the status says cancelled and
+    keeps no result, even though the function would have returned one."""
+    cancelled, reached = anyio.Event(), []
+
+    async def send_export(operations: BackgroundOperations) -> str:
+        with anyio.CancelScope(shield=True):  # preparing, not interruptible
+            await cancelled.wait()  # the cancel lands meanwhile
+        await operations.commit()  # refused: the cancel came first
+        reached.append("sent")  # pragma: no cover
+        return "sent"  # pragma: no cover
+
+    async with make() as ops:
+        id = await ops.start(send_export, ops, owner="alice")
+        assert await ops.cancel(id, owner="alice") is CancelOutcome.CANCELLED
+        cancelled.set()
+        status = await ops.wait(id, owner="alice")
+        assert status is not None
+        assert status.state is OperationState.CANCELLED
+        assert status.result is None
+    assert reached == []
+
+
+async def test_commit_outside_an_operation_is_refused(make: Make) -> None:
+    """operations.commit() outside one of its operations is a RuntimeError naming it."""
+    async with make() as ops:
+        with pytest.raises(RuntimeError, match=r"commit\(\) must be called"):
+            await ops.commit()

@@ -69,10 +69,11 @@ def test_package_is_typed() -> None:
         (cancelkit.Claim, "slot.claim(key)"),
         (cancelkit.CallbackHandle, "token.on_cancel()"),
         (cancelkit.TokenScope, "token.scope()"),
+        (cancelkit.TrackedOperation, "registry.track(id)"),
     ],
 )
 def test_handles_are_made_by_their_factories_only(cls: type, factory: str) -> None:
-    """Claim, CallbackHandle and TokenScope refuse to be built by hand, naming the factory."""
+    """Claim, CallbackHandle, TokenScope and TrackedOperation refuse to be built by hand."""
     with pytest.raises(TypeError, match=re.escape(factory)):
         cls()
 

@@ -326,10 +326,11 @@ async def test_tombstone_limits_hold_per_slot_group(redis: ClusterNodeServer, pr
         with pytest.raises(RegistryFull) as info:  # the group's share: 2
             await registry.cancel(t3, owner="carol")
         assert info.value.limit == "max_tombstones"
-        with pytest.raises(OperationCancelled):  # a consumed tombstone frees its place
+        with pytest.raises(OperationCancelled):  # a refused start keeps the tombstone
             async with registry.track(t1, owner="alice"):
                 pass  # pragma: no cover
-        assert await registry.cancel(t3, owner="carol") is CancelOutcome.PENDING
+        with pytest.raises(RegistryFull):
+            await registry.cancel(t3, owner="carol")
 
 
 async def test_a_cluster_has_only_database_0(redis: ClusterNodeServer, prefix: str) -> None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from .._http import exception_handlers
 
 __all__ = [
+    "COMMITTED",
     "CancelledBody",
     "OperationBody",
     "OperationErrorBody",
@@ -33,6 +34,10 @@ class CancelledBody(BaseModel):
     detail: str
     reason: str
     source: str | None = None
+
+
+#: The description of the ``409`` a cancel endpoint answers for a committed operation.
+COMMITTED = "Too late: the operation passed its commit point; nothing was changed"
 
 
 class OperationBody(BaseModel):

@@ -21,6 +21,7 @@ from .._registry import _ID_PATTERN, _check
 from .._status import OperationStatus
 from ..backends import CancelOutcome
 from ._openapi import (
+    COMMITTED,
     RESPONSES_ATTR,
     START_RESPONSES,
     CancelledBody,
@@ -282,6 +283,7 @@ def operations_router(
         response_model=OperationBody,
         responses={
             404: {"model": OperationBody, "description": "Nothing of yours to cancel"},
+            409: {"model": OperationBody, "description": COMMITTED},
             503: unavailable,
         },
         summary="Cancel a background operation",
@@ -301,6 +303,8 @@ def operations_router(
         body = {"id": operation_id, "outcome": outcome.value}
         if outcome is CancelOutcome.NOT_FOUND:
             return JSONResponse(body, status_code=404)
+        if outcome is CancelOutcome.COMMITTED:  # too late: it passed its commit point
+            return JSONResponse(body, status_code=409)
         return body
 
     return router

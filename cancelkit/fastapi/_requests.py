@@ -3,20 +3,22 @@
 # No "from __future__ import annotations" here: FastAPI reads the annotations of the
 # dependencies made below at run time, and they refer to local variables.
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, Literal, TypeAlias, cast
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .._exceptions import OperationCancelled
 from .._latest import _MAX_SEQ, Claim, LatestOnly
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from .._token import CancellationToken, shorten_deadline
 from ..backends import CancelOutcome
-from ._openapi import LATEST_RESPONSES, RESPONSES_ATTR, TRACKED_RESPONSES, OperationBody
+from ._openapi import COMMITTED, LATEST_RESPONSES, RESPONSES_ATTR, TRACKED_RESPONSES, OperationBody
 
 __all__ = [
     "RequestToken",
@@ -27,6 +29,28 @@ __all__ = [
 ]
 
 _Scope = Literal["function", "request"]  # when a dependency lets go
+_T = TypeVar("_T")
+logger = logging.getLogger("cancelkit")
+
+
+@asynccontextmanager
+async def _answered(held: AbstractAsyncContextManager[_T], scope: _Scope) -> AsyncIterator[_T]:
+    """Hold a claim or an operation for a dependency of ``scope``.
+
+    A cancel that won before the endpoint finished makes the exit raise (its answer is the
+    cancellation's, not a 200); with ``scope="request"`` the response was sent already by
+    then (a stream that ended), so that is logged instead.
+    """
+    ended = False
+    try:
+        async with held as value:
+            yield value
+            ended = True
+    except OperationCancelled as exc:
+        if not ended or scope == "function":
+            raise
+        logger.info("cancelled after its response was sent: %s", exc.reason)
+
 
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
 _ASGI_TOKEN = "cancelkit.token"  # where CancelOnDisconnect keeps the disconnect token
@@ -251,7 +275,7 @@ def latest_only(
         key: Annotated[str, Depends(key_dependency)],
         seq: Annotated[int | None, Depends(seq_dependency)],
     ) -> AsyncIterator[Claim]:
-        async with slot.hold(key, seq=seq) as claim:
+        async with _answered(slot.hold(key, seq=seq), scope) as claim:
             with _relayed(claim.token, request):
                 yield claim
 
@@ -324,7 +348,7 @@ def tracked(
         owner: str | None,
         operation_id: str | None = None,
     ) -> AsyncIterator[TrackedOperation]:
-        async with registry.hold(operation_id, owner=owner) as op:
+        async with _answered(registry.hold(operation_id, owner=owner), scope) as op:
             response.headers[header] = op.id
             with _relayed(op.token, request):
                 yield op
@@ -389,7 +413,10 @@ def cancel_router(
         methods=methods,
         status_code=202,
         response_model=OperationBody,
-        responses={404: {"model": OperationBody, "description": "Nothing of yours to cancel"}},
+        responses={
+            404: {"model": OperationBody, "description": "Nothing of yours to cancel"},
+            409: {"model": OperationBody, "description": COMMITTED},
+        },
         summary="Cancel an operation by id",
     )
     async def cancel_operation(
@@ -402,6 +429,8 @@ def cancel_router(
         body = {"id": operation_id, "outcome": outcome.value}
         if outcome is CancelOutcome.NOT_FOUND:
             return JSONResponse(body, status_code=404)
+        if outcome is CancelOutcome.COMMITTED:  # too late: it passed its commit point
+            return JSONResponse(body, status_code=409)
         return body
 
     return router
