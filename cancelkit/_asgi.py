@@ -192,8 +192,7 @@ class DisconnectGuard:
     escapes the application ends the request just as quietly. A cancellation that the guard
     did not cause (server shutdown cancelling the application) propagates.
 
-    ``timeout`` and a caller's ``Request-Timeout-Ms`` (:doc:`/beyond`) set the token's deadline
-    (``504`` when it passes); a request cancelled before it starts never runs the application.
+    ``timeout`` and a caller's ``Request-Timeout-Ms`` set its deadline: see :doc:`/beyond`.
 
     Args:
         scope: the HTTP scope; the token is stored in it (see :func:`request_token`).
@@ -309,9 +308,6 @@ class DisconnectGuard:
                 :exc:`~cancelkit.OperationCancelled` carrying this request's token's reason.
         """
         self._scope[SCOPE_KEY] = self.token
-        if self.token.cancelled:  # nothing left of its deadline, a shutdown under way...
-            await self._finish_interrupted()  # ...: the application never starts
-            return self.outcome()
         loop = _loop.asyncio_loop()
         if loop is not None:
             # Deferred: a request that finishes before the loop runs anything else needs none.
@@ -340,6 +336,8 @@ class DisconnectGuard:
 
     async def _run_app(self, app: ASGIApp) -> None:
         token = self.token
+        if token.cancelled:  # nothing left of its deadline, a shutdown...: it never starts
+            return await self._finish_interrupted()
         if self._mode == "interrupt" and not self._own_token:
             with token.move_on() as token_scope:  # a caller's token may carry a deadline
                 await app(self._scope, self._app_receive, self._app_send)
@@ -357,8 +355,6 @@ class DisconnectGuard:
                 return
             self._interrupt = frame
             with scope:
-                if token.cancelled:
-                    scope.cancel()
                 await app(self._scope, self._app_receive, self._app_send)
         finally:
             frame.exit()

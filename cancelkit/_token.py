@@ -64,7 +64,7 @@ def shorten_deadline(token: CancellationToken, deadline: float) -> None:
     later; scopes already entered and tokens already linked to ``token`` keep what they saw.
     """
     with _lock:
-        if deadline < token._deadline:
+        if deadline < token._deadline and not token.committed:  # (a commit lifts deadlines)
             token._deadline = deadline
             token._effective_deadline = min(token._effective_deadline, deadline)
 

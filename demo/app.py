@@ -10,11 +10,12 @@ noticeable time (``work_seconds``). cancelkit stops the work nobody will read:
 - **client gone**: closing the tab closes the connection, and
   :class:`~cancelkit.CancelOnDisconnect` interrupts the handler at once.
 
-With ``downstream=True`` (what ``python -m demo`` serves, unless ``--no-downstream``) the search asks a small downstream
-service for the matches, over HTTP (``GET /downstream/find``, the same server standing in for
-another service), with a :class:`cancelkit.httpx.TokenTransport` client: when the search
-stops, for whatever reason, its call is aborted, and the log shows the downstream stopping
-too (``downstream_stopped``: its client left).
+With ``downstream=True`` (what ``python -m demo`` serves, unless ``--no-downstream``) the
+search asks a small downstream service for the matches, over HTTP (``GET /downstream/find``,
+the same server standing in for another service), with a
+:class:`cancelkit.httpx.TokenTransport` client: when the search stops, for whatever reason, its
+call is aborted, and the log shows the downstream stopping too (``downstream_stopped``: its
+client left).
 
 The **Export** button starts a background operation (:class:`~cancelkit.BackgroundOperations`)
 that outlives its request: ``POST /exports`` answers ``202`` with a ``Location``; the page

@@ -25,7 +25,8 @@ from cancelkit import (
     OperationCancelled,
     request_token,
 )
-from cancelkit._token import _current
+from cancelkit._frames import current as current_frame
+from cancelkit._frames import interrupt_frame
 from cancelkit.httpx import TokenTransport
 from tests.test_asgi_servers import LIMIT, lifespan, respond, serve
 
@@ -42,6 +43,7 @@ class NextHop:
         self.started = anyio.Event()
         self.ended = anyio.Event()
         self.reasons: list[CancelKind | None] = []
+        self.release = anyio.Event()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -51,6 +53,11 @@ class NextHop:
         self.headers.append(None if value is None else value.decode())
         token = request_token(scope)
         if scope["path"] == "/ok":
+            await respond(send)
+            return
+        if scope["path"] == "/release":
+            self.started.set()
+            await self.release.wait()
             await respond(send)
             return
         if scope["path"] == "/expired":
@@ -93,11 +100,13 @@ async def next_hop(anyio_backend: str) -> AsyncIterator[tuple[NextHop, str, http
 @contextmanager
 def current(token: CancellationToken) -> Iterator[None]:
     """Make ``token`` the current one without interrupting anything (as signal mode does)."""
-    reset = _current.set(token)
+    frame = interrupt_frame(token, None)
+    reset = current_frame.set(frame)
     try:
         yield
     finally:
-        _current.reset(reset)
+        frame.exit()
+        current_frame.reset(reset)
 
 
 def open_connections(client: httpx.AsyncClient) -> int:
@@ -187,6 +196,26 @@ async def test_cancel_aborts_the_request_and_the_server_sees_its_client_go(
     assert [e.reason for e in errors] == ([] if scoped else [token.reason])
     assert hop.reasons == [CancelKind.CLIENT_DISCONNECTED]
     assert b"".join(chunks) in (b"", b"first")
+
+
+async def test_a_call_after_the_commit_point_is_not_aborted(anyio_backend: str) -> None:
+    """Committed work is not stopped: a cancel after token.commit() leaves the call running."""
+    token = CancellationToken(timeout=60)
+    answers: list[httpx.Response] = []
+    async with next_hop(anyio_backend) as (hop, url, client):
+
+        async def call() -> None:
+            with token.scope():
+                token.commit()  # the deadline is lifted: no header either
+                answers.append(await client.get(f"{url}/release"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await hop.started.wait()
+            assert not token.cancel()  # too late: the commit won
+            hop.release.set()
+    assert answers[0].text == "ok"
+    assert hop.headers == [None]
 
 
 async def test_a_deadline_that_passes_aborts_the_request(anyio_backend: str) -> None:
