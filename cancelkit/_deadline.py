@@ -83,8 +83,9 @@ def parse_deadline(
     """
     budget = maximum
     rejected: tuple[bytes, bytes] | None = None
+    names = _NAMES  # (a local: this loop runs for every guarded request)
     for name, value in headers:
-        if name in _NAMES:
+        if name in names:
             seconds = _seconds(name, value)
             if seconds is None:
                 if rejected is None:
