@@ -318,7 +318,7 @@ def example(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
     """Serve the demo app (a search box) and print its address; Ctrl+C stops it."""
-    session.install("-e.[fastapi,redis]", "uvicorn")
+    session.install(EXTRAS, "uvicorn")
     session.run("python", "-m", "demo", *session.posargs)
 
 
