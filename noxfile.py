@@ -26,7 +26,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PYTHONS = ["3.11", "3.12", "3.13"]
-EXTRAS = "-e.[fastapi,redis,asyncpg,psycopg]"
+EXTRAS = "-e.[fastapi,redis,httpx,asyncpg,psycopg]"
 
 nox.options.default_venv_backend = "uv|virtualenv"
 # "lowest" runs the suite on the declared floors (no coverage: 6.5-9 minutes on 2 shared cores,
@@ -233,15 +233,15 @@ def lowest(session: nox.Session) -> None:
     """Run the suite on the lowest versions pyproject.toml allows, so that its floors are true.
 
     uv's ``lowest-direct`` resolution installs the floor of every direct dependency (anyio,
-    fastapi, coredis) and of the libraries the tests run cancelkit on (trio); the tools of the
-    test group (pytest, httpx, servers) are then added at versions that keep those pins.
+    fastapi, coredis, httpx) and of the libraries the tests run cancelkit on (trio); the tools
+    of the test group (pytest, servers) are then added at versions that keep those pins.
     No coverage: the ``tests`` sessions measure it.
     """
     floors = [
         req
         for req in nox.project.dependency_groups(PYPROJECT, "test")
         if req.split(">")[0].split("=")[0].split("[")[0].strip()
-        in {"trio", "fastapi", "coredis", "asyncpg", "psycopg"}
+        in {"trio", "fastapi", "coredis", "httpx", "asyncpg", "psycopg"}
     ]
     session.install("--resolution", "lowest-direct", EXTRAS, *floors)
     python = str(Path(session.bin) / "python")
@@ -262,7 +262,8 @@ def lowest(session: nox.Session) -> None:
 _SHOW_VERSIONS = (
     "from importlib.metadata import version as v; "
     "print('lowest:', ', '.join(f'{n} {v(n)}' for n in "
-    "('anyio', 'trio', 'fastapi', 'starlette', 'coredis', 'asyncpg', 'psycopg')))"
+    "('anyio', 'trio', 'fastapi', 'starlette', 'coredis', 'httpx', 'httpcore', "
+    "'asyncpg', 'psycopg')))"
 )
 
 
@@ -333,7 +334,7 @@ def example(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def demo(session: nox.Session) -> None:
     """Serve the demo app (a search box) and print its address; Ctrl+C stops it."""
-    session.install("-e.[fastapi,redis]", "uvicorn")
+    session.install(EXTRAS, "uvicorn")
     session.run("python", "-m", "demo", *session.posargs)
 
 

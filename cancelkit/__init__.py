@@ -18,47 +18,58 @@ Vocabulary (one word for each idea, across the code, the statistics and the docs
   loop's own token, for calling back into the loop from threads.
 """
 
+from typing import TypeAlias as _TypeAlias
+
 from ._asgi import CancelOnDisconnect as CancelOnDisconnect
 from ._asgi import DisconnectGuard as DisconnectGuard
 from ._asgi import DisconnectOutcome as DisconnectOutcome
 from ._asgi import DisconnectStatistics as DisconnectStatistics
 from ._asgi import request_token as request_token
-from ._asgi import shielded_cleanup as shielded_cleanup
+from ._cleanup import shielded_cleanup as shielded_cleanup
+from ._exceptions import BackendUnavailable as BackendUnavailable
+from ._exceptions import CancelkitError as CancelkitError
+from ._exceptions import OperationCancelled as OperationCancelled
+from ._exceptions import OperationExists as OperationExists
+from ._exceptions import RegistryFull as RegistryFull
+from ._exceptions import SlotBusy as SlotBusy
 from ._http import exception_handlers as exception_handlers
 from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
-from ._latest import SlotBusy as SlotBusy
+from ._latest import Policy as _Policy
 from ._operations import BackgroundOperations as BackgroundOperations
-from ._operations import MemoryStatusStore as MemoryStatusStore
-from ._operations import OperationError as OperationError
 from ._operations import OperationsStatistics as OperationsStatistics
-from ._operations import OperationState as OperationState
-from ._operations import OperationStatus as OperationStatus
-from ._operations import Progress as Progress
-from ._operations import StatusStore as StatusStore
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
-from ._reason import OperationCancelled as OperationCancelled
 from ._registry import RegistryStatistics as RegistryStatistics
 from ._registry import TokenRegistry as TokenRegistry
 from ._registry import TrackedOperation as TrackedOperation
-from ._token import CallbackHandle as CallbackHandle
+from ._signal import CallbackHandle as CallbackHandle
+from ._status import OperationError as OperationError
+from ._status import OperationState as OperationState
+from ._status import OperationStatus as OperationStatus
+from ._status import Progress as Progress
 from ._token import CancellationToken as CancellationToken
 from ._token import TokenScope as TokenScope
 from ._token import TokenStatistics as TokenStatistics
 from ._token import current_token as current_token
 from .backends import CancelOutcome as CancelOutcome
-from .backends import OperationExists as OperationExists
-from .backends import RegistryFull as RegistryFull
+from .backends import MemoryStatusStore as MemoryStatusStore
+from .backends import StatusStore as StatusStore
+
+#: The type of ``LatestOnly(policy=...)``: ``"replace"``, ``"reject"``, ``"enqueue"`` or
+#: ``"keep_latest"`` (see :class:`LatestOnly`).
+Policy: _TypeAlias = _Policy
 
 __all__ = [
+    "BackendUnavailable",
     "BackgroundOperations",
     "CallbackHandle",
     "CancelKind",
     "CancelOnDisconnect",
     "CancelOutcome",
     "CancelReason",
+    "CancelkitError",
     "CancellationToken",
     "Claim",
     "DisconnectGuard",
@@ -73,6 +84,7 @@ __all__ = [
     "OperationState",
     "OperationStatus",
     "OperationsStatistics",
+    "Policy",
     "Progress",
     "RegistryFull",
     "RegistryStatistics",
@@ -91,5 +103,6 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 for _name in __all__:
-    globals()[_name].__module__ = __name__
+    if _name != "Policy":  # a typing alias (cached by typing, shared): it keeps its module
+        globals()[_name].__module__ = __name__
 del _name

@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import re
-import sys
 import threading
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import AsyncBackend
 
-from ._http import answer_for_reason, log_ended, log_gone
-from ._reason import CancelKind, CancelReason, OperationCancelled
-from ._token import CallbackHandle, CancellationToken, _current
+from . import _loop
+from ._deadline import parse_deadline
+from ._exceptions import OperationCancelled
+from ._frames import InterruptFrame, interrupt_frame
+from ._frames import current as _current
+from ._http import ASGIApp, Message, Receive, Scope, Send, answer_for_reason, log_ended, log_gone
+from ._reason import CancelKind, CancelReason
+from ._receive import ReadAhead
+from ._signal import CallbackHandle
+from ._token import CancellationToken, _check_timeout
 
 __all__ = [
     "CancelOnDisconnect",
@@ -30,14 +36,7 @@ __all__ = [
     "DisconnectOutcome",
     "DisconnectStatistics",
     "request_token",
-    "shielded_cleanup",
 ]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: ``"interrupt"``: the handler's awaits are cancelled when the client leaves.
 #: ``"signal"``: only the request's token is cancelled; the handler decides what to do.
@@ -52,8 +51,6 @@ PathPattern = str | re.Pattern[str]
 SCOPE_KEY = "cancelkit.token"
 
 _MODES = ("interrupt", "signal")
-_DISCONNECT: dict[str, Any] = {"type": "http.disconnect"}
-_MAX_BUFFERED_MESSAGES = 16
 
 
 def request_token(scope: Mapping[str, Any]) -> CancellationToken:
@@ -80,40 +77,6 @@ def request_token(scope: Mapping[str, Any]) -> CancellationToken:
         )
     assert isinstance(token, CancellationToken)
     return token
-
-
-def shielded_cleanup(timeout: float = 5.0) -> anyio.CancelScope:
-    """Return a cancel scope for cleanup that must run even in an interrupted handler.
-
-    ``with shielded_cleanup(2.0): await tx.rollback()`` shields the block from the
-    cancellation that interrupted the handler, but never for longer than ``timeout`` seconds:
-    after that the block is cancelled and execution continues after it
-    (check ``cancelled_caught`` on the returned scope).
-
-    Args:
-        timeout: the most seconds the cleanup may take.
-
-    Raises:
-        ValueError: if ``timeout`` is negative.
-
-    .. versionadded:: 0.1
-    """
-    if timeout < 0:
-        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
-    return anyio.move_on_after(timeout, shield=True)
-
-
-_asyncio_backend: type[AsyncBackend] | None = None
-
-
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """Return the running asyncio loop, or None (trio, including trio in guest mode)."""
-    loop = asyncio._get_running_loop()
-    if loop is not None:
-        trio = sys.modules.get("trio")
-        if trio is not None and trio.lowlevel.in_trio_run():  # pragma: no cover (guest mode)
-            return None
-    return loop
 
 
 @final
@@ -176,130 +139,6 @@ class _Response(enum.Enum):
 
 
 @final
-class ReadAhead:
-    """The one reader of the server's ``receive``, with a bounded read-ahead buffer.
-
-    The watcher reads ahead of the application (:meth:`fill`) up to ``max_bytes`` of body or
-    ``max_messages`` messages, so that a disconnect is seen at once; the application takes the
-    messages in order (:meth:`receive`). Only one read of the server is in progress at a time.
-
-    Args:
-        receive: the server's ``receive``.
-        on_disconnect: called (once per ``http.disconnect``) when the server reports one.
-        max_bytes: request-body bytes that may be read ahead of the application.
-        max_messages: messages that may be read ahead of the application.
-    """
-
-    __slots__ = (
-        "_buffer",
-        "_bytes",
-        "_changed",
-        "_error",
-        "_max_bytes",
-        "_max_messages",
-        "_on_disconnect",
-        "_reading",
-        "_receive",
-        "body_done",
-        "disconnected",
-    )
-
-    def __init__(
-        self,
-        receive: Receive,
-        on_disconnect: Callable[[], object],
-        *,
-        max_bytes: int,
-        max_messages: int = _MAX_BUFFERED_MESSAGES,
-    ) -> None:
-        self._receive = receive
-        self._on_disconnect = on_disconnect
-        self._max_bytes = max_bytes
-        self._max_messages = max_messages
-        self._buffer: deque[Message] = deque()
-        self._bytes = 0
-        self._reading = False
-        self._changed: anyio.Event | None = None
-        self._error: Exception | None = None
-        #: The last request-body message has been read from the server.
-        self.body_done = False
-        #: The server reported ``http.disconnect`` (or the guard learned it otherwise).
-        self.disconnected = False
-
-    @property
-    def full(self) -> bool:
-        """Whether the read-ahead limit is reached (never once the body is read)."""
-        return not self.body_done and (
-            self._bytes >= self._max_bytes or len(self._buffer) >= self._max_messages
-        )
-
-    def _notify(self) -> None:
-        changed = self._changed
-        if changed is not None:
-            self._changed = None
-            changed.set()
-
-    async def _wait_changed(self) -> None:
-        changed = self._changed
-        if changed is None:
-            changed = self._changed = anyio.Event()
-        await changed.wait()
-
-    async def _pump(self) -> None:
-        """Read one message from the server and file it; only one caller at a time."""
-        self._reading = True
-        try:
-            message = await self._receive()
-        finally:
-            self._reading = False
-            self._notify()
-        if message["type"] == "http.disconnect":
-            self.disconnected = True
-            self._on_disconnect()
-        else:
-            if message["type"] == "http.request" and not message.get("more_body", False):
-                self.body_done = True
-            self._buffer.append(message)
-            self._bytes += len(message.get("body", b""))
-
-    async def fill(self) -> None:
-        """Read ahead until the server reports a disconnect (the watcher's loop).
-
-        An error from the server's ``receive`` is kept for the application's next
-        :meth:`receive`.
-        """
-        try:
-            while not self.disconnected:
-                if self._reading or self.full:
-                    await self._wait_changed()
-                else:
-                    await self._pump()
-        except Exception as exc:
-            self._error = exc
-            self._notify()
-
-    async def receive(self) -> Message:
-        """The application's ``receive``: the next message, in order."""
-        while True:
-            if self._buffer:
-                # A receive() in a cancelled scope (Starlette's is_disconnected() does that)
-                # must not take a read-ahead body message with it: raise before popping.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                message = self._buffer.popleft()
-                self._bytes -= len(message.get("body", b""))
-                self._notify()
-                return message
-            if self.disconnected:
-                return dict(_DISCONNECT)
-            if self._error is not None:
-                raise self._error
-            if self._reading:
-                await self._wait_changed()
-            else:
-                await self._pump()
-
-
-@final
 class _WatcherBatch:
     """The guards started during one turn of an asyncio loop: one ``call_soon`` for them all.
 
@@ -353,17 +192,19 @@ class DisconnectGuard:
     escapes the application ends the request just as quietly. A cancellation that the guard
     did not cause (server shutdown cancelling the application) propagates.
 
+    ``timeout`` and a caller's ``Request-Timeout-Ms`` set its deadline: see :doc:`/beyond`.
+
     Args:
         scope: the HTTP scope; the token is stored in it (see :func:`request_token`).
         receive: the server's ``receive``.
         send: the server's ``send``.
         mode: ``"interrupt"`` or ``"signal"``.
         max_buffer: how many request-body bytes may be read ahead of the application.
-        token: the token to use; a new one by default.
+        token: the token to use (a new one by default; with a deadline, a child of it).
+        timeout: this server's limit in seconds (a deadline header can only shorten it).
 
     Raises:
-        ValueError: for an unknown ``mode``, a negative ``max_buffer``, or a scope that is not
-            an HTTP scope.
+        ValueError: for a bad ``mode``, ``max_buffer`` or ``timeout``, or a non-HTTP scope.
 
     .. versionadded:: 0.1
     """
@@ -396,24 +237,19 @@ class DisconnectGuard:
         mode: DisconnectMode = "interrupt",
         max_buffer: int = 65536,
         token: CancellationToken | None = None,
+        timeout: float | None = None,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
-        if max_buffer < 0:
-            raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
-        if scope.get("type") != "http":
-            raise ValueError(f"a DisconnectGuard runs HTTP requests, not {scope.get('type')!r}")
+        #: The request's token.
+        self.token = _request_token(scope, token, mode, max_buffer, timeout)
         self._scope = scope
         self._receive = receive
         self._send = send
         self._mode = mode
         self._max_buffer = max_buffer
-        #: The request's token.
-        self.token = token if token is not None else CancellationToken()
         self._own_token = token is None
         self._reader: ReadAhead | None = None  # made on first use: most GETs never read
         self._response = _Response.PENDING
-        self._interrupt: anyio.CancelScope | None = None
+        self._interrupt: InterruptFrame | None = None
         self._link: CallbackHandle | None = None
         self._on_asyncio = False
         self._watch_scope: anyio.CancelScope | None = None
@@ -453,7 +289,7 @@ class DisconnectGuard:
         """
         cancelled = self.token.cancel(reason)
         if self._interrupt is not None:
-            self._interrupt.cancel()
+            self._interrupt.interrupt()  # (not while a commit pins the request's scope)
         return cancelled
 
     # -- running the application -------------------------------------------------------------
@@ -472,7 +308,7 @@ class DisconnectGuard:
                 :exc:`~cancelkit.OperationCancelled` carrying this request's token's reason.
         """
         self._scope[SCOPE_KEY] = self.token
-        loop = _asyncio_loop()
+        loop = _loop.asyncio_loop()
         if loop is not None:
             # Deferred: a request that finishes before the loop runs anything else needs none.
             self._on_asyncio = True
@@ -500,37 +336,37 @@ class DisconnectGuard:
 
     async def _run_app(self, app: ASGIApp) -> None:
         token = self.token
+        if token.cancelled:  # nothing left of its deadline, a shutdown...: it never starts
+            return await self._finish_interrupted()
         if self._mode == "interrupt" and not self._own_token:
             with token.move_on() as token_scope:  # a caller's token may carry a deadline
                 await app(self._scope, self._app_receive, self._app_send)
             if token_scope.cancelled_caught:
                 await self._finish_interrupted()
             return
-        var = _current.set(token)
+        # The fast path: a bare cancel scope. The token is linked to it only once the request
+        # yields to the event loop (see _watch); before that nobody else can run.
+        scope = self._new_scope() if self._mode == "interrupt" else None
+        frame = interrupt_frame(token, scope)  # what a commit pins (never in signal mode)
+        var = _current.set(frame)
         try:
-            if self._mode == "signal":
+            if scope is None:
                 await app(self._scope, self._app_receive, self._app_send)
                 return
-            # The fast path: a bare cancel scope. The token is linked to it only once the
-            # request yields to the event loop (see _watch); before that nobody else can run.
-            with self._new_scope() as scope:
-                self._interrupt = scope
-                if token.cancelled:
-                    scope.cancel()
+            self._interrupt = frame
+            with scope:
                 await app(self._scope, self._app_receive, self._app_send)
         finally:
+            frame.exit()
             _current.reset(var)
         if scope.cancelled_caught:
             await self._finish_interrupted()
 
-    def _new_scope(self) -> anyio.CancelScope:
-        global _asyncio_backend
+    def _new_scope(self) -> _loop.Scope:
         if not self._on_asyncio:
             return anyio.CancelScope()
-        if _asyncio_backend is None:
-            _asyncio_backend = anyio.lowlevel.current_token().backend_class
         # The same as anyio.CancelScope(), without detecting the event loop again.
-        return _asyncio_backend.create_cancel_scope()
+        return (_loop.asyncio_scope or _loop.asyncio_scope_class())()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._app_done:  # else the request finished before the loop's next turn
@@ -587,14 +423,16 @@ class DisconnectGuard:
             self._link = self.token.on_cancel(self._interrupt_app)
         try:
             with anyio.CancelScope() as self._watch_scope:
+                if self.token.deadline < math.inf:
+                    await _until_deadline(self._read_ahead(), self.token)
                 await self._read_ahead().fill()
         finally:
             done.set()
 
     def _interrupt_app(self, reason: CancelReason) -> None:
-        scope = self._interrupt
-        assert scope is not None  # the link is removed before the scope is forgotten
-        scope.cancel()
+        frame = self._interrupt
+        assert frame is not None  # the link is removed before the frame is forgotten
+        frame.interrupt()
 
     async def _app_receive(self) -> Message:
         return await self._read_ahead().receive()
@@ -626,6 +464,46 @@ class DisconnectGuard:
             f"<DisconnectGuard {self._mode} {self._scope.get('method', '')} "
             f"{self._scope.get('path', '')!r} {state} watching={self.watching}>"
         )
+
+
+def _check(mode: str, max_buffer: int, timeout: float | None) -> float | None:
+    """Check the options that the guard and the middleware share; return ``timeout``."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
+    if max_buffer < 0:
+        raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
+    return None if timeout is None else _check_timeout(timeout)
+
+
+def _request_token(
+    scope: Scope,
+    token: CancellationToken | None,
+    mode: str,
+    max_buffer: int,
+    timeout: float | None,
+) -> CancellationToken:
+    """Check a guard's options; return the token its request runs under, with its deadline."""
+    if mode not in _MODES or max_buffer < 0 or timeout is not None:  # (no call when usual)
+        _check(mode, max_buffer, timeout)
+    if scope.get("type") != "http":
+        raise ValueError(f"a DisconnectGuard runs HTTP requests, not {scope.get('type')!r}")
+    deadline = parse_deadline(scope.get("headers", ()), timeout)
+    if deadline is None:  # most requests (a keyword argument alone costs a third more)
+        return CancellationToken() if token is None else token
+    return CancellationToken(timeout=deadline) if token is None else token.child(timeout=deadline)
+
+
+async def _until_deadline(reader: ReadAhead, token: CancellationToken) -> None:
+    """The watcher's wait until the token's deadline: then cancel the token (if still live).
+
+    The deadline is checked wherever the token is looked at; this cancels it on time even if
+    nothing looks, so that its callbacks (an interrupted handler, a relayed claim) run then.
+    """
+    deadline = anyio.current_time() + (token.deadline - time.monotonic())
+    with anyio.CancelScope(deadline=deadline) as timer:
+        await reader.fill()
+    if timer.cancelled_caught:  # (a reason the token got first is kept)
+        token.cancel(CancelReason(CancelKind.DEADLINE))
 
 
 def _compile(patterns: Iterable[PathPattern], what: str) -> tuple[PathPattern, ...]:
@@ -669,6 +547,9 @@ class CancelOnDisconnect:
         modes: per-route modes, ``{pattern: mode}``; the first matching pattern wins.
         shutdown_grace: seconds in-flight requests get to finish at shutdown.
         max_buffer: request-body bytes that may be read ahead of the application.
+        timeout: the most seconds a request may run (this server's own limit); a deadline
+            header from the caller can only shorten it (see :class:`DisconnectGuard`).
+            ``None``: only such a header limits a request.
 
     Raises:
         ValueError: for an unknown mode, a negative number, or a path not starting with ``/``.
@@ -690,6 +571,7 @@ class CancelOnDisconnect:
         "_running",
         "_shutdown_cancelled",
         "_shutdown_reason",
+        "_timeout",
         "_watchers",
         "app",
         "shutdown_grace",
@@ -705,13 +587,11 @@ class CancelOnDisconnect:
         modes: Mapping[PathPattern, DisconnectMode] | None = None,
         shutdown_grace: float = 5.0,
         max_buffer: int = 65536,
+        timeout: float | None = None,
     ) -> None:
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'interrupt' or 'signal', not {mode!r}")
+        self._timeout = _check(mode, max_buffer, timeout)
         if shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must be >= 0, not {shutdown_grace!r}")
-        if max_buffer < 0:
-            raise ValueError(f"max_buffer must be >= 0, not {max_buffer!r}")
         route_modes = dict(modes or {})
         for route_mode in route_modes.values():
             if route_mode not in _MODES:
@@ -753,7 +633,9 @@ class CancelOnDisconnect:
             if mode is None or SCOPE_KEY in scope:
                 await self.app(scope, receive, send)
                 return
-            guard = DisconnectGuard(scope, receive, send, mode=mode, max_buffer=self._max_buffer)
+            guard = DisconnectGuard(
+                scope, receive, send, mode=mode, max_buffer=self._max_buffer, timeout=self._timeout
+            )
             if self._shutdown_reason is not None:
                 guard.token.cancel(self._shutdown_reason)  # the scope starts cancelled
             running = self._running

@@ -8,7 +8,7 @@ what stopped the work                              status  notes
 =================================================  ======  ============================
 superseded (a stale sequence number too)           409
 cancelled by request (by id, ``token.cancel()``)   409
-deadline                                           504
+deadline                                           504     ``Deadline-Expired: true``
 shutdown                                           503     ``Retry-After: 1``
 client disconnected                                499     nobody reads it: logged once
 linked token (``parent``)                          the root reason's answer
@@ -17,7 +17,10 @@ registry full (:exc:`~cancelkit.RegistryFull`)     503     ``Retry-After: 1``
 id already running (:exc:`~cancelkit.OperationExists`)  409
 =================================================  ======  ============================
 
-The body is JSON: ``{"detail": <message>, "reason": <kind>, "source": <id or null>}``.
+The body is JSON: ``{"detail": <message>, "reason": <kind>, "source": <id or null>}``. A
+``504`` says ``Deadline-Expired: true``: the caller's budget is spent, a retry with the same
+budget cannot succeed (and :class:`cancelkit.httpx.TokenTransport`, calling this service from
+another hop, turns it into that hop's own deadline).
 """
 
 from __future__ import annotations
@@ -28,17 +31,22 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
-from ._latest import SlotBusy
-from ._reason import CancelKind, CancelReason, OperationCancelled
-from .backends import OperationExists, RegistryFull
+import anyio
+
+from ._deadline import EXPIRED_HEADER
+from ._exceptions import OperationCancelled, OperationExists, RegistryFull, SlotBusy
+from ._reason import CancelKind, CancelReason
 
 __all__ = ["HTTPAnswer", "answer_for", "answer_for_reason", "exception_handlers", "log_gone"]
 
 logger = logging.getLogger("cancelkit")
 
+# The ASGI types (the spec's names), for the modules that speak ASGI.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Status of each root reason kind (``parent`` never is a root).
 STATUS: dict[CancelKind, int] = {
@@ -50,6 +58,12 @@ STATUS: dict[CancelKind, int] = {
 }
 #: Statuses whose answer carries ``Retry-After``; seconds.
 _RETRY_AFTER = {503: 1}
+
+#: The most seconds the sending of an answer may hold off a cancellation (a slow client).
+SEND_LIMIT = 5.0
+
+#: The header of a deadline's answer.
+_EXPIRED = (EXPIRED_HEADER.lower().encode(), b"true")
 
 #: The scope key that records that this request's 499 line was written.
 _LOGGED_KEY = "cancelkit.gone_logged"
@@ -77,22 +91,33 @@ class HTTPAnswer:
         return json.dumps(fields, separators=(",", ":")).encode()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """The response headers (content type and length, ``Retry-After``)."""
+        """The response headers (content type and length, ``Retry-After``, ``Deadline-Expired``)."""
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(self.body())).encode()),
         ]
         if self.retry_after is not None:
             headers.append((b"retry-after", str(self.retry_after).encode()))
+        if self.reason == "deadline":
+            headers.append(_EXPIRED)
         return headers
 
     async def send(self, send: Send, *, close: bool = False) -> None:
-        """Send the answer through an ASGI ``send``; ``close`` asks to close the connection."""
+        """Send the answer through an ASGI ``send``; ``close`` asks to close the connection.
+
+        The two messages go out shielded (for at most :data:`SEND_LIMIT` seconds): the guard
+        may interrupt the request for the same reason while an exception handler sends this
+        answer (a deadline that the handler's scope and the guard see at once), and a response
+        cut between its start and its body is worse than none (hypercorn on trio even fails
+        the connection).
+        """
         headers = self.headers()
         if close:
             headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body()})
+        with anyio.move_on_after(SEND_LIMIT, shield=True):
+            start = {"type": "http.response.start", "status": self.status, "headers": headers}
+            await send(start)
+            await send({"type": "http.response.body", "body": self.body()})
 
     async def __call__(self, scope: Scope, receive: Any, send: Send) -> None:
         if self.status == 499:

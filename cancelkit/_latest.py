@@ -10,8 +10,17 @@ from typing import final
 
 import anyio
 
-from ._reason import CancelKind, CancelReason, OperationCancelled
-from ._token import CancellationToken, TokenScope
+from ._exceptions import OperationCancelled, SlotBusy
+from ._reason import CancelKind, CancelReason
+from ._token import (
+    CancellationToken,
+    HeldToken,
+    TokenScope,
+    commit_token,
+    settled_reason,
+    token_scope,
+    uncommit_token,
+)
 from .backends import Acquired, Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
 from .backends._memory import _admit, _drop
 
@@ -38,25 +47,6 @@ _MAX_SEQ = 2**53  # exact in a Lua (double) number, so the Redis scripts compare
 STALE = "stale:"
 
 
-class SlotBusy(Exception):
-    """A claim could not start because the key is taken.
-
-    Raised by the ``reject`` policy while ``max_concurrency`` claims run on the key, by
-    ``enqueue`` when ``max_waiting`` claims already wait, and by any policy when the claim's
-    turn did not come within ``handover_timeout``.
-
-    Args:
-        key: the key.
-        message: what happened.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{message} (key {key!r})")
-        self.key = key
-
-
 @final
 class Claim:
     """A claim on a :class:`LatestOnly` key, from :meth:`LatestOnly.claim` or ``hold()``.
@@ -72,28 +62,66 @@ class Claim:
     .. versionadded:: 0.1
     """
 
-    __slots__ = ("_started", "generation", "id", "key", "seq", "token")
+    __slots__ = ("_hold", "_started", "generation", "id", "key", "seq", "token")
 
-    def __init__(self, key: str, seq: int | None) -> None:
-        self.key = key
-        self.seq = seq
-        self.id = new_holder_id()
-        self.token = CancellationToken(name=self.id)
-        self.generation = 0
-        self._started = False
+    key: str
+    seq: int | None
+    id: str
+    token: CancellationToken
+    generation: int
+    _started: bool
+    _hold: _Hold
+
+    def __init__(self) -> None:
+        raise TypeError("Claim cannot be created directly; use slot.claim(key) or slot.hold(key)")
 
     @property
     def started(self) -> bool:
         """Whether the body started (after the debounce, queue and handover waits)."""
         return self._started
 
+    async def commit(self) -> None:
+        """Pass the commit point: "I am still the newest", and from now on nothing stops me.
+
+        Call it just before the body's irreversible step (write the result, send it). The
+        backend decides, atomically and across workers, whether a newer claim or the commit
+        came first: if the claim was superseded (or its token cancelled otherwise), this
+        raises :exc:`~cancelkit.OperationCancelled` with that reason; otherwise the body is
+        no longer interrupted by anything cancelkit does: a newer claim still takes the key
+        (this claim stops being current; the newcomer runs or waits as the policy and
+        ``handover_timeout`` say), but this body runs to its end. Idempotent.
+
+        Raises:
+            OperationCancelled: if the claim was superseded or cancelled first.
+            BackendUnavailable: if the backend cannot decide (Redis unreachable with
+                ``fail_open=False``); nothing is committed or cancelled then.
+
+        .. versionadded:: 0.1
+        """
+        await self._hold.commit()
+
     def __repr__(self) -> str:
         state = "running" if self._started else "waiting"
+        if self.token.committed:
+            state = "committed"
         seq = "" if self.seq is None else f" seq={self.seq}"
         return (
             f"<Claim key={self.key!r} id={self.id!r}{seq} generation={self.generation} "
             f"{state} token={self.token!r}>"
         )
+
+
+def _new_claim(key: str, seq: int | None, hold: _Hold) -> Claim:
+    """Return a new, not yet started :class:`Claim` (its ``__init__`` refuses users)."""
+    claim: Claim = object.__new__(Claim)
+    claim.key = key
+    claim.seq = seq
+    claim.id = new_holder_id()
+    claim.token = HeldToken(name=claim.id)
+    claim._hold = hold
+    claim.generation = 0
+    claim._started = False
+    return claim
 
 
 @final
@@ -321,7 +349,7 @@ class _Hold:
             if not 0 <= seq <= _MAX_SEQ:
                 raise ValueError(f"seq must be from 0 to 2**53, not {seq}")
         self._slot = slot
-        self._claim = Claim(key, seq)
+        self._claim = _new_claim(key, seq, self)
         self._interrupt = interrupt
         self._scope: TokenScope | None = None
 
@@ -369,7 +397,7 @@ class _Hold:
                     # move_on(), which __aexit__ turns into OperationCancelled after releasing
                     # the key (a scope() would raise it first, to be caught and raised again)
                     claim.token.raise_if_cancelled()  # superseded meanwhile: no body
-                    scope = TokenScope(claim.token, swallow=True)
+                    scope = token_scope(claim.token, 0)  # move_on(), one call less
                     scope.__enter__()
                     self._scope = scope
             except BaseException:
@@ -438,17 +466,40 @@ class _Hold:
         stopped = None if scope is None else scope.reason  # the claim's token stopped the block
         if stopped is not None:
             raise OperationCancelled(stopped) from None
+        if exc_type is None:  # the body returned: not a success if it had been superseded
+            token = self._claim.token
+            reason = settled_reason(token)  # (no deadline poll: a body that returned in time did)
+            if reason is not None and not token.committed:
+                raise OperationCancelled(reason)
         return False
+
+    async def commit(self) -> None:
+        """See :meth:`Claim.commit`."""
+        slot, claim = self._slot, self._claim
+        token = claim.token
+        if token.committed:
+            return
+        frames = commit_token(token)  # no local cancel can slip in during the round trip
+        try:
+            reason = await slot._backend.commit_claim(claim.key, claim.id)
+        except BaseException:
+            uncommit_token(token, frames, None)
+            raise
+        if reason is not None:  # superseded first; the delivery had not arrived
+            uncommit_token(token, frames, reason)
+            raise OperationCancelled(settled_reason(token) or reason)
 
     async def _release(self) -> None:
         self._slot._running -= 1
+        superseded = await self._drop_key()
+        if superseded is not None:  # the delivery had not arrived yet
+            self._claim.token.cancel(superseded)
         self._count_superseded()
-        await self._drop_key()
 
-    async def _drop_key(self) -> None:
+    async def _drop_key(self) -> CancelReason | None:
         slot, claim = self._slot, self._claim
         memory = slot._memory
         if memory is not None:
-            _drop(memory, claim.key, claim.id)
-        else:
-            await slot._backend.release(claim.key, claim.id)  # completes even when cancelled
+            _drop(memory, claim.key, claim.id)  # (its supersede was delivered at once)
+            return None
+        return await slot._backend.release(claim.key, claim.id)  # completes even if cancelled

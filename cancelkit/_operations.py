@@ -7,13 +7,11 @@ cancelkit: an *operation* has an id and an owner, as in :class:`~cancelkit.Token
 it is cancelled with a :class:`~cancelkit.CancelReason`; refusals are
 :exc:`~cancelkit.RegistryFull` and :exc:`~cancelkit.OperationExists`.
 
-.. versionadded:: 0.2
+.. versionadded:: 0.1
 """
 
 from __future__ import annotations
 
-import enum
-import json
 import logging
 import math
 import secrets
@@ -22,338 +20,31 @@ from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Protocol, TypeVarTuple, Unpack, final
+from typing import Any, TypeVarTuple, Unpack, final
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._reason import CancelKind, CancelReason, OperationCancelled
-from ._registry import TokenRegistry, _check
+from ._exceptions import OperationCancelled, OperationExists, RegistryFull
+from ._reason import CancelKind, CancelReason
+from ._registry import TokenRegistry, TrackedOperation, _check
+from ._status import (
+    OperationError,
+    OperationState,
+    OperationStatus,
+    Progress,
+    _check_json,
+    _cut,
+    _progress,
+)
 from ._token import CancellationToken
-from .backends import CancelOutcome, OperationExists, RegistryFull
+from .backends import CancelOutcome, MemoryStatusStore, StatusStore
 
-__all__ = [
-    "BackgroundOperations",
-    "MemoryStatusStore",
-    "OperationError",
-    "OperationState",
-    "OperationStatus",
-    "OperationsStatistics",
-    "Progress",
-    "StatusStore",
-]
+__all__ = ["BackgroundOperations", "OperationsStatistics"]
 
 logger = logging.getLogger("cancelkit.operations")
 
 PosArgsT = TypeVarTuple("PosArgsT")
-
-_MAX_TEXT = 1000  # characters kept of an error message or a progress message
-
-
-@final
-class OperationState(enum.StrEnum):
-    """Where a background operation is in its life.
-
-    .. versionadded:: 0.2
-    """
-
-    #: Started and not ended yet.
-    RUNNING = "running"
-    #: The function returned; its result (as kept) is in :attr:`OperationStatus.result`.
-    COMPLETED = "completed"
-    #: The function raised; :attr:`OperationStatus.error` has the type and message.
-    FAILED = "failed"
-    #: Stopped by a cancellation; :attr:`OperationStatus.reason` says why.
-    CANCELLED = "cancelled"
-    #: The worker that ran it stopped answering before it ended (killed, crashed,
-    #: partitioned): its outcome is unknown. Only a shared store (Redis) can report this.
-    LOST = "lost"
-
-    @property
-    def ended(self) -> bool:
-        """Whether the operation is over (every state but :attr:`RUNNING`)."""
-        return self is not OperationState.RUNNING
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class OperationError:
-    """Why an operation failed: the exception's type name and message, never a traceback.
-
-    Attributes:
-        type_name: the exception's class name, e.g. ``"ValueError"`` (``"type"`` in JSON).
-        message: ``str(exc)``, cut to 1000 characters.
-
-    .. versionadded:: 0.2
-    """
-
-    type_name: str
-    message: str
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """A progress report of a running operation (see :meth:`BackgroundOperations.report`).
-
-    Attributes:
-        done: how much is done, in the operation's own unit (rows, bytes, percent...).
-        total: how much there is in all, if known.
-        message: a short human-readable note (cut to 1000 characters).
-
-    .. versionadded:: 0.2
-    """
-
-    done: float
-    total: float | None = None
-    message: str | None = None
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class OperationStatus:
-    """What is known about one background operation, from :meth:`BackgroundOperations.status`.
-
-    Attributes:
-        id: the operation's id.
-        owner: the owner it runs for.
-        state: running, completed, failed, cancelled, or lost.
-        started_at: when it started, as :func:`time.time`.
-        ended_at: when it ended (``None`` while running, and for a lost operation).
-        result: for a completed operation, its result as the application chose to keep it
-            (by default the return value if it is JSON-serializable, else ``None``).
-        error: for a failed operation, the error's type and message; for a lost one, an
-            error of type ``WorkerLost`` saying which worker stopped answering.
-        reason: for a cancelled operation, why.
-        progress: the latest progress report, if the operation made any.
-        worker: the worker that runs it, when the store knows one (Redis), else ``None``.
-
-    .. versionadded:: 0.2
-    """
-
-    id: str
-    owner: str | None
-    state: OperationState
-    started_at: float
-    ended_at: float | None = None
-    result: Any = None
-    error: OperationError | None = None
-    reason: CancelReason | None = None
-    progress: Progress | None = None
-    worker: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the status as a JSON-serializable dict (the HTTP body, the Redis value)."""
-        return {
-            "id": self.id,
-            "owner": self.owner,
-            "state": self.state.value,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "result": self.result,
-            "error": None
-            if self.error is None
-            else {"type": self.error.type_name, "message": self.error.message},
-            "reason": None if self.reason is None else _reason_to_json(self.reason),
-            "progress": None
-            if self.progress is None
-            else {
-                "done": self.progress.done,
-                "total": self.progress.total,
-                "message": self.progress.message,
-            },
-            "worker": self.worker,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> OperationStatus:
-        """Rebuild a status from :meth:`to_json`'s output."""
-        error, reason, progress = data.get("error"), data.get("reason"), data.get("progress")
-        return cls(
-            id=data["id"],
-            owner=data.get("owner"),
-            state=OperationState(data["state"]),
-            started_at=data["started_at"],
-            ended_at=data.get("ended_at"),
-            result=data.get("result"),
-            error=None if error is None else OperationError(error["type"], error["message"]),
-            reason=None if reason is None else _reason_from_json(reason),
-            progress=None
-            if progress is None
-            else Progress(progress["done"], progress.get("total"), progress.get("message")),
-            worker=data.get("worker"),
-        )
-
-
-def _reason_to_json(reason: CancelReason) -> dict[str, Any]:
-    data: dict[str, Any] = {"kind": reason.kind.value, "message": reason.message, "at": reason.at}
-    if reason.source is not None:
-        data["source"] = reason.source
-    if reason.origin is not None:
-        data["origin"] = _reason_to_json(reason.origin)
-    return data
-
-
-def _reason_from_json(data: Mapping[str, Any]) -> CancelReason:
-    origin = data.get("origin")
-    return CancelReason(
-        CancelKind(data["kind"]),
-        message=data.get("message", ""),
-        source=data.get("source"),
-        origin=None if origin is None else _reason_from_json(origin),
-        at=data.get("at", 0.0),
-    )
-
-
-class StatusStore(Protocol):
-    """Where the statuses of background operations are kept.
-
-    :class:`MemoryStatusStore` (the default) serves one process; ``cancelkit.redis``'s
-    ``RedisStatusStore`` makes every status readable from every worker. Statuses live in
-    per-owner namespaces, like registrations in a :class:`~cancelkit.TokenRegistry`.
-
-    Rules: a running status stays while the process that wrote it runs (a shared store
-    refreshes it with a heartbeat and reports :attr:`OperationState.LOST` once that process
-    stops answering); an ended status is kept for a bounded time and count, then dropped; a
-    running status never replaces the ended status of the same run (same ``started_at``
-    and ``worker``); calls are bounded in time and never block the event loop.
-    :class:`BackgroundOperations` enters the store when it is entered.
-
-    .. versionadded:: 0.2
-    """
-
-    @property
-    def worker(self) -> str | None:
-        """The id this process has in the store while it runs (``None`` if not shared)."""
-        ...
-
-    async def __aenter__(self) -> object:
-        """Start (connect, heartbeat); called by ``async with BackgroundOperations(...)``."""
-        ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        """Stop; running statuses written by this process are left to be reported lost."""
-        ...
-
-    async def put(self, status: OperationStatus) -> None:
-        """Write ``status`` for ``(status.owner, status.id)``, replacing what was there."""
-        ...
-
-    async def get(self, id: str, owner: str | None) -> OperationStatus | None:
-        """Return the status of ``(owner, id)``; ``None`` if unknown, expired or another's."""
-        ...
-
-
-@final
-class MemoryStatusStore:
-    """Keeps statuses in this process's memory: the default :class:`StatusStore`.
-
-    Args:
-        retention: seconds an ended status is kept.
-        max_retained: the most ended statuses kept; the oldest are dropped first.
-        clock: the monotonic clock used for expiry, in seconds (tests pass a fake one).
-
-    Raises:
-        ValueError: if an option is out of range.
-
-    .. versionadded:: 0.2
-    """
-
-    __slots__ = ("_clock", "_ended", "_max", "_retention", "_running")
-
-    def __init__(
-        self,
-        *,
-        retention: float = 3600.0,
-        max_retained: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if not 0 < retention < math.inf:
-            raise ValueError(f"retention must be seconds > 0, not {retention!r}")
-        if max_retained < 1:
-            raise ValueError(f"max_retained must be >= 1, not {max_retained!r}")
-        self._retention = float(retention)
-        self._max = max_retained
-        self._clock = clock
-        self._running: dict[tuple[str | None, str], OperationStatus] = {}
-        # ended statuses in the order they ended (dicts keep insertion order), with expiry
-        self._ended: dict[tuple[str | None, str], tuple[OperationStatus, float]] = {}
-
-    @property
-    def worker(self) -> None:
-        """Always ``None``: a memory store is not shared between processes."""
-        return None
-
-    async def __aenter__(self) -> MemoryStatusStore:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
-
-    async def put(self, status: OperationStatus) -> None:
-        """See :meth:`StatusStore.put`."""
-        name = (status.owner, status.id)
-        self._prune()
-        if not status.state.ended:
-            old = self._ended.get(name)
-            if old is not None and _same_run(old[0], status):
-                return  # a late progress write never revives an ended run
-            self._ended.pop(name, None)
-            self._running[name] = status
-            return
-        self._running.pop(name, None)
-        self._ended.pop(name, None)  # re-insert at the end: the newest
-        self._ended[name] = (status, self._clock() + self._retention)
-        while len(self._ended) > self._max:
-            del self._ended[next(iter(self._ended))]
-
-    async def get(self, id: str, owner: str | None) -> OperationStatus | None:
-        """See :meth:`StatusStore.get`."""
-        name = (owner, id)
-        running = self._running.get(name)
-        if running is not None:
-            return running
-        self._prune()
-        ended = self._ended.get(name)
-        return None if ended is None else ended[0]
-
-    def _prune(self) -> None:
-        now = self._clock()
-        ended = self._ended
-        while ended:
-            name = next(iter(ended))
-            if ended[name][1] > now:
-                break
-            del ended[name]
-
-    def __len__(self) -> int:
-        """The number of statuses kept (running and ended, expired ones not yet dropped)."""
-        return len(self._running) + len(self._ended)
-
-    def __repr__(self) -> str:
-        return (
-            f"<MemoryStatusStore running={len(self._running)} ended={len(self._ended)} "
-            f"retention={self._retention} max_retained={self._max}>"
-        )
-
-
-def _same_run(a: OperationStatus, b: OperationStatus) -> bool:
-    return a.started_at == b.started_at and a.worker == b.worker
-
-
-def _check_json(value: object) -> None:
-    """Raise TypeError or ValueError unless ``value`` is JSON that every store can carry."""
-    json.dumps(value, allow_nan=False, ensure_ascii=False).encode()  # no NaN, no lone surrogate
 
 
 def _keep_json(value: object) -> Any:
@@ -366,35 +57,12 @@ def _keep_json(value: object) -> Any:
     return value
 
 
-def _progress(done: float, total: float | None, message: str | None) -> Progress:
-    """A progress report, or ValueError for a number JSON cannot carry (inf, NaN)."""
-    for name, value in (("done", done), ("total", total)):
-        number: object = value
-        if number is not None and not (
-            isinstance(number, int | float)
-            and not isinstance(number, bool)
-            and math.isfinite(number)
-        ):
-            raise ValueError(f"progress {name} must be a finite number, not {value!r}")
-    return Progress(done, total, None if message is None else _cut(message))
-
-
 def _check_seconds(*, grace: float, cleanup_timeout: float, poll_interval: float) -> None:
     for name, value in (("grace", grace), ("cleanup_timeout", cleanup_timeout)):
         if not 0 <= value < math.inf:
             raise ValueError(f"{name} must be seconds >= 0, not {value!r}")
     if not 0 < poll_interval < math.inf:
         raise ValueError(f"poll_interval must be seconds > 0, not {poll_interval!r}")
-
-
-def _cut(text: str) -> str:
-    r"""Return ``text`` cut to 1000 characters, with lone surrogates escaped.
-
-    A lone surrogate (a file name decoded with ``surrogateescape``) becomes ``\udcxx``, so
-    every store and every JSON answer can carry the text.
-    """
-    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
 @final
@@ -410,7 +78,7 @@ class OperationsStatistics:
         cancelled: how many were cancelled, by the kind of the root reason.
         refused: starts refused by a limit (:exc:`~cancelkit.RegistryFull`).
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     running: int
@@ -430,12 +98,13 @@ _SHUTDOWN = "the application is shutting down"
 class _Run:
     """One operation of this process, from its reservation by start() to its end."""
 
-    __slots__ = ("begun", "done", "id", "owner", "refusal", "status", "token", "writing")
+    __slots__ = ("begun", "done", "id", "op", "owner", "refusal", "status", "token", "writing")
 
     def __init__(self, id: str, owner: str | None) -> None:
         self.id = id
         self.owner = owner
         self.token: CancellationToken | None = None
+        self.op: TrackedOperation | None = None
         self.status: OperationStatus | None = None
         self.done = anyio.Event()
         self.begun = anyio.Event()  # set once it began, ended before it began, or was refused
@@ -460,7 +129,7 @@ class _Run:
         context = _current.set(self)
         try:
             async with ops._registry.track(self.id, owner=self.owner) as op:
-                self.token = op.token
+                self.token, self.op = op.token, op
                 if runs.shutdown is not None:  # it registered after the shutdown cancelled
                     op.token.cancel(runs.shutdown)
                 self.status = status
@@ -724,7 +393,7 @@ class BackgroundOperations:
     Raises:
         ValueError: if an option is out of range.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     __slots__ = (
@@ -854,7 +523,7 @@ class BackgroundOperations:
 
         Raises:
             ValueError: for an invalid id or owner.
-            OperationExists: if ``id`` runs already for ``owner`` (a ValueError too).
+            OperationExists: if ``id`` runs already for ``owner``.
             RegistryFull: if ``max_running`` (``limit="max_running"``) or
                 ``max_running_per_owner`` operations run already, or the registry is full.
             OperationCancelled: with reason ``shutdown`` once the application is shutting
@@ -864,16 +533,7 @@ class BackgroundOperations:
         if id is None:
             id = secrets.token_urlsafe(16)
         _check(id, owner)
-        task_group = self._task_group
-        if task_group is None:
-            raise RuntimeError(
-                "BackgroundOperations is not running: enter it first (`async with "
-                "operations:`, for example in the application's lifespan)"
-            )
-        if self._closing:
-            raise OperationCancelled(
-                CancelReason(CancelKind.SHUTDOWN, "shutting down: no new operations")
-            )
+        task_group = _open_task_group(self)
         run = self._runs.reserve(id, owner)  # now: the limits hold across concurrent starts
         try:
             task_group.start_soon(run.execute, self, func, args, name=f"operation {id}")
@@ -903,10 +563,21 @@ class BackgroundOperations:
             RuntimeError: outside a background operation of this object.
         """
         progress = _progress(done, total, message)
-        run = _current.get()
-        if run is None or self._runs.get(run.id, run.owner) is not run:
-            raise RuntimeError("report() must be called from a running background operation")
-        await run.report(self._store, progress)
+        await _run_here(self, "report").report(self._store, progress)
+
+    async def commit(self) -> None:
+        """Pass the commit point of the calling operation (:meth:`TrackedOperation.commit`).
+
+        Call it just before the irreversible step: a later cancel answers ``COMMITTED``.
+
+        Raises:
+            OperationCancelled: if it was cancelled first (it ends ``cancelled``).
+            BackendUnavailable: if the backend cannot decide (nothing changed).
+            RuntimeError: outside a background operation of this object.
+        """
+        op = _run_here(self, "commit").op
+        assert op is not None  # the function runs inside its tracked operation
+        await op.commit()
 
     # -- reading and cancelling --------------------------------------------------------
 
@@ -936,15 +607,7 @@ class BackgroundOperations:
         Raises:
             ValueError: for an invalid id or owner.
         """
-        status = None
-        while True:
-            if (run := self._runs.get(id, owner)) is not None:
-                await run.done.wait()  # it runs here (perhaps still starting: no status yet)
-            elif status is not None:  # it runs in another process: read again in a moment
-                await anyio.sleep(self._poll_interval)
-            status = await self.status(id, owner=owner)
-            if status is None or status.state.ended:
-                return status
+        return await _wait_for_end(self, id, owner)
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -978,3 +641,40 @@ class BackgroundOperations:
     def __repr__(self) -> str:
         state = "stopped" if self._task_group is None else "closing" if self._closing else "up"
         return f"<BackgroundOperations {state} running={len(self._runs)} store={self._store!r}>"
+
+
+def _run_here(ops: BackgroundOperations, what: str) -> _Run:
+    """The operation of ``ops`` that the caller runs in, or RuntimeError naming ``what``."""
+    run = _current.get()
+    if run is None or ops._runs.get(run.id, run.owner) is not run:
+        raise RuntimeError(f"{what}() must be called from a running background operation")
+    return run
+
+
+async def _wait_for_end(
+    ops: BackgroundOperations, id: str, owner: str | None
+) -> OperationStatus | None:
+    """:meth:`BackgroundOperations.wait`: on its end here, or reading the store elsewhere."""
+    status = None
+    while True:
+        if (run := ops._runs.get(id, owner)) is not None:
+            await run.done.wait()  # it runs here (perhaps still starting: no status yet)
+        elif status is not None:  # it runs in another process: read again in a moment
+            await anyio.sleep(ops._poll_interval)
+        status = await ops.status(id, owner=owner)
+        if status is None or status.state.ended:
+            return status
+
+
+def _open_task_group(ops: BackgroundOperations) -> TaskGroup:
+    """The task group new operations start in; refuses them before and after the lifespan."""
+    if ops._task_group is None:
+        raise RuntimeError(
+            "BackgroundOperations is not running: enter it first (`async with "
+            "operations:`, for example in the application's lifespan)"
+        )
+    if ops._closing:
+        raise OperationCancelled(
+            CancelReason(CancelKind.SHUTDOWN, "shutting down: no new operations")
+        )
+    return ops._task_group

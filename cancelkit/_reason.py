@@ -1,4 +1,4 @@
-"""Why work was stopped: the reason kinds, the reason value, and the exception."""
+"""Why work was stopped: the reason kinds and the reason value."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import final
 
-__all__ = ["CancelKind", "CancelReason", "OperationCancelled"]
+__all__ = ["CancelKind", "CancelReason"]
 
 
 @final
@@ -126,24 +126,3 @@ def _fast_reason(
     _set_origin(reason, origin)
     _set_at(reason, _time())
     return reason
-
-
-class OperationCancelled(Exception):
-    """Raised when work is stopped by a :class:`CancellationToken`.
-
-    It is an :class:`Exception`, so web frameworks' exception handlers can map it to a
-    response; it is never raised in place of, or confused with, a cancellation that cancelkit
-    did not cause (:class:`asyncio.CancelledError`, :class:`trio.Cancelled`).
-
-    Args:
-        reason: why the work was stopped.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, reason: CancelReason) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return str(self.reason)

@@ -10,14 +10,20 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import final
 
+from ._exceptions import OperationCancelled, OperationExists, RegistryFull
 from ._reason import CancelKind, CancelReason
-from ._token import CancellationToken, TokenScope
+from ._token import (
+    CancellationToken,
+    TokenScope,
+    commit_token,
+    held_token,
+    settled_reason,
+    uncommit_token,
+)
 from .backends import (
     Backend,
     CancelOutcome,
     MemoryBackend,
-    OperationExists,
-    RegistryFull,
     new_holder_id,
 )
 
@@ -44,9 +50,8 @@ def _check(id: object, owner: object) -> None:
 
 
 @final
-@dataclass(frozen=True, slots=True)
 class TrackedOperation:
-    """A running operation, as yielded by :meth:`TokenRegistry.track`.
+    """A running operation, as yielded by :meth:`TokenRegistry.track` and ``hold()``.
 
     Attributes:
         id: the operation's id (given, or a random one of 128 bits).
@@ -56,9 +61,42 @@ class TrackedOperation:
     .. versionadded:: 0.1
     """
 
+    __slots__ = ("_hold", "id", "owner", "token")
+
     id: str
     owner: str | None
     token: CancellationToken
+    _hold: _Hold
+
+    def __init__(self) -> None:
+        raise TypeError("TrackedOperation cannot be created directly; use registry.track(id)")
+
+    async def commit(self) -> None:
+        """Pass the commit point: from now on a cancel answers ``COMMITTED`` and stops nothing.
+
+        Call it just before the operation's irreversible step (charge the card, send the
+        email). The backend decides, atomically and across workers, whether the cancel or the
+        commit came first: exactly one wins. If a cancel won (by id, a tombstone, its
+        deadline, its parent), this raises :exc:`~cancelkit.OperationCancelled` with its
+        reason and the operation stops as cancelled; otherwise nothing cancelkit does
+        interrupts it any more: :meth:`TokenRegistry.cancel` answers
+        :attr:`~cancelkit.CancelOutcome.COMMITTED`, the token's deadline is lifted, and the
+        cancelkit scopes around the caller (a request's disconnect scope too) stop
+        interrupting. Idempotent. Call it from the operation's own task.
+
+        Raises:
+            OperationCancelled: if the operation was cancelled first.
+            BackendUnavailable: if the backend cannot decide (Redis unreachable with
+                ``fail_open=False``); nothing is committed or cancelled then.
+
+        .. versionadded:: 0.1
+        """
+        await self._hold.commit()
+
+    def __repr__(self) -> str:
+        state = "committed" if self.token.committed else repr(self.token)
+        owner = "" if self.owner is None else f" owner={self.owner!r}"
+        return f"<TrackedOperation {self.id!r}{owner} {state}>"
 
 
 @final
@@ -171,7 +209,7 @@ class TokenRegistry:
 
         Raises:
             ValueError: for an invalid id or owner.
-            OperationExists: for an id already tracked for this owner (a ValueError too).
+            OperationExists: for an id already tracked for this owner.
             RegistryFull: when ``max_running`` or ``max_running_per_owner`` is reached
                 (``limit`` names which).
             OperationCancelled: when the operation was cancelled before it started.
@@ -303,8 +341,9 @@ class _Hold:
         parent: CancellationToken | None,
     ) -> None:
         self._registry = registry
-        token = CancellationToken(name=id) if parent is None else parent.child(name=id)
-        self._op = TrackedOperation(id, owner, token)
+        op: TrackedOperation = object.__new__(TrackedOperation)
+        op.id, op.owner, op.token, op._hold = id, owner, held_token(id, parent), self
+        self._op = op
         self._holder = ""
 
     def __call__(self, reason: CancelReason) -> None:
@@ -334,13 +373,44 @@ class _Hold:
         tb: TracebackType | None,
     ) -> bool:
         await self._finish()
+        if exc_type is None:
+            self._completed()
         return False
+
+    async def commit(self) -> None:
+        """See :meth:`TrackedOperation.commit`."""
+        op = self._op
+        token = op.token
+        if token.committed:
+            return
+        frames = commit_token(token)  # no local cancel can slip in during the round trip
+        try:
+            reason = await self._registry._backend.commit(op.id, op.owner, self._holder)
+        except BaseException:
+            uncommit_token(token, frames, None)
+            raise
+        if reason is not None:  # a cancel came first on the server; its delivery was late
+            uncommit_token(token, frames, reason)
+            raise OperationCancelled(settled_reason(token) or reason)
+
+    def _completed(self) -> None:
+        """The block returned: the answer is its cancellation's if a cancel won before."""
+        token = self._op.token
+        reason = settled_reason(token)  # (no deadline poll: a body that returned in time did)
+        if reason is not None and not token.committed:
+            raise OperationCancelled(reason)
 
     async def _finish(self) -> None:
         registry, op = self._registry, self._op
-        registry._remove(op)
-        op.token.close()  # release the link to the parent now, not when garbage-collected
-        await registry._backend.unregister(op.id, op.owner, self._holder)  # always completes
+        token = op.token
+        token.close()  # release the link to the parent now, not when garbage-collected
+        try:
+            # always completes; the cancel recorded for this holder, if the delivery was late
+            reason = await registry._backend.unregister(op.id, op.owner, self._holder)
+            if reason is not None:
+                token.cancel(reason)  # (nothing if committed or cancelled already)
+        finally:
+            registry._remove(op)
 
 
 @final
@@ -372,6 +442,9 @@ class _Track(_Hold):
     ) -> bool:
         assert self._scope is not None
         try:
-            return self._scope.__exit__(exc_type, exc, tb)
+            suppressed = self._scope.__exit__(exc_type, exc, tb)
         finally:
             await self._finish()
+        if exc_type is None:
+            self._completed()
+        return suppressed

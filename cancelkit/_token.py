@@ -2,38 +2,35 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
 import sys
 import threading
 import time
-import weakref
-from asyncio import _get_running_loop
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, TypeVar, cast, final
+from typing import TypeVar, cast, final
 
 import anyio
 import anyio.lowlevel
 
-from ._reason import CancelKind, CancelReason, OperationCancelled, _fast_reason
+from . import _loop
+from ._exceptions import OperationCancelled
+from ._frames import _DEFERRED, _EXITED, _PIN, Frame, Pinnable, commit_here
+from ._frames import current as _current
+from ._loop import Scope, running_loop, this_loop
+from ._reason import CancelKind, CancelReason, _fast_reason
+from ._signal import CallbackHandle, _lock, _Node, _Signal, _take, new_handle
 
 __all__ = [
-    "CallbackHandle",
     "CancellationToken",
     "TokenScope",
     "TokenStatistics",
     "current_token",
 ]
 
-logger = logging.getLogger("cancelkit")
-
 T = TypeVar("T")
 _INF = math.inf
-_current: ContextVar[CancellationToken | None] = ContextVar("cancelkit_token", default=None)
 
 
 def current_token() -> CancellationToken | None:
@@ -55,62 +52,21 @@ def current_token() -> CancellationToken | None:
 
     .. versionadded:: 0.1
     """
-    return _current.get()
+    frame = _current.get()
+    return None if frame is None else frame.token
 
 
-def _this_loop() -> object | None:
-    """Return the running event loop's native handle (an asyncio loop, a trio token), or None.
+def shorten_deadline(token: CancellationToken, deadline: float) -> None:
+    """Bring ``token``'s own deadline forward to ``deadline`` (:func:`time.monotonic` seconds).
 
-    The same handle as ``anyio.lowlevel.current_token().native_token``, got without anyio's
-    backend detection: this runs on every callback registration and scope entry.
+    For the adapters that run a request under a token made elsewhere (a claim's, an
+    operation's), so that the request's deadline holds there too. Never moves a deadline
+    later; scopes already entered and tokens already linked to ``token`` keep what they saw.
     """
-    loop: object = _get_running_loop()
-    if loop is not None:
-        return loop
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            loop = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            return None
-        return loop
-    return None
-
-
-class _Scope(Protocol):
-    """The part of a cancel scope (anyio's, or trio's own) that a :class:`TokenScope` uses."""
-
-    cancelled_caught: bool
-
-    def __enter__(self) -> object: ...
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> bool: ...
-
-    def cancel(self) -> None: ...
-
-
-_asyncio_scope: Callable[..., _Scope] | None = None  # anyio's CancelScope class for asyncio
-
-
-def _asyncio_scope_class() -> Callable[..., _Scope]:
-    """Return anyio's ``CancelScope`` class for asyncio (called once, in a running loop)."""
-    global _asyncio_scope
-    cls = _asyncio_scope = cast(Callable[..., _Scope], type(anyio.CancelScope()))
-    return cls
-
-
-def _call_soon(native: object, func: Callable[..., object], *args: object) -> None:
-    """Schedule ``func(*args)`` in the event loop ``native`` (thread-safe).
-
-    Raises:
-        RuntimeError: if that loop has finished (asyncio: closed; trio: RunFinishedError).
-    """
-    if isinstance(native, asyncio.AbstractEventLoop):
-        native.call_soon_threadsafe(func, *args)
-    else:
-        native.run_sync_soon(func, *args)  # type: ignore[attr-defined]  # a trio TrioToken
+    with _lock:
+        if deadline < token._deadline and not token.committed:  # (a commit lifts deadlines)
+            token._deadline = deadline
+            token._effective_deadline = min(token._effective_deadline, deadline)
 
 
 def _check_timeout(timeout: object) -> float:
@@ -119,128 +75,6 @@ def _check_timeout(timeout: object) -> float:
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"timeout must be a number of seconds >= 0, not {timeout!r}")
     return float(timeout)
-
-
-# One lock for the state of every token: the critical sections are a few pointer updates, and
-# a lock per token would cost each token more memory than the rest of it. Reentrant: a child
-# collected by the GC while this thread holds the lock (any allocation can trigger it)
-# unregisters its link, which takes the lock again.
-_lock = threading.RLock()
-
-
-class _Node(Protocol):
-    """Something waiting for a token's cancellation, in the token's list of waiters.
-
-    The waiters form an intrusive doubly-linked list (no dict and no handle object per
-    waiter): :class:`CallbackHandle` (``on_cancel``), :class:`_Link` (a child token) and
-    :class:`TokenScope` (an interrupted block). ``_token`` is the token while registered and
-    ``None`` once taken (run or unregistered); ``_native`` the event loop it must run in, or
-    ``None`` for any thread.
-    """
-
-    _prev: _Node | None
-    _next: _Node | None
-    _token: CancellationToken | None
-    _native: object
-
-    def _fire(self, token: CancellationToken, reason: CancelReason) -> None: ...
-
-
-@final
-class CallbackHandle:
-    """A registered :meth:`CancellationToken.on_cancel` callback.
-
-    .. versionadded:: 0.1
-    """
-
-    __slots__ = ("_callback", "_native", "_next", "_prev", "_token")
-
-    def __init__(self, callback: Callable[[CancelReason], object], native: object) -> None:
-        self._prev: _Node | None = None
-        self._next: _Node | None = None
-        self._token: CancellationToken | None = None
-        self._callback: Callable[[CancelReason], object] | None = callback
-        self._native = native
-
-    @property
-    def registered(self) -> bool:
-        """Whether the callback is still waiting to run."""
-        return self._callback is not None
-
-    def unregister(self) -> bool:
-        """Remove the callback so that it will not run.
-
-        Safe to call more than once and from any thread.
-
-        Returns:
-            True if this call prevented the callback from running, False if it had already run,
-            was already scheduled to run in progress, or was removed before.
-        """
-        if _take(self) is None:
-            return False
-        self._callback = None
-        return True
-
-    def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
-        callback, self._callback = self._callback, None
-        if callback is not None:
-            callback(reason)
-
-    def __repr__(self) -> str:
-        state = "registered" if self._callback is not None else "done"
-        return f"<CallbackHandle {state} callback={self._callback!r}>"
-
-
-class _Link(weakref.ref["CancellationToken"]):
-    """A parent's link to a child: weak, so finished children cost the parent nothing."""
-
-    __slots__ = ("_native", "_next", "_prev", "_token")
-
-    _prev: _Node | None
-    _next: _Node | None
-    _token: CancellationToken | None
-    _native: object
-
-    def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
-        child = self()
-        if child is not None:
-            child._poll()  # a deadline of the child's own that passed first wins
-            child._cancel(_fast_reason(CancelKind.PARENT, origin=reason), token)
-
-
-def _child_collected(ref: weakref.ref[CancellationToken]) -> None:
-    assert isinstance(ref, _Link)
-    _take(ref)
-
-
-def _take(node: _Node) -> CancellationToken | None:
-    """Take ``node`` out of its token's list; return the token, or None if already taken."""
-    with _lock:
-        token = node._token
-        if token is None:
-            return None
-        node._token = None
-        if token._reason is None:  # still in the live list (a cancel empties it)
-            prev, nxt = node._prev, node._next
-            if prev is None:
-                token._head = nxt
-            else:
-                prev._next = nxt
-            if nxt is not None:
-                nxt._prev = prev
-        node._prev = node._next = None
-        return token
-
-
-@final
-class _Rare:
-    """The state few tokens need, kept out of every token's slots (memory per live token)."""
-
-    __slots__ = ("cancelled_by", "errors")
-
-    def __init__(self, cancelled_by: CancellationToken | None) -> None:
-        self.cancelled_by = cancelled_by
-        self.errors: list[Exception] = []
 
 
 @final
@@ -264,7 +98,7 @@ class TokenStatistics:
 
 
 @final
-class CancellationToken:
+class CancellationToken(_Signal):
     """A cancellation signal that work can check, wait for, and be interrupted by.
 
     A token starts live and is cancelled at most once; the first reason wins. It can be
@@ -285,28 +119,22 @@ class CancellationToken:
     .. versionadded:: 0.1
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_deadline",
-        "_effective_deadline",
-        "_head",
-        "_links",
-        "_name",
-        "_rare",
-        "_reason",
-    )
+    __slots__ = ()
+
+    #: Whether a backend decides this token's commit (a tracked operation's, a claim's).
+    _backed = False
 
     def __init__(self, *, timeout: float | None = None, name: str | None = None) -> None:
         deadline = _INF if timeout is None else time.monotonic() + _check_timeout(timeout)
         label: object = name
         if label is not None and not isinstance(label, str):
             raise TypeError(f"name must be a str or None, not {type(label).__name__}")
-        self._reason: CancelReason | None = None
-        self._head: _Node | None = None  # the newest waiter; the list runs to the oldest
-        self._links: tuple[_Link, ...] = ()
+        self._reason = None
+        self._head = None  # the newest waiter; the list runs to the oldest
+        self._links = ()
         self._deadline = deadline
         self._effective_deadline = deadline  # the earliest of its own and its parents'
-        self._rare: _Rare | None = None  # what few tokens need: who cancelled, callback errors
+        self._rare = None  # what few tokens need: who cancelled, callback errors
         self._name = name
 
     # -- linking -------------------------------------------------------------------------
@@ -337,25 +165,7 @@ class CancellationToken:
                     f"any_of() takes CancellationToken objects, not {type(token).__name__}"
                 )
         child = cls(timeout=timeout, name=name)
-        parents_deadline = _INF
-        for parent in tokens:
-            parent._poll()
-            link = _Link(child, _child_collected)
-            # A link runs in whatever thread cancels the parent, never via an event loop: the
-            # child's state must change at once (its own callbacks keep their loop affinity).
-            link._native = None
-            link._prev = link._next = link._token = None
-            parent._add(link)
-            with _lock:
-                if child._reason is None:
-                    child._links += (link,)
-                    parents_deadline = min(parents_deadline, parent._effective_deadline)
-                    continue
-            # The child is cancelled already (this parent had fired, or another thread
-            # cancelled a parent or the child meanwhile): this link is not needed.
-            _take(link)
-            break
-        child._effective_deadline = min(child._deadline, parents_deadline)
+        child._follow(tokens)
         return child
 
     def child(self, *, timeout: float | None = None, name: str | None = None) -> CancellationToken:
@@ -372,13 +182,7 @@ class CancellationToken:
 
         .. versionadded:: 0.1
         """
-        with _lock:
-            links = self._links
-            self._links = ()
-            if self._reason is None and links:
-                self._effective_deadline = self._deadline
-        for link in links:
-            _take(link)
+        self._unfollow()
 
     # -- state -----------------------------------------------------------------------------
 
@@ -403,7 +207,7 @@ class CancellationToken:
     def cancelled_by(self) -> CancellationToken | None:
         """The linked token whose cancellation cancelled this one, if that is what happened."""
         rare = self._rare
-        return None if rare is None else rare.cancelled_by
+        return None if rare is None else cast(CancellationToken, rare.cancelled_by)
 
     @property
     def deadline(self) -> float:
@@ -464,104 +268,33 @@ class CancellationToken:
             self._expire(time.monotonic())
         return self._cancel(reason, None)
 
-    def _cancel(self, reason: CancelReason, by: CancellationToken | None) -> bool:
-        here: object = _UNKNOWN
-        local: list[_Node] = []  # to run now, each taken just before it runs (see below)
-        remote: list[_Node] = []  # to run in their own event loop, if still registered then
-        with _lock:
-            if self._reason is not None:
-                return False
-            self._reason = reason
-            if by is not None:  # (callback errors come only after this)
-                self._rare = _Rare(by)
-            links = self._links
-            self._links = ()
-            node = self._head
-            self._head = None
-            while node is not None:
-                nxt = node._next
-                node._prev = node._next = None
-                native = node._native
-                if native is not None:
-                    if here is _UNKNOWN:
-                        here = _this_loop()
-                    if native is not here:
-                        remote.append(node)
-                        node = nxt
-                        continue
-                local.append(node)
-                node = nxt
-        for link in links:  # done: no more relays from the tokens this one followed
-            _take(link)
-        for node in reversed(remote):  # in registration order
-            try:
-                _call_soon(node._native, self._run_later, node, reason)
-            except RuntimeError:  # that loop has finished: nobody is left to wake
-                if _take(node) is not None and isinstance(node, CallbackHandle):
-                    node._callback = None
-        errors: list[tuple[_Node, Exception]] = []
-        for node in reversed(local):  # in registration order
-            # Taken one at a time: a callback that unregisters a later one (or closes a later
-            # child) still stops it, as unregister() and close() promise.
-            if _take(node) is None:
-                continue
-            try:
-                node._fire(self, reason)
-            except Exception as exc:
-                errors.append((node, exc))
-        if errors:
-            self._record(errors)
-        return True
+    def commit(self) -> None:
+        """Pass the commit point: from now on nothing cancelkit does stops this work.
 
-    def _run_later(self, node: _Node, reason: CancelReason) -> None:
-        if _take(node) is not None:
-            try:
-                node._fire(self, reason)
-            except Exception as exc:
-                self._record([(node, exc)])
+        Exactly one of :meth:`cancel` and ``commit()`` wins, atomically. Afterwards
+        :meth:`cancel` returns False, the deadline is lifted, and the cancelkit scopes around
+        the caller stop interrupting it (see the "Commit points" guide). Idempotent.
 
-    def _add(self, node: _Node) -> None:
-        """Put ``node`` on the list of waiters, or fire it at once if the token is cancelled."""
-        with _lock:
-            reason = self._reason
-            if reason is None:
-                node._token = self
-                head = node._next = self._head
-                if head is not None:
-                    head._prev = node
-                self._head = node
-                return
-        try:
-            node._fire(self, reason)
-        except Exception as exc:
-            self._record([(node, exc)])
+        Raises:
+            OperationCancelled: if the token, or a scope around the caller, was cancelled first.
+            RuntimeError: for the token of a tracked operation or a claim: use
+                ``await op.commit()`` / ``await claim.commit()``, which ask the backend.
 
-    def _record(self, errors: list[tuple[_Node, Exception]]) -> None:
-        with _lock:
-            if self._rare is None:
-                self._rare = _Rare(None)
-            self._rare.errors.extend(exc for _, exc in errors)
-        for node, exc in errors:
-            logger.error("on_cancel callback %r of %r failed", node, self, exc_info=exc)
+        .. versionadded:: 0.1
+        """
+        if self._backed:
+            raise RuntimeError(
+                "this token belongs to a tracked operation or a claim, whose backend decides "
+                "the commit: use 'await op.commit()' or 'await claim.commit()'"
+            )
+        if not self.committed:
+            commit_token(self)
 
-    def _expire(self, now: float) -> None:
-        """Cancel for a passed deadline: the earliest one in this token's ancestry wins."""
-        deadline = self._effective_deadline
-        if self._reason is not None or deadline == _INF or deadline > now:
-            return
-        if self._deadline <= deadline:  # its own deadline is the earliest
-            self._cancel(_fast_reason(CancelKind.DEADLINE, self._name), None)
-            return
-        for link in self._links:
-            parent = link._token
-            if parent is not None:
-                parent._expire(now)
-        if self._deadline <= now:  # no-op if a parent's deadline already cancelled it
-            self._cancel(_fast_reason(CancelKind.DEADLINE, self._name), None)
-
-    def _poll(self) -> None:
-        if self._reason is None and self._effective_deadline < _INF:
-            self._expire(time.monotonic())
+    @property
+    def committed(self) -> bool:
+        """Whether the token passed its commit point (:meth:`commit`)."""
+        rare = self._rare
+        return rare is not None and rare.committed
 
     # -- callbacks -------------------------------------------------------------------------
 
@@ -584,7 +317,7 @@ class CancellationToken:
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         self._poll()
-        handle = CallbackHandle(callback, _this_loop())
+        handle = new_handle(callback, this_loop())
         self._add(handle)
         return handle
 
@@ -596,22 +329,7 @@ class CancellationToken:
         Returns:
             The reason.
         """
-        self._poll()
-        reason = self._reason
-        if reason is not None:
-            await anyio.lowlevel.checkpoint()
-            return reason
-        event = anyio.Event()
-        handle = self.on_cancel(lambda _: event.set())
-        try:
-            with anyio.CancelScope(deadline=self._loop_deadline()) as scope:
-                await event.wait()
-            if scope.cancelled_caught:
-                self._expire(max(time.monotonic(), self._effective_deadline))
-        finally:
-            handle.unregister()
-        assert self._reason is not None
-        return self._reason
+        return await _wait(self)
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """Block the calling thread until the token is cancelled or ``timeout`` passes.
@@ -628,27 +346,7 @@ class CancellationToken:
         Raises:
             RuntimeError: when called in an event loop's thread, where it would block the loop.
         """
-        if _this_loop() is not None:
-            raise RuntimeError(
-                "wait_blocking() would block the event loop; use 'await token.wait()' there"
-            )
-        if self.cancelled:
-            return True
-        event = threading.Event()
-        handle = self.on_cancel(lambda _: event.set())
-        try:
-            remaining = self._effective_deadline - time.monotonic()
-            if timeout is not None:
-                remaining = min(remaining, timeout)
-            event.wait(None if remaining == _INF else max(remaining, 0.0))
-        finally:
-            handle.unregister()
-        return self.cancelled
-
-    def _loop_deadline(self) -> float:
-        if self._effective_deadline == _INF:
-            return _INF
-        return anyio.current_time() + (self._effective_deadline - time.monotonic())
+        return _wait_blocking(self, timeout)
 
     # -- scopes ----------------------------------------------------------------------------
 
@@ -665,16 +363,16 @@ class CancellationToken:
         Raises:
             OperationCancelled: when the token stopped the block.
         """
-        return TokenScope(self, swallow=False)
+        return token_scope(self, _RAISE)
 
     def move_on(self) -> TokenScope:
         """Like :meth:`scope`, but a cancellation by this token just ends the block.
 
         Check :attr:`TokenScope.cancelled_caught` afterwards to learn whether it did.
         """
-        return TokenScope(self, swallow=True)
+        return token_scope(self, 0)
 
-    async def until_cancelled(self, source: AsyncIterable[T]) -> AsyncIterator[T]:
+    def until_cancelled(self, source: AsyncIterable[T]) -> AsyncIterator[T]:
         """Yield the items of ``source`` until the token is cancelled, then stop.
 
         A pending wait for the next item is interrupted at once. Made for streaming
@@ -684,56 +382,147 @@ class CancellationToken:
         Args:
             source: an async iterable; it is closed when the iteration stops early.
 
-        Yields:
-            The items of ``source``.
+        Returns:
+            An async iterator over the items of ``source``.
         """
-        iterator = aiter(source)
-        try:
-            while not self.cancelled:
-                with self.move_on() as scope:
-                    try:
-                        item = await anext(iterator)
-                    except StopAsyncIteration:
-                        return
-                if scope.cancelled_caught:
-                    return
-                yield item
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        return _until_cancelled(self, source)
 
     # -- introspection ---------------------------------------------------------------------
 
     def statistics(self) -> TokenStatistics:
         """Return a snapshot of the token's state."""
-        with _lock:
-            return TokenStatistics(
-                cancelled=self._reason is not None,
-                callbacks=self._waiters(),
-                parents=len(self._links),
-                callback_errors=0 if self._rare is None else len(self._rare.errors),
-            )
-
-    def _waiters(self) -> int:
-        count, node = 0, self._head
-        while node is not None:
-            count, node = count + 1, node._next
-        return count
+        return _statistics(self)
 
     def __repr__(self) -> str:
-        name = f" {self._name!r}" if self._name is not None else ""
-        reason = self._reason
-        if reason is not None:
-            return f"<CancellationToken{name} cancelled ({reason})>"
-        extra = ""
-        if self._effective_deadline < _INF:
-            extra = f" deadline_in={self._effective_deadline - time.monotonic():.3f}s"
-        return f"<CancellationToken{name} live callbacks={self._waiters()}{extra}>"
+        return _describe(self)
+
+
+def _statistics(token: CancellationToken) -> TokenStatistics:
+    with _lock:
+        rare = token._rare
+        return TokenStatistics(
+            cancelled=token._reason is not None,
+            callbacks=token._waiters(),
+            parents=len(token._links),
+            callback_errors=0 if rare is None else len(rare.errors),
+        )
+
+
+def _describe(token: CancellationToken) -> str:
+    """The token's ``repr()``: its name, state, waiters and time left."""
+    name = f" {token._name!r}" if token._name is not None else ""
+    reason = token._reason
+    if reason is not None:
+        return f"<CancellationToken{name} cancelled ({reason})>"
+    if token.committed:
+        return f"<CancellationToken{name} committed>"
+    extra = ""
+    if token._effective_deadline < _INF:
+        extra = f" deadline_in={token._effective_deadline - time.monotonic():.3f}s"
+    return f"<CancellationToken{name} live callbacks={token._waiters()}{extra}>"
+
+
+def settled_reason(token: CancellationToken) -> CancelReason | None:
+    """The token's reason as it stands, without applying a deadline that passed unnoticed.
+
+    For the exits of tracked operations and claims: a body that returned before anyone saw
+    its deadline pass did finish; only a cancellation that already happened counts.
+    """
+    return token._reason
+
+
+def commit_token(token: CancellationToken) -> list[Frame]:
+    """Commit ``token`` and pin the frames around the caller (see :mod:`._frames`)."""
+    return commit_here(token, token._commit)
+
+
+def uncommit_token(
+    token: CancellationToken, frames: list[Frame], reason: CancelReason | None
+) -> None:
+    """Undo :func:`commit_token`: un-commit (then cancel with ``reason`` if given), unpin."""
+    token._uncommit(reason)
+    for frame in frames:
+        frame._unpin()
+
+
+class HeldToken(CancellationToken):  # type: ignore[misc]  # private: same slots, one flag
+    """The token of a tracked operation or a claim: its backend decides its commit."""
+
+    __slots__ = ()
+    _backed = True
+
+
+def held_token(name: str, parent: CancellationToken | None = None) -> CancellationToken:
+    """Return the token of a tracked operation or a claim (``commit()`` refuses it)."""
+    if parent is None:
+        return HeldToken(name=name)
+    return HeldToken.any_of(parent, name=name)
+
+
+# -- the bodies of the waiting methods ---------------------------------------------------------
+
+
+async def _wait(token: CancellationToken) -> CancelReason:
+    """:meth:`CancellationToken.wait`: an event set by a callback, bounded by the deadline."""
+    token._poll()
+    reason = token._reason
+    if reason is not None:
+        await anyio.lowlevel.checkpoint()
+        return reason
+    event = anyio.Event()
+    handle = token.on_cancel(lambda _: event.set())
+    try:
+        with anyio.CancelScope(deadline=token._loop_deadline()) as scope:
+            await event.wait()
+        if scope.cancelled_caught:
+            token._expire(max(time.monotonic(), token._effective_deadline))
+    finally:
+        handle.unregister()
+    assert token._reason is not None
+    return token._reason
+
+
+def _wait_blocking(token: CancellationToken, timeout: float | None) -> bool:
+    """:meth:`CancellationToken.wait_blocking`: a thread event set by a callback."""
+    if this_loop() is not None:
+        raise RuntimeError(
+            "wait_blocking() would block the event loop; use 'await token.wait()' there"
+        )
+    if token.cancelled:
+        return True
+    event = threading.Event()
+    handle = token.on_cancel(lambda _: event.set())
+    try:
+        remaining = token._effective_deadline - time.monotonic()
+        if timeout is not None:
+            remaining = min(remaining, timeout)
+        event.wait(None if remaining == _INF else max(remaining, 0.0))
+    finally:
+        handle.unregister()
+    return token.cancelled
+
+
+async def _until_cancelled(token: CancellationToken, source: AsyncIterable[T]) -> AsyncIterator[T]:
+    """:meth:`CancellationToken.until_cancelled`: each wait for an item in a ``move_on()``."""
+    iterator = aiter(source)
+    try:
+        while not token.cancelled:
+            with token.move_on() as scope:
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
+                    return
+            if scope.cancelled_caught:
+                return
+            yield item
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 @final
-class TokenScope:
+class TokenScope(Pinnable):
     """The context manager returned by :meth:`CancellationToken.move_on` and ``scope()``.
 
     Use it once, with ``with``, inside a task. ``move_on()`` is the primitive: it ends the
@@ -746,24 +535,27 @@ class TokenScope:
     __slots__ = (
         "_native",
         "_next",
+        "_outer",
         "_prev",
         "_scope",
-        "_state",
         "_token",
-        "_var",
         "token",
     )
 
-    def __init__(self, token: CancellationToken, *, swallow: bool) -> None:
-        #: The token that interrupts the block.
-        self.token = token
-        self._state = 0 if swallow else _RAISE  # | _CAUGHT on exit: one slot, not two
-        self._scope: _Scope | None = None
-        self._prev: _Node | None = None
-        self._next: _Node | None = None
-        self._token: CancellationToken | None = None
-        self._native: object = None
-        self._var: CancellationToken | None = None
+    #: The token that interrupts the block.
+    token: CancellationToken
+    _state: int  # _RAISE for scope(), | _CAUGHT on exit: one slot, not two
+    _scope: Scope | None
+    _prev: _Node | None
+    _next: _Node | None
+    _token: _Signal | None
+    _native: object
+    _outer: Frame | None
+
+    def __init__(self) -> None:
+        raise TypeError(
+            "TokenScope cannot be created directly; use token.scope() or token.move_on()"
+        )
 
     @property
     def reason(self) -> CancelReason | None:
@@ -790,26 +582,30 @@ class TokenScope:
         # anyio.CancelScope(deadline=deadline), made without detecting the event loop again
         # (anyio does on every CancelScope()), and on trio without anyio's wrapper: anyio's
         # trio scope only forwards to trio.CancelScope.
-        loop = _get_running_loop()
+        loop = running_loop()
         if loop is not None:
-            scope = self._scope = (_asyncio_scope or _asyncio_scope_class())(deadline=deadline)
+            scope = self._scope = (_loop.asyncio_scope or _loop.asyncio_scope_class())(
+                deadline=deadline
+            )
             self._native = loop
             scope.__enter__()
         else:
-            native = self._native = _this_loop()  # a trio token
+            native = self._native = this_loop()  # a trio token
             if native is not None:
                 scope = self._scope = sys.modules["trio"].CancelScope(deadline=deadline)
             else:  # pragma: no cover - no event loop: anyio raises the error
-                scope = self._scope = cast(_Scope, anyio.CancelScope(deadline=deadline))
+                scope = self._scope = cast(Scope, anyio.CancelScope(deadline=deadline))
             scope.__enter__()
-        self._var = _current.get()
-        _current.set(token)
+        self._outer = _current.get()
+        _current.set(self)
         token._add(self)  # fires at once (cancels the scope) if the token is cancelled already
         return self
 
-    def _fire(self, token: CancellationToken, reason: CancelReason) -> None:
-        assert self._scope is not None
-        self._scope.cancel()
+    def _fire(self, token: _Signal, reason: CancelReason) -> None:
+        if self._state >= _PIN:  # pinned by a commit: only once unpinned
+            self._state |= _DEFERRED
+        else:
+            self._scope.cancel()  # type: ignore[union-attr]  # entered: a scope
 
     def __exit__(
         self,
@@ -821,8 +617,9 @@ class TokenScope:
         assert scope is not None
         if self._token is not None:
             _take(self)
-        _current.set(self._var)
-        self._var = None
+        _current.set(self._outer)
+        self._outer = None
+        self._state |= _EXITED
         swallowed = scope.__exit__(exc_type, exc, tb)
         if not scope.cancelled_caught:
             return swallowed  # not our cancellation (or none at all): let it through untouched
@@ -841,9 +638,21 @@ class TokenScope:
         return f"<TokenScope {kind} cancelled_caught={self.cancelled_caught} token={self.token!r}>"
 
 
-_UNKNOWN = object()
 _RAISE, _CAUGHT = 1, 2  # the bits of TokenScope._state
+_new = object.__new__
+
+
+def token_scope(token: CancellationToken, state: int) -> TokenScope:
+    """Return a new :class:`TokenScope` of ``token``: ``move_on()`` for 0, ``scope()`` for _RAISE.
+
+    Built without a call of ``__init__`` (which refuses users): as fast as a constructor.
+    """
+    scope: TokenScope = _new(TokenScope)
+    scope.token = token
+    scope._state = state
+    scope._scope = scope._prev = scope._next = scope._token = scope._native = scope._outer = None
+    return scope
 
 
 # The ``_scope`` of a TokenScope that raised on entry: used once, never entered.
-_USED = cast(_Scope, object())
+_USED = cast(Scope, object())

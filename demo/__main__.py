@@ -1,6 +1,7 @@
 """``python -m demo``: serve the demo with uvicorn and print its address.
 
-Usage: ``python -m demo [--host 127.0.0.1] [--port 8000] [--redis URL] [--workers N]``.
+Usage: ``python -m demo [--host 127.0.0.1] [--port 8000] [--redis URL] [--workers N]
+[--no-downstream]``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import sys
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 
-from demo.app import REDIS_ENV, WORK_SECONDS_ENV, DemoConfigError, DemoServer, create_app
+from demo.app import (
+    DOWNSTREAM_ENV,
+    REDIS_ENV,
+    WORK_SECONDS_ENV,
+    DemoConfigError,
+    DemoServer,
+    create_app,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--work-seconds", type=float, default=1.5, help="how long one search takes (1.5)"
     )
+    parser.add_argument(
+        "--no-downstream",
+        dest="downstream",
+        action="store_false",
+        help="search in process instead of asking the downstream service over HTTP",
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -52,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         # Built here even with several workers (each builds its own): a bad setup fails now.
-        app = create_app(redis_url=args.redis, work_seconds=args.work_seconds)
+        app = create_app(
+            redis_url=args.redis, work_seconds=args.work_seconds, downstream=args.downstream
+        )
     except DemoConfigError as exc:
         sys.exit(f"cancelkit demo: {exc}")
     if args.workers == 1:
@@ -60,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     else:  # each worker process builds the application from the environment
         os.environ[REDIS_ENV] = args.redis
         os.environ[WORK_SECONDS_ENV] = str(args.work_seconds)
+        os.environ[DOWNSTREAM_ENV] = "1" if args.downstream else ""
         config = uvicorn.Config(
             "demo.app:app_from_env",
             factory=True,

@@ -10,6 +10,13 @@ noticeable time (``work_seconds``). cancelkit stops the work nobody will read:
 - **client gone**: closing the tab closes the connection, and
   :class:`~cancelkit.CancelOnDisconnect` interrupts the handler at once.
 
+With ``downstream=True`` (what ``python -m demo`` serves, unless ``--no-downstream``) the
+search asks a small downstream service for the matches, over HTTP (``GET /downstream/find``,
+the same server standing in for another service), with a
+:class:`cancelkit.httpx.TokenTransport` client: when the search stops, for whatever reason, its
+call is aborted, and the log shows the downstream stopping too (``downstream_stopped``: its
+client left).
+
 The **Export** button starts a background operation (:class:`~cancelkit.BackgroundOperations`)
 that outlives its request: ``POST /exports`` answers ``202`` with a ``Location``; the page
 follows its progress with ``GET /exports/{id}?wait=...`` and stops it with ``DELETE
@@ -37,6 +44,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -58,6 +66,7 @@ from cancelkit import (
     StatusStore,
     TokenRegistry,
     TrackedOperation,
+    request_token,
 )
 from cancelkit.backends import Backend, MemoryBackend
 from cancelkit.fastapi import (
@@ -72,6 +81,7 @@ from cancelkit.fastapi import (
     request_level_token,
     tracked,
 )
+from cancelkit.httpx import TokenTransport
 
 __all__ = [
     "DemoServer",
@@ -90,6 +100,7 @@ __all__ = [
 STATIC = Path(__file__).resolve().parent / "static"
 REDIS_ENV = "CANCELKIT_DEMO_REDIS"
 WORK_SECONDS_ENV = "CANCELKIT_DEMO_WORK_SECONDS"
+DOWNSTREAM_ENV = "CANCELKIT_DEMO_DOWNSTREAM"
 STEPS = 30  # the search runs in this many small steps, so a cancellation lands mid-way
 EXPORT_STEPS = 20  # the export's steps, each reported as progress
 EXPORT_LENGTH = 4  # an export takes this many times work_seconds
@@ -117,7 +128,17 @@ WORDS = tuple(_WORD_LIST.split())
 # -- the event log ----------------------------------------------------------------------------
 
 #: What happened to a search: it started, or how it ended.
-EventKind = Literal["started", "superseded", "cancelled", "client_gone", "completed", "stopped"]
+EventKind = Literal[
+    "started",
+    "superseded",
+    "cancelled",
+    "client_gone",
+    "completed",
+    "stopped",
+    "downstream_started",  # the downstream service began the search's work
+    "downstream_done",
+    "downstream_stopped",  # ...and stopped: the search that called it stopped
+]
 
 _ENDINGS: dict[CancelKind, EventKind] = {
     CancelKind.SUPERSEDED: "superseded",
@@ -401,6 +422,8 @@ class DemoState:
         self, backend: Backend, work_seconds: float, store: StatusStore | None = None
     ) -> None:
         """Make the parts, all on one backend."""
+        #: The client the search calls the downstream service with (``downstream=True``).
+        self.downstream: httpx.AsyncClient | None = None
         # This process's log; on Redis, a mirror of the fleet's (see RedisEventLog).
         self.log = EventLog()
         self.fleet_log: RedisEventLog | None = None  # set by the lifespan on Redis
@@ -431,13 +454,17 @@ class DemoState:
         return await self.fleet_log.since(after, user=user)
 
 
-def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> FastAPI:
+def create_app(
+    *, redis_url: str | None = None, work_seconds: float = 1.5, downstream: bool = False
+) -> FastAPI:
     """Build the demo application.
 
     Args:
         redis_url: run on Redis (several workers) instead of in memory; see
             :func:`make_backend`.
         work_seconds: how long one search takes when nothing stops it.
+        downstream: the search gets its matches from the downstream service over HTTP
+            (served under ``/downstream``: it needs a real server, not an in-process client).
 
     Raises:
         DemoConfigError: see :func:`make_backend`.
@@ -465,6 +492,9 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
                 stack.callback(tasks.cancel_scope.cancel)  # runs first: stop mirroring
                 await tasks.start(fleet_log.run)
                 demo.fleet_log = fleet_log
+            if downstream:  # its calls follow the search's token: they stop when it does
+                http = httpx.AsyncClient(transport=TokenTransport(), timeout=None)
+                demo.downstream = await stack.enter_async_context(http)
             yield
 
     app = FastAPI(title="cancelkit demo", lifespan=lifespan)
@@ -545,6 +575,7 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
 
     @app.get("/search")
     async def search(
+        request: Request,
         record: Annotated[SearchRecord, Depends(journal, scope="function")],
         claim: Annotated[Claim, latest_only(demo.slot, key=search_key)],
         op: Annotated[TrackedOperation, tracked(demo.registry, owner=current_user)],
@@ -552,8 +583,38 @@ def create_app(*, redis_url: str | None = None, work_seconds: float = 1.5) -> Fa
         """Search the word list; slowly, so that there is something to cancel."""
         record.started, record.op = True, op.id  # the client's id, or one made up for it
         await demo.record("started", query=record.query, op=op.id, user=record.user)
-        record.matches = await find_words(record.query, demo.work_seconds)
+        if demo.downstream is None:
+            record.matches = await find_words(record.query, demo.work_seconds)
+        else:  # ask the downstream service; a cancel of this search aborts the call
+            answer = await demo.downstream.get(
+                f"{request.base_url}downstream/find",
+                params={"q": record.query, "op": op.id},
+                headers={"X-User": record.user},
+            )
+            answer.raise_for_status()
+            record.matches = answer.json()["matches"]
         return SearchResult(query=record.query, op=op.id, matches=record.matches)
+
+    @app.get("/downstream/find", include_in_schema=False)
+    async def downstream_find(
+        request: Request, q: str, op: str, user: CurrentUser
+    ) -> dict[str, list[str]]:
+        """The downstream service: the search's slow work, stopped when its caller leaves."""
+        token = request_token(request.scope)  # cancelled when the search's call is aborted
+        await demo.record("downstream_started", query=q, op=op, user=user)
+        try:
+            matches = await find_words(q, demo.work_seconds)
+        except BaseException:
+            if token.reason is not None:
+                with anyio.move_on_after(5, shield=True):
+                    detail = token.reason.root.message
+                    await demo.record(
+                        "downstream_stopped", query=q, op=op, user=user, detail=detail
+                    )
+            raise
+        detail = f"{len(matches)} matches"
+        await demo.record("downstream_done", query=q, op=op, user=user, detail=detail)
+        return {"matches": matches}
 
     # DELETE /operations/{id}: 202 when it stopped (or, unknown yet, will start stopped),
     # 404 when it is another tab's or has just ended.
@@ -611,6 +672,7 @@ def app_from_env() -> FastAPI:
     return create_app(
         redis_url=os.environ.get(REDIS_ENV) or None,
         work_seconds=float(os.environ.get(WORK_SECONDS_ENV, "1.5")),
+        downstream=bool(os.environ.get(DOWNSTREAM_ENV)),
     )
 
 

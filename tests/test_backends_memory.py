@@ -3,7 +3,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from cancelkit import CancelKind, CancelOutcome, CancelReason, RegistryFull
+from cancelkit import CancelKind, CancelOutcome, CancelReason, OperationExists, RegistryFull
 from cancelkit.backends import Acquired, Admission, MemoryBackend, SlotPolicy, new_holder_id
 
 pytestmark = pytest.mark.anyio
@@ -31,16 +31,19 @@ async def test_cancel_delivers_to_the_registered_holder() -> None:
     assert got == [reason]
 
 
-async def test_tombstone_is_consumed_by_the_next_registration() -> None:
-    """A cancel before registration is returned by register() once, then counts as finished."""
-    backend, _, got = make()
+async def test_a_tombstone_refuses_every_start_until_it_expires() -> None:
+    """A cancel before registration refuses that start and every retry until the TTL ends."""
+    backend, clock, got = make()
     reason = CancelReason(CancelKind.REQUESTED, message="first")
     assert await backend.cancel("a", "u", reason) is CancelOutcome.PENDING
     assert await backend.cancel("a", "u", CancelReason(message="second")) is CancelOutcome.PENDING
     assert await backend.register("a", "u", "h1", got.append) == reason
-    assert await backend.cancel("a", "u", reason) is CancelOutcome.NOT_FOUND
+    assert await backend.register("a", "u", "h2", got.append) == reason  # a retried start
+    assert await backend.cancel("a", "u", reason) is CancelOutcome.PENDING
     assert got == []
     assert backend.statistics().registrations == 0
+    clock.now += 10  # the tombstone TTL
+    assert await backend.register("a", "u", "h3", got.append) is None  # expired: it runs
 
 
 async def test_tombstones_and_finished_markers_expire() -> None:
@@ -76,7 +79,7 @@ async def test_duplicate_registration_is_refused() -> None:
     """Registering a live (owner, id) again raises ValueError and keeps the first holder."""
     backend, _, got = make()
     await backend.register("a", None, "h1", got.append)
-    with pytest.raises(ValueError, match="already running"):
+    with pytest.raises(OperationExists, match="already running"):
         await backend.register("a", None, "h2", got.append)
     await backend.unregister("a", None, "h2")
     assert await backend.cancel("a", None, CancelReason()) is CancelOutcome.CANCELLED

@@ -483,7 +483,7 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "demo", "--port", "0", "--workers", "2"),
-            *("--redis", redis.url, "--work-seconds", "3"),
+            *("--redis", redis.url, "--work-seconds", "3", "--no-downstream"),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -563,7 +563,7 @@ def test_redis_live_log_shows_what_every_worker_did_for_a_tab(redis: Any) -> Non
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "demo", "--port", "0", "--workers", "2"),
-            *("--redis", redis.url, "--work-seconds", "2"),
+            *("--redis", redis.url, "--work-seconds", "2", "--no-downstream"),
         ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -640,3 +640,52 @@ def test_redis_live_log_shows_what_every_worker_did_for_a_tab(redis: Any) -> Non
             reader.join(30)
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)
+
+
+async def test_the_downstream_stops_with_the_search_that_called_it(anyio_backend: str) -> None:
+    """downstream=True, on a real server: the search asks the downstream service over HTTP; a
+    newer keystroke supersedes one search and Stop cancels the next: each time the log shows
+    the downstream stopping too (its client, the search's aborted call, left)."""
+    from cancelkit import CancelOnDisconnect
+    from tests.test_asgi_servers import serve
+
+    app = create_app(work_seconds=60, downstream=True)
+    server = ("uvicorn", "asyncio") if anyio_backend == "asyncio" else ("hypercorn", "trio")
+    answers: dict[str, httpx.Response] = {}
+
+    def event(op: str, kind: str) -> Callable[[LogEvent], bool]:
+        return lambda e: (e.op, e.kind) == (op, kind)
+
+    async with serve(server, CancelOnDisconnect(app)) as port:
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, headers={"X-User": "alice"}) as http:
+
+            async def search(q: str, op: str) -> None:
+                headers = {"X-Operation-Id": op}
+                answers[op] = await http.get("/search", params={"q": q}, headers=headers)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(search, "ca", "op-1")
+                await wait_for(app, event("op-1", "downstream_started"))
+                tg.start_soon(search, "cat", "op-2")  # supersedes op-1
+                await wait_for(app, event("op-2", "downstream_started"))
+                assert (await http.delete("/operations/op-2")).status_code == 202
+            stopped = [
+                await wait_for(app, event(op, "downstream_stopped")) for op in ("op-1", "op-2")
+            ]
+    assert answers["op-1"].json()["reason"] == "superseded"
+    assert answers["op-2"].json()["reason"] == "requested"
+    assert [e.detail for e in stopped] == ["the client disconnected"] * 2
+    ops = outcomes(app)
+    assert sorted(ops["op-1"]) == [
+        "downstream_started",
+        "downstream_stopped",
+        "started",
+        "superseded",
+    ]
+    assert sorted(ops["op-2"]) == [
+        "cancelled",
+        "downstream_started",
+        "downstream_stopped",
+        "started",
+    ]

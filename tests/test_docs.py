@@ -9,6 +9,7 @@ import ast
 import inspect
 import re
 import textwrap
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -294,3 +295,36 @@ def test_code_on_the_guide_pages_does_not_scroll_sideways(page: Path) -> None:
                 f"{page.name}: a {block.kind} block ({block.argument or 'inline'}) shows a "
                 f"{len(line)}-character line, which scrolls sideways: {line!r}"
             )
+
+
+# ------------------------------------------------------------------------------ versions
+
+VERSION_NOTE = re.compile(
+    r"(?:\.\. |\{)(versionadded|versionchanged|deprecated)(?:::|\})[ \t]*(\S+)"
+)
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version, trailing zeros dropped: ``0.1.0.dev0`` -> ``(0, 1)``."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    assert match, f"not a version: {version!r}"
+    numbers = [int(n) for n in match[0].split(".")]
+    while numbers and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
+
+
+def test_no_version_note_names_a_version_after_the_package() -> None:
+    """`versionadded`, `versionchanged` and `deprecated` in cancelkit/ and docs/ name versions
+    the package (pyproject.toml) has reached: a 0.1 package has nothing "new in 0.2"."""
+    root = DOCS.parent
+    package = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    notes = [
+        (f"{source.relative_to(root)}:{number}: {kind} {version}", version)
+        for source in [*Path(cancelkit.__file__).parent.rglob("*.py"), *DOCS.glob("*.md")]
+        for number, line in enumerate(source.read_text().splitlines(), 1)
+        for kind, version in VERSION_NOTE.findall(line)
+    ]
+    assert len(notes) > 2  # the reST form in docstrings and the MyST form of the pages
+    ahead = [where for where, version in notes if release(version) > release(package)]
+    assert not ahead, f"the package is {package}; these name a later version: {ahead}"

@@ -35,7 +35,10 @@ from cancelkit import (
     exception_handlers,
     request_token,
 )
+from cancelkit._http import answer_for_reason
 from cancelkit.fastapi import install
+from tests.test_asgi import FakeServer
+from tests.test_asgi import body as body_message
 
 pytestmark = pytest.mark.anyio
 
@@ -319,3 +322,39 @@ def test_exception_handlers_reject_a_bad_busy_status() -> None:
     """busy_status is 409 or 429."""
     with pytest.raises(ValueError, match="busy_status"):
         exception_handlers(busy_status=500)  # type: ignore[arg-type]
+
+
+def test_only_a_deadline_answer_says_deadline_expired() -> None:
+    """504 carries Deadline-Expired: true (callers do not retry it); no other answer does."""
+    for kind in CancelKind:
+        answer = answer_for_reason(reason(kind))
+        marked = (b"deadline-expired", b"true") in answer.headers()
+        assert marked is (kind is CancelKind.DEADLINE), kind
+    linked = answer_for_reason(reason(CancelKind.PARENT, origin=reason(CancelKind.DEADLINE)))
+    assert (b"deadline-expired", b"true") in linked.headers()
+
+
+async def test_an_answer_is_not_cut_by_an_interruption_for_the_same_reason() -> None:
+    """The guard interrupts the request (its deadline passed) just as the handler's scope saw
+    the same deadline and the exception handler sends the 504: the answer goes out whole."""
+    app = FastAPI()
+    install(app)
+
+    @app.get("/")
+    async def endpoint(request: Request) -> None:
+        await anyio.wait_all_tasks_blocked()  # the guard's watcher runs: it can interrupt now
+        reason = CancelReason(CancelKind.DEADLINE)
+        request_token(request.scope).cancel(reason)  # the guard's interruption is pending...
+        raise OperationCancelled(reason)  # ...as the handler answers the same deadline
+
+    class Server(FakeServer):
+        async def send(self, message: Any) -> None:
+            await anyio.lowlevel.checkpoint()  # a real server's write yields
+            await super().send(message)
+
+    server = Server(body_message())
+    with anyio.fail_after(10):
+        await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+    assert [m["type"] for m in server.sent] == ["http.response.start", "http.response.body"]
+    assert server.status == 504
+    assert (b"deadline-expired", b"true") in server.sent[0]["headers"]

@@ -26,6 +26,7 @@ from cancelkit import (
     current_token,
 )
 from cancelkit.backends import MemoryBackend
+from tests.commit_sweep import claim_storm
 
 pytestmark = pytest.mark.anyio
 
@@ -91,13 +92,14 @@ async def test_different_keys_do_not_interfere() -> None:
 async def test_generations_fence_stale_work() -> None:
     """Each claim gets a larger generation; only the newest one is current."""
     slot = LatestOnly()
-    async with slot.claim("k") as first:
-        async with slot.claim("k") as second:
-            assert second.generation > first.generation
-            assert await slot.is_current("k", second.generation)
+    with pytest.raises(OperationCancelled):  # the first ends superseded, not as a success
+        async with slot.claim("k") as first:
+            async with slot.claim("k") as second:
+                assert second.generation > first.generation
+                assert await slot.is_current("k", second.generation)
+                assert not await slot.is_current("k", first.generation)
+            assert first.token.cancelled
             assert not await slot.is_current("k", first.generation)
-        assert first.token.cancelled
-        assert not await slot.is_current("k", first.generation)
     assert not await slot.is_current("k", second.generation)
     async with slot.claim("k") as third:
         assert third.generation > second.generation
@@ -282,14 +284,15 @@ async def test_supersede_during_cleanup_lets_the_cleanup_finish() -> None:
     done: list[str] = []
 
     async def old() -> None:
-        async with slot.claim("k"):
-            try:
-                pass
-            finally:
-                with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                    in_cleanup.set()
-                    await proceed.wait()
-                    done.append("cleanup")
+        with pytest.raises(OperationCancelled):  # superseded before it ended: not a success
+            async with slot.claim("k"):
+                try:
+                    pass
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.fail_after(30):
+                        in_cleanup.set()
+                        await proceed.wait()
+                        done.append("cleanup")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(old)
@@ -436,10 +439,11 @@ async def test_hold_only_signals_the_body() -> None:
     seen: list[str] = []
 
     async def old() -> None:
-        async with slot.hold("k") as claim:
-            await go_on.wait()  # not interrupted
-            assert claim.token.reason is not None
-            seen.append(claim.token.reason.kind.value)
+        with pytest.raises(OperationCancelled):  # it ended; the answer is the supersede's
+            async with slot.hold("k") as claim:
+                await go_on.wait()  # not interrupted
+                assert claim.token.reason is not None
+                seen.append(claim.token.reason.kind.value)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(old)
@@ -472,3 +476,48 @@ async def test_hold_still_never_starts_a_debounced_loser() -> None:
         tg.cancel_scope.cancel()
     assert started == []
     assert empty(slot)
+
+
+# -- commit points ---------------------------------------------------------------------------
+
+
+async def test_a_committed_claim_is_superseded_but_not_interrupted() -> None:
+    """After claim.commit(), a newer claim takes the key; the committed body runs to its end."""
+    slot = LatestOnly()
+    events: list[str] = []
+    committed, newer_done = anyio.Event(), anyio.Event()
+
+    async def old() -> None:
+        async with slot.claim("k") as claim:
+            await claim.commit()
+            committed.set()
+            await newer_done.wait()  # not interrupted by the newer claim
+            assert not await slot.is_current("k", claim.generation)
+            events.append("old finished")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(old)
+        await committed.wait()
+        async with slot.claim("k"):
+            events.append("new ran")
+        newer_done.set()
+    assert events == ["new ran", "old finished"]
+    assert empty(slot)
+
+
+async def test_a_superseded_claim_cannot_commit() -> None:
+    """A claim superseded before its commit point raises SUPERSEDED from commit()."""
+    slot = LatestOnly()
+    with pytest.raises(OperationCancelled) as info:
+        async with slot.hold("k") as claim:
+            async with slot.claim("k") as newer:
+                pass
+            await claim.commit()
+    assert info.value.reason.kind is CancelKind.SUPERSEDED
+    assert info.value.reason.source == newer.id
+
+
+async def test_commit_against_a_newer_claim_at_every_step() -> None:
+    """A newer claim at each step of commit(): exactly one of them wins, every time."""
+    slot = LatestOnly()
+    await claim_storm(slot, slot, tag="claims")

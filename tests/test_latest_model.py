@@ -62,8 +62,14 @@ class Recorder:
     ) -> Any:  # pragma: no cover - not used here
         return await self.inner.register(id, owner, holder, deliver)
 
-    async def unregister(self, id: str, owner: str | None, holder: str) -> None:  # pragma: no cover
-        await self.inner.unregister(id, owner, holder)
+    async def unregister(self, id: str, owner: str | None, holder: str) -> Any:  # pragma: no cover
+        return await self.inner.unregister(id, owner, holder)
+
+    async def commit(self, id: str, owner: str | None, holder: str) -> Any:  # pragma: no cover
+        return await self.inner.commit(id, owner, holder)
+
+    async def commit_claim(self, key: str, holder: str) -> Any:  # pragma: no cover
+        return await self.inner.commit_claim(key, holder)
 
     async def cancel(
         self, id: str, owner: str | None, reason: Any
@@ -89,8 +95,8 @@ class Recorder:
             self.changed.set()
         return acquired
 
-    async def release(self, key: str, holder: str) -> None:
-        await self.inner.release(key, holder)
+    async def release(self, key: str, holder: str) -> Any:
+        return await self.inner.release(key, holder)
 
     async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         await self.inner.wait_turn(key, holder, handover=handover)

@@ -340,40 +340,6 @@ async def test_limits_refuse_clearly_and_per_owner_limits_spare_other_owners(mak
         assert ops.statistics().running == 3
 
 
-async def test_ended_statuses_are_dropped_beyond_the_count() -> None:
-    """The store keeps at most max_retained ended statuses, dropping the oldest first."""
-
-    async def quick(n: int) -> int:
-        return n
-
-    async with BackgroundOperations(store=MemoryStatusStore(max_retained=2)) as ops:
-        for n in range(3):
-            await ops.wait(await ops.start(quick, n, id=f"op{n}"))
-        assert await ops.status("op0") is None
-        assert [(await ops.status(f"op{n}")) is not None for n in (1, 2)] == [True, True]
-
-
-async def test_ended_statuses_expire_after_the_retention_time() -> None:
-    """An ended status is gone once its retention time has passed; a running one stays."""
-    clock = FakeClock()
-    store = MemoryStatusStore(retention=60, clock=clock)
-
-    async def quick() -> None:
-        pass
-
-    async with BackgroundOperations(store=store, grace=0) as ops:
-        await ops.wait(await ops.start(quick, id="old"))
-        await ops.start(forever, id="long")
-        clock.now += 59
-        assert await ops.status("old") is not None
-        clock.now += 2
-        assert await ops.status("old") is None
-        status = await ops.status("long")
-        assert status is not None
-        assert status.state is OperationState.RUNNING
-    assert len(store) == 1  # the long one, cancelled at shutdown, not yet expired
-
-
 async def test_retention_is_bounded_in_the_shared_tests_too(make: Make) -> None:
     """Through the factory: max_retained=1 keeps only the newest ended status."""
 
@@ -612,8 +578,6 @@ async def test_misuse_is_refused_with_clear_errors() -> None:
     for options in bad:
         with pytest.raises(ValueError, match=next(iter(options))):
             BackgroundOperations(**options)
-    with pytest.raises(ValueError, match="retention"):
-        MemoryStatusStore(retention=0)
 
 
 async def test_a_shared_registry_sees_operations_and_requests_alike() -> None:
@@ -626,26 +590,6 @@ async def test_a_shared_registry_sees_operations_and_requests_alike() -> None:
         status = await ops.wait(id, owner="alice")
     assert status is not None
     assert status.state is OperationState.CANCELLED
-
-
-def test_a_status_round_trips_through_json() -> None:
-    """to_json()/from_json() keep every field (the Redis store and HTTP bodies use them)."""
-    reason = CancelReason(
-        CancelKind.PARENT, source="w1", origin=CancelReason(CancelKind.SHUTDOWN, at=5.0), at=6.0
-    )
-    status = OperationStatus(
-        "id",
-        "alice",
-        OperationState.CANCELLED,
-        1.0,
-        2.0,
-        result=[1, "a"],
-        error=OperationError("E", "m"),
-        reason=reason,
-        progress=Progress(1, 2, "half"),
-        worker="w1",
-    )
-    assert OperationStatus.from_json(status.to_json()) == status
 
 
 async def test_many_racing_starts_and_cancels_all_end_consistently(make: Make) -> None:
@@ -744,3 +688,54 @@ async def test_progress_reports_coalesce_while_a_write_is_in_flight() -> None:
     progress = [s.progress.done for s in store.writes if s.progress and not s.state.ended]
     assert progress == [1, 5]
     assert status.progress == Progress(5)
+
+
+async def test_a_committed_operation_completes_whatever_cancel_comes(make: Make) -> None:
+    """After operations.commit(), cancel() answers COMMITTED and the operation completes."""
+    committed, go = anyio.Event(), anyio.Event()
+
+    async def send_export(operations: BackgroundOperations) -> str:
+        await operations.commit()
+        committed.set()
+        await go.wait()  # sending: must not be cut
+        return "sent"
+
+    async with make() as ops:
+        id = await ops.start(send_export, ops, owner="alice")
+        await committed.wait()
+        assert await ops.cancel(id, owner="alice") is CancelOutcome.COMMITTED
+        go.set()
+        status = await ops.wait(id, owner="alice")
+        assert status is not None
+        assert status.state is OperationState.COMPLETED
+        assert status.result == "sent"
+
+
+async def test_an_operation_cancelled_before_its_commit_point_ends_cancelled(make: Make) -> None:
+    """A cancel before operations.commit(): commit() raises, the status says cancelled and
+    keeps no result, even though the function would have returned one."""
+    cancelled, reached = anyio.Event(), []
+
+    async def send_export(operations: BackgroundOperations) -> str:
+        with anyio.CancelScope(shield=True):  # preparing, not interruptible
+            await cancelled.wait()  # the cancel lands meanwhile
+        await operations.commit()  # refused: the cancel came first
+        reached.append("sent")  # pragma: no cover
+        return "sent"  # pragma: no cover
+
+    async with make() as ops:
+        id = await ops.start(send_export, ops, owner="alice")
+        assert await ops.cancel(id, owner="alice") is CancelOutcome.CANCELLED
+        cancelled.set()
+        status = await ops.wait(id, owner="alice")
+        assert status is not None
+        assert status.state is OperationState.CANCELLED
+        assert status.result is None
+    assert reached == []
+
+
+async def test_commit_outside_an_operation_is_refused(make: Make) -> None:
+    """operations.commit() outside one of its operations is a RuntimeError naming it."""
+    async with make() as ops:
+        with pytest.raises(RuntimeError, match=r"commit\(\) must be called"):
+            await ops.commit()

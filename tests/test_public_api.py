@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import re
 import types
+import typing
+
+import pytest
 
 import cancelkit
 
@@ -20,10 +24,36 @@ def test_all_is_complete() -> None:
     assert public == set(cancelkit.__all__)
 
 
+#: Exported typing aliases: typing objects (Literal[...] is cached and shared), not ours to rename.
+ALIASES = {"Policy"}
+
+
 def test_exported_objects_report_the_flat_module() -> None:
     """Every exported object says it lives in 'cancelkit', not in a private module."""
     for name in cancelkit.__all__:
-        assert getattr(cancelkit, name).__module__ == "cancelkit", name
+        if name not in ALIASES:
+            assert getattr(cancelkit, name).__module__ == "cancelkit", name
+
+
+def test_policy_is_the_latest_only_policy_type() -> None:
+    """cancelkit.Policy names the policies LatestOnly takes."""
+    assert typing.get_args(cancelkit.Policy) == ("replace", "reject", "enqueue", "keep_latest")
+
+
+def test_every_exception_derives_from_the_common_base() -> None:
+    """Every exported exception is a CancelkitError; the unreachable-state ones share a base."""
+    import cancelkit.redis
+
+    exported = [
+        *(getattr(cancelkit, name) for name in cancelkit.__all__),
+        *(getattr(cancelkit.redis, name) for name in cancelkit.redis.__all__),
+    ]
+    errors = [obj for obj in exported if isinstance(obj, type) and issubclass(obj, BaseException)]
+    assert len(errors) == 7
+    for error in errors:
+        assert issubclass(error, cancelkit.CancelkitError), error
+    assert issubclass(cancelkit.redis.RedisUnavailable, cancelkit.BackendUnavailable)
+    assert not issubclass(cancelkit.OperationExists, ValueError)
 
 
 def test_package_is_typed() -> None:
@@ -31,3 +61,33 @@ def test_package_is_typed() -> None:
     from importlib.resources import files
 
     assert files("cancelkit").joinpath("py.typed").is_file()
+
+
+@pytest.mark.parametrize(
+    ("cls", "factory"),
+    [
+        (cancelkit.Claim, "slot.claim(key)"),
+        (cancelkit.CallbackHandle, "token.on_cancel()"),
+        (cancelkit.TokenScope, "token.scope()"),
+        (cancelkit.TrackedOperation, "registry.track(id)"),
+    ],
+)
+def test_handles_are_made_by_their_factories_only(cls: type, factory: str) -> None:
+    """Claim, CallbackHandle, TokenScope and TrackedOperation refuse to be built by hand."""
+    with pytest.raises(TypeError, match=re.escape(factory)):
+        cls()
+
+
+@pytest.mark.anyio
+async def test_the_factories_still_make_them() -> None:
+    """What the factories return is an instance of the class, with its state set."""
+    token = cancelkit.CancellationToken()
+    assert isinstance(token.on_cancel(print), cancelkit.CallbackHandle)
+    assert token.on_cancel(print).registered
+    scope = token.move_on()
+    assert isinstance(scope, cancelkit.TokenScope)
+    assert scope.token is token
+    assert not scope.cancelled_caught
+    async with cancelkit.LatestOnly().hold("key") as claim:
+        assert isinstance(claim, cancelkit.Claim)
+        assert claim.started

@@ -172,6 +172,24 @@ async def storm(backends: list[RedisBackend], key: str, n: int) -> tuple[int, in
     return completed, superseded
 
 
+def test_key_slot_gives_the_slots_redis_gives() -> None:
+    """Known slots (CLUSTER KEYSLOT on Redis 7), hash tags included; no coredis internals."""
+    known = {"foo": 12182, "bar": 5061, "hello": 866, "123456789": 12739, "": 0}
+    assert {key: key_slot(key) for key in known} == known
+    assert key_slot("{user1000}.following") == key_slot("{user1000}.followers") == 3443
+    assert key_slot("{}x") == 10595  # an empty tag: the whole key
+    assert key_slot("a{b}c") == key_slot("b") == 3300
+    assert key_slot("{{a}}") == key_slot("{a") == 10276  # up to the first "}"
+
+
+def test_key_slot_agrees_with_the_server(redis_cluster: LocalCluster) -> None:
+    """Every channel and key shape cancelkit uses hashes to the slot the server computes."""
+    seed = next(node for node in redis_cluster.nodes if node.running)
+    keys = ["ck:{ck:3}:w:abc", "{ck:0}#c", "plain", "é{ü}x", "x{}{y}", *map(str, range(20))]
+    for key in keys:
+        assert int(seed.call("CLUSTER", "KEYSLOT", key)) == key_slot(key), key
+
+
 def shard_of(cluster: LocalCluster, key: str) -> int:
     """The port of the primary serving ``key``."""
     return cluster.primary_for_key(key).port
@@ -308,10 +326,11 @@ async def test_tombstone_limits_hold_per_slot_group(redis: ClusterNodeServer, pr
         with pytest.raises(RegistryFull) as info:  # the group's share: 2
             await registry.cancel(t3, owner="carol")
         assert info.value.limit == "max_tombstones"
-        with pytest.raises(OperationCancelled):  # a consumed tombstone frees its place
+        with pytest.raises(OperationCancelled):  # a refused start keeps the tombstone
             async with registry.track(t1, owner="alice"):
                 pass  # pragma: no cover
-        assert await registry.cancel(t3, owner="carol") is CancelOutcome.PENDING
+        with pytest.raises(RegistryFull):
+            await registry.cancel(t3, owner="carol")
 
 
 async def test_a_cluster_has_only_database_0(redis: ClusterNodeServer, prefix: str) -> None:

@@ -34,6 +34,7 @@ from cancelkit import (
     CancelOutcome,
     LatestOnly,
     OperationCancelled,
+    OperationExists,
     SlotBusy,
     TokenRegistry,
 )
@@ -193,7 +194,7 @@ async def unblocked_within_a_lease(backend: RedisBackend, keys: list[str], ids: 
                 try:
                     async with registry.track(id):
                         break
-                except ValueError:  # OperationExists: the id is still held
+                except OperationExists:  # the id is still held
                     await anyio.sleep(0.05)
 
 
@@ -555,8 +556,12 @@ async def test_a_cancel_taken_by_a_resync_whose_reply_is_lost_survives_the_lease
             await until(lambda: _not(exists(registration)))
             assert await TokenRegistry(backend=b).cancel("op") is CancelOutcome.PENDING
             link.requests.open()  # A's resync runs on the server; its reply is held
-            await until(lambda: _not(exists(tombstone)))
-            assert await client.hget(registration, "c") is not None  # taken by A's resync
+
+            async def taken() -> bool:  # A's resync recorded the cancel on its registration
+                return await client.hget(registration, "c") is not None
+
+            await until(taken)
+            assert await exists(tombstone)  # kept: a start of "op" before it ends is refused
             link.requests.close()  # cut off again until the lease lapses once more
             await until(lambda: _not(exists(registration)))
             assert not stopped.is_set()  # A never heard of the cancel

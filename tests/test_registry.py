@@ -23,12 +23,13 @@ from cancelkit import (
     CancelOutcome,
     CancelReason,
     OperationCancelled,
+    OperationExists,
     RegistryFull,
     TokenRegistry,
-    TrackedOperation,
     current_token,
 )
 from cancelkit.backends import MemoryBackend
+from tests.commit_sweep import outer_storm, storm
 
 pytestmark = pytest.mark.anyio
 
@@ -103,12 +104,12 @@ async def test_cancel_twice_keeps_the_first_reason() -> None:
     """Two cancels of a running op both say CANCELLED; two early ones both say PENDING."""
     registry = TokenRegistry()
     first, second = CancelReason(message="first"), CancelReason(message="second")
-    async with registry.track("a") as op:
-        assert await registry.cancel("a", reason=first) is CancelOutcome.CANCELLED
-        assert await registry.cancel("a", reason=second) is CancelOutcome.CANCELLED
-        assert op.token.reason is first
-        with pytest.raises(OperationCancelled):  # checked here to leave the block cleanly
-            op.token.raise_if_cancelled()
+    with pytest.raises(OperationCancelled) as stopped:  # the exit reports the first reason
+        async with registry.track("a") as op:
+            assert await registry.cancel("a", reason=first) is CancelOutcome.CANCELLED
+            assert await registry.cancel("a", reason=second) is CancelOutcome.CANCELLED
+            assert op.token.reason is first
+    assert stopped.value.reason is first
     assert await registry.cancel("b", reason=first) is CancelOutcome.PENDING
     assert await registry.cancel("b", reason=second) is CancelOutcome.PENDING
     with pytest.raises(OperationCancelled) as info:
@@ -146,7 +147,7 @@ async def test_the_same_id_is_refused_while_live_but_fine_for_another_owner() ->
     """Tracking a live id again raises ValueError; other owners have their own ids."""
     registry = TokenRegistry()
     async with registry.track("a") as first:
-        with pytest.raises(ValueError, match="already running"):
+        with pytest.raises(OperationExists, match="already running"):
             async with registry.track("a"):
                 pass
         async with registry.track("a", owner="u"):
@@ -158,12 +159,13 @@ async def test_a_shared_backend_refuses_an_id_live_in_another_registry() -> None
     """Two registries on one backend share ids; the refused one leaves no trace."""
     backend = MemoryBackend()
     one, two = TokenRegistry(backend=backend), TokenRegistry(backend=backend)
-    async with one.track("a"):
-        with pytest.raises(ValueError, match="already running"):
-            async with two.track("a"):
-                pass
-        assert two.statistics().running == 0
-        assert await two.cancel("a") is CancelOutcome.CANCELLED
+    with pytest.raises(OperationCancelled):  # cancelled through the other registry
+        async with one.track("a"):
+            with pytest.raises(OperationExists, match="already running"):
+                async with two.track("a"):
+                    pass
+            assert two.statistics().running == 0
+            assert await two.cancel("a") is CancelOutcome.CANCELLED
 
 
 async def test_live_limit() -> None:
@@ -296,14 +298,15 @@ async def test_cancel_during_cleanup_lets_the_cleanup_finish() -> None:
     finished: list[str] = []
 
     async def work() -> None:
-        async with registry.track("a"):
-            try:
-                pass
-            finally:
-                with anyio.CancelScope(shield=True), anyio.fail_after(30):
-                    in_cleanup.set()
-                    await proceed.wait()
-                    finished.append("cleanup")
+        with pytest.raises(OperationCancelled):  # cancelled before it ended: not a success
+            async with registry.track("a"):
+                try:
+                    pass
+                finally:
+                    with anyio.CancelScope(shield=True), anyio.fail_after(30):
+                        in_cleanup.set()
+                        await proceed.wait()
+                        finished.append("cleanup")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(work)
@@ -415,16 +418,14 @@ class RegistryMachine(RuleBasedStateMachine):
         name = (owner, id)
         event = self.portal.call(anyio.Event)
         if name in self.running:
-            with pytest.raises(ValueError, match="already running"):
+            with pytest.raises(OperationExists, match="already running"):
                 self.portal.start_task(self._work, id, owner, event)
         elif sum(o == owner for o, _ in self.running) >= RUNNING_PER_OWNER:
             with pytest.raises(RegistryFull, match="max_running_per_owner"):
                 self.portal.start_task(self._work, id, owner, event)
         elif name in self.tombstones:
-            with pytest.raises(OperationCancelled):
+            with pytest.raises(OperationCancelled):  # (the tombstone stays until it expires)
                 self.portal.start_task(self._work, id, owner, event)
-            del self.tombstones[name]
-            self.finished[name] = self.clock.now + TTL
         else:
             future, _ = self.portal.start_task(self._work, id, owner, event)
             self.running[name] = (event, future)
@@ -489,13 +490,16 @@ def test_registry_matches_a_model(backend_name: str) -> None:
     )
 
 
-def test_tracked_operation_is_a_frozen_value() -> None:
-    """TrackedOperation is immutable and shows its fields."""
-    op = TrackedOperation("a", None, CancellationToken())
-    with pytest.raises(AttributeError):
-        op.id = "b"  # type: ignore[misc]
-    assert "id='a'" in repr(op)
-    assert math.isinf(op.token.deadline)
+async def test_tracked_operation_shows_its_id_owner_and_state() -> None:
+    """A TrackedOperation's repr names its id, owner and whether it committed."""
+    registry = TokenRegistry()
+    async with registry.track("a", owner="u") as op:
+        assert "'a'" in repr(op)
+        assert "owner='u'" in repr(op)
+        assert "live" in repr(op)
+        assert math.isinf(op.token.deadline)
+        await op.commit()
+        assert "committed" in repr(op)
 
 
 async def test_hold_only_signals_the_block() -> None:
@@ -505,9 +509,10 @@ async def test_hold_only_signals_the_block() -> None:
     seen: list[CancelOutcome | str] = []
 
     async def work() -> None:
-        async with registry.hold("op") as op:
-            await go_on.wait()  # not interrupted
-            seen.append("requested" if op.token.cancelled else "live")
+        with pytest.raises(OperationCancelled):  # it ended; the answer is the cancel's
+            async with registry.hold("op") as op:
+                await go_on.wait()  # not interrupted
+                seen.append("requested" if op.token.cancelled else "live")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(work)
@@ -547,14 +552,16 @@ async def test_one_owner_flooding_cancels_cannot_starve_another_owner() -> None:
     with pytest.raises(OperationCancelled):
         async with registry.track("early", owner="alice"):
             pytest.fail("a tombstoned operation must not start")  # pragma: no cover
-    async with registry.track("job", owner="alice") as op:
-        assert await registry.cancel("job", owner="alice") is CancelOutcome.CANCELLED
-        assert op.token.cancelled
-        await anyio.lowlevel.cancel_shielded_checkpoint()
+    with pytest.raises(OperationCancelled):
+        async with registry.track("job", owner="alice") as op:
+            assert await registry.cancel("job", owner="alice") is CancelOutcome.CANCELLED
+            assert op.token.cancelled
+            await anyio.lowlevel.cancel_shielded_checkpoint()
     # mallory herself can still track and cancel running work; only new tombstones are refused
-    async with registry.hold("mine", owner="mallory") as op:
-        assert await registry.cancel("mine", owner="mallory") is CancelOutcome.CANCELLED
-        assert op.token.cancelled
+    with pytest.raises(OperationCancelled):
+        async with registry.hold("mine", owner="mallory") as op:
+            assert await registry.cancel("mine", owner="mallory") is CancelOutcome.CANCELLED
+            assert op.token.cancelled
 
 
 async def test_one_owner_at_its_running_budget_leaves_others_running() -> None:
@@ -565,10 +572,11 @@ async def test_one_owner_at_its_running_budget_leaves_others_running() -> None:
             async with registry.hold("c", owner="mallory"):
                 pytest.fail("over the owner's budget")  # pragma: no cover
         assert info.value.limit == "max_running_per_owner"
-        async with registry.track("x", owner="alice") as op:
-            assert await registry.cancel("x", owner="alice") is CancelOutcome.CANCELLED
-            assert op.token.cancelled
-            await anyio.lowlevel.cancel_shielded_checkpoint()
+        with pytest.raises(OperationCancelled):
+            async with registry.track("x", owner="alice") as op:
+                assert await registry.cancel("x", owner="alice") is CancelOutcome.CANCELLED
+                assert op.token.cancelled
+                await anyio.lowlevel.cancel_shielded_checkpoint()
         assert registry.statistics().running == 2
     assert registry.statistics().running == 0
 
@@ -579,3 +587,68 @@ def test_per_owner_limits_are_validated() -> None:
         TokenRegistry(max_running_per_owner=0)
     with pytest.raises(ValueError, match="max_tombstones_per_owner"):
         MemoryBackend(max_tombstones_per_owner=0)
+
+
+# -- commit points ---------------------------------------------------------------------------
+
+
+async def test_a_committed_operation_is_too_late_to_cancel() -> None:
+    """After op.commit(), cancel() answers COMMITTED, stops nothing, and the body succeeds."""
+    registry = TokenRegistry()
+    async with registry.track("pay") as op:
+        await op.commit()
+        assert await registry.cancel("pay") is CancelOutcome.COMMITTED
+        await anyio.lowlevel.checkpoint()  # not interrupted
+        assert not op.token.cancelled
+    assert registry.statistics().cancelled == {}
+
+
+async def test_a_cancel_before_the_commit_wins() -> None:
+    """A cancel that came first makes commit() raise its reason; the exit raises it too."""
+    registry = TokenRegistry()
+    reason = CancelReason(message="user pressed stop")
+    reached = []
+    with pytest.raises(OperationCancelled) as info:
+        async with registry.hold("pay") as op:
+            assert await registry.cancel("pay", reason=reason) is CancelOutcome.CANCELLED
+            await op.commit()
+            reached.append("charged")  # pragma: no cover
+    assert info.value.reason is reason
+    assert reached == []
+
+
+async def test_a_body_that_ends_after_its_cancel_reports_the_cancel() -> None:
+    """A body that returns after its cancel answered CANCELLED is not a success."""
+    registry = TokenRegistry()
+    with pytest.raises(OperationCancelled):
+        async with registry.hold("export"):
+            assert await registry.cancel("export") is CancelOutcome.CANCELLED
+            # (no checkpoint: the body ends as if the delivery were late)
+
+
+async def test_commit_is_idempotent_and_works_in_hold() -> None:
+    """Two commits are one; a committed hold() block ends as a success whatever comes."""
+    registry = TokenRegistry()
+    async with registry.hold("x") as op:
+        await op.commit()
+        await op.commit()
+        assert await registry.cancel("x") is CancelOutcome.COMMITTED
+    assert await registry.cancel("x") is CancelOutcome.NOT_FOUND
+
+
+async def test_commit_lifts_the_deadline_of_a_parent() -> None:
+    """A parent's deadline cannot stop an operation that committed before it passed."""
+    registry = TokenRegistry()
+    parent = CancellationToken(timeout=0.05)
+    async with registry.track("x", parent=parent) as op:
+        await op.commit()
+        await anyio.sleep(0.1)  # past the parent's deadline
+    assert parent.cancelled
+    assert not op.token.cancelled
+
+
+async def test_commit_against_a_cancel_at_every_step() -> None:
+    """A cancel at each step of commit(): the answer always agrees with what happened."""
+    registry = TokenRegistry()
+    await storm(registry, registry, tag="mem")
+    await outer_storm(registry, tag="outer")

@@ -3,6 +3,8 @@
 .. versionadded:: 0.1
 """
 
+from .._exceptions import OperationExists as OperationExists
+from .._exceptions import RegistryFull as RegistryFull
 from ._memory import MemoryBackend as MemoryBackend
 from ._memory import MemoryBackendStatistics as MemoryBackendStatistics
 from ._protocol import Acquired as Acquired
@@ -10,10 +12,10 @@ from ._protocol import Admission as Admission
 from ._protocol import Backend as Backend
 from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
-from ._protocol import OperationExists as OperationExists
-from ._protocol import RegistryFull as RegistryFull
 from ._protocol import SlotPolicy as SlotPolicy
 from ._protocol import new_holder_id as new_holder_id
+from ._status import MemoryStatusStore as MemoryStatusStore
+from ._status import StatusStore as StatusStore
 
 __all__ = [
     "Acquired",
@@ -23,13 +25,25 @@ __all__ = [
     "Deliver",
     "MemoryBackend",
     "MemoryBackendStatistics",
+    "MemoryStatusStore",
     "OperationExists",
     "RegistryFull",
     "SlotPolicy",
+    "StatusStore",
     "new_holder_id",
 ]
 
+# The exceptions and the status stores live in the flat namespace (``cancelkit.X``), the
+# aliases are typing objects: re-exported here, they keep their own module.
+_ELSEWHERE = {
+    "Deliver",
+    "MemoryStatusStore",
+    "OperationExists",
+    "RegistryFull",
+    "SlotPolicy",
+    "StatusStore",
+}
 for _name in __all__:
-    if _name not in ("Deliver", "SlotPolicy"):
+    if _name not in _ELSEWHERE:
         globals()[_name].__module__ = __name__
 del _name

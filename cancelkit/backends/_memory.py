@@ -11,14 +11,13 @@ from typing import final
 
 import anyio
 
+from .._exceptions import OperationExists, RegistryFull
 from .._reason import CancelKind, CancelReason, _fast_reason
 from ._protocol import (
     Acquired,
     Admission,
     CancelOutcome,
     Deliver,
-    OperationExists,
-    RegistryFull,
     SlotPolicy,
     _running,
 )
@@ -26,15 +25,28 @@ from ._protocol import (
 __all__ = ["MemoryBackend", "MemoryBackendStatistics"]
 
 _Id = tuple[str | None, str]
-_Reg = tuple[str | None, str, Deliver]  # owner, holder, deliver
+
+
+@final
+class _Reg:
+    """A registration: its holder, how to stop it, and what was decided (cancel or commit)."""
+
+    __slots__ = ("deliver", "holder", "owner", "state")
+
+    def __init__(self, owner: str | None, holder: str, deliver: Deliver) -> None:
+        self.owner = owner
+        self.holder = holder
+        self.deliver = deliver
+        #: None while undecided, the first cancel's reason, or True once committed.
+        self.state: CancelReason | bool | None = None
 
 
 def _find(entry: _Reg | dict[str | None, _Reg] | None, owner: str | None) -> _Reg | None:
     """The registration of ``owner`` in one id's entry of ``MemoryBackend._regs``, if any."""
     if entry is None:
         return None
-    if isinstance(entry, tuple):
-        return entry if entry[0] == owner else None
+    if isinstance(entry, _Reg):
+        return entry if entry.owner == owner else None
     return entry.get(owner)
 
 
@@ -52,7 +64,7 @@ def _forget_tomb(backend: MemoryBackend, name: _Id) -> tuple[float, CancelReason
 
 
 def _count(regs: dict[str, _Reg | dict[str | None, _Reg]]) -> int:
-    return sum(1 if isinstance(e, tuple) else len(e) for e in regs.values())
+    return sum(1 if isinstance(e, _Reg) else len(e) for e in regs.values())
 
 
 @final
@@ -82,12 +94,14 @@ _RUNNING, _WAITING, _SUPERSEDED = 0, 1, 2
 
 @final
 class _Entry:
-    __slots__ = ("deliver", "generation", "state")
+    __slots__ = ("by", "deliver", "generation", "state")
 
     def __init__(self, deliver: Deliver, generation: int, state: int) -> None:
         self.deliver = deliver
         self.generation = generation
         self.state = state
+        #: None, the newcomer that superseded it, or "" once it committed (then nobody can).
+        self.by: str | None = None
 
 
 @final
@@ -235,40 +249,59 @@ class MemoryBackend:
         if _find(entry, owner) is not None:
             raise OperationExists(id)
         name = (owner, id)
-        now = self._expire()
-        tomb = _forget_tomb(self, name) if self._tombs else None
-        if tomb is not None:
-            self._mark_finished(name, now)
-            return tomb[1]
+        if self._tombs:
+            self._expire()
+            tomb = self._tombs.get(name)
+            if tomb is not None:  # kept until it expires: a retried start is refused too
+                return tomb[1]
         self._finished.pop(name, None)
-        reg = (owner, holder, deliver)
+        reg = _Reg(owner, holder, deliver)
         if entry is None:
             self._regs[id] = reg
-        elif isinstance(entry, tuple):
-            self._regs[id] = {entry[0]: entry, owner: reg}
+        elif isinstance(entry, _Reg):
+            self._regs[id] = {entry.owner: entry, owner: reg}
         else:
             entry[owner] = reg
         return None
 
-    async def unregister(self, id: str, owner: str | None, holder: str) -> None:
+    async def unregister(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
         """See :meth:`Backend.unregister <cancelkit.backends.Backend.unregister>`."""
         entry = self._regs.get(id)
         live = _find(entry, owner)
-        if live is not None and live[1] == holder:
-            if isinstance(entry, dict):
-                del entry[owner]
-                if len(entry) == 1:
-                    self._regs[id] = next(iter(entry.values()))
-            else:
-                del self._regs[id]
-            self._mark_finished((owner, id), self._expire())
+        if live is None or live.holder != holder:
+            return None
+        if isinstance(entry, dict):
+            del entry[owner]
+            if len(entry) == 1:
+                self._regs[id] = next(iter(entry.values()))
+        else:
+            del self._regs[id]
+        self._mark_finished((owner, id), self._expire())
+        state = live.state
+        return state if isinstance(state, CancelReason) else None
+
+    async def commit(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
+        """See :meth:`Backend.commit <cancelkit.backends.Backend.commit>`."""
+        live = _find(self._regs.get(id), owner)
+        if live is None or live.holder != holder:
+            return CancelReason(CancelKind.REQUESTED, "the operation is no longer registered")
+        state = live.state
+        if isinstance(state, CancelReason):
+            return state
+        live.state = True
+        return None
 
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
         """See :meth:`Backend.cancel <cancelkit.backends.Backend.cancel>`."""
         entry = self._regs.get(id)
         live = _find(entry, owner)
         if live is not None:
-            live[2](reason)
+            state = live.state
+            if state is True:
+                return CancelOutcome.COMMITTED  # too late: nothing changes
+            if state is None:
+                live.state = reason
+            live.deliver(reason)
             return CancelOutcome.CANCELLED
         if entry is not None:  # someone else's: it looks absent, and is not pre-cancelled
             return CancelOutcome.NOT_FOUND
@@ -305,9 +338,22 @@ class MemoryBackend:
         acquired = _admit(self, key, holder, deliver, policy, limit, max_waiting, seq)
         return _running(acquired) if isinstance(acquired, int) else acquired
 
-    async def release(self, key: str, holder: str) -> None:
+    async def release(self, key: str, holder: str) -> CancelReason | None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
-        _drop(self, key, holder)
+        entry = _drop(self, key, holder)
+        by = None if entry is None else entry.by
+        return _fast_reason(CancelKind.SUPERSEDED, by) if by else None
+
+    async def commit_claim(self, key: str, holder: str) -> CancelReason | None:
+        """See :meth:`Backend.commit_claim <cancelkit.backends.Backend.commit_claim>`."""
+        slot = self._keys.get(key)
+        entry = None if slot is None else slot.entries.get(holder)
+        if entry is None:
+            return CancelReason(CancelKind.SUPERSEDED, "the claim is no longer recorded")
+        if entry.state == _SUPERSEDED and entry.by:
+            return _fast_reason(CancelKind.SUPERSEDED, entry.by)
+        entry.by = ""
+        return None
 
     def _expire_seqs(self) -> float:
         seqs, now = self._seqs, self._clock()
@@ -418,15 +464,21 @@ def _admit(
     if victim is not None:
         superseded = entries[victim]
         superseded.state = _SUPERSEDED
-        superseded.deliver(_fast_reason(CancelKind.SUPERSEDED, holder))
+        if superseded.by is None:  # ("" : it committed, so it runs on, delivered nothing)
+            superseded.by = holder
+            superseded.deliver(_fast_reason(CancelKind.SUPERSEDED, holder))
     return generation if state == _RUNNING else Acquired(Admission.WAITING, generation)
 
 
-def _drop(backend: MemoryBackend, key: str, holder: str) -> None:
-    """``backend.release(key, holder)`` without a coroutine (for ``LatestOnly``, as ``_admit``)."""
+def _drop(backend: MemoryBackend, key: str, holder: str) -> _Entry | None:
+    """``backend.release(key, holder)`` without a coroutine (for ``LatestOnly``, as ``_admit``).
+
+    Returns the claim's entry (``by`` names who superseded it); the in-memory backend
+    delivered that supersede already, so ``LatestOnly`` does not need it.
+    """
     slot = backend._keys.get(key)
     if slot is None or (entry := slot.entries.pop(holder, None)) is None:
-        return
+        return None
     if entry.state == _RUNNING:
         del slot.running[holder]
         if slot.waiting:  # the oldest waiting claim takes the freed slot
@@ -443,3 +495,4 @@ def _drop(backend: MemoryBackend, key: str, holder: str) -> None:
     if slot.changed is not None:
         slot.changed.set()
         slot.changed = None
+    return entry

@@ -54,8 +54,6 @@ __all__ = [
     "Backend",
     "CancelOutcome",
     "Deliver",
-    "OperationExists",
-    "RegistryFull",
     "SlotPolicy",
     "new_holder_id",
 ]
@@ -99,6 +97,9 @@ class CancelOutcome(enum.StrEnum):
     #: Nothing to cancel for this owner: the operation finished recently, or the id belongs to
     #: another owner's running operation (which stays untouched and unseen).
     NOT_FOUND = "not_found"
+    #: Too late: the operation passed its commit point (:meth:`cancelkit.TrackedOperation.commit`)
+    #: before this cancel; nothing was changed and it runs to its end.
+    COMMITTED = "committed"
 
 
 @final
@@ -167,39 +168,6 @@ def _running(generation: int) -> Acquired:
 SlotPolicy = Literal["replace", "reject", "enqueue", "keep_latest"]
 
 
-class OperationExists(ValueError):
-    """An operation with this id is already running for this owner; nothing was recorded.
-
-    A client that retries with the same operation id while the first attempt still runs gets
-    this (the FastAPI adapters answer ``409``).
-
-    Args:
-        id: the operation id.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, id: str) -> None:
-        super().__init__(f"operation id {id!r} is already running")
-        self.id = id
-
-
-class RegistryFull(Exception):
-    """A limit on live operations or on tombstones was reached; nothing was recorded.
-
-    Args:
-        limit: the name of the constructor option that set the limit.
-        value: the limit's value.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, limit: str, value: int) -> None:
-        super().__init__(f"{limit}={value} reached; nothing was recorded (raise {limit}?)")
-        self.limit = limit
-        self.value = value
-
-
 class Backend(Protocol):
     """Where the shared state of the primitives lives (see the module docs for the rules).
 
@@ -218,9 +186,10 @@ class Backend(Protocol):
     ) -> CancelReason | None:
         """Register ``holder`` as the running operation ``(owner, id)``.
 
-        Atomically: if a live tombstone exists for ``(owner, id)``, consume it, record nothing
-        and return its reason (the operation must not start). Otherwise record the
-        registration (forgetting any finished-marker) and return ``None``.
+        Atomically: if a live tombstone exists for ``(owner, id)``, record nothing and return
+        its reason (the operation must not start); the tombstone stays until it expires, so
+        every start of that id before then (a client's retry too) is refused the same way.
+        Otherwise record the registration (forgetting any finished-marker) and return ``None``.
 
         Raises:
             OperationExists: if ``(owner, id)`` is already registered by another holder.
@@ -228,13 +197,31 @@ class Backend(Protocol):
         """
         ...
 
-    async def unregister(self, id: str, owner: str | None, holder: str) -> None:
+    async def unregister(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
         """Remove the registration of ``(owner, id)`` if ``holder`` still holds it.
 
         Must complete even when the caller is being cancelled (see the module docs). Leaves a
         finished-marker with the tombstone TTL (best effort: the oldest markers are
         dropped when the tombstone limit needs the room), so that a late :meth:`cancel`
         answers :attr:`cancelkit.CancelOutcome.NOT_FOUND` instead of writing a tombstone.
+
+        Returns:
+            The reason of a :meth:`cancel` that answered ``CANCELLED`` for this holder (its
+            delivery may not have arrived yet), unless the holder committed; else ``None``.
+            The caller reports that cancellation instead of a success. A backend that cannot
+            tell (the server unreachable) returns ``None``.
+        """
+        ...
+
+    async def commit(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
+        """Decide between the commit of ``holder``'s registration and any cancel of it.
+
+        Atomically: if a cancel was recorded for this registration (a :meth:`cancel` that
+        answered ``CANCELLED``, a tombstone it started with), return that reason and change
+        nothing; else mark the registration committed and return ``None``: from then on
+        :meth:`cancel` answers ``COMMITTED``, delivers nothing and writes no tombstone.
+        Idempotent. If the registration is held by another holder now (this one's lease
+        lapsed and the id was started again), return a reason: this one must stop.
         """
         ...
 
@@ -290,14 +277,31 @@ class Backend(Protocol):
 
         When a running claim is released and claims wait, the oldest waiting one runs.
         ``policy``, ``limit`` and ``max_waiting`` must be the same for every claim on a key.
+        A committed claim (:meth:`commit_claim`) can still be superseded (it stops being
+        current and its slot goes to the newcomer), but it is delivered nothing.
         """
         ...
 
-    async def release(self, key: str, holder: str) -> None:
+    async def release(self, key: str, holder: str) -> CancelReason | None:
         """Forget ``holder``'s claim on ``key`` (whatever its state), promoting a waiter.
 
         Must complete even when the caller is being cancelled (see the module docs). When no
         claim on the key remains, only its newest sequence number is left, and that expires.
+
+        Returns:
+            The ``SUPERSEDED`` reason (the newcomer as ``source``) if the claim had been
+            superseded and had not committed (its delivery may not have arrived yet), else
+            ``None`` (also when the backend cannot tell).
+        """
+        ...
+
+    async def commit_claim(self, key: str, holder: str) -> CancelReason | None:
+        """Decide between the commit of ``holder``'s claim and its supersession.
+
+        Atomically: if the claim was superseded (or is no longer recorded: it lost its
+        place), return the ``SUPERSEDED`` reason with the newcomer as ``source`` and change
+        nothing; else mark it committed and return ``None`` (a newer claim then takes its
+        slot without interrupting it). Idempotent.
         """
         ...
 

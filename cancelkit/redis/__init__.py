@@ -6,9 +6,9 @@ Install the extra (``pip install cancelkit[redis]``); the client is
 .. versionadded:: 0.1
 """
 
+from .._exceptions import RedisUnavailable as RedisUnavailable
 from ._backend import RedisBackend as RedisBackend
 from ._backend import RedisBackendStatistics as RedisBackendStatistics
-from ._connection import RedisUnavailable as RedisUnavailable
 from ._status import RedisStatusStore as RedisStatusStore
 
 __all__ = ["RedisBackend", "RedisBackendStatistics", "RedisStatusStore", "RedisUnavailable"]

@@ -14,23 +14,19 @@ module composes them.
 from __future__ import annotations
 
 import logging
-import secrets
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
-
-import anyio
-from anyio.abc import TaskGroup
 
 from .._reason import CancelReason
 from ..backends import Acquired, CancelOutcome, Deliver, SlotPolicy
 from . import _scripts, _slot_scripts
 from ._config import Keys, Settings
-from ._connection import Connection, RedisUnavailable, leaf, redact
+from ._connection import Connection, redact
+from ._lifecycle import Lifecycle
 from ._listener import Listener
 from ._registrations import Registrations
-from ._slots import Slots
+from ._slots import Slots, commit_claim, is_current
 
 __all__ = ["RedisBackend", "RedisBackendStatistics"]
 
@@ -159,12 +155,11 @@ class RedisBackend:
     __slots__ = (
         "_conn",
         "_keys",
+        "_life",
         "_listener",
         "_registrations",
         "_settings",
         "_slots",
-        "_stack",
-        "_task_group",
     )
 
     def __init__(
@@ -209,8 +204,7 @@ class RedisBackend:
         self._listener = Listener(
             self._conn, self._keys, settings, self._registrations, self._slots
         )
-        self._stack: AsyncExitStack | None = None
-        self._task_group: TaskGroup | None = None
+        self._life = Lifecycle(self._conn, self._keys, settings, self._listener, _SCRIPTS)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -226,33 +220,7 @@ class RedisBackend:
             RedisUnavailable: if Redis does not answer within ``timeout``.
             RuntimeError: if the backend is already running.
         """
-        if self._stack is not None:
-            raise RuntimeError("this RedisBackend is already running")
-        self._keys.worker = secrets.token_urlsafe(9)  # made here, after any fork: one per process
-        stack = AsyncExitStack()
-        try:
-            await self._conn.open(stack, _SCRIPTS)
-            if self._conn.cluster:
-                self._keys.use_cluster(self._settings.slot_groups)
-            self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            await self._task_group.start(self._listener.read)
-        except BaseException as exc:
-            self._conn.close()
-            self._task_group = None
-            self._keys.worker = ""
-            await stack.aclose()
-            if isinstance(exc, RedisUnavailable):
-                raise
-            if isinstance(exc, Exception):
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redact(self._settings.url)}: {leaf(exc)}"
-                ) from exc
-            raise
-        self._task_group.start_soon(self._listener.beat)
-        self._task_group.start_soon(self._listener.poll)
-        self._task_group.start_soon(self._conn.clean, self._settings.retry_delay)
-        self._stack = stack
-        logger.debug("RedisBackend worker %s started", self._keys.worker)
+        await self._life.start()
         return self
 
     async def __aexit__(
@@ -262,17 +230,7 @@ class RedisBackend:
         exc_tb: TracebackType | None,
     ) -> None:
         """Stop the background tasks and disconnect (entries left in Redis expire)."""
-        stack, self._stack = self._stack, None
-        if stack is None:
-            return
-        if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
-        try:
-            await stack.aclose()
-        finally:
-            self._conn.close()
-            self._task_group = None
-            self._keys.worker = ""
+        await self._life.stop()
 
     # -- TokenRegistry -----------------------------------------------------------------
 
@@ -287,9 +245,17 @@ class RedisBackend:
         """
         return await self._registrations.register(id, owner, holder, deliver)
 
-    async def unregister(self, id: str, owner: str | None, holder: str) -> None:
+    async def unregister(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
         """See :meth:`Backend.unregister <cancelkit.backends.Backend.unregister>`."""
-        await self._registrations.unregister(holder)
+        return await self._registrations.unregister(holder)
+
+    async def commit(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
+        """See :meth:`Backend.commit <cancelkit.backends.Backend.commit>`.
+
+        Raises:
+            RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
+        """
+        return await self._registrations.commit(holder)
 
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
         """See :meth:`Backend.cancel <cancelkit.backends.Backend.cancel>`.
@@ -323,9 +289,17 @@ class RedisBackend:
             key, holder, deliver, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
         )
 
-    async def release(self, key: str, holder: str) -> None:
+    async def release(self, key: str, holder: str) -> CancelReason | None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""
-        await self._slots.release(key, holder)
+        return await self._slots.release(key, holder)
+
+    async def commit_claim(self, key: str, holder: str) -> CancelReason | None:
+        """See :meth:`Backend.commit_claim <cancelkit.backends.Backend.commit_claim>`.
+
+        Raises:
+            RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
+        """
+        return await commit_claim(self._slots, key, holder)
 
     async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`Backend.wait_turn <cancelkit.backends.Backend.wait_turn>`.
@@ -341,7 +315,7 @@ class RedisBackend:
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        return await self._slots.is_current(key, generation)
+        return await is_current(self._slots, key, generation)
 
     # -- introspection -----------------------------------------------------------------
 

@@ -39,10 +39,11 @@ import coredis
 import coredis.exceptions
 import coredis.patterns.pubsub
 from anyio.abc import TaskStatus
-from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 from coredis.pool import ClusterConnectionPool
 from coredis.retry import CompositeRetryPolicy, ConstantRetryPolicy, NoRetryPolicy
+
+from ._config import key_slot
 
 __all__ = [
     "CLUSTER_ERRORS",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("cancelkit.redis")
+
 
 #: What a cluster call raises while a slot is moving or its shard fails over, all transient:
 #: ``CLUSTERDOWN``, ``TRYAGAIN``, redirections coredis gave up on, no node for the slot, a
@@ -230,7 +232,7 @@ class ShardedSubscription(coredis.patterns.pubsub.ShardedPubSub[str]):
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         layout = self.connection_pool.cluster_layout
         nodes = {
-            layout.node_for_slot(hash_slot(channel.encode()))
+            layout.node_for_slot(key_slot(channel))
             for channel in self._initial_channel_subscriptions
         }
         async with AsyncExitStack() as stack:

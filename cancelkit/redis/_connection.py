@@ -25,7 +25,7 @@ from ._cluster import (
     report_error,
 )
 
-__all__ = ["REDIS_ERRORS", "Connection", "Down", "RedisUnavailable", "leaf", "redact"]
+__all__ = ["REDIS_ERRORS", "Connection", "Down", "leaf", "redact"]
 
 logger = logging.getLogger("cancelkit.redis")
 
@@ -68,18 +68,6 @@ def _transient(exc: Exception) -> bool:
 #: What a Redis call raises when the server cannot be reached (or, on a cluster, while a slot
 #: moves or its shard fails over).
 REDIS_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError, *CLUSTER_ERRORS)
-
-
-class RedisUnavailable(Exception):
-    """Redis cannot be reached (at start, or for an operation that needs it).
-
-    Raised by ``async with RedisBackend(...)`` when the server does not answer, by
-    :meth:`TokenRegistry.cancel <cancelkit.TokenRegistry.cancel>` for an operation that is not
-    running in this worker while Redis is unreachable, and, with ``fail_open=False``, by new
-    registrations and claims while Redis is unreachable.
-
-    .. versionadded:: 0.1
-    """
 
 
 class Down(Exception):

@@ -10,9 +10,10 @@ from typing import final
 import anyio
 from anyio.abc import TaskStatus
 
+from .._exceptions import RedisUnavailable
 from ._cluster import lost_subscription, report_error, subscription
 from ._config import Keys, Settings
-from ._connection import Connection, Down, RedisUnavailable, leaf, redact
+from ._connection import Connection, Down, leaf, redact
 from ._registrations import Registrations
 from ._slots import Slots
 

@@ -8,11 +8,12 @@ from typing import final
 
 import anyio
 
-from .._reason import CancelReason
-from ..backends import CancelOutcome, Deliver, OperationExists, RegistryFull
+from .._exceptions import OperationExists, RedisUnavailable, RegistryFull
+from .._reason import CancelKind, CancelReason
+from ..backends import CancelOutcome, Deliver
 from ._codec import deliver, dump, load
 from ._config import Keys, Settings
-from ._connection import Connection, Down, RedisUnavailable
+from ._connection import Connection, Down
 
 __all__ = ["Registrations"]
 
@@ -23,7 +24,7 @@ _CHUNK = 500  # entries per resync script call
 
 @final
 class _Reg:
-    __slots__ = ("cancelled", "deliver", "holder", "id", "name", "synced")
+    __slots__ = ("cancelled", "committed", "deliver", "holder", "id", "name", "synced")
 
     def __init__(self, id: str, name: str, holder: str, deliver: Deliver) -> None:
         self.id = id
@@ -32,6 +33,7 @@ class _Reg:
         self.deliver = deliver
         self.synced = False  # whether the heartbeat re-asserts it (set once it is recorded)
         self.cancelled = False  # whether a cancellation was delivered (repeats are not counted)
+        self.committed = False  # passed its commit point (the resync re-records it if needed)
 
 
 def _name(id: str, owner: str | None) -> str:
@@ -100,9 +102,10 @@ class Registrations:
         if result[0] == -1:
             self._forget(reg)
             raise OperationExists(id)
-        reg.synced = True
-        if result[0] == 1:  # tombstoned: recorded as cancelled until the caller unregisters
+        if result[0] == 1:  # tombstoned: nothing was recorded, the start is refused
+            self._forget(reg)
             return load(str(result[1]))
+        reg.synced = True
         return None
 
     def _forget(self, reg: _Reg) -> None:
@@ -124,18 +127,57 @@ class Registrations:
             [k.me(reg.holder), self._settings.tombstone_ms],
         )
 
-    async def unregister(self, holder: str) -> None:
+    async def unregister(self, holder: str) -> CancelReason | None:
         """See :meth:`RedisBackend.unregister <cancelkit.redis.RedisBackend.unregister>`."""
         reg = self._by_holder.get(holder)
         if reg is None:
-            return
+            return None
         self._forget(reg)
-        if self._conn.running:
-            with anyio.CancelScope(shield=True):
-                await self._unregister_remote(reg)
+        if not self._conn.running:
+            return None
+        with anyio.CancelScope(shield=True):
+            return await self._unregister_remote(reg)
+        return None  # pragma: no cover - a shield swallows nothing
 
-    async def _unregister_remote(self, reg: _Reg) -> None:
-        await self._conn.run_or_defer(*self._unregister_call(reg))
+    async def _unregister_remote(self, reg: _Reg) -> CancelReason | None:
+        """Unregister on the server (or later); the reason of a cancel that won, if it says."""
+        call = self._unregister_call(reg)
+        try:
+            text = await self._conn.run(*call)
+        except Down:
+            self._conn.defer(*call)
+            return None
+        except BaseException:  # a native Task.cancel() gets through the shield: clean up later
+            self._conn.defer(*call)
+            raise
+        return load(str(text)) if text else None
+
+    async def commit(self, holder: str) -> CancelReason | None:
+        """See :meth:`RedisBackend.commit <cancelkit.redis.RedisBackend.commit>`."""
+        reg = self._by_holder.get(holder)
+        if reg is None:
+            return CancelReason(CancelKind.REQUESTED, "the operation is no longer registered")
+        k, settings = self._keys, self._settings
+        try:
+            result = await self._conn.run(
+                "COMMIT",
+                [k("r", reg.name, reg.id), k("t", reg.name, reg.id), k("i", reg.id)],
+                [k.me(holder), settings.lease_ms],
+            )
+        except Down:
+            if not settings.fail_open:
+                raise RedisUnavailable("Redis is unreachable; cannot decide the commit") from None
+            reg.committed = True  # decided here; the resync records it once Redis is back
+            return None
+        if result[0] == 1:
+            return load(str(result[1]))
+        if result[0] == 2:
+            return CancelReason(
+                CancelKind.REQUESTED,
+                "the operation was started again by another worker after its lease lapsed",
+            )
+        reg.committed = True
+        return None
 
     async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
         """See :meth:`RedisBackend.cancel <cancelkit.redis.RedisBackend.cancel>`."""
@@ -168,7 +210,10 @@ class Registrations:
                 raise RedisUnavailable(
                     f"Redis is unreachable and operation {id!r} does not run in this worker"
                 ) from None
-            self._deliver(self._by_holder[holder], reason)
+            local = self._by_holder[holder]
+            if local.committed:
+                return CancelOutcome.COMMITTED
+            self._deliver(local, reason)
             return CancelOutcome.CANCELLED
         outcome = str(result[0])
         if outcome == "cancelled":
@@ -227,7 +272,7 @@ class Registrations:
             args = [k.worker, self._settings.lease_ms]
             for reg in chunk:
                 keys += [k("r", reg.name, reg.id), k("t", reg.name, reg.id)]
-                args += [reg.holder, k("i", reg.id)]
+                args += [reg.holder, k("i", reg.id), "1" if reg.committed else "0"]
             result = await self._conn.run("SYNC_REGISTRATIONS", keys, args, force=force)
             lines += map(str, result)
             for reg in chunk:  # unregistered while the script ran: clean up again

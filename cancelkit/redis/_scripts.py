@@ -39,12 +39,12 @@ returned by the sync scripts):
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "INBOX", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
+__all__ = ["CANCEL", "COMMIT", "INBOX", "REGISTER", "SYNC_REGISTRATIONS", "UNREGISTER"]
 
 #: KEYS: reg, tomb, fin, tz, id-index. ARGV: "W H", lease ms, tombstone ttl ms.
 #: Returns {-1} (registered by another holder), {1, reason} (cancelled: tombstoned), or {0}.
-#: Idempotent for one holder (a retried call returns the same answer): a consumed tombstone
-#: is kept as the registration's cancel reason until the holder unregisters.
+#: A tombstone refuses the start and stays until it expires (a retried start is refused the
+#: same way); nothing is recorded then. Idempotent for one holder.
 REGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 if cur then
@@ -54,31 +54,50 @@ if cur then
   return {0}
 end
 local t = redis.call('GET', KEYS[2])
+if t then return {1, t} end
 redis.call('DEL', KEYS[3], KEYS[1] .. '#c')
 redis.call('HSET', KEYS[1], 'o', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[5], KEYS[1])
 redis.call('PEXPIRE', KEYS[5], ARGV[2])
-if t then
-  redis.call('DEL', KEYS[2])
-  redis.call('ZREM', KEYS[4], KEYS[2])
-  redis.call('HSET', KEYS[1], 'c', t)
-  redis.call('SET', KEYS[1] .. '#c', t, 'PX', ARGV[3])
-  return {1, t}
-end
 return {0}
 """
 
 #: KEYS: reg, fin, id-index. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a
-#: finished-marker.
+#: finished-marker. Returns the reason of a cancel that won for this holder (recorded on the
+#: registration, or kept in ``reg#c`` after its lease lapsed), or '' (none, or it committed).
 UNREGISTER = """
-if redis.call('HGET', KEYS[1], 'o') == ARGV[1] then
+local cur = redis.call('HGET', KEYS[1], 'o')
+local c = false
+if cur == ARGV[1] then
+  if not redis.call('HGET', KEYS[1], 'm') then c = redis.call('HGET', KEYS[1], 'c') end
   redis.call('DEL', KEYS[1], KEYS[1] .. '#c')
   redis.call('SREM', KEYS[3], KEYS[1])
   redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-  return 1
+elseif not cur then
+  c = redis.call('GET', KEYS[1] .. '#c')
 end
-return 0
+return c or ''
+"""
+
+#: KEYS: reg, tomb, id-index. ARGV: "W H", lease ms. The commit point of a registration:
+#: exactly one of a cancel and the commit wins. Returns {1, reason} (a cancel won: recorded on
+#: the registration, kept after its lease lapsed, or a tombstone written since), {2} (another
+#: holder runs the id now), or {0} (committed: CANCEL answers 'committed' from now on; a
+#: registration whose lease lapsed is recorded again, committed).
+COMMIT = """
+local cur = redis.call('HGET', KEYS[1], 'o')
+if cur and cur ~= ARGV[1] then return {2} end
+local c = cur and redis.call('HGET', KEYS[1], 'c')
+  or redis.call('GET', KEYS[1] .. '#c') or redis.call('GET', KEYS[2])
+if c then return {1, c} end
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'm', '1')
+if not cur then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('SADD', KEYS[3], KEYS[1])
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
+return {0}
 """
 
 #: Sends a message line to worker W: PUBLISH on its channel (the fast path) and RPUSH to its
@@ -129,6 +148,7 @@ local function answer(reply)
 end
 local cur = redis.call('HGET', KEYS[1], 'o')
 if cur then
+  if redis.call('HGET', KEYS[1], 'm') then return answer({'committed'}) end
   local w, h = string.match(cur, '^(%S+) (%S+)$')
   redis.call('HSETNX', KEYS[1], 'c', ARGV[1])
   local c = redis.call('HGET', KEYS[1], 'c')
@@ -140,8 +160,8 @@ for _, other in ipairs(redis.call('SMEMBERS', KEYS[5])) do
   if redis.call('EXISTS', other) == 1 then return {'not_found'} end
   redis.call('SREM', KEYS[5], other)
 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'not_found'} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return answer({'pending'}) end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'not_found'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -173,17 +193,18 @@ return answer({'pending'})
 #: The heartbeat and the resync after a reconnect, for registrations: refresh this worker's
 #: liveness and the TTLs of its registrations, re-assert those that Redis lost, and report
 #: what the worker missed.
-#: KEYS: alive, tz, then two per entry (reg, tomb). ARGV: W, lease ms, then two per entry
-#: (H, id-index key). Returns message lines (see the module docs).
+#: KEYS: alive, tz, then two per entry (reg, tomb). ARGV: W, lease ms, then three per entry
+#: (H, id-index key, '1' if it committed while Redis was unreachable else '0'). Returns
+#: message lines (see the module docs).
 SYNC_REGISTRATIONS = """
 local W, lease = ARGV[1], ARGV[2]
 -- A write that needs no memory first: under OOM (noeviction) Redis refuses only a script's
 -- first write, so the leases are still refreshed.
 if redis.call('PEXPIRE', KEYS[1], lease) == 0 then redis.call('SET', KEYS[1], '1', 'PX', lease) end
 local out = {}
-local n = (#ARGV - 2) / 2
+local n = (#ARGV - 2) / 3
 for i = 0, n - 1 do
-  local h, g = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+  local h, g, m = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i] == '1'
   local k1, k2 = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
   local me = W .. ' ' .. h
   redis.call('SADD', g, k1)
@@ -192,26 +213,28 @@ for i = 0, n - 1 do
   if cur == me then
     redis.call('PEXPIRE', k1, lease)
     local c = redis.call('HGET', k1, 'c')
-    if c then out[#out + 1] = 'c ' .. h .. ' ' .. c end
+    if c then out[#out + 1] = 'c ' .. h .. ' ' .. c
+    elseif m then redis.call('HSET', k1, 'm', '1') end
   elseif not cur then
     local t = redis.call('GET', k1 .. '#c')
     if not t then
       t = redis.call('GET', k2)
       if t then
-        -- The reason outlives the lease, for as long as the tombstone would have: the reply
-        -- that carries it to the worker can be lost, and the lease can lapse before the
-        -- next resync (then the registration, and its 'c', are gone).
+        -- The reason outlives the lease, for as long as the tombstone does: the reply that
+        -- carries it to the worker can be lost, and the lease can lapse before the next
+        -- resync (then the registration, and its 'c', are gone). The tombstone stays: a
+        -- start of the id before it expires is refused too.
         local ttl = redis.call('PTTL', k2)
         if ttl <= 0 then ttl = lease end
         redis.call('SET', k1 .. '#c', t, 'PX', ttl)
-        redis.call('DEL', k2)
-        redis.call('ZREM', KEYS[2], k2)
       end
     end
     redis.call('HSET', k1, 'o', me)
     if t then
       redis.call('HSET', k1, 'c', t)
       out[#out + 1] = 'c ' .. h .. ' ' .. t
+    elseif m then
+      redis.call('HSET', k1, 'm', '1')
     end
     redis.call('PEXPIRE', k1, lease)
   else

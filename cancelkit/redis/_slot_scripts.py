@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from ._scripts import SEND
 
-__all__ = ["ACQUIRE", "IS_CURRENT", "RELEASE", "SYNC_CLAIMS", "TURN"]
+__all__ = ["ACQUIRE", "COMMIT_CLAIM", "IS_CURRENT", "RELEASE", "SYNC_CLAIMS", "TURN"]
 
 # KEYS[1] state hash, KEYS[2] order zset. Defines settle(W, alive_prefix, channel_prefix),
 # which prunes dead workers' claims, promotes waiters, publishes turns and returns
@@ -180,24 +180,31 @@ return out
 #: KEYS: state, order, P:sz. ARGV: W, H, channel prefix, liveness-key prefix, lease ms,
 #: sequence ttl ms, max_seq_keys, state ttl ms. Forgets the claim, lets waiters run, and
 #: once no claim is left keeps only the newest sequence number (bounded by P:sz).
-#: Returns the turn lines for this worker's holders.
+#: Returns {the claim's state before ('' if it was not recorded), turn lines for this
+#: worker's holders...}.
 RELEASE = (
     _SETTLE
     + """
 local W, H = ARGV[1], ARGV[2]
 local me = W .. ' ' .. H
+local was = redis.call('HGET', KEYS[1], me) or ''
+local function reply(lines)
+  local out = {was}
+  for _, line in ipairs(lines) do out[#out + 1] = line end
+  return out
+end
 redis.call('ZREM', KEYS[2], me)
 redis.call('HDEL', KEYS[1], me, 'd ' .. me)
 local running, waiting, mine, order = settle(W, ARGV[4], ARGV[3], true)
 if #order > 0 then
   ttl(ARGV[5], ARGV[8])
-  return mine
+  return reply(mine)
 end
 redis.call('DEL', KEYS[2])
 local seq = redis.call('HGET', KEYS[1], 'seq')
 if not seq then
   redis.call('DEL', KEYS[1])
-  return mine
+  return reply(mine)
 end
 local sh = redis.call('HGET', KEYS[1], 'sh')
 redis.call('DEL', KEYS[1])
@@ -215,7 +222,7 @@ if over > 0 then
   end
 end
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
-return mine
+return reply(mine)
 """
 )
 
@@ -247,6 +254,17 @@ end
 return reply(1)
 """
 )
+
+#: KEYS: state. ARGV: W, H. The commit point of a claim: atomic with the ACQUIRE that would
+#: supersede it. Returns {1, the newcomer} if it was superseded, {1, ''} if it is not
+#: recorded (it lost its place), else {0}: a later supersede still takes its slot, and its
+#: worker's token (committed) lets the body run on.
+COMMIT_CLAIM = """
+local st = redis.call('HGET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2])
+if not st then return {1, ''} end
+if string.sub(st, 1, 2) == 's ' then return {1, string.sub(st, 3)} end
+return {0}
+"""
 
 #: KEYS: state, order. ARGV: generation. 1 if a running claim has that generation.
 IS_CURRENT = """

@@ -7,11 +7,12 @@ from typing import Any, final
 
 import anyio
 
+from .._exceptions import RedisUnavailable
 from .._reason import CancelKind, CancelReason
 from ..backends import Acquired, Admission, Deliver, MemoryBackend, SlotPolicy
 from ._codec import deliver
 from ._config import Keys, Settings
-from ._connection import Connection, Down, RedisUnavailable
+from ._connection import Connection, Down
 
 __all__ = ["Slots"]
 
@@ -189,17 +190,19 @@ class Slots:
                     if other.turn is not None:
                         other.turn.set()
 
-    async def release(self, key: str, holder: str) -> None:
+    async def release(self, key: str, holder: str) -> CancelReason | None:
         """See :meth:`RedisBackend.release <cancelkit.redis.RedisBackend.release>`."""
         claim = self._by_holder.get(holder)
         if claim is None or claim.key != key:
-            return
+            return None
         self._forget(claim)
         if claim.local is not None:
             await self._local.release(key, holder)
-        if self._conn.running:
-            with anyio.CancelScope(shield=True):
-                await self._release_remote(key, holder)
+        if not self._conn.running:
+            return None
+        with anyio.CancelScope(shield=True):
+            return await self._release_remote(key, holder)
+        return None  # pragma: no cover - a shield swallows nothing
 
     def _abandon(self, claim: _Claim) -> None:
         """Forget a claim whose script may have run; release it in the background."""
@@ -224,14 +227,19 @@ class Slots:
             ],
         )
 
-    async def _release_remote(self, key: str, holder: str) -> None:
+    async def _release_remote(self, key: str, holder: str) -> CancelReason | None:
+        """Release on the server (or later); the supersede it had, if the server says."""
         call = self._release_call(key, holder)
         try:
             lines = await self._conn.run(*call)
         except Down:
             self._conn.defer(*call)
-            return
-        self._dispatch(lines)  # turns: waiters of other workers may run now
+            return None
+        except BaseException:  # a native Task.cancel() gets through the shield: clean up later
+            self._conn.defer(*call)
+            raise
+        self._dispatch(lines[1:])  # turns: waiters of other workers may run now
+        return _superseded(str(lines[0]))
 
     async def wait_turn(self, key: str, holder: str, *, handover: bool) -> None:
         """See :meth:`RedisBackend.wait_turn <cancelkit.redis.RedisBackend.wait_turn>`."""
@@ -264,24 +272,6 @@ class Slots:
                     return
             with anyio.move_on_after(self._settings.heartbeat):
                 await event.wait()
-
-    async def is_current(self, key: str, generation: int) -> bool:
-        """See :meth:`RedisBackend.is_current <cancelkit.redis.RedisBackend.is_current>`."""
-        k = self._keys
-        try:
-            return bool(
-                await self._conn.run("IS_CURRENT", [k("k", key), k("q", key)], [str(generation)])
-            )
-        except Down:
-            pass
-        if not self._settings.fail_open:
-            raise RedisUnavailable("Redis is unreachable; the generation is unknown")
-        for claim in self._by_key.get(key, {}).values():
-            if claim.generation == generation:
-                if claim.local is not None:
-                    return await self._local.is_current(key, claim.local)
-                return not claim.superseded
-        return False
 
     def _deliver(self, claim: _Claim, reason: CancelReason) -> None:
         """Cancel the claim's body; a repeat (resync, inbox and pub/sub) is not counted."""
@@ -335,3 +325,53 @@ class Slots:
             if claim.holder not in self._by_holder:
                 await self._release_remote(claim.key, claim.holder)
         return [str(line) for line in result]
+
+
+def _superseded(state: str) -> CancelReason | None:
+    """The ``SUPERSEDED`` reason of a claim whose state on the server is ``s NEW``."""
+    if state.startswith("s "):
+        return CancelReason(CancelKind.SUPERSEDED, source=state[2:])
+    return None
+
+
+async def commit_claim(slots: Slots, key: str, holder: str) -> CancelReason | None:
+    """See :meth:`RedisBackend.commit_claim <cancelkit.redis.RedisBackend.commit_claim>`."""
+    claim = slots._by_holder.get(holder)
+    if claim is None or claim.key != key:
+        return CancelReason(CancelKind.SUPERSEDED, "the claim is no longer recorded")
+    if claim.local is not None:  # made while Redis was unreachable: this worker decides
+        return await slots._local.commit_claim(key, holder)
+    k = slots._keys
+    try:
+        result = await slots._conn.run("COMMIT_CLAIM", [k("k", key)], [k.worker, holder])
+    except Down:
+        if not slots._settings.fail_open:
+            raise RedisUnavailable("Redis is unreachable; cannot decide the commit") from None
+        if claim.superseded:  # (fail_open: as far as this worker knows)
+            return CancelReason(CancelKind.SUPERSEDED, "superseded while Redis was unreachable")
+        return None
+    if result[0] == 1:
+        source = str(result[1])
+        if not source:
+            return CancelReason(CancelKind.SUPERSEDED, "the claim lost its place on the key")
+        return CancelReason(CancelKind.SUPERSEDED, source=source)
+    return None
+
+
+async def is_current(slots: Slots, key: str, generation: int) -> bool:
+    """See :meth:`RedisBackend.is_current <cancelkit.redis.RedisBackend.is_current>`."""
+    k = slots._keys
+    try:
+        return bool(
+            await slots._conn.run("IS_CURRENT", [k("k", key), k("q", key)], [str(generation)])
+        )
+    except Down:
+        pass
+    if not slots._settings.fail_open:
+        raise RedisUnavailable("Redis is unreachable; the generation is unknown")
+    for claim in slots._by_key.get(key, {}).values():
+        if claim.generation == generation:
+            if claim.local is not None:
+                return await slots._local.is_current(key, claim.local)
+            return not claim.superseded
+    return False

@@ -33,9 +33,9 @@ import coredis.exceptions
 from coredis.commands import Script
 from coredis.retry import ConstantRetryPolicy
 
-from .._operations import OperationError, OperationState, OperationStatus
-from ..backends import RegistryFull
-from ._connection import RedisUnavailable, _Pool, leaf, redact
+from .._exceptions import RedisUnavailable, RegistryFull
+from .._status import OperationError, OperationState, OperationStatus
+from ._connection import _Pool, leaf, redact
 
 __all__ = ["RedisStatusStore"]
 
@@ -305,7 +305,7 @@ class RedisStatusStore:
     Raises:
         ValueError: if an option is out of range.
 
-    .. versionadded:: 0.2
+    .. versionadded:: 0.1
     """
 
     __slots__ = (

@@ -83,7 +83,12 @@ $("search-form").addEventListener("submit", (event) => event.preventDefault());
 $("stop").addEventListener("click", stop);
 
 // The server's log, live (Server-Sent Events): this tab's searches, or every tab's.
-const LABELS = { client_gone: "client gone" };
+const LABELS = {
+  client_gone: "client gone",
+  downstream_started: "downstream started",
+  downstream_done: "downstream done",
+  downstream_stopped: "downstream stopped",
+};
 const started = new Map(); // op id -> when it started, to show how long each search ran
 
 function addLogRow(event) {

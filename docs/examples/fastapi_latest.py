@@ -48,7 +48,8 @@ async def demo() -> None:
         first = asyncio.ensure_future(http.get("/search", params={"q": "ca"}, headers=alice))
         while searches.statistics().running == 0:  # 'ca' is running; alice keeps typing...
             await asyncio.sleep(0.005)
-        second = http.get("/search", params={"q": "cat"}, headers=alice)
+        second = asyncio.ensure_future(http.get("/search", params={"q": "cat"}, headers=alice))
+        await asyncio.wait([first])  # 'cat' took alice's slot, so 'ca' was answered
         bob = http.get("/search", params={"q": "dog"}, headers={"x-user": "bob"})
         for name, response in zip(
             ["alice 'ca' ", "alice 'cat'", "bob 'dog'  "],

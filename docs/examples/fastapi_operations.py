@@ -66,6 +66,9 @@ async def export(table: str, chunks: int) -> dict[str, int | str]:
     for done in range(1, chunks + 1):
         await anyio.sleep(0.05)  # one chunk of rows; a cancel interrupts it here
         await operations.report(done, chunks, f"{100 * done} rows of {table}")
+    # The commit point: from here on a Stop answers 409 "committed" and the export
+    # completes (a Stop that came first makes this raise: it ends "cancelled").
+    await operations.commit()
     return {"table": table, "rows": 100 * chunks}
 
 

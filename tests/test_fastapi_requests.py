@@ -1,6 +1,7 @@
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -440,22 +441,42 @@ async def test_deadline_maps_to_504_and_disconnect_to_a_logged_499(
     assert any('"GET /gone" 499' in r.getMessage() for r in caplog.records)
 
 
-async def test_openapi_documents_the_responses_where_the_dependencies_are_used() -> None:
-    """Routes using the dependencies list 409/504 (and 503); the cancel route 202/404/422."""
-    app, _ = make_app()
-    async with client(app) as http:
-        schema = (await http.get("/openapi.json")).json()
-    paths = schema["paths"]
-    search = paths["/search"]["get"]["responses"]
-    assert {"200", "409", "422", "504"} <= set(search)
-    assert "429" not in search
-    assert search["409"]["content"]["application/json"]["schema"]["$ref"].endswith("CancelledBody")
-    assert {"409", "503", "504"} <= set(paths["/reports"]["post"]["responses"])
-    cancel = paths["/operations/{operation_id}"]
-    assert "get" not in cancel
-    assert {"202", "404", "422"} <= set(cancel["delete"]["responses"])
-    assert set(paths["/plain"]["get"]["responses"]) == {"200"}
-    assert "CancelledBody" in schema["components"]["schemas"]
+async def test_the_callers_deadline_reaches_claims_operations_and_the_request_token() -> None:
+    """Under CancelOnDisconnect a Request-Timeout-Ms header is the deadline of the endpoint's
+    current token (claim, operation) and of RequestToken; when it passes: 504, Deadline-Expired."""
+    from cancelkit import CancelOnDisconnect
+
+    slot, registry = LatestOnly(), TokenRegistry()
+    app = FastAPI()
+    install(app)
+    seen: dict[str, tuple[bool, float, float]] = {}
+
+    @app.get("/claim")
+    async def claimed(
+        claim: Annotated[Claim, latest_only(slot, key=lambda request: "k")], token: RequestToken
+    ) -> None:
+        seen["claim"] = (current_token() is claim.token, claim.token.deadline, token.deadline)
+        await anyio.sleep_forever()
+
+    @app.post("/op")
+    async def operation(op: Annotated[TrackedOperation, tracked(registry)]) -> None:
+        seen["op"] = (current_token() is op.token, op.token.deadline, op.token.deadline)
+        await anyio.sleep_forever()
+
+    transport = httpx.ASGITransport(CancelOnDisconnect(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        for method, path in (("GET", "/claim"), ("POST", "/op")):
+            before = time.monotonic()
+            with anyio.fail_after(10):
+                response = await http.request(method, path, headers={"Request-Timeout-Ms": "40"})
+            after = time.monotonic()
+            assert response.status_code == 504
+            assert response.headers["deadline-expired"] == "true"
+            assert response.json()["reason"] == "deadline"
+            is_current, deadline, request_deadline = seen[path.strip("/")]
+            assert is_current
+            assert before + 0.04 <= deadline <= after
+            assert request_deadline == deadline
 
 
 async def test_works_with_routers_sub_apps_and_other_middleware() -> None:
@@ -614,3 +635,56 @@ async def test_typeahead_and_disconnect_over_a_real_server(server: str, anyio_ba
             await first.aclose()
     assert probe.finished == ["c left", "ca left"]
     assert slot.statistics().running == 0
+
+
+@pytest.mark.parametrize(
+    ("server", "anyio_backend"), [("uvicorn", "asyncio"), ("hypercorn", "trio")]
+)
+async def test_a_committed_request_runs_on_after_its_client_leaves(
+    server: str, anyio_backend: str
+) -> None:
+    """Real server: after op.commit() neither the client leaving nor DELETE stops the request
+    (409 committed): the disconnect is recorded on the request's token, nothing interrupts."""
+    from cancelkit import CancelOnDisconnect, request_token
+    from tests.test_asgi_servers import read_response, request, serve
+
+    registry = TokenRegistry()
+    app = FastAPI()
+    install(app)
+    app.include_router(cancel_router(registry, owner=user_id))
+    committed, charge, done = anyio.Event(), anyio.Event(), anyio.Event()
+    events: list[str] = []
+    tokens: list[CancellationToken] = []
+
+    @app.post("/pay")
+    async def pay(
+        request: Request, op: Annotated[TrackedOperation, tracked(registry, owner=user_id)]
+    ) -> dict[str, str]:
+        tokens.append(request_token(request.scope))
+        try:
+            await op.commit()
+            committed.set()
+            await charge.wait()  # the irreversible step, while the client goes away
+            events.append("charged")
+        finally:
+            done.set()
+        return {"id": op.id}
+
+    with anyio.fail_after(20):
+        async with serve((server, anyio_backend), CancelOnDisconnect(app)) as port:
+            paying = await request(
+                port, "/pay", method="POST", headers={"x-user": "u", "x-operation-id": "p1"}
+            )
+            await committed.wait()
+            await paying.aclose()  # the client leaves after the commit
+            while not tokens[0].cancelled:  # the server saw it go  # noqa: ASYNC110
+                await anyio.sleep(0.005)
+            assert tokens[0].reason is not None
+            assert tokens[0].reason.kind is CancelKind.CLIENT_DISCONNECTED
+            cancel = await request(port, "/operations/p1", method="DELETE", headers={"x-user": "u"})
+            status, body = await read_response(cancel)
+            await cancel.aclose()
+            charge.set()
+            await done.wait()
+    assert (status, body) == (409, b'{"id":"p1","outcome":"committed"}')
+    assert events == ["charged"]

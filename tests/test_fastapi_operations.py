@@ -1,3 +1,4 @@
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -5,9 +6,9 @@ from typing import Annotated, Any
 import anyio
 import httpx
 import pytest
-from fastapi import FastAPI, Header, Response
+from fastapi import FastAPI, Header, Request, Response
 
-from cancelkit import BackgroundOperations, OperationState
+from cancelkit import BackgroundOperations, CancelKind, OperationState
 from cancelkit.fastapi import (
     OperationStartedBody,
     OperationStarter,
@@ -188,22 +189,6 @@ async def test_bad_requests_are_refused() -> None:
     assert export.cleaned == ["t"]
 
 
-async def test_openapi_documents_the_answers() -> None:
-    """The schema lists 202/409/503 for the start, 200/404 for GET, 202/404 for DELETE."""
-    app = make_app(BackgroundOperations(), Export())
-    paths = app.openapi()["paths"]
-    start = paths["/exports"]["post"]["responses"]
-    assert {"202", "409", "503"} <= set(start)
-    assert start["202"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/OperationStartedBody"
-    }
-    status = paths["/operations/{operation_id}"]["get"]
-    assert {"200", "404", "422", "503"} <= set(status["responses"])
-    assert [p["name"] for p in status["parameters"]] == ["operation_id", "wait", "x-user"]
-    cancel = paths["/operations/{operation_id}"]["delete"]["responses"]
-    assert {"202", "404", "503"} <= set(cancel)
-
-
 async def test_the_router_state_maps_every_operation_state() -> None:
     """The status body's state literal accepts every OperationState."""
     from cancelkit.fastapi import OperationStatusBody
@@ -231,3 +216,46 @@ async def test_an_owner_cancelkit_refuses_answers_a_clear_500(
         assert "not a valid cancelkit owner" in answer.json()["detail"]
         assert user not in answer.text
     assert any("invalid owner" in record.getMessage() for record in caplog.records)
+
+
+async def test_an_operation_does_not_inherit_the_deadline_of_the_request_that_started_it() -> None:
+    """The request had 30 ms; its operation runs past that with no deadline, and completes."""
+    from cancelkit import CancellationToken, CancelOnDisconnect, current_token, request_token
+
+    ops = BackgroundOperations(grace=0)
+    app = FastAPI()
+    install(app)
+    seen: list[float] = []
+    request_tokens: list[CancellationToken] = []
+
+    async def export(ops: BackgroundOperations, request: CancellationToken) -> str:
+        token = current_token()
+        assert token is not None
+        seen.append(token.deadline)
+        await request.wait()  # the request's deadline passes...
+        assert not token.cancelled  # ...and the operation runs on
+        return "done"
+
+    Start = Annotated[OperationStarter, operation_starter(ops, owner=current_user)]
+
+    @app.post("/exports", status_code=202, response_model=OperationStartedBody)
+    async def start_export(start: Start, request: Request) -> Response:
+        request_tokens.append(request_token(request.scope))
+        return await start(export, ops, request_tokens[-1])
+
+    app.include_router(operations_router(ops, owner=current_user, max_wait=60))
+    transport = httpx.ASGITransport(CancelOnDisconnect(app))
+    headers = {"x-user": "alice", "Request-Timeout-Ms": "30"}
+    async with ops, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        with anyio.fail_after(10):
+            started = await http.post("/exports", headers=headers)
+            assert started.status_code == 202
+            status = await http.get(
+                started.headers["location"], params={"wait": 60}, headers={"x-user": "alice"}
+            )
+    assert status.json()["state"] == "completed"
+    assert status.json()["result"] == "done"
+    assert seen == [math.inf]
+    (token,) = request_tokens
+    assert token.reason is not None
+    assert token.reason.kind is CancelKind.DEADLINE

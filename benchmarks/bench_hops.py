@@ -1,0 +1,252 @@
+"""Across HTTP hops: cancel at A → C stops; a budget's deadline at every hop; the transport's cost.
+
+Run from the repository root::
+
+    python -m benchmarks.bench_hops [--trials 200] [--plain-trials 10] [--budget-trials 50]
+
+Three server processes A → B → C on 127.0.0.1 (the chain app of the tests,
+``tests/hops_app.py``: every hop calls the next with ``cancelkit.httpx.TokenTransport`` under
+``CancelOnDisconnect``), all uvicorn (asyncio) or all hypercorn on trio. Times are
+``time.monotonic()`` read in each process: one clock on one Linux host.
+
+* **cancel at A → C's handler cancelled**: a raw socket sends ``GET /work`` to A and waits
+  until C's handler has started (a request to C that waits on C's own event); then it notes
+  the time and closes the socket; C's handler notes the time it ended. Median and p99 over
+  ``--trials``. Next to it the same chain without cancelkit (``HOP_PLAIN=1``: no middleware,
+  httpx's own transport) where C works 1 s: whether and when it ends after the cancel.
+* **a 300 ms budget**: ``Request-Timeout-Ms: 300`` to A, C holds: how far each hop's end is
+  from A's (target: within 15 ms), and how late A's deadline fired.
+* **the transport's CPU cost per outgoing request**: keep-alive GETs through httpx and
+  httpcore on a canned connection (every request answered at once: no server, no socket), with
+  ``httpx.AsyncHTTPTransport`` and with ``TokenTransport`` around it (outside any token; and
+  inside a token scope with a deadline: the header, the trace hook, the transport's token scope,
+  the wrapped body, against the plain transport in the same token scope), interleaved rounds,
+  the median CPU time per request (target: ≤ 25 µs more); and the deadline header parser on a
+  request without the header (what every guarded request now pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import httpcore
+import httpx
+
+from benchmarks._util import percentile
+from cancelkit import CancellationToken
+from cancelkit._deadline import parse_deadline
+from cancelkit.httpx import TokenTransport
+from tests.hops import chain
+
+CHAINS = {
+    "asyncio": dict.fromkeys("ABC", ("uvicorn", "interrupt")),
+    "trio": dict.fromkeys("ABC", ("hypercorn-trio", "interrupt")),
+}
+LIMIT = 30.0
+
+
+def get(url: str, **params: Any) -> Any:
+    return httpx.get(url, params=params, timeout=LIMIT).json()
+
+
+async def cancel_trial(urls: dict[str, str], id: str, query: str) -> tuple[float, Any]:
+    """Send GET /work/<id> to A, wait until C started, close; return (t0, C's record)."""
+    port = int(urls["A"].rsplit(":", 1)[1])
+    stream = await anyio.connect_tcp("127.0.0.1", port)
+    await stream.send(f"GET /work/{id}?{query} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+    await anyio.to_thread.run_sync(lambda: get(f"{urls['C']}/records/{id}", until="started"))
+    t0 = time.monotonic()
+    await stream.aclose()
+    record = await anyio.to_thread.run_sync(lambda: get(f"{urls['C']}/records/{id}", until="ended"))
+    return t0, record
+
+
+def cancel_latency(backend: str, trials: int, plain_trials: int) -> None:
+    with chain(CHAINS[backend]) as urls:
+        ms = []
+        for i in range(trials):
+            t0, c = anyio.run(cancel_trial, urls, f"c{i}", "hold=1", backend=backend)
+            assert c["end"] == "client_disconnected", c
+            ms.append((c["end_at"] - t0) * 1000)
+    print(
+        f"  {backend:8} cancelkit   cancel at A -> C's handler cancelled: median "
+        f"{statistics.median(ms):6.2f} ms, p99 {percentile(ms, 99):6.2f} ms, "
+        f"max {max(ms):6.2f} ms ({trials} trials; target median <= 5, p99 <= 20 quiet)"
+    )
+    with chain(CHAINS[backend], env={"HOP_PLAIN": "1"}) as urls:
+        after, completed = [], 0
+        for i in range(plain_trials):
+            t0, c = anyio.run(cancel_trial, urls, f"p{i}", "work_ms=1000", backend=backend)
+            completed += c["end"] == "completed"
+            after.append((c["end_at"] - t0) * 1000)
+    print(
+        f"  {backend:8} no cancelkit (C works 1 s): C ran to the end in {completed} of "
+        f"{plain_trials} trials, ending a median {statistics.median(after):6.1f} ms after the "
+        "cancel"
+    )
+
+
+def budget(backend: str, trials: int) -> None:
+    spreads, late, ends = [], [], {"deadline": 0, "client_disconnected": 0}
+    answered = 0
+    with chain(CHAINS[backend]) as urls:
+        for i in range(trials):
+            id = f"b{i}"
+            answer = httpx.get(
+                f"{urls['A']}/work/{id}",
+                params={"hold": "1"},
+                headers={"Request-Timeout-Ms": "300"},
+                timeout=LIMIT,
+            )
+            assert answer.status_code == 504, answer.text
+            records = {hop: get(f"{urls[hop]}/records/{id}", until="ended") for hop in "ABC"}
+            a = records["A"]
+            spreads.append(max(abs(r["end_at"] - a["end_at"]) for r in records.values()) * 1000)
+            late.append((a["end_at"] - (a["entry"] + a["left_ms"] / 1000)) * 1000)
+            for hop in "BC":
+                ends[records[hop]["end"]] += 1
+            answered += all(r["statuses"] == [504] for r in records.values())
+    median = statistics.median(spreads)
+    print(
+        f"  {backend:8} 300 ms budget: every hop ended within a median {median:5.2f} "
+        f"ms of A (p99 {percentile(spreads, 99):5.2f}, max {max(spreads):5.2f}; target <= 15); "
+        f"A's deadline fired a median {statistics.median(late):5.2f} ms late; "
+        f"B and C stopped by their own deadline {ends['deadline']} times, by their caller "
+        f"leaving {ends['client_disconnected']}; every hop answered one 504 in {answered} "
+        f"({trials} trials)"
+    )
+
+
+_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class _CannedStream(httpcore.AsyncNetworkStream):
+    """A connection that answers every request at once: httpx's and httpcore's whole work,
+    without a server's or a socket's noise."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self.pending:
+            self.pending -= 1
+            return _ANSWER
+        return b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        self.pending += buffer.startswith(b"GET ")
+
+    async def aclose(self) -> None:
+        pass
+
+
+class _CannedBackend(httpcore.AsyncNetworkBackend):
+    async def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.AsyncNetworkStream:
+        return _CannedStream()
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep(seconds)
+
+
+def canned() -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport()
+    transport._pool = httpcore.AsyncConnectionPool(network_backend=_CannedBackend())
+    return transport
+
+
+async def transport_cost(requests: int, rounds: int) -> dict[str, float]:
+    plain = httpx.AsyncClient(transport=canned())
+    wrapped = httpx.AsyncClient(transport=TokenTransport(canned()))
+    token = CancellationToken(timeout=3600)
+    url = "http://next/"
+
+    async def run_plain() -> None:
+        await plain.get(url)
+
+    async def run_untokened() -> None:
+        await wrapped.get(url)
+
+    async def run_scope() -> None:  # the caller's own token scope, the same in both below
+        with token.scope():
+            await plain.get(url)
+
+    async def run_deadline() -> None:
+        with token.scope():
+            await wrapped.get(url)
+
+    variants: dict[str, Callable[[], Any]] = {
+        "plain": run_plain,
+        "no token": run_untokened,
+        "scope": run_scope,
+        "deadline": run_deadline,
+    }
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    async with plain, wrapped:
+        for run in variants.values():  # warm up
+            for _ in range(200):
+                await run()
+        for _ in range(rounds):
+            for name, run in variants.items():
+                start = time.process_time()
+                for _ in range(requests):
+                    await run()
+                samples[name].append((time.process_time() - start) / requests)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def transport(backend: str, requests: int, rounds: int) -> None:
+    cost = anyio.run(transport_cost, requests, rounds, backend=backend)
+    base, scope = cost["plain"], cost["scope"]
+    outside, inside = cost["no token"] - base, cost["deadline"] - scope
+    print(
+        f"  {backend:8} CPU per outgoing request (httpx + httpcore, canned answers): plain "
+        f"{base * 1e6:5.1f} µs; TokenTransport outside a token +{outside * 1e6:4.1f} µs; inside "
+        f"a token with a deadline +{inside * 1e6:4.1f} µs over the same call in the same token "
+        "scope (target <= 25)"
+    )
+
+
+def header_parse(loops: int = 200_000) -> None:
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"user-agent", b"python-httpx/0.28.1"),
+        (b"accept", b"*/*"),
+        (b"accept-encoding", b"gzip, deflate"),
+        (b"connection", b"keep-alive"),
+        (b"x-user", b"alice"),
+    ]
+    with_header = [*headers, (b"request-timeout-ms", b"1500")]
+    rows = []
+    for label, value in (("without the header", headers), ("with it", with_header)):
+        start = time.process_time()
+        for _ in range(loops):
+            parse_deadline(value, None)
+        rows.append(f"{label} {(time.process_time() - start) / loops * 1e9:4.0f} ns")
+    print(f"  deadline header parser, 6 ordinary headers: {', '.join(rows)} per request")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--plain-trials", type=int, default=10)
+    parser.add_argument("--budget-trials", type=int, default=50)
+    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--backends", default="asyncio,trio")
+    args = parser.parse_args()
+    print(f"Python {sys.version.split()[0]}, httpx {httpx.__version__}, loopback")
+    header_parse()
+    for backend in args.backends.split(","):
+        transport(backend, args.requests, args.rounds)
+        cancel_latency(backend, args.trials, args.plain_trials)
+        budget(backend, args.budget_trials)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""install() and the OpenAPI side: exception handlers, documented answers, the body models."""
+
+# No "from __future__ import annotations" here: pydantic and FastAPI read these annotations.
+from collections.abc import Iterable
+from typing import Any, Literal, cast
+
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+from .._http import exception_handlers
+
+__all__ = [
+    "COMMITTED",
+    "CancelledBody",
+    "OperationBody",
+    "OperationErrorBody",
+    "OperationProgressBody",
+    "OperationReasonBody",
+    "OperationStartedBody",
+    "OperationStatusBody",
+    "install",
+]
+
+#: The attribute of a dependency that lists the answers it adds to its route's OpenAPI entry.
+RESPONSES_ATTR = "__cancelkit_responses__"
+
+
+class CancelledBody(BaseModel):
+    """The JSON body of a response to stopped work.
+
+    .. versionadded:: 0.1
+    """
+
+    detail: str
+    reason: str
+    source: str | None = None
+
+
+#: The description of the ``409`` a cancel endpoint answers for a committed operation.
+COMMITTED = "Too late: the operation passed its commit point; nothing was changed"
+
+
+class OperationBody(BaseModel):
+    """The JSON body of an answer of the cancel endpoint.
+
+    .. versionadded:: 0.1
+    """
+
+    id: str
+    outcome: str
+
+
+class OperationStartedBody(BaseModel):
+    """The JSON body of ``202 Accepted`` for a started background operation.
+
+    .. versionadded:: 0.1
+    """
+
+    id: str
+    state: str
+    status_url: str
+
+
+class OperationErrorBody(BaseModel):
+    """Why a background operation failed: the error's type (``"type"`` in JSON) and message.
+
+    .. versionadded:: 0.1
+    """
+
+    type_name: str = Field(alias="type")
+    message: str
+
+
+class OperationReasonBody(BaseModel):
+    """Why a background operation was cancelled (the root reason, as in :class:`CancelledBody`).
+
+    .. versionadded:: 0.1
+    """
+
+    kind: str
+    message: str
+    source: str | None = None
+
+
+class OperationProgressBody(BaseModel):
+    """The latest progress report of a background operation.
+
+    .. versionadded:: 0.1
+    """
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+
+
+class OperationStatusBody(BaseModel):
+    """The JSON body of the status endpoint (see :class:`~cancelkit.OperationStatus`).
+
+    .. versionadded:: 0.1
+    """
+
+    id: str
+    state: Literal["running", "completed", "failed", "cancelled", "lost"]
+    started_at: float
+    ended_at: float | None = None
+    result: Any = None
+    error: OperationErrorBody | None = None
+    reason: OperationReasonBody | None = None
+    progress: OperationProgressBody | None = None
+    worker: str | None = None
+
+
+# -- the answers of each dependency, documented ------------------------------------------
+
+LATEST_RESPONSES = {
+    409: "Superseded by a newer request, stale (an older sequence number), or the key is busy",
+    429: "The key is busy (reject policy, when configured so)",
+}
+TRACKED_RESPONSES = {
+    409: "Cancelled by id from another request, or that id is already running",
+    503: "Too many operations, or the server is shutting down",
+}
+START_RESPONSES = {
+    409: "An operation with this id is running already",
+    503: "Too many operations (in all, or of this owner), or the server is shutting down",
+}
+_COMMON_RESPONSES = {504: "The operation's deadline passed"}
+
+
+def install(
+    app: FastAPI, *, busy_status: Literal[409, 429] = 409, busy_retry_after: float = 1.0
+) -> None:
+    """Map cancellations to HTTP answers and document them in the OpenAPI schema.
+
+    Exception handlers for :exc:`~cancelkit.OperationCancelled` (by the root reason:
+    superseded or cancelled by id → ``409``, deadline → ``504``, shutdown → ``503``, client
+    gone → ``499``, logged on the ``cancelkit`` logger since nobody reads it), for
+    :exc:`~cancelkit.SlotBusy` (``busy_status`` with ``Retry-After``) and for
+    :exc:`~cancelkit.RegistryFull` (``503`` with ``Retry-After``) and for
+    :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of a running operation).
+    Each body is a :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
+    :func:`tracked` list these responses in the OpenAPI schema. Call it for every FastAPI
+    application (a mounted sub-application too).
+
+    Args:
+        app: the application.
+        busy_status: ``409`` or ``429`` for a claim refused by the ``reject`` policy.
+        busy_retry_after: seconds for that answer's ``Retry-After``.
+
+    .. versionadded:: 0.1
+    """
+    for exc_class, handler in exception_handlers(
+        busy_status=busy_status, busy_retry_after=busy_retry_after
+    ).items():
+        # The handlers answer with an ASGI application, as Starlette allows.
+        app.add_exception_handler(exc_class, cast(Any, handler))
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _document(original(), app, busy_status)
+        return original()  # cached by FastAPI: the schema documented above
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _routes(app: FastAPI) -> Iterable[Any]:
+    """Every route of the app, through included routers (whatever FastAPI's internals)."""
+    from fastapi import routing
+
+    iter_route_contexts = getattr(routing, "iter_route_contexts", None)
+    if iter_route_contexts is None:  # pragma: no cover - FastAPI before 0.16x
+        return list(app.routes)
+    return list(iter_route_contexts(app.routes))
+
+
+def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
+    """Add the cancellation responses to the operations whose route uses the dependencies."""
+    documented: dict[str, dict[int, str]] = {}
+    for route in _routes(app):
+        dependant = getattr(route, "dependant", None)
+        if dependant is None:
+            continue
+        found: dict[int, str] = {}
+        stack = [dependant]
+        while stack:
+            dependant = stack.pop()
+            found.update(getattr(dependant.call, RESPONSES_ATTR, {}))
+            stack.extend(dependant.dependencies)
+        if found:
+            found.update(_COMMON_RESPONSES)
+            if busy_status != 429:
+                found.pop(429, None)
+            documented[route.unique_id] = found
+    if not documented:
+        return
+    ref = {"$ref": "#/components/schemas/CancelledBody"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, description in documented.get(operation.get("operationId"), {}).items():
+                operation.setdefault("responses", {}).setdefault(
+                    str(status),
+                    {"description": description, "content": {"application/json": {"schema": ref}}},
+                )
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("CancelledBody", CancelledBody.model_json_schema())

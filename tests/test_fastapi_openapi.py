@@ -1,0 +1,45 @@
+"""install() and the OpenAPI schema: each route lists the answers its dependencies can give."""
+
+import pytest
+
+from cancelkit import BackgroundOperations
+from tests.test_fastapi_operations import Export
+from tests.test_fastapi_operations import make_app as make_operations_app
+from tests.test_fastapi_requests import client
+from tests.test_fastapi_requests import make_app as make_requests_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_openapi_documents_the_responses_where_the_dependencies_are_used() -> None:
+    """Routes using the dependencies list 409/504 (and 503); the cancel route 202/404/422."""
+    app, _ = make_requests_app()
+    async with client(app) as http:
+        schema = (await http.get("/openapi.json")).json()
+    paths = schema["paths"]
+    search = paths["/search"]["get"]["responses"]
+    assert {"200", "409", "422", "504"} <= set(search)
+    assert "429" not in search
+    assert search["409"]["content"]["application/json"]["schema"]["$ref"].endswith("CancelledBody")
+    assert {"409", "503", "504"} <= set(paths["/reports"]["post"]["responses"])
+    cancel = paths["/operations/{operation_id}"]
+    assert "get" not in cancel
+    assert {"202", "404", "422"} <= set(cancel["delete"]["responses"])
+    assert set(paths["/plain"]["get"]["responses"]) == {"200"}
+    assert "CancelledBody" in schema["components"]["schemas"]
+
+
+async def test_openapi_documents_the_answers_of_background_operations() -> None:
+    """The schema lists 202/409/503 for the start, 200/404 for GET, 202/404 for DELETE."""
+    app = make_operations_app(BackgroundOperations(), Export())
+    paths = app.openapi()["paths"]
+    start = paths["/exports"]["post"]["responses"]
+    assert {"202", "409", "503"} <= set(start)
+    assert start["202"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/OperationStartedBody"
+    }
+    status = paths["/operations/{operation_id}"]["get"]
+    assert {"200", "404", "422", "503"} <= set(status["responses"])
+    assert [p["name"] for p in status["parameters"]] == ["operation_id", "wait", "x-user"]
+    cancel = paths["/operations/{operation_id}"]["delete"]["responses"]
+    assert {"202", "404", "503"} <= set(cancel)
