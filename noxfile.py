@@ -233,15 +233,16 @@ def lowest(session: nox.Session) -> None:
     """Run the suite on the lowest versions pyproject.toml allows, so that its floors are true.
 
     uv's ``lowest-direct`` resolution installs the floor of every direct dependency (anyio,
-    fastapi, coredis, httpx) and of the libraries the tests run cancelkit on (trio); the tools
-    of the test group (pytest, servers) are then added at versions that keep those pins.
+    fastapi, coredis, httpx, asyncpg, psycopg) and of the libraries the tests run cancelkit on
+    (trio, SQLAlchemy); the tools of the test group (pytest, servers) are then added at versions
+    that keep those pins.
     No coverage: the ``tests`` sessions measure it.
     """
     floors = [
         req
         for req in nox.project.dependency_groups(PYPROJECT, "test")
         if req.split(">")[0].split("=")[0].split("[")[0].strip()
-        in {"trio", "fastapi", "coredis", "httpx", "asyncpg", "psycopg"}
+        in {"trio", "fastapi", "coredis", "httpx", "asyncpg", "psycopg", "sqlalchemy"}
     ]
     session.install("--resolution", "lowest-direct", EXTRAS, *floors)
     python = str(Path(session.bin) / "python")
@@ -263,7 +264,7 @@ _SHOW_VERSIONS = (
     "from importlib.metadata import version as v; "
     "print('lowest:', ', '.join(f'{n} {v(n)}' for n in "
     "('anyio', 'trio', 'fastapi', 'starlette', 'coredis', 'httpx', 'httpcore', "
-    "'asyncpg', 'psycopg')))"
+    "'asyncpg', 'psycopg', 'sqlalchemy')))"
 )
 
 

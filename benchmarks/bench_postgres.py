@@ -5,7 +5,9 @@ For asyncpg and psycopg 3 (asyncio), side by side in one run, interleaved trial 
 
 - ``task.cancel()``: plain asyncio cancellation of the task awaiting ``SELECT pg_sleep(30)``;
 - ``anyio scope``: an anyio cancel scope around it (what cancelkit's own scopes are);
-- ``cancelkit``: the statement in ``cancelkit.postgres.transaction()``, its token cancelled.
+- ``cancelkit``: the statement in ``cancelkit.postgres.transaction()``, its token cancelled;
+
+and the same three for SQLAlchemy's ``AsyncSession`` on each driver (``transaction(session)``).
 
 Each trial waits until the backend is ``active``, cancels, and polls ``pg_stat_activity`` from a
 second connection until the backend leaves ``active`` (the poll's own round trip, about 0.1 ms,
@@ -31,6 +33,8 @@ from typing import Any
 import anyio
 import asyncpg
 import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import cancelkit
 from benchmarks._util import percentile
@@ -139,6 +143,78 @@ async def lock_trial(driver: str, monitor: Any, conn: Any, waiter: Any, table: s
     return took
 
 
+async def session_pid(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+
+async def sqlalchemy_trial(
+    engine: AsyncEngine, how: str, monitor: Any, give_up: float
+) -> tuple[float | None, bool]:
+    """One cancel of a session's statement; reusable: the pool's connection is the same after."""
+    pid = await session_pid(engine)
+    token = cancelkit.CancellationToken()
+    scope = anyio.CancelScope()
+    sleep = text("SELECT pg_sleep(30)")
+
+    async def work() -> None:
+        async with AsyncSession(engine) as session:
+            if how == "cancelkit":
+                try:
+                    async with transaction(session, token=token):
+                        await session.execute(sleep)
+                except cancelkit.OperationCancelled:
+                    pass
+            elif how == "anyio scope":
+                with scope:
+                    await session.execute(sleep)
+            else:
+                await session.execute(sleep)
+
+    task = asyncio.ensure_future(work())
+    while await state(monitor, pid) != "active":
+        await asyncio.sleep(0.0005)
+    started = time.perf_counter()
+    {"cancelkit": token.cancel, "anyio scope": scope.cancel, "task.cancel()": task.cancel}[how]()
+    stopped: float | None = None
+    while time.perf_counter() - started < give_up:
+        if await state(monitor, pid) != "active":
+            stopped = time.perf_counter() - started
+            break
+    if stopped is None:
+        await monitor.execute("SELECT pg_terminate_backend($1)", pid)
+    await asyncio.gather(task, return_exceptions=True)
+    return stopped, await session_pid(engine) == pid
+
+
+async def sqlalchemy_part(
+    server: PostgresServer, monitor: Any, trials: int, give_up: float
+) -> None:
+    for dbapi in ("asyncpg", "psycopg"):
+        url = server.url.replace("postgresql://", f"postgresql+{dbapi}://")
+        engine = create_async_engine(url, pool_size=1, max_overflow=0)
+        kinds = ["task.cancel()", "anyio scope", "cancelkit"]
+        times: dict[str, list[float]] = {how: [] for how in kinds}
+        reusable = dict.fromkeys(kinds, 0)
+        runs = dict.fromkeys(kinds, 0)
+        for n in range(trials):
+            for how in kinds:
+                if how != "cancelkit" and n >= 5 and runs[how] > len(times[how]) == 0:
+                    continue  # never stops: 5 trials say so, 200 would take 200 s
+                stopped, ok = await sqlalchemy_trial(engine, how, monitor, give_up)
+                runs[how] += 1
+                reusable[how] += ok
+                if stopped is not None:
+                    times[how].append(stopped)
+        name = f"sa+{dbapi}"
+        for how in kinds:
+            print(
+                f"{name:12} {how:14} {summary(times[how])}  "
+                f"{len(times[how]):3}/{runs[how]:<3}  {reusable[how]:3}/{runs[how]}"
+            )
+        await engine.dispose()
+
+
 def summary(values: list[float]) -> str:
     if not values:
         return "      —         —"
@@ -177,6 +253,10 @@ async def main_async(trials: int, give_up: float) -> None:
                     f"{driver:8} {how:14} {summary(times[how])}  "
                     f"{len(times[how]):3}/{runs[how]:<3}  {reusable[how]:3}/{runs[how]}"
                 )
+        print(
+            "\nSQLAlchemy's AsyncSession (sa+dialect; reusable: the same pooled connection after)"
+        )
+        await sqlalchemy_part(server, monitor, trials, give_up)
         await monitor.execute("CREATE TABLE bench_locks (id int PRIMARY KEY, v int)")
         await monitor.execute("INSERT INTO bench_locks VALUES (1, 0)")
         print("\nrow lock released after cancel (cancelkit), another transaction waiting:")

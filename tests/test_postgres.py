@@ -26,6 +26,8 @@ import psycopg
 import psycopg_pool
 import pytest
 from anyio import wait_all_tasks_blocked
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 import cancelkit
 from cancelkit.postgres import PostgresTransaction, TransactionOutcome, transaction
@@ -111,6 +113,10 @@ class Driver:
     async def run(self, conn: Any, query: str) -> Any:
         raise NotImplementedError
 
+    async def discarded(self, conn: Any) -> bool:
+        """Whether ``conn`` (from ``connect()``) was closed; then let it go."""
+        raise NotImplementedError
+
 
 class Asyncpg(Driver):
     name = "asyncpg"
@@ -136,6 +142,9 @@ class Asyncpg(Driver):
 
     async def run(self, conn: Any, query: str) -> Any:
         return await conn.fetchval(query)
+
+    async def discarded(self, conn: Any) -> bool:
+        return conn.is_closed()  # type: ignore[no-any-return]
 
 
 class Psycopg(Driver):
@@ -168,8 +177,66 @@ class Psycopg(Driver):
         row = await cursor.fetchone() if cursor.description else None
         return None if row is None else row[0]
 
+    async def discarded(self, conn: Any) -> bool:
+        return conn.closed  # type: ignore[no-any-return]
 
-DRIVERS = [pytest.param(Asyncpg(), id="asyncpg"), pytest.param(Psycopg(), id="psycopg")]
+
+class Sqlalchemy(Driver):
+    """SQLAlchemy's async engine on a driver: a session is the "connection"."""
+
+    def __init__(self, dbapi: str) -> None:
+        self.dbapi = dbapi
+        self.name = f"sqlalchemy+{dbapi}"
+
+    def engine(self, server: PostgresServer, app: str, size: int, port: int = 0) -> AsyncEngine:
+        url = server.url.replace("postgresql://", f"postgresql+{self.dbapi}://")
+        if port:
+            url = url.replace(f":{server.port}/", f":{port}/")
+        settings = {"application_name": app}
+        return create_async_engine(
+            url,
+            pool_size=size,
+            max_overflow=0,
+            connect_args={"server_settings": settings} if self.dbapi == "asyncpg" else settings,
+        )
+
+    @asynccontextmanager
+    async def pool(self, server: PostgresServer, app: str, size: int) -> AsyncIterator[Any]:
+        engine = self.engine(server, app, size)
+        try:
+            yield engine
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        finally:
+            await engine.dispose()
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        return AsyncSession(pool)
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        engine = self.engine(server, app, 1, port)
+        invalidated: list[object] = []
+        event.listen(engine.sync_engine.pool, "invalidate", lambda *_: invalidated.append(1))
+        session = AsyncSession(engine)
+        session.info["invalidated"] = invalidated
+        return session
+
+    async def run(self, conn: Any, query: str) -> Any:
+        result = await conn.execute(text(query))
+        return result.scalar() if result.returns_rows else None
+
+    async def discarded(self, conn: Any) -> bool:
+        """Whether the pool invalidated (closed) the session's connection: never reused."""
+        await conn.close()
+        await conn.bind.dispose()
+        return bool(conn.info["invalidated"])
+
+
+DRIVERS = [
+    pytest.param(Asyncpg(), id="asyncpg"),
+    pytest.param(Psycopg(), id="psycopg"),
+    pytest.param(Sqlalchemy("asyncpg"), id="sqlalchemy+asyncpg"),
+    pytest.param(Sqlalchemy("psycopg"), id="sqlalchemy+psycopg"),
+]
 
 
 async def cancelled_in_flight(
@@ -297,7 +364,7 @@ async def test_the_deadline_stops_the_query_when_the_client_process_is_killed(
 ) -> None:
     """statement_timeout from the token's deadline: the server stops it, the client is gone."""
     app = application_name()
-    dsn = postgres_server.url if driver.name == "asyncpg" else postgres_server.dsn
+    dsn = postgres_server.dsn if driver.name == "psycopg" else postgres_server.url
     command = [sys.executable, "-m", "tests.postgres_client", driver.name, dsn, app, "2"]
     client = subprocess.Popen(  # noqa: ASYNC220 - a kill target, never waited on in the loop
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -334,7 +401,7 @@ async def test_a_refused_cancel_request_ends_in_bounded_time_without_a_raw_excep
         with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
             async with transaction(conn, token=token, cancel_timeout=1) as seen["tx"]:
                 await driver.run(conn, "SELECT pg_sleep(30)")
-        seen["closed"] = conn.is_closed() if driver.name == "asyncpg" else conn.closed
+        seen["closed"] = await driver.discarded(conn)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -541,6 +608,9 @@ def test_the_docs_example_stops_both_queries(postgres_server: PostgresServer) ->
         "statement_timeout for this transaction: 10000 ms",
         "asyncpg: stopped: requested",
         "asyncpg: statements still running on the server: 0",
+        "sqlalchemy: stopped: requested",
+        "sqlalchemy: statements still running on the server: 0",
+        "sqlalchemy: connections checked out of the pool: 0",
         "trio: stopped: requested",
         "trio: the connection is IDLE",
     ]

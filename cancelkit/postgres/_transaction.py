@@ -45,11 +45,14 @@ class TransactionOutcome(enum.StrEnum):
     DISCARDED = "discarded"
 
 
-Driver: TypeAlias = Literal["asyncpg", "psycopg", "psycopg-sync"]
+Driver: TypeAlias = Literal["asyncpg", "psycopg", "psycopg-sync", "sqlalchemy"]
 
 
-def _driver(conn: object) -> Driver:
+def driver_of(conn: object) -> Driver:
     """Which driver ``conn`` belongs to, without importing one that is not loaded."""
+    sqlalchemy = sys.modules.get("sqlalchemy.ext.asyncio")
+    if sqlalchemy is not None and isinstance(conn, sqlalchemy.AsyncSession):
+        return "sqlalchemy"
     asyncpg = sys.modules.get("asyncpg")
     if asyncpg is not None and isinstance(conn, asyncpg.Connection):  # pool proxies too
         return "asyncpg"
@@ -59,8 +62,8 @@ def _driver(conn: object) -> Driver:
     if psycopg is not None and isinstance(conn, psycopg.Connection):
         return "psycopg-sync"
     raise TypeError(
-        "transaction() takes an asyncpg connection (or pool connection) or a psycopg 3 "
-        f"connection, not {type(conn).__name__}"
+        "transaction() takes an asyncpg connection (or pool connection), a psycopg 3 "
+        f"connection or a SQLAlchemy AsyncSession, not {type(conn).__name__}"
     )
 
 
@@ -95,7 +98,7 @@ class PostgresTransaction:
 
     def __init__(self, conn: object, token: CancellationToken, cancel_timeout: float) -> None:
         self._conn: Any = conn
-        self._driver = _driver(conn)
+        self._driver = driver_of(conn)
         self._cm: Any = None
         self._canceller: threading.Thread | None = None
         #: The token the transaction follows.
@@ -116,7 +119,12 @@ class PostgresTransaction:
             raise TypeError("a sync psycopg.Connection takes 'with transaction(conn)'")
         if self._cm is not None:
             raise RuntimeError("a PostgresTransaction can only be entered once")
-        self._cm = self._asyncpg() if self._driver == "asyncpg" else self._psycopg()
+        if self._driver == "sqlalchemy":
+            from ._sqlalchemy import session_transaction
+
+            self._cm = session_transaction(self, self._conn)
+        else:
+            self._cm = self._asyncpg() if self._driver == "asyncpg" else self._psycopg()
         return await self._cm.__aenter__()  # type: ignore[no-any-return]
 
     async def __aexit__(
@@ -143,33 +151,6 @@ class PostgresTransaction:
     ) -> bool:
         return bool(self._cm.__exit__(exc_type, exc, tb))
 
-    # -- shared ------------------------------------------------------------------------------
-
-    def _begin(self) -> str | None:
-        """Check the token; return the ``SET LOCAL`` to run first, if it has a deadline."""
-        self.token.raise_if_cancelled()
-        self.statement_timeout = _timeout_ms(self.token)
-        if self.statement_timeout is None:
-            return None
-        return f"SET LOCAL statement_timeout = {self.statement_timeout}"
-
-    def _stopped(self, exc: BaseException) -> BaseException:
-        """The exception the block ends with: ours for a statement our token stopped."""
-        reason = self.token.reason
-        if reason is not None and getattr(exc, "sqlstate", None) == _QUERY_CANCELED:
-            return OperationCancelled(reason)
-        return exc
-
-    def _discarded(self, error: BaseException | None, what: str) -> None:
-        self.outcome = TransactionOutcome.DISCARDED
-        self.error = error
-        logger.warning(
-            "postgres: %s; connection discarded (token %r)%s",
-            what,
-            self.token,
-            f": {error!r}" if error is not None else "",
-        )
-
     # -- asyncpg -------------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -177,7 +158,7 @@ class PostgresTransaction:
         # asyncpg sends its cancel request itself, from a task of its own, when the awaiting task
         # is cancelled; the next statement (our rollback) waits for the server's answer to it.
         conn = self._conn
-        set_timeout = self._begin()
+        set_timeout = begin(self)
         tx = conn.transaction()
         with anyio.CancelScope(shield=True), anyio.fail_after(self.cancel_timeout):
             await tx.start()  # cut short, it would leave the connection in an unknown state
@@ -194,7 +175,7 @@ class PostgresTransaction:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._settle_asyncpg(tx, committing)
-            stopped = self._stopped(exc)
+            stopped = stopped_by(self.token, exc)
             if stopped is exc:
                 raise
             raise stopped from exc
@@ -209,7 +190,7 @@ class PostgresTransaction:
                 _check_clean(conn.is_closed() or conn.is_in_transaction())
         except Exception as error:  # a failed cancel (asyncpg#1310's raw ConnectionError), ...
             conn.terminate()
-            self._discarded(error, "the cancel or the rollback failed or timed out")
+            discarded(self, error, "the cancel or the rollback failed or timed out")
             return
         self.outcome = TransactionOutcome.ROLLED_BACK
 
@@ -225,7 +206,7 @@ class PostgresTransaction:
         # the block only once the statement has ended (psycopg's lock is free), or after
         # cancel_timeout.
         conn = self._conn
-        set_timeout = self._begin()
+        set_timeout = begin(self)
         key = conn.pgconn.get_cancel()  # still usable after psycopg closed the connection
         tx = conn.transaction()
         with anyio.CancelScope(shield=True), anyio.fail_after(self.cancel_timeout):
@@ -249,7 +230,7 @@ class PostgresTransaction:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._settle_psycopg(tx, key, exc)
-            stopped = self._stopped(exc)
+            stopped = stopped_by(self.token, exc)
             if stopped is exc:
                 raise
             raise stopped from exc
@@ -286,7 +267,7 @@ class PostgresTransaction:
                         await anyio.to_thread.run_sync(key.cancel, abandon_on_cancel=True)
                     except Exception as cancel_error:
                         error = self.error = self.error or cancel_error
-            self._discarded(self.error or error, "the cancel or the rollback failed or timed out")
+            discarded(self, self.error or error, "the cancel or the rollback failed or timed out")
             return
         self.outcome = TransactionOutcome.ROLLED_BACK
 
@@ -295,7 +276,7 @@ class PostgresTransaction:
     @contextmanager
     def _sync(self) -> Iterator[PostgresTransaction]:
         conn = self._conn
-        set_timeout = self._begin()
+        set_timeout = begin(self)
         handle = None
         try:
             with conn.transaction():
@@ -306,10 +287,10 @@ class PostgresTransaction:
         except BaseException as exc:
             if conn.closed or conn.info.transaction_status != _psycopg_idle():
                 conn.close()
-                self._discarded(self.error or exc, "the rollback failed")
+                discarded(self, self.error or exc, "the rollback failed")
             else:
                 self.outcome = TransactionOutcome.ROLLED_BACK
-            stopped = self._stopped(exc)
+            stopped = stopped_by(self.token, exc)
             if stopped is exc:
                 raise
             raise stopped from exc
@@ -334,6 +315,46 @@ class PostgresTransaction:
         except Exception as error:
             self.error = error
             logger.warning("postgres: the cancel request failed (token %r): %r", self.token, error)
+
+
+# -- shared by every driver (module functions: _sqlalchemy.py uses them too) -----------------
+
+
+def begin(tx: PostgresTransaction) -> str | None:
+    """Check the token; return the ``SET LOCAL`` to run first, if it has a deadline."""
+    tx.token.raise_if_cancelled()
+    tx.statement_timeout = _timeout_ms(tx.token)
+    if tx.statement_timeout is None:
+        return None
+    return f"SET LOCAL statement_timeout = {tx.statement_timeout}"
+
+
+def stopped_by(token: CancellationToken, exc: BaseException) -> BaseException:
+    """The exception a block ends with: ours for a statement our token stopped.
+
+    The server's "canceling statement" error is found on the exception, on what it wraps
+    (SQLAlchemy's ``orig``) or on its cause (the driver's error a wrapper was raised from).
+    """
+    reason = token.reason
+    seen: BaseException | None = exc
+    for _ in range(3):
+        if reason is None or seen is None:
+            break
+        if getattr(seen, "sqlstate", None) == _QUERY_CANCELED:
+            return OperationCancelled(reason)
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return exc
+
+
+def discarded(tx: PostgresTransaction, error: BaseException | None, what: str) -> None:
+    tx.outcome = TransactionOutcome.DISCARDED
+    tx.error = error
+    logger.warning(
+        "postgres: %s; connection discarded (token %r)%s",
+        what,
+        tx.token,
+        f": {error!r}" if error is not None else "",
+    )
 
 
 def _check_clean(dirty: bool) -> None:
@@ -363,13 +384,14 @@ def transaction(
 
     Works with connections as your code gets them: ``asyncpg.connect()``, an asyncpg pool's
     ``acquire()``, ``psycopg.AsyncConnection.connect()``, a ``psycopg_pool`` connection, and a
-    sync ``psycopg.Connection`` used with ``with`` in a worker thread. Inside an existing
-    transaction it becomes a savepoint (its ``statement_timeout`` then lasts until the outer
-    transaction ends).
+    sync ``psycopg.Connection`` used with ``with`` in a worker thread, and SQLAlchemy's
+    ``AsyncSession`` (asyncpg or psycopg dialect; the session's transaction, committed at the
+    end). Inside an existing transaction it becomes a savepoint (its ``statement_timeout`` then
+    lasts until the outer transaction ends).
 
     Args:
-        conn: an ``asyncpg.Connection`` or pool connection, a ``psycopg.AsyncConnection``, or
-            a sync ``psycopg.Connection`` (checked when called).
+        conn: an ``asyncpg.Connection`` or pool connection, a ``psycopg.AsyncConnection``, a
+            sync ``psycopg.Connection`` or a SQLAlchemy ``AsyncSession`` (checked when called).
         token: the token to follow; :func:`~cancelkit.current_token` when omitted.
         cancel_timeout: the most seconds the cancel request, the wait for the statement to
             end and the rollback may take before the connection is discarded instead.
@@ -378,7 +400,7 @@ def transaction(
         The context manager; it yields itself, and its ``outcome`` is set on exit.
 
     Raises:
-        TypeError: if ``conn`` is not an asyncpg or psycopg 3 connection.
+        TypeError: if ``conn`` is not an asyncpg or psycopg 3 connection or an ``AsyncSession``.
         RuntimeError: if no token is given and there is no current token.
         ValueError: if ``cancel_timeout`` is not a positive number.
         OperationCancelled: (from the block) when the token stopped the work.

@@ -8,11 +8,16 @@ import sys
 import anyio
 import asyncpg
 import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import cancelkit
 from cancelkit.postgres import transaction
 
 URL = sys.argv[1]
+RUNNING = (
+    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' AND state = 'active'"
+)
 
 
 async def report(pool: asyncpg.Pool) -> None:
@@ -39,11 +44,31 @@ async def asyncpg_request() -> None:
             await anyio.sleep(0.5)
             token.cancel()  # the user pressed Stop
         async with pool.acquire() as conn:  # the same connection, clean
-            busy = await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
-                " AND state = 'active'"
-            )
+            busy = await conn.fetchval(RUNNING)
             print(f"asyncpg: statements still running on the server: {busy}")
+
+
+async def sqlalchemy_request() -> None:
+    engine = create_async_engine(URL.replace("postgresql://", "postgresql+asyncpg://"))
+    token = cancelkit.CancellationToken()
+    async with anyio.create_task_group() as tg:
+
+        async def request() -> None:
+            try:
+                with token.scope():
+                    async with AsyncSession(engine) as session, transaction(session):
+                        await session.execute(text("SELECT pg_sleep(30)"))
+            except cancelkit.OperationCancelled as exc:
+                print(f"sqlalchemy: stopped: {exc.reason.kind}")
+
+        tg.start_soon(request)
+        await anyio.sleep(0.5)
+        token.cancel()
+    async with engine.connect() as conn:
+        busy = (await conn.execute(text(RUNNING))).scalar()
+    print(f"sqlalchemy: statements still running on the server: {busy}")
+    print(f"sqlalchemy: connections checked out of the pool: {engine.pool.checkedout()}")
+    await engine.dispose()
 
 
 def trio_report(conn: psycopg.Connection) -> None:
@@ -71,4 +96,5 @@ async def trio_request() -> None:
 
 
 anyio.run(asyncpg_request)
+anyio.run(sqlalchemy_request)
 anyio.run(trio_request, backend="trio")
