@@ -68,6 +68,19 @@ async def state(monitor: Any, pid: int) -> str | None:
     return None if value is None else str(value)
 
 
+async def stop_time(monitor: Any, pid: int, cancel: Any, give_up: float) -> float | None:
+    """Once ``pid`` is active: cancel, then seconds until it is not (None: terminated after)."""
+    while await state(monitor, pid) != "active":
+        await asyncio.sleep(0.0005)
+    started = time.perf_counter()
+    cancel()
+    while time.perf_counter() - started < give_up:
+        if await state(monitor, pid) != "active":
+            return time.perf_counter() - started
+    await monitor.execute("SELECT pg_terminate_backend($1)", pid)
+    return None
+
+
 async def trial(
     driver: str, how: str, server: PostgresServer, monitor: Any, conn: Any, give_up: float
 ) -> tuple[float | None, bool, Any]:
@@ -90,17 +103,8 @@ async def trial(
             await run(driver, conn, "SELECT pg_sleep(30)")
 
     task = asyncio.ensure_future(work())
-    while await state(monitor, pid) != "active":
-        await asyncio.sleep(0.0005)
-    started = time.perf_counter()
-    {"cancelkit": token.cancel, "anyio scope": scope.cancel, "task.cancel()": task.cancel}[how]()
-    stopped: float | None = None
-    while time.perf_counter() - started < give_up:
-        if await state(monitor, pid) != "active":
-            stopped = time.perf_counter() - started
-            break
-    if stopped is None:
-        await monitor.execute("SELECT pg_terminate_backend($1)", pid)
+    cancel = {"cancelkit": token.cancel, "anyio scope": scope.cancel, "task.cancel()": task.cancel}
+    stopped = await stop_time(monitor, pid, cancel[how], give_up)
     try:
         with anyio.fail_after(give_up + 5):
             await asyncio.gather(task, return_exceptions=True)
@@ -172,17 +176,8 @@ async def sqlalchemy_trial(
                 await session.execute(sleep)
 
     task = asyncio.ensure_future(work())
-    while await state(monitor, pid) != "active":
-        await asyncio.sleep(0.0005)
-    started = time.perf_counter()
-    {"cancelkit": token.cancel, "anyio scope": scope.cancel, "task.cancel()": task.cancel}[how]()
-    stopped: float | None = None
-    while time.perf_counter() - started < give_up:
-        if await state(monitor, pid) != "active":
-            stopped = time.perf_counter() - started
-            break
-    if stopped is None:
-        await monitor.execute("SELECT pg_terminate_backend($1)", pid)
+    cancel = {"cancelkit": token.cancel, "anyio scope": scope.cancel, "task.cancel()": task.cancel}
+    stopped = await stop_time(monitor, pid, cancel[how], give_up)
     await asyncio.gather(task, return_exceptions=True)
     return stopped, await session_pid(engine) == pid
 
