@@ -1,8 +1,9 @@
 """Nox sessions: tests on 3.11-3.13, coverage, lint, typecheck, docs, example, demo, bench.
 
-The tests need two programs that pip cannot install: a real ``redis-server`` (the Redis
-integration tests) and Chromium (the demo's browser test; Playwright drives the system browser,
-it never downloads one). The ``tests`` sessions find them, and when one is missing and this
+The tests need programs that pip cannot install: a real ``redis-server`` (the Redis
+integration tests), Chromium (the demo's browser test; Playwright drives the system browser,
+it never downloads one) and PostgreSQL's ``pg_ctl``/``initdb`` (``CANCELKIT_PG_CTL``; the
+Postgres tests). The ``tests`` sessions find them, and when one is missing and this
 process may use Debian's package manager (root, ``apt-get`` present), install it with
 ``apt-get`` and say so. ``CANCELKIT_PROVISION=no`` forbids installing; ``CANCELKIT_REDIS_SERVER``
 and ``CANCELKIT_CHROMIUM`` name the programs to use instead of looking them up on ``PATH``.
@@ -25,7 +26,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PYTHONS = ["3.11", "3.12", "3.13"]
-EXTRAS = "-e.[fastapi,redis,httpx]"
+EXTRAS = "-e.[fastapi,redis,httpx,asyncpg,psycopg]"
 
 nox.options.default_venv_backend = "uv|virtualenv"
 # "lowest" runs the suite on the declared floors (no coverage: 6.5-9 minutes on 2 shared cores,
@@ -81,6 +82,7 @@ class Program:
     env: str  # variable that names it explicitly (the tests read the same variable)
     package: str  # Debian package that ships it
     why: str  # one line: which tests need it
+    where: str = ""  # a glob of directories to look in when it is not on PATH
 
 
 # Why Debian's packages and not a PyPI wheel with the binary: for Chromium there is none that
@@ -101,6 +103,13 @@ PROGRAMS = (
         "chromium",
         "the demo's browser test drives headless Chromium (Playwright never downloads a browser)",
     ),
+    Program(
+        "pg_ctl",
+        "CANCELKIT_PG_CTL",
+        "postgresql",
+        "the Postgres tests run initdb and pg_ctl (a real PostgreSQL server) on 127.0.0.1",
+        where="/usr/lib/postgresql/*/bin",  # Debian keeps the server programs off PATH
+    ),
 )
 _provisioned: dict[str, str | None] | None = None  # computed once per nox run
 
@@ -117,6 +126,11 @@ def _find(program: Program) -> tuple[str | None, str]:
     explicit = os.environ.get(program.env)
     how = f"{program.env}={explicit}" if explicit else f"{program.name} on PATH"
     found = shutil.which(explicit or program.name)
+    if found is None and not explicit and program.where:
+        newest = sorted(
+            glob.glob(program.where), key=lambda p: [int(x) for x in p.split("/") if x.isdigit()]
+        )
+        found = shutil.which(program.name, path=os.pathsep.join(reversed(newest)))
     return (os.path.abspath(found) if found else None), how
 
 
@@ -219,14 +233,16 @@ def lowest(session: nox.Session) -> None:
     """Run the suite on the lowest versions pyproject.toml allows, so that its floors are true.
 
     uv's ``lowest-direct`` resolution installs the floor of every direct dependency (anyio,
-    fastapi, coredis, httpx) and of the libraries the tests run cancelkit on (trio); the tools
-    of the test group (pytest, servers) are then added at versions that keep those pins.
+    fastapi, coredis, httpx, asyncpg, psycopg) and of the libraries the tests run cancelkit on
+    (trio, SQLAlchemy); the tools of the test group (pytest, servers) are then added at versions
+    that keep those pins.
     No coverage: the ``tests`` sessions measure it.
     """
     floors = [
         req
         for req in nox.project.dependency_groups(PYPROJECT, "test")
-        if req.split(">")[0].split("=")[0].strip() in {"trio", "fastapi", "coredis", "httpx"}
+        if req.split(">")[0].split("=")[0].split("[")[0].strip()
+        in {"trio", "fastapi", "coredis", "httpx", "asyncpg", "psycopg", "sqlalchemy"}
     ]
     session.install("--resolution", "lowest-direct", EXTRAS, *floors)
     python = str(Path(session.bin) / "python")
@@ -247,7 +263,8 @@ def lowest(session: nox.Session) -> None:
 _SHOW_VERSIONS = (
     "from importlib.metadata import version as v; "
     "print('lowest:', ', '.join(f'{n} {v(n)}' for n in "
-    "('anyio', 'trio', 'fastapi', 'starlette', 'coredis', 'httpx', 'httpcore')))"
+    "('anyio', 'trio', 'fastapi', 'starlette', 'coredis', 'httpx', 'httpcore', "
+    "'asyncpg', 'psycopg', 'sqlalchemy')))"
 )
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.cluster import LocalCluster
+from tests.postgres import postgres_server as postgres_server
 from tests.programs import program, unavailable
 
 settings.register_profile(

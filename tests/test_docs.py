@@ -6,6 +6,7 @@ These read the Markdown sources and the example files they include (no docs buil
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import re
 import textwrap
@@ -155,6 +156,7 @@ def test_every_route_quoted_in_the_docs_exists(page: Path) -> None:
 
 # Names the docs quote that are not cancelkit's and not defined or imported by an example.
 EXTERNAL = {
+    *(name for name in dir(builtins) if name[:1].isupper()),  # exceptions, None, ...
     "StreamingResponse",
     "WebSocket",
     "WebSocketDisconnect",
@@ -166,16 +168,6 @@ EXTERNAL = {
     "X-Sequence",
     "X-User",
     "Last-Event-ID",
-    "OSError",
-    "LookupError",
-    "Exception",
-    "ValueError",
-    "RuntimeError",
-    "TimeoutError",
-    "KeyboardInterrupt",
-    "None",
-    "True",
-    "False",
     "EventSource",
     "AbortController",
     "AsyncClient",

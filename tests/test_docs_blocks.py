@@ -5,9 +5,10 @@ MyST comment that the rendered page does not show. Each kind of block has its ch
 
 - `` ```python ``: runs, in order, in one namespace per page. Top-level ``await`` and
   ``async with`` are allowed: such a block runs in ``anyio.run`` on asyncio and, in a second
-  test, on trio. A block of ``>>>`` lines is a doctest. Setup a reader does not need to see
-  goes in ``% invisible-code-block: python`` comments; a name a block uses that is a test
-  fixture (``redis``: a real redis-server, from tests/conftest.py) is put in its namespace.
+  test, on trio (but for the few pages of ``ASYNCIO_ONLY``). A block of ``>>>`` lines is a
+  doctest. Setup a reader does not need to see goes in ``% invisible-code-block: python``
+  comments; a name a block uses that is a test fixture (``redis``: a real redis-server;
+  ``postgres_server``: a real PostgreSQL server) is put in its namespace.
 - `` ```console `` and `` ```sh ``: not run; each command must name what exists (a nox session,
   an extra, a file or module of this repository, the flags its source knows).
 - `` ```toml ``: every key it sets has that value in pyproject.toml.
@@ -52,8 +53,10 @@ TESTS = {p.name: p.read_text(encoding="utf-8") for p in Path(__file__).parent.gl
 #: The most blocks that may be marked ``skip: next`` (each one cannot run here): lower it when
 #: one goes, never raise it without a reason the lead accepts.
 NOT_RUN_AT_MOST = 1
+#: Pages whose async blocks run on asyncio only, and why.
+ASYNCIO_ONLY = {"postgres.md": "SQLAlchemy's async engine, asyncpg and async psycopg need asyncio"}
 #: Test fixtures a page's Python blocks may use by name.
-FIXTURES = ("redis",)
+FIXTURES = ("redis", "postgres_server")
 
 
 # ------------------------------------------------------------------------------ reading pages
@@ -348,7 +351,7 @@ def skipped(document: Document) -> list[tuple[str, str | None]]:
 
 def backends(page: Path) -> list[str]:
     any_async = any(is_async(source) for source in python_blocks(parse(page)))
-    return ["asyncio", "trio"] if any_async else ["asyncio"]
+    return ["asyncio", "trio"] if any_async and page.name not in ASYNCIO_ONLY else ["asyncio"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,616 @@
+"""cancelkit.postgres against a real PostgreSQL server: the query stops on the server.
+
+Server-side effects are observed from a second connection polling ``pg_stat_activity`` until a
+generous bound (``POLL``); the bound only decides when to give up, never what passes.
+asyncpg and psycopg's async mode run on asyncio only; the sync psycopg connection in a worker
+thread is the trio way (it runs on both).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+import psycopg
+import psycopg_pool
+import pytest
+from anyio import wait_all_tasks_blocked
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+import cancelkit
+from cancelkit.postgres import PostgresTransaction, TransactionOutcome, transaction
+from tests.postgres import OneShotProxy, PostgresServer
+
+POLL = 10.0  # seconds to wait for a server-side effect before failing
+CYCLES = 1000
+
+pytestmark = pytest.mark.anyio
+asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+
+def application_name() -> str:
+    return f"ck-{uuid.uuid4().hex[:12]}"
+
+
+class Monitor:
+    """A second connection that reads ``pg_stat_activity`` (sync, from worker threads)."""
+
+    def __init__(self, server: PostgresServer) -> None:
+        self.conn = psycopg.connect(server.dsn, autocommit=True)
+
+    def states(self, app: str) -> list[str]:
+        rows = self.conn.execute(
+            # "active" means our pg_sleep() runs: other statements are not what tests wait for
+            "SELECT CASE WHEN state = 'active' AND query NOT LIKE '%%pg_sleep%%'"
+            " THEN 'active (other)' ELSE coalesce(state, '') END"
+            " FROM pg_stat_activity WHERE application_name = %s",
+            (app,),
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def sql(self, query: str, *params: object) -> Any:
+        cursor = self.conn.execute(query.encode(), params)
+        row = cursor.fetchone() if cursor.description else None
+        return None if row is None else row[0]
+
+    async def wait_for(self, app: str, done: Callable[[list[str]], bool], what: str) -> None:
+        give_up = time.monotonic() + POLL
+        while not done(states := await anyio.to_thread.run_sync(self.states, app)):
+            if time.monotonic() > give_up:
+                pytest.fail(f"{what}: {POLL} s later the backends of {app} are {states}")
+            await anyio.sleep(0.002)
+
+    async def started(self, app: str) -> None:
+        await self.wait_for(app, lambda states: "active" in states, "the query never started")
+
+    async def stopped(self, app: str) -> None:
+        await self.wait_for(app, lambda states: "active" not in states, "the query still runs")
+
+    def terminate(self, app: str) -> None:
+        self.sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            app,
+        )
+
+
+@pytest.fixture
+def monitor(postgres_server: PostgresServer) -> Any:
+    monitor = Monitor(postgres_server)
+    yield monitor
+    monitor.conn.close()
+
+
+# --------------------------------------------------------------------------- the two drivers
+
+
+class Driver:
+    """What the tests do with a driver's pool and connections, the same for both."""
+
+    name = ""
+
+    def pool(self, server: PostgresServer, app: str, size: int) -> Any:
+        raise NotImplementedError
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        raise NotImplementedError
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        raise NotImplementedError
+
+    async def run(self, conn: Any, query: str) -> Any:
+        raise NotImplementedError
+
+    async def discarded(self, conn: Any) -> bool:
+        """Whether ``conn`` (from ``connect()``) was closed; then let it go."""
+        raise NotImplementedError
+
+
+class Asyncpg(Driver):
+    name = "asyncpg"
+
+    @asynccontextmanager
+    async def pool(self, server: PostgresServer, app: str, size: int) -> AsyncIterator[Any]:
+        async with asyncpg.create_pool(
+            server.url, min_size=size, max_size=size, server_settings={"application_name": app}
+        ) as pool:
+            yield pool
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        return pool.acquire()  # type: ignore[no-any-return]
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        return await asyncpg.connect(
+            host="127.0.0.1",
+            port=port,
+            user=server.user,
+            database=server.database,
+            server_settings={"application_name": app},
+        )
+
+    async def run(self, conn: Any, query: str) -> Any:
+        return await conn.fetchval(query)
+
+    async def discarded(self, conn: Any) -> bool:
+        return conn.is_closed()  # type: ignore[no-any-return]
+
+
+class Psycopg(Driver):
+    name = "psycopg"
+
+    @asynccontextmanager
+    async def pool(self, server: PostgresServer, app: str, size: int) -> AsyncIterator[Any]:
+        async with psycopg_pool.AsyncConnectionPool(
+            server.dsn,
+            min_size=size,
+            max_size=size,
+            kwargs={"application_name": app, "autocommit": True},
+            open=False,
+        ) as pool:
+            await pool.wait()
+            yield pool
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        return pool.connection()  # type: ignore[no-any-return]
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        return await psycopg.AsyncConnection.connect(
+            f"host=127.0.0.1 port={port} user={server.user} dbname={server.database}",
+            application_name=app,
+            autocommit=True,
+        )
+
+    async def run(self, conn: Any, query: str) -> Any:
+        cursor = await conn.execute(query.encode())
+        row = await cursor.fetchone() if cursor.description else None
+        return None if row is None else row[0]
+
+    async def discarded(self, conn: Any) -> bool:
+        return conn.closed  # type: ignore[no-any-return]
+
+
+class Sqlalchemy(Driver):
+    """SQLAlchemy's async engine on a driver: a session is the "connection"."""
+
+    def __init__(self, dbapi: str) -> None:
+        self.dbapi = dbapi
+        self.name = f"sqlalchemy+{dbapi}"
+
+    def engine(self, server: PostgresServer, app: str, size: int, port: int = 0) -> AsyncEngine:
+        url = server.url.replace("postgresql://", f"postgresql+{self.dbapi}://")
+        if port:
+            url = url.replace(f":{server.port}/", f":{port}/")
+        settings = {"application_name": app}
+        return create_async_engine(
+            url,
+            pool_size=size,
+            max_overflow=0,
+            connect_args={"server_settings": settings} if self.dbapi == "asyncpg" else settings,
+        )
+
+    @asynccontextmanager
+    async def pool(self, server: PostgresServer, app: str, size: int) -> AsyncIterator[Any]:
+        engine = self.engine(server, app, size)
+        try:
+            yield engine
+            assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        finally:
+            await engine.dispose()
+
+    def acquire(self, pool: Any) -> AbstractAsyncContextManager[Any]:
+        return AsyncSession(pool)
+
+    async def connect(self, server: PostgresServer, app: str, port: int) -> Any:
+        engine = self.engine(server, app, 1, port)
+        invalidated: list[object] = []
+        event.listen(engine.sync_engine.pool, "invalidate", lambda *_: invalidated.append(1))
+        session = AsyncSession(engine)
+        session.info["invalidated"] = invalidated
+        return session
+
+    async def run(self, conn: Any, query: str) -> Any:
+        result = await conn.execute(text(query))
+        return result.scalar() if result.returns_rows else None
+
+    async def discarded(self, conn: Any) -> bool:
+        """Whether the pool invalidated (closed) the session's connection: never reused."""
+        await conn.close()
+        await conn.bind.dispose()
+        return bool(conn.info["invalidated"])
+
+
+DRIVERS = [
+    pytest.param(Asyncpg(), id="asyncpg"),
+    pytest.param(Psycopg(), id="psycopg"),
+    pytest.param(Sqlalchemy("asyncpg"), id="sqlalchemy+asyncpg"),
+    pytest.param(Sqlalchemy("psycopg"), id="sqlalchemy+psycopg"),
+]
+
+
+async def cancelled_in_flight(
+    monitor: Monitor, app: str, token: cancelkit.CancellationToken, work: Callable[[], Any]
+) -> None:
+    """Run ``work`` until its query is active on the server, cancel, see the query stop."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await monitor.started(app)
+        token.cancel()
+        await monitor.stopped(app)
+
+
+# --------------------------------------------------------------------------- asyncio drivers
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_cancelled_query_stops_on_the_server_and_the_pooled_connection_is_reused(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """pg_sleep(30) under a cancelled token leaves `active`; the pool's connection then works."""
+    app = application_name()
+    token = cancelkit.CancellationToken()
+    seen: dict[str, Any] = {}
+
+    async def work() -> None:
+        async with driver.acquire(pool) as conn:
+            seen["pid"] = await driver.run(conn, "SELECT pg_backend_pid()")
+            with pytest.raises(cancelkit.OperationCancelled) as caught:
+                async with transaction(conn, token=token) as seen["tx"]:
+                    await driver.run(conn, "SELECT pg_sleep(30)")
+            assert caught.value.reason is token.reason
+
+    async with driver.pool(postgres_server, app, 1) as pool:
+        await cancelled_in_flight(monitor, app, token, work)
+        assert seen["tx"].outcome is TransactionOutcome.ROLLED_BACK
+        async with driver.acquire(pool) as conn:
+            assert await driver.run(conn, "SELECT pg_backend_pid()") == seen["pid"]
+            assert await driver.run(conn, "SELECT 1") == 1
+    assert monitor.states(app) in ([], ["idle"])  # idle: the pool's close still on its way
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_cancelled_statements_row_lock_is_released(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """The cancelled statement's transaction is rolled back: another one gets its row lock."""
+    app, table = application_name(), f"locks_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+    monitor.sql(f"INSERT INTO {table} VALUES (1, 0) RETURNING v")
+    token = cancelkit.CancellationToken()
+
+    async def work() -> None:
+        with pytest.raises(cancelkit.OperationCancelled):
+            async with driver.acquire(pool) as conn, transaction(conn, token=token):
+                await driver.run(conn, f"UPDATE {table} SET v = v + 1 WHERE id = 1")
+                await driver.run(conn, "SELECT pg_sleep(30)")
+
+    def take_the_lock() -> Any:
+        with psycopg.connect(postgres_server.dsn) as other:
+            other.execute(f"SET lock_timeout = '{POLL}s'")
+            row = other.execute(f"UPDATE {table} SET v = v + 10 WHERE id = 1 RETURNING v")
+            return row.fetchone()
+
+    async with driver.pool(postgres_server, app, 1) as pool:
+        await cancelled_in_flight(monitor, app, token, work)
+        assert await anyio.to_thread.run_sync(take_the_lock) == (10,)  # the +1 rolled back
+    monitor.sql(f"DROP TABLE {table}")
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_cancel_cycles_leak_no_connection_and_leave_none_idle_in_transaction(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """1,000 cancels (before the transaction, as it begins, in a statement), in track()'s scope."""
+    app, size = application_name(), 2
+    outcomes: dict[TransactionOutcome | None, int] = {}
+
+    async def one(pool: Any, token: cancelkit.CancellationToken, ready: anyio.Event) -> None:
+        async with driver.acquire(pool) as conn:
+            tx = transaction(conn, token=token)
+            with token.move_on():  # the request's own interrupting scope, as in track()
+                try:
+                    async with tx:
+                        ready.set()
+                        await driver.run(conn, "SELECT pg_sleep(0.05)")
+                except cancelkit.OperationCancelled:
+                    assert token.cancelled
+            outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
+
+    async with driver.pool(postgres_server, app, size) as pool:
+        for cycle in range(CYCLES // size):
+            lanes = [(cancelkit.CancellationToken(), anyio.Event()) for _ in range(size)]
+            async with anyio.create_task_group() as tg:
+                for token, ready in lanes:
+                    if cycle % 3 == 0:
+                        token.cancel()  # before the transaction
+                    tg.start_soon(one, pool, token, ready)
+                if cycle % 3 == 1:  # in the statement: sent, its answer awaited
+                    for _, ready in lanes:
+                        await ready.wait()
+                    await wait_all_tasks_blocked()
+                else:  # cycle % 3 == 2: wherever they are (acquiring, beginning)
+                    await anyio.lowlevel.checkpoint()
+                for token, _ in lanes:
+                    token.cancel()
+        states = monitor.states(app)
+        assert sorted(states) == ["idle"] * size  # none active, none idle in transaction
+    await monitor.wait_for(app, lambda states: not states, "connections left after the pool")
+    before = size * len(range(0, CYCLES // size, 3))  # cancelled before: never began
+    assert outcomes.pop(None) == before
+    # A statement may end before its cancel (then it commits): all that matters is that no
+    # connection had to be discarded.
+    assert set(outcomes) <= {TransactionOutcome.ROLLED_BACK, TransactionOutcome.COMMITTED}
+    assert outcomes[TransactionOutcome.ROLLED_BACK] > (CYCLES - before) // 2, outcomes
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_the_deadline_stops_the_query_when_the_client_process_is_killed(
+    driver: Driver, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """statement_timeout from the token's deadline: the server stops it, the client is gone."""
+    app = application_name()
+    dsn = postgres_server.dsn if driver.name == "psycopg" else postgres_server.url
+    command = [sys.executable, "-m", "tests.postgres_client", driver.name, dsn, app, "2"]
+    client = subprocess.Popen(  # noqa: ASYNC220 - a kill target, never waited on in the loop
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        await monitor.started(app)
+        client.send_signal(signal.SIGKILL)  # long before its deadline: it cannot cancel
+        assert await anyio.to_thread.run_sync(client.wait) == -signal.SIGKILL
+        await monitor.stopped(app)  # pg_sleep(30), stopped at about 2 s by the server
+    finally:
+        client.kill()
+        client.wait()
+        assert client.stderr is not None
+        client.stderr.close()
+        monitor.terminate(app)
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_refused_cancel_request_ends_in_bounded_time_without_a_raw_exception(
+    driver: Driver,
+    postgres_server: PostgresServer,
+    monitor: Monitor,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The cancel connection refused: OperationCancelled, the connection discarded, logged."""
+    app = application_name()
+    proxy = OneShotProxy(postgres_server.port)  # the cancel request's connection is refused
+    token = cancelkit.CancellationToken()
+    seen: dict[str, Any] = {}
+
+    async def work() -> None:
+        conn = await driver.connect(postgres_server, app, proxy.port)
+        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+            async with transaction(conn, token=token, cancel_timeout=1) as seen["tx"]:
+                await driver.run(conn, "SELECT pg_sleep(30)")
+        seen["closed"] = await driver.discarded(conn)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await monitor.started(app)
+            token.cancel()
+    finally:
+        proxy.close()
+        monitor.terminate(app)
+    assert seen["tx"].outcome is TransactionOutcome.DISCARDED
+    assert seen["closed"]
+    assert "connection discarded" in caplog.text
+
+
+# ------------------------------------------------------------------ sync psycopg in a thread
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_thread_statement_stops_when_the_token_is_cancelled_on_trio(
+    postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """Sync psycopg in a worker thread: the token's cancel stops it; the connection is reused."""
+    app, table = application_name(), f"locks_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+    monitor.sql(f"INSERT INTO {table} VALUES (1, 0)")
+    conn = psycopg.connect(postgres_server.dsn, application_name=app, autocommit=True)
+    token = cancelkit.CancellationToken()
+    seen: dict[str, PostgresTransaction] = {}
+
+    def work() -> None:  # current_token() follows the call into the thread
+        with transaction(conn) as seen["tx"]:
+            conn.execute(f"UPDATE {table} SET v = v + 1 WHERE id = 1".encode())
+            conn.execute(b"SELECT pg_sleep(30)")
+
+    async def request() -> None:
+        with pytest.raises(cancelkit.OperationCancelled), token.scope():
+            await anyio.to_thread.run_sync(work)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await monitor.started(app)
+            token.cancel()
+            await monitor.stopped(app)
+        assert seen["tx"].outcome is TransactionOutcome.ROLLED_BACK
+        assert conn.execute(b"SELECT v FROM " + table.encode()).fetchone() == (0,)
+    finally:
+        conn.close()
+        monitor.sql(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_thread_cancel_cycles_leave_the_connection_clean_on_trio(
+    postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """Cancels before and during a thread's statement: never idle in transaction, never lost."""
+    app = application_name()
+    conn = psycopg.connect(postgres_server.dsn, application_name=app, autocommit=True)
+    outcomes: dict[TransactionOutcome | None, int] = {}
+
+    def work(token: cancelkit.CancellationToken, ready: threading.Event) -> None:
+        tx = transaction(conn, token=token)
+        try:
+            with tx:
+                ready.set()
+                conn.execute(b"SELECT pg_sleep(0.05)")
+        except cancelkit.OperationCancelled:
+            pass
+        finally:
+            ready.set()
+            outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
+
+    try:
+        for cycle in range(CYCLES // 5):
+            token, ready = cancelkit.CancellationToken(), threading.Event()
+            if cycle % 2 == 0:
+                token.cancel()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, work, token, ready)
+                await anyio.to_thread.run_sync(ready.wait)
+                token.cancel()
+            assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert monitor.states(app) == ["idle"]
+    finally:
+        conn.close()
+    assert outcomes.pop(None) == CYCLES // 10
+    assert set(outcomes) <= {TransactionOutcome.ROLLED_BACK, TransactionOutcome.COMMITTED}
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_refused_cancel_in_a_thread_is_logged_and_the_deadline_still_stops_it(
+    postgres_server: PostgresServer, monitor: Monitor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The thread's cancel request refused: logged; the statement_timeout ends the statement."""
+    app = application_name()
+    proxy = OneShotProxy(postgres_server.port)
+    conn = psycopg.connect(
+        f"host=127.0.0.1 port={proxy.port} user={postgres_server.user}",
+        application_name=app,
+        autocommit=True,
+    )
+    token = cancelkit.CancellationToken(timeout=2)
+
+    def work() -> None:
+        with transaction(conn, token=token, cancel_timeout=1):
+            conn.execute(b"SELECT pg_sleep(30)")
+
+    async def request() -> None:
+        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+            await anyio.to_thread.run_sync(work)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await monitor.started(app)
+            token.cancel()  # its cancel request is refused: the statement goes on, till 2 s
+    finally:
+        conn.close()
+        proxy.close()
+        monitor.terminate(app)
+    assert "the cancel request failed" in caplog.text
+
+
+# ------------------------------------------------------------------ the rest of the contract
+
+
+@asyncio_only
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_commit_error_and_outer_cancel_leave_nothing_behind(
+    driver: Driver, postgres_server: PostgresServer
+) -> None:
+    """Commits; SET LOCAL ends with it; an error rolls back; an outer cancel goes through."""
+    async with driver.pool(postgres_server, application_name(), 1) as pool:  # noqa: SIM117
+        async with driver.acquire(pool) as conn:
+            token = cancelkit.CancellationToken(timeout=60)
+            async with transaction(conn, token=token) as tx:
+                assert tx.statement_timeout is not None
+                assert 59_000 < tx.statement_timeout <= 60_000
+                assert await driver.run(conn, "SHOW statement_timeout") == "1min"
+            assert tx.outcome is TransactionOutcome.COMMITTED
+            assert await driver.run(conn, "SHOW statement_timeout") == "0"  # not left behind
+
+            with pytest.raises(ZeroDivisionError):
+                async with transaction(conn, token=cancelkit.CancellationToken()) as tx:
+                    assert tx.statement_timeout is None  # no deadline, no timeout
+                    1 / 0  # noqa: B018
+            assert tx.outcome is TransactionOutcome.ROLLED_BACK
+
+            with anyio.CancelScope() as outer:
+                with cancelkit.CancellationToken().scope() as scope:
+                    async with transaction(conn) as tx:  # current_token()
+                        outer.cancel()
+                        await driver.run(conn, "SELECT pg_sleep(0.1)")
+                    await anyio.lowlevel.checkpoint()
+            assert outer.cancelled_caught  # not swallowed
+            assert not scope.cancelled_caught
+            # asyncpg's statement is interrupted; psycopg's block is shielded from everything but
+            # its token (psycopg would close the connection), so the outer cancel waits for it
+            expected = "rolled_back" if driver.name == "asyncpg" else "committed"
+            assert tx.outcome == expected
+            assert await driver.run(conn, "SELECT 1") == 1
+
+
+@asyncio_only
+async def test_misuse_is_refused_clearly(postgres_server: PostgresServer) -> None:
+    """Wrong connection type, wrong kind of `with`, no token, a bad timeout, a second entry."""
+    token = cancelkit.CancellationToken()
+    with pytest.raises(TypeError, match="asyncpg connection"):
+        transaction(object(), token=token)
+    with psycopg.Connection.connect(postgres_server.dsn) as conn:
+        with pytest.raises(RuntimeError, match="needs a token"):
+            transaction(conn)
+        with pytest.raises(ValueError, match="cancel_timeout"):
+            transaction(conn, token=token, cancel_timeout=0)
+        tx = transaction(conn, token=token)
+        with pytest.raises(TypeError, match="'with transaction"):
+            await tx.__aenter__()
+        with tx:
+            pass
+        with pytest.raises(RuntimeError, match="only be entered once"), tx:
+            pass
+    async with await psycopg.AsyncConnection.connect(postgres_server.dsn) as aconn:
+        atx = transaction(aconn, token=token)
+        with pytest.raises(TypeError, match="'async with"):
+            atx.__enter__()
+        async with atx:
+            pass
+        with pytest.raises(RuntimeError, match="only be entered once"):
+            await atx.__aenter__()
+
+
+def test_the_docs_example_stops_both_queries(postgres_server: PostgresServer) -> None:
+    """docs/examples/postgres_example.py against a real server: both statements stop."""
+    example = Path(__file__).parent.parent / "docs" / "examples" / "postgres_example.py"
+    result = subprocess.run(
+        [sys.executable, str(example), postgres_server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "statement_timeout for this transaction: 10000 ms",
+        "asyncpg: stopped: requested",
+        "asyncpg: statements still running on the server: 0",
+        "sqlalchemy: stopped: requested",
+        "sqlalchemy: statements still running on the server: 0",
+        "sqlalchemy: connections checked out of the pool: 0",
+        "trio: stopped: requested",
+        "trio: the connection is IDLE",
+    ]
