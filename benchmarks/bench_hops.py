@@ -23,15 +23,23 @@ Three server processes A → B → C on 127.0.0.1 (the chain app of the tests,
   the wrapped body, against the plain transport in the same token scope), interleaved rounds,
   the median CPU time per request (target: ≤ 25 µs more); and the deadline header parser on a
   request without the header (what every guarded request now pays).
+* ``--instructions`` (needs valgrind): the same cost as instructions per request, which a
+  shared machine's load does not blur: the canned requests (plain, and ``TokenTransport``
+  inside a token scope with a deadline) run in processes under callgrind, 100 and 600 of
+  them, and the difference of the two counts over 500 is one request's instructions.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
@@ -212,6 +220,49 @@ def transport(backend: str, requests: int, rounds: int) -> None:
     )
 
 
+async def canned_requests(wrapped: bool, count: int) -> None:
+    """``count`` canned GETs inside a token scope with a deadline (for ``--instructions``)."""
+    client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
+    token = CancellationToken(timeout=3600)
+    async with client:
+        for _ in range(count):
+            with token.scope():
+                await client.get("http://next/")
+
+
+def count_instructions(backend: str, wrapped: bool, count: int) -> int:
+    program = (
+        "import anyio; from benchmarks.bench_hops import canned_requests; "
+        f"anyio.run(canned_requests, {wrapped}, {count}, backend={backend!r})"
+    )
+    valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+    run = subprocess.run(
+        [*valgrind, sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    refs = re.search(r"I\s+refs:\s+([\d,]+)", run.stderr)
+    assert refs is not None, run.stderr
+    return int(refs.group(1).replace(",", ""))
+
+
+def instructions(backend: str) -> None:
+    if shutil.which("valgrind") is None:
+        sys.exit("valgrind is needed for --instructions: apt-get install -y valgrind")
+    runs = [(wrapped, count) for wrapped in (False, True) for count in (100, 600)]
+    with ThreadPoolExecutor(2) as pool:  # four processes of about 40 s each
+        found = pool.map(lambda run: count_instructions(backend, *run), runs)
+        counts = dict(zip(runs, found, strict=True))
+    plain = (counts[False, 600] - counts[False, 100]) / 500
+    wrapped = (counts[True, 600] - counts[True, 100]) / 500
+    print(
+        f"  {backend:8} instructions per outgoing request in a token scope with a deadline: "
+        f"plain {plain / 1e3:.0f} k, TokenTransport +{(wrapped - plain) / 1e3:.1f} k "
+        f"(+{(wrapped / plain - 1) * 100:.1f} %)"
+    )
+
+
 def header_parse(loops: int = 200_000) -> None:
     headers = [
         (b"host", b"127.0.0.1:8000"),
@@ -239,8 +290,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--backends", default="asyncio,trio")
+    parser.add_argument("--instructions", action="store_true", help="only the transport's cost")
     args = parser.parse_args()
     print(f"Python {sys.version.split()[0]}, httpx {httpx.__version__}, loopback")
+    if args.instructions:
+        for backend in args.backends.split(","):
+            instructions(backend)
+        return
     header_parse()
     for backend in args.backends.split(","):
         transport(backend, args.requests, args.rounds)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Protocol, final
 import anyio
 
 from ._exceptions import OperationCancelled
-from ._loop import this_loop
+from ._loop import running_task, this_loop
 from ._reason import CancelKind, _fast_reason
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ class Frame(Protocol):
 
     def _pinnable(self) -> bool: ...
 
+    def covers(self, task: object) -> bool: ...
+
     def _pin(self) -> None: ...
 
     def _unpin(self) -> None: ...
@@ -69,7 +71,17 @@ class Pinnable:
 
     _state: int
     _scope: Scope | None
+    _task: object
     token: CancellationToken
+
+    def covers(self, task: object) -> bool:
+        """Whether its token's cancellation interrupts ``task`` by this frame's own scope.
+
+        True in the task that entered the frame, while the frame is open and interrupts: the
+        task's awaits then end on a cancel without further help (a child task that only
+        copied the context is not covered: it is not inside the scope).
+        """
+        return self._task is task and self._scope is not None and not self._state & _EXITED
 
     def _pinnable(self) -> bool:
         """Whether a commit may pin this frame: it has not interrupted, and will not."""
@@ -115,7 +127,7 @@ class InterruptFrame(Pinnable):
     token is cancelled. ``scope`` is ``None`` for a request that is only signalled.
     """
 
-    __slots__ = ("_outer", "_scope", "token")
+    __slots__ = ("_outer", "_scope", "_task", "token")
 
     _outer: Frame | None
 
@@ -133,6 +145,7 @@ def interrupt_frame(token: CancellationToken, scope: Scope | None) -> InterruptF
     frame: InterruptFrame = object.__new__(InterruptFrame)
     frame.token = token
     frame._scope = scope
+    frame._task = None if scope is None else running_task()
     frame._state = 0
     frame._outer = current.get()
     return frame

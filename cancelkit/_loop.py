@@ -17,7 +17,7 @@ import sys
 # loop implementers. The public get_running_loop() raises outside a loop instead of returning
 # None, and a try/except around it costs every scope entry and callback registration on trio
 # (where it raises each time); this one is a C call that answers None.
-from asyncio import _get_running_loop
+from asyncio import _get_running_loop, current_task
 from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol, cast
@@ -31,6 +31,7 @@ __all__ = [
     "asyncio_scope_class",
     "call_soon",
     "running_loop",
+    "running_task",
     "this_loop",
 ]
 
@@ -79,6 +80,20 @@ def asyncio_scope_class() -> Callable[..., Scope]:
     global asyncio_scope
     cls = asyncio_scope = cast(Callable[..., Scope], type(anyio.CancelScope()))
     return cls
+
+
+def running_task() -> object | None:
+    """Return the running task (asyncio's, or trio's), or None outside an event loop."""
+    if _get_running_loop() is not None:
+        return current_task()
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        task: object = trio.lowlevel.current_task()
+    except RuntimeError:
+        return None
+    return task
 
 
 def this_loop() -> object | None:

@@ -6,6 +6,7 @@ import math
 import sys
 import threading
 import time
+from asyncio import current_task
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -538,6 +539,7 @@ class TokenScope(Pinnable):
         "_outer",
         "_prev",
         "_scope",
+        "_task",
         "_token",
         "token",
     )
@@ -588,13 +590,16 @@ class TokenScope(Pinnable):
                 deadline=deadline
             )
             self._native = loop
+            self._task = current_task()
             scope.__enter__()
         else:
             native = self._native = this_loop()  # a trio token
             if native is not None:
                 scope = self._scope = sys.modules["trio"].CancelScope(deadline=deadline)
+                self._task = sys.modules["trio"].lowlevel.current_task()
             else:  # pragma: no cover - no event loop: anyio raises the error
                 scope = self._scope = cast(Scope, anyio.CancelScope(deadline=deadline))
+                self._task = None
             scope.__enter__()
         self._outer = _current.get()
         _current.set(self)

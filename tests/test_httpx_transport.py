@@ -167,25 +167,39 @@ async def test_a_cancelled_token_never_sends(anyio_backend: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/wait", "/stream"])
-@pytest.mark.parametrize("scoped", [False, True], ids=["signalled", "in-scope"])
+@pytest.mark.parametrize("how", ["signalled", "in-scope", "child-of-outer-group"])
 async def test_cancel_aborts_the_request_and_the_server_sees_its_client_go(
-    anyio_backend: str, path: str, scoped: bool
+    anyio_backend: str, path: str, how: str
 ) -> None:
     """Cancelled while waiting for the answer or reading a streamed body: the connection
-    closes and the next server's handler is cancelled (client gone); the caller gets the
-    reason (signalled), or its token scope ends the call (in-scope)."""
+    closes and the next server's handler is cancelled (client gone). In the token's own scope
+    that scope ends the call; elsewhere the caller gets the reason: signalled, or a task that
+    an outer task group started from inside the scope (it sees the token, but the scope does
+    not enclose it: the transport must abort the call itself)."""
     token = CancellationToken()
     errors: list[OperationCancelled] = []
     chunks: list[bytes] = []
     async with next_hop(anyio_backend) as (hop, url, client):
 
+        async def request() -> None:
+            try:
+                async with client.stream("GET", f"{url}{path}") as response:
+                    chunks.extend([chunk async for chunk in response.aiter_raw()])
+            except OperationCancelled as exc:
+                errors.append(exc)
+
         async def call() -> None:
-            with token.move_on() if scoped else current(token):
-                try:
-                    async with client.stream("GET", f"{url}{path}") as response:
-                        chunks.extend([chunk async for chunk in response.aiter_raw()])
-                except OperationCancelled as exc:
-                    errors.append(exc)
+            if how == "in-scope":
+                with token.move_on():
+                    await request()
+            elif how == "signalled":
+                with current(token):
+                    await request()
+            else:
+                async with anyio.create_task_group() as outer:
+                    with token.move_on():
+                        outer.start_soon(request)
+                        await anyio.sleep_forever()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(call)
@@ -193,7 +207,7 @@ async def test_cancel_aborts_the_request_and_the_server_sees_its_client_go(
             token.cancel()
         await hop.ended.wait()
         assert open_connections(client) == 0
-    assert [e.reason for e in errors] == ([] if scoped else [token.reason])
+    assert [e.reason for e in errors] == ([] if how == "in-scope" else [token.reason])
     assert hop.reasons == [CancelKind.CLIENT_DISCONNECTED]
     assert b"".join(chunks) in (b"", b"first")
 

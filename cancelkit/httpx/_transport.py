@@ -11,10 +11,10 @@ from typing import Any, TypeVar, final
 import anyio.lowlevel
 import httpx
 
-from .. import _loop
+from .. import _frames, _loop
 from .._deadline import EXPIRED_HEADER, HEADER, header_value
 from .._exceptions import OperationCancelled
-from .._token import CancellationToken, current_token
+from .._token import CancellationToken
 
 __all__ = ["TokenTransport"]
 
@@ -32,15 +32,25 @@ Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 def _trace(deadline: float, inner: Trace | None) -> Trace:
-    """An httpcore ``trace`` extension that writes the header's value as the headers go out."""
+    """An httpcore ``trace`` extension that writes the header's value as the headers go out.
+
+    Once it has, it takes itself out of the request's extensions (a dict of the transport's
+    own, which httpcore reads at each step): httpcore then skips tracing the steps that follow
+    (a third of the transport's cost), or calls the caller's own ``trace`` directly.
+    """
 
     async def trace(event: str, info: dict[str, Any]) -> None:
         if event.endswith(_HEADERS_WRITTEN):
-            headers = info["request"].headers  # httpcore's list of (name, value) pairs
+            request = info["request"]
+            headers = request.headers  # httpcore's list of (name, value) pairs
             value = header_value(deadline - time.monotonic()).encode()
             for i, (name, _) in enumerate(headers):
                 if name == _HEADER:
                     headers[i] = (name, value)
+            if inner is None:
+                request.extensions.pop("trace", None)
+            else:
+                request.extensions["trace"] = inner
         if inner is not None:
             await inner(event, info)
 
@@ -96,9 +106,10 @@ class TokenTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` under the current token (see the class)."""
-        token = current_token()
-        if token is None:
+        frame = _frames.current.get()
+        if frame is None:
             return await self._transport.handle_async_request(request)
+        token = frame.token
         reason = token.reason
         if reason is not None:
             raise OperationCancelled(reason)
@@ -107,25 +118,33 @@ class TokenTransport(httpx.AsyncBaseTransport):
             request.headers[HEADER] = header_value(deadline - time.monotonic())
             extensions = request.extensions
             request.extensions = {**extensions, "trace": _trace(deadline, extensions.get("trace"))}
-        abort = _Abort(token)
-        try:
-            response = await abort.run(self._transport.handle_async_request(request))
-        except BaseException:
-            abort.handle.unregister()
-            raise
+        if frame.covers(_loop.running_task()):
+            # The token's own scope interrupts this task: a cancel ends every await of the
+            # request (httpcore then closes its connection), with no abort of ours.
+            abort = None
+            response = await self._transport.handle_async_request(request)
+        else:
+            abort = _Abort(token)
+            try:
+                response = await abort.run(self._transport.handle_async_request(request))
+            except BaseException:
+                abort.handle.unregister()
+                raise
         if (
             response.status_code == 504
             and EXPIRED_HEADER in response.headers
             and deadline - time.monotonic() <= _OURS
         ):  # the next hop's answer to our deadline: it is (nearly) ours too
-            abort.handle.unregister()
+            if abort is not None:
+                abort.handle.unregister()
             await response.aclose()
             reason = await token.wait()
             # An interruption of this request by the same deadline comes first, if there is
             # one: the request then ends by it (its guard answers), not by an exception.
             await anyio.lowlevel.checkpoint()
             raise OperationCancelled(reason)
-        response.stream = _TokenStream(response.stream, abort)
+        if abort is not None:
+            response.stream = _TokenStream(response.stream, abort)
         return response
 
     async def aclose(self) -> None:
