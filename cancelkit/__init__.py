@@ -18,8 +18,6 @@ Vocabulary (one word for each idea, across the code, the statistics and the docs
   loop's own token, for calling back into the loop from threads.
 """
 
-from typing import TypeAlias as _TypeAlias
-
 from ._asgi import CancelOnDisconnect as CancelOnDisconnect
 from ._asgi import DisconnectGuard as DisconnectGuard
 from ._asgi import DisconnectOutcome as DisconnectOutcome
@@ -36,9 +34,9 @@ from ._http import exception_handlers as exception_handlers
 from ._latest import Claim as Claim
 from ._latest import LatestOnly as LatestOnly
 from ._latest import LatestOnlyStatistics as LatestOnlyStatistics
-from ._latest import Policy as _Policy
 from ._operations import BackgroundOperations as BackgroundOperations
 from ._operations import OperationsStatistics as OperationsStatistics
+from ._policy import Policy as Policy
 from ._reason import CancelKind as CancelKind
 from ._reason import CancelReason as CancelReason
 from ._registry import RegistryStatistics as RegistryStatistics
@@ -56,10 +54,6 @@ from ._token import current_token as current_token
 from .backends import CancelOutcome as CancelOutcome
 from .backends import MemoryStatusStore as MemoryStatusStore
 from .backends import StatusStore as StatusStore
-
-#: The type of ``LatestOnly(policy=...)``: ``"replace"``, ``"reject"``, ``"enqueue"`` or
-#: ``"keep_latest"`` (see :class:`LatestOnly`).
-Policy: _TypeAlias = _Policy
 
 __all__ = [
     "BackendUnavailable",
@@ -103,6 +97,5 @@ __all__ = [
 __version__ = "0.1.0.dev0"
 
 for _name in __all__:
-    if _name != "Policy":  # a typing alias (cached by typing, shared): it keeps its module
-        globals()[_name].__module__ = __name__
+    globals()[_name].__module__ = __name__
 del _name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import final
 import anyio
 
 from ._exceptions import OperationCancelled, SlotBusy
+from ._policy import Policy, PolicyName, preset_name
 from ._reason import CancelKind, CancelReason
 from ._token import (
     CancellationToken,
@@ -21,14 +23,11 @@ from ._token import (
     token_scope,
     uncommit_token,
 )
-from .backends import Acquired, Admission, Backend, MemoryBackend, SlotPolicy, new_holder_id
+from .backends import Acquired, Admission, Backend, MemoryBackend, new_holder_id
 from .backends._memory import _admit, _drop
 
-__all__ = ["Claim", "LatestOnly", "LatestOnlyStatistics", "Policy", "SlotBusy"]
+__all__ = ["Claim", "LatestOnly", "LatestOnlyStatistics", "SlotBusy"]
 
-#: How a :class:`LatestOnly` treats a newcomer while ``max_concurrency`` claims run on the key.
-Policy = SlotPolicy
-_POLICIES = ("replace", "reject", "enqueue", "keep_latest")
 _MAX_KEY = 256
 
 
@@ -166,6 +165,9 @@ class LatestOnly:
     - ``"enqueue"``: the newcomer waits for a free slot, first come first served; past
       ``max_waiting`` waiting claims it is refused with :exc:`SlotBusy`.
 
+    These names are presets of :class:`~cancelkit.Policy`, which says the same in parts
+    (``Policy("wait", "supersede", max_waiting=3)``: keep the three newest waiting).
+
     **Order.** Requests of one client can arrive out of order (parallel connections, several
     workers). Give each claim the client's own number, increasing per key (a keystroke
     counter): ``slot.claim(key, seq=n)``. A claim whose ``seq`` is not above the newest one
@@ -177,9 +179,12 @@ class LatestOnly:
     so a late stale request still never runs. Claims without ``seq`` keep arrival order.
 
     Args:
-        policy: ``"replace"``, ``"reject"``, ``"keep_latest"`` or ``"enqueue"``.
+        policy: a :class:`~cancelkit.Policy`, or the name of a preset: ``"replace"``,
+            ``"reject"``, ``"keep_latest"`` or ``"enqueue"``.
         max_concurrency: how many claims run at once per key.
-        max_waiting: with ``"enqueue"``, the most claims waiting per key.
+        max_waiting: with a preset's name, its ``max_waiting`` instead of the preset's (1,000
+            for ``"enqueue"``; 1 for ``"keep_latest"``, which then keeps that many of the
+            newest claims waiting). With a :class:`~cancelkit.Policy`, give it there.
         debounce: seconds a claim waits before its body starts; a claim superseded while
             waiting never runs its body.
         handover_timeout: wait up to this many seconds (``math.inf``: no limit) until fewer
@@ -193,7 +198,8 @@ class LatestOnly:
             policy and limits.
 
     Raises:
-        ValueError: for an unknown policy, a limit below 1 or a negative time.
+        ValueError: for an unknown policy name, ``max_waiting`` next to a
+            :class:`~cancelkit.Policy`, a limit below 1 or a negative time.
 
     .. versionadded:: 0.1
     """
@@ -204,7 +210,6 @@ class LatestOnly:
         "_debounce",
         "_handover",
         "_limit",
-        "_max_waiting",
         "_memory",
         "_policy",
         "_rejected",
@@ -217,27 +222,30 @@ class LatestOnly:
     def __init__(
         self,
         *,
-        policy: Policy = "replace",
+        policy: Policy | PolicyName = "replace",
         max_concurrency: int = 1,
-        max_waiting: int = 1_000,
+        max_waiting: int | None = None,
         debounce: float = 0.0,
         handover_timeout: float | None = None,
         backend: Backend | None = None,
     ) -> None:
-        if policy not in _POLICIES:
-            raise ValueError(f"unknown policy {policy!r}; expected one of {', '.join(_POLICIES)}")
-        for name, limit in (("max_concurrency", max_concurrency), ("max_waiting", max_waiting)):
-            if type(limit) is not int or limit < 1:
-                raise ValueError(f"{name} must be an int >= 1, not {limit!r}")
+        if isinstance(policy, Policy):
+            if max_waiting is not None:
+                raise ValueError(f"give max_waiting in the Policy: {policy!r}")
+        else:
+            policy = Policy.named(policy)
+            if max_waiting is not None and max_waiting != policy.max_waiting:
+                policy = dataclasses.replace(policy, max_waiting=max_waiting)
+        if type(max_concurrency) is not int or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be an int >= 1, not {max_concurrency!r}")
         if not debounce >= 0:
             raise ValueError(f"debounce must be seconds >= 0, not {debounce!r}")
         if handover_timeout is not None and not handover_timeout >= 0:
             raise ValueError(
                 f"handover_timeout must be seconds >= 0 or None, not {handover_timeout!r}"
             )
-        self._policy: Policy = policy
+        self._policy = policy
         self._limit = max_concurrency
-        self._max_waiting = max_waiting
         self._debounce = debounce
         self._handover = handover_timeout
         self._backend: Backend = MemoryBackend() if backend is None else backend
@@ -250,6 +258,11 @@ class LatestOnly:
     def backend(self) -> Backend:
         """The backend in use."""
         return self._backend
+
+    @property
+    def policy(self) -> Policy:
+        """The policy, as a :class:`~cancelkit.Policy` (a preset's name resolved)."""
+        return self._policy
 
     def hold(self, key: str, *, seq: int | None = None) -> AbstractAsyncContextManager[Claim]:
         """Claim ``key`` and hold it for the block, without interrupting the block.
@@ -320,7 +333,8 @@ class LatestOnly:
 
     def __repr__(self) -> str:
         return (
-            f"<LatestOnly policy={self._policy!r} max_concurrency={self._limit} "
+            f"<LatestOnly policy={preset_name(self._policy) or self._policy!r} "
+            f"max_concurrency={self._limit} "
             f"debounce={self._debounce} handover_timeout={self._handover} "
             f"running={self._running} waiting={self._waiting} backend={self._backend!r}>"
         )
@@ -366,7 +380,6 @@ class _Hold:
                     claim.token.cancel,
                     slot._policy,
                     slot._limit,
-                    slot._max_waiting,
                     claim.seq,
                 )
             else:
@@ -376,7 +389,6 @@ class _Hold:
                     claim.token.cancel,
                     policy=slot._policy,
                     limit=slot._limit,
-                    max_waiting=slot._max_waiting,
                     seq=claim.seq,
                 )
         except BaseException:
@@ -427,7 +439,7 @@ class _Hold:
         slot._rejected += 1
         if admission is Admission.BUSY:
             raise SlotBusy(key, f"{slot._limit} claim(s) already run on the key")
-        raise SlotBusy(key, f"{slot._max_waiting} claim(s) already wait for the key")
+        raise SlotBusy(key, f"{slot._policy.max_waiting} claim(s) already wait for the key")
 
     async def _wait(self, queued: bool) -> None:
         """The debounce, queue and handover waits, interrupted by the claim's token."""

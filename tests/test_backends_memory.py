@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
+
 import anyio
 import pytest
 
 from cancelkit import CancelKind, CancelOutcome, CancelReason, OperationExists, RegistryFull
-from cancelkit.backends import Acquired, Admission, MemoryBackend, SlotPolicy, new_holder_id
+from cancelkit._policy import PolicyName
+from cancelkit.backends import Acquired, Admission, MemoryBackend, Policy, new_holder_id
 
 pytestmark = pytest.mark.anyio
 
@@ -118,14 +121,15 @@ async def acquire(
     backend: MemoryBackend,
     holder: str,
     got: list[CancelReason],
-    policy: SlotPolicy = "replace",
+    policy: PolicyName = "replace",
     limit: int = 1,
     seq: int | None = None,
-    max_waiting: int = 10,
+    max_waiting: int | None = None,
 ) -> Acquired:
-    return await backend.acquire(
-        "k", holder, got.append, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
-    )
+    preset = Policy.named(policy)
+    if max_waiting is not None:
+        preset = dataclasses.replace(preset, max_waiting=max_waiting)
+    return await backend.acquire("k", holder, got.append, policy=preset, limit=limit, seq=seq)
 
 
 async def test_acquire_supersedes_the_oldest_running_claim() -> None:
@@ -224,7 +228,7 @@ async def test_the_newest_seq_outlives_the_key_for_a_while() -> None:
     assert (await acquire(backend, "h3", got, seq=1)).admission is Admission.RUNNING
     await backend.release("k", "h3")
     for key in ("x", "y"):
-        await backend.acquire(key, key, got.append, policy="replace", limit=1, max_waiting=1, seq=9)
+        await backend.acquire(key, key, got.append, policy=Policy("supersede"), limit=1, seq=9)
         await backend.release(key, key)
     assert backend.statistics().sequences == 2  # "k" was forgotten first
     assert (await acquire(backend, "h4", got, seq=0)).admission is Admission.RUNNING

@@ -40,7 +40,7 @@ from cancelkit.backends import (
     CancelOutcome,
     Deliver,
     MemoryBackend,
-    SlotPolicy,
+    Policy,
 )
 from cancelkit.redis import RedisBackend
 from tests.conftest import RedisServer
@@ -82,13 +82,12 @@ class Recorder:
         holder: str,
         deliver: Deliver,
         *,
-        policy: SlotPolicy,
+        policy: Policy,
         limit: int,
-        max_waiting: int,
         seq: int | None,
     ) -> Acquired:
         acquired = await self.inner.acquire(
-            key, holder, deliver, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
+            key, holder, deliver, policy=policy, limit=limit, seq=seq
         )
         self.answers.append((holder, acquired))
         if self.changed is not None:
@@ -160,16 +159,19 @@ class Machine(RuleBasedStateMachine):
     # -- set-up ------------------------------------------------------------------------
 
     @initialize(
-        policy=st.sampled_from(["replace", "reject", "enqueue", "keep_latest"]),
+        # the presets, and every other combination of the parts
+        policy=st.builds(
+            Policy,
+            when_busy=st.sampled_from(["supersede", "wait", "refuse"]),
+            when_full=st.sampled_from(["supersede", "refuse"]),
+            max_waiting=st.integers(1, 3),
+        ),
         limit=st.integers(1, 3),
-        max_waiting=st.integers(1, 3),
         debounce=st.booleans(),
         handover=st.booleans(),
     )
-    def setup(
-        self, policy: SlotPolicy, limit: int, max_waiting: int, debounce: bool, handover: bool
-    ) -> None:
-        self.policy, self.limit, self.max_waiting = policy, limit, max_waiting
+    def setup(self, policy: Policy, limit: int, debounce: bool, handover: bool) -> None:
+        self.policy, self.limit = policy, limit
         self.debounce, self.handover = debounce, handover
         if self.redis_url:
             prefix = "m" + secrets.token_hex(4)
@@ -196,7 +198,6 @@ class Machine(RuleBasedStateMachine):
                 LatestOnly(
                     policy=policy,
                     max_concurrency=limit,
-                    max_waiting=max_waiting,
                     debounce=0.002 if debounce else 0.0,
                     handover_timeout=math.inf if handover else None,
                     backend=recorder,
@@ -327,14 +328,15 @@ class Machine(RuleBasedStateMachine):
             return
         state, victim = "running", None
         if len(running) >= self.limit:
-            if self.policy == "replace":
+            policy = self.policy
+            if policy.when_busy == "supersede":
                 victim = running[0]
-            elif self.policy == "reject":
+            elif policy.when_busy == "refuse":
                 state = "busy"
-            elif self.policy == "keep_latest":
-                state, victim = "waiting", (waiting[0] if waiting else None)
-            elif len(waiting) < self.max_waiting:
+            elif len(waiting) < policy.max_waiting:
                 state = "waiting"
+            elif policy.when_full == "supersede":
+                state, victim = "waiting", waiting[0]
             else:
                 state = "full"
         if state in ("busy", "full"):
@@ -412,7 +414,7 @@ class Machine(RuleBasedStateMachine):
 
     @invariant()
     def bodies_overlap_only_as_allowed(self) -> None:
-        if self.handover or self.policy != "replace":
+        if self.handover or self.policy.when_busy != "supersede":
             assert self.bodies.most <= self.limit
         for entry in self.entries:
             if entry.state == "waiting":

@@ -5,6 +5,7 @@
 
 from .._exceptions import OperationExists as OperationExists
 from .._exceptions import RegistryFull as RegistryFull
+from .._policy import Policy as Policy
 from ._memory import MemoryBackend as MemoryBackend
 from ._memory import MemoryBackendStatistics as MemoryBackendStatistics
 from ._protocol import Acquired as Acquired
@@ -12,7 +13,6 @@ from ._protocol import Admission as Admission
 from ._protocol import Backend as Backend
 from ._protocol import CancelOutcome as CancelOutcome
 from ._protocol import Deliver as Deliver
-from ._protocol import SlotPolicy as SlotPolicy
 from ._protocol import new_holder_id as new_holder_id
 from ._status import MemoryStatusStore as MemoryStatusStore
 from ._status import StatusStore as StatusStore
@@ -27,8 +27,8 @@ __all__ = [
     "MemoryBackendStatistics",
     "MemoryStatusStore",
     "OperationExists",
+    "Policy",
     "RegistryFull",
-    "SlotPolicy",
     "StatusStore",
     "new_holder_id",
 ]
@@ -39,8 +39,8 @@ _ELSEWHERE = {
     "Deliver",
     "MemoryStatusStore",
     "OperationExists",
+    "Policy",
     "RegistryFull",
-    "SlotPolicy",
     "StatusStore",
 }
 for _name in __all__:

@@ -12,13 +12,13 @@ from typing import final
 import anyio
 
 from .._exceptions import OperationExists, RegistryFull
+from .._policy import Policy
 from .._reason import CancelKind, CancelReason, _fast_reason
 from ._protocol import (
     Acquired,
     Admission,
     CancelOutcome,
     Deliver,
-    SlotPolicy,
     _running,
 )
 
@@ -329,13 +329,12 @@ class MemoryBackend:
         holder: str,
         deliver: Deliver,
         *,
-        policy: SlotPolicy,
+        policy: Policy,
         limit: int,
-        max_waiting: int,
         seq: int | None,
     ) -> Acquired:
         """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`."""
-        acquired = _admit(self, key, holder, deliver, policy, limit, max_waiting, seq)
+        acquired = _admit(self, key, holder, deliver, policy, limit, seq)
         return _running(acquired) if isinstance(acquired, int) else acquired
 
     async def release(self, key: str, holder: str) -> CancelReason | None:
@@ -413,9 +412,8 @@ def _admit(
     key: str,
     holder: str,
     deliver: Deliver,
-    policy: SlotPolicy,
+    policy: Policy,
     limit: int,
-    max_waiting: int,
     seq: int | None,
 ) -> Acquired | int:
     """``backend.acquire(...)`` without a coroutine: this backend never waits.
@@ -437,20 +435,24 @@ def _admit(
     victim: str | None = None
     state = _RUNNING
     if len(running) >= limit:
-        if policy == "replace":
+        busy = policy.when_busy
+        if busy == "supersede":
             victim = next(iter(running))
             del running[victim]
-        elif policy == "reject":
+        elif busy == "refuse":
             return Acquired(Admission.BUSY)
-        elif policy == "keep_latest":
+        elif busy != "wait":
+            raise ValueError(f"a policy this backend does not know: {policy!r}")
+        elif len(waiting) < policy.max_waiting:
             state = _WAITING
-            if waiting:
-                victim = next(iter(waiting))
-                del waiting[victim]
-        elif len(waiting) < max_waiting:
+        elif policy.when_full == "supersede":
             state = _WAITING
-        else:
+            victim = next(iter(waiting))
+            del waiting[victim]
+        elif policy.when_full == "refuse":
             return Acquired(Admission.FULL)
+        else:
+            raise ValueError(f"a policy this backend does not know: {policy!r}")
     entries = slot.entries
     if not entries:
         backend._keys[key] = slot

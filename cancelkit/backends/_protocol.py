@@ -44,8 +44,9 @@ import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol, final
+from typing import Protocol, final
 
+from .._policy import Policy
 from .._reason import CancelReason
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "Backend",
     "CancelOutcome",
     "Deliver",
-    "SlotPolicy",
     "new_holder_id",
 ]
 
@@ -164,10 +164,6 @@ def _running(generation: int) -> Acquired:
     return acquired
 
 
-#: The policies a backend implements (see :class:`cancelkit.LatestOnly`).
-SlotPolicy = Literal["replace", "reject", "enqueue", "keep_latest"]
-
-
 class Backend(Protocol):
     """Where the shared state of the primitives lives (see the module docs for the rules).
 
@@ -248,9 +244,8 @@ class Backend(Protocol):
         holder: str,
         deliver: Deliver,
         *,
-        policy: SlotPolicy,
+        policy: Policy,
         limit: int,
-        max_waiting: int,
         seq: int | None,
     ) -> Acquired:
         """Admit ``holder`` to ``key``: the whole decision is one atomic step.
@@ -262,21 +257,22 @@ class Backend(Protocol):
         1. If ``seq`` is given and not above the newest sequence number accepted for the key
            (remembered for a while after the key was released), return ``STALE`` with that
            number and its holder, and change nothing.
-        2. By ``policy``, with ``n`` running claims and ``w`` waiting ones:
+        2. With ``n`` running claims and ``w`` waiting ones: run if ``n < limit``; else by
+           the parts of ``policy`` (a :class:`~cancelkit.Policy`; a part the backend does not
+           know raises ``ValueError``, it never falls back to another behaviour):
 
-           - ``replace``: run; if ``n == limit``, the oldest running claim is superseded.
-           - ``reject``: run if ``n < limit``, else return ``BUSY``.
-           - ``keep_latest``: run if ``n < limit``, else wait; a waiting claim it displaces
-             (there is at most one) is superseded.
-           - ``enqueue``: run if ``n < limit``, else wait at the back of the queue if
-             ``w < max_waiting``, else return ``FULL``.
+           - ``when_busy="supersede"``: run, and the oldest running claim is superseded.
+           - ``when_busy="refuse"``: return ``BUSY``.
+           - ``when_busy="wait"``: wait at the back of the queue if ``w <
+             policy.max_waiting``; else, ``when_full="supersede"``: the oldest waiting claim
+             is superseded and the newcomer waits; ``when_full="refuse"``: return ``FULL``.
 
            A superseded claim gets ``deliver(CancelReason(SUPERSEDED, source=holder))``.
         3. An accepted claim gets a new generation, and its ``seq`` (if any) becomes the
            key's newest.
 
         When a running claim is released and claims wait, the oldest waiting one runs.
-        ``policy``, ``limit`` and ``max_waiting`` must be the same for every claim on a key.
+        ``policy`` and ``limit`` must be the same for every claim on a key.
         A committed claim (:meth:`commit_claim`) can still be superseded (it stops being
         current and its slot goes to the newcomer), but it is delivered nothing.
         """

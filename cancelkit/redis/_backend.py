@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import final
 
+from .._policy import Policy
 from .._reason import CancelReason
-from ..backends import Acquired, CancelOutcome, Deliver, SlotPolicy
+from ..backends import Acquired, CancelOutcome, Deliver
 from . import _scripts, _slot_scripts
 from ._config import Keys, Settings
 from ._connection import Connection, redact
@@ -275,9 +276,8 @@ class RedisBackend:
         holder: str,
         deliver: Deliver,
         *,
-        policy: SlotPolicy,
+        policy: Policy,
         limit: int,
-        max_waiting: int,
         seq: int | None,
     ) -> Acquired:
         """See :meth:`Backend.acquire <cancelkit.backends.Backend.acquire>`.
@@ -285,9 +285,7 @@ class RedisBackend:
         Raises:
             RedisUnavailable: with ``fail_open=False``, while Redis is unreachable.
         """
-        return await self._slots.acquire(
-            key, holder, deliver, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
-        )
+        return await self._slots.acquire(key, holder, deliver, policy=policy, limit=limit, seq=seq)
 
     async def release(self, key: str, holder: str) -> CancelReason | None:
         """See :meth:`Backend.release <cancelkit.backends.Backend.release>`."""

@@ -108,7 +108,8 @@ end
 """
 
 #: KEYS: state, order, gen counter, this worker's liveness key, P:sz.
-#: ARGV: W, H, policy, limit, max_waiting, seq ('' for none), lease ms, channel prefix,
+#: ARGV: W, H, policy ('<when_busy> <when_full>'), limit, max_waiting, seq ('' for none),
+#: lease ms, channel prefix,
 #: gen-key ttl ms, liveness-key prefix, state ttl ms (max of lease and sequence ttl), inbox
 #: prefix (a superseded claim of another worker is told by pub/sub and in its inbox).
 #: Returns {admission, G, extra...}: {'running'|'waiting', G, turn lines...},
@@ -117,7 +118,8 @@ ACQUIRE = (
     SEND
     + _SETTLE
     + """
-local W, H, policy = ARGV[1], ARGV[2], ARGV[3]
+local W, H = ARGV[1], ARGV[2]
+local busy, full = string.match(ARGV[3], '^(%S+) (%S+)$')
 local limit, max_waiting, seq = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local me = W .. ' ' .. H
 local st = redis.call('HGET', KEYS[1], me)
@@ -136,16 +138,20 @@ redis.call('HSET', KEYS[1], 'lim', ARGV[4])
 local running, waiting, mine = settle(W, ARGV[10], ARGV[8], false)
 local state, victim = 'r', nil
 if #running >= limit then
-  if policy == 'replace' then
+  if busy == 'supersede' then
     victim = running[1]
-  elseif policy == 'reject' then
+  elseif busy == 'refuse' then
     return {'busy'}
-  elseif policy == 'keep_latest' then
-    state, victim = 'w', waiting[1]
+  elseif busy ~= 'wait' then
+    return redis.error_reply('cancelkit: unknown policy ' .. ARGV[3])
   elseif #waiting < max_waiting then
     state = 'w'
-  else
+  elseif full == 'supersede' then
+    state, victim = 'w', waiting[1]
+  elseif full == 'refuse' then
     return {'full'}
+  else
+    return redis.error_reply('cancelkit: unknown policy ' .. ARGV[3])
   end
 end
 local g = redis.call('INCR', KEYS[3])

@@ -8,8 +8,9 @@ from typing import Any, final
 import anyio
 
 from .._exceptions import RedisUnavailable
+from .._policy import Policy, check_known
 from .._reason import CancelKind, CancelReason
-from ..backends import Acquired, Admission, Deliver, MemoryBackend, SlotPolicy
+from ..backends import Acquired, Admission, Deliver, MemoryBackend
 from ._codec import deliver
 from ._config import Keys, Settings
 from ._connection import Connection, Down
@@ -77,9 +78,8 @@ class Slots:
         holder: str,
         callback: Deliver,
         *,
-        policy: SlotPolicy,
+        policy: Policy,
         limit: int,
-        max_waiting: int,
         seq: int | None,
     ) -> Acquired:
         """See :meth:`RedisBackend.acquire <cancelkit.redis.RedisBackend.acquire>`.
@@ -90,6 +90,7 @@ class Slots:
         is pruned once its lease deadline passes: it blocks the key for at most one lease.
         """
         self._conn.client  # noqa: B018 - raises if not running
+        check_known(policy)  # the script refuses it too, but as an error reply
         claim = self._by_holder[holder] = _Claim(key, holder, callback)  # record first
         self._by_key.setdefault(key, {})[holder] = claim
         k, settings = self._keys, self._settings
@@ -100,9 +101,9 @@ class Slots:
                 [
                     k.worker,
                     holder,
-                    policy,
+                    f"{policy.when_busy} {policy.when_full}",
                     str(limit),
-                    str(max_waiting),
+                    str(policy.max_waiting),
                     "" if seq is None else str(seq),
                     settings.lease_ms,
                     k.channel_prefix(key),
@@ -116,9 +117,7 @@ class Slots:
             if not settings.fail_open:
                 self._abandon(claim)
                 raise RedisUnavailable("Redis is unreachable; not starting new work") from None
-            return await self._acquire_locally(
-                claim, policy=policy, limit=limit, max_waiting=max_waiting, seq=seq
-            )
+            return await self._acquire_locally(claim, policy=policy, limit=limit, seq=seq)
         except BaseException:
             self._abandon(claim)
             raise
@@ -154,7 +153,7 @@ class Slots:
                 self.on_turn(other)
 
     async def _acquire_locally(
-        self, claim: _Claim, *, policy: SlotPolicy, limit: int, max_waiting: int, seq: int | None
+        self, claim: _Claim, *, policy: Policy, limit: int, seq: int | None
     ) -> Acquired:
         def deliver(reason: CancelReason) -> None:
             self._deliver(claim, reason)
@@ -165,7 +164,6 @@ class Slots:
             deliver,
             policy=policy,
             limit=limit,
-            max_waiting=max_waiting,
             seq=seq,
         )
         if acquired.admission is not Admission.RUNNING and acquired.admission is not (
