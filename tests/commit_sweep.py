@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
-from cancellens import Case, Completion, Limits, require, sweep
+from cancellens import Case, Completion, Limits, Outcome, require, sweep
 
 from cancelkit import (
     CancelKind,
@@ -204,6 +204,25 @@ def commit_case(registry: TokenRegistry) -> Case[_Attempt]:
 
 
 async def sweep_commit(registry: TokenRegistry) -> None:
-    """Sweep :func:`commit_case` (asyncio only: cancellens drives asyncio tasks)."""
-    report = await sweep(commit_case(registry), limits=Limits(max_depth=2, total_timeout=60))
-    report.assert_passed()
+    """Sweep :func:`commit_case` (asyncio only: cancellens drives asyncio tasks).
+
+    Over a real server the trace of suspension points is not the same from run to run (a
+    socket read suspends or not, as the answer arrives): cancellens then withholds that
+    schedule's cancellation and calls the attempt unresolved, not failed. So: any violation
+    fails at once; a sweep that is only unresolved is run again (three times at most), and
+    the last one must still have cancelled the operation at every single point it has.
+    """
+    for _ in range(3):
+        report = await sweep(commit_case(registry), limits=Limits(max_depth=2, total_timeout=60))
+        if report.outcome is not Outcome.UNRESOLVED:
+            report.assert_passed()  # PASS returns; FAIL and ERROR raise with their details
+            return
+    coverage = report.coverage
+    assert coverage.single_planned > 0, report.to_json()
+    assert coverage.single_valid == coverage.single_planned, report.to_json()
+    unresolved = [a for a in report.attempts if a.outcome is not Outcome.PASS]
+    assert all(
+        reason.startswith(("trace diverged", "requested cancellation schedule"))
+        for attempt in unresolved
+        for reason in attempt.reasons
+    ), report.to_json()

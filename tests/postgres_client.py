@@ -18,11 +18,13 @@ from cancelkit.postgres import transaction
 
 
 async def main(driver: str, dsn: str, app: str, seconds: float) -> None:
-    token = cancelkit.CancellationToken(timeout=seconds)
+    # The token is made once connected: a slow start (imports, a loaded machine) must not
+    # eat the deadline before the statement is sent.
     if driver == "asyncpg":
         import asyncpg
 
         conn = await asyncpg.connect(dsn, server_settings={"application_name": app})
+        token = cancelkit.CancellationToken(timeout=seconds)
         async with transaction(conn, token=token):
             await conn.execute("SELECT pg_sleep(30)")
     elif driver.startswith("sqlalchemy+"):
@@ -35,12 +37,16 @@ async def main(driver: str, dsn: str, app: str, seconds: float) -> None:
             dsn.replace("postgresql://", f"postgresql+{dbapi}://"),
             connect_args={"server_settings": settings} if dbapi == "asyncpg" else settings,
         )
-        async with AsyncSession(engine) as session, transaction(session, token=token):
-            await session.execute(text("SELECT pg_sleep(30)"))
+        async with AsyncSession(engine) as session:
+            await session.connection()  # connected, its transaction begun
+            token = cancelkit.CancellationToken(timeout=seconds)
+            async with transaction(session, token=token):
+                await session.execute(text("SELECT pg_sleep(30)"))
     else:
         import psycopg
 
         aconn = await psycopg.AsyncConnection.connect(dsn, application_name=app)
+        token = cancelkit.CancellationToken(timeout=seconds)
         async with transaction(aconn, token=token):
             await aconn.execute("SELECT pg_sleep(30)")
 

@@ -365,15 +365,20 @@ async def test_the_deadline_stops_the_query_when_the_client_process_is_killed(
     """statement_timeout from the token's deadline: the server stops it, the client is gone."""
     app = application_name()
     dsn = postgres_server.dsn if driver.name == "psycopg" else postgres_server.url
-    command = [sys.executable, "-m", "tests.postgres_client", driver.name, dsn, app, "2"]
+    command = [sys.executable, "-m", "tests.postgres_client", driver.name, dsn, app, "3"]
     client = subprocess.Popen(  # noqa: ASYNC220 - a kill target, never waited on in the loop
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        await monitor.started(app)
+        try:
+            await monitor.started(app)
+        except pytest.fail.Exception:
+            client.kill()
+            _, err = await anyio.to_thread.run_sync(client.communicate)
+            pytest.fail(f"the client's query never ran; exit {client.returncode}: {err!r}")
         client.send_signal(signal.SIGKILL)  # long before its deadline: it cannot cancel
         assert await anyio.to_thread.run_sync(client.wait) == -signal.SIGKILL
-        await monitor.stopped(app)  # pg_sleep(30), stopped at about 2 s by the server
+        await monitor.stopped(app)  # pg_sleep(30), stopped at about 3 s by the server
     finally:
         client.kill()
         client.wait()
