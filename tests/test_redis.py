@@ -612,6 +612,30 @@ def test_options_are_validated() -> None:
     assert "***" in repr(RedisBackend("redis://:secret@localhost:6379/0"))
 
 
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"slot_groups": 1.5}, "slot_groups"),
+        ({"slot_groups": "4"}, "slot_groups"),
+        ({"slot_groups": None}, "slot_groups"),
+        ({"slot_groups": True}, "slot_groups"),
+        ({"max_tombstones": 10.0}, "max_tombstones"),
+        ({"max_seq_keys": "100"}, "max_seq_keys"),
+        ({"timeout": "5"}, "timeout"),
+        ({"heartbeat": None}, "heartbeat"),
+        ({"lease": True}, "lease"),
+        ({"fail_open": "no"}, "fail_open"),
+    ],
+)
+def test_options_of_the_wrong_type_are_a_type_error_naming_them(
+    options: dict[str, Any], name: str
+) -> None:
+    """A typo in the configuration is a TypeError when the backend is made, not an outage
+    at enter (an app that retries on RedisUnavailable would retry it forever)."""
+    with pytest.raises(TypeError, match=name):
+        RedisBackend(**options)
+
+
 # -- across real processes -----------------------------------------------------------------
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "CLUSTER_ERRORS",
     "ClusterPool",
     "ShardedSubscription",
+    "channel_groups",
     "cluster_client",
     "cluster_scripts",
     "is_cluster",
@@ -287,6 +288,28 @@ def subscription(
             max_idle_seconds=heartbeat,
         )
     return pubsub
+
+
+def channel_groups(
+    client: coredis.Redis[str] | coredis.RedisCluster[str], channels: list[str]
+) -> list[list[str]]:
+    """``channels`` grouped by the shard that serves them now (one group on a single server).
+
+    The groups are only for independence (see the listener): a group whose channels move to
+    another shard later still works, its subscription finds their nodes at each subscribe.
+    """
+    if not isinstance(client, coredis.RedisCluster):
+        return [channels]
+    layout = client.connection_pool.cluster_layout
+    groups: dict[str, list[str]] = {}
+    try:
+        for channel in channels:
+            node = layout.node_for_slot(key_slot(channel))
+            groups.setdefault(node.node_id or node.name, []).append(channel)
+    except Exception as exc:  # no layout yet: one group, as on a single server
+        logger.debug("cluster layout unknown (%s); one subscription for every shard", exc)
+        return [channels]
+    return list(groups.values())
 
 
 def lost_subscription(message_type: str) -> bool:

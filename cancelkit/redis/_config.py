@@ -50,6 +50,12 @@ def check_url(url: str) -> None:
         raise ValueError(f"the Redis URL {url!r} has a database {db!r} that is not a number")
 
 
+def _number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a number of seconds, not {kind}: {value!r}")
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class Settings:
@@ -101,22 +107,27 @@ class Settings:
             ("poll_interval", poll_interval),
             ("seq_ttl", seq_ttl),
         ):
+            _number(name, value)
             if not 0 < value < math.inf:
                 raise ValueError(f"{name} must be seconds > 0, not {value!r}")
         if lease is None:
             lease = 5 * heartbeat
+        _number("lease", lease)
         if not 2 * heartbeat <= lease < math.inf:
             raise ValueError(f"lease must be seconds >= 2 * heartbeat, not {lease!r}")
-        for name, count in (
-            ("max_tombstones", max_tombstones),
-            ("max_tombstones_per_owner", max_tombstones_per_owner),
+        for name, count, most in (
+            ("max_tombstones", max_tombstones, math.inf),
+            ("max_tombstones_per_owner", max_tombstones_per_owner, math.inf),
+            ("max_seq_keys", max_seq_keys, math.inf),
+            ("slot_groups", slot_groups, 1024),
         ):
-            if count < 1:
-                raise ValueError(f"{name} must be an int >= 1, not {count!r}")
-        if max_seq_keys < 1:
-            raise ValueError(f"max_seq_keys must be an int >= 1, not {max_seq_keys!r}")
-        if not 1 <= slot_groups <= 1024:
-            raise ValueError(f"slot_groups must be an int from 1 to 1024, not {slot_groups!r}")
+            if type(count) is not int:  # not a bool, a float or a string of digits either
+                raise TypeError(f"{name} must be an int, not {type(count).__name__}: {count!r}")
+            if not 1 <= count <= most:
+                limit = "from 1 to 1024" if most == 1024 else ">= 1"
+                raise ValueError(f"{name} must be an int {limit}, not {count!r}")
+        if type(fail_open) is not bool:
+            raise TypeError(f"fail_open must be True or False, not {fail_open!r}")
         return cls(
             url,
             prefix,

@@ -11,7 +11,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .._exceptions import RedisUnavailable
-from ._cluster import lost_subscription, report_error, subscription
+from ._cluster import channel_groups, lost_subscription, report_error, subscription
 from ._config import Keys, Settings
 from ._connection import Connection, Down, leaf, redact
 from ._registrations import Registrations
@@ -50,7 +50,7 @@ class Listener:
         "_conn",
         "_keys",
         "_registrations",
-        "_scope",
+        "_scopes",
         "_settings",
         "_slots",
         "inbox_lines",
@@ -72,42 +72,63 @@ class Listener:
         self._settings = settings
         self._registrations = registrations
         self._slots = slots
-        self._scope: anyio.CancelScope | None = None
+        self._scopes: set[anyio.CancelScope] = set()
         self.messages = self.resyncs = self.reconnects = self.inbox_lines = 0
         conn.on_down = self.resubscribe
 
     def resubscribe(self) -> None:
-        """Drop the subscription; the reader subscribes (and resyncs) from scratch."""
-        if self._scope is not None:
-            self._scope.cancel()
+        """Drop the subscriptions; each reader subscribes (and resyncs) from scratch."""
+        for scope in self._scopes:
+            scope.cancel()
 
     async def read(self, *, task_status: TaskStatus[None]) -> None:
-        """Subscribe, resync, read messages; resubscribe whenever the subscription is lost.
+        """Read this worker's channels: one subscription per shard, each on its own.
 
-        Reports started after the first subscribe and resync; raises :exc:`RedisUnavailable`
-        if that first subscribe fails.
+        On a single server one subscription. On a cluster the channels are grouped by the
+        shard that serves them, and each group subscribes, reads and resubscribes by itself:
+        a shard that fails over (its pub/sub connection lost, its slots moving) leaves the
+        subscriptions to the other shards, and the cancels they carry, untouched. A failed
+        command does not tear them down either (it says nothing about their connections):
+        the heartbeat's resync marks Redis up again.
+
+        Reports started once every group has subscribed and resynced; raises
+        :exc:`RedisUnavailable` if a first subscribe fails.
         """
+        groups = channel_groups(self._conn.client, self._keys.channels())
+        if len(groups) == 1:
+            await self._read(groups[0], task_status=task_status)
+            return
+        self._conn.on_down = None
+        try:
+            async with anyio.create_task_group() as tg:
+                for channels in groups:
+                    await tg.start(self._read, channels)
+                task_status.started()
+        except BaseExceptionGroup as group:
+            unavailable, rest = group.split(RedisUnavailable)
+            if unavailable is None or rest is not None:
+                raise
+            first: BaseException = unavailable
+            while isinstance(first, BaseExceptionGroup):  # one subscribe's, unwrapped
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _read(self, channels: list[str], *, task_status: TaskStatus[None]) -> None:
+        """Subscribe to ``channels``, resync, read messages; resubscribe whenever lost."""
         client = self._conn.client
         settings = self._settings
         started = False
         while True:
+            scope = anyio.CancelScope()
             try:
                 async with subscription(
-                    client,
-                    self._keys.channels(),
-                    timeout=settings.timeout,
-                    heartbeat=settings.heartbeat,
+                    client, channels, timeout=settings.timeout, heartbeat=settings.heartbeat
                 ) as pubsub:
-                    with anyio.CancelScope() as scope:
-                        self._scope = scope
+                    with scope:
+                        self._scopes.add(scope)
                         await self.resync(force=True)  # after subscribing: nothing is missed
                         await self.read_inbox(force=True)
-                        if not self._conn.up:
-                            if started:
-                                logger.warning(
-                                    "Redis at %s is reachable again", redact(settings.url)
-                                )
-                            self._conn.up = True
+                        self._mark_up(announce=started)
                         if not started:
                             started = True
                             task_status.started()
@@ -132,7 +153,7 @@ class Listener:
                 # inbox and the resync after the next subscribe deliver what was missed.
                 logger.debug("pub/sub connection lost (%s); resubscribing", leaf(exc))
             finally:
-                self._scope = None
+                self._scopes.discard(scope)
             self.reconnects += 1
             await anyio.sleep(settings.retry_delay)
 
@@ -149,6 +170,8 @@ class Listener:
             self._slots.poke_turns()  # messages can be lost
             with _survive("heartbeat"), suppress(Down):
                 await self.resync()  # also while marked down: leases must not lapse
+                if self._conn.on_down is None:  # a cluster: the readers never dropped
+                    self._mark_up(announce=True)
 
     async def poll(self) -> None:
         """Every ``poll_interval``: read the inbox while Redis is up."""
