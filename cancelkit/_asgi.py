@@ -20,10 +20,20 @@ import anyio.lowlevel
 
 from . import _loop
 from ._deadline import parse_deadline
-from ._exceptions import OperationCancelled
+from ._exceptions import BackendUnavailable, OperationCancelled
 from ._frames import InterruptFrame, interrupt_frame
 from ._frames import current as _current
-from ._http import ASGIApp, Message, Receive, Scope, Send, answer_for_reason, log_ended, log_gone
+from ._http import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    answer_for_reason,
+    answer_unavailable,
+    log_ended,
+    log_gone,
+)
 from ._reason import CancelKind, CancelReason
 from ._receive import ReadAhead
 from ._signal import CallbackHandle
@@ -304,8 +314,8 @@ class DisconnectGuard:
             How the request went.
 
         Raises:
-            Exception: whatever the application raises, except an
-                :exc:`~cancelkit.OperationCancelled` carrying this request's token's reason.
+            Exception: whatever the application raises, but an :exc:`~cancelkit.OperationCancelled`
+                of this token and a :exc:`~cancelkit.BackendUnavailable` answered ``503``.
         """
         self._scope[SCOPE_KEY] = self.token
         loop = _loop.asyncio_loop()
@@ -332,6 +342,10 @@ class DisconnectGuard:
             if exc.reason is not self.token.reason:
                 raise
             await self._finish_interrupted()
+        except BackendUnavailable as exc:  # 503 from the one table, if nothing was sent yet
+            if self._response is not _Response.PENDING:
+                raise
+            await answer_unavailable(exc).send(self._send)
         return self.outcome()
 
     async def _run_app(self, app: ASGIApp) -> None:
@@ -393,9 +407,8 @@ class DisconnectGuard:
             except OSError:
                 self._response = _Response.GONE
                 return
-        # A response that already started is left incomplete on purpose: the server then
-        # closes the connection without the final chunk, so the client can tell that what it
-        # got is cut short (an explicit clean end is token.until_cancelled()).
+        # A started response is left incomplete on purpose: the server closes the connection
+        # without the final chunk, so the client sees it cut (a clean end: until_cancelled()).
         log_ended(self._scope, reason, cut=self._response is _Response.STARTED)
 
     # -- the client's side -----------------------------------------------------------------
@@ -430,9 +443,7 @@ class DisconnectGuard:
             done.set()
 
     def _interrupt_app(self, reason: CancelReason) -> None:
-        frame = self._interrupt
-        assert frame is not None  # the link is removed before the frame is forgotten
-        frame.interrupt()
+        self._interrupt.interrupt()  # type: ignore[union-attr]  # unlinked before it is None
 
     async def _app_receive(self) -> Message:
         return await self._read_ahead().receive()

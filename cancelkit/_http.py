@@ -15,6 +15,7 @@ linked token (``parent``)                          the root reason's answer
 key busy (:exc:`~cancelkit.SlotBusy`)              409     or 429; ``Retry-After``
 registry full (:exc:`~cancelkit.RegistryFull`)     503     ``Retry-After: 1``
 id already running (:exc:`~cancelkit.OperationExists`)  409
+backend unreachable (:exc:`~cancelkit.BackendUnavailable`)  503  ``Retry-After: 1``
 =================================================  ======  ============================
 
 The body is JSON: ``{"detail": <message>, "reason": <kind>, "source": <id or null>}``. A
@@ -34,10 +35,23 @@ from typing import Any, Literal, final
 import anyio
 
 from ._deadline import EXPIRED_HEADER
-from ._exceptions import OperationCancelled, OperationExists, RegistryFull, SlotBusy
+from ._exceptions import (
+    BackendUnavailable,
+    OperationCancelled,
+    OperationExists,
+    RegistryFull,
+    SlotBusy,
+)
 from ._reason import CancelKind, CancelReason
 
-__all__ = ["HTTPAnswer", "answer_for", "answer_for_reason", "exception_handlers", "log_gone"]
+__all__ = [
+    "HTTPAnswer",
+    "answer_for",
+    "answer_for_reason",
+    "answer_unavailable",
+    "exception_handlers",
+    "log_gone",
+]
 
 logger = logging.getLogger("cancelkit")
 
@@ -144,7 +158,14 @@ def answer_for(
         return HTTPAnswer(503, "full", str(exc), None, 1)
     if isinstance(exc, OperationExists):
         return HTTPAnswer(409, "exists", str(exc))
+    if isinstance(exc, BackendUnavailable):
+        return answer_unavailable(exc)
     return None
+
+
+def answer_unavailable(exc: BackendUnavailable) -> HTTPAnswer:
+    """The ``503`` for a backend or status store that cannot be reached (Redis down)."""
+    return HTTPAnswer(503, "unavailable", str(exc), None, 1)
 
 
 def client(scope: Scope) -> str:
@@ -207,4 +228,5 @@ def exception_handlers(
         SlotBusy: handler,
         RegistryFull: handler,
         OperationExists: handler,
+        BackendUnavailable: handler,
     }

@@ -17,6 +17,7 @@ import anyio.lowlevel
 import pytest
 
 from cancelkit import (
+    BackendUnavailable,
     CancelKind,
     CancellationToken,
     CancelOnDisconnect,
@@ -245,6 +246,29 @@ async def test_app_exception_is_not_wrapped() -> None:
     server = FakeServer(body())
     with pytest.raises(ValueError, match="boom"):
         await CancelOnDisconnect(app)(http_scope(), server.receive, server.send)
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before", "after-the-response-started"])
+async def test_an_unreachable_backend_is_a_503_until_the_response_started(started: bool) -> None:
+    """BackendUnavailable escaping the application (Redis down, fail_open=False) is answered
+    503 with Retry-After from the one table; once the response started it propagates."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if started:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise BackendUnavailable("cannot reach Redis at redis://127.0.0.1:1/0")
+
+    server = FakeServer(body())
+    guarded = CancelOnDisconnect(app)
+    if started:
+        with pytest.raises(BackendUnavailable):
+            await guarded(http_scope(), server.receive, server.send)
+        assert server.status == 200
+        return
+    await guarded(http_scope(), server.receive, server.send)
+    assert server.status == 503
+    assert (b"retry-after", b"1") in server.sent[0]["headers"]
+    assert json.loads(server.sent[1]["body"])["reason"] == "unavailable"
 
 
 async def test_outer_cancellation_propagates(caplog: pytest.LogCaptureFixture) -> None:

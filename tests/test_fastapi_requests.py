@@ -1,5 +1,6 @@
 import inspect
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -29,6 +30,8 @@ from cancelkit.fastapi import (
     latest_only,
     tracked,
 )
+from cancelkit.redis import RedisBackend
+from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -688,3 +691,45 @@ async def test_a_committed_request_runs_on_after_its_client_leaves(
             await done.wait()
     assert (status, body) == (409, b'{"id":"p1","outcome":"committed"}')
     assert events == ["charged"]
+
+
+# -- a backend that cannot be reached --------------------------------------------------------
+
+
+async def test_every_route_answers_503_while_redis_is_down_with_fail_open_false(
+    redis: RedisServer,
+) -> None:
+    """fail_open=False and Redis stopped: latest_only, tracked and the cancel router answer
+    503 with Retry-After from the one table (they were a bare 500 with a RedisUnavailable
+    traceback); the OpenAPI schema lists the 503 of each."""
+    backend = RedisBackend(redis.url, prefix="ck" + secrets.token_hex(4), fail_open=False)
+    async with backend:
+        slot, registry = LatestOnly(backend=backend), TokenRegistry(backend=backend)
+        app = FastAPI()
+        install(app)
+        app.include_router(cancel_router(registry, owner=user_id))
+
+        @app.get("/search")
+        async def search(claim: Annotated[Claim, latest_only(slot, key=search_key)]) -> str:
+            return "found"
+
+        @app.post("/reports")
+        async def report(op: Annotated[TrackedOperation, tracked(registry, owner=user_id)]) -> str:
+            return op.id
+
+        async with client(app) as http:
+            assert (await http.get("/search")).status_code == 200  # while Redis is up
+            redis.stop()
+            answers = [
+                await http.get("/search"),
+                await http.post("/reports", headers={"X-Operation-Id": "r1"}),
+                await http.delete("/operations/r1"),
+            ]
+            schema = (await http.get("/openapi.json")).json()
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["reason"] == "unavailable"
+    for path, method in (("/search", "get"), ("/reports", "post")):
+        assert "503" in schema["paths"][path][method]["responses"], path
+    assert "503" in schema["paths"]["/operations/{operation_id}"]["delete"]["responses"]

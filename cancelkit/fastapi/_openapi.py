@@ -11,6 +11,7 @@ from .._http import exception_handlers
 
 __all__ = [
     "COMMITTED",
+    "UNAVAILABLE",
     "CancelledBody",
     "OperationBody",
     "OperationErrorBody",
@@ -112,13 +113,17 @@ class OperationStatusBody(BaseModel):
 
 # -- the answers of each dependency, documented ------------------------------------------
 
+#: The 503 of a backend that cannot be reached (with install(): the handler answers it).
+UNAVAILABLE = "The shared state (Redis) cannot be reached: retry after Retry-After seconds"
 LATEST_RESPONSES = {
     409: "Superseded by a newer request, stale (an older sequence number), or the key is busy",
     429: "The key is busy (reject policy, when configured so)",
+    503: "The shared state (Redis) cannot be reached, with fail_open=False",
 }
 TRACKED_RESPONSES = {
     409: "Cancelled by id from another request, or that id is already running",
-    503: "Too many operations, or the server is shutting down",
+    503: "Too many operations, the server is shutting down, or the shared state (Redis) "
+    "cannot be reached",
 }
 START_RESPONSES = {
     409: "An operation with this id is running already",
@@ -136,8 +141,9 @@ def install(
     superseded or cancelled by id → ``409``, deadline → ``504``, shutdown → ``503``, client
     gone → ``499``, logged on the ``cancelkit`` logger since nobody reads it), for
     :exc:`~cancelkit.SlotBusy` (``busy_status`` with ``Retry-After``) and for
-    :exc:`~cancelkit.RegistryFull` (``503`` with ``Retry-After``) and for
-    :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of a running operation).
+    :exc:`~cancelkit.RegistryFull` and :exc:`~cancelkit.BackendUnavailable` (``503`` with
+    ``Retry-After``) and for :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of
+    a running operation).
     Each body is a :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
     :func:`tracked` list these responses in the OpenAPI schema. Call it for every FastAPI
     application (a mounted sub-application too).

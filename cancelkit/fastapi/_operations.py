@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi.responses import JSONResponse
 
 from .._exceptions import BackendUnavailable, OperationCancelled, OperationExists, RegistryFull
-from .._http import HTTPAnswer, answer_for
+from .._http import HTTPAnswer, answer_for, answer_unavailable
 from .._operations import BackgroundOperations
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, _check
@@ -76,7 +76,7 @@ def _unavailable(exc: Exception) -> Response | None:
     """503 for a store or backend that cannot be reached (a Redis server, say)."""
     if not isinstance(exc, BackendUnavailable):
         return None
-    return _answer(HTTPAnswer(503, "unavailable", str(exc), None, 1))
+    return _answer(answer_unavailable(exc))
 
 
 def _answer(answer: HTTPAnswer) -> Response:

@@ -18,7 +18,15 @@ from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from .._token import CancellationToken, shorten_deadline
 from ..backends import CancelOutcome
-from ._openapi import COMMITTED, LATEST_RESPONSES, RESPONSES_ATTR, TRACKED_RESPONSES, OperationBody
+from ._openapi import (
+    COMMITTED,
+    LATEST_RESPONSES,
+    RESPONSES_ATTR,
+    TRACKED_RESPONSES,
+    UNAVAILABLE,
+    CancelledBody,
+    OperationBody,
+)
 
 __all__ = [
     "RequestToken",
@@ -416,6 +424,7 @@ def cancel_router(
         responses={
             404: {"model": OperationBody, "description": "Nothing of yours to cancel"},
             409: {"model": OperationBody, "description": COMMITTED},
+            503: {"model": CancelledBody, "description": UNAVAILABLE},
         },
         summary="Cancel an operation by id",
     )
