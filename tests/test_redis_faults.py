@@ -669,3 +669,46 @@ async def test_two_process_cancel_race_with_connection_kills(
         assert obeyed, answers
         assert not [id for id in obeyed if ends[id] == "completed"], (answers, ends)
         await check_recovered(server, backends, Outcomes())
+
+
+# -- the newest claim survives an outage, and N means N in one worker ---------------------------
+
+
+async def test_the_newest_claim_survives_an_outage_and_never_runs_beside_the_older(
+    server: RedisServer, prefix: str
+) -> None:
+    """fail_open=True. Claim c1 runs (Redis admitted it); Redis stops answering; c2 for the
+    same key is admitted on local state. c1 must stop then (one body per key in this worker:
+    it used to run on beside c2, the local state knew nothing of c1), and once Redis answers
+    again c2, the newest, is the key's running claim (the resync used to re-assert c2 behind
+    c1 and supersede the newest: the user's last keystroke never answered)."""
+    async with RedisBackend(server.url, prefix=prefix, **OPTIONS) as backend:
+        slot = LatestOnly(backend=backend)
+        ended: dict[str, str] = {}
+        started = {name: anyio.Event() for name in ("c1", "c2")}
+        generations: dict[str, int] = {}
+
+        async def claim(name: str) -> None:
+            try:
+                async with slot.claim("k") as held:
+                    generations[name] = held.generation
+                    started[name].set()
+                    await anyio.sleep_forever()
+            except OperationCancelled as exc:
+                ended[name] = exc.reason.kind.value
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(claim, "c1")
+                await started["c1"].wait()
+                server.command("CLIENT", "PAUSE", "1500", "ALL")  # Redis stops answering
+                tg.start_soon(claim, "c2")
+                await started["c2"].wait()  # admitted on local state
+                await wait_for(lambda: "c1" in ended, 10)  # one body of the key, not two
+                assert ended == {"c1": "superseded"}
+                await wait_for(lambda: backend.statistics().connected, 20)
+                resyncs = backend._listener.resyncs
+                await wait_for(lambda: backend._listener.resyncs >= resyncs + 2, 20)
+                assert await backend.is_current("k", generations["c2"])
+                assert "c2" not in ended  # the newest runs on
+                tg.cancel_scope.cancel()

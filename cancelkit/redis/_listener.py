@@ -16,6 +16,7 @@ from ._config import Keys, Settings
 from ._connection import Connection, Down, leaf, redact
 from ._registrations import Registrations
 from ._slots import Slots
+from ._slots import resync as resync_claims
 
 __all__ = ["Listener"]
 
@@ -202,7 +203,7 @@ class Listener:
         self.resyncs += 1
         for line in await self._registrations.resync(force=force):
             self.on_line(line)
-        for line in await self._slots.resync(force=force):
+        for line in await resync_claims(self._slots, force=force):
             self.on_line(line)
         await self._conn.drain(force=force)
 

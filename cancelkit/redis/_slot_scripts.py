@@ -134,7 +134,7 @@ if seq ~= '' then
     return {'stale', 0, redis.call('HGET', KEYS[1], 'sh'), newest}
   end
 end
-redis.call('HSET', KEYS[1], 'lim', ARGV[4])
+redis.call('HSET', KEYS[1], 'lim', ARGV[4], 'pol', busy)
 local running, waiting, mine = settle(W, ARGV[10], ARGV[8], false)
 local state, victim = 'r', nil
 if #running >= limit then
@@ -283,9 +283,23 @@ return 0
 #: The heartbeat and the resync after a reconnect, for latest-only claims: refresh this
 #: worker's liveness and the TTLs of its claims, re-assert those that Redis lost, and report
 #: the claims that were superseded meanwhile.
-#: KEYS: alive, then two per entry (state, order). ARGV: W, lease ms, state ttl ms, then two
-#: per entry (H, G). Returns message lines (see :mod:`cancelkit.redis._scripts`).
-SYNC_CLAIMS = """
+#: KEYS: alive, then two per entry (state, order). ARGV: W, lease ms, state ttl ms, channel
+#: prefix, inbox prefix, then three per entry (H, G, live: '0' for a claim this worker has
+#: cancelled already). Returns message lines (see :mod:`cancelkit.redis._scripts`; ``>W``
+#: lines are for the caller to write to W's inbox, as from ACQUIRE).
+#:
+#: A lost claim is re-asserted by its generation, never in favour of an older one: with room
+#: it runs; with none, under a superseding policy a claim newer than the oldest running one
+#: runs and supersedes it (the newest admitted claim is the one that survives an outage), and
+#: otherwise it is superseded by the newest running one. A claim this worker cancelled
+#: already is never re-asserted (its release follows). A claim Redis knows gets the
+#: generation the worker gave it (after a lost ACQUIRE reply the worker made it locally).
+SYNC_CLAIMS = (
+    SEND
+    + """
+local function split(m)
+  return string.match(m, '^(%S+) (%S+)$')
+end
 local W, lease = ARGV[1], ARGV[2]
 -- A write that needs no memory first: under OOM (noeviction) Redis refuses only a script's
 -- first write, so the leases are still refreshed.
@@ -294,34 +308,48 @@ local t = redis.call('TIME')
 local deadline = string.format(
   '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease))
 local out = {}
-local n = (#ARGV - 3) / 2
+local n = (#ARGV - 5) / 3
 for i = 0, n - 1 do
-  local h, g = ARGV[4 + 2 * i], ARGV[5 + 2 * i]
+  local h, g, live = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
   local k1, k2 = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local me = W .. ' ' .. h
   local st = redis.call('HGET', k1, me)
-  if not st then  -- Redis lost it: run again if there is room, else it was superseded
+  if not st and live == '1' then  -- Redis lost it: re-assert it by its generation
     local lim = tonumber(redis.call('HGET', k1, 'lim') or '1')
-    local running, newest = 0, nil
-    for _, m in ipairs(redis.call('ZRANGE', k2, 0, -1)) do
-      if redis.call('HGET', k1, m) == 'r' then
-        running = running + 1
-        newest = m
+    local running, scores = {}, {}
+    local members = redis.call('ZRANGE', k2, 0, -1, 'WITHSCORES')
+    for j = 1, #members, 2 do
+      if redis.call('HGET', k1, members[j]) == 'r' then
+        running[#running + 1] = members[j]
+        scores[#running] = tonumber(members[j + 1])
       end
     end
-    if running < lim then
+    if #running < lim then
       st = 'r'
-      redis.call('HSET', k1, me, 'r')
+    elseif redis.call('HGET', k1, 'pol') == 'supersede' and tonumber(g) > scores[1] then
+      st = 'r'
+      local victim = running[1]
+      local line = 's ' .. select(2, split(victim)) .. ' ' .. h
+      redis.call('HSET', k1, victim, 's ' .. h)
+      local vw = split(victim)
+      if vw == W then out[#out + 1] = line
+      elseif not send(vw, line, ARGV[4], ARGV[5], lease, true) then
+        out[#out + 1] = '>' .. vw .. ' ' .. line
+      end
     else
-      st = 's ' .. string.match(newest, '^%S+ (%S+)$')
-      redis.call('HSET', k1, me, st)
+      st = 's ' .. select(2, split(running[#running]))
     end
-    redis.call('ZADD', k2, g, me)
+    redis.call('HSET', k1, me, st)
   end
-  redis.call('HSET', k1, 'd ' .. me, deadline)
-  if string.sub(st, 1, 2) == 's ' then out[#out + 1] = 's ' .. h .. string.sub(st, 2) end
-  redis.call('PEXPIRE', k1, redis.call('HEXISTS', k1, 'seq') == 1 and ARGV[3] or lease)
-  redis.call('PEXPIRE', k2, lease)
+  if st then
+    -- the claim's own generation (an ACQUIRE whose reply was lost ran with another one)
+    if live == '1' then redis.call('ZADD', k2, g, me) end
+    redis.call('HSET', k1, 'd ' .. me, deadline)
+    if string.sub(st, 1, 2) == 's ' then out[#out + 1] = 's ' .. h .. string.sub(st, 2) end
+    redis.call('PEXPIRE', k1, redis.call('HEXISTS', k1, 'seq') == 1 and ARGV[3] or lease)
+    redis.call('PEXPIRE', k2, lease)
+  end
 end
 return out
 """
+)

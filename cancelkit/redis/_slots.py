@@ -15,14 +15,25 @@ from ._codec import deliver
 from ._config import Keys, Settings
 from ._connection import Connection, Down
 
-__all__ = ["Slots"]
+__all__ = ["Slots", "commit_claim", "is_current", "resync"]
 
 _CHUNK = 500  # entries per resync script call
 
 
 @final
 class _Claim:
-    __slots__ = ("deliver", "generation", "holder", "key", "local", "superseded", "synced", "turn")
+    __slots__ = (
+        "deliver",
+        "generation",
+        "holder",
+        "key",
+        "local",
+        "mirrored",
+        "running",
+        "superseded",
+        "synced",
+        "turn",
+    )
 
     def __init__(self, key: str, holder: str, deliver: Deliver) -> None:
         self.key = key
@@ -30,6 +41,8 @@ class _Claim:
         self.deliver = deliver
         self.generation = 0
         self.local: int | None = None  # its generation in the fallback, if made while down
+        self.running = False  # Redis let its body start
+        self.mirrored = False  # running, and in the fallback's view of this worker's claims
         self.superseded = False
         self.synced = False
         self.turn: anyio.Event | None = None
@@ -129,6 +142,7 @@ class Slots:
             self._forget(claim)
             return Acquired(admission)
         claim.generation = int(result[1])
+        claim.running = admission is Admission.RUNNING
         self._last_generation = max(self._last_generation, claim.generation)
         claim.synced = True
         self._dispatch(result[2:])  # the claims it superseded or let run
@@ -155,13 +169,24 @@ class Slots:
     async def _acquire_locally(
         self, claim: _Claim, *, policy: Policy, limit: int, seq: int | None
     ) -> Acquired:
-        def deliver(reason: CancelReason) -> None:
-            self._deliver(claim, reason)
-
+        # One view of this worker's claims on the key: those Redis let run before the outage
+        # join the fallback first (oldest first), so the policy holds over them too and never
+        # more than ``limit`` bodies of the key run here, outage or not.
+        for other in list(self._by_key.get(claim.key, {}).values()):
+            if other.running and not (other.mirrored or other.superseded or other is claim):
+                other.mirrored = True
+                await self._local.acquire(
+                    claim.key,
+                    other.holder,
+                    self._deliverer(other),
+                    policy=policy,
+                    limit=limit,
+                    seq=None,
+                )
         acquired = await self._local.acquire(
             claim.key,
             claim.holder,
-            deliver,
+            self._deliverer(claim),
             policy=policy,
             limit=limit,
             seq=seq,
@@ -175,6 +200,12 @@ class Slots:
         claim.generation = self._last_generation = _local_generation(self._last_generation)
         claim.synced = True
         return Acquired(acquired.admission, claim.generation)
+
+    def _deliverer(self, claim: _Claim) -> Deliver:
+        def deliver(reason: CancelReason) -> None:
+            self._deliver(claim, reason)
+
+        return deliver
 
     def _forget(self, claim: _Claim) -> None:
         self._by_holder.pop(claim.holder, None)
@@ -194,7 +225,7 @@ class Slots:
         if claim is None or claim.key != key:
             return None
         self._forget(claim)
-        if claim.local is not None:
+        if claim.local is not None or claim.mirrored:
             await self._local.release(key, holder)
         if not self._conn.running:
             return None
@@ -262,6 +293,7 @@ class Slots:
                 )
                 self._dispatch(result[1:])
                 if result[0]:
+                    claim.running = True
                     return
             except Down:
                 if not self._settings.fail_open:
@@ -298,31 +330,48 @@ class Slots:
             if claim.turn is not None:
                 claim.turn.set()
 
-    async def resync(self, *, force: bool = False) -> list[str]:
-        """Refresh TTLs, re-assert lost claims; return the lines of claims superseded meanwhile."""
-        k = self._keys
-        groups: dict[str, list[_Claim]] = {}
-        for claim in self._by_holder.values():
-            if claim.synced:  # one script per slot group (its keys share a slot)
-                groups.setdefault(k.base(claim.key), []).append(claim)
-        lines: list[str] = []
-        for group in groups.values():
-            for start in range(0, len(group), _CHUNK):
-                lines += await self._resync_chunk(group[start : start + _CHUNK], force=force)
-        return lines
 
-    async def _resync_chunk(self, chunk: list[_Claim], *, force: bool) -> list[str]:
-        k = self._keys
-        keys = [k.alive(chunk[0].key)]
-        args = [k.worker, self._settings.lease_ms, self._settings.state_ms]
-        for claim in chunk:
-            keys += [k("k", claim.key), k("q", claim.key)]
-            args += [claim.holder, str(claim.generation)]
-        result = await self._conn.run("SYNC_CLAIMS", keys, args, force=force)
-        for claim in chunk:  # released while the script ran: clean up again
-            if claim.holder not in self._by_holder:
-                await self._release_remote(claim.key, claim.holder)
-        return [str(line) for line in result]
+async def resync(slots: Slots, *, force: bool = False) -> list[str]:
+    """Refresh TTLs, re-assert lost claims; return the lines of claims superseded meanwhile.
+
+    (The heartbeat's and the reconnect's, for :class:`Slots`; see ``SYNC_CLAIMS``.)
+    """
+    k = slots._keys
+    groups: dict[str, list[_Claim]] = {}
+    for claim in slots._by_holder.values():
+        if claim.synced:  # one script per slot group (its keys share a slot)
+            groups.setdefault(k.base(claim.key), []).append(claim)
+    lines: list[str] = []
+    for group in groups.values():
+        for start in range(0, len(group), _CHUNK):
+            lines += await _resync_chunk(slots, group[start : start + _CHUNK], force=force)
+    return lines
+
+
+async def _resync_chunk(slots: Slots, chunk: list[_Claim], *, force: bool) -> list[str]:
+    k, settings = slots._keys, slots._settings
+    keys = [k.alive(chunk[0].key)]
+    args = [
+        k.worker,
+        settings.lease_ms,
+        settings.state_ms,
+        k.channel_prefix(chunk[0].key),
+        k.inbox_prefix,
+    ]
+    for claim in chunk:  # a claim cancelled here already is never re-asserted
+        keys += [k("k", claim.key), k("q", claim.key)]
+        args += [claim.holder, str(claim.generation), "0" if claim.superseded else "1"]
+    result = await slots._conn.run("SYNC_CLAIMS", keys, args, force=force)
+    for claim in chunk:  # released while the script ran: clean up again
+        if claim.holder not in slots._by_holder:
+            await slots._release_remote(claim.key, claim.holder)
+    lines = []
+    for line in map(str, result):
+        if line.startswith(">"):  # another worker's claim it superseded: its inbox
+            slots._conn.defer(*k.message(line, settings.lease_ms))
+        else:
+            lines.append(line)
+    return lines
 
 
 def _superseded(state: str) -> CancelReason | None:
