@@ -26,7 +26,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PYTHONS = ["3.11", "3.12", "3.13"]
-EXTRAS = "-e.[fastapi,redis,httpx,asyncpg,psycopg]"
+EXTRAS = "-e.[fastapi,redis,httpx,asyncpg,psycopg,otel]"
 
 nox.options.default_venv_backend = "uv|virtualenv"
 # "lowest" runs the suite on the declared floors (no coverage: 6.5-9 minutes on 2 shared cores,
@@ -242,7 +242,16 @@ def lowest(session: nox.Session) -> None:
         req
         for req in nox.project.dependency_groups(PYPROJECT, "test")
         if req.split(">")[0].split("=")[0].split("[")[0].strip()
-        in {"trio", "fastapi", "coredis", "httpx", "asyncpg", "psycopg", "sqlalchemy"}
+        in {
+            "trio",
+            "fastapi",
+            "coredis",
+            "httpx",
+            "asyncpg",
+            "psycopg",
+            "sqlalchemy",
+            "opentelemetry-api",
+        }
     ]
     session.install("--resolution", "lowest-direct", EXTRAS, *floors)
     python = str(Path(session.bin) / "python")
@@ -264,7 +273,7 @@ _SHOW_VERSIONS = (
     "from importlib.metadata import version as v; "
     "print('lowest:', ', '.join(f'{n} {v(n)}' for n in "
     "('anyio', 'trio', 'fastapi', 'starlette', 'coredis', 'httpx', 'httpcore', "
-    "'asyncpg', 'psycopg', 'sqlalchemy')))"
+    "'asyncpg', 'psycopg', 'sqlalchemy', 'opentelemetry-api')))"
 )
 
 

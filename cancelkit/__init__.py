@@ -24,6 +24,9 @@ from ._asgi import DisconnectOutcome as DisconnectOutcome
 from ._asgi import DisconnectStatistics as DisconnectStatistics
 from ._asgi import request_token as request_token
 from ._cleanup import shielded_cleanup as shielded_cleanup
+from ._events import CancelEvent as CancelEvent
+from ._events import add_listener as add_listener
+from ._events import log_events as log_events
 from ._exceptions import BackendUnavailable as BackendUnavailable
 from ._exceptions import CancelkitError as CancelkitError
 from ._exceptions import OperationCancelled as OperationCancelled
@@ -59,6 +62,7 @@ __all__ = [
     "BackendUnavailable",
     "BackgroundOperations",
     "CallbackHandle",
+    "CancelEvent",
     "CancelKind",
     "CancelOnDisconnect",
     "CancelOutcome",
@@ -88,8 +92,10 @@ __all__ = [
     "TokenScope",
     "TokenStatistics",
     "TrackedOperation",
+    "add_listener",
     "current_token",
     "exception_handlers",
+    "log_events",
     "request_token",
     "shielded_cleanup",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Literal, final
 import anyio
 import anyio.lowlevel
 
-from . import _loop
+from . import _events, _loop
 from ._deadline import parse_deadline
 from ._exceptions import BackendUnavailable, OperationCancelled
 from ._frames import InterruptFrame, interrupt_frame
@@ -653,6 +653,7 @@ class CancelOnDisconnect:
             running.add(guard)
             self._requests += 1
             outcome: DisconnectOutcome | None = None
+            started = time.monotonic() if _events.listeners else None
             try:
                 outcome = await guard.run(self.app)
             finally:
@@ -661,6 +662,9 @@ class CancelOnDisconnect:
                     outcome = guard.outcome()
                 if outcome is not _QUIET:
                     self._count(outcome)
+                    if _events.listeners:  # (its route's template, never the raw path)
+                        route = getattr(scope.get("route"), "path", None)
+                        _events.report("request", guard.token, route, started=started)
                 if not running and self._idle is not None:
                     self._idle.set()
         elif kind == "lifespan":

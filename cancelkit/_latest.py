@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -11,6 +12,7 @@ from typing import final
 
 import anyio
 
+from . import _events
 from ._exceptions import OperationCancelled, SlotBusy
 from ._policy import Policy, PolicyName, preset_name
 from ._reason import CancelKind, CancelReason
@@ -348,7 +350,7 @@ class _Hold:
     key is released.
     """
 
-    __slots__ = ("_claim", "_interrupt", "_scope", "_slot")
+    __slots__ = ("_claim", "_interrupt", "_scope", "_slot", "_started")
 
     def __init__(self, slot: LatestOnly, key: str, seq: int | None, interrupt: bool) -> None:
         if not isinstance(key, str):
@@ -366,6 +368,7 @@ class _Hold:
         self._claim = _new_claim(key, seq, self)
         self._interrupt = interrupt
         self._scope: TokenScope | None = None
+        self._started = time.monotonic() if _events.listeners else None
 
     async def __aenter__(self) -> Claim:
         slot, claim = self._slot, self._claim
@@ -435,11 +438,19 @@ class _Hold:
                 source=acquired.source,
             )
             claim.token.cancel(reason)
+            self._refused("stale")
             raise OperationCancelled(reason)
         slot._rejected += 1
         if admission is Admission.BUSY:
+            self._refused("busy")
             raise SlotBusy(key, f"{slot._limit} claim(s) already run on the key")
+        self._refused("full")
         raise SlotBusy(key, f"{slot._policy.max_waiting} claim(s) already wait for the key")
+
+    def _refused(self, kind: str) -> None:
+        if _events.listeners:
+            claim = self._claim
+            _events.report("claim", claim.token, claim.key, what="refused", kind=kind)
 
     async def _wait(self, queued: bool) -> None:
         """The debounce, queue and handover waits, interrupted by the claim's token."""
@@ -457,9 +468,13 @@ class _Hold:
         claim.token.raise_if_cancelled()  # superseded without a checkpoint in between
 
     def _count_superseded(self) -> None:
-        reason = self._claim.token.reason
+        """At the claim's end: count a supersede, report a cancellation (once per root)."""
+        token = self._claim.token
+        reason = token.reason
         if reason is not None and reason.kind is CancelKind.SUPERSEDED:
             self._slot._superseded += 1
+        if _events.listeners:
+            _events.report("claim", token, self._claim.key, started=self._started)
 
     async def __aexit__(
         self,
@@ -500,6 +515,8 @@ class _Hold:
         if reason is not None:  # superseded first; the delivery had not arrived
             uncommit_token(token, frames, reason)
             raise OperationCancelled(settled_reason(token) or reason)
+        if _events.listeners:
+            _events.report("claim", token, claim.key, what="committed", started=self._started)
 
     async def _release(self) -> None:
         self._slot._running -= 1

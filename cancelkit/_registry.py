@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import final
 
+from . import _events
 from ._exceptions import OperationCancelled, OperationExists, RegistryFull
 from ._reason import CancelKind, CancelReason
 from ._token import (
@@ -331,7 +333,7 @@ class _Hold:
     It is also the ``deliver`` callable handed to the backend (no bound method per operation).
     """
 
-    __slots__ = ("_holder", "_op", "_registry")
+    __slots__ = ("_holder", "_op", "_registry", "_started")
 
     def __init__(
         self,
@@ -340,6 +342,7 @@ class _Hold:
         owner: str | None,
         parent: CancellationToken | None,
     ) -> None:
+        self._started = time.monotonic() if _events.listeners else None
         self._registry = registry
         op: TrackedOperation = object.__new__(TrackedOperation)
         op.id, op.owner, op.token, op._hold = id, owner, held_token(id, parent), self
@@ -351,17 +354,30 @@ class _Hold:
 
     async def __aenter__(self) -> TrackedOperation:
         registry, op = self._registry, self._op
-        registry._add(op)
+        try:
+            registry._add(op)
+        except (OperationExists, RegistryFull) as exc:
+            self._refused(exc)
+            raise
         self._holder = new_holder_id()
         try:
             tombstone = await registry._backend.register(op.id, op.owner, self._holder, self)
             if tombstone is not None:
                 op.token.cancel(tombstone)
             self._start()
+        except (OperationExists, RegistryFull) as exc:
+            await self._finish()
+            self._refused(exc)
+            raise
         except BaseException:
             await self._finish()
             raise
         return op
+
+    def _refused(self, exc: OperationExists | RegistryFull) -> None:
+        if _events.listeners:
+            op, kind = self._op, "exists" if isinstance(exc, OperationExists) else "full"
+            _events.report("operation", op.token, op.id, op.owner, what="refused", kind=kind)
 
     def _start(self) -> None:
         self._op.token.raise_if_cancelled()  # tombstoned: the block never starts
@@ -392,6 +408,10 @@ class _Hold:
         if reason is not None:  # a cancel came first on the server; its delivery was late
             uncommit_token(token, frames, reason)
             raise OperationCancelled(settled_reason(token) or reason)
+        if _events.listeners:
+            _events.report(
+                "operation", token, op.id, op.owner, what="committed", started=self._started
+            )
 
     def _completed(self) -> None:
         """The block returned: the answer is its cancellation's if a cancel won before."""
@@ -411,6 +431,8 @@ class _Hold:
                 token.cancel(reason)  # (nothing if committed or cancelled already)
         finally:
             registry._remove(op)
+        if _events.listeners:
+            _events.report("operation", token, op.id, op.owner, started=self._started)
 
 
 @final

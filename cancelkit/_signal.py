@@ -20,11 +20,12 @@ from typing import Protocol, final
 
 import anyio
 
+from . import _events
 from ._exceptions import OperationCancelled
 from ._loop import call_soon, this_loop
 from ._reason import CancelKind, CancelReason, _fast_reason
 
-__all__ = ["CallbackHandle", "new_handle"]
+__all__ = ["CallbackHandle", "cancelled_at", "new_handle"]
 
 logger = logging.getLogger("cancelkit")
 
@@ -158,10 +159,11 @@ def _take(node: _Node) -> _Signal | None:
 class _Rare:
     """The state few tokens need, kept out of every token's slots (memory per live token)."""
 
-    __slots__ = ("cancelled_by", "committed", "errors", "saved_deadline")
+    __slots__ = ("cancelled_at", "cancelled_by", "committed", "errors", "saved_deadline")
 
     def __init__(self, cancelled_by: _Signal | None) -> None:
         self.cancelled_by = cancelled_by
+        self.cancelled_at: float | None = None  # monotonic, kept while an event listener is on
         self.errors: list[Exception] = []
         self.committed = False  # commit() won: cancel() refuses, the deadline is lifted
         self.saved_deadline = _INF  # the effective deadline before the commit
@@ -247,6 +249,10 @@ class _Signal:
             elif by is not None:
                 self._rare = _Rare(by)
             self._reason = reason
+            if _events.listeners:  # when this process learned of it: cancel -> exit times
+                if self._rare is None:
+                    self._rare = _Rare(None)
+                self._rare.cancelled_at = time.monotonic()
             links = self._links
             self._links = ()
             node = self._head
@@ -379,3 +385,9 @@ class _Signal:
         while node is not None:
             count, node = count + 1, node._next
         return count
+
+
+def cancelled_at(token: _Signal) -> float | None:
+    """When this process saw ``token`` cancelled (monotonic), if an event listener was on."""
+    rare = token._rare
+    return None if rare is None else rare.cancelled_at

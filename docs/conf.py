@@ -59,6 +59,7 @@ _EXTERNAL = "|".join(
         r"fastapi(\..*)?",
         r"coredis(\..*)?",
         r"httpx(\..*)?",
+        r"opentelemetry(\..*)?",
         r"datetime\..*",
         r"enum\..*",
         r"dataclasses\..*",

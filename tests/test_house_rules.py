@@ -36,6 +36,7 @@ NAMESPACES = (
     "cancelkit.backends",
     "cancelkit.fastapi",
     "cancelkit.httpx",
+    "cancelkit.otel",
     "cancelkit.redis",
 )
 ALIASES = {"Deliver", "Policy", "RequestToken", "SlotPolicy"}

@@ -1,0 +1,242 @@
+"""The event seam: one report per cancellation (the innermost unit's), refusal and commit."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+import cancelkit
+from cancelkit import (
+    CancelEvent,
+    CancelOnDisconnect,
+    LatestOnly,
+    OperationCancelled,
+    OperationExists,
+    SlotBusy,
+    TokenRegistry,
+    request_token,
+)
+from cancelkit.redis import RedisBackend
+from tests.conftest import RedisServer
+from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def events() -> Iterator[list[CancelEvent]]:
+    seen: list[CancelEvent] = []
+    remove = cancelkit.add_listener(seen.append)
+    yield seen
+    remove()
+    remove()  # a second removal does nothing
+
+
+async def _superseded_pair(slot: LatestOnly) -> None:
+    """Claim "k", and supersede it with a second claim that completes."""
+    first_in = anyio.Event()
+
+    async def first() -> None:
+        with pytest.raises(OperationCancelled):
+            async with slot.claim("k"):
+                first_in.set()
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await first_in.wait()
+        async with slot.claim("k"):
+            pass
+
+
+async def test_nothing_is_reported_without_a_cancellation(events: list[CancelEvent]) -> None:
+    async with LatestOnly().claim("k"), TokenRegistry().track("op"):
+        pass
+    assert events == []
+
+
+async def test_a_supersede_is_reported_once_by_the_claim_it_stopped(
+    events: list[CancelEvent],
+) -> None:
+    slot = LatestOnly()
+    await _superseded_pair(slot)
+    assert len(events) == 1, events
+    event = events[0]
+    assert (event.what, event.kind, event.where, event.name) == (
+        "cancelled",
+        "superseded",
+        "claim",
+        "k",
+    )
+    assert event.reason is not None
+    assert event.source == event.reason.source is not None
+    assert event.cancel_to_exit is not None
+    assert event.cancel_to_exit >= 0
+    assert event.ran_for is not None
+    assert event.ran_for >= event.cancel_to_exit
+
+
+async def test_cancel_by_id_is_reported_with_the_owner(events: list[CancelEvent]) -> None:
+    registry = TokenRegistry()
+    running = anyio.Event()
+
+    async def work() -> None:
+        with pytest.raises(OperationCancelled):
+            async with registry.track("op", owner="alice"):
+                running.set()
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await running.wait()
+        await registry.cancel("op", owner="alice")
+    assert [(e.what, e.kind, e.where, e.name, e.owner) for e in events] == [
+        ("cancelled", "requested", "operation", "op", "alice")
+    ]
+
+
+async def test_refusals_are_reported(events: list[CancelEvent]) -> None:
+    registry, reject = TokenRegistry(), LatestOnly(policy="reject")
+    async with registry.track("op"), reject.claim("k"):
+        with pytest.raises(OperationExists):
+            async with registry.track("op"):
+                pass  # pragma: no cover
+        with pytest.raises(SlotBusy):
+            async with reject.claim("k"):
+                pass  # pragma: no cover
+    slot = LatestOnly()
+    async with slot.claim("s", seq=5):
+        pass
+    with pytest.raises(OperationCancelled):
+        async with slot.claim("s", seq=4):
+            pass  # pragma: no cover
+    assert [(e.what, e.kind, e.where, e.name) for e in events] == [
+        ("refused", "exists", "operation", "op"),
+        ("refused", "busy", "claim", "k"),
+        ("refused", "stale", "claim", "s"),
+    ]
+
+
+async def test_a_commit_is_reported_and_a_later_cancel_is_not(
+    events: list[CancelEvent],
+) -> None:
+    registry = TokenRegistry()
+    async with registry.track("op") as op:
+        await op.commit()
+        assert await registry.cancel("op") is cancelkit.CancelOutcome.COMMITTED
+    assert [(e.what, e.kind, e.where) for e in events] == [("committed", "committed", "operation")]
+
+
+async def test_a_disconnect_is_reported_once_by_the_innermost_unit(
+    events: list[CancelEvent],
+) -> None:
+    """The client leaves while the request holds an operation: one event, the operation's
+    (the request, whose token's reason has the same root, stays silent)."""
+    registry = TokenRegistry()
+    running = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with registry.track("op", parent=request_token(scope)):
+            running.set()
+            await anyio.sleep_forever()
+
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope("/work"), server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert [(e.kind, e.where, e.name) for e in events] == [
+        ("client_disconnected", "operation", "op")
+    ]
+
+
+async def test_a_request_alone_reports_its_disconnect(events: list[CancelEvent]) -> None:
+    running = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope("/slow"), server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert [(e.kind, e.where) for e in events] == [("client_disconnected", "request")]
+    assert events[0].cancel_to_exit is not None
+
+
+async def test_a_failing_listener_is_logged_and_the_work_goes_on(
+    events: list[CancelEvent], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: CancelEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    remove = cancelkit.add_listener(broken)
+    try:
+        await _superseded_pair(LatestOnly())
+    finally:
+        remove()
+    assert len(events) == 1  # the other listener still heard it
+    assert any("listener failed" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+
+
+def test_a_listener_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="callable"):
+        cancelkit.add_listener("print")  # type: ignore[arg-type]
+
+
+async def test_log_events_writes_one_line_per_event_with_its_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="cancelkit.events")
+    stop = cancelkit.log_events()
+    try:
+        await _superseded_pair(LatestOnly())
+    finally:
+        stop()
+    await _superseded_pair(LatestOnly())  # stopped: nothing more
+    records = [r for r in caplog.records if r.name == "cancelkit.events"]
+    assert len(records) == 1
+    record = records[0]
+    assert (record.cancel_what, record.cancel_kind, record.cancel_where) == (  # type: ignore[attr-defined]
+        "cancelled",
+        "superseded",
+        "claim",
+    )
+    assert record.cancel_name == "k"  # type: ignore[attr-defined]
+    assert record.cancel_to_exit >= 0  # type: ignore[attr-defined]
+    assert record.getMessage().startswith("claim k cancelled: superseded by ")
+
+
+async def test_a_cancel_from_another_worker_is_reported_by_the_worker_that_stopped(
+    events: list[CancelEvent], redis: RedisServer
+) -> None:
+    prefix = "ev" + secrets.token_hex(4)
+    async with (
+        RedisBackend(redis.url, prefix=prefix) as a,
+        RedisBackend(redis.url, prefix=prefix) as b,
+    ):
+        running = anyio.Event()
+
+        async def work() -> None:
+            with pytest.raises(OperationCancelled):
+                async with TokenRegistry(backend=a).track("op"):
+                    running.set()
+                    await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work)
+            await running.wait()
+            await TokenRegistry(backend=b).cancel("op")
+    assert [(e.what, e.kind, e.where, e.name) for e in events] == [
+        ("cancelled", "requested", "operation", "op")
+    ]

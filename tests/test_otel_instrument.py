@@ -1,0 +1,133 @@
+"""cancelkit.otel against the OpenTelemetry SDK's in-memory span exporter and metric reader."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+
+from cancelkit import (
+    CancellationToken,
+    CancelOnDisconnect,
+    LatestOnly,
+    OperationCancelled,
+    TokenRegistry,
+)
+from cancelkit.otel import instrument
+from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
+from tests.test_events import _superseded_pair
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+        self.tracer = self.tracer_provider.get_tracer("test")
+
+    def points(self, name: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return []
+        return [
+            point
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == name
+            for point in metric.data.data_points
+        ]
+
+
+@pytest.fixture
+def recorded() -> Iterator[Recorded]:
+    rec = Recorded()
+    stop = instrument(tracer_provider=rec.tracer_provider, meter_provider=rec.meter_provider)
+    yield rec
+    stop()
+
+
+async def test_a_supersede_is_one_span_event_and_one_count(recorded: Recorded) -> None:
+    with recorded.tracer.start_as_current_span("GET /search"):
+        await _superseded_pair(LatestOnly())
+    (span,) = recorded.exporter.get_finished_spans()
+    assert [event.name for event in span.events] == ["cancelkit.cancelled"]
+    attributes = dict(span.events[0].attributes or {})
+    assert attributes["cancelkit.kind"] == "superseded"
+    assert attributes["cancelkit.where"] == "claim"
+    assert attributes["cancelkit.name"] == "k"
+    assert span.status.status_code is StatusCode.UNSET  # deliberate: not an error
+    (count,) = recorded.points("cancelkit.events")
+    assert count.value == 1
+    assert dict(count.attributes) == {
+        "cancelkit.what": "cancelled",
+        "cancelkit.kind": "superseded",
+        "cancelkit.where": "claim",
+    }
+    (latency,) = recorded.points("cancelkit.cancel_to_exit")
+    assert latency.count == 1
+
+
+async def test_nothing_is_recorded_for_work_that_was_not_cancelled(recorded: Recorded) -> None:
+    with recorded.tracer.start_as_current_span("GET /report"):
+        async with TokenRegistry().track("op"), LatestOnly().claim("k"):
+            pass
+    (span,) = recorded.exporter.get_finished_spans()
+    assert span.events == ()
+    assert recorded.points("cancelkit.events") == []
+
+
+async def test_an_expired_deadline_is_the_one_error(recorded: Recorded) -> None:
+    with recorded.tracer.start_as_current_span("POST /export"), pytest.raises(OperationCancelled):
+        async with TokenRegistry().track("op", parent=CancellationToken(timeout=0.01)):
+            await anyio.sleep_forever()
+    (span,) = recorded.exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == "deadline"
+    assert span.attributes["cancelkit.kind"] == "deadline"
+
+
+async def test_a_request_whose_client_left_says_499_and_its_route(recorded: Recorded) -> None:
+    running = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    server = FakeServer(body())
+    with recorded.tracer.start_as_current_span("GET /slow"):
+        async with anyio.create_task_group() as tg:
+            scope = http_scope("/slow/42")
+            scope["route"] = type("Route", (), {"path": "/slow/{id}"})()
+            tg.start_soon(CancelOnDisconnect(app), scope, server.receive, server.send)
+            await running.wait()
+            await anyio.wait_all_tasks_blocked()
+            server.client(DISCONNECT)
+    (span,) = recorded.exporter.get_finished_spans()
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == 499
+    (count,) = recorded.points("cancelkit.events")
+    assert count.attributes["http.route"] == "/slow/{id}"  # the template, never the raw path
+
+
+def test_import_cancelkit_does_not_import_opentelemetry() -> None:
+    program = "import sys, cancelkit; print(sorted(m for m in sys.modules if 'opentelemetry' in m))"
+    run = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    )
+    assert run.stdout.strip() == "[]"
