@@ -38,19 +38,19 @@ class Recorded:
         self.reader = InMemoryMetricReader()
         self.meter_provider = MeterProvider(metric_readers=[self.reader])
         self.tracer = self.tracer_provider.get_tracer("test")
+        self._collected: dict[str, list[Any]] | None = None
 
     def points(self, name: str) -> list[Any]:
-        data = self.reader.get_metrics_data()
-        if data is None:
-            return []
-        return [
-            point
-            for resource in data.resource_metrics
-            for scope in resource.scope_metrics
-            for metric in scope.metrics
-            if metric.name == name
-            for point in metric.data.data_points
-        ]
+        """The data points of metric ``name`` (one collection for every metric of a test:
+        SDK 1.20 reports no histogram point to a collection with no new measurement)."""
+        if self._collected is None:
+            data = self.reader.get_metrics_data()
+            self._collected = {}
+            for resource in [] if data is None else data.resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        self._collected[metric.name] = list(metric.data.data_points)
+        return self._collected.get(name, [])
 
 
 @pytest.fixture
