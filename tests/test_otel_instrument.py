@@ -9,12 +9,13 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import StatusCode
+from opentelemetry.trace import SpanKind, StatusCode
 
 from cancelkit import (
     CancellationToken,
@@ -131,3 +132,33 @@ def test_import_cancelkit_does_not_import_opentelemetry() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, check=True
     )
     assert run.stdout.strip() == "[]"
+
+
+async def test_with_the_asgi_instrumentation_one_server_span_carries_it(
+    recorded: Recorded,
+) -> None:
+    """OpenTelemetry's ASGI middleware makes the request's span; cancelkit adds its event and
+    attributes to that span and makes none of its own (no duplicate)."""
+    running = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    traced = OpenTelemetryMiddleware(
+        CancelOnDisconnect(app), tracer_provider=recorded.tracer_provider
+    )
+    server = FakeServer(body())
+    scope = {**http_scope("/slow"), "scheme": "http", "server": ("127.0.0.1", 8000)}
+    scope.update(http_version="1.1", query_string=b"", headers=[], client=("127.0.0.1", 5000))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(traced, scope, server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    spans = recorded.exporter.get_finished_spans()
+    (request,) = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert [event.name for event in request.events] == ["cancelkit.cancelled"]
+    assert request.attributes is not None
+    assert request.attributes["cancelkit.kind"] == "client_disconnected"
+    assert all(span.name.startswith(request.name) for span in spans)  # its own send/receive
