@@ -1,8 +1,11 @@
 """A worker process for the Redis operation tests: starts one operation and keeps it running.
 
-Usage: ``python -m tests.operations_worker URL PREFIX ASYNC_BACKEND ID OWNER``. Starts operation
-``ID`` of ``OWNER`` (it reports progress, then waits forever), writes ``running WORKER`` once
-its status is in Redis, and runs until killed or until stdin closes.
+Usage: ``python -m tests.operations_worker URL PREFIX ASYNC_BACKEND ID OWNER [steps]``. Starts
+operation ``ID`` of ``OWNER`` (it reports progress, then waits forever), writes ``running
+WORKER`` once its status is in Redis, and runs until killed or until stdin closes.
+
+With ``steps`` the leases are short (1 s), the operation reports progress every 20 ms until it
+is cancelled, and then writes ``ended KIND SOURCE`` (its token's reason).
 """
 
 from __future__ import annotations
@@ -12,18 +15,35 @@ import sys
 import anyio
 import anyio.to_thread
 
-from cancelkit import BackgroundOperations, TokenRegistry
+from cancelkit import BackgroundOperations, TokenRegistry, current_token
 from cancelkit.redis import RedisBackend, RedisStatusStore
 
 
-async def main(url: str, prefix: str, id: str, owner: str) -> None:
-    backend = RedisBackend(url, prefix=prefix, heartbeat=0.5, lease=5)
-    store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=6)  # backend's + 2 beats
+async def main(url: str, prefix: str, id: str, owner: str, mode: str = "") -> None:
+    steps = mode == "steps"
+    if steps:
+        backend = RedisBackend(url, prefix=prefix, heartbeat=0.25, lease=1)
+        store = RedisStatusStore(url, prefix=prefix, heartbeat=0.25, lease=1.5)
+    else:
+        backend = RedisBackend(url, prefix=prefix, heartbeat=0.5, lease=5)
+        store = RedisStatusStore(url, prefix=prefix, heartbeat=0.5, lease=6)  # backend's + 2
     operations = BackgroundOperations(registry=TokenRegistry(backend=backend), store=store)
 
     async def export() -> None:
         await operations.report(1, 10, "first rows")
-        await anyio.sleep_forever()
+        if not steps:
+            await anyio.sleep_forever()
+        token = current_token()
+        assert token is not None
+        try:
+            for step in range(2, 1_000_000):
+                await operations.report(step, None, "rows")
+                await anyio.sleep(0.02)  # the work: one step of an export
+        finally:
+            reason = token.reason
+            kind = "-" if reason is None else reason.kind.value
+            sys.stdout.write(f"ended {kind} {reason and reason.source}\n")
+            sys.stdout.flush()
 
     async with backend, operations:
         await operations.start(export, id=id, owner=owner)
@@ -33,4 +53,5 @@ async def main(url: str, prefix: str, id: str, owner: str) -> None:
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[5], backend=sys.argv[3])
+    url, prefix, backend, id, owner, *mode = sys.argv[1:]
+    anyio.run(main, url, prefix, id, owner, mode[0] if mode else "", backend=backend)

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from cancelkit import (
     CancelKind,
     CancelOutcome,
     OperationState,
+    OperationStatus,
+    Progress,
     RegistryFull,
     TokenRegistry,
 )
@@ -211,6 +214,80 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             status = await retry.status("exp-9", owner="alice")
             assert status is not None
             assert status.state is OperationState.RUNNING
+
+
+async def test_a_paused_worker_whose_operation_ran_again_elsewhere_stops_its_copy(
+    redis: Any, anyio_backend: str
+) -> None:
+    """Issue 25: SIGSTOP worker A past its lease, start the id again on B, SIGCONT A: A
+    cancels its copy at once (reason requested, source B's worker), B's status stays the
+    current one (A's progress and end never replace it), and a cancel from a third worker
+    stops B's copy: exactly one copy runs after the resume, then none."""
+    prefix = f"t{secrets.token_hex(6)}"
+    command = [
+        *(sys.executable, "-m", "tests.operations_worker"),
+        *(redis.url, prefix, anyio_backend, "exp-7", "alice", "steps"),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    async with await anyio.open_process(command, cwd=ROOT, env=env, stderr=None) as process:
+        assert process.stdout is not None
+        lines = BufferedByteReceiveStream(process.stdout)
+        with anyio.fail_after(30):
+            line = await lines.receive_until(b"\n", 1000)
+        assert line.startswith(b"running "), line
+        async with worker(redis.url, prefix) as b, worker(redis.url, prefix) as c:
+            process.send_signal(signal.SIGSTOP)
+            try:
+                with anyio.fail_after(30):
+                    lost = await wait_while_running(b, "exp-7", "alice")
+                assert lost is not None
+                assert lost.state is OperationState.LOST
+                assert await b.start(anyio.sleep_forever, id="exp-7", owner="alice") == "exp-7"
+            finally:
+                process.send_signal(signal.SIGCONT)
+            b_worker = b.store.worker
+            assert isinstance(b_backend := b.registry.backend, RedisBackend)
+            with anyio.fail_after(30):  # A's first heartbeat after the resume cancels it
+                line = await lines.receive_until(b"\n", 1000)
+            assert line.decode().split() == ["ended", "requested", b_backend.worker]
+            current = await c.status("exp-7", owner="alice")
+            assert current is not None
+            assert (current.state, current.worker) == (OperationState.RUNNING, b_worker)
+            assert current.progress is None  # B's run reported nothing: none of A's steps
+            assert await c.cancel("exp-7", owner="alice") is CancelOutcome.CANCELLED
+            with anyio.fail_after(30):
+                ended = await b.wait("exp-7", owner="alice")
+            assert ended is not None
+            assert (ended.state, ended.worker) == (OperationState.CANCELLED, b_worker)
+            stored = await c.status("exp-7", owner="alice")
+            assert stored is not None
+            assert (stored.state, stored.worker) == (OperationState.CANCELLED, b_worker)
+        assert process.stdin is not None
+        await process.stdin.aclose()
+        with anyio.fail_after(30):
+            assert await process.wait() == 0
+
+
+async def test_a_write_of_a_run_that_is_not_the_current_one_is_ignored(redis: Any) -> None:
+    """Only a start replaces another run's status: progress and the end of an older run
+    (its worker was lost, the id started again elsewhere) leave the current run's status."""
+    prefix = f"t{secrets.token_hex(6)}"
+    async with (
+        RedisStatusStore(redis.url, prefix=prefix) as a,
+        RedisStatusStore(redis.url, prefix=prefix) as b,
+    ):
+        old = OperationStatus("x", None, OperationState.RUNNING, 1.0, worker=a.worker)
+        new = OperationStatus("x", None, OperationState.RUNNING, 2.0, worker=b.worker)
+        await a.put(old)
+        await b.put(new)  # the start of the current run
+        for step in (5, 6):  # the second is no start either
+            await a.put(replace(old, progress=Progress(step)))
+        assert await b.get("x", None) == new
+        ended = replace(new, state=OperationState.COMPLETED, ended_at=4.0)
+        await b.put(ended)
+        await a.put(replace(old, progress=Progress(7)))
+        await a.put(replace(old, state=OperationState.CANCELLED, ended_at=5.0))
+        assert await b.get("x", None) == ended
 
 
 def test_the_default_leases_agree() -> None:

@@ -369,6 +369,56 @@ async def test_cancel_survives_a_lapsed_lease(redis: RedisServer, prefix: str) -
         assert not await client.exists([reg]) + await client.exists([f"{reg}#c"])
 
 
+async def test_a_registration_taken_over_after_its_lease_lapsed_is_cancelled(
+    redis: RedisServer, prefix: str
+) -> None:
+    """A's lease lapsed (a pause) and B started the id: A's next heartbeat cancels A's copy,
+    with reason requested and B's worker as the source; B runs on."""
+    async with workers(redis, prefix) as (a, b), raw(redis) as client:
+        reg = key(a, "r", "-:op", "op")
+        b_started = anyio.Event()
+        async with anyio.create_task_group() as group:
+            with pytest.raises(OperationCancelled) as info:
+                async with TokenRegistry(backend=a).track("op"):
+                    await client.delete([reg])  # A's lease lapsed while it was stopped
+                    group.start_soon(hold_tracked, TokenRegistry(backend=b), b_started)
+                    await b_started.wait()
+                    with anyio.fail_after(10):
+                        await anyio.sleep_forever()  # A's heartbeat finds B's registration
+            assert info.value.reason.kind is CancelKind.REQUESTED
+            assert info.value.reason.source == b.worker
+            assert b.worker is not None
+            assert "started again by another worker" in info.value.reason.message
+            assert (await client.hget(reg, "o") or "").startswith(b.worker)  # B's stays
+            group.cancel_scope.cancel()
+
+
+async def hold_tracked(registry: TokenRegistry, started: anyio.Event) -> None:
+    """Track "op" and hold it (until the caller's task group is cancelled)."""
+    async with registry.track("op"):
+        started.set()
+        await anyio.sleep_forever()
+
+
+async def test_a_registration_whose_id_ran_and_ended_elsewhere_is_cancelled(
+    redis: RedisServer, prefix: str
+) -> None:
+    """A's lease lapsed, B ran the id and ended: A's heartbeat does not take the id back (it
+    would run a second time), it cancels A's copy."""
+    async with workers(redis, prefix) as (a, b), raw(redis) as client:
+        reg = key(a, "r", "-:op", "op")
+        with pytest.raises(OperationCancelled) as info:
+            async with TokenRegistry(backend=a).track("op"):
+                await client.delete([reg])  # A's lease lapsed while it was stopped
+                async with TokenRegistry(backend=b).track("op"):
+                    pass  # B's run: started and ended (a finished-marker stays)
+                with anyio.fail_after(10):
+                    await anyio.sleep_forever()
+        assert info.value.reason.kind is CancelKind.REQUESTED
+        assert info.value.reason.source is None
+        assert not await client.exists([reg])
+
+
 async def test_resync_delivers_a_lost_supersede(redis: RedisServer, prefix: str) -> None:
     """A key taken over in Redis without a message reaches the old holder at the next heartbeat."""
     async with workers(redis, prefix, n=1) as (a,), raw(redis) as client:

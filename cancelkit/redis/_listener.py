@@ -218,4 +218,4 @@ class Listener:
         elif kind == "t":
             self._slots.on_turn(holder)
         elif kind == "l":
-            self._registrations.on_lost(holder)
+            self._registrations.on_lost(holder, tail)

@@ -36,6 +36,19 @@ class _Reg:
         self.committed = False  # passed its commit point (the resync re-records it if needed)
 
 
+def taken_over(holder: str) -> CancelReason:
+    """The reason a run ends with once another worker runs its id (``holder``: ``"W H"``).
+
+    There is no kind for it: the fleet asked for the id to run elsewhere, so it is
+    :attr:`~cancelkit.CancelKind.REQUESTED`, its source the worker that runs it now.
+    """
+    return CancelReason(
+        CancelKind.REQUESTED,
+        "the operation was started again by another worker after its lease lapsed",
+        source=holder.partition(" ")[0] or None,
+    )
+
+
 def _name(id: str, owner: str | None) -> str:
     return f"-:{id}" if owner is None else f"{len(owner)}:{owner}:{id}"
 
@@ -172,10 +185,7 @@ class Registrations:
         if result[0] == 1:
             return load(str(result[1]))
         if result[0] == 2:
-            return CancelReason(
-                CancelKind.REQUESTED,
-                "the operation was started again by another worker after its lease lapsed",
-            )
+            return taken_over(str(result[1]))
         reg.committed = True
         return None
 
@@ -246,9 +256,17 @@ class Registrations:
         if reg is not None:
             self._deliver(reg, load(reason))
 
-    def on_lost(self, holder: str) -> None:
-        """An ``l H`` line: another worker holds the registration now."""
-        logger.warning("registration %s was taken over by another worker", holder)
+    def on_lost(self, holder: str, new: str) -> None:
+        """An ``l H [W H2]`` line: another run holds the id now; cancel this one at once."""
+        reg = self._by_holder.get(holder)
+        if reg is not None and not reg.cancelled:
+            logger.warning(
+                "operation %r was started again elsewhere (%s) after its lease lapsed; "
+                "cancelling this worker's copy",
+                reg.id,
+                new or "and has ended there",
+            )
+            self._deliver(reg, taken_over(new))
 
     async def resync(self, *, force: bool = False) -> list[str]:
         """Refresh liveness and TTLs, re-assert lost registrations; return the missed lines.
@@ -271,7 +289,7 @@ class Registrations:
             keys = [k.alive(entity), k.tombstones(entity)]
             args = [k.worker, self._settings.lease_ms]
             for reg in chunk:
-                keys += [k("r", reg.name, reg.id), k("t", reg.name, reg.id)]
+                keys += [k(kind, reg.name, reg.id) for kind in ("r", "t", "f")]
                 args += [reg.holder, k("i", reg.id), "1" if reg.committed else "0"]
             result = await self._conn.run("SYNC_REGISTRATIONS", keys, args, force=force)
             lines += map(str, result)

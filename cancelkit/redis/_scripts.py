@@ -34,7 +34,9 @@ the liveness keys and the channels exist once per group.
 Messages, published on a worker's channel ``P:w:W`` and pushed to its inbox ``P:in:W`` (and
 returned by the sync scripts):
 ``c H REASON`` cancel registration holder H; ``s H NEW`` holder H was superseded by NEW;
-``t H`` holder H may have its turn; ``l H`` (sync only) H's registration is held by another.
+``t H`` holder H may have its turn; ``l H [W H2]`` (sync only) H's registration was taken over:
+held by holder H2 of worker W now, or (no tail) another run of the id ended after its lease
+lapsed. The worker cancels H at once: one run per id, fleet-wide.
 """
 
 from __future__ import annotations
@@ -82,12 +84,12 @@ return c or ''
 
 #: KEYS: reg, tomb, id-index. ARGV: "W H", lease ms. The commit point of a registration:
 #: exactly one of a cancel and the commit wins. Returns {1, reason} (a cancel won: recorded on
-#: the registration, kept after its lease lapsed, or a tombstone written since), {2} (another
-#: holder runs the id now), or {0} (committed: CANCEL answers 'committed' from now on; a
+#: the registration, kept after its lease lapsed, or a tombstone written since), {2, "W H"}
+#: (another holder runs the id now), or {0} (committed: CANCEL answers 'committed' from now on; a
 #: registration whose lease lapsed is recorded again, committed).
 COMMIT = """
 local cur = redis.call('HGET', KEYS[1], 'o')
-if cur and cur ~= ARGV[1] then return {2} end
+if cur and cur ~= ARGV[1] then return {2, cur} end
 local c = cur and redis.call('HGET', KEYS[1], 'c')
   or redis.call('GET', KEYS[1] .. '#c') or redis.call('GET', KEYS[2])
 if c then return {1, c} end
@@ -193,9 +195,11 @@ return answer({'pending'})
 #: The heartbeat and the resync after a reconnect, for registrations: refresh this worker's
 #: liveness and the TTLs of its registrations, re-assert those that Redis lost, and report
 #: what the worker missed.
-#: KEYS: alive, tz, then two per entry (reg, tomb). ARGV: W, lease ms, then three per entry
-#: (H, id-index key, '1' if it committed while Redis was unreachable else '0'). Returns
-#: message lines (see the module docs).
+#: KEYS: alive, tz, then three per entry (reg, tomb, fin). ARGV: W, lease ms, then three per
+#: entry (H, id-index key, '1' if it committed while Redis was unreachable else '0'). Returns
+#: message lines (see the module docs). A registration held by another holder, or gone with a
+#: finished-marker (another run of the id registered after this one's lease lapsed, and
+#: ended), is not re-asserted: the line ``l H`` tells the worker to cancel its copy.
 SYNC_REGISTRATIONS = """
 local W, lease = ARGV[1], ARGV[2]
 -- A write that needs no memory first: under OOM (noeviction) Redis refuses only a script's
@@ -205,7 +209,7 @@ local out = {}
 local n = (#ARGV - 2) / 3
 for i = 0, n - 1 do
   local h, g, m = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i] == '1'
-  local k1, k2 = KEYS[3 + 2 * i], KEYS[4 + 2 * i]
+  local k1, k2, k3 = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
   local me = W .. ' ' .. h
   redis.call('SADD', g, k1)
   redis.call('PEXPIRE', g, lease)
@@ -215,6 +219,8 @@ for i = 0, n - 1 do
     local c = redis.call('HGET', k1, 'c')
     if c then out[#out + 1] = 'c ' .. h .. ' ' .. c
     elseif m then redis.call('HSET', k1, 'm', '1') end
+  elseif not cur and redis.call('EXISTS', k3) == 1 then
+    out[#out + 1] = 'l ' .. h
   elseif not cur then
     local t = redis.call('GET', k1 .. '#c')
     if not t then
@@ -238,7 +244,7 @@ for i = 0, n - 1 do
     end
     redis.call('PEXPIRE', k1, lease)
   else
-    out[#out + 1] = 'l ' .. h
+    out[#out + 1] = 'l ' .. h .. ' ' .. cur
   end
 end
 return out

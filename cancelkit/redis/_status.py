@@ -48,17 +48,19 @@ _ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
 
 # KEYS: status, ended set, this worker's alive key, the owner's running set, the running set.
 # ARGV: value, ttl ms, "r"/"e", run, max retained, now ms, name, lease ms, status key prefix,
-#       retention ms, max running per owner (0: none), max running (0: none), limits on (1/0).
-# Returns 1 (written), 0 (a late running write of an ended run: ignored), -1 / -2 (refused:
-# the owner's / the fleet's limit of running operations).
+#       retention ms, max running per owner (0: none), max running (0: none), limits on (1/0),
+#       "1" for the first running write of a run (a start) else "0".
+# Returns 1 (written), 0 (ignored: a late running write of an ended run), 2 (ignored: the run
+# is no longer the id's current one: another worker started the id again after this run's
+# worker was lost), -1 / -2 (refused: the owner's / the fleet's limit of running
+# operations). Only a start replaces another run's status.
 _PUT = """
 local old = redis.call('GET', KEYS[1])
 local now = tonumber(ARGV[6])
+local run = old and string.match(old, '^%S+ %S+ (%S+) ')
+if run and run ~= ARGV[4] and ARGV[14] ~= '1' then return 2 end
 if ARGV[3] == 'r' then
-  if old and string.sub(old, 1, 2) == 'e ' then
-    local _, _, run = string.find(old, '^e %S+ (%S+) ')
-    if run == ARGV[4] then return 0 end
-  end
+  if run == ARGV[4] and string.sub(old, 1, 2) == 'e ' then return 0 end
   if ARGV[13] == '1' then
     redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
     redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
@@ -501,9 +503,13 @@ class RedisStatusStore:
             str(self._max_running_per_owner or 0),
             str(self._max_running or 0),
             "1" if self._limited else "0",
+            "1" if first else "0",
         ]
         if running:
             result = int(await self._link.call("put", keys, args))
+            if result == 0:  # a late write of a run that ended
+                self._local.pop(key, None)
+                return
             if result == -1:
                 raise RegistryFull("max_running_per_owner", self._max_running_per_owner or 0)
             if result == -2:
