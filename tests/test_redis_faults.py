@@ -712,3 +712,39 @@ async def test_the_newest_claim_survives_an_outage_and_never_runs_beside_the_old
                 assert await backend.is_current("k", generations["c2"])
                 assert "c2" not in ended  # the newest runs on
                 tg.cancel_scope.cancel()
+
+
+async def test_entering_and_leaving_under_connection_kills_never_fails_while_the_server_is_up(
+    server: RedisServer, prefix: str
+) -> None:
+    """200 starts and stops of a backend (10 at a time) while normal and pub/sub connections
+    are killed every 5-15 ms: no start fails (a killed first ping or subscribe is retried
+    within ``timeout``, as any call) and no stop raises anything (it raised a raw exception
+    group of coredis.ConnectionError on trio, and a start failed 22 times in 180)."""
+    failures: list[BaseException] = []
+    done = anyio.Event()
+
+    async def kill() -> None:
+        kinds = ("normal", "pubsub")
+        i = 0
+        while not done.is_set():
+            i += 1
+            await anyio.to_thread.run_sync(server.command, "CLIENT", "KILL", "TYPE", kinds[i % 2])
+            await anyio.sleep(0.005 + 0.001 * (i % 11))
+
+    async def cycles(n: int) -> None:
+        for _ in range(n):
+            try:
+                async with RedisBackend(server.url, prefix=prefix, **{**OPTIONS, "timeout": 2}):
+                    await anyio.lowlevel.checkpoint()
+            except Exception as exc:
+                failures.append(exc)
+
+    with anyio.fail_after(120):
+        async with anyio.create_task_group() as killer:
+            killer.start_soon(kill)
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(cycles, 20)
+            done.set()
+    assert failures == []

@@ -217,8 +217,12 @@ class RedisBackend:
     async def __aenter__(self) -> RedisBackend:
         """Connect, subscribe and start the heartbeat.
 
+        A failure on the way (a connection killed during the first ping or subscribe) is
+        retried, as any call, within ``timeout``.
+
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
+            ValueError: for a cluster URL naming a database other than 0.
             RuntimeError: if the backend is already running.
         """
         await self._life.start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from typing import Any, final
 
 import anyio
@@ -43,9 +43,27 @@ class Lifecycle:
         self._task_group: TaskGroup | None = None
 
     async def start(self) -> None:
-        """Connect, subscribe and start the heartbeat (see ``RedisBackend.__aenter__``)."""
+        """Connect, subscribe and start the heartbeat (see ``RedisBackend.__aenter__``).
+
+        Like any call, a failing start is tried again (every ``retry_delay``) within
+        ``timeout``: a connection killed during the first ping or subscribe does not fail a
+        start while the server is up. A configuration error (``ValueError``: a cluster URL
+        naming a database other than 0) is raised at once, as itself.
+        """
         if self._stack is not None:
             raise RuntimeError("this RedisBackend is already running")
+        give_up = anyio.current_time() + self._settings.timeout
+        while True:
+            try:
+                await self._start_once()
+            except (RedisUnavailable, ValueError) as exc:
+                if isinstance(exc, ValueError) or anyio.current_time() >= give_up:
+                    raise
+            else:
+                return
+            await anyio.sleep(self._settings.retry_delay)
+
+    async def _start_once(self) -> None:
         self._keys.worker = secrets.token_urlsafe(9)  # made here, after any fork: one per process
         stack = AsyncExitStack()
         try:
@@ -58,8 +76,9 @@ class Lifecycle:
             self._conn.close()
             self._task_group = None
             self._keys.worker = ""
-            await stack.aclose()
-            if isinstance(exc, RedisUnavailable):
+            with suppress(Exception):  # what a half-made start leaves is not the caller's
+                await stack.aclose()
+            if isinstance(exc, (RedisUnavailable, ValueError)):
                 raise
             if isinstance(exc, Exception):
                 raise RedisUnavailable(
@@ -81,6 +100,8 @@ class Lifecycle:
             self._task_group.cancel_scope.cancel()
         try:
             await stack.aclose()
+        except Exception as exc:  # a connection's error as it closed: nothing to do about it
+            logger.debug("RedisBackend worker %s stopped: %s", self._keys.worker, leaf(exc))
         finally:
             self._conn.close()
             self._task_group = None

@@ -119,6 +119,7 @@ class Listener:
         client = self._conn.client
         settings = self._settings
         started = False
+        give_up = anyio.current_time() + settings.timeout  # the first subscribe, as any call
         while True:
             scope = anyio.CancelScope()
             try:
@@ -146,7 +147,7 @@ class Listener:
                                 break
             except Exception as exc:
                 report_error(client, exc)
-                if not started:
+                if not started and anyio.current_time() >= give_up:
                     raise RedisUnavailable(
                         f"cannot subscribe at {redact(settings.url)}: {leaf(exc)}"
                     ) from exc
