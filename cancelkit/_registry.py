@@ -31,7 +31,9 @@ from .backends import (
 
 __all__ = ["RegistryStatistics", "TokenRegistry", "TrackedOperation"]
 
-_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"  # also used to validate ids in HTTP adapters
+# also used to validate ids in HTTP adapters: 1 to 128 of these characters, but not "." or
+# "..", which are path segments (a Location with them points elsewhere)
+_ID_PATTERN = r"^(?:[A-Za-z0-9._:-]{3,128}|[A-Za-z0-9_:-][A-Za-z0-9._:-]?|\.[A-Za-z0-9_:-])$"
 _ID = re.compile(_ID_PATTERN)
 _OWNER = re.compile(r"[^\s]{1,256}")
 
@@ -42,6 +44,7 @@ def _check(id: object, owner: object) -> None:
     if not _ID.fullmatch(id):
         raise ValueError(
             f"invalid operation id {id[:140]!r}: use 1 to 128 characters from A-Z a-z 0-9 . _ : -"
+            ", not '.' or '..' (path segments)"
         )
     if owner is not None and not (
         isinstance(owner, str) and _OWNER.fullmatch(owner) and owner.isprintable()

@@ -183,6 +183,11 @@ async def test_bad_requests_are_refused() -> None:
         assert (await alice.get("/operations/x", params={"wait": 61})).status_code == 422
         bad = await alice.post("/exports", params={"table": "t"}, headers={"X-Operation-Id": "a b"})
         assert bad.status_code == 422
+        for segment in (".", ".."):  # a Location with them would point elsewhere
+            refused = await alice.post(
+                "/exports", params={"table": "t"}, headers={"X-Operation-Id": segment}
+            )
+            assert refused.status_code == 422, segment
         await alice.post("/exports", params={"table": "t"})
         await export.reported.wait()
         tg.start_soon(during_shutdown, alice)

@@ -38,6 +38,7 @@ from cancelkit import (
 )
 from cancelkit.fastapi import OperationStarter, install, operation_starter, operations_router
 from cancelkit.redis import RedisBackend, RedisStatusStore, RedisUnavailable
+from tests.test_redis import keys_of, raw
 from tests.workers import one_client_per_worker
 
 pytestmark = pytest.mark.anyio
@@ -170,6 +171,10 @@ async def test_statuses_live_in_keys_with_bounded_ttls(redis: Any) -> None:
         ended_ttl = int(redis.command("PTTL", key)[1:])
         assert 3_000 < ended_ttl <= 60_000
         assert redis.command("ZCARD", f"{prefix}:o:z") == b":1"
+        async with raw(redis) as client:  # every key expires, the index of ended ones too
+            ttls = await keys_of(client, prefix)
+        assert f"{prefix}:o:z" in ttls
+        assert -1 not in ttls.values(), ttls
 
 
 async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(

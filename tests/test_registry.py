@@ -188,7 +188,14 @@ async def test_tombstone_limit() -> None:
         await registry.cancel("c")
 
 
-@pytest.mark.parametrize("bad", ["", "a" * 129, "has space", "semi;colon", "ünï"])
+async def test_dots_are_ids_but_path_segments_are_not() -> None:
+    """ "." and ".." are refused (path segments: a status URL with them points elsewhere);
+    other dotted ids are fine."""
+    async with TokenRegistry().track("...") as op, TokenRegistry().track(".a"):
+        assert op.id == "..."
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 129, "has space", "semi;colon", "ünï", ".", ".."])
 async def test_invalid_ids_are_refused(bad: str) -> None:
     """Ids outside 1..128 chars of [A-Za-z0-9._:-] raise a ValueError naming the rule."""
     registry = TokenRegistry()

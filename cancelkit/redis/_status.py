@@ -102,6 +102,8 @@ for _, name in ipairs(dropped) do
   redis.call('ZREM', KEYS[2], name)
 end
 redis.call('ZADD', KEYS[2], now, ARGV[7])
+-- the index lives as long as the newest ended status it names (every key has a TTL)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
