@@ -680,7 +680,9 @@ class CancelOnDisconnect:
     def _lifespan_receive(self, receive: Receive) -> Receive:
         async def wrapped() -> Message:
             message = await receive()
-            if message["type"] == "lifespan.shutdown":
+            if message["type"] == "lifespan.startup":  # served (again): accept requests
+                self._shutdown_reason = None
+            elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
             return message
 

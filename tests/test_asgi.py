@@ -595,6 +595,36 @@ async def test_lifespan_shutdown_triggers_shutdown() -> None:
     assert server.status == 503
 
 
+async def test_the_middleware_serves_again_after_a_lifespan_shutdown() -> None:
+    """A module-level app served twice (a test suite serving it in two tests): after one
+    lifespan's shutdown, the next lifespan's startup makes it accept requests again (it
+    answered 503 "shutting down" to every later request)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                kind = message["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
+        await respond(send)
+
+    mw = CancelOnDisconnect(app, shutdown_grace=0)
+    statuses = []
+    for _ in range(2):
+        life = FakeServer({"type": "lifespan.startup"})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, {"type": "lifespan"}, life.receive, life.send)
+            await anyio.wait_all_tasks_blocked()  # started, as a server waits for it
+            assert life.sent[-1] == {"type": "lifespan.startup.complete"}
+            server = FakeServer(body())
+            await mw(http_scope(), server.receive, server.send)
+            statuses.append(server.status)
+            life.client({"type": "lifespan.shutdown"})
+    assert statuses == [200, 200]
+
+
 async def test_websocket_passes_through() -> None:
     """WebSocket connections are passed to the app untouched."""
     seen: list[Any] = []
