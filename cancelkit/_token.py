@@ -385,7 +385,16 @@ class CancellationToken(_Signal):
 
         Returns:
             An async iterator over the items of ``source``.
+
+        Raises:
+            TypeError: if ``source`` is not an async iterable (a sync generator, say).
         """
+        if not hasattr(source, "__aiter__"):
+            raise TypeError(
+                f"until_cancelled() takes an async iterable, not {type(source).__name__}: "
+                "make the generator 'async def', or wrap a sync one, e.g. with "
+                "starlette.concurrency.iterate_in_threadpool()"
+            )
         return _until_cancelled(self, source)
 
     # -- introspection ---------------------------------------------------------------------

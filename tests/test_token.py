@@ -7,7 +7,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import anyio
 import anyio.lowlevel
@@ -1211,6 +1211,17 @@ TestTokenGraph.settings = settings(max_examples=150, stateful_step_count=30)
 
 
 @pytest.mark.anyio
+def test_until_cancelled_refuses_a_sync_generator_naming_the_fix() -> None:
+    """A sync generator is refused when the stream is made, not when it is first read (inside
+    the server, with an error that named nothing)."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x"  # pragma: no cover
+
+    with pytest.raises(TypeError, match="async iterable, not generator.*async def"):
+        CancellationToken().until_cancelled(chunks())  # type: ignore[arg-type]
+
+
 async def test_until_cancelled_yields_everything_when_never_cancelled() -> None:
     """A live token passes every item through and ends with the source."""
 
