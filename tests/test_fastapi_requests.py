@@ -733,3 +733,18 @@ async def test_every_route_answers_503_while_redis_is_down_with_fail_open_false(
     for path, method in (("/search", "get"), ("/reports", "post")):
         assert "503" in schema["paths"][path][method]["responses"], path
     assert "503" in schema["paths"]["/operations/{operation_id}"]["delete"]["responses"]
+
+
+async def test_a_route_of_an_app_without_install_says_to_call_it() -> None:
+    """Forgetting install(app): the request fails naming install(), not later with a bare
+    OperationCancelled traceback when a supersede comes."""
+    app = FastAPI()
+    slot = LatestOnly()
+
+    @app.get("/search")
+    async def search(claim: Annotated[Claim, latest_only(slot, key=search_key)]) -> str:
+        return "found"  # pragma: no cover
+
+    with pytest.raises(RuntimeError, match=r"install\(app\) was not called"):
+        async with client(app) as http:
+            await http.get("/search")

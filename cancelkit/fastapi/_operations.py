@@ -131,7 +131,9 @@ class OperationStarter:
             if (response := _unavailable(exc)) is not None:
                 return response
             raise
-        location = str(self._request.url_for(self._route, operation_id=id))
+        # a path, not the absolute URL of this worker (wrong behind a load balancer); the
+        # root path of a mounted app or a proxy prefix included
+        location = self._request.url_for(self._route, operation_id=id).path
         status = await self._operations.status(id, owner=self._owner)
         state = "running" if status is None else status.state.value
         body = {"id": id, "state": state, "status_url": location}

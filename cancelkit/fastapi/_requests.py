@@ -102,6 +102,14 @@ async def request_level_token(request: Request) -> CancellationToken:
 RequestToken: TypeAlias = Annotated[CancellationToken, Depends(request_level_token)]
 
 
+_NOT_INSTALLED = (
+    "cancelkit.fastapi.install(app) was not called for this application: without it a "
+    "superseded or cancelled request is a 500 with OperationCancelled in the log instead of "
+    "its answer (409, 504, 499...). Call install(app) once for every FastAPI application, a "
+    "mounted sub-application too"
+)
+
+
 @contextmanager
 def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     """While in the block, link ``source`` (a claim's or an operation's token) both ways.
@@ -112,6 +120,8 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     ``source.scope()``, so that is the token :func:`~cancelkit.current_token` returns there
     (in a worker thread too), and the deadline outgoing calls carry.
     """
+    if OperationCancelled not in request.app.exception_handlers:
+        raise RuntimeError(_NOT_INSTALLED)
     handle = source.on_cancel(_request_level_token(request).cancel)
     outer = request.scope.get(_ASGI_TOKEN)
     outer_handle = None
