@@ -86,6 +86,7 @@ async def test_post_answers_202_with_a_location_and_get_follows_to_the_result() 
         status = (await alice.get(started.headers["location"])).json()
         assert status["state"] == "running"
         assert status["progress"] == {"done": 1, "total": 2, "message": "exporting users"}
+        assert [type(status["progress"][n]) for n in ("done", "total")] == [int, int]  # not 1.0
         assert "owner" not in status
         export.release.set()
         final = await alice.get(started.headers["location"], params={"wait": 60})

@@ -89,8 +89,8 @@ class OperationProgressBody(BaseModel):
     .. versionadded:: 0.1
     """
 
-    done: float
-    total: float | None = None
+    done: int | float  # an int stays an int (1, not 1.0)
+    total: int | float | None = None
     message: str | None = None
 
 
