@@ -54,6 +54,16 @@ async def _superseded_pair(slot: LatestOnly) -> None:
             pass
 
 
+async def leave_while_running(app: Any, running: anyio.Event) -> None:
+    """Serve one request of ``app`` under CancelOnDisconnect; its client leaves once it runs."""
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope("/work"), server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+
+
 async def test_nothing_is_reported_without_a_cancellation(events: list[CancelEvent]) -> None:
     async with LatestOnly().claim("k"), TokenRegistry().track("op"):
         pass
@@ -145,12 +155,7 @@ async def test_a_disconnect_is_reported_once_by_the_innermost_unit(
             running.set()
             await anyio.sleep_forever()
 
-    server = FakeServer(body())
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(CancelOnDisconnect(app), http_scope("/work"), server.receive, server.send)
-        await running.wait()
-        await anyio.wait_all_tasks_blocked()
-        server.client(DISCONNECT)
+    await leave_while_running(app, running)
     assert [(e.kind, e.where, e.name) for e in events] == [
         ("client_disconnected", "operation", "op")
     ]
@@ -163,12 +168,7 @@ async def test_a_request_alone_reports_its_disconnect(events: list[CancelEvent])
         running.set()
         await anyio.sleep_forever()
 
-    server = FakeServer(body())
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(CancelOnDisconnect(app), http_scope("/slow"), server.receive, server.send)
-        await running.wait()
-        await anyio.wait_all_tasks_blocked()
-        server.client(DISCONNECT)
+    await leave_while_running(app, running)
     assert [(e.kind, e.where) for e in events] == [("client_disconnected", "request")]
     assert events[0].cancel_to_exit is not None
 
