@@ -466,7 +466,7 @@ async def test_current_token_in_a_sync_dependency_endpoint_sees_the_disconnect(
     """In a sync latest_only/tracked endpoint (threadpool), current_token() is cancelled by a
     client disconnect, as RequestToken is (issue 12 item 2)."""
     from cancelkit import LatestOnly, TokenRegistry, current_token
-    from cancelkit.fastapi import latest_only, tracked
+    from cancelkit.fastapi import install, latest_only, tracked
 
     started = anyio.Event()
     ended = anyio.Event()
@@ -477,6 +477,7 @@ async def test_current_token_in_a_sync_dependency_endpoint_sees_the_disconnect(
         else tracked(TokenRegistry())
     )
     api = FastAPI()
+    install(api)
 
     @api.get("/work")
     def work(held: Any = marker) -> dict[str, str]:  # (annotations are strings here)
