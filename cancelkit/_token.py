@@ -381,21 +381,13 @@ class CancellationToken(_Signal):
         ``StreamingResponse(claim.token.until_cancelled(chunks()))``.
 
         Args:
-            source: an async iterable; it is closed when the iteration stops early.
+            source: an async iterable (a sync one raises ``TypeError`` naming the fix); it is
+                closed when the iteration stops early.
 
         Returns:
             An async iterator over the items of ``source``.
-
-        Raises:
-            TypeError: if ``source`` is not an async iterable (a sync generator, say).
         """
-        if not hasattr(source, "__aiter__"):
-            raise TypeError(
-                f"until_cancelled() takes an async iterable, not {type(source).__name__}: "
-                "make the generator 'async def', or wrap a sync one, e.g. with "
-                "starlette.concurrency.iterate_in_threadpool()"
-            )
-        return _until_cancelled(self, source)
+        return _until_cancelled(self, _async(source))
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -510,6 +502,17 @@ def _wait_blocking(token: CancellationToken, timeout: float | None) -> bool:
     finally:
         handle.unregister()
     return token.cancelled
+
+
+def _async(source: AsyncIterable[T]) -> AsyncIterable[T]:
+    """``source``, if it is an async iterable; else a ``TypeError`` that names the fix."""
+    if not hasattr(source, "__aiter__"):
+        raise TypeError(
+            f"until_cancelled() takes an async iterable, not {type(source).__name__}: make the "
+            "generator 'async def', or wrap a sync one, e.g. with "
+            "starlette.concurrency.iterate_in_threadpool()"
+        )
+    return source
 
 
 async def _until_cancelled(token: CancellationToken, source: AsyncIterable[T]) -> AsyncIterator[T]:

@@ -267,6 +267,11 @@ def _validate(
     return lease
 
 
+def _owner_set(prefix: str, owner: str | None) -> str:
+    """The key of the set of ``owner``'s running operations."""
+    return f"{prefix}:o:r:{'-' if owner is None else f'{len(owner)}:{owner}'}"
+
+
 @final
 class RedisStatusStore:
     """Keeps the statuses of background operations in Redis, for a fleet of workers.
@@ -472,9 +477,9 @@ class RedisStatusStore:
         """See :meth:`StatusStore.put <cancelkit.StatusStore.put>`.
 
         An ended status that cannot be written is kept (up to 10,000) and written by the
-        heartbeat once Redis answers again, so an operation that ended during an outage does
-        not read as lost afterwards. A new running status lives ``lease`` until its write
-        answered: one written late (after a timeout in a pause) is gone a lease later.
+        heartbeat once Redis is back: an operation that ended in an outage does not read lost.
+        A new running status lives ``lease`` until its write answered (a late one is gone a
+        lease later). A write of a run that is not the id's current one changes nothing.
 
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
@@ -488,8 +493,7 @@ class RedisStatusStore:
         run = _run_marker(status)
         text = json.dumps(status.to_json(), separators=(",", ":"))
         value = f"{'r' if running else 'e'} {status.worker or '-'} {run} {text}"
-        owner = "-" if status.owner is None else f"{len(status.owner)}:{status.owner}"
-        owner_set = f"{self._prefix}:o:r:{owner}"
+        owner_set = _owner_set(self._prefix, status.owner)
         keys = [key, f"{self._prefix}:o:z", self._alive, owner_set, f"{self._prefix}:o:r"]
         args = [
             value,
@@ -563,7 +567,6 @@ class RedisStatusStore:
         return status
 
     def __repr__(self) -> str:
-        """Show the server (password hidden), prefix, worker and local running statuses."""
         state = "stopped" if self._link.client is None else "running"
         return (
             f"<RedisStatusStore {redact(self._link.url)} prefix={self._prefix!r} "
