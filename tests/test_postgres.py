@@ -619,3 +619,21 @@ def test_the_docs_example_stops_both_queries(postgres_server: PostgresServer) ->
         "trio: stopped: requested",
         "trio: the connection is IDLE",
     ]
+
+
+@asyncio_only
+async def test_psycopg_backend_terminated_mid_block_raises_the_drivers_error_not_unbound_local(
+    postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """A backend terminated inside the block: psycopg's error (or a discard), never a NameError.
+
+    _settle_psycopg's ``except Exception:`` names no error; with no watcher error and a
+    successful key.cancel(), ``self.error or error`` reads an unbound local.
+    """
+    app = application_name()
+    async with Psycopg().pool(postgres_server, app, 1) as pool, pool.connection() as conn:
+        with pytest.raises(psycopg.OperationalError):
+            async with transaction(conn, token=cancelkit.CancellationToken()) as tx:
+                await anyio.to_thread.run_sync(monitor.terminate, app)
+                await conn.execute(b"SELECT 1")
+        assert tx.outcome is TransactionOutcome.DISCARDED
