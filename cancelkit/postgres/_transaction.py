@@ -258,7 +258,8 @@ class PostgresTransaction:
                 if not conn.closed:
                     await tx.__aexit__(type(exc), exc, exc.__traceback__)
                 _check_clean(conn.closed or conn.info.transaction_status != _psycopg_idle())
-        except Exception:
+        except Exception as settle_error:
+            error: BaseException = settle_error
             closed_by_driver = conn.closed
             await conn.close()
             if closed_by_driver:  # its statement may still run: stop it with the saved key
