@@ -251,6 +251,8 @@ def lowest(session: nox.Session) -> None:
             "psycopg",
             "sqlalchemy",
             "opentelemetry-api",
+            "opentelemetry-sdk",  # its floor with the api's (and the wrapt they agree on)
+            "opentelemetry-instrumentation-asgi",
         }
     ]
     session.install("--resolution", "lowest-direct", EXTRAS, *floors)
