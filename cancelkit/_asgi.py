@@ -37,6 +37,7 @@ from ._http import (
 from ._reason import CancelKind, CancelReason
 from ._receive import ReadAhead
 from ._signal import CallbackHandle
+from ._stopping import on_stop_signal
 from ._token import CancellationToken, _check_timeout
 
 __all__ = [
@@ -678,11 +679,19 @@ class CancelOnDisconnect:
         self._interrupted += outcome.interrupted
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
+        serving = False
+
         async def wrapped() -> Message:
-            message = await receive()
+            nonlocal serving
+            if serving:  # the next message is the shutdown: hear a stop signal before it
+                message = await _receive_or_stop(self, receive)
+            else:
+                message = await receive()
             if message["type"] == "lifespan.startup":  # served (again): accept requests
                 self._shutdown_reason = None
+                serving = True
             elif message["type"] == "lifespan.shutdown":
+                serving = False
                 await self.shutdown()
             return message
 
@@ -691,13 +700,16 @@ class CancelOnDisconnect:
     async def shutdown(self, grace: float | None = None) -> None:
         """Wind down the requests in flight: wait for them, then cancel their tokens.
 
+        Runs when the process gets SIGTERM or SIGINT while the lifespan is up (in the main
+        thread: uvicorn, hypercorn, gunicorn's uvicorn workers), and on ``lifespan.shutdown``.
+
         Waits up to ``grace`` seconds for in-flight requests to finish, then cancels the
         tokens of those still running (and of any request that starts later) with reason
         :attr:`CancelKind.SHUTDOWN`, and waits up to ``grace`` seconds more for them to end.
         Interrupted handlers end at once; a streaming response is cut short (left incomplete,
-        so the client can tell) instead of holding the server. Runs on ``lifespan.shutdown``;
-        servers that send that only after their connections are closed (uvicorn, hypercorn)
-        need a call from their shutdown path, see the documentation.
+        so the client can tell) instead of holding the server. Servers served without a
+        lifespan (``--lifespan off``) need a call from their shutdown path, see the
+        documentation.
 
         Args:
             grace: seconds; :attr:`shutdown_grace` by default.
@@ -739,3 +751,28 @@ class CancelOnDisconnect:
             f"<CancelOnDisconnect mode={self._mode!r} running={len(self._running)}"
             f"{state} app={self.app!r}>"
         )
+
+
+async def _receive_or_stop(middleware: CancelOnDisconnect, receive: Receive) -> Message:
+    """Wait for the lifespan's next message; on a stop signal meanwhile, begin the shutdown.
+
+    uvicorn and hypercorn send ``lifespan.shutdown`` only once every request has ended: the
+    grace period would wait for the server, and the server for the requests.
+    """
+    stop = anyio.Event()
+    unhook = on_stop_signal(stop.set)
+    received: list[Message] = []
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def shut_down_on_stop() -> None:
+                await stop.wait()
+                await middleware.shutdown()
+
+            tg.start_soon(shut_down_on_stop)
+            received.append(await receive())
+            if not stop.is_set():  # else the shutdown under way ends first
+                tg.cancel_scope.cancel()
+    finally:
+        unhook()
+    return received[0]

@@ -37,6 +37,7 @@ from ._status import (
     _cut,
     _progress,
 )
+from ._stopping import on_stop_signal
 from ._token import CancellationToken
 from .backends import CancelOutcome, MemoryStatusStore, StatusStore
 
@@ -406,6 +407,8 @@ class BackgroundOperations:
         "_runs",
         "_store",
         "_task_group",
+        "_unhook",
+        "_waits",
     )
 
     def __init__(
@@ -432,6 +435,8 @@ class BackgroundOperations:
         self._poll_interval = float(poll_interval)
         self._task_group: TaskGroup | None = None
         self._closing = False
+        self._waits: set[anyio.CancelScope] | None = set()  # None: shutting down, none wait
+        self._unhook: Callable[[], None] = _nothing
 
     @property
     def registry(self) -> TokenRegistry:
@@ -451,18 +456,7 @@ class BackgroundOperations:
         Raises:
             RuntimeError: if it is already running.
         """
-        if self._task_group is not None:
-            raise RuntimeError("these BackgroundOperations are already running")
-        await self._store.__aenter__()
-        task_group = anyio.create_task_group()
-        try:
-            await task_group.__aenter__()
-        except BaseException as exc:
-            await self._store.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        self._task_group = task_group
-        self._closing = False
-        self._runs.shutdown = None
+        await _enter(self)
         return self
 
     async def __aexit__(
@@ -481,6 +475,8 @@ class BackgroundOperations:
         if task_group is None:
             return
         self._closing = True
+        self._unhook()
+        _stop_waiting(self)
         try:
             with anyio.CancelScope(shield=True):  # a shutdown is bounded by its own timeouts
                 await self._runs.drain(self._grace, self._cleanup_timeout)
@@ -598,16 +594,22 @@ class BackgroundOperations:
     async def wait(self, id: str, *, owner: str | None = None) -> OperationStatus | None:
         """Wait for operation ``id`` to end and return its status.
 
-        Bound the wait with the caller's own scope (``with anyio.move_on_after(10):``) and
-        read :meth:`status` afterwards; that is what the FastAPI router's ``?wait=`` does.
+        Bound it with your own scope (``with anyio.move_on_after(10):``), as the FastAPI
+        router's ``?wait=`` does. It ends early once the process gets SIGTERM or SIGINT (in
+        the main thread) or this object shuts down: a long-poll never holds up a server
+        that waits for its open requests before its shutdown begins (uvicorn).
 
         Returns:
-            The ended status, or ``None`` if there is none for this owner.
+            The ended status (as it is, if the wait ended early), or ``None`` if there is
+            none for this owner.
 
         Raises:
             ValueError: for an invalid id or owner.
         """
-        return await _wait_for_end(self, id, owner)
+        _check(id, owner)
+        with anyio.CancelScope() as scope:
+            return await _wait_for_end(self, id, owner, scope)
+        return await self.status(id, owner=owner)  # shutting down: the status as it is
 
     async def cancel(
         self, id: str, *, owner: str | None = None, reason: CancelReason | None = None
@@ -652,18 +654,60 @@ def _run_here(ops: BackgroundOperations, what: str) -> _Run:
 
 
 async def _wait_for_end(
-    ops: BackgroundOperations, id: str, owner: str | None
+    ops: BackgroundOperations, id: str, owner: str | None, scope: anyio.CancelScope
 ) -> OperationStatus | None:
-    """:meth:`BackgroundOperations.wait`: on its end here, or reading the store elsewhere."""
-    status = None
-    while True:
-        if (run := ops._runs.get(id, owner)) is not None:
-            await run.done.wait()  # it runs here (perhaps still starting: no status yet)
-        elif status is not None:  # it runs in another process: read again in a moment
-            await anyio.sleep(ops._poll_interval)
-        status = await ops.status(id, owner=owner)
-        if status is None or status.state.ended:
-            return status
+    """:meth:`BackgroundOperations.wait`: on its end here, or reading the store elsewhere.
+
+    ``scope`` is cancelled when the shutdown begins (at once if it has).
+    """
+    waits = ops._waits
+    if waits is None:
+        scope.cancel()
+        await anyio.lowlevel.checkpoint()
+    else:
+        waits.add(scope)
+    try:
+        status = None
+        while True:
+            if (run := ops._runs.get(id, owner)) is not None:
+                await run.done.wait()  # it runs here (perhaps still starting: no status yet)
+            elif status is not None:  # it runs in another process: read again in a moment
+                await anyio.sleep(ops._poll_interval)
+            status = await ops.status(id, owner=owner)
+            if status is None or status.state.ended:
+                return status
+    finally:
+        if waits is not None:
+            waits.discard(scope)
+
+
+async def _enter(ops: BackgroundOperations) -> None:
+    """:meth:`BackgroundOperations.__aenter__`: the store, the task group, the stop signal."""
+    if ops._task_group is not None:
+        raise RuntimeError("these BackgroundOperations are already running")
+    await ops._store.__aenter__()
+    task_group = anyio.create_task_group()
+    try:
+        await task_group.__aenter__()
+    except BaseException as exc:
+        await ops._store.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    ops._task_group = task_group
+    ops._closing = False
+    ops._waits = set()
+    ops._runs.shutdown = None
+    ops._unhook = on_stop_signal(lambda: _stop_waiting(ops))
+
+
+def _stop_waiting(ops: BackgroundOperations) -> None:
+    """End every :meth:`~BackgroundOperations.wait`, now and until the next start."""
+    waits, ops._waits = ops._waits, None
+    for scope in waits or ():
+        scope.cancel()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _open_task_group(ops: BackgroundOperations) -> TaskGroup:

@@ -56,7 +56,7 @@ app = CancelOnDisconnect(
 
 # [uvicorn]
 class Server(uvicorn.Server):
-    """uvicorn sends lifespan.shutdown only after open requests end: stop them first."""
+    """Served with lifespan="off", the middleware hears no signal: stop the requests first."""
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await app.shutdown()  # in-flight requests: reason "shutdown" after the grace period
