@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
@@ -146,7 +147,11 @@ class _Response(enum.Enum):
     PENDING = "pending"  # nothing sent yet
     STARTED = "responding"  # http.response.start sent, more to come
     COMPLETE = "response complete"  # the last body message was handed to the server
-    GONE = "client gone"  # the client left before the response was complete
+    GONE = "client gone"  # the client left before the response started
+    CUT = "client gone mid-response"  # the client left after it started, before its end
+
+
+_GONE = (_Response.GONE, _Response.CUT)
 
 
 @final
@@ -193,8 +198,8 @@ class DisconnectGuard:
     anything else; otherwise one task waits on ``receive`` for the rest of the response.
 
     In ``"interrupt"`` mode the application runs in a scope the token cancels: its awaits are
-    cancelled, and :meth:`run` ends the exchange quietly: no response to a client that left
-    (one INFO line with status 499 on the ``cancelkit`` logger); to a client still there, the
+    cancelled, and :meth:`run` ends the exchange quietly: to a client that left, a 499 the
+    server drops (one INFO line on the ``cancelkit`` logger); to a client still there, the
     answer of the token's reason (409, 503, 504: the same table as
     :func:`cancelkit.fastapi.install`) if the response had not started, else the response is
     left incomplete, so that the client can tell. In ``"signal"`` mode only the token is
@@ -276,7 +281,7 @@ class DisconnectGuard:
     @property
     def client_gone(self) -> bool:
         """Whether the client left before the response was complete."""
-        return self._response is _Response.GONE
+        return self._response in _GONE
 
     @property
     def watching(self) -> bool:
@@ -286,7 +291,7 @@ class DisconnectGuard:
     def outcome(self) -> DisconnectOutcome:
         """How the request went so far (final once :meth:`run` has returned or raised)."""
         watched = self._watch_done is not None
-        gone = self._response is _Response.GONE
+        gone = self._response in _GONE
         reason = self.token.reason
         if not (watched or gone or self._interrupted or reason is not None):
             return _QUIET  # most requests: no allocation
@@ -399,14 +404,14 @@ class DisconnectGuard:
         reason = self.token.reason
         assert reason is not None
         self._interrupted = True
-        if self._response is _Response.GONE:
+        if self._response in _GONE:
             log_gone(self._scope)
             return
         if self._response is _Response.PENDING:
             try:
                 await answer_for_reason(reason).send(self._send, close=True)
             except OSError:
-                self._response = _Response.GONE
+                self._response = _Response.CUT  # (tried: no second answer)
                 return
         # A started response is left incomplete on purpose: the server closes the connection
         # without the final chunk, so the client sees it cut (a clean end: until_cancelled()).
@@ -423,8 +428,8 @@ class DisconnectGuard:
         return reader
 
     def _client_left(self) -> None:
-        if self._response is _Response.PENDING or self._response is _Response.STARTED:
-            self._response = _Response.GONE
+        if (response := self._response) is _Response.PENDING or response is _Response.STARTED:
+            self._response = _Response.CUT if response is _Response.STARTED else _Response.GONE
             self.cancel(CancelReason(CancelKind.CLIENT_DISCONNECTED))
 
     async def _watch(self) -> None:
@@ -450,7 +455,7 @@ class DisconnectGuard:
         return await self._read_ahead().receive()
 
     async def _app_send(self, message: Message) -> None:
-        if self._response is _Response.GONE:
+        if self._response in _GONE:
             return  # nobody is reading any more
         kind = message["type"]
         if kind == "http.response.start":
@@ -668,6 +673,8 @@ class CancelOnDisconnect:
                         _events.report("request", guard.token, route, started=started)
                 if not running and self._idle is not None:
                     self._idle.set()
+            if guard._response is _Response.GONE:  # after the report: it may end the span
+                await _answer_gone(send)  # an outer middleware still awaits a response
         elif kind == "lifespan":
             await self.app(scope, self._lifespan_receive(receive), send)
         else:
@@ -751,6 +758,16 @@ class CancelOnDisconnect:
             f"<CancelOnDisconnect mode={self._mode!r} running={len(self._running)}"
             f"{state} app={self.app!r}>"
         )
+
+
+async def _answer_gone(send: Send) -> None:
+    """Answer ``499`` to a client that left before the response started (the middleware).
+
+    Nobody reads it, but an outer middleware that relays the response (Starlette's
+    ``BaseHTTPMiddleware``) raises "No response returned" for every disconnect without one.
+    """
+    with suppress(OSError):  # the server may refuse to write to a closed connection
+        await answer_for_reason(CancelReason(CancelKind.CLIENT_DISCONNECTED)).send(send, close=True)
 
 
 async def _receive_or_stop(middleware: CancelOnDisconnect, receive: Receive) -> Message:

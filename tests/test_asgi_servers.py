@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -61,11 +61,15 @@ def listening_socket() -> socket.socket:
 
 
 @asynccontextmanager
-async def serve(kind: tuple[str, str], mw: CancelOnDisconnect) -> AsyncIterator[int]:
-    """Run ``mw`` under a real server on 127.0.0.1; yield its port; stop it on exit.
+async def serve(
+    kind: tuple[str, str], mw: CancelOnDisconnect, outer: App | None = None
+) -> AsyncIterator[int]:
+    """Run ``mw`` (or ``outer``, an app around it) under a real server on 127.0.0.1; yield
+    its port; stop it on exit.
 
     Stopping goes through the middleware's shutdown(), as the docs recommend.
     """
+    app: Any = mw if outer is None else outer
     sock = listening_socket()
     port: int = sock.getsockname()[1]
     stop = anyio.Event()
@@ -79,7 +83,7 @@ async def serve(kind: tuple[str, str], mw: CancelOnDisconnect) -> AsyncIterator[
                         await mw.shutdown()
                         await super().shutdown(sockets)
 
-                config = uvicorn.Config(mw, lifespan="on", log_config=None, log_level="warning")
+                config = uvicorn.Config(app, lifespan="on", log_config=None, log_level="warning")
                 server = Server(config)
 
                 async def run_uvicorn() -> None:
@@ -109,7 +113,7 @@ async def serve(kind: tuple[str, str], mw: CancelOnDisconnect) -> AsyncIterator[
                 else:
                     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
                 tg.start_soon(
-                    lambda: hypercorn_serve(mw, hconfig, shutdown_trigger=trigger)  # type: ignore[arg-type]
+                    lambda: hypercorn_serve(app, hconfig, shutdown_trigger=trigger)  # type: ignore[arg-type]
                 )
             try:
                 yield port
@@ -456,6 +460,55 @@ async def test_fastapi_endpoint_cancelled(server_kind: tuple[str, str]) -> None:
             await handler.started.wait()
             await stream.aclose()
             await handler.ended.wait()
+    assert reason_kind(handler.token) is CancelKind.CLIENT_DISCONNECTED
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "signal"])
+async def test_a_disconnect_under_an_outer_base_http_middleware_raises_nothing(
+    server_kind: tuple[str, str], mode: Literal["interrupt", "signal"]
+) -> None:
+    """Starlette's BaseHTTPMiddleware outside the guard relays the response: a request whose
+    client left got none, and its call_next raised "No response returned" (a traceback in
+    the log for every disconnect). Now the guard answers 499 to nobody."""
+    from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+    from starlette.responses import Response
+
+    handler = Handler()
+    errors: list[BaseException] = []
+    outer_done = anyio.Event()
+
+    async def answering(scope: Any, receive: Any, send: Any) -> None:
+        """Signal mode: the handler sees the token fire and answers anyway (to nobody)."""
+        if scope["type"] != "http":
+            return await handler(scope, receive, send)
+        handler.token = token = request_token(scope)
+        handler.started.set()
+        await token.wait()
+        await respond(send, b"late")
+
+    async def passthrough(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+    mw = CancelOnDisconnect(handler if mode == "interrupt" else answering, mode=mode)
+    relayed = BaseHTTPMiddleware(mw, dispatch=passthrough)
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await relayed(scope, receive, send)
+        except Exception as exc:
+            errors.append(exc)
+            raise
+        finally:
+            if scope["type"] == "http":
+                outer_done.set()
+
+    with anyio.fail_after(LIMIT):
+        async with serve(server_kind, mw, recorder) as port:
+            stream = await request(port, "/hang")
+            await handler.started.wait()
+            await stream.aclose()
+            await outer_done.wait()
+    assert errors == []
     assert reason_kind(handler.token) is CancelKind.CLIENT_DISCONNECTED
 
 
