@@ -355,6 +355,7 @@ class DisconnectGuard:
             if self._response is not _Response.PENDING:
                 raise
             await answer_unavailable(exc).send(self._send)
+            self._response = _Response.COMPLETE
         return self.outcome()
 
     async def _run_app(self, app: ASGIApp) -> None:
@@ -410,6 +411,7 @@ class DisconnectGuard:
             except OSError:
                 self._response = _Response.CUT  # (tried: no second answer)
                 return
+            self._response = _Response.COMPLETE  # a disconnect from now on is no news
         # A started response is left incomplete on purpose: the server closes the connection
         # without the final chunk, so the client sees it cut (a clean end: until_cancelled()).
         log_ended(self._scope, reason, cut=self._response is _Response.STARTED)
