@@ -38,8 +38,9 @@ NAMESPACES = (
     "cancelkit.httpx",
     "cancelkit.otel",
     "cancelkit.redis",
+    "cancelkit.testing",
 )
-ALIASES = {"Deliver", "Policy", "RequestToken", "SlotPolicy"}
+ALIASES = {"Deliver", "Policy", "RequestToken", "SlotPolicy", "Workers"}
 
 #: "module.py: name._attr" -> who removes the reach-in. Empty these, never add to them.
 REACH_INS_ALLOWED: dict[str, str] = {

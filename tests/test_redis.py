@@ -36,6 +36,7 @@ from cancelkit import (
 from cancelkit.redis import RedisBackend, RedisBackendStatistics, RedisUnavailable
 from cancelkit.redis._codec import dump as _dump
 from cancelkit.redis._connection import _close_buffers, _Pool
+from cancelkit.testing import BackendContract, Workers
 from tests.commit_sweep import claim_storm, outer_storm, storm, sweep_commit
 from tests.conftest import RedisServer
 from tests.test_docs_blocks import assert_shows
@@ -63,6 +64,15 @@ async def workers(
             await stack.enter_async_context(RedisBackend(redis.url, prefix=prefix, **options))
             for _ in range(n)
         ]
+
+
+class TestRedisBackendContract(BackendContract):
+    """cancelkit.testing's contract, across two backends standing in for two workers (and
+    on the cluster: test_redis_cluster.py runs this class again with its own ``redis``)."""
+
+    @pytest.fixture
+    def workers(self, redis: RedisServer, prefix: str) -> Workers:
+        return functools.partial(workers, redis, prefix)
 
 
 @asynccontextmanager

@@ -129,6 +129,7 @@ def _contract_tests() -> dict[str, Callable[..., Any]]:
 
 
 globals().update(_contract_tests())
+TestRedisBackendContract = test_redis.TestRedisBackendContract  # cancelkit.testing's contract
 
 
 # -- the cluster's own behaviour -----------------------------------------------------------

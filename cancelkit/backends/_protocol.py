@@ -274,7 +274,10 @@ class Backend(Protocol):
         When a running claim is released and claims wait, the oldest waiting one runs.
         ``policy`` and ``limit`` must be the same for every claim on a key.
         A committed claim (:meth:`commit_claim`) can still be superseded (it stops being
-        current and its slot goes to the newcomer), but it is delivered nothing.
+        current and its slot goes to the newcomer); it must then not be interrupted. A backend
+        may deliver it nothing (the memory backend) or the ``SUPERSEDED`` reason (Redis: the
+        decision is the server's, the commit is kept by the worker's token), which the
+        primitive ignores once the claim committed.
         """
         ...
 
@@ -286,8 +289,8 @@ class Backend(Protocol):
 
         Returns:
             The ``SUPERSEDED`` reason (the newcomer as ``source``) if the claim had been
-            superseded and had not committed (its delivery may not have arrived yet), else
-            ``None`` (also when the backend cannot tell).
+            superseded (its delivery may not have arrived yet; for a committed claim the
+            primitive ignores it), else ``None`` (also when the backend cannot tell).
         """
         ...
 
