@@ -113,7 +113,7 @@ async def serve(
                 else:
                     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
                 tg.start_soon(
-                    lambda: hypercorn_serve(app, hconfig, shutdown_trigger=trigger)  # type: ignore[arg-type]
+                    lambda: hypercorn_serve(app, hconfig, shutdown_trigger=trigger)
                 )
             try:
                 yield port
