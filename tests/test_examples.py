@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,9 +88,13 @@ def test_threads_example_stops_blocking_code_and_wakes_a_waiting_thread() -> Non
 
 
 def test_testing_example_is_a_passing_test_suite() -> None:
-    """The 'testing your app' page's example is itself a test module, and it passes."""
+    """The 'testing your app' page's example (it tests testing_app.py) is itself a test
+    module, and each of its tests passes on asyncio and on trio."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "testing_example.py"],
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA"),
+            "testing_example.py",
+        ],
         cwd=EXAMPLES,
         capture_output=True,
         text=True,
@@ -97,7 +102,9 @@ def test_testing_example_is_a_passing_test_suite() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
+    passed = re.findall(r"^PASSED testing_example\.py::(\w+)\[(\w+)\]$", result.stdout, re.M)
+    assert len(passed) == 10
+    assert sorted(backend for _, backend in passed) == ["asyncio"] * 5 + ["trio"] * 5
 
 
 def test_registry_example() -> None:
