@@ -27,7 +27,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)  # every test runs on both
 
 
-# [lifespan]
 @pytest.fixture
 async def lifespan() -> AsyncIterator[None]:
     """Run the app's lifespan around the test: httpx.ASGITransport does not."""
@@ -44,7 +43,6 @@ def client(user: str) -> httpx.AsyncClient:
     )
 
 
-# [/lifespan]
 # [search]
 async def test_a_newer_search_supersedes_the_older_one() -> None:
     results: dict[str, httpx.Response] = {}
@@ -79,7 +77,6 @@ async def test_users_do_not_supersede_each_other() -> None:
     assert [r.status_code for r in responses] == [200, 200]
 
 
-# [/search]
 # [operations]
 @pytest.mark.usefixtures("lifespan")  # the exports run in the lifespan's operations
 async def test_only_the_owner_sees_and_cancels_an_export() -> None:
@@ -102,7 +99,6 @@ async def test_only_the_owner_sees_and_cancels_an_export() -> None:
     assert status["reason"]["kind"] == "requested"
 
 
-# [/operations]
 # [server]
 @pytest.fixture
 async def port(anyio_backend: str) -> AsyncIterator[int]:
@@ -132,7 +128,6 @@ async def read(lines: AsyncIterator[str], count: int) -> list[str]:
     return seen
 
 
-# [/server]
 # [streams]
 async def test_a_newer_stream_ends_the_older_one_cleanly(port: int) -> None:
     url = f"http://127.0.0.1:{port}"
@@ -170,6 +165,3 @@ async def test_a_stream_stops_when_its_client_leaves(port: int) -> None:
     finally:
         remove()
     assert [(e.where, e.kind) for e in seen] == [("claim", "client_disconnected")]
-
-
-# [/streams]

@@ -14,7 +14,6 @@ import pytest_asyncio
 from testing_app import api, app, operations, searches
 
 
-# [lifespan]
 @pytest_asyncio.fixture
 async def lifespan() -> AsyncIterator[None]:
     """The app's lifespan, entered and exited in one task of its own.
@@ -37,9 +36,6 @@ async def lifespan() -> AsyncIterator[None]:
     yield
     stop.set()
     await task  # the shutdown runs in the task that ran the startup
-
-
-# [/lifespan]
 
 
 @pytest_asyncio.fixture
