@@ -35,7 +35,13 @@ async def lifespan() -> AsyncIterator[None]:
 
 
 def client(user: str) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app)  # the app runs in this event loop: no sockets
+    """A client of ``api`` in this event loop: no server, no sockets.
+
+    ``api``, not ``app`` (the middleware around it): in-process no client can leave, and
+    after a server's shutdown the middleware refuses requests until its lifespan starts
+    again, which ASGITransport never does.
+    """
+    transport = httpx.ASGITransport(api)
     return httpx.AsyncClient(
         transport=transport,
         base_url="http://test",

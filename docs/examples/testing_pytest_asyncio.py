@@ -11,7 +11,7 @@ import anyio
 import httpx
 import pytest
 import pytest_asyncio
-from testing_app import api, app, operations, searches
+from testing_app import api, operations, searches
 
 
 @pytest_asyncio.fixture
@@ -40,7 +40,7 @@ async def lifespan() -> AsyncIterator[None]:
 
 @pytest_asyncio.fixture
 async def alice() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app)  # the app runs in the test's loop
+    transport = httpx.ASGITransport(api)  # the app runs in the test's loop
     async with httpx.AsyncClient(
         transport=transport, base_url="http://test", headers={"x-user": "alice"}
     ) as client:
@@ -70,7 +70,7 @@ async def test_the_owner_cancels_an_export(alice: httpx.AsyncClient) -> None:
 @pytest.mark.anyio  # anyio's plugin runs this one, side by side, on both backends
 async def test_anyio_tests_keep_working() -> None:
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app),
+        transport=httpx.ASGITransport(api),
         base_url="http://test",
         headers={"x-user": "bob"},
     ) as bob:
