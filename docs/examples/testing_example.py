@@ -137,15 +137,16 @@ async def read(lines: AsyncIterator[str], count: int) -> list[str]:
 # [streams]
 async def test_a_newer_stream_ends_the_older_one_cleanly(port: int) -> None:
     url = f"http://127.0.0.1:{port}"
-    async with (
-        httpx.AsyncClient(base_url=url, headers={"x-user": "alice"}) as http,
-        http.stream("GET", "/ticks") as older,
-    ):
-        lines = older.aiter_lines()
-        assert await read(lines, 2) == ["data: 0", "data: 1"]
-        async with http.stream("GET", "/ticks") as newer:  # it holds the slot now
-            assert newer.status_code == 200
-            rest = [line async for line in lines if line]  # older ends, not cut
+    with anyio.fail_after(10):
+        async with (
+            httpx.AsyncClient(base_url=url, headers={"x-user": "alice"}) as http,
+            http.stream("GET", "/ticks") as older,
+        ):
+            lines = older.aiter_lines()
+            assert await read(lines, 2) == ["data: 0", "data: 1"]
+            async with http.stream("GET", "/ticks") as newer:  # it holds the slot now
+                assert newer.status_code == 200
+                rest = [line async for line in lines if line]  # older ends, not cut
     assert rest[-2:] == ["event: end", "data: superseded"]
 
 
@@ -159,14 +160,14 @@ async def test_a_stream_stops_when_its_client_leaves(port: int) -> None:
 
     remove = add_listener(note)
     try:
-        async with await anyio.connect_tcp("127.0.0.1", port) as connection:
-            request = b"GET /ticks HTTP/1.1\r\nHost: test\r\nX-User: bob\r\n\r\n"
-            await connection.send(request)
-            received = b""
-            while received.count(b"data: ") < 2:  # two events arrived
-                received += await connection.receive()
-        # bob left in the middle of the stream: the server notices on its own
-        with anyio.fail_after(5):
+        with anyio.fail_after(10):
+            async with await anyio.connect_tcp("127.0.0.1", port) as connection:
+                request = b"GET /ticks HTTP/1.1\r\nHost: test\r\nX-User: bob\r\n\r\n"
+                await connection.send(request)
+                received = b""
+                while received.count(b"data: ") < 2:  # two events arrived
+                    received += await connection.receive()
+            # bob left in the middle of the stream: the server notices on its own
             await stopped.wait()  # not wait_all_tasks_blocked(): a stream never blocks
     finally:
         remove()
