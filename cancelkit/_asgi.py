@@ -61,6 +61,9 @@ PathPattern = str | re.Pattern[str]
 
 #: The ASGI scope key under which the request's token is stored.
 SCOPE_KEY = "cancelkit.token"
+#: Where the FastAPI adapters put response headers the response must carry (an operation id)
+#: even when the endpoint returns a response of its own (a ``StreamingResponse``).
+ECHO_KEY = "cancelkit.echo"
 
 _MODES = ("interrupt", "signal")
 
@@ -352,6 +355,7 @@ class DisconnectGuard:
             if self._response is not _Response.PENDING:
                 raise
             await answer_unavailable(exc).send(self._send)
+            self._response = _Response.COMPLETE
         return self.outcome()
 
     async def _run_app(self, app: ASGIApp) -> None:
@@ -366,7 +370,7 @@ class DisconnectGuard:
             return
         # The fast path: a bare cancel scope. The token is linked to it only once the request
         # yields to the event loop (see _watch); before that nobody else can run.
-        scope = self._new_scope() if self._mode == "interrupt" else None
+        scope = _new_scope(self._on_asyncio) if self._mode == "interrupt" else None
         frame = interrupt_frame(token, scope)  # what a commit pins (never in signal mode)
         var = _current.set(frame)
         try:
@@ -381,12 +385,6 @@ class DisconnectGuard:
             _current.reset(var)
         if scope.cancelled_caught:
             await self._finish_interrupted()
-
-    def _new_scope(self) -> _loop.Scope:
-        if not self._on_asyncio:
-            return anyio.CancelScope()
-        # The same as anyio.CancelScope(), without detecting the event loop again.
-        return (_loop.asyncio_scope or _loop.asyncio_scope_class())()
 
     def _start_watcher(self, loop: asyncio.AbstractEventLoop) -> None:
         if not self._app_done:  # else the request finished before the loop's next turn
@@ -413,6 +411,7 @@ class DisconnectGuard:
             except OSError:
                 self._response = _Response.CUT  # (tried: no second answer)
                 return
+            self._response = _Response.COMPLETE  # a disconnect from now on is no news
         # A started response is left incomplete on purpose: the server closes the connection
         # without the final chunk, so the client sees it cut (a clean end: until_cancelled()).
         log_ended(self._scope, reason, cut=self._response is _Response.STARTED)
@@ -460,6 +459,8 @@ class DisconnectGuard:
         kind = message["type"]
         if kind == "http.response.start":
             self._response = _Response.STARTED
+            if (echo := self._scope.get(ECHO_KEY)) is not None:
+                message = _echoed(message, echo)
         elif kind == "http.response.pathsend" or (
             kind in ("http.response.body", "http.response.zerocopysend")
             and not message.get("more_body", False)
@@ -758,6 +759,21 @@ class CancelOnDisconnect:
             f"<CancelOnDisconnect mode={self._mode!r} running={len(self._running)}"
             f"{state} app={self.app!r}>"
         )
+
+
+def _new_scope(on_asyncio: bool) -> _loop.Scope:
+    if not on_asyncio:
+        return anyio.CancelScope()
+    # The same as anyio.CancelScope(), without detecting the event loop again.
+    return (_loop.asyncio_scope or _loop.asyncio_scope_class())()
+
+
+def _echoed(start: Message, echo: list[tuple[bytes, bytes]]) -> Message:
+    """``http.response.start`` with the ``echo`` headers it does not carry yet."""
+    headers = list(start.get("headers", ()))
+    names = {name.lower() for name, _ in headers}
+    headers += [(name, value) for name, value in echo if name not in names]
+    return {**start, "headers": headers}
 
 
 async def _answer_gone(send: Send) -> None:

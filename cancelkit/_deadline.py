@@ -46,7 +46,9 @@ _GRPC_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n"
 _MAX_DIGITS = 8
 _MAX_MS = 10**_MAX_DIGITS - 1  # what 8 digits can say: about 27.8 hours
 _SHOWN = 40  # bytes of a rejected value that the log line shows
-_RETURN_MS = 1  # what the sender keeps for the answer's way back
+#: Milliseconds a sender keeps for its answer's way back: the next hop's deadline is earlier by
+#: that much, so that its 504 arrives before the sender's own deadline cuts the call off.
+RETURN_MS = 4
 
 
 def _seconds(name: bytes, value: bytes) -> float | None:
@@ -100,14 +102,14 @@ def parse_deadline(
 
 
 def header_value(remaining: float) -> str:
-    """The :data:`HEADER` value for ``remaining`` seconds: whole milliseconds, less one.
+    """The :data:`HEADER` value for ``remaining`` seconds: whole milliseconds, less 4.
 
-    Less the millisecond its answer may take to come back, and floored: the next hop gives up
-    a moment *before* this one, so that this hop gets its ``504`` instead of cutting it off.
+    Less :data:`RETURN_MS` for its answer's way back, and floored: the next hop gives up a
+    moment *before* this one, so that this hop gets its ``504`` instead of cutting it off.
     At most 8 digits (a longer deadline is sent as 99999999 ms, about 27.8 hours); never
     negative.
     """
-    ms = remaining * 1000 - _RETURN_MS
+    ms = remaining * 1000 - RETURN_MS
     if ms <= 0:
         return "0"
     return str(math.floor(min(ms, _MAX_MS)))

@@ -1058,3 +1058,41 @@ async def test_a_callers_token_gets_a_child_with_the_deadline() -> None:
     assert server.status == 409
     assert guard.token.reason is not None
     assert guard.token.reason.root.kind is CancelKind.SUPERSEDED
+
+
+@pytest.mark.parametrize("answer", ["deadline", "shutdown"])
+async def test_a_disconnect_after_the_guards_own_answer_sends_nothing_more(answer: str) -> None:
+    """After the guard answered an interrupted request itself (504 at its deadline, 503 at
+    shutdown), uvicorn's receive() says http.disconnect (the response is complete): that is
+    no client leaving. It was taken for one, and a second answer (499) went to a server that
+    refuses a message after a complete response (RuntimeError, a traceback per request)."""
+    probe = Probe()
+
+    class Uvicornish(FakeServer):
+        complete = False
+
+        async def receive(self) -> Message:
+            if self.complete:
+                return DISCONNECT
+            return await super().receive()
+
+        async def send(self, message: Any) -> None:
+            if self.complete:
+                raise RuntimeError("Unexpected ASGI message sent, after response completed")
+            await super().send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self.complete = True
+                self.client({"type": "http.request", "body": b"", "more_body": False})
+
+    server = Uvicornish(body())
+    timeout = 0.05 if answer == "deadline" else None
+    mw = CancelOnDisconnect(waiting_app(probe), shutdown_grace=0, timeout=timeout)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, http_scope(), server.receive, server.send)
+            await probe.started.wait()
+            if answer == "shutdown":
+                await mw.shutdown()
+    assert server.status == (504 if answer == "deadline" else 503)
+    assert len(server.sent) == 2
+    assert mw.statistics().disconnects == 0

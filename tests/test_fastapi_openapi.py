@@ -1,8 +1,13 @@
 """install() and the OpenAPI schema: each route lists the answers its dependencies can give."""
 
-import pytest
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-from cancelkit import BackgroundOperations
+import pytest
+from fastapi import FastAPI
+
+from cancelkit import BackgroundOperations, TokenRegistry
+from cancelkit.fastapi import cancel_router, install, operations_router
 from tests.test_fastapi_operations import Export
 from tests.test_fastapi_operations import make_app as make_operations_app
 from tests.test_fastapi_requests import client
@@ -43,3 +48,54 @@ async def test_openapi_documents_the_answers_of_background_operations() -> None:
     assert [p["name"] for p in status["parameters"]] == ["operation_id", "wait", "x-user"]
     cancel = paths["/operations/{operation_id}"]["delete"]["responses"]
     assert {"202", "404", "503"} <= set(cancel)
+
+
+async def test_a_shadowed_cancelkit_route_is_refused_at_startup() -> None:
+    """cancel_router and operations_router both default to /operations/{operation_id}: the
+    second was silently never reached. The lifespan's startup now refuses it, naming both."""
+    app = FastAPI()
+    install(app)
+    app.include_router(cancel_router(TokenRegistry()))
+    app.include_router(operations_router(BackgroundOperations()))
+    with pytest.raises(
+        RuntimeError,
+        match=r"DELETE /operations/\{operation_id\} is served by "
+        r"cancel_router and by operations_router",
+    ):
+        async with app.router.lifespan_context(app):
+            pass  # pragma: no cover
+
+
+async def test_a_user_route_shadowing_a_cancelkit_route_is_named() -> None:
+    app = FastAPI()
+    install(app)
+
+    @app.delete("/operations/{id}")
+    async def mine(id: str) -> None: ...
+
+    app.include_router(operations_router(BackgroundOperations()))
+    with pytest.raises(RuntimeError, match="by your route 'mine' and by operations_router"):
+        async with app.router.lifespan_context(app):
+            pass  # pragma: no cover
+
+
+async def test_routers_on_their_own_paths_start_and_keep_the_lifespan() -> None:
+    entered: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        entered.append("in")
+        yield {"db": "up"}
+        entered.append("out")
+
+    app = FastAPI(lifespan=lifespan)
+    install(app)
+    app.include_router(cancel_router(TokenRegistry(), path="/requests/{operation_id}"))
+    app.include_router(operations_router(BackgroundOperations()))
+
+    @app.get("/operations/{id}/report")  # another path: no conflict
+    async def report(id: str) -> None: ...
+
+    async with app.router.lifespan_context(app) as state:
+        assert state == {"db": "up"}
+    assert entered == ["in", "out"]

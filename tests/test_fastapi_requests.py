@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from cancelkit import (
     CancelKind,
     CancellationToken,
+    CancelOnDisconnect,
     Claim,
     LatestOnly,
     TokenRegistry,
@@ -748,3 +749,74 @@ async def test_a_route_of_an_app_without_install_says_to_call_it() -> None:
     with pytest.raises(RuntimeError, match=r"install\(app\) was not called"):
         async with client(app) as http:
             await http.get("/search")
+
+
+async def test_a_token_without_the_middleware_is_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """RequestToken (or latest_only, tracked) on an app without CancelOnDisconnect: a client
+    that leaves never cancels it. That was silent; now one WARNING per application names the
+    fix, and a guarded application hears nothing."""
+    caplog.set_level(logging.WARNING, logger="cancelkit")
+
+    def build() -> FastAPI:
+        app = FastAPI()
+        install(app)
+
+        @app.get("/token")
+        async def uses_the_token(token: RequestToken) -> dict[str, bool]:
+            return {"cancelled": token.cancelled}
+
+        return app
+
+    bare = build()
+    async with client(bare) as http:
+        for _ in range(3):
+            assert (await http.get("/token")).json() == {"cancelled": False}
+        await http.get("/search", params={"q": "x"})  # not a route here: no second warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "GET /token" in warnings[0]
+    assert "app = CancelOnDisconnect(app)" in warnings[0]
+
+    caplog.clear()
+    async with client(CancelOnDisconnect(build())) as http:
+        assert (await http.get("/token")).json() == {"cancelled": False}
+    latest, probe = make_app()  # latest_only, unguarded: a warning of its own
+    probe.release.set()
+    async with client(latest) as http:
+        assert (await http.get("/search", params={"q": "cat"})).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "GET /search" in warnings[0]
+
+
+async def test_a_generated_operation_id_is_echoed_by_a_streaming_endpoint_too() -> None:
+    """FastAPI drops the dependency's response headers when the endpoint returns a Response
+    of its own: a StreamingResponse never told the client its server-generated id, so it
+    could not press Stop. Under CancelOnDisconnect the header is on every response, once."""
+    registry = TokenRegistry()
+    app = FastAPI()
+    install(app)
+
+    @app.get("/stream")
+    async def stream(
+        op: Annotated[TrackedOperation, tracked(registry, scope="request")],
+    ) -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield op.id.encode()
+
+        return StreamingResponse(chunks())
+
+    @app.get("/value")
+    async def value(op: Annotated[TrackedOperation, tracked(registry)]) -> dict[str, str]:
+        return {"id": op.id}
+
+    async with client(CancelOnDisconnect(app)) as http:
+        streamed = await http.get("/stream")
+        assert streamed.headers.get_list("x-operation-id") == [streamed.text]
+        assert len(streamed.text) > 16  # generated: 128 random bits
+        chosen = await http.get("/stream", headers={"X-Operation-Id": "mine-1"})
+        assert chosen.headers.get_list("x-operation-id") == ["mine-1"]
+        plain = await http.get("/value")
+        assert plain.headers.get_list("x-operation-id") == [plain.json()["id"]]

@@ -99,7 +99,8 @@ async def test_a_client_that_leaves_a_stops_b_and_c(chain: Chain) -> None:
         "B": "client_disconnected",
         "C": "client_disconnected",
     }
-    assert all(rec["statuses"] == [] for rec in records.values())  # nobody left to answer
+    # one 499 each, to nobody (the server drops it): an outer middleware needs an answer
+    assert all(rec["statuses"] == [499] for rec in records.values())
 
 
 async def stopped_at_a(
@@ -171,8 +172,10 @@ async def test_a_300_ms_budget_reaches_c_less_what_was_spent_and_ends_in_504s(
     chain: Chain,
 ) -> None:
     """300 ms at A: C gets at most 300 ms less what A and B spent; A answers 504 once, marked
-    Deadline-Expired; B and C stop at their deadline (answering one 504) or as their caller
-    gives up at that instant (answering nobody); none runs on or answers anything else."""
+    Deadline-Expired; B and C stop at their deadline, 4 ms before their caller's, answering
+    one 504 (on a quiet machine 50 of 50 times, benchmarks/bench_hops.py), or, when the
+    answer takes longer than that to travel back, as their caller gives up (a 499 to
+    nobody); none runs on or answers anything else."""
     id = unique("budget")
     async with hops(chain) as client:
         answer = await client.get(
@@ -194,9 +197,9 @@ async def test_a_300_ms_budget_reaches_c_less_what_was_spent_and_ends_in_504s(
         # Each hop's own timer fires at (nearly) the same instant as its caller's: which one
         # is first decides whether the hop answers its 504 or sees its caller go first.
         assert rec["end"] in ("deadline", "client_disconnected"), rec
-        assert rec["statuses"] in ([504], []), rec
+        assert rec["statuses"] in ([504], [499]), rec  # 499: to nobody, the caller is gone
         if rec["end"] == "client_disconnected":
-            assert rec["statuses"] == [], rec
+            assert rec["statuses"] == [499], rec
 
 
 async def test_a_request_with_nothing_left_never_runs(chain: Chain) -> None:

@@ -25,6 +25,7 @@ from cancelkit import (
     OperationCancelled,
     request_token,
 )
+from cancelkit._deadline import RETURN_MS
 from cancelkit._frames import current as current_frame
 from cancelkit._frames import interrupt_frame
 from cancelkit.httpx import TokenTransport
@@ -149,8 +150,8 @@ async def test_the_header_is_the_time_left_as_the_headers_are_written(anyio_back
             await client.get(f"{url}/ok", extensions={"trace": trace})
     ((event, sent, left_after),) = seen
     assert event == "http11.send_request_headers.started"
-    # computed just before `left_after` was: less 1 ms, floored; a moment earlier than that
-    assert left_after * 1000 - 2 <= sent <= left_after * 1000
+    # computed just before `left_after` was: less RETURN_MS, floored; a moment earlier
+    assert left_after * 1000 - RETURN_MS - 1 <= sent <= left_after * 1000 - RETURN_MS + 1
     assert hop.headers == [str(sent)]
 
 

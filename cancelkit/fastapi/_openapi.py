@@ -1,7 +1,9 @@
 """install() and the OpenAPI side: exception handlers, documented answers, the body models."""
 
 # No "from __future__ import annotations" here: pydantic and FastAPI read these annotations.
-from collections.abc import Iterable
+import re
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
 from fastapi import FastAPI
@@ -24,6 +26,8 @@ __all__ = [
 
 #: The attribute of a dependency that lists the answers it adds to its route's OpenAPI entry.
 RESPONSES_ATTR = "__cancelkit_responses__"
+#: The attribute of a cancelkit router's endpoint naming the function that made it.
+ROUTER_ATTR = "__cancelkit_router__"
 
 
 class CancelledBody(BaseModel):
@@ -145,8 +149,10 @@ def install(
     ``Retry-After``) and for :exc:`~cancelkit.OperationExists` (``409``: a retry with the id of
     a running operation).
     Each body is a :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
-    :func:`tracked` list these responses in the OpenAPI schema. Call it for every FastAPI
-    application (a mounted sub-application too).
+    :func:`tracked` list these responses in the OpenAPI schema. At startup (the lifespan) it
+    refuses, with a ``RuntimeError`` naming both, a route of :func:`cancel_router` or
+    :func:`operations_router` that another route shadows (both default to the same path).
+    Call it for every FastAPI application (a mounted sub-application too).
 
     Args:
         app: the application.
@@ -168,6 +174,43 @@ def install(
         return original()  # cached by FastAPI: the schema documented above
 
     app.openapi = openapi  # type: ignore[method-assign]
+    serve = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def checked(app_: Any) -> AsyncIterator[Any]:
+        refuse_shadowed_routes(app)
+        async with serve(app_) as state:
+            yield state
+
+    app.router.lifespan_context = checked
+
+
+def refuse_shadowed_routes(app: FastAPI) -> None:
+    """Raise if a route of a cancelkit router is shadowed by another route (at startup).
+
+    ``cancel_router`` and ``operations_router`` both default to
+    ``/operations/{operation_id}``: the router included second was silently never reached.
+
+    Raises:
+        RuntimeError: naming both routes and the fix.
+    """
+    seen: dict[tuple[str, str], Any] = {}
+    for route in _routes(app):
+        path = getattr(route, "path", None)
+        if path is None:
+            continue
+        shape = re.sub(r"{[^}]*}", "{}", path)
+        for method in sorted(getattr(route, "methods", None) or ()):
+            first = seen.setdefault((shape, method), route)
+            pair = (first, route)
+            mine = [getattr(getattr(r, "endpoint", None), ROUTER_ATTR, None) for r in pair]
+            if first is not route and any(mine):
+                names = [m or f"your route {r.name!r}" for m, r in zip(mine, pair, strict=True)]
+                raise RuntimeError(
+                    f"{method} {path} is served by {names[0]} and by {names[1]}, so the "
+                    f"second is never reached: give one of them another path (for example "
+                    f"operations_router(operations, path='/background/{{operation_id}}'))"
+                )
 
 
 def _routes(app: FastAPI) -> Iterable[Any]:

@@ -23,6 +23,7 @@ from ..backends import CancelOutcome
 from ._openapi import (
     COMMITTED,
     RESPONSES_ATTR,
+    ROUTER_ATTR,
     START_RESPONSES,
     CancelledBody,
     OperationBody,
@@ -309,4 +310,6 @@ def operations_router(
             return JSONResponse(body, status_code=409)
         return body
 
+    setattr(operation_status, ROUTER_ATTR, "operations_router")
+    setattr(cancel_background_operation, ROUTER_ATTR, "operations_router")
     return router

@@ -4,6 +4,7 @@
 # dependencies made below at run time, and they refer to local variables.
 import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Annotated, Any, Literal, TypeAlias, TypeVar, cast
@@ -22,6 +23,7 @@ from ._openapi import (
     COMMITTED,
     LATEST_RESPONSES,
     RESPONSES_ATTR,
+    ROUTER_ATTR,
     TRACKED_RESPONSES,
     UNAVAILABLE,
     CancelledBody,
@@ -62,9 +64,29 @@ async def _answered(held: AbstractAsyncContextManager[_T], scope: _Scope) -> Asy
 
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
 _ASGI_TOKEN = "cancelkit.token"  # where CancelOnDisconnect keeps the disconnect token
+_ECHO = "cancelkit.echo"  # headers CancelOnDisconnect adds to the response (ECHO_KEY)
 
 
 # -- the request's token ----------------------------------------------------------------------
+
+
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told they run unguarded
+
+
+def _unguarded(request: Request) -> None:
+    """Warn once per application that its requests do not run under CancelOnDisconnect."""
+    app = request.scope.get("app")
+    if app is None or app in _warned:
+        return
+    _warned.add(app)
+    logger.warning(
+        "%s %s uses a cancelkit token, but the application does not run under "
+        "CancelOnDisconnect: a client that goes away never cancels it (only a superseding "
+        "request or a cancel by id does). Wrap the application: app = CancelOnDisconnect(app) "
+        "or app.add_middleware(CancelOnDisconnect). (Said once per application.)",
+        request.scope.get("method"),
+        request.scope.get("path"),
+    )
 
 
 def _request_level_token(request: Request) -> CancellationToken:
@@ -73,6 +95,8 @@ def _request_level_token(request: Request) -> CancellationToken:
     token = scope.get(_REQUEST_TOKEN)
     if token is None:
         outer = scope.get(_ASGI_TOKEN)
+        if outer is None:
+            _unguarded(request)
         token = CancellationToken() if outer is None else outer.child()
         scope[_REQUEST_TOKEN] = token
     return cast(CancellationToken, token)
@@ -125,7 +149,9 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     handle = source.on_cancel(_request_level_token(request).cancel)
     outer = request.scope.get(_ASGI_TOKEN)
     outer_handle = None
-    if outer is not None:
+    if outer is None:
+        _unguarded(request)
+    else:
         shorten_deadline(source, outer.deadline)
         outer_handle = outer.on_cancel(source.cancel)
     try:
@@ -324,7 +350,8 @@ def tracked(
     :meth:`TokenRegistry.cancel <cancelkit.TokenRegistry.cancel>`) stops it by id, even before it
     registered. The id comes from the client (the ``header``, or the path parameter
     ``path_param``; invalid ids are answered with ``422``) or is generated; it is returned in
-    the ``header`` of the response.
+    the ``header`` of the response (also when the endpoint returns a response of its own,
+    a ``StreamingResponse``, if :class:`~cancelkit.CancelOnDisconnect` runs the app).
 
     Args:
         registry: where operations are tracked.
@@ -367,7 +394,9 @@ def tracked(
         operation_id: str | None = None,
     ) -> AsyncIterator[TrackedOperation]:
         async with _answered(registry.hold(operation_id, owner=owner), scope) as op:
-            response.headers[header] = op.id
+            response.headers[header] = op.id  # and, for a response of its own, the guard's:
+            echo = request.scope.setdefault(_ECHO, [])
+            echo.append((header.lower().encode("latin-1"), op.id.encode("ascii")))
             with _relayed(op.token, request):
                 yield op
 
@@ -452,4 +481,5 @@ def cancel_router(
             return JSONResponse(body, status_code=409)
         return body
 
+    setattr(cancel_operation, ROUTER_ATTR, "cancel_router")
     return router

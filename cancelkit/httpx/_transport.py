@@ -12,7 +12,7 @@ import anyio.lowlevel
 import httpx
 
 from .. import _frames, _loop
-from .._deadline import EXPIRED_HEADER, HEADER, header_value
+from .._deadline import EXPIRED_HEADER, HEADER, RETURN_MS, header_value
 from .._exceptions import OperationCancelled
 from .._token import CancellationToken
 
@@ -22,10 +22,10 @@ _INF = math.inf
 _HEADER = HEADER.encode()
 _HEADERS_WRITTEN = "send_request_headers.started"  # httpcore's trace event (HTTP/1.1 and 2)
 # A 504 marked Deadline-Expired answers a deadline this hop sent: the next hop's deadline is
-# ours less 1 ms, floored (and later by the time the request took to get there), so ours is
-# less than 2 ms away when the answer arrives (3 ms: slack). Further away, the next hop gave
-# up on a limit of its own: its answer is passed on as it is.
-_OURS = 0.003
+# ours less RETURN_MS, floored (and later by the time the request took to get there), so ours
+# is less than RETURN_MS + 1 ms away when the answer arrives (+ 2 ms: slack). Further away,
+# the next hop gave up on a limit of its own: its answer is passed on as it is.
+_OURS = (RETURN_MS + 2) / 1000
 
 T = TypeVar("T")
 Trace = Callable[[str, dict[str, Any]], Awaitable[None]]

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Cookie, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import StreamingResponse
 
 from cancelkit import (
@@ -32,8 +32,13 @@ registry = TokenRegistry()  # Stop: DELETE /operations/{operation_id}
 stopped: list[str] = []  # what the server stopped, and why
 
 
-def current_user(x_user: Annotated[str, Header()]) -> str:
-    return x_user  # your auth dependency
+def current_user(
+    x_user: Annotated[str | None, Header()] = None,
+    user: Annotated[str | None, Cookie()] = None,  # EventSource sends no headers
+) -> str:
+    if name := x_user or user:
+        return name  # your auth dependency
+    raise HTTPException(401)
 
 
 CurrentUser = Annotated[str, Depends(current_user)]
@@ -63,7 +68,27 @@ api.include_router(cancel_router(registry, owner=current_user))
 async def chat(
     prompt: str, answer: Answer, op: Operation, token: RequestToken
 ) -> StreamingResponse:
-    async def events() -> AsyncIterator[str]:
+    return StreamingResponse(events(prompt, token), media_type="text/event-stream")
+
+
+# For the browser's EventSource (GET only, no custom headers): the id goes in the path.
+InPath = Annotated[
+    TrackedOperation,
+    tracked(registry, owner=current_user, path_param="operation_id", scope="request"),
+]
+
+
+@api.get("/chat/{operation_id}")
+async def chat_from_event_source(
+    prompt: str, answer: Answer, op: InPath, token: RequestToken
+) -> StreamingResponse:
+    return StreamingResponse(events(prompt, token), media_type="text/event-stream")
+
+
+def events(prompt: str, token: RequestToken) -> AsyncIterator[str]:
+    """The answer as server-sent events; a last ``end`` event says why it ended."""
+
+    async def stream() -> AsyncIterator[str]:
         try:
             # ends (no error) when a new prompt, Stop or a disconnect cancels
             async for piece in token.until_cancelled(generate(prompt)):
@@ -74,7 +99,7 @@ async def chat(
             why = token.reason.root.kind.value if token.reason else "done"
             stopped.append(f"{prompt}: {why}")
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return stream()
 
 
 app = CancelOnDisconnect(api)  # serve this: uvicorn streaming_llm:app
@@ -133,9 +158,20 @@ async def demo() -> None:
         bob.stream("POST", "/chat", params={"prompt": "third"}) as three,
     ):
         print("third:  read", await tokens(three.aiter_lines(), 3), "tokens, leaves")
-    while len(stopped) < 3:  # the server notices at once; wait for its note
+    # 4. a browser: GET with a cookie (all EventSource can send), Stop by the id it chose
+    async with (
+        httpx.AsyncClient(base_url=url, cookies={"user": "carol"}) as browser,
+        browser.stream("GET", "/chat/tab-7", params={"prompt": "fourth"}) as four,
+    ):
+        lines = four.aiter_lines()
+        print("fourth: read", await tokens(lines, 3), "tokens (EventSource)")
+        stop = await browser.delete("/operations/tab-7")
+        print("Stop ->", stop.status_code, stop.json()["outcome"])
+        print("fourth: ends with", await ending(lines))
+    while len(stopped) < 4:  # the server notices at once; wait for its note
         await asyncio.sleep(0.01)
-    print("the server stopped:", ", ".join(stopped))
+    print("the server stopped:", ", ".join(stopped[:2]))
+    print("                   ", ", ".join(stopped[2:]))
     server.should_exit = True
     await serving
 
