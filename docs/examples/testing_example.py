@@ -9,13 +9,15 @@ Run: python -m pytest docs/examples/testing_example.py
 import os
 import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 import anyio
 import httpx
 import pytest
 from hypercorn.config import Config
-from testing_app import api, app, operations, searches
+from testing_app import app, operations, searches
 
 from cancelkit import CancelEvent, add_listener
 
@@ -27,21 +29,29 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)  # every test runs on both
 
 
+@asynccontextmanager
+async def running(app: Any) -> AsyncIterator[None]:
+    """Run ``app``'s lifespan as a server does (httpx.ASGITransport does not)."""
+    to_app, receive = anyio.create_memory_object_stream[dict[str, Any]]()
+    send, from_app = anyio.create_memory_object_stream[dict[str, Any]]()
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    async with to_app, receive, send, from_app, anyio.create_task_group() as tg:
+        tg.start_soon(app, scope, receive.receive, send.send)
+        await to_app.send({"type": "lifespan.startup"})
+        assert await from_app.receive() == {"type": "lifespan.startup.complete"}
+        yield
+        await to_app.send({"type": "lifespan.shutdown"})
+        assert await from_app.receive() == {"type": "lifespan.shutdown.complete"}
+
+
 @pytest.fixture
 async def lifespan() -> AsyncIterator[None]:
-    """Run the app's lifespan around the test: httpx.ASGITransport does not."""
-    async with api.router.lifespan_context(api):
+    async with running(app):
         yield  # anyio runs fixtures in the test's task: it exits where it entered
 
 
 def client(user: str) -> httpx.AsyncClient:
-    """A client of ``api`` in this event loop: no server, no sockets.
-
-    ``api``, not ``app`` (the middleware around it): in-process no client can leave, and
-    after a server's shutdown the middleware refuses requests until its lifespan starts
-    again, which ASGITransport never does.
-    """
-    transport = httpx.ASGITransport(api)
+    transport = httpx.ASGITransport(app)  # in this event loop: no server, no sockets
     return httpx.AsyncClient(
         transport=transport,
         base_url="http://test",
@@ -50,6 +60,7 @@ def client(user: str) -> httpx.AsyncClient:
 
 
 # [search]
+@pytest.mark.usefixtures("lifespan")
 async def test_a_newer_search_supersedes_the_older_one() -> None:
     results: dict[str, httpx.Response] = {}
     async with client("alice") as http, anyio.create_task_group() as tg:
@@ -66,6 +77,7 @@ async def test_a_newer_search_supersedes_the_older_one() -> None:
     assert results["cat"].status_code == 200
 
 
+@pytest.mark.usefixtures("lifespan")
 async def test_users_do_not_supersede_each_other() -> None:
     responses: list[httpx.Response] = []
     async with (
@@ -84,7 +96,7 @@ async def test_users_do_not_supersede_each_other() -> None:
 
 
 # [operations]
-@pytest.mark.usefixtures("lifespan")  # the exports run in the lifespan's operations
+@pytest.mark.usefixtures("lifespan")
 async def test_only_the_owner_sees_and_cancels_an_export() -> None:
     async with client("alice") as alice, client("bob") as bob:
         started = await alice.post("/exports", params={"table": "users"})

@@ -11,7 +11,8 @@ import anyio
 import httpx
 import pytest
 import pytest_asyncio
-from testing_app import api, operations, searches
+from testing_app import app, operations, searches
+from testing_example import running  # the app's lifespan, as a server runs it
 
 
 @pytest_asyncio.fixture
@@ -25,7 +26,7 @@ async def lifespan() -> AsyncIterator[None]:
     stop = asyncio.Event()
 
     async def run() -> None:
-        async with api.router.lifespan_context(api):
+        async with running(app):
             started.set_result(None)
             await stop.wait()
 
@@ -39,8 +40,8 @@ async def lifespan() -> AsyncIterator[None]:
 
 
 @pytest_asyncio.fixture
-async def alice() -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(api)  # the app runs in the test's loop
+async def alice(lifespan: None) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app)  # the app runs in the test's loop
     async with httpx.AsyncClient(
         transport=transport, base_url="http://test", headers={"x-user": "alice"}
     ) as client:
@@ -59,7 +60,6 @@ async def test_a_newer_search_supersedes(alice: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.usefixtures("lifespan")
 async def test_the_owner_cancels_an_export(alice: httpx.AsyncClient) -> None:
     started = await alice.post("/exports", params={"table": "users"})
     assert len(operations.operations(owner="alice")) == 1
@@ -69,11 +69,14 @@ async def test_the_owner_cancels_an_export(alice: httpx.AsyncClient) -> None:
 
 @pytest.mark.anyio  # anyio's plugin runs this one, side by side, on both backends
 async def test_anyio_tests_keep_working() -> None:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(api),
-        base_url="http://test",
-        headers={"x-user": "bob"},
-    ) as bob:
+    async with (
+        running(app),  # in the test's task: no task of its own needed
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app),
+            base_url="http://test",
+            headers={"x-user": "bob"},
+        ) as bob,
+    ):
         response = await bob.get("/search", params={"q": "dog"})
     assert response.status_code == 200
 
