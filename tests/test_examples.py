@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,10 +87,17 @@ def test_threads_example_stops_blocking_code_and_wakes_a_waiting_thread() -> Non
     ]
 
 
-def test_testing_example_is_a_passing_test_suite() -> None:
-    """The 'testing your app' page's example is itself a test module, and it passes."""
+def test_testing_page_examples_are_passing_test_modules() -> None:
+    """The testing page's examples are test modules of testing_app.py, and they pass in one
+    session, with this project's pytest configuration (anyio's plugin and pytest-asyncio in
+    strict mode, side by side): testing_example.py's tests each on asyncio and on trio, then
+    the pytest-asyncio recipe's (its lifespan fixture's teardown must not fail), after the
+    stream tests' real server has shut the app down."""
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "testing_example.py"],
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA"),
+            *("testing_example.py", "testing_pytest_asyncio.py"),
+        ],
         cwd=EXAMPLES,
         capture_output=True,
         text=True,
@@ -97,7 +105,24 @@ def test_testing_example_is_a_passing_test_suite() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
+    tests = [
+        "test_a_newer_search_supersedes_the_older_one",
+        "test_users_do_not_supersede_each_other",
+        "test_only_the_owner_sees_and_cancels_an_export",
+        "test_a_newer_stream_ends_the_older_one_cleanly",
+        "test_a_stream_stops_when_its_client_leaves",
+    ]
+    recipe = [
+        "test_a_newer_search_supersedes",
+        "test_the_owner_cancels_an_export",
+        "test_anyio_tests_keep_working[asyncio]",
+        "test_anyio_tests_keep_working[trio]",
+    ]
+    passed = re.findall(r"^PASSED (\S+)$", result.stdout, re.M)
+    assert sorted(passed) == sorted(
+        [f"testing_example.py::{t}[{b}]" for t in tests for b in ("asyncio", "trio")]
+        + [f"testing_pytest_asyncio.py::{t}" for t in recipe]
+    )
 
 
 def test_registry_example() -> None:

@@ -122,22 +122,3 @@ def test_websocket_message_supersedes_the_previous_work_and_closing_stops_it() -
     """The WebSocket recipe on a real uvicorn: a newer message supersedes the previous one's
     work (the client is told), closing the connection stops what runs."""
     assert_shows("websocket_latest.py", run_example("websocket_latest.py").splitlines())
-
-
-def test_pytest_asyncio_recipe_is_a_passing_test_module_next_to_anyio() -> None:
-    """The pytest-asyncio recipe passes with this project's pytest configuration, where
-    anyio's plugin is active too: one test runs under each plugin."""
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA"),
-            "testing_pytest_asyncio.py",
-        ],
-        cwd=EXAMPLES,
-        capture_output=True,
-        text=True,
-        timeout=LIMIT * 4,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
-    assert "PASSED testing_pytest_asyncio.py::test_a_newer_search_supersedes" in result.stdout
