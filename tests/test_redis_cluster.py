@@ -25,6 +25,7 @@ import coredis
 import pytest
 
 from cancelkit import (
+    BackgroundOperations,
     CancelKind,
     CancelOutcome,
     LatestOnly,
@@ -32,10 +33,10 @@ from cancelkit import (
     RegistryFull,
     TokenRegistry,
 )
-from cancelkit.redis import RedisBackend, RedisUnavailable
+from cancelkit.redis import RedisBackend, RedisStatusStore, RedisUnavailable
 from cancelkit.redis._cluster import cluster_client
 from cancelkit.redis._config import key_slot
-from tests import test_redis
+from tests import test_operations_redis, test_redis
 from tests.cluster import LocalCluster
 from tests.test_redis import keys_of, wait_for, workers
 
@@ -650,3 +651,39 @@ async def test_failover_loses_only_the_unreplicated_tombstone(
         assert ran == [lost]
         assert stopped[0].reason.kind is CancelKind.REQUESTED
     gc.collect()
+
+
+# -- the status store of background operations, on the cluster -----------------------------
+
+#: RedisStatusStore runs on the backend's client stack, so on a cluster too: these tests of
+#: tests/test_operations_redis.py run here again (two workers' BackgroundOperations).
+for _name in (
+    "test_another_worker_reads_and_cancels_the_operation",
+    "test_a_cancel_on_one_worker_before_the_start_on_another",
+    "test_fleet_wide_limits_count_every_workers_operations",
+    "test_a_write_of_a_run_that_is_not_the_current_one_is_ignored",
+):
+    globals()[_name] = getattr(test_operations_redis, _name)
+
+
+async def test_the_status_store_keeps_its_keys_in_one_slot(redis: ClusterNodeServer) -> None:
+    """Its scripts name keys they were not given (the statuses they trim): on a cluster the
+    store's keys all carry the prefix as a hash tag, so they live in one slot."""
+    prefix = "st" + secrets.token_hex(4)
+    store = RedisStatusStore(redis.url, prefix=prefix, heartbeat=0.5, lease=2, max_retained=1)
+
+    async def quick(n: int) -> int:
+        return n
+
+    async with BackgroundOperations(store=store) as ops:
+        for n in range(3):  # the second and third end trim the first (max_retained=1)
+            await ops.wait(await ops.start(quick, n, id=f"q{n}", owner="al:ice"))
+        assert await ops.status("q0", owner="al:ice") is None
+        status = await ops.status("q2", owner="al:ice")
+        assert status is not None
+        assert status.result == 2
+        async with raw(redis) as client:
+            keys = [key async for key in client.scan_iter(match=f"{{{prefix}}}:o:*")]
+            slots = {key_slot(key) for key in keys}
+        assert len(keys) >= 3  # statuses, the ended index, the worker's liveness
+        assert len(slots) == 1

@@ -11,7 +11,9 @@ Keys (``P`` is the prefix; ``N`` an owner-scoped name, ``-:<id>`` or ``<len>:<ow
   running status whose worker has no such key reads as ``lost``.
 - ``P:o:z`` — the ended statuses by end time, trimmed to ``max_retained`` (and by time).
 
-Standalone Redis or Valkey (the scripts name the keys of the statuses they trim).
+Standalone Redis or Valkey, or a Redis Cluster: there ``P`` is ``{P}`` (unless the prefix has a
+hash tag of its own), so that every key of the store is in one slot, as its scripts need (they
+name the keys of the statuses they trim). The client is the backend's (``_connection.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, final
@@ -30,18 +31,17 @@ from typing import Any, final
 import anyio
 import coredis
 import coredis.exceptions
-from coredis.commands import Script
-from coredis.retry import ConstantRetryPolicy
 
 from .._exceptions import RedisUnavailable, RegistryFull
 from .._status import OperationError, OperationState, OperationStatus
-from ._connection import _Pool, leaf, redact
+from ._connection import Connection, Down, leaf, redact
 
 __all__ = ["RedisStatusStore"]
 
 logger = logging.getLogger("cancelkit.redis")
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
+_TAGGED = re.compile(r"{[^}]+}")  # a hash tag: the cluster hashes only what it encloses
 #: Any failure of a call (no answer, a lost connection, an error reply such as BUSY or OOM)
 #: ends as RedisUnavailable for the caller.
 _ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
@@ -157,83 +157,50 @@ def _run_marker(status: OperationStatus) -> str:
     return f"{status.worker or '-'}/{status.started_at!r}"
 
 
-@final
-class _Link:
-    """The store's own client, scripts and background task (the heartbeat)."""
+async def _open(store: RedisStatusStore) -> None:
+    """Connect (a single server or a cluster), write the first beat, start the heartbeat.
 
-    __slots__ = ("client", "scripts", "stack", "timeout", "url")
-
-    def __init__(self, url: str, timeout: float) -> None:
-        self.url = url
-        self.timeout = timeout
-        self.client: coredis.Redis[str] | None = None
-        self.scripts: dict[str, Script[str]] = {}
-        self.stack: AsyncExitStack | None = None
-
-    async def open(
-        self, first: Callable[[], Awaitable[None]], forever: Callable[[], Coroutine[Any, Any, None]]
-    ) -> None:
-        """Connect, register the scripts, await ``first()``, then run ``forever()``."""
-        stack = AsyncExitStack()
-        try:
-            pool = _Pool.from_url(
-                self.url,
-                decode_responses=True,
-                connect_timeout=self.timeout / 2,
-                stream_timeout=self.timeout,
-                timeout=self.timeout,
-            )
-            client: coredis.Redis[str] = coredis.Redis(
-                connection_pool=pool,
-                decode_responses=True,
-                retry_policy=ConstantRetryPolicy(
-                    (coredis.exceptions.ConnectionError, TimeoutError), retries=1, delay=0.01
-                ),
-            )
-            await stack.enter_async_context(client)
-            with anyio.fail_after(self.timeout * 2):
-                await client.ping()
-            self.client = client
-            self.scripts = {
-                name: client.register_script(text)
-                for name, text in (("put", _PUT), ("get", _GET), ("beat", _BEAT))
-            }
-            await first()
-            task_group = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(task_group.cancel_scope.cancel)  # runs before the group exits
-            task_group.start_soon(forever)
-        except BaseException as exc:
-            self.client = None
-            await stack.aclose()
-            if isinstance(exc, _ERRORS):
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redact(self.url)}: {leaf(exc)}"
-                ) from exc
-            raise
-        self.stack = stack
-
-    async def close(self) -> None:
-        stack, self.stack = self.stack, None
-        try:
-            if stack is not None:
-                await stack.aclose()
-        finally:
-            self.client = None
-
-    async def call(self, script: str, keys: list[str], args: list[str]) -> Any:
-        """Run one script, bounded by the timeout; any failure is RedisUnavailable."""
-        if self.client is None:
-            raise RuntimeError(
-                "RedisStatusStore is not running: enter it first (BackgroundOperations "
-                "enters its store)"
-            )
-        try:
-            with anyio.fail_after(self.timeout):
-                return await self.scripts[script](keys=keys, args=args)
-        except _ERRORS as exc:
+    The client stack is the backend's (:class:`Connection`): the same pool, error model
+    and cluster support. :exc:`RedisUnavailable` if Redis does not answer in time.
+    """
+    stack, conn = AsyncExitStack(), store._conn
+    try:
+        await conn.open(stack, {"put": _PUT, "get": _GET, "beat": _BEAT})  # (bounded)
+        conn.up = True
+        if conn.cluster and not _TAGGED.search(store._prefix):
+            store._keys = "{" + store._prefix + "}"  # every key of the store in one slot
+        await store._beat_once()
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(task_group.cancel_scope.cancel)  # runs before the group exits
+        task_group.start_soon(_beat, store)
+    except BaseException as exc:
+        conn.close()
+        await stack.aclose()
+        if isinstance(exc, (*_ERRORS, Down)):
             raise RedisUnavailable(
-                f"Redis at {redact(self.url)} did not answer: {leaf(exc)}"
+                f"cannot reach Redis at {redact(store._url)}: {leaf(exc)}"
             ) from exc
+        raise
+    store._stack = stack
+
+
+async def _call(store: RedisStatusStore, script: str, keys: list[str], args: list[str]) -> Any:
+    """Run one script (retried within ``timeout`` like every call); else RedisUnavailable."""
+    conn = store._conn
+    if not conn.running:
+        raise RuntimeError(
+            "RedisStatusStore is not running: enter it first (BackgroundOperations "
+            "enters its store)"
+        )
+    try:
+        result = await conn.run(script, keys, args)
+    except Down as exc:
+        cause = exc.__cause__ or exc
+        raise RedisUnavailable(
+            f"Redis at {redact(store._url)} did not answer: {leaf(cause)}"
+        ) from cause
+    conn.up = True  # a failure marked it down (one attempt per call); this one answered
+    return result
 
 
 #: The default lease: a status reads lost only once the registration of its operation in a
@@ -318,11 +285,12 @@ class RedisStatusStore:
     """
 
     __slots__ = (
+        "_conn",
         "_down",
         "_entered",
         "_heartbeat",
+        "_keys",
         "_lease_ms",
-        "_link",
         "_local",
         "_max",
         "_max_running",
@@ -331,6 +299,9 @@ class RedisStatusStore:
         "_prefix",
         "_retention_ms",
         "_running_ms",
+        "_stack",
+        "_timeout",
+        "_url",
         "_worker",
     )
 
@@ -360,8 +331,12 @@ class RedisStatusStore:
         )
         self._max_running = max_running
         self._max_running_per_owner = max_running_per_owner
-        self._link = _Link(url, float(timeout))
+        self._conn = Connection(url, timeout=float(timeout), fail_open=False)
+        self._url = url
+        self._timeout = float(timeout)
+        self._stack: AsyncExitStack | None = None
         self._prefix = prefix
+        self._keys = prefix  # where the keys start: on a cluster, "{prefix}" (one slot)
         self._heartbeat = float(heartbeat)
         self._lease_ms = math.ceil(lease * 1000)
         self._retention_ms = math.ceil(retention * 1000)
@@ -381,11 +356,11 @@ class RedisStatusStore:
         return self._worker
 
     def _key(self, name: str) -> str:
-        return f"{self._prefix}:o:s:{name}"
+        return f"{self._keys}:o:s:{name}"
 
     @property
     def _alive(self) -> str:
-        return f"{self._prefix}:o:a:{self._worker}"
+        return f"{self._keys}:o:a:{self._worker}"
 
     async def __aenter__(self) -> RedisStatusStore:
         """Connect and start the heartbeat.
@@ -396,12 +371,12 @@ class RedisStatusStore:
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
-        if self._link.stack is not None:
+        if self._stack is not None:
             self._entered += 1
             return self
         self._worker = secrets.token_urlsafe(9)  # made here, after any fork
         try:
-            await self._link.open(self._beat_once, self._beat)
+            await _open(self)
         except BaseException:
             self._worker = None
             raise
@@ -415,48 +390,26 @@ class RedisStatusStore:
         tb: TracebackType | None,
     ) -> None:
         """Stop the heartbeat and disconnect (running statuses left behind read as lost)."""
-        if self._link.stack is None:
+        stack = self._stack
+        if stack is None:
             return
         self._entered -= 1
         if self._entered:
             return
+        self._stack = None
         try:
-            await self._link.close()
+            await stack.aclose()
         finally:
+            self._conn.close()
             self._worker = None
             self._local.clear()
-
-    async def _beat(self) -> None:
-        while True:
-            await anyio.sleep(self._heartbeat)
-            try:
-                while self._pending:  # final statuses that could not be written, oldest first
-                    key = next(iter(self._pending))
-                    keys, args = self._pending[key]
-                    await self._link.call("put", keys, args)
-                    if self._pending.get(key) == (keys, args):
-                        del self._pending[key]
-                await self._beat_once()
-            except RedisUnavailable as exc:
-                if not self._down:
-                    self._down = True
-                    logger.warning(
-                        "status heartbeat failed (%s); this worker's running operations read "
-                        "as lost once the lease passes; retrying every %s s",
-                        exc,
-                        self._heartbeat,
-                    )
-            else:
-                if self._down:
-                    self._down = False
-                    logger.warning("status heartbeat works again")
 
     @property
     def _limited(self) -> bool:
         return self._max_running is not None or self._max_running_per_owner is not None
 
     async def _beat_once(self, local: dict[str, tuple[str, str, str]] | None = None) -> None:
-        keys = [self._alive, f"{self._prefix}:o:r"]
+        keys = [self._alive, f"{self._keys}:o:r"]
         names = []
         for key, (name, owner_set, value) in (self._local if local is None else local).items():
             keys += [key, owner_set]
@@ -464,7 +417,7 @@ class RedisStatusStore:
         expiry = time.time_ns() // 1_000_000 + self._lease_ms
         args = [str(self._lease_ms), str(self._running_ms), str(self._worker), str(expiry)]
         args += ["1" if self._limited else "0", *names]
-        await self._link.call("beat", keys, args)
+        await _call(self, "beat", keys, args)
 
     async def _confirm(self, key: str, name: str, owner_set: str, value: str) -> None:
         """Give a first running status its full TTL (the heartbeat does it if this fails)."""
@@ -493,8 +446,8 @@ class RedisStatusStore:
         run = _run_marker(status)
         text = json.dumps(status.to_json(), separators=(",", ":"))
         value = f"{'r' if running else 'e'} {status.worker or '-'} {run} {text}"
-        owner_set = _owner_set(self._prefix, status.owner)
-        keys = [key, f"{self._prefix}:o:z", self._alive, owner_set, f"{self._prefix}:o:r"]
+        owner_set = _owner_set(self._keys, status.owner)
+        keys = [key, f"{self._keys}:o:z", self._alive, owner_set, f"{self._keys}:o:r"]
         args = [
             value,
             str(self._lease_ms if first else self._running_ms if running else self._retention_ms),
@@ -512,7 +465,7 @@ class RedisStatusStore:
             "1" if first else "0",
         ]
         if running:
-            result = int(await self._link.call("put", keys, args))
+            result = int(await _call(self, "put", keys, args))
             if result == 0:  # a late write of a run that ended
                 self._local.pop(key, None)
                 return
@@ -527,7 +480,7 @@ class RedisStatusStore:
         self._local.pop(key, None)
         self._pending.pop(key, None)  # this write supersedes an older failed one
         try:
-            await self._link.call("put", keys, args)
+            await _call(self, "put", keys, args)
         except RedisUnavailable:
             if len(self._pending) >= 10_000:  # bounded: the oldest failed write is dropped
                 del self._pending[next(iter(self._pending))]
@@ -543,9 +496,7 @@ class RedisStatusStore:
         Raises:
             RedisUnavailable: if Redis does not answer within ``timeout``.
         """
-        result = await self._link.call(
-            "get", [self._key(_name(id, owner))], [f"{self._prefix}:o:a:"]
-        )
+        result = await _call(self, "get", [self._key(_name(id, owner))], [f"{self._keys}:o:a:"])
         if result is None:
             return None
         value, gone = str(result[0]), int(result[1])
@@ -567,8 +518,35 @@ class RedisStatusStore:
         return status
 
     def __repr__(self) -> str:
-        state = "stopped" if self._link.client is None else "running"
+        state = "stopped" if self._stack is None else "running"
         return (
-            f"<RedisStatusStore {redact(self._link.url)} prefix={self._prefix!r} "
+            f"<RedisStatusStore {redact(self._url)} prefix={self._prefix!r} "
             f"worker={self._worker} {state} running={len(self._local)}>"
         )
+
+
+async def _beat(store: RedisStatusStore) -> None:
+    """The heartbeat: failed final writes first, then liveness and running statuses."""
+    while True:
+        await anyio.sleep(store._heartbeat)
+        try:
+            while store._pending:  # final statuses that could not be written, oldest first
+                key = next(iter(store._pending))
+                keys, args = store._pending[key]
+                await _call(store, "put", keys, args)
+                if store._pending.get(key) == (keys, args):
+                    del store._pending[key]
+            await store._beat_once()
+        except RedisUnavailable as exc:
+            if not store._down:
+                store._down = True
+                logger.warning(
+                    "status heartbeat failed (%s); this worker's running operations read "
+                    "as lost once the lease passes; retrying every %s s",
+                    exc,
+                    store._heartbeat,
+                )
+        else:
+            if store._down:
+                store._down = False
+                logger.warning("status heartbeat works again")
