@@ -112,9 +112,7 @@ async def serve(
                     from hypercorn.trio import serve as hypercorn_serve
                 else:
                     from hypercorn.asyncio import serve as hypercorn_serve  # type: ignore[assignment]
-                tg.start_soon(
-                    lambda: hypercorn_serve(app, hconfig, shutdown_trigger=trigger)
-                )
+                tg.start_soon(lambda: hypercorn_serve(app, hconfig, shutdown_trigger=trigger))
             try:
                 yield port
             finally:

@@ -40,7 +40,7 @@ NAMESPACES = (
     "cancelkit.redis",
     "cancelkit.testing",
 )
-ALIASES = {"Deliver", "Policy", "RequestToken", "SlotPolicy", "Workers"}
+ALIASES = {"Deliver", "Policy", "RequestToken", "SlotPolicy", "Stores", "Workers"}
 
 #: "module.py: name._attr" -> who removes the reach-in. Empty these, never add to them.
 REACH_INS_ALLOWED: dict[str, str] = {

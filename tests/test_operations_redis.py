@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -36,8 +36,10 @@ from cancelkit import (
     RegistryFull,
     TokenRegistry,
 )
+from cancelkit.backends import StatusStore
 from cancelkit.fastapi import OperationStarter, install, operation_starter, operations_router
 from cancelkit.redis import RedisBackend, RedisStatusStore, RedisUnavailable
+from cancelkit.testing import StatusStoreContract, Stores
 from tests.test_redis import keys_of, raw
 from tests.workers import one_client_per_worker
 
@@ -54,6 +56,24 @@ async def worker(url: str, prefix: str, **options: Any) -> AsyncIterator[Backgro
     registry = TokenRegistry(backend=backend)
     async with backend, BackgroundOperations(registry=registry, store=store, **options) as ops:
         yield ops
+
+
+class TestRedisStatusStoreContract(StatusStoreContract):
+    """cancelkit.testing's status-store contract: two stores (two workers) on one prefix (and
+    on the cluster: test_redis_cluster.py runs this class again with its own ``redis``)."""
+
+    @pytest.fixture
+    def stores(self, redis: Any) -> Stores:
+        @asynccontextmanager
+        async def two() -> AsyncIterator[Sequence[StatusStore]]:
+            prefix = f"t{secrets.token_hex(6)}"
+            async with (
+                RedisStatusStore(redis.url, prefix=prefix, heartbeat=0.5, lease=6) as a,
+                RedisStatusStore(redis.url, prefix=prefix, heartbeat=0.5, lease=6) as b,
+            ):
+                yield [a, b]
+
+        return two
 
 
 async def wait_while_running(ops: BackgroundOperations, id: str, owner: str | None) -> Any:

@@ -664,6 +664,7 @@ for _name in (
     "test_a_write_of_a_run_that_is_not_the_current_one_is_ignored",
 ):
     globals()[_name] = getattr(test_operations_redis, _name)
+TestRedisStatusStoreContract = test_operations_redis.TestRedisStatusStoreContract
 
 
 async def test_the_status_store_keeps_its_keys_in_one_slot(redis: ClusterNodeServer) -> None:

@@ -10,8 +10,14 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from cancelkit.backends import Backend, MemoryBackend
-from cancelkit.testing import BackendContract, Workers, check_latest_only_model
+from cancelkit.backends import Backend, MemoryBackend, MemoryStatusStore, StatusStore
+from cancelkit.testing import (
+    BackendContract,
+    StatusStoreContract,
+    Stores,
+    Workers,
+    check_latest_only_model,
+)
 from tests.toy_backend import ToyBackend
 
 
@@ -69,3 +75,14 @@ def test_the_model_finds_a_backend_that_breaks_a_rule() -> None:
 
     with pytest.raises(AssertionError):
         check_latest_only_model(careless, examples=40, shrink=False)
+
+
+class TestMemoryStatusStore(StatusStoreContract):
+    @pytest.fixture
+    def stores(self) -> Stores:
+        @asynccontextmanager
+        async def one() -> AsyncIterator[Sequence[StatusStore]]:
+            async with MemoryStatusStore() as store:
+                yield [store]
+
+        return one

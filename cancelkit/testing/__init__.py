@@ -3,7 +3,8 @@
 :class:`BackendContract` is a pytest test class: subclass it with a ``workers`` fixture and
 every rule of :class:`~cancelkit.backends.Backend` runs against your backend (registrations,
 cancels and tombstones, owner namespaces, commits, claims under each policy, sequence numbers,
-handover waits, across workers). :func:`check_latest_only_model` drives random claim
+handover waits, across workers); :class:`StatusStoreContract` does the same for a
+:class:`~cancelkit.StatusStore`. :func:`check_latest_only_model` drives random claim
 sequences through :class:`~cancelkit.LatestOnly` on your backend and checks each outcome
 against a plain model. The memory, Redis and Redis Cluster backends pass both in cancelkit's
 own CI.
@@ -16,11 +17,20 @@ this module.
 
 from ._contract import BackendContract as BackendContract
 from ._contract import Delivered as Delivered
+from ._contract import StatusStoreContract as StatusStoreContract
+from ._contract import Stores as Stores
 from ._contract import Workers as Workers
 from ._model import check_latest_only_model as check_latest_only_model
 
-__all__ = ["BackendContract", "Delivered", "Workers", "check_latest_only_model"]
+__all__ = [
+    "BackendContract",
+    "Delivered",
+    "StatusStoreContract",
+    "Stores",
+    "Workers",
+    "check_latest_only_model",
+]
 
-for _name in ("BackendContract", "Delivered", "check_latest_only_model"):
+for _name in ("BackendContract", "Delivered", "StatusStoreContract", "check_latest_only_model"):
     globals()[_name].__module__ = __name__
 del _name

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import TypeAlias
 
 import anyio
@@ -14,9 +16,10 @@ from .._exceptions import OperationExists
 from .._latest import LatestOnly
 from .._policy import Policy
 from .._reason import CancelKind, CancelReason
-from ..backends import Acquired, Admission, Backend, CancelOutcome, new_holder_id
+from .._status import OperationState, OperationStatus, Progress
+from ..backends import Acquired, Admission, Backend, CancelOutcome, StatusStore, new_holder_id
 
-__all__ = ["BackendContract", "Delivered", "Workers"]
+__all__ = ["BackendContract", "Delivered", "StatusStoreContract", "Stores", "Workers"]
 
 #: Seconds a test waits for something that must happen (only a hang gets near it).
 LIMIT = 10.0
@@ -334,3 +337,76 @@ class BackendContract:
                 await turn.wait()
         await there.wait_turn(key, new_holder_id(), handover=True)  # unknown: at once
         await there.release(key, new)
+
+
+#: What a :class:`StatusStoreContract` subclass's ``stores`` fixture returns: a function that
+#: makes an async context manager yielding entered status stores that share one state.
+Stores: TypeAlias = Callable[[], AbstractAsyncContextManager[Sequence[StatusStore]]]
+
+
+class StatusStoreContract:
+    """The behaviour every :class:`~cancelkit.StatusStore` must show.
+
+    Subclass it with a ``stores`` fixture, as :class:`BackendContract` with ``workers``: the
+    stores it yields share one state (two stand in for two workers; statuses are written
+    by the first and read by the last).
+    """
+
+    pytestmark = pytest.mark.anyio
+
+    @pytest.fixture
+    async def two(self, stores: Stores) -> AsyncIterator[tuple[StatusStore, StatusStore]]:
+        """The first store and the last (the same one for a store of one process)."""
+        async with stores() as entered:
+            yield entered[0], entered[-1]
+
+    async def test_a_status_reads_back_in_its_owners_namespace_only(
+        self, two: tuple[StatusStore, StatusStore]
+    ) -> None:
+        writer, reader = two
+        id = _id()
+        status = _running(writer, id, "al:ice", done=3)
+        await writer.put(status)
+        assert await reader.get(id, "al:ice") == status
+        assert await reader.get(id, None) is None
+        assert await reader.get(id, "al") is None
+        # names do not run into each other: owner "al", id "ice:<id>" is another operation
+        assert await reader.get(f"ice:{id}", "al") is None
+        assert await reader.get(_id(), "al:ice") is None
+
+    async def test_the_end_replaces_the_running_status_and_a_late_running_write_does_not(
+        self, two: tuple[StatusStore, StatusStore]
+    ) -> None:
+        writer, reader = two
+        id = _id()
+        running = _running(writer, id, None, done=1)
+        await writer.put(running)
+        ended = replace(running, state=OperationState.COMPLETED, ended_at=time.time(), result=7)
+        await writer.put(ended)
+        assert await reader.get(id, None) == ended
+        await writer.put(replace(running, progress=Progress(2.0)))  # late, of the same run
+        assert await reader.get(id, None) == ended
+
+    async def test_a_new_run_of_an_ended_id_replaces_its_status(
+        self, two: tuple[StatusStore, StatusStore]
+    ) -> None:
+        writer, reader = two
+        id = _id()
+        first = _running(writer, id, None, done=1)
+        await writer.put(replace(first, state=OperationState.FAILED, ended_at=time.time()))
+        again = replace(first, started_at=first.started_at + 1)  # another run
+        await writer.put(again)
+        read = await reader.get(id, None)
+        assert read is not None
+        assert (read.state, read.started_at) == (OperationState.RUNNING, again.started_at)
+
+
+def _running(store: StatusStore, id: str, owner: str | None, *, done: int) -> OperationStatus:
+    return OperationStatus(
+        id,
+        owner,
+        OperationState.RUNNING,
+        time.time(),
+        progress=Progress(done, 10),
+        worker=store.worker,
+    )
