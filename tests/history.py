@@ -28,7 +28,7 @@ separately so a run can report how many it needed.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -130,6 +130,19 @@ class History:
     def __len__(self) -> int:
         return len(self.events)
 
+    def summary(self) -> str:
+        """What the history holds: events by kind (calls by kind and answer), outages excused."""
+        kinds = Counter(
+            f"{e.kind} {e.value}" if e.kind in ("cancel", "commit") else e.kind for e in self.events
+        )
+        excused: list[str] = []
+        anomalies = check(self, excused=excused)
+        counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kinds.items()))
+        return (
+            f"{len(self.events)} events ({counts}); "
+            f"anomalies: {len(anomalies)}, excused: {len(excused)}"
+        )
+
 
 def _bodies(events: list[Event]) -> dict[str, list[Body]]:
     """Every body by id, from its events in time order (a process's bodies of one id in turn)."""
@@ -201,7 +214,7 @@ def check(
         if call.kind == "cancel":
             anomalies += _cancel(call, bodies.get(call.id, []), offline, notes)
         elif call.kind == "owners":
-            anomalies += _owners(call, bodies)
+            anomalies += _owners(call, bodies, max_concurrency)
     anomalies += _overlaps(bodies, max_concurrency)
     return anomalies
 
@@ -238,7 +251,7 @@ def _cancel(call: Event, bodies: list[Body], offline: _Offline, notes: list[str]
     return found
 
 
-def _owners(call: Event, bodies: dict[str, list[Body]]) -> list[str]:
+def _owners(call: Event, bodies: dict[str, list[Body]], max_concurrency: int) -> list[str]:
     """The end state of a key (read after the faults stopped and a resync)."""
     found: list[str] = []
     claims = [b for runs in bodies.values() for b in runs if b.key == call.key]
@@ -248,7 +261,14 @@ def _owners(call: Event, bodies: dict[str, list[Body]]) -> list[str]:
         if not any(b.stopped > call.began for b in runs):
             found.append(f"key {call.key!r}: Redis names {tag!r} running, a body that had stopped")
     if claims:
-        newest = max(claims, key=lambda b: b.generation)
+        by_age = sorted(claims, key=lambda b: b.generation, reverse=True)
+        found.extend(
+            f"key {call.key!r}: {old.id!r} in {old.process} (generation {old.generation}) "
+            "still runs after the resync, behind a newer claim"
+            for old in by_age[max_concurrency:]
+            if old.stopped > call.time
+        )
+        newest = by_age[0]
         alive = newest.stopped > call.time
         if not alive and newest.end != "completed":
             found.append(

@@ -204,14 +204,20 @@ def test_a_ghost_owner() -> None:
     only(check(events), "names 'c9'")
 
 
-def test_the_newest_runs_but_redis_names_another() -> None:
+def test_the_newest_runs_but_redis_names_no_owner() -> None:
+    events = [*claim("c1", 1, 1, 2, process="w2"), running("c2", 2, 2), owners()]
+    only(check(events), "newest claim 'c2' runs", "no owner")
+
+
+def test_an_older_claim_still_running_at_the_end() -> None:
     events = [
         running("c1", 1, 1, "w2"),
         *claim("c0", 0, 0.5, 0.9),
         running("c2", 2, 2),
-        owners("c1"),
+        owners("c2"),
     ]
-    only(check(events), "newest claim 'c2' runs", "['c1']")
+    only(check(events), "'c1' in w2", "still runs")
+    assert check(events, max_concurrency=2) == []
 
 
 # -- worker lines ---------------------------------------------------------------------------------
@@ -244,6 +250,10 @@ def test_worker_lines() -> None:
         Event("w1", 6.0, "cancelled", "c1", "superseded"),
     ]
     assert len(history) == 8
+    assert history.summary() == (
+        "8 events (cancelled: 1, commit ok: 1, completed: 1, exiting: 1, offline: 1, "
+        "started: 2, stopping: 1); anomalies: 0, excused: 0"
+    )
 
 
 # -- any legal history passes ---------------------------------------------------------------------
