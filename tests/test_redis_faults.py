@@ -574,6 +574,24 @@ async def test_a_cancel_taken_by_a_resync_whose_reply_is_lost_survives_the_lease
         tg.cancel_scope.cancel()
 
 
+async def test_a_retried_unregister_still_reports_the_cancel(
+    server: RedisServer, prefix: str
+) -> None:
+    """An exit's UNREGISTER ran on the server but its reply was lost (the connection was
+    killed in between), so the call is retried: the retry must report the cancel that won, as
+    the first attempt did. (It answered "no cancel": the exit of an operation whose cancel
+    answered CANCELLED, and whose message had not arrived yet, reported success; the history
+    checker found it in the two-process race with two CPU spinners.)"""
+    async with two_backends(server, prefix) as (a, b):
+        registrations = a._registrations
+        assert await registrations.register("op", None, "h", lambda _: None) is None
+        assert await TokenRegistry(backend=b).cancel("op") is CancelOutcome.CANCELLED
+        call = registrations._unregister_call(registrations._by_holder["h"])
+        first = await a._conn.run(*call)  # its reply lost: the call runs again
+        assert first
+        assert await a._conn.run(*call) == first
+
+
 async def _not(value: Awaitable[bool]) -> bool:
     return not await value
 
