@@ -1,7 +1,8 @@
 """A worker process for the multi-process Redis tests, driven over stdin/stdout.
 
 Usage: ``python -m tests.redis_worker URL PREFIX ASYNC_BACKEND`` (``CANCELKIT_FAIL_OPEN=0``: the
-backend fails closed). Reads commands, one a line: ``claim KEY TAG``, ``track ID``, ``job ID MS
+backend fails closed; ``CANCELKIT_TIMEOUT``: its timeout, 2 s by default). Reads commands, one
+a line: ``claim KEY TAG``, ``track ID``, ``job ID MS
 [COMMIT_MS]`` (track ID with a body of MS milliseconds; with COMMIT_MS, it calls
 ``op.commit()`` that far into its body), ``cancel ID``, ``stats``. Writes events, one a line,
 each after the ``time.monotonic()`` it happened at: ``ready WORKER``, ``claimed TAG CLAIM_ID
@@ -50,7 +51,7 @@ async def main(url: str, prefix: str) -> None:
         prefix=prefix,
         heartbeat=0.1,
         lease=0.4,
-        timeout=2,
+        timeout=float(os.environ.get("CANCELKIT_TIMEOUT", "2")),
         fail_open=os.environ.get("CANCELKIT_FAIL_OPEN", "1") == "1",
     ) as backend:
         slot = LatestOnly(backend=backend)
