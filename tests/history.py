@@ -27,12 +27,16 @@ separately so a run can report how many it needed.
 
 from __future__ import annotations
 
+import logging
 import math
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["Body", "Event", "History", "check"]
+__all__ = ["Body", "Event", "History", "Outages", "check", "spinners"]
 
 #: ``offline(process, start, end)``: whether the process was offline at some time in between.
 _Offline = Callable[[str, float, float], bool]
@@ -130,6 +134,17 @@ class History:
     def __len__(self) -> int:
         return len(self.events)
 
+    def around(self, anomaly: str, width: float = 0.05) -> str:
+        """The events within ``width`` seconds of the first time an anomaly line names."""
+        times = [float(w) for w in anomaly.replace(",", " ").split() if _is_time(w)]
+        if not times:
+            return ""
+        near = [e for e in self.events if abs(e.time - times[0]) <= width]
+        return "\n".join(
+            f"{e.time:.6f} {e.process} {e.kind} {e.id} {e.value} {e.key}".rstrip()
+            for e in sorted(near, key=lambda e: e.time)
+        )
+
     def summary(self) -> str:
         """What the history holds: events by kind (calls by kind and answer), outages excused."""
         kinds = Counter(
@@ -142,6 +157,11 @@ class History:
             f"{len(self.events)} events ({counts}); "
             f"anomalies: {len(anomalies)}, excused: {len(excused)}"
         )
+
+
+def _is_time(word: str) -> bool:
+    head, dot, tail = word.partition(".")
+    return bool(dot) and head.isdigit() and tail.isdigit()
 
 
 def _bodies(events: list[Event]) -> dict[str, list[Body]]:
@@ -316,3 +336,33 @@ def _pairs(runs: list[Body]) -> Iterator[tuple[Body, Body]]:
     for i, a in enumerate(runs):
         for b in runs[i + 1 :]:
             yield a, b
+
+
+class Outages(logging.Handler):
+    """Reports a backend's outages, its ``cancelkit.redis`` warnings, as ``offline`` / ``online``.
+
+    Attach it to the ``cancelkit.redis`` logger; ``report`` gets the event's kind.
+    """
+
+    def __init__(self, report: Callable[[str], object]) -> None:
+        super().__init__()
+        self.report = report
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " is unreachable " in message:
+            self.report("offline")
+        elif " is reachable again" in message:
+            self.report("online")
+
+
+@contextmanager
+def spinners(n: int) -> Iterator[None]:
+    """``n`` processes that keep a core busy (a starved machine), killed on the way out."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()

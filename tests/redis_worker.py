@@ -26,6 +26,7 @@ import anyio.to_thread
 
 from cancelkit import LatestOnly, OperationCancelled, TokenRegistry
 from cancelkit.redis import RedisBackend
+from tests.history import Outages
 
 
 def emit(line: str) -> None:
@@ -33,19 +34,8 @@ def emit(line: str) -> None:
     sys.stdout.flush()
 
 
-class Outages(logging.Handler):
-    """Reports the backend's outages (its ``cancelkit.redis`` warnings) as events."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if " is unreachable " in message:
-            emit("offline")
-        elif " is reachable again" in message:
-            emit("online")
-
-
 async def main(url: str, prefix: str) -> None:
-    logging.getLogger("cancelkit.redis").addHandler(Outages())
+    logging.getLogger("cancelkit.redis").addHandler(Outages(emit))
     async with RedisBackend(
         url,
         prefix=prefix,

@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from cancelkit.redis import RedisBackend, RedisUnavailable
 from cancelkit.redis._connection import Connection
 from cancelkit.redis._listener import Listener
 from tests.conftest import RedisServer
-from tests.history import Event, History, check
+from tests.history import Event, History, check, spinners
 from tests.test_redis import Worker, keys_of, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -642,18 +642,6 @@ async def job_process(
                 await process.wait()
 
 
-@contextmanager
-def spinners(n: int) -> Iterator[None]:
-    """``n`` processes that keep a core busy (a starved machine), killed on the way out."""
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for process in busy:
-            process.kill()
-            process.wait()
-
-
 async def kill_connections(client: coredis.Redis[str], stop: anyio.Event) -> None:
     """Kill every normal and pub/sub connection but this one, every 20-50 ms, until ``stop``."""
     pauses = (0.02, 0.035, 0.05)
@@ -731,7 +719,8 @@ async def test_two_process_cancel_race_with_connection_kills(
     for line in other.timed:
         history.line("w1", line)
     print(history.summary())  # shown with -s, or when the test fails
-    assert check(history) == [], (answers, ends)
+    anomalies = check(history)
+    assert anomalies == [], "\n".join([*anomalies, history.around(anomalies[0])])
     obeyed = [id for id, answer in answers.items() if answer in ("cancelled", "pending")]
     assert obeyed, answers
 
@@ -826,7 +815,8 @@ async def test_two_process_hot_key_claim_race_with_connection_kills(
         for line in worker.timed:
             history.line(name, line, keys=dict.fromkeys(tags, "hot"))
     print(history.summary())  # shown with -s, or when the test fails
-    assert check(history) == []
+    anomalies = check(history)
+    assert anomalies == [], "\n".join([*anomalies, history.around(anomalies[0])])
 
 
 # -- the newest claim survives an outage, and N means N in one worker ---------------------------
