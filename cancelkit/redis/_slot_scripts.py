@@ -124,7 +124,7 @@ local busy, full = string.match(ARGV[3], '^(%S+) (%S+)$')
 local limit, max_waiting, seq = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local me = W .. ' ' .. H
 -- Appends to out a line for each claim of this worker on the key that was superseded (its
--- message may still be on its way, or was the lost reply of a retried call), so that it
+-- message may still be on its way, or was in the lost reply of a retried call), so that it
 -- stops before the new claim's body starts.
 local function superseded_here(out)
   for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
