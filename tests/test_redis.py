@@ -705,11 +705,18 @@ class Worker:
         self.process = process
         assert process.stdout is not None
         self.stdout = anyio.streams.buffered.BufferedByteReceiveStream(process.stdout)
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # read and not yet expected, without their times
+        self.timed: list[str] = []  # every line read, after its time (for tests/history.py)
 
     async def send(self, line: str) -> None:
         assert self.process.stdin is not None
         await self.process.stdin.send(f"{line}\n".encode())
+
+    async def read(self) -> None:
+        """Read the next line into :attr:`lines` and :attr:`timed`."""
+        timed = (await self.stdout.receive_until(b"\n", 1 << 16)).decode()
+        self.timed.append(timed)
+        self.lines.append(timed.partition(" ")[2])
 
     async def expect(self, start: str, limit: float = 10) -> str:
         with anyio.fail_after(limit):
@@ -718,8 +725,7 @@ class Worker:
                     if line.startswith(start):
                         self.lines.remove(line)
                         return line
-                raw_line = await self.stdout.receive_until(b"\n", 1 << 16)
-                self.lines.append(raw_line.decode())
+                await self.read()
 
 
 @asynccontextmanager
