@@ -33,6 +33,7 @@ import pytest
 from cancelkit import (
     CancelKind,
     CancelOutcome,
+    CancelReason,
     Claim,
     LatestOnly,
     OperationCancelled,
@@ -974,3 +975,52 @@ async def test_entering_and_leaving_under_connection_kills_never_fails_while_the
                     tg.start_soon(cycles, 50)
             done.set()
     assert (entries, exits, cycled[0]) == ([], [], 500)
+
+
+async def test_a_claim_whose_lease_ran_out_stops_before_the_workers_next_claim_starts(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fail_open=False. A worker's claim c1 runs; its lease runs out without a refresh (here
+    the heartbeat is held; in the hot-key race, an outage longer than the lease) and Redis
+    forgets it; the same worker's next claim c2 of the key is admitted. c1 lost its place: it
+    is stopped before c2's body starts. It ran on beside c2 until the worker's next resync
+    (the history checker saw two bodies of one key in one worker, 2 of ~88 starved runs)."""
+
+    async def held(self: Listener) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(Listener, "beat", held)  # no refresh: c1's lease runs out
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.3, "fail_open": False}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        slot = LatestOnly(backend=backend)
+        first: list[Claim] = []
+        running, second_started = anyio.Event(), anyio.Event()
+        when_second_started: list[bool] = []
+        ended: list[CancelReason] = []
+
+        async def c1() -> None:
+            try:
+                async with slot.claim("k") as claim:
+                    first.append(claim)
+                    running.set()
+                    await anyio.sleep_forever()
+            except OperationCancelled as exc:
+                ended.append(exc.reason)
+
+        async def c2() -> None:
+            async with slot.claim("k") as claim:
+                when_second_started.append(first[0].token.cancelled)
+                second_started.set()
+                assert await backend.is_current("k", claim.generation)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(c1)
+                await running.wait()
+                await anyio.sleep(0.6)  # past c1's lease: the next script on the key prunes it
+                tg.start_soon(c2)
+                await second_started.wait()
+        assert when_second_started == [True]  # stopped before c2's body began
+        (reason,) = ended
+        assert reason.kind is CancelKind.SUPERSEDED
+        assert "lost its place" in reason.message
