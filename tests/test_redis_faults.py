@@ -1024,3 +1024,40 @@ async def test_a_claim_whose_lease_ran_out_stops_before_the_workers_next_claim_s
         (reason,) = ended
         assert reason.kind is CancelKind.SUPERSEDED
         assert "lost its place" in reason.message
+
+
+async def test_an_operation_whose_registration_was_lost_ends_cancelled_after_pending(
+    server: RedisServer, prefix: str
+) -> None:
+    """Its registration is gone from Redis while the body runs (a failover lost the write, or
+    its lease lapsed): a cancel writes a tombstone and answers PENDING. The body then reaches
+    its end before its worker's resync stops it: its exit must not report success. It did
+    (the cluster primary-kill race on the history checker: PENDING, then completed); now the
+    exit reads the tombstone and raises OperationCancelled, as for CANCELLED."""
+    async with (
+        two_backends(server, prefix) as (a, b),
+        raw(server) as client,
+    ):
+        running, finish = anyio.Event(), anyio.Event()
+        ended: list[str] = []
+
+        async def body() -> None:
+            try:
+                async with TokenRegistry(backend=a).track("lost"):
+                    running.set()
+                    await finish.wait()
+                ended.append("completed")
+            except OperationCancelled as exc:
+                ended.append(exc.reason.kind.value)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(body)
+                await running.wait()
+                registration = [k for k in await keys_of(client, prefix) if ":r:" in k]
+                assert len(registration) == 1, registration
+                await client.delete(registration)  # the server lost it
+                outcome = await TokenRegistry(backend=b).cancel("lost")
+                assert outcome is CancelOutcome.PENDING  # a tombstone: nobody runs "lost"
+                finish.set()  # the body ends before any resync tells it
+        assert ended == ["requested"]

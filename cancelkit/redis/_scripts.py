@@ -66,11 +66,13 @@ redis.call('PEXPIRE', KEYS[5], ARGV[2])
 return {0}
 """
 
-#: KEYS: reg, fin, id-index. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a
+#: KEYS: reg, fin, id-index, tomb. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a
 #: finished-marker: '1', or the reason of the cancel that won, so that a call retried after
 #: its reply was lost (the script ran) answers the same. Returns that reason (recorded on the
-#: registration, kept in ``reg#c`` after its lease lapsed, or in the finished-marker after
-#: this script ran), or '' (none, or it committed).
+#: registration, kept in ``reg#c`` after its lease lapsed, a tombstone written while the
+#: registration was gone from the server (its lease lapsed, or a failover lost it: that cancel
+#: answered PENDING while the body ran), or in the finished-marker after this script ran), or
+#: '' (none, or it committed).
 UNREGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 local c = false
@@ -80,7 +82,7 @@ if cur == ARGV[1] then
   redis.call('SREM', KEYS[3], KEYS[1])
   redis.call('SET', KEYS[2], c or '1', 'PX', ARGV[2])
 elseif not cur then
-  c = redis.call('GET', KEYS[1] .. '#c')
+  c = redis.call('GET', KEYS[1] .. '#c') or redis.call('GET', KEYS[4])
   if not c then
     local f = redis.call('GET', KEYS[2])
     if f ~= '1' then c = f end
