@@ -136,8 +136,12 @@ class Registrations:
         k = self._keys
         return (
             "UNREGISTER",
-            [k("r", reg.name, reg.id), k("f", reg.name, reg.id), k("i", reg.id)]
-            + [k("t", reg.name, reg.id)],
+            [
+                k("r", reg.name, reg.id),
+                k("f", reg.name, reg.id),
+                k("i", reg.id),
+                k("t", reg.name, reg.id),
+            ],
             [k.me(reg.holder), self._settings.tombstone_ms],
         )
 

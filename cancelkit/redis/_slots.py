@@ -334,16 +334,16 @@ class Slots:
 
 
 def _stop_forgotten(slots: Slots, new: _Claim, limit: int) -> None:
-    """Redis let ``new`` run while this worker runs ``limit`` other claims of its key.
+    """Redis let ``new`` run while this worker runs ``limit`` older claims of its key.
 
     Then Redis forgot some of them: their lease ran out while this worker could not reach it,
     so they lost their place. They stop, oldest first, before ``new``'s body starts (its
     worker's resync would stop them only later): never more than ``limit`` bodies of a key
     run in one worker.
     """
-    mine = slots._by_key.get(new.key, {}).values()
-    others = [c for c in mine if c is not new and c.running and not c.superseded]
-    for old in sorted(others, key=lambda c: c.generation)[: max(len(others) - limit + 1, 0)]:
+    mine = slots._by_key.get(new.key, {}).values()  # (a newer claim's reply may come first)
+    older = [c for c in mine if c.running and not c.superseded and c.generation < new.generation]
+    for old in sorted(older, key=lambda c: c.generation)[: max(len(older) - limit + 1, 0)]:
         reason = CancelReason(CancelKind.SUPERSEDED, _FORGOTTEN, source=new.holder)
         slots._deliver(old, reason)
 
