@@ -451,7 +451,13 @@ class DisconnectGuard:
         self._interrupt.interrupt()  # type: ignore[union-attr]  # unlinked before it is None
 
     async def _app_receive(self) -> Message:
-        return await self._read_ahead().receive()
+        message = await self._read_ahead().receive()
+        if message["type"] == "http.disconnect" and self._mode == "interrupt":
+            # The disconnect cancelled the token's scope: interrupt here, as at any other
+            # await, before a framework raises its own error for the message (Starlette's
+            # ClientDisconnect would escape the guard). A pinned scope gets the message.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+        return message
 
     async def _app_send(self, message: Message) -> None:
         if self._response in _GONE:
