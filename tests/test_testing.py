@@ -7,11 +7,12 @@ backend takes.
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import pytest
 
-from cancelkit import CancelReason, Policy
+from cancelkit import CancelReason
 from cancelkit.backends import (
     Acquired,
     Backend,
@@ -145,21 +146,12 @@ class PromotesTheNewestWaiter(ToyBackend):
 class SupersedesTheNewest(ToyBackend):
     """With limit > 1, supersedes the newest running claim ('the oldest running claim is')."""
 
-    async def acquire(
-        self,
-        key: str,
-        holder: str,
-        deliver: Deliver,
-        *,
-        policy: Policy,
-        limit: int,
-        seq: int | None,
-    ) -> Acquired:
+    async def acquire(self, key: str, *args: Any, **kwargs: Any) -> Acquired:
         k = self.keys.setdefault(key, Key())
         running = [h for h, c in k.claims.items() if c.state == "running"]
         if len(running) > 1:
             k.claims = {running[-1]: k.claims[running[-1]]} | k.claims
-        return await super().acquire(key, holder, deliver, policy=policy, limit=limit, seq=seq)
+        return await super().acquire(key, *args, **kwargs)
 
 
 def broken_rules(backend: type[ToyBackend]) -> list[str]:
