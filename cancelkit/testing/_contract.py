@@ -281,9 +281,9 @@ class BackendContract:
         await here.acquire(key, oldest, old, policy=_SUPERSEDE, limit=2, seq=None)
         kept = await there.acquire(key, newer, new, policy=_SUPERSEDE, limit=2, seq=None)
         await there.acquire(key, newest, Delivered(), policy=_SUPERSEDE, limit=2, seq=None)
+        assert await here.is_current(key, kept.generation)  # (checked first: no wait)
         got = await old.first()
         assert (got.kind, got.source) == (CancelKind.SUPERSEDED, newest)
-        assert await here.is_current(key, kept.generation)
         assert new.reasons == []
         for backend, holder in ((here, oldest), (there, newer), (there, newest)):
             await backend.release(key, holder)
