@@ -64,6 +64,8 @@ SCOPE_KEY = "cancelkit.token"
 #: Where the FastAPI adapters put response headers the response must carry (an operation id)
 #: even when the endpoint returns a response of its own (a ``StreamingResponse``).
 ECHO_KEY = "cancelkit.echo"
+#: Set (True) on a request CancelOnDisconnect leaves unguarded on purpose (include/exclude).
+EXCLUDED_KEY = "cancelkit.excluded"
 
 _MODES = ("interrupt", "signal")
 
@@ -453,10 +455,7 @@ class DisconnectGuard:
     async def _app_receive(self) -> Message:
         message = await self._read_ahead().receive()
         if message["type"] == "http.disconnect" and self._mode == "interrupt":
-            # The disconnect cancelled the token's scope: interrupt here, as at any other
-            # await, before a framework raises its own error for the message (Starlette's
-            # ClientDisconnect would escape the guard). A pinned scope gets the message.
-            await anyio.lowlevel.checkpoint_if_cancelled()
+            await anyio.lowlevel.checkpoint_if_cancelled()  # not Starlette's ClientDisconnect
         return message
 
     async def _app_send(self, message: Message) -> None:
@@ -655,6 +654,8 @@ class CancelOnDisconnect:
         if kind == "http":
             mode = self.mode_for(scope["path"])
             if mode is None or SCOPE_KEY in scope:
+                if mode is None:
+                    scope[EXCLUDED_KEY] = True  # (the FastAPI adapters warn of no guard)
                 await self.app(scope, receive, send)
                 return
             guard = DisconnectGuard(
