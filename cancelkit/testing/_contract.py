@@ -54,23 +54,8 @@ def _requested(message: str = "") -> CancelReason:
     return CancelReason(CancelKind.REQUESTED, message)
 
 
-class BackendContract:
-    """The behaviour every backend must show, whatever keeps its state.
-
-    Subclass it in a test module and give it a ``workers`` fixture: an async context manager
-    factory that yields entered backends sharing one state, each standing in for a worker
-    process (one is enough for a backend of one process; give two for a shared one, and the
-    cross-worker rules run across them)::
-
-        class TestMyBackend(BackendContract):
-            @pytest.fixture
-            def workers(self):
-                return lambda: my_backends(count=2)
-
-    Every test is an anyio test (``pytest.mark.anyio``): the ``anyio_backend`` fixture of the
-    module picks the event loop. Each test uses fresh ids and keys, so a shared server needs
-    no cleaning between them.
-    """
+class _RegistryContract:
+    """BackendContract's fixture and its TokenRegistry rules (see BackendContract)."""
 
     pytestmark = pytest.mark.anyio
 
@@ -182,6 +167,25 @@ class BackendContract:
         await here.unregister(id, None, gone)
         await here.register(id, None, holder, Delivered())
         assert await here.commit(id, None, gone) is not None
+
+
+class BackendContract(_RegistryContract):
+    """The behaviour every backend must show, whatever keeps its state.
+
+    Subclass it in a test module and give it a ``workers`` fixture: an async context manager
+    factory that yields entered backends sharing one state, each standing in for a worker
+    process (one is enough for a backend of one process; give two for a shared one, and the
+    cross-worker rules run across them)::
+
+        class TestMyBackend(BackendContract):
+            @pytest.fixture
+            def workers(self):
+                return lambda: my_backends(count=2)
+
+    Every test is an anyio test (``pytest.mark.anyio``): the ``anyio_backend`` fixture of the
+    module picks the event loop. Each test uses fresh ids and keys, so a shared server needs
+    no cleaning between them.
+    """
 
     # -- LatestOnly: acquire, release, commit_claim, wait_turn, is_current ------------------
 
