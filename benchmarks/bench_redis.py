@@ -11,16 +11,19 @@ Then the race under connection kills (issue 11's target): worker A tracks 200 op
 bodies run 300 ms; worker B cancels each within about 20 ms of its registration (half before
 it, half after) while every normal and pub/sub connection is killed every 20-50 ms. Reported:
 bodies that ran to completion although ``cancel()`` answered CANCELLED or PENDING (target 0),
-and cancel -> body exit latency (target p99 <= 250 ms).
+the anomalies that tests/history.py's checker finds in the race's history (every call, answer
+and body event; target 0), and cancel -> body exit latency (target p99 <= 250 ms).
 
 Uses ``$CANCELKIT_REDIS_URL`` if set, else starts a throw-away redis-server on a free port.
 Run: ``python -m benchmarks.bench_redis`` (or ``python -m benchmarks redis``);
-``--race-only`` skips the latency trials, ``--races N`` pools N race runs per configuration.
+``--race-only`` skips the latency trials, ``--races N`` pools N race runs per configuration,
+``--spinners N`` runs the races beside N CPU spinner processes (a starved machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -38,6 +41,7 @@ import coredis
 
 from cancelkit import CancelOutcome, CancelReason, OperationCancelled, TokenRegistry
 from cancelkit.redis import RedisBackend, RedisUnavailable
+from tests.history import Event, History, Outages, check, spinners
 
 TRIALS = 1000
 TARGET_MEDIAN, TARGET_P99 = 1e-3, 3e-3
@@ -180,6 +184,18 @@ RACE_JOBS, RACE_BODY, RACE_TARGET_P99 = 200, 0.3, 0.25
 async def race(url: str, fail_open: bool) -> dict[str, Any]:
     """Issue 11's race: cancels around registration while connections are killed."""
     prefix = f"race{os.getpid()}-{time.monotonic_ns()}"  # fresh: earlier runs leave markers
+    history = History()
+    outages = Outages(lambda kind: history.add(Event("a", time.monotonic(), kind)))
+    logging.getLogger("cancelkit.redis").addHandler(outages)
+    try:
+        result = await _race(url, fail_open, prefix, history)
+    finally:
+        logging.getLogger("cancelkit.redis").removeHandler(outages)
+    anomalies = check(history)
+    return {**result, "events": len(history), "anomalies": anomalies}
+
+
+async def _race(url: str, fail_open: bool, prefix: str, history: History) -> dict[str, Any]:
     async with (
         RedisBackend(url, prefix=prefix, fail_open=fail_open) as a,
         RedisBackend(url, prefix=prefix) as b,
@@ -201,27 +217,42 @@ async def race(url: str, fail_open: bool) -> dict[str, Any]:
                 await anyio.sleep((0.02, 0.035, 0.05)[i % 3])
                 i += 1
 
+        def record(kind: str, i: int, value: str = "", start: float | None = None) -> None:
+            process = "b" if kind == "cancel" else "a"
+            history.add(Event(process, time.monotonic(), kind, f"job{i}", value, start))
+
         async def job(i: int, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
             started = False
+            end = "failed"
             try:
                 async with runner.track(f"job{i}"):
                     started = True
+                    record("started", i)
                     task_status.started()
-                    await anyio.sleep(RACE_BODY)
+                    try:
+                        await anyio.sleep(RACE_BODY)
+                    finally:
+                        record("exiting", i)
                 completed.add(i)
-            except (OperationCancelled, RedisUnavailable):
+                end = "completed"
+            except OperationCancelled:
+                end = "cancelled"
+            except RedisUnavailable:
                 pass
             finally:
                 exited[i] = time.perf_counter()
+                record(end, i)
                 if not started:
                     task_status.started()
 
         async def cancel(i: int) -> None:
             asked[i] = time.perf_counter()
+            start = time.monotonic()
             try:
                 answers[i] = await canceller.cancel(f"job{i}")
             except RedisUnavailable:
                 answers[i] = None
+            record("cancel", i, str(answers[i] or "unavailable"), start)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(killer)
@@ -262,6 +293,8 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
             answers[key] = answers.get(key, 0) + count
     return {
         "runs": len(results),
+        "events": sum(r["events"] for r in results),
+        "anomalies": [a for r in results for a in r["anomalies"]],
         "completed_after": sum(r["completed_after"] for r in results),
         "answers": answers,
         "latencies": [x for r in results for x in r["latencies"]],
@@ -271,19 +304,24 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
 def report_race(name: str, result: dict[str, Any]) -> None:
     lat = result["latencies"]
     p50, p99 = (statistics.median(lat), percentile(lat, 99)) if lat else (0.0, 0.0)
-    ok = result["completed_after"] == 0 and p99 <= RACE_TARGET_P99
+    anomalies = result["anomalies"]
+    ok = result["completed_after"] == 0 and not anomalies and p99 <= RACE_TARGET_P99
     print(
         f"    [{name}] {result.get('runs', 1)} run(s); answers {result['answers']}; "
         f"completed after CANCELLED/PENDING: "
-        f"{result['completed_after']}; cancel -> exit p50 {p50 * 1e3:.1f} ms "
+        f"{result['completed_after']}; anomalies {len(anomalies)} "
+        f"(of {result['events']} events checked); cancel -> exit p50 {p50 * 1e3:.1f} ms "
         f"p99 {p99 * 1e3:.1f} ms  {'ok' if ok else 'OVER TARGET'}"
     )
+    for line in anomalies[:5]:
+        print(f"      anomaly: {line}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_redis")
     parser.add_argument("--race-only", action="store_true", help="skip the latency trials")
     parser.add_argument("--races", type=int, default=1, help="race runs per configuration")
+    parser.add_argument("--spinners", type=int, default=0, help="CPU spinners beside the races")
     options = parser.parse_args(sys.argv[1:])
     with redis_url() as url:
         if not options.race_only:
@@ -292,14 +330,17 @@ def main() -> None:
                 report(backend, anyio.run(run, url, backend=backend))
         print(
             f"race under connection kills every 20-50 ms ({RACE_JOBS} jobs of "
-            f"{RACE_BODY * 1e3:.0f} ms; targets: 0 completed, p99 <= {RACE_TARGET_P99 * 1e3:g} ms)"
+            f"{RACE_BODY * 1e3:.0f} ms, {options.spinners} CPU spinners; targets: 0 completed, "
+            f"0 anomalies, p99 <= {RACE_TARGET_P99 * 1e3:g} ms)"
         )
-        for backend in ("asyncio", "trio"):
-            for fail_open in (False, True):
-                results = [
-                    anyio.run(race, url, fail_open, backend=backend) for _ in range(options.races)
-                ]
-                report_race(f"{backend}, fail_open={fail_open}", merge(results))
+        with spinners(options.spinners):
+            for backend in ("asyncio", "trio"):
+                for fail_open in (False, True):
+                    results = [
+                        anyio.run(race, url, fail_open, backend=backend)
+                        for _ in range(options.races)
+                    ]
+                    report_race(f"{backend}, fail_open={fail_open}", merge(results))
 
 
 if __name__ == "__main__":

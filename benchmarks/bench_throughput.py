@@ -59,6 +59,7 @@ VARIANTS = {
     "cancelkit-unused": "CancelOnDisconnect installed, route not guarded",
     "cancelkit-token": "CancelOnDisconnect + a RequestToken dependency on the route",
     "cancelkit-current": "CancelOnDisconnect + current_token() in the route",
+    "cancelkit-expired": "CancelOnDisconnect(timeout=1 ns): every request a cancellation (504)",
     "fastapi-dep": "reference: any async FastAPI dependency (request: Request), no helper",
     "fastapi-disconnect": "@cancel_on_disconnect on the route",
     "fastapi-disconnect-mw": "CancelOnDisconnectMiddleware",
@@ -143,6 +144,8 @@ def make_app(variant: str, path: str = "/t") -> Any:
 
         if variant == "cancelkit-unused":
             return CancelOnDisconnect(api, include=["/work"])
+        if variant == "cancelkit-expired":  # its deadline passed on arrival: 504, one event
+            return CancelOnDisconnect(api, timeout=1e-9)
         return CancelOnDisconnect(api, mode="signal" if variant.endswith("signal") else "interrupt")
     if variant == "fastapi-disconnect-mw":
         from fastapi_disconnect import CancelOnDisconnectMiddleware
@@ -178,6 +181,15 @@ def served_app() -> Any:
     layout. The dispatch by the path's first segment is the same for every variant.
     """
     apps = {v: make_app(v, f"/{v}/t") for v in os.environ["BENCH_VARIANTS"].split(",")}
+    if os.environ.get("BENCH_OTEL"):  # the OpenTelemetry SDK listens to every cancellation
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from cancelkit.otel import instrument
+
+        meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        instrument(tracer_provider=TracerProvider(), meter_provider=meters)
 
     async def dispatch(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -426,7 +438,32 @@ def main() -> None:
     parser.add_argument(
         "--requests", type=int, help="per variant per round (default 3000 in-process, 200 counted)"
     )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="with --instructions: each variant without and with cancelkit.otel.instrument() "
+        "on the OpenTelemetry SDK (two servers, side by side)",
+    )
     args = parser.parse_args()
+    if args.instructions and args.otel:
+        chosen = [v for v in args.variants if v.startswith("cancelkit") or v == "none"]
+        requests, rounds = args.requests or 200, min(args.rounds, 3)
+        plain = instructions(chosen, rounds, requests, args.connections)
+        os.environ["BENCH_OTEL"] = "1"
+        listened = instructions(chosen, rounds, requests, args.connections)
+        print(
+            f"\nuvicorn under callgrind, Python {sys.version.split()[0]}: instructions per "
+            f"request, medians of {rounds} rounds of {requests}, without / with the "
+            "OpenTelemetry SDK listening (cancelkit.otel.instrument)"
+        )
+        print(f"{'variant':24} {'without':>9} {'with':>9} {'added':>8}  what")
+        for variant in chosen:
+            a, b = statistics.median(plain[variant]), statistics.median(listened[variant])
+            print(
+                f"{variant:24} {a / 1e3:7.0f} k {b / 1e3:7.0f} k {100 * (b - a) / a:+7.2f} %  "
+                f"{VARIANTS[variant]}"
+            )
+        return
     if args.instructions:
         chosen = [v for v in args.variants if v == "none" or available(v)]
         if "none" not in chosen:

@@ -27,6 +27,10 @@ live (``GET /events``, Server-Sent Events) and tests read it (``GET /log``). On 
 worker appends to one bounded Redis stream and follows it, so each worker's page shows what
 every worker did (:class:`RedisEventLog`).
 
+A live panel (``GET /stats``, :mod:`demo.panel`) counts what was stopped today, by reason,
+with the median cancel → exit and the work saved, fed by cancelkit's event seam
+(:func:`cancelkit.add_listener`); on Redis, the whole fleet's.
+
 A "user" is a random id each tab makes for itself and sends as ``X-User``: there is no login
 in a demo, and two tabs must never supersede each other.
 """
@@ -34,6 +38,7 @@ in a demo, and two tabs must never supersede each other.
 # No "from __future__ import annotations" here: FastAPI reads the annotations of the
 # dependencies declared inside create_app() at run time, and they refer to local variables.
 import importlib
+import json
 import os
 import socket
 import time
@@ -82,6 +87,8 @@ from cancelkit.fastapi import (
     tracked,
 )
 from cancelkit.httpx import TokenTransport
+
+from .panel import MemoryTally, Mine, PanelStats, RedisTally, feed
 
 __all__ = [
     "DemoServer",
@@ -435,6 +442,9 @@ class DemoState:
         self.operations = BackgroundOperations(
             registry=self.registry, store=store, max_running_per_owner=2, grace=1
         )
+        #: The live panel's numbers (the fleet's on Redis) and the names of this demo's work.
+        self.tally: MemoryTally | RedisTally = MemoryTally()
+        self.mine = Mine()
 
     async def record(
         self, kind: EventKind, *, query: str, op: str, user: str, detail: str = ""
@@ -492,6 +502,8 @@ def create_app(
                 stack.callback(tasks.cancel_scope.cancel)  # runs first: stop mirroring
                 await tasks.start(fleet_log.run)
                 demo.fleet_log = fleet_log
+                demo.tally = RedisTally(client)
+            await stack.enter_async_context(feed(demo.tally, demo.mine))  # the panel's seam
             if downstream:  # its calls follow the search's token: they stop when it does
                 http = httpx.AsyncClient(transport=TokenTransport(), timeout=None)
                 demo.downstream = await stack.enter_async_context(http)
@@ -534,6 +546,8 @@ def create_app(
     ) -> AsyncIterator[SearchRecord]:
         """Log how the search ends, however it ends (declared first, so it sees it all)."""
         record = SearchRecord(q, user, request.headers.get("x-operation-id", "-"))
+        demo.mine.add(f"{user}:search", demo.work_seconds)  # the claim's key: for the panel
+        demo.mine.add(record.op, demo.work_seconds)  # its id, if the page chose it
         token = await request_level_token(request)  # follows the claim, the op and the disconnect
         try:
             yield record
@@ -582,6 +596,7 @@ def create_app(
     ) -> SearchResult:
         """Search the word list; slowly, so that there is something to cancel."""
         record.started, record.op = True, op.id  # the client's id, or one made up for it
+        demo.mine.add(op.id, demo.work_seconds)
         await demo.record("started", query=record.query, op=op.id, user=record.user)
         if demo.downstream is None:
             record.matches = await find_words(record.query, demo.work_seconds)
@@ -629,12 +644,24 @@ def create_app(
     @app.post("/exports", status_code=202, response_model=OperationStartedBody)
     async def start_export(start: StartExport) -> Response:
         """Start an export that outlives this request; its status is at ``Location``."""
-        return await start(export_words, demo.operations, demo.work_seconds)
+        response = await start(export_words, demo.operations, demo.work_seconds)
+        if response.status_code == 202:  # (a refusal names no operation)
+            started = json.loads(bytes(response.body))
+            demo.mine.add(started["id"], EXPORT_LENGTH * demo.work_seconds)
+        return response
 
     # GET /exports/{id} (?wait=seconds): the status; DELETE /exports/{id}: stop it.
     app.include_router(
         operations_router(demo.operations, owner=current_user, path="/exports/{operation_id}")
     )
+
+    @app.get("/stats")
+    async def stats() -> PanelStats:
+        """Today's stopped searches and exports: by reason, cancel → exit, work saved.
+
+        On Redis, the whole fleet's.
+        """
+        return await demo.tally.read()
 
     @app.get("/log")
     async def read_log(

@@ -82,6 +82,37 @@ async def test_newer_keystroke_supersedes_the_running_search() -> None:
     assert outcomes(app) == {"op-1": ["started", "superseded"], "op-2": ["started", "completed"]}
 
 
+async def test_the_panel_counts_stopped_searches_and_the_work_they_saved() -> None:
+    """GET /stats: fed by cancelkit's event seam, the panel counts a superseded search and one
+    stopped by id, and the work they saved: each ran a moment of its 60 s."""
+    app = create_app(work_seconds=60)
+    async with app.router.lifespan_context(app), client(app) as http:
+        assert (await http.get("/stats")).json()["total"] == 0
+        async with anyio.create_task_group() as tg:
+
+            async def search(q: str, op: str) -> None:
+                await http.get("/search", params={"q": q}, headers={"X-Operation-Id": op})
+
+            tg.start_soon(search, "c", "op-1")
+            await wait_for(app, started("op-1"))
+            tg.start_soon(search, "ca", "op-2")  # supersedes op-1
+            await wait_for(app, started("op-2"))
+            assert (await http.delete("/operations/op-2")).status_code == 202  # Stop
+        with anyio.fail_after(LIMIT):
+            # the tally is written by a task of the lifespan: poll, bounded
+            while (stats := (await http.get("/stats")).json())["total"] < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    assert stats["stopped"] == {
+        "superseded": 1,
+        "requested": 1,
+        "client_disconnected": 0,
+        "other": 0,
+    }
+    assert stats["total"] == 2
+    assert 100 < stats["saved_seconds"] <= 120
+    assert stats["median_cancel_to_exit_ms"] is not None
+
+
 async def test_one_tab_never_supersedes_another() -> None:
     """Searches of two users run side by side: bob's completes, alice's is left running."""
     app = create_app(work_seconds=60)
@@ -506,6 +537,7 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
             url, worker_of, workers=2, headers={"X-User": "tab-1"}, deadline=deadline
         )
         first, second = clients.values()
+        before = second.get("/stats").json()["stopped"]
         with ThreadPoolExecutor(2) as pool:
             older = pool.submit(first.get, "/search", params={"q": "ca"})
             wait_for_key(redis, "cancelkit-demo:k:tab-1:search", deadline)
@@ -522,6 +554,14 @@ def test_cli_with_redis_and_two_workers_supersedes_across_workers(redis: Any) ->
             assert stop.json()["outcome"] == "cancelled"
             assert stopped.result().status_code == 409
             assert stopped.result().json()["reason"] == "requested"
+        # the live panel is the fleet's: both stops ran on the first worker, and the second
+        # worker's panel counts them (one Redis hash per day, written by the event seam)
+        expected = {**before, "superseded": before["superseded"] + 1}
+        expected["requested"] += 1
+        while (seen := second.get("/stats").json()["stopped"]) != expected:
+            assert time.monotonic() < deadline, (seen, expected)
+            time.sleep(0.05)  # the first worker writes its tally in the background
+        assert first.get("/stats").json()["stopped"] == expected
     finally:
         for client in clients.values():
             client.close()

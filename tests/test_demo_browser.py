@@ -182,6 +182,35 @@ def test_typing_fast_completes_only_the_last_search(page: Page, server: str, att
     shot(page, "2-completed")
 
 
+def stats(server: str) -> dict[str, Any]:
+    response = httpx.get(f"{server}/stats", timeout=LIMIT)
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_the_panel_counts_what_the_log_shows_superseded(page: Page, server: str) -> None:
+    """The live panel, fed by cancelkit's event seam: after typing a word, its superseded
+    count grew by exactly the searches the server's log shows superseded; the median cancel →
+    exit and the work saved are there too."""
+    from playwright.sync_api import expect
+
+    user = user_of(page)
+    before = stats(server)["stopped"]["superseded"]
+    page.locator("#q").press_sequentially("anyio", delay=30)
+    expect(page.locator("#status")).to_have_text(re.compile("for “anyio”"))
+    events = wait_log(server, user, lambda events: ends(events).get("anyio") == "completed")
+    superseded = sum(e["kind"] == "superseded" for e in events)
+    assert superseded >= 1  # typed faster than a search takes: a few were superseded
+    expect(page.locator("#stat-superseded")).to_have_text(str(before + superseded))
+    after = stats(server)
+    assert after["stopped"]["superseded"] == before + superseded
+    assert after["median_cancel_to_exit_ms"] is not None
+    assert after["saved_seconds"] > 0  # stopped searches did not run their whole time
+    expect(page.locator("#stat-latency")).to_have_text(re.compile(r"^\d+\.\d ms$"))
+    shot(page, "5-panel")
+
+
 @pytest.mark.parametrize("attempt", REPEAT)
 def test_an_older_search_arriving_last_is_stale(page: Page, server: str, attempt: int) -> None:
     """'canc' held back in the browser until 'cancel' completed: it arrives last, is stale."""

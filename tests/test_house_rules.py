@@ -188,6 +188,24 @@ def imported_modules(tree: ast.Module) -> set[str]:
     return names
 
 
+def test_one_redis_client_stack() -> None:
+    """Only redis/_connection.py and redis/_cluster.py make coredis clients and pools: the
+    backend and the status store share that stack (its error model, its cluster support)."""
+    makers = {"Redis", "RedisCluster", "ConnectionPool", "ClusterConnectionPool", "from_url"}
+    for module, tree in modules():
+        if not module.startswith("redis/") or module in (
+            "redis/_connection.py",
+            "redis/_cluster.py",
+        ):
+            continue
+        made = {
+            node.func.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        }
+        assert not made & makers, f"{module} makes its own client: {made & makers}"
+
+
 def test_the_redis_status_store_imports_value_types_not_the_runtime() -> None:
     """redis/_status.py gets OperationStatus from _status, never from the _operations runtime."""
     tree = dict(modules())["redis/_status.py"]

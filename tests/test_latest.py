@@ -26,7 +26,7 @@ from cancelkit import (
     current_token,
 )
 from cancelkit.backends import MemoryBackend
-from tests.commit_sweep import claim_storm
+from cancelkit.testing._storms import claim_storm
 
 pytestmark = pytest.mark.anyio
 

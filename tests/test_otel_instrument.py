@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -18,13 +20,20 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from cancelkit import (
+    BackgroundOperations,
     CancellationToken,
     CancelOnDisconnect,
+    CancelOutcome,
     LatestOnly,
     OperationCancelled,
+    OperationExists,
+    SlotBusy,
     TokenRegistry,
 )
+from cancelkit.backends import Backend, MemoryBackend
 from cancelkit.otel import instrument
+from cancelkit.redis import RedisBackend
+from tests.conftest import RedisServer
 from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
 from tests.test_events import _superseded_pair
 
@@ -162,3 +171,126 @@ async def test_with_the_asgi_instrumentation_one_server_span_carries_it(
     assert request.attributes is not None
     assert request.attributes["cancelkit.kind"] == "client_disconnected"
     assert all(span.name.startswith(request.name) for span in spans)  # its own send/receive
+
+
+# -- every kind, in one process and across two workers (Redis) ------------------------------
+
+
+@asynccontextmanager
+async def two_workers(kind: str, redis: RedisServer | None) -> AsyncIterator[list[Backend]]:
+    """One shared memory backend, or two Redis backends standing in for two workers."""
+    if kind == "memory":
+        shared = MemoryBackend()
+        yield [shared, shared]
+        return
+    assert redis is not None
+    prefix = "ot" + secrets.token_hex(4)
+    async with (
+        RedisBackend(redis.url, prefix=prefix) as a,
+        RedisBackend(redis.url, prefix=prefix) as b,
+    ):
+        yield [a, b]
+
+
+async def supersede(a: Backend, b: Backend) -> None:
+    running = anyio.Event()
+
+    async def older() -> None:
+        with pytest.raises(OperationCancelled):
+            async with LatestOnly(backend=a).claim("k"):
+                running.set()
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(older)
+        await running.wait()
+        async with LatestOnly(backend=b).claim("k"):
+            pass
+
+
+async def cancel_by_id(a: Backend, b: Backend) -> None:
+    running = anyio.Event()
+
+    async def work() -> None:
+        with pytest.raises(OperationCancelled):
+            async with TokenRegistry(backend=a).track("op", owner="alice"):
+                running.set()
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await running.wait()
+        await TokenRegistry(backend=b).cancel("op", owner="alice")
+
+
+async def stale(a: Backend, b: Backend) -> None:
+    async with LatestOnly(backend=a).claim("k", seq=5):
+        pass
+    with pytest.raises(OperationCancelled):
+        async with LatestOnly(backend=b).claim("k", seq=4):
+            pass  # pragma: no cover
+
+
+async def busy(a: Backend, b: Backend) -> None:
+    async with LatestOnly(backend=a, policy="reject").claim("k"):
+        with pytest.raises(SlotBusy):
+            async with LatestOnly(backend=b, policy="reject").claim("k"):
+                pass  # pragma: no cover
+
+
+async def exists(a: Backend, b: Backend) -> None:
+    async with TokenRegistry(backend=a).track("op"):
+        with pytest.raises(OperationExists):
+            async with TokenRegistry(backend=b).track("op"):
+                pass  # pragma: no cover
+
+
+async def commit(a: Backend, b: Backend) -> None:
+    async with TokenRegistry(backend=a).track("op") as op:
+        await op.commit()
+        assert await TokenRegistry(backend=b).cancel("op") is CancelOutcome.COMMITTED
+
+
+async def shutdown(a: Backend, b: Backend) -> None:
+    async with BackgroundOperations(registry=TokenRegistry(backend=a), grace=0) as ops:
+        await ops.start(anyio.sleep_forever, id="op")
+
+
+SCENARIOS: dict[Callable[[Backend, Backend], Awaitable[None]], tuple[str, str, str, str]] = {
+    supersede: ("cancelled", "superseded", "claim", "k"),
+    cancel_by_id: ("cancelled", "requested", "operation", "op"),
+    stale: ("refused", "stale", "claim", "k"),
+    busy: ("refused", "busy", "claim", "k"),
+    exists: ("refused", "exists", "operation", "op"),
+    commit: ("committed", "committed", "operation", "op"),
+    shutdown: ("cancelled", "shutdown", "operation", "op"),
+}
+
+
+@pytest.mark.parametrize("workers", ["memory", "redis"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS), ids=lambda f: f.__name__)
+async def test_every_kind_is_one_span_event_and_one_count(
+    recorded: Recorded,
+    scenario: Callable[[Backend, Backend], Awaitable[None]],
+    workers: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Each kind of cancellation, refusal and commit: on the span current where the work
+    exits, exactly the documented event and attributes, and one count with its labels; in
+    one process, and across two workers on Redis (the second worker causes it)."""
+    what, kind, where, name = SCENARIOS[scenario]
+    redis = request.getfixturevalue("redis") if workers == "redis" else None
+    async with two_workers(workers, redis) as (a, b):
+        with recorded.tracer.start_as_current_span("work"):
+            await scenario(a, b)
+    (span,) = recorded.exporter.get_finished_spans()
+    assert [event.name for event in span.events] == [f"cancelkit.{what}"]
+    attributes = dict(span.events[0].attributes or {})
+    assert (attributes["cancelkit.kind"], attributes["cancelkit.where"]) == (kind, where)
+    assert attributes["cancelkit.name"] == name
+    assert span.status.status_code is StatusCode.UNSET  # none of them is an error
+    (count,) = recorded.points("cancelkit.events")
+    assert (count.value, dict(count.attributes)) == (
+        1,
+        {"cancelkit.what": what, "cancelkit.kind": kind, "cancelkit.where": where},
+    )

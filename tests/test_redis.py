@@ -36,8 +36,7 @@ from cancelkit import (
 from cancelkit.redis import RedisBackend, RedisBackendStatistics, RedisUnavailable
 from cancelkit.redis._codec import dump as _dump
 from cancelkit.redis._connection import _close_buffers, _Pool
-from cancelkit.testing import BackendContract, Workers
-from tests.commit_sweep import claim_storm, outer_storm, storm, sweep_commit
+from cancelkit.testing import BackendContract, Workers, sweep_commit
 from tests.conftest import RedisServer
 from tests.test_docs_blocks import assert_shows
 
@@ -706,11 +705,18 @@ class Worker:
         self.process = process
         assert process.stdout is not None
         self.stdout = anyio.streams.buffered.BufferedByteReceiveStream(process.stdout)
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # read and not yet expected, without their times
+        self.timed: list[str] = []  # every line read, after its time (for tests/history.py)
 
     async def send(self, line: str) -> None:
         assert self.process.stdin is not None
         await self.process.stdin.send(f"{line}\n".encode())
+
+    async def read(self) -> None:
+        """Read the next line into :attr:`lines` and :attr:`timed`."""
+        timed = (await self.stdout.receive_until(b"\n", 1 << 16)).decode()
+        self.timed.append(timed)
+        self.lines.append(timed.partition(" ")[2])
 
     async def expect(self, start: str, limit: float = 10) -> str:
         with anyio.fail_after(limit):
@@ -719,8 +725,7 @@ class Worker:
                     if line.startswith(start):
                         self.lines.remove(line)
                         return line
-                raw_line = await self.stdout.receive_until(b"\n", 1 << 16)
-                self.lines.append(raw_line.decode())
+                await self.read()
 
 
 @asynccontextmanager
@@ -1019,16 +1024,6 @@ async def test_a_committed_claim_runs_on_when_another_worker_supersedes_it(
                 assert not await slot_a.is_current("k", claim.generation)
             await anyio.sleep(0.05)  # room for the supersede to arrive (and be refused)
         assert not claim.token.cancelled
-
-
-async def test_commit_against_a_cancel_from_another_worker_at_every_step(
-    redis: RedisServer, prefix: str
-) -> None:
-    """B cancels at each step of A's commit(): the answer always agrees with what happened."""
-    async with workers(redis, prefix) as (a, b):
-        await storm(TokenRegistry(backend=a), TokenRegistry(backend=b), tag="storm")
-        await outer_storm(TokenRegistry(backend=a), tag="outer")
-        await claim_storm(LatestOnly(backend=a), LatestOnly(backend=b), tag="claims")
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

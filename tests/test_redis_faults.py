@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
@@ -32,6 +33,8 @@ import pytest
 from cancelkit import (
     CancelKind,
     CancelOutcome,
+    CancelReason,
+    Claim,
     LatestOnly,
     OperationCancelled,
     OperationExists,
@@ -39,7 +42,10 @@ from cancelkit import (
     TokenRegistry,
 )
 from cancelkit.redis import RedisBackend, RedisUnavailable
+from cancelkit.redis._connection import Connection
+from cancelkit.redis._listener import Listener
 from tests.conftest import RedisServer
+from tests.history import Event, History, check, spinners
 from tests.test_redis import Worker, keys_of, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -572,6 +578,24 @@ async def test_a_cancel_taken_by_a_resync_whose_reply_is_lost_survives_the_lease
         tg.cancel_scope.cancel()
 
 
+async def test_a_retried_unregister_still_reports_the_cancel(
+    server: RedisServer, prefix: str
+) -> None:
+    """An exit's UNREGISTER ran on the server but its reply was lost (the connection was
+    killed in between), so the call is retried: the retry must report the cancel that won, as
+    the first attempt did. (It answered "no cancel": the exit of an operation whose cancel
+    answered CANCELLED, and whose message had not arrived yet, reported success; the history
+    checker found it in the two-process race with two CPU spinners.)"""
+    async with two_backends(server, prefix) as (a, b):
+        registrations = a._registrations
+        assert await registrations.register("op", None, "h", lambda _: None) is None
+        assert await TokenRegistry(backend=b).cancel("op") is CancelOutcome.CANCELLED
+        call = registrations._unregister_call(registrations._by_holder["h"])
+        first = await a._conn.run(*call)  # its reply lost: the call runs again
+        assert first
+        assert await a._conn.run(*call) == first
+
+
 async def _not(value: Awaitable[bool]) -> bool:
     return not await value
 
@@ -587,15 +611,26 @@ async def expect_any(worker: Worker, *starts: str, limit: float = 30) -> str:
                 if line.startswith(starts):
                     worker.lines.remove(line)
                     return line
-            raw_line = await worker.stdout.receive_until(b"\n", 1 << 16)
-            worker.lines.append(raw_line.decode())
+            await worker.read()
 
 
 @asynccontextmanager
-async def job_process(server: RedisServer, prefix: str, backend: str) -> AsyncIterator[Worker]:
-    """A tests/redis_worker.py process whose backend fails closed."""
+async def job_process(
+    server: RedisServer,
+    prefix: str,
+    backend: str,
+    *,
+    fail_open: bool = False,
+    call_timeout: float = 2,
+) -> AsyncIterator[Worker]:
+    """A tests/redis_worker.py process (its backend fails closed unless ``fail_open``)."""
     command = [sys.executable, "-m", "tests.redis_worker", server.url, prefix, backend]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CANCELKIT_FAIL_OPEN": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "CANCELKIT_FAIL_OPEN": str(int(fail_open)),
+        "CANCELKIT_TIMEOUT": str(call_timeout),
+    }
     async with await anyio.open_process(command, env=env, stderr=subprocess.DEVNULL) as process:
         worker = Worker(process)
         try:
@@ -608,67 +643,181 @@ async def job_process(server: RedisServer, prefix: str, backend: str) -> AsyncIt
                 await process.wait()
 
 
+async def kill_connections(client: coredis.Redis[str], stop: anyio.Event) -> None:
+    """Kill every normal and pub/sub connection but this one, every 20-50 ms, until ``stop``."""
+    pauses = (0.02, 0.035, 0.05)
+    i = 0
+    while not stop.is_set():
+        for kind in (coredis.PureToken.NORMAL, coredis.PureToken.PUBSUB):
+            with suppress(coredis.exceptions.RedisError):
+                await client.client_kill(type_=kind, skipme=True)
+        await anyio.sleep(pauses[i % 3])
+        i += 1
+
+
+#: (fail_open of the worker processes, CPU spinners running beside the race)
+RACES = [
+    pytest.param(False, 0, id="closed"),
+    pytest.param(True, 0, id="open"),
+    pytest.param(False, 2, id="closed-starved"),
+    pytest.param(True, 2, id="open-starved"),
+]
+
+
+@pytest.mark.parametrize(("fail_open", "spin"), RACES)
 async def test_two_process_cancel_race_with_connection_kills(
-    server: RedisServer, prefix: str, anyio_backend: str
+    server: RedisServer, prefix: str, anyio_backend: str, fail_open: bool, spin: int
 ) -> None:
-    """Another process (failing closed) runs 200 jobs; each is cancelled from here around its
-    registration while connections are killed every 20-50 ms: no job whose cancel answered
-    CANCELLED or PENDING runs to completion, and no cancel answers NOT_FOUND."""
-    n = 200
-    async with (
-        job_process(server, prefix, anyio_backend) as other,
-        two_backends(server, prefix, timeout=2) as backends,
-        raw(server) as client,
-    ):
-        registry = TokenRegistry(backend=backends[0])
-        answers: dict[str, str] = {}
-        stop = anyio.Event()
+    """Another process runs 102 jobs; each is cancelled from here (before it registers, just
+    after, or around its commit point) while connections are killed every 20-50 ms: no answer
+    contradicts what the job did (tests/history.py checks the whole history: nothing
+    completes or commits after CANCELLED or PENDING, COMMITTED only for a job that committed,
+    no NOT_FOUND while it runs)."""
+    n = 102
+    history = History()
+    with spinners(spin):
+        async with (
+            job_process(server, prefix, anyio_backend, fail_open=fail_open) as other,
+            two_backends(server, prefix, timeout=2) as backends,
+            raw(server) as client,
+        ):
+            registry = TokenRegistry(backend=backends[0])
+            answers: dict[str, str] = {}
+            stop = anyio.Event()
 
-        async def killer() -> None:
-            pauses = (0.02, 0.035, 0.05)
-            i = 0
-            while not stop.is_set():
-                for kind in (coredis.PureToken.NORMAL, coredis.PureToken.PUBSUB):
-                    with suppress(coredis.exceptions.RedisError):
-                        await client.client_kill(type_=kind, skipme=True)
-                await anyio.sleep(pauses[i % 3])
-                i += 1
+            async def cancel(id: str, delay: float = 0) -> None:
+                await anyio.sleep(delay)  # lands before, around or after the commit point
+                start = time.monotonic()
+                try:
+                    answers[id] = str(await registry.cancel(id))
+                except RedisUnavailable:  # documented: then the job may run to its end
+                    answers[id] = "unavailable"
+                history.add(Event("test", time.monotonic(), "cancel", id, answers[id], start=start))
 
-        async def cancel(id: str) -> None:
-            try:
-                answers[id] = str(await registry.cancel(id))
-            except RedisUnavailable:  # documented: then the job may run to its end
-                answers[id] = "unavailable"
-
-        ends: dict[str, str] = {}
-        with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(killer)
-                for i in range(n):
-                    id = f"job{i}"
-                    if i % 2:  # cancel first, register a moment later
-                        await cancel(id)
-                        await other.send(f"job {id} 3000")
-                    else:
-                        await other.send(f"job {id} 3000")
-                        if (await expect_any(other, f"tracking {id}", f"failed {id}")).startswith(
-                            "failed"
-                        ):
+            ends: dict[str, str] = {}
+            with anyio.fail_after(90):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(kill_connections, client, stop)
+                    for i in range(n):
+                        id = f"job{i}"
+                        if i % 3 == 0:  # cancel first, register a moment later
+                            await cancel(id)
+                            await other.send(f"job {id} 40")
+                            continue
+                        await other.send(f"job {id} 60 20" if i % 3 == 2 else f"job {id} 40")
+                        started = await expect_any(other, f"tracking {id}", f"failed {id}")
+                        if started.startswith("failed"):
                             ends[id] = "failed"  # refused: Redis unavailable for the worker
-                        tg.start_soon(cancel, id)
-                await wait_for(lambda: len(answers) == n, limit=30)
-                while len(ends) < n:  # every job ends: cancelled, completed or failed
-                    line = await other.expect("", limit=30)
-                    kind, id, *_ = line.split()
-                    if kind in ("cancelled", "completed", "failed"):
-                        ends[id] = kind
-                stop.set()
-        # NOT_FOUND only for a job that never ran (its registration failed: RedisUnavailable)
-        assert all(ends[id] == "failed" for id, a in answers.items() if a == "not_found"), answers
-        obeyed = {id for id, answer in answers.items() if answer in ("cancelled", "pending")}
-        assert obeyed, answers
-        assert not [id for id in obeyed if ends[id] == "completed"], (answers, ends)
-        await check_recovered(server, backends, Outcomes())
+                        tg.start_soon(cancel, id, (i * 7 % 40) / 1000 if i % 3 == 2 else 0)
+                    await wait_for(lambda: len(answers) == n, limit=30)
+                    while len(ends) < n:  # every job ends: cancelled, completed or failed
+                        line = await other.expect("", limit=30)
+                        kind, id, *_ = line.split()
+                        if kind in ("cancelled", "completed", "failed"):
+                            ends[id] = kind
+                    stop.set()
+            await check_recovered(server, backends, Outcomes())
+    for line in other.timed:
+        history.line("w1", line)
+    print(history.summary())  # shown with -s, or when the test fails
+    anomalies = check(history)
+    assert anomalies == [], "\n".join([*anomalies, history.around(anomalies[0])])
+    obeyed = [id for id, answer in answers.items() if answer in ("cancelled", "pending")]
+    assert obeyed, answers
+
+
+async def pump(worker: Worker) -> None:
+    """Read the worker's lines as they come (until cancelled)."""
+    while True:
+        await worker.read()
+
+
+def answered(worker: Worker, tags: list[str]) -> bool:
+    """Whether every claim in ``tags`` was admitted, or refused (cancelled or failed) first."""
+    seen = {
+        line.split()[1] for line in worker.lines if line.startswith(("claimed", "cancel", "fail"))
+    }
+    return seen.issuperset(tags)
+
+
+async def recovered(worker: Worker) -> None:
+    """Wait until the worker is connected and ran two resyncs since (so it saw Redis's view).
+
+    The worker's lines are read by :func:`pump` meanwhile.
+    """
+    first: int | None = None
+    with anyio.fail_after(30):
+        while True:
+            await worker.send("stats")
+            await wait_for(lambda: any(x.startswith("stats") for x in worker.lines))
+            line = next(x for x in worker.lines if x.startswith("stats"))
+            worker.lines.remove(line)
+            _, connected, resyncs = line.split()
+            if connected == "1":
+                first = int(resyncs) if first is None else first
+                if int(resyncs) >= first + 2:
+                    return
+            await anyio.sleep(0.05)  # another process's state: no event to wait on
+
+
+async def read_owners(
+    client: coredis.Redis[str], prefix: str, workers: list[Worker], history: History
+) -> None:
+    """Record the claims that Redis names running on key ``hot`` (by their tags)."""
+    tags = {}  # claim id -> tag
+    for worker in workers:
+        for line in worker.lines:
+            if line.startswith("claimed"):
+                _, tag, claim_id, _ = line.split()
+                tags[claim_id] = tag
+    start = time.monotonic()
+    state = await client.hgetall(f"{prefix}:k:hot")  # "WORKER HOLDER" -> r(unning)/w(aiting)
+    running = [tags.get(field.split()[1], field) for field, st in state.items() if st == "r"]
+    history.add(Event("test", time.monotonic(), "owners", "", " ".join(running), start, "hot"))
+
+
+@pytest.mark.parametrize(("fail_open", "spin"), RACES)
+async def test_two_process_hot_key_claim_race_with_connection_kills(
+    server: RedisServer, prefix: str, anyio_backend: str, fail_open: bool, spin: int
+) -> None:
+    """Two worker processes claim one key 160 times in turn while connections are killed
+    every 20-50 ms; then the kills stop and both resync. The history checker finds no worker
+    running two bodies of the key at once, and at the end the newest admitted claim runs,
+    is the owner Redis names, and no older claim runs beside it (no lost newest claim, no
+    ghost owner)."""
+    n = 160
+    history = History()
+    tags = [f"c{i}" for i in range(n)]
+    with spinners(spin):
+        async with (
+            job_process(server, prefix, anyio_backend, fail_open=fail_open, call_timeout=0.1) as w1,
+            job_process(server, prefix, anyio_backend, fail_open=fail_open, call_timeout=0.1) as w2,
+            raw(server) as client,
+        ):
+            workers = [w1, w2]
+            stop = anyio.Event()
+            with anyio.fail_after(90):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(pump, w1)
+                    tg.start_soon(pump, w2)
+                    async with anyio.create_task_group() as race:
+                        race.start_soon(kill_connections, client, stop)
+                        for i, tag in enumerate(tags):
+                            await workers[i % 2].send(f"claim hot {tag}")
+                            await anyio.sleep(0.005)
+                        await wait_for(lambda: answered(w1, tags[::2]), 30)
+                        await wait_for(lambda: answered(w2, tags[1::2]), 30)
+                        stop.set()
+                    for worker in workers:
+                        await recovered(worker)
+                    await read_owners(client, prefix, workers, history)
+                    tg.cancel_scope.cancel()
+    for name, worker in (("w1", w1), ("w2", w2)):
+        for line in worker.timed:
+            history.line(name, line, keys=dict.fromkeys(tags, "hot"))
+    print(history.summary())  # shown with -s, or when the test fails
+    anomalies = check(history)
+    assert anomalies == [], "\n".join([*anomalies, history.around(anomalies[0])])
 
 
 # -- the newest claim survives an outage, and N means N in one worker ---------------------------
@@ -712,6 +861,74 @@ async def test_the_newest_claim_survives_an_outage_and_never_runs_beside_the_old
                 assert await backend.is_current("k", generations["c2"])
                 assert "c2" not in ended  # the newest runs on
                 tg.cancel_scope.cancel()
+
+
+async def test_a_claim_starts_only_after_its_workers_superseded_claims_of_the_key_stop(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker A's claim c0 was superseded by B's c1, but the message to A is still in flight
+    when A claims the key again (c2): c2's ACQUIRE tells A of c0's supersede, so c0 is
+    cancelled before c2's body starts (one body per key in a worker). It used to start
+    beside c0 until the message came (the history checker saw it in the hot-key race)."""
+    monkeypatch.setattr(Listener, "on_line", lambda self, line: None)  # messages in flight
+    async with two_backends(server, prefix) as (a, b):
+        claims: dict[str, Claim] = {}
+        running = {name: anyio.Event() for name in ("c0", "c1")}
+        beside: list[bool] = []
+
+        async def hold(slot: LatestOnly, name: str) -> None:
+            with suppress(OperationCancelled):
+                async with slot.claim("k") as claim:
+                    claims[name] = claim
+                    running[name].set()
+                    await anyio.sleep_forever()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, LatestOnly(backend=a), "c0")
+                await running["c0"].wait()
+                tg.start_soon(hold, LatestOnly(backend=b), "c1")
+                await running["c1"].wait()
+                assert not claims["c0"].token.cancelled  # A has not heard
+                async with LatestOnly(backend=a).claim("k"):
+                    beside.append(not claims["c0"].token.cancelled)
+                tg.cancel_scope.cancel()
+        assert beside == [False]
+
+
+async def test_a_retried_acquire_still_supersedes_the_workers_older_claim(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim's ACQUIRE ran on the server but its reply was lost, so the call ran again: the
+    retry must still tell this worker that its older claim of the key was superseded (only
+    the reply carries that line: no message is published to the worker itself), so that the
+    older body stops before the new one starts. The retry answered "running" alone."""
+    run = Connection.run
+
+    async def lost_reply(self: Connection, script: str, *args: Any, **kwargs: Any) -> Any:
+        if script == "ACQUIRE":
+            await run(self, script, *args, **kwargs)  # ran; its reply was lost
+        return await run(self, script, *args, **kwargs)
+
+    monkeypatch.setattr(Listener, "on_line", lambda self, line: None)  # no resync's help
+    monkeypatch.setattr(Connection, "run", lost_reply)
+    async with RedisBackend(server.url, prefix=prefix, **OPTIONS) as backend:
+        slot = LatestOnly(backend=backend)
+        beside: list[bool] = []
+
+        async def older(*, task_status: anyio.abc.TaskStatus[Claim]) -> None:
+            with suppress(OperationCancelled):
+                async with slot.claim("k") as claim:
+                    task_status.started(claim)
+                    await anyio.sleep_forever()
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                first = await tg.start(older)
+                async with slot.claim("k"):
+                    beside.append(not first.token.cancelled)
+                tg.cancel_scope.cancel()
+        assert beside == [False]
 
 
 async def test_entering_and_leaving_under_connection_kills_never_fails_while_the_server_is_up(
@@ -758,3 +975,52 @@ async def test_entering_and_leaving_under_connection_kills_never_fails_while_the
                     tg.start_soon(cycles, 50)
             done.set()
     assert (entries, exits, cycled[0]) == ([], [], 500)
+
+
+async def test_a_claim_whose_lease_ran_out_stops_before_the_workers_next_claim_starts(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fail_open=False. A worker's claim c1 runs; its lease runs out without a refresh (here
+    the heartbeat is held; in the hot-key race, an outage longer than the lease) and Redis
+    forgets it; the same worker's next claim c2 of the key is admitted. c1 lost its place: it
+    is stopped before c2's body starts. It ran on beside c2 until the worker's next resync
+    (the history checker saw two bodies of one key in one worker, 2 of ~88 starved runs)."""
+
+    async def held(self: Listener) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(Listener, "beat", held)  # no refresh: c1's lease runs out
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.3, "fail_open": False}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        slot = LatestOnly(backend=backend)
+        first: list[Claim] = []
+        running, second_started = anyio.Event(), anyio.Event()
+        when_second_started: list[bool] = []
+        ended: list[CancelReason] = []
+
+        async def c1() -> None:
+            try:
+                async with slot.claim("k") as claim:
+                    first.append(claim)
+                    running.set()
+                    await anyio.sleep_forever()
+            except OperationCancelled as exc:
+                ended.append(exc.reason)
+
+        async def c2() -> None:
+            async with slot.claim("k") as claim:
+                when_second_started.append(first[0].token.cancelled)
+                second_started.set()
+                assert await backend.is_current("k", claim.generation)
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(c1)
+                await running.wait()
+                await anyio.sleep(0.6)  # past c1's lease: the next script on the key prunes it
+                tg.start_soon(c2)
+                await second_started.wait()
+        assert when_second_started == [True]  # stopped before c2's body began
+        (reason,) = ended
+        assert reason.kind is CancelKind.SUPERSEDED
+        assert "lost its place" in reason.message

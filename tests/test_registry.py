@@ -29,7 +29,7 @@ from cancelkit import (
     current_token,
 )
 from cancelkit.backends import MemoryBackend
-from tests.commit_sweep import outer_storm, storm
+from cancelkit.testing._storms import outer_storm, storm
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from types import FrameType
 
@@ -194,6 +194,30 @@ def stop_and_time(process: subprocess.Popen[bytes]) -> tuple[float, str, str]:
     return time.monotonic() - began, stdout.decode(), stderr.decode()
 
 
+def sigterm_during(
+    server: str, wrap: str, request: Callable[[str, str], None], *, before: str = ""
+) -> tuple[float, str, str]:
+    """Serve the app, run ``request(url, id)`` in a thread, SIGTERM the server once it runs;
+    return how long the exit took and the server's output. ``before``: a path to POST to
+    first, whose answer's ``id`` the request gets (else ``""``)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = serve(server, port, wrap)
+    try:
+        started(url, process)
+        id = httpx.post(f"{url}{before}", timeout=10).json()["id"] if before else ""
+        client = threading.Thread(target=request, args=(url, id))
+        client.start()
+        wait_inflight(url, 1)
+        timed = stop_and_time(process)
+        client.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return timed
+
+
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn-trio"])
 def test_sigterm_with_an_open_long_poll_exits_within_the_grace_period(server: str) -> None:
     """Plain app, no wrapper. uvicorn: the long-poll (up to 60 s) answers at once with the
@@ -205,27 +229,13 @@ def test_sigterm_with_an_open_long_poll_exits_within_the_grace_period(server: st
     gets its grace: the exit takes both, plus 1 s."""
     from .shutdown_app import GRACE
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = serve(server, port, "plain")
-    try:
-        started(url, process)
-        id = httpx.post(f"{url}/exports", timeout=10).json()["id"]
-        answers: list[httpx.Response] = []
+    answers: list[httpx.Response] = []
 
-        def long_poll() -> None:
-            with suppress(httpx.RemoteProtocolError):  # hypercorn closes the connection
-                answers.append(httpx.get(f"{url}/operations/{id}?wait=60", timeout=90))
+    def long_poll(url: str, id: str) -> None:
+        with suppress(httpx.RemoteProtocolError):  # hypercorn closes the connection
+            answers.append(httpx.get(f"{url}/operations/{id}?wait=60", timeout=90))
 
-        poll = threading.Thread(target=long_poll)
-        poll.start()
-        wait_inflight(url, 1)
-        elapsed, stdout, stderr = stop_and_time(process)
-        poll.join(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    elapsed, stdout, stderr = sigterm_during(server, "plain", long_poll, before="/exports")
     assert "cleanup shutdown" in stdout.splitlines(), (stdout, stderr)
     assert "Traceback" not in stderr, stderr
     if server == "uvicorn":
@@ -242,29 +252,16 @@ def test_sigterm_with_an_open_stream_under_the_middleware_starts_its_grace_at_on
     grace + 1 s (the stream held the exit for ever)."""
     from .shutdown_app import GRACE
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = serve("uvicorn", port, "middleware")
     ticks: list[bytes] = []
 
-    def read() -> None:
+    def read(url: str, _: str) -> None:
         with (
             httpx.stream("GET", f"{url}/stream", timeout=90) as response,
             pytest.raises(httpx.HTTPError),  # cut short on purpose: incomplete
         ):
             ticks.extend(line.encode() for line in response.iter_lines())
 
-    try:
-        started(url, process)
-        reader = threading.Thread(target=read)
-        reader.start()
-        wait_inflight(url, 1)
-        elapsed, stdout, stderr = stop_and_time(process)
-        reader.join(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    elapsed, stdout, stderr = sigterm_during("uvicorn", "middleware", read)
     assert ticks, stderr
     assert "stream ended shutdown" in stdout.splitlines(), (stdout, stderr)
     assert "Traceback" not in stderr, stderr

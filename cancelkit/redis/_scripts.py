@@ -14,7 +14,8 @@ the liveness keys and the channels exist once per group.
   cancel survives even if the registration's lease lapsed before its worker heard of it.
   Every script that records a cancel on a registration writes it: CANCEL, and REGISTER and
   the resync when they take a tombstone (their reply, which tells the worker, can be lost).
-- ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker; TTL: tombstone TTL.
+- ``P:t:N`` a tombstone (the reason, JSON) and ``P:f:N`` a finished-marker (``1``, or the
+  reason of the cancel that won, for a retried UNREGISTER); TTL: tombstone TTL.
 - ``P:i:ID`` the registration keys running under operation id ``ID`` (any owner), so that a
   cancel by another owner answers "not found" and writes no tombstone; TTL: the lease.
 - ``P:tz`` a sorted set of live tombstone keys scored by expiry (ms), for the tombstone limit;
@@ -66,8 +67,10 @@ return {0}
 """
 
 #: KEYS: reg, fin, id-index. ARGV: "W H", tombstone ttl ms. Compare-and-delete, leaves a
-#: finished-marker. Returns the reason of a cancel that won for this holder (recorded on the
-#: registration, or kept in ``reg#c`` after its lease lapsed), or '' (none, or it committed).
+#: finished-marker: '1', or the reason of the cancel that won, so that a call retried after
+#: its reply was lost (the script ran) answers the same. Returns that reason (recorded on the
+#: registration, kept in ``reg#c`` after its lease lapsed, or in the finished-marker after
+#: this script ran), or '' (none, or it committed).
 UNREGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 local c = false
@@ -75,9 +78,13 @@ if cur == ARGV[1] then
   if not redis.call('HGET', KEYS[1], 'm') then c = redis.call('HGET', KEYS[1], 'c') end
   redis.call('DEL', KEYS[1], KEYS[1] .. '#c')
   redis.call('SREM', KEYS[3], KEYS[1])
-  redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], c or '1', 'PX', ARGV[2])
 elseif not cur then
   c = redis.call('GET', KEYS[1] .. '#c')
+  if not c then
+    local f = redis.call('GET', KEYS[2])
+    if f ~= '1' then c = f end
+  end
 end
 return c or ''
 """

@@ -112,7 +112,8 @@ end
 #: lease ms, channel prefix,
 #: gen-key ttl ms, liveness-key prefix, state ttl ms (max of lease and sequence ttl), inbox
 #: prefix (a superseded claim of another worker is told by pub/sub and in its inbox).
-#: Returns {admission, G, extra...}: {'running'|'waiting', G, turn lines...},
+#: Returns {admission, G, extra...}: {'running'|'waiting', G, lines for this worker: turns,
+#: and the supersedes of its claims of the key, also those told before by message},
 #: {'stale', 0, newest holder, newest seq}, {'busy'} or {'full'}. Idempotent for one holder.
 ACQUIRE = (
     SEND
@@ -122,10 +123,23 @@ local W, H = ARGV[1], ARGV[2]
 local busy, full = string.match(ARGV[3], '^(%S+) (%S+)$')
 local limit, max_waiting, seq = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local me = W .. ' ' .. H
+-- Appends to out a line for each claim of this worker on the key that was superseded (its
+-- message may still be on its way, or was in the lost reply of a retried call), so that it
+-- stops before the new claim's body starts.
+local function superseded_here(out)
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local w, h = split(m)
+    if w == W then
+      local by = string.match(redis.call('HGET', KEYS[1], m) or '', '^s (%S+)$')
+      if by then out[#out + 1] = 's ' .. h .. ' ' .. by end
+    end
+  end
+  return out
+end
 local st = redis.call('HGET', KEYS[1], me)
-if st then  -- a retried call
+if st then  -- a retried call: the same answer, and the supersedes it told
   local g = redis.call('ZSCORE', KEYS[2], me)
-  return {st == 'w' and 'waiting' or 'running', g}
+  return superseded_here({st == 'w' and 'waiting' or 'running', g})
 end
 redis.call('SET', KEYS[4], '1', 'PX', ARGV[7])
 if seq ~= '' then
@@ -172,12 +186,12 @@ local out = {state == 'r' and 'running' or 'waiting', gs}
 if victim then
   redis.call('HSET', KEYS[1], victim, 's ' .. H)
   local w, h = split(victim)
-  if w == W then out[#out + 1] = 's ' .. h .. ' ' .. H
-  elseif not send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) then
+  if w ~= W and not send(w, 's ' .. h .. ' ' .. H, ARGV[8], ARGV[12], ARGV[7], true) then
     out[#out + 1] = '>' .. w .. ' s ' .. h .. ' ' .. H  -- the caller writes the inbox
   end
 end
 for _, line in ipairs(mine) do out[#out + 1] = line end
+superseded_here(out)  -- the victim, if it is this worker's, and those superseded before
 ttl(ARGV[7], ARGV[11])
 return out
 """

@@ -146,6 +146,8 @@ class Slots:
         self._last_generation = max(self._last_generation, claim.generation)
         claim.synced = True
         self._dispatch(result[2:])  # the claims it superseded or let run
+        if claim.running:
+            _stop_forgotten(self, claim, limit)
         return Acquired(admission, claim.generation)
 
     def _dispatch(self, lines: list[Any]) -> None:
@@ -329,6 +331,24 @@ class Slots:
         for claim in self._by_holder.values():
             if claim.turn is not None:
                 claim.turn.set()
+
+
+def _stop_forgotten(slots: Slots, new: _Claim, limit: int) -> None:
+    """Redis let ``new`` run while this worker runs ``limit`` other claims of its key.
+
+    Then Redis forgot some of them: their lease ran out while this worker could not reach it,
+    so they lost their place. They stop, oldest first, before ``new``'s body starts (its
+    worker's resync would stop them only later): never more than ``limit`` bodies of a key
+    run in one worker.
+    """
+    mine = slots._by_key.get(new.key, {}).values()
+    others = [c for c in mine if c is not new and c.running and not c.superseded]
+    for old in sorted(others, key=lambda c: c.generation)[: max(len(others) - limit + 1, 0)]:
+        reason = CancelReason(CancelKind.SUPERSEDED, _FORGOTTEN, source=new.holder)
+        slots._deliver(old, reason)
+
+
+_FORGOTTEN = "lost its place: its lease ran out while its worker could not reach Redis"
 
 
 async def resync(slots: Slots, *, force: bool = False) -> list[str]:

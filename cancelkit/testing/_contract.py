@@ -16,8 +16,10 @@ from .._exceptions import OperationExists
 from .._latest import LatestOnly
 from .._policy import Policy
 from .._reason import CancelKind, CancelReason
+from .._registry import TokenRegistry
 from .._status import OperationState, OperationStatus, Progress
 from ..backends import Acquired, Admission, Backend, CancelOutcome, StatusStore, new_holder_id
+from ._storms import claim_storm, outer_storm, storm
 
 __all__ = ["BackendContract", "Delivered", "StatusStoreContract", "Stores", "Workers"]
 
@@ -167,6 +169,13 @@ class _RegistryContract:
         await here.unregister(id, None, gone)
         await here.register(id, None, holder, Delivered())
         assert await here.commit(id, None, gone) is not None
+
+    async def test_commit_against_a_cancel_at_every_step(self, pair: Pair) -> None:
+        here, there = pair
+        await storm(TokenRegistry(backend=here), TokenRegistry(backend=there), tag=_id())
+
+    async def test_commit_against_an_outer_cancellation_at_every_step(self, pair: Pair) -> None:
+        await outer_storm(TokenRegistry(backend=pair[0]), tag=_id())
 
 
 class BackendContract(_RegistryContract):
@@ -356,6 +365,10 @@ class BackendContract(_RegistryContract):
                 async with second.claim(key):
                     superseded.set()
         assert ended == ["completed"]
+
+    async def test_a_claims_commit_against_a_newer_claim_at_every_step(self, pair: Pair) -> None:
+        here, there = pair
+        await claim_storm(LatestOnly(backend=here), LatestOnly(backend=there), tag=_id())
 
     async def test_a_superseded_claim_cannot_commit(self, pair: Pair) -> None:
         here, there = pair

@@ -127,10 +127,39 @@ function follow() {
   events = new EventSource("/events?" + new URLSearchParams(params));
   events.onopen = () => { $("stream").textContent = "(live)"; };
   events.onerror = () => { $("stream").textContent = "(reconnecting…)"; };
-  events.onmessage = (message) => addLogRow(JSON.parse(message.data));
+  events.onmessage = (message) => {
+    addLogRow(JSON.parse(message.data));
+    refreshPanel();
+  };
 }
 $("all-tabs").addEventListener("change", follow);
 follow();
+
+// The live panel: what cancelkit stopped today (the server's event seam), every 2 s and
+// after each log event. On Redis it is the whole fleet's.
+let panelPending = false;
+async function refreshPanel() {
+  if (panelPending) return;
+  panelPending = true;
+  try {
+    const response = await fetch("/stats");
+    if (!response.ok) return;
+    const stats = await response.json();
+    $("stat-superseded").textContent = stats.stopped.superseded;
+    $("stat-requested").textContent = stats.stopped.requested;
+    $("stat-client-gone").textContent = stats.stopped.client_disconnected;
+    $("stat-other").textContent = stats.stopped.other;
+    const median = stats.median_cancel_to_exit_ms;
+    $("stat-latency").textContent = median === null ? "–" : `${median.toFixed(1)} ms`;
+    $("stat-saved").textContent = `${stats.saved_seconds.toFixed(1)} s`;
+  } catch (error) {
+    // the server is restarting: the next refresh catches up
+  } finally {
+    panelPending = false;
+  }
+}
+setInterval(refreshPanel, 2000);
+refreshPanel();
 
 // The background export: start it, follow its status until it ends, stop it by id.
 let exportUrl = null; // the status URL of the running export (its Location)
