@@ -64,6 +64,8 @@ SCOPE_KEY = "cancelkit.token"
 #: Where the FastAPI adapters put response headers the response must carry (an operation id)
 #: even when the endpoint returns a response of its own (a ``StreamingResponse``).
 ECHO_KEY = "cancelkit.echo"
+#: Set (True) on a request CancelOnDisconnect leaves unguarded on purpose (include/exclude).
+EXCLUDED_KEY = "cancelkit.excluded"
 
 _MODES = ("interrupt", "signal")
 
@@ -451,7 +453,10 @@ class DisconnectGuard:
         self._interrupt.interrupt()  # type: ignore[union-attr]  # unlinked before it is None
 
     async def _app_receive(self) -> Message:
-        return await self._read_ahead().receive()
+        message = await self._read_ahead().receive()
+        if message["type"] == "http.disconnect" and self._mode == "interrupt":
+            await anyio.lowlevel.checkpoint_if_cancelled()  # not Starlette's ClientDisconnect
+        return message
 
     async def _app_send(self, message: Message) -> None:
         if self._response in _GONE:
@@ -649,6 +654,8 @@ class CancelOnDisconnect:
         if kind == "http":
             mode = self.mode_for(scope["path"])
             if mode is None or SCOPE_KEY in scope:
+                if mode is None:
+                    scope[EXCLUDED_KEY] = True  # (the FastAPI adapters warn of no guard)
                 await self.app(scope, receive, send)
                 return
             guard = DisconnectGuard(
@@ -709,7 +716,8 @@ class CancelOnDisconnect:
         """Wind down the requests in flight: wait for them, then cancel their tokens.
 
         Runs when the process gets SIGTERM or SIGINT while the lifespan is up (in the main
-        thread: uvicorn, hypercorn, gunicorn's uvicorn workers), and on ``lifespan.shutdown``.
+        thread: uvicorn, gunicorn's uvicorn workers; hypercorn's worker processes hear of a
+        stop through an event, not a signal), and on ``lifespan.shutdown``.
 
         Waits up to ``grace`` seconds for in-flight requests to finish, then cancels the
         tokens of those still running (and of any request that starts later) with reason

@@ -79,6 +79,29 @@ async def test_a_user_route_shadowing_a_cancelkit_route_is_named() -> None:
             pass  # pragma: no cover
 
 
+async def test_a_fixed_path_after_a_cancelkit_route_that_matches_it_is_refused() -> None:
+    """GET /operations/stats after operations_router: its /operations/{operation_id} takes
+    every GET /operations/stats ('stats' is a valid id), so the user's route is never reached.
+    The same route before operations_router is fine (it only takes that one id)."""
+    app = FastAPI()
+    install(app)
+    app.include_router(operations_router(BackgroundOperations()))
+
+    @app.get("/operations/stats")
+    async def stats() -> None: ...
+
+    with pytest.raises(RuntimeError, match="by operations_router and by your route 'stats'"):
+        async with app.router.lifespan_context(app):
+            pass  # pragma: no cover
+
+    first = FastAPI()
+    install(first)
+    first.get("/operations/stats")(stats)
+    first.include_router(operations_router(BackgroundOperations()))
+    async with first.router.lifespan_context(first):
+        pass
+
+
 async def test_routers_on_their_own_paths_start_and_keep_the_lifespan() -> None:
     entered: list[str] = []
 

@@ -791,6 +791,24 @@ async def test_a_token_without_the_middleware_is_warned_about_once(
     assert "GET /search" in warnings[0]
 
 
+async def test_a_path_the_middleware_excludes_is_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CancelOnDisconnect(app, exclude=[...]) leaves a path unguarded on purpose: the warning
+    told to wrap an application that is wrapped."""
+    caplog.set_level(logging.WARNING, logger="cancelkit")
+    app = FastAPI()
+    install(app)
+
+    @app.get("/health")
+    async def health(token: RequestToken) -> dict[str, bool]:
+        return {"cancelled": token.cancelled}
+
+    async with client(CancelOnDisconnect(app, exclude=["/health"])) as http:
+        assert (await http.get("/health")).json() == {"cancelled": False}
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == []
+
+
 async def test_a_generated_operation_id_is_echoed_by_a_streaming_endpoint_too() -> None:
     """FastAPI drops the dependency's response headers when the endpoint returns a Response
     of its own: a StreamingResponse never told the client its server-generated id, so it

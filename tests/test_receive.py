@@ -161,6 +161,27 @@ async def test_disconnect_while_app_reads_body() -> None:
     assert got == [body(b"a", more=True), DISCONNECT]
 
 
+async def test_interrupt_mode_disconnect_mid_upload_ends_quietly() -> None:
+    """Interrupt mode: a client gone mid-upload interrupts the app at its receive(), the
+    same as at any other await. Starlette's Request.body() raises ClientDisconnect on the
+    http.disconnect message without awaiting anything else: handed the message, a plain
+    Starlette route escaped the guard with it (uvicorn: 'Exception in ASGI application' for
+    every upload cut short) instead of ending quietly."""
+    from starlette.requests import Request
+
+    server = FakeServer(body(b"a", more=True), DISCONNECT)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await Request(scope, receive).body()
+        await respond(send)
+
+    mw = CancelOnDisconnect(app)
+    await mw(http_scope(method="POST"), server.receive, server.send)
+    stats = mw.statistics()
+    assert (stats.disconnects, stats.interrupted) == (1, 1)
+    assert server.status == 499  # for an outer middleware still awaiting a response
+
+
 async def test_watcher_error_reaches_app_receive() -> None:
     """An exception from the server's receive in the watcher is raised by the app's receive."""
     reading = anyio.Event()

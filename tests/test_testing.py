@@ -7,10 +7,21 @@ backend takes.
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
+import anyio
 import pytest
 
-from cancelkit.backends import Backend, MemoryBackend, MemoryStatusStore, StatusStore
+from cancelkit import CancelReason
+from cancelkit.backends import (
+    Acquired,
+    Backend,
+    CancelOutcome,
+    Deliver,
+    MemoryBackend,
+    MemoryStatusStore,
+    StatusStore,
+)
 from cancelkit.testing import (
     BackendContract,
     StatusStoreContract,
@@ -18,7 +29,7 @@ from cancelkit.testing import (
     Workers,
     check_latest_only_model,
 )
-from tests.toy_backend import ToyBackend
+from tests.toy_backend import Key, ToyBackend
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -86,3 +97,88 @@ class TestMemoryStatusStore(StatusStoreContract):
                 yield [store]
 
         return one
+
+
+# -- the contract can fail: backends that break one documented rule each ---------------------
+
+
+class DeliversAfterUnregister(ToyBackend):
+    """Calls a finished holder's deliver when its id is cancelled late ('for no holder
+    after that')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.old: dict[tuple[str | None, str], Deliver] = {}
+
+    async def register(
+        self, id: str, owner: str | None, holder: str, deliver: Deliver
+    ) -> CancelReason | None:
+        self.old[(owner, id)] = deliver
+        return await super().register(id, owner, holder, deliver)
+
+    async def cancel(self, id: str, owner: str | None, reason: CancelReason) -> CancelOutcome:
+        outcome = await super().cancel(id, owner, reason)
+        if outcome is CancelOutcome.NOT_FOUND and (owner, id) in self.old:
+            self.old[(owner, id)](reason)
+        return outcome
+
+
+class UnregistersAnyHolder(ToyBackend):
+    """Removes the registration whoever asks ('if holder still holds it')."""
+
+    async def unregister(self, id: str, owner: str | None, holder: str) -> CancelReason | None:
+        current = self.regs.get((owner, id))
+        return await super().unregister(id, owner, holder if current is None else current[0])
+
+
+class PromotesTheNewestWaiter(ToyBackend):
+    """Runs the newest waiting claim when a slot frees ('the oldest waiting one runs')."""
+
+    async def release(self, key: str, holder: str) -> CancelReason | None:
+        k = self.keys.get(key)
+        if k is not None:
+            waiting = [h for h, c in k.claims.items() if c.state == "waiting"]
+            if len(waiting) > 1:  # the newest waiter first in line
+                k.claims = {waiting[-1]: k.claims[waiting[-1]]} | k.claims
+        return await super().release(key, holder)
+
+
+class SupersedesTheNewest(ToyBackend):
+    """With limit > 1, supersedes the newest running claim ('the oldest running claim is')."""
+
+    async def acquire(self, key: str, *args: Any, **kwargs: Any) -> Acquired:
+        k = self.keys.setdefault(key, Key())
+        running = [h for h, c in k.claims.items() if c.state == "running"]
+        if len(running) > 1:
+            k.claims = {running[-1]: k.claims[running[-1]]} | k.claims
+        return await super().acquire(key, *args, **kwargs)
+
+
+def broken_rules(backend: type[ToyBackend]) -> list[str]:
+    """The BackendContract tests that fail (or hang to their limit) on ``backend``."""
+    failed = []
+    for name in dir(BackendContract):
+        if not name.startswith("test_"):
+            continue
+
+        async def run(name: str = name) -> None:
+            one = backend()
+            await getattr(BackendContract(), name)((one, one))
+
+        try:
+            anyio.run(run)
+        except (AssertionError, TimeoutError, pytest.fail.Exception):
+            failed.append(name)
+    return failed
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [DeliversAfterUnregister, UnregistersAnyHolder, PromotesTheNewestWaiter, SupersedesTheNewest],
+)
+def test_the_contract_finds_a_backend_that_breaks_a_documented_rule(
+    backend: type[ToyBackend],
+) -> None:
+    """Each of these passed all 18 rules of BackendContract."""
+    assert broken_rules(ToyBackend) == []  # (the runner itself passes a correct backend)
+    assert broken_rules(backend) != []

@@ -194,23 +194,29 @@ def refuse_shadowed_routes(app: FastAPI) -> None:
     Raises:
         RuntimeError: naming both routes and the fix.
     """
-    seen: dict[tuple[str, str], Any] = {}
-    for route in _routes(app):
-        path = getattr(route, "path", None)
-        if path is None:
-            continue
-        shape = re.sub(r"{[^}]*}", "{}", path)
-        for method in sorted(getattr(route, "methods", None) or ()):
-            first = seen.setdefault((shape, method), route)
-            pair = (first, route)
-            mine = [getattr(getattr(r, "endpoint", None), ROUTER_ATTR, None) for r in pair]
-            if first is not route and any(mine):
-                names = [m or f"your route {r.name!r}" for m, r in zip(mine, pair, strict=True)]
-                raise RuntimeError(
-                    f"{method} {path} is served by {names[0]} and by {names[1]}, so the "
-                    f"second is never reached: give one of them another path (for example "
-                    f"operations_router(operations, path='/background/{{operation_id}}'))"
-                )
+    routes = [r for r in _routes(app) if getattr(r, "path_regex", None) is not None]
+    owners = [getattr(getattr(r, "endpoint", None), ROUTER_ATTR, None) for r in routes]
+    pairs = sorted(  # (earlier, later) around each cancelkit route: k x n checks, not n x n
+        {
+            (min(i, j), max(i, j))
+            for i, owner in enumerate(owners)
+            if owner
+            for j in range(len(routes))
+        }
+    )
+    for i, j in pairs:
+        first, route = routes[i], routes[j]
+        methods = set(getattr(first, "methods", None) or ())
+        methods &= set(getattr(route, "methods", None) or ())
+        # Starlette takes the first route that matches: an earlier one that matches this
+        # path (a parameter filled in) takes its requests, all of them for a fixed path.
+        if i != j and methods and first.path_regex.match(re.sub(r"{[^}]*}", "x", route.path)):
+            names = [owners[k] or f"your route {routes[k].name!r}" for k in (i, j)]
+            raise RuntimeError(
+                f"{min(methods)} {route.path} is served by {names[0]} and by {names[1]}, so "
+                f"the second is never reached: give one of them another path (for example "
+                f"operations_router(operations, path='/background/{{operation_id}}'))"
+            )
 
 
 def _routes(app: FastAPI) -> Iterable[Any]:

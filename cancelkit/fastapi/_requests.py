@@ -65,6 +65,7 @@ async def _answered(held: AbstractAsyncContextManager[_T], scope: _Scope) -> Asy
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
 _ASGI_TOKEN = "cancelkit.token"  # where CancelOnDisconnect keeps the disconnect token
 _ECHO = "cancelkit.echo"  # headers CancelOnDisconnect adds to the response (ECHO_KEY)
+_EXCLUDED = "cancelkit.excluded"  # a path CancelOnDisconnect leaves unguarded (EXCLUDED_KEY)
 
 
 # -- the request's token ----------------------------------------------------------------------
@@ -76,7 +77,7 @@ _warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told they run ungu
 def _unguarded(request: Request) -> None:
     """Warn once per application that its requests do not run under CancelOnDisconnect."""
     app = request.scope.get("app")
-    if app is None or app in _warned:
+    if app is None or app in _warned or request.scope.get(_EXCLUDED):
         return
     _warned.add(app)
     logger.warning(

@@ -56,23 +56,8 @@ def _requested(message: str = "") -> CancelReason:
     return CancelReason(CancelKind.REQUESTED, message)
 
 
-class BackendContract:
-    """The behaviour every backend must show, whatever keeps its state.
-
-    Subclass it in a test module and give it a ``workers`` fixture: an async context manager
-    factory that yields entered backends sharing one state, each standing in for a worker
-    process (one is enough for a backend of one process; give two for a shared one, and the
-    cross-worker rules run across them)::
-
-        class TestMyBackend(BackendContract):
-            @pytest.fixture
-            def workers(self):
-                return lambda: my_backends(count=2)
-
-    Every test is an anyio test (``pytest.mark.anyio``): the ``anyio_backend`` fixture of the
-    module picks the event loop. Each test uses fresh ids and keys, so a shared server needs
-    no cleaning between them.
-    """
+class _RegistryContract:
+    """BackendContract's fixture and its TokenRegistry rules (see BackendContract)."""
 
     pytestmark = pytest.mark.anyio
 
@@ -131,6 +116,27 @@ class BackendContract:
         assert await there.cancel(id, None, _requested()) is CancelOutcome.NOT_FOUND
         assert await there.register(id, None, new_holder_id(), Delivered()) is None
 
+    async def test_a_finished_holder_is_delivered_nothing(self, pair: Pair) -> None:
+        here, there = pair
+        id, holder, old, new = _id(), new_holder_id(), Delivered(), Delivered()
+        await here.register(id, None, holder, old)
+        await here.unregister(id, None, holder)
+        assert await there.cancel(id, None, _requested("late")) is CancelOutcome.NOT_FOUND
+        await here.register(id, None, new_holder_id(), new)
+        assert await there.cancel(id, None, _requested("now")) is CancelOutcome.CANCELLED
+        assert (await new.first()).message == "now"  # the late cancel would have come first
+        assert old.reasons == []
+
+    async def test_unregister_by_another_holder_leaves_the_registration(self, pair: Pair) -> None:
+        here, there = pair
+        id, delivered = _id(), Delivered()
+        await here.register(id, None, new_holder_id(), delivered)
+        assert await there.unregister(id, None, new_holder_id()) is None
+        with pytest.raises(OperationExists):
+            await there.register(id, None, new_holder_id(), Delivered())
+        assert await there.cancel(id, None, _requested()) is CancelOutcome.CANCELLED
+        await delivered.first()
+
     async def test_unregister_reports_the_cancel_that_won(self, pair: Pair) -> None:
         here, there = pair
         id, holder = _id(), new_holder_id()
@@ -170,6 +176,25 @@ class BackendContract:
 
     async def test_commit_against_an_outer_cancellation_at_every_step(self, pair: Pair) -> None:
         await outer_storm(TokenRegistry(backend=pair[0]), tag=_id())
+
+
+class BackendContract(_RegistryContract):
+    """The behaviour every backend must show, whatever keeps its state.
+
+    Subclass it in a test module and give it a ``workers`` fixture: an async context manager
+    factory that yields entered backends sharing one state, each standing in for a worker
+    process (one is enough for a backend of one process; give two for a shared one, and the
+    cross-worker rules run across them)::
+
+        class TestMyBackend(BackendContract):
+            @pytest.fixture
+            def workers(self):
+                return lambda: my_backends(count=2)
+
+    Every test is an anyio test (``pytest.mark.anyio``): the ``anyio_backend`` fixture of the
+    module picks the event loop. Each test uses fresh ids and keys, so a shared server needs
+    no cleaning between them.
+    """
 
     # -- LatestOnly: acquire, release, commit_claim, wait_turn, is_current ------------------
 
@@ -247,6 +272,33 @@ class BackendContract:
         got = await delivered.first()
         assert (got.kind, got.source) == (CancelKind.SUPERSEDED, newest)
         for backend, holder in ((here, oldest), (here, running), (there, newest)):
+            await backend.release(key, holder)
+
+    async def test_the_oldest_waiting_claim_runs_next(self, pair: Pair) -> None:
+        here, there = pair
+        key, running, oldest, newest = (_id(), *(new_holder_id() for _ in range(3)))
+        wait = Policy("wait", max_waiting=2)
+        await here.acquire(key, running, Delivered(), policy=wait, limit=1, seq=None)
+        first = await there.acquire(key, oldest, Delivered(), policy=wait, limit=1, seq=None)
+        second = await here.acquire(key, newest, Delivered(), policy=wait, limit=1, seq=None)
+        await here.release(key, running)
+        assert await there.is_current(key, first.generation)
+        assert not await here.is_current(key, second.generation)
+        for backend, holder in ((there, oldest), (here, newest)):
+            await backend.release(key, holder)
+
+    async def test_the_oldest_running_claim_is_superseded(self, pair: Pair) -> None:
+        here, there = pair
+        key, oldest, newer, newest = (_id(), *(new_holder_id() for _ in range(3)))
+        old, new = Delivered(), Delivered()
+        await here.acquire(key, oldest, old, policy=_SUPERSEDE, limit=2, seq=None)
+        kept = await there.acquire(key, newer, new, policy=_SUPERSEDE, limit=2, seq=None)
+        await there.acquire(key, newest, Delivered(), policy=_SUPERSEDE, limit=2, seq=None)
+        assert await here.is_current(key, kept.generation)  # (checked first: no wait)
+        got = await old.first()
+        assert (got.kind, got.source) == (CancelKind.SUPERSEDED, newest)
+        assert new.reasons == []
+        for backend, holder in ((here, oldest), (there, newer), (there, newest)):
             await backend.release(key, holder)
 
     async def test_limit_claims_run_at_once(self, pair: Pair) -> None:
