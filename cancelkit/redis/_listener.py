@@ -92,8 +92,9 @@ class Listener:
         command does not tear them down either (it says nothing about their connections):
         the heartbeat's resync marks Redis up again.
 
-        Reports started once every group has subscribed and resynced; raises
-        :exc:`RedisUnavailable` if a first subscribe fails.
+        Reports started once every group has subscribed (a new worker holds nothing yet:
+        its first resync follows, and a lost connection then costs a resubscribe, not the
+        start); raises :exc:`RedisUnavailable` if no first subscribe succeeds in ``timeout``.
         """
         groups = channel_groups(self._conn.client, self._keys.channels())
         if len(groups) == 1:
@@ -128,12 +129,13 @@ class Listener:
                 ) as pubsub:
                     with scope:
                         self._scopes.add(scope)
+                        if not started:  # subscribed: the worker can start (it holds nothing
+                            started = True  # yet, so its first resync has nothing to deliver)
+                            self._mark_up(announce=False)
+                            task_status.started()
                         await self.resync(force=True)  # after subscribing: nothing is missed
                         await self.read_inbox(force=True)
-                        self._mark_up(announce=started)
-                        if not started:
-                            started = True
-                            task_status.started()
+                        self._mark_up(announce=True)
                         while True:
                             message = await pubsub.get_message()
                             if message is None:
