@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from .._asgi import ECHO_KEY, EXCLUDED_KEY, SCOPE_KEY
 from .._exceptions import OperationCancelled
 from .._latest import _MAX_SEQ, Claim, LatestOnly
 from .._reason import CancelKind, CancelReason
@@ -63,9 +64,7 @@ async def _answered(held: AbstractAsyncContextManager[_T], scope: _Scope) -> Asy
 
 
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
-_ASGI_TOKEN = "cancelkit.token"  # where CancelOnDisconnect keeps the disconnect token
-_ECHO = "cancelkit.echo"  # headers CancelOnDisconnect adds to the response (ECHO_KEY)
-_EXCLUDED = "cancelkit.excluded"  # a path CancelOnDisconnect leaves unguarded (EXCLUDED_KEY)
+_ASGI_TOKEN = SCOPE_KEY  # where CancelOnDisconnect keeps the disconnect token
 
 
 # -- the request's token ----------------------------------------------------------------------
@@ -77,7 +76,7 @@ _warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told they run ungu
 def _unguarded(request: Request) -> None:
     """Warn once per application that its requests do not run under CancelOnDisconnect."""
     app = request.scope.get("app")
-    if app is None or app in _warned or request.scope.get(_EXCLUDED):
+    if app is None or app in _warned or request.scope.get(EXCLUDED_KEY):
         return
     _warned.add(app)
     logger.warning(
@@ -396,7 +395,7 @@ def tracked(
     ) -> AsyncIterator[TrackedOperation]:
         async with _answered(registry.hold(operation_id, owner=owner), scope) as op:
             response.headers[header] = op.id  # and, for a response of its own, the guard's:
-            echo = request.scope.setdefault(_ECHO, [])
+            echo = request.scope.setdefault(ECHO_KEY, [])
             echo.append((header.lower().encode("latin-1"), op.id.encode("ascii")))
             with _relayed(op.token, request):
                 yield op
