@@ -461,6 +461,12 @@ async def test_fastapi_endpoint_cancelled(server_kind: tuple[str, str]) -> None:
     assert reason_kind(handler.token) is CancelKind.CLIENT_DISCONNECTED
 
 
+# Starlette before it closed Request.stream() with aclosing (0.49.3, our floor, does not)
+# leaves that generator half-read in BaseHTTPMiddleware: trio warns when it is collected, for
+# every request, with or without cancelkit. (Later versions never emit it.)
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in.*Request.stream:pytest.PytestUnraisableExceptionWarning"
+)
 @pytest.mark.parametrize("mode", ["interrupt", "signal"])
 async def test_a_disconnect_under_an_outer_base_http_middleware_raises_nothing(
     server_kind: tuple[str, str], mode: Literal["interrupt", "signal"]

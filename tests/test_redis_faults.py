@@ -1026,6 +1026,59 @@ async def test_a_claim_whose_lease_ran_out_stops_before_the_workers_next_claim_s
         assert "lost its place" in reason.message
 
 
+async def test_a_claim_made_while_redis_was_unreachable_stops_before_a_newer_one_starts(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fail_open=True. Redis is paused (SIGSTOP): claim c1's ACQUIRE times out and c1 runs on
+    the worker's own state, unknown to Redis. Redis resumes and admits c2 of the same key
+    before the worker's resync re-asserts c1 (held here; in the hot-key race the next claim's
+    reply came first). c1 stops before c2's body starts: it ran on beside c2 until the
+    resync (the history checker saw two bodies of one key in one worker: CI, trio, starved)."""
+
+    async def held(self: Listener, *, force: bool = False) -> None:
+        await anyio.sleep_forever()
+
+    assert server.process is not None
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.4, "timeout": 0.3, "fail_open": True}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        monkeypatch.setattr(Listener, "resync", held)  # started: no resync from here on
+        slot = LatestOnly(backend=backend)
+        first: list[Claim] = []
+        running, second_started = anyio.Event(), anyio.Event()
+        when_second_started: list[bool] = []
+        ended: list[CancelReason] = []
+
+        async def c1() -> None:
+            try:
+                async with slot.claim("k") as claim:
+                    first.append(claim)
+                    running.set()
+                    await anyio.sleep_forever()
+            except OperationCancelled as exc:
+                ended.append(exc.reason)
+
+        async def c2() -> None:
+            async with slot.claim("k"):
+                when_second_started.append(first[0].token.cancelled)
+                second_started.set()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                server.process.send_signal(signal.SIGSTOP)
+                try:
+                    tg.start_soon(c1)
+                    await running.wait()  # after its ACQUIRE timed out: on local state
+                finally:
+                    server.process.send_signal(signal.SIGCONT)
+                assert not backend.statistics().connected  # marked down: nothing resynced
+                tg.start_soon(c2)
+                await second_started.wait()
+        assert when_second_started == [True]  # stopped before c2's body began
+        (reason,) = ended
+        assert reason.kind is CancelKind.SUPERSEDED
+        assert "lost its place" in reason.message
+
+
 async def test_an_operation_whose_registration_was_lost_ends_cancelled_after_pending(
     server: RedisServer, prefix: str
 ) -> None:

@@ -41,8 +41,8 @@ class _Claim:
         self.deliver = deliver
         self.generation = 0
         self.local: int | None = None  # its generation in the fallback, if made while down
-        self.running = False  # Redis let its body start
-        self.mirrored = False  # running, and in the fallback's view of this worker's claims
+        self.running = False  # its body may start (Redis let it, or the fallback did)
+        self.mirrored = False  # Redis let it run, and it is in the fallback's view too
         self.superseded = False
         self.synced = False
         self.turn: anyio.Event | None = None
@@ -175,7 +175,7 @@ class Slots:
         # join the fallback first (oldest first), so the policy holds over them too and never
         # more than ``limit`` bodies of the key run here, outage or not.
         for other in list(self._by_key.get(claim.key, {}).values()):
-            if other.running and not (other.mirrored or other.superseded or other is claim):
+            if other.running and other.local is None and not (other.mirrored or other.superseded):
                 other.mirrored = True
                 await self._local.acquire(
                     claim.key,
@@ -200,6 +200,7 @@ class Slots:
             return acquired
         claim.local = acquired.generation
         claim.generation = self._last_generation = _local_generation(self._last_generation)
+        claim.running = acquired.admission is Admission.RUNNING
         claim.synced = True
         return Acquired(acquired.admission, claim.generation)
 
@@ -279,6 +280,7 @@ class Slots:
         while (claim := self._by_holder.get(holder)) is not None and claim.key == key:
             if claim.local is not None:  # made while Redis was down: this worker's order
                 await self._local.wait_turn(key, holder, handover=handover)
+                claim.running = True
                 return
             claim.turn = event = anyio.Event()
             try:
@@ -301,6 +303,7 @@ class Slots:
                 if not self._settings.fail_open:
                     raise RedisUnavailable("Redis is unreachable; cannot wait for a turn") from None
                 if next(iter(self._by_key[key])) == holder:
+                    claim.running = True
                     return
             with anyio.move_on_after(self._settings.heartbeat):
                 await event.wait()
@@ -334,21 +337,30 @@ class Slots:
 
 
 def _stop_forgotten(slots: Slots, new: _Claim, limit: int) -> None:
-    """Redis let ``new`` run while this worker runs ``limit`` older claims of its key.
+    """Redis let ``new`` run: never more than ``limit`` bodies of its key run in this worker.
 
-    Then Redis forgot some of them: their lease ran out while this worker could not reach it,
-    so they lost their place. They stop, oldest first, before ``new``'s body starts (its
-    worker's resync would stop them only later): never more than ``limit`` bodies of a key
-    run in one worker.
+    Older claims of the key may still run here: Redis forgot them (their lease ran out while
+    this worker could not reach it) or never knew them (made in the fallback while it was
+    unreachable). Of this worker's running claims of the key, the newest ``limit`` by
+    generation keep running and the others stop before ``new``'s body starts (its worker's
+    resync would stop them only later) - ``new`` itself if newer ones run (a newer claim's
+    reply, or the fallback, can come first).
     """
-    mine = slots._by_key.get(new.key, {}).values()  # (a newer claim's reply may come first)
-    older = [c for c in mine if c.running and not c.superseded and c.generation < new.generation]
-    for old in sorted(older, key=lambda c: c.generation)[: max(len(older) - limit + 1, 0)]:
-        reason = CancelReason(CancelKind.SUPERSEDED, _FORGOTTEN, source=new.holder)
-        slots._deliver(old, reason)
+    mine = slots._by_key.get(new.key, {}).values()
+    running = sorted((c for c in mine if c.running and not c.superseded), key=_by_generation)
+    newest = running[-1].holder if running else new.holder
+    for old in running[: max(len(running) - limit, 0)]:
+        slots._deliver(old, CancelReason(CancelKind.SUPERSEDED, _FORGOTTEN, source=newest))
 
 
-_FORGOTTEN = "lost its place: its lease ran out while its worker could not reach Redis"
+def _by_generation(claim: _Claim) -> int:
+    return claim.generation
+
+
+_FORGOTTEN = (
+    "lost its place: Redis let a newer claim of its key run, and never knew this one or "
+    "forgot it while its worker could not reach Redis"
+)
 
 
 async def resync(slots: Slots, *, force: bool = False) -> list[str]:
