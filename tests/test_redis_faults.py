@@ -989,41 +989,14 @@ async def test_a_claim_whose_lease_ran_out_stops_before_the_workers_next_claim_s
     async def held(self: Listener) -> None:
         await anyio.sleep_forever()
 
+    async def first_runs(start_first: Callable[[], Awaitable[None]]) -> None:
+        await start_first()
+        await anyio.sleep(0.6)  # past c1's lease: the next script on the key prunes it
+
     monkeypatch.setattr(Listener, "beat", held)  # no refresh: c1's lease runs out
     options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.3, "fail_open": False}
     async with RedisBackend(server.url, prefix=prefix, **options) as backend:
-        slot = LatestOnly(backend=backend)
-        first: list[Claim] = []
-        running, second_started = anyio.Event(), anyio.Event()
-        when_second_started: list[bool] = []
-        ended: list[CancelReason] = []
-
-        async def c1() -> None:
-            try:
-                async with slot.claim("k") as claim:
-                    first.append(claim)
-                    running.set()
-                    await anyio.sleep_forever()
-            except OperationCancelled as exc:
-                ended.append(exc.reason)
-
-        async def c2() -> None:
-            async with slot.claim("k") as claim:
-                when_second_started.append(first[0].token.cancelled)
-                second_started.set()
-                assert await backend.is_current("k", claim.generation)
-
-        with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(c1)
-                await running.wait()
-                await anyio.sleep(0.6)  # past c1's lease: the next script on the key prunes it
-                tg.start_soon(c2)
-                await second_started.wait()
-        assert when_second_started == [True]  # stopped before c2's body began
-        (reason,) = ended
-        assert reason.kind is CancelKind.SUPERSEDED
-        assert "lost its place" in reason.message
+        await the_first_claim_stops_before_the_next_starts(backend, first_runs)
 
 
 async def test_a_claim_made_while_redis_was_unreachable_stops_before_a_newer_one_starts(
@@ -1034,49 +1007,66 @@ async def test_a_claim_made_while_redis_was_unreachable_stops_before_a_newer_one
     before the worker's resync re-asserts c1 (held here; in the hot-key race the next claim's
     reply came first). c1 stops before c2's body starts: it ran on beside c2 until the
     resync (the history checker saw two bodies of one key in one worker: CI, trio, starved)."""
+    process = server.process
+    assert process is not None
 
     async def held(self: Listener, *, force: bool = False) -> None:
         await anyio.sleep_forever()
 
-    assert server.process is not None
+    async def first_runs(start_first: Callable[[], Awaitable[None]]) -> None:
+        process.send_signal(signal.SIGSTOP)
+        try:
+            await start_first()  # once its ACQUIRE timed out: on local state
+        finally:
+            process.send_signal(signal.SIGCONT)
+        assert not backend.statistics().connected  # marked down, nothing resynced since
+
     options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.4, "timeout": 0.3, "fail_open": True}
     async with RedisBackend(server.url, prefix=prefix, **options) as backend:
         monkeypatch.setattr(Listener, "resync", held)  # started: no resync from here on
-        slot = LatestOnly(backend=backend)
-        first: list[Claim] = []
-        running, second_started = anyio.Event(), anyio.Event()
-        when_second_started: list[bool] = []
-        ended: list[CancelReason] = []
+        await the_first_claim_stops_before_the_next_starts(backend, first_runs)
 
-        async def c1() -> None:
-            try:
-                async with slot.claim("k") as claim:
-                    first.append(claim)
-                    running.set()
-                    await anyio.sleep_forever()
-            except OperationCancelled as exc:
-                ended.append(exc.reason)
 
-        async def c2() -> None:
-            async with slot.claim("k"):
-                when_second_started.append(first[0].token.cancelled)
-                second_started.set()
+async def the_first_claim_stops_before_the_next_starts(
+    backend: RedisBackend, first_runs: Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+) -> None:
+    """Claim c1 of a key runs (``first_runs`` starts it and sets the scene), then c2 of the
+    key: c1 lost its place and is stopped before c2's body starts; c2 is the current one."""
+    slot = LatestOnly(backend=backend)
+    first: list[Claim] = []
+    running, second_started = anyio.Event(), anyio.Event()
+    when_second_started: list[bool] = []
+    ended: list[CancelReason] = []
 
-        with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-                server.process.send_signal(signal.SIGSTOP)
-                try:
-                    tg.start_soon(c1)
-                    await running.wait()  # after its ACQUIRE timed out: on local state
-                finally:
-                    server.process.send_signal(signal.SIGCONT)
-                assert not backend.statistics().connected  # marked down: nothing resynced
-                tg.start_soon(c2)
-                await second_started.wait()
-        assert when_second_started == [True]  # stopped before c2's body began
-        (reason,) = ended
-        assert reason.kind is CancelKind.SUPERSEDED
-        assert "lost its place" in reason.message
+    async def c1() -> None:
+        try:
+            async with slot.claim("k") as claim:
+                first.append(claim)
+                running.set()
+                await anyio.sleep_forever()
+        except OperationCancelled as exc:
+            ended.append(exc.reason)
+
+    async def c2() -> None:
+        async with slot.claim("k") as claim:
+            when_second_started.append(first[0].token.cancelled)
+            second_started.set()
+            assert await backend.is_current("k", claim.generation)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def start_first() -> None:
+                tg.start_soon(c1)
+                await running.wait()
+
+            await first_runs(start_first)
+            tg.start_soon(c2)
+            await second_started.wait()
+    assert when_second_started == [True]  # stopped before c2's body began
+    (reason,) = ended
+    assert reason.kind is CancelKind.SUPERSEDED
+    assert "lost its place" in reason.message
 
 
 async def test_an_operation_whose_registration_was_lost_ends_cancelled_after_pending(

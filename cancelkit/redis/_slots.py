@@ -25,6 +25,7 @@ class _Claim:
     __slots__ = (
         "deliver",
         "generation",
+        "limit",
         "holder",
         "key",
         "local",
@@ -35,10 +36,11 @@ class _Claim:
         "turn",
     )
 
-    def __init__(self, key: str, holder: str, deliver: Deliver) -> None:
+    def __init__(self, key: str, holder: str, deliver: Deliver, limit: int) -> None:
         self.key = key
         self.holder = holder
         self.deliver = deliver
+        self.limit = limit  # how many bodies of the key may run at once
         self.generation = 0
         self.local: int | None = None  # its generation in the fallback, if made while down
         self.running = False  # its body may start (Redis let it, or the fallback did)
@@ -104,7 +106,7 @@ class Slots:
         """
         self._conn.client  # noqa: B018 - raises if not running
         check_known(policy)  # the script refuses it too, but as an error reply
-        claim = self._by_holder[holder] = _Claim(key, holder, callback)  # record first
+        claim = self._by_holder[holder] = _Claim(key, holder, callback, limit)  # record first
         self._by_key.setdefault(key, {})[holder] = claim
         k, settings = self._keys, self._settings
         try:
@@ -147,7 +149,7 @@ class Slots:
         claim.synced = True
         self._dispatch(result[2:])  # the claims it superseded or let run
         if claim.running:
-            _stop_forgotten(self, claim, limit)
+            _stop_forgotten(self, claim)
         return Acquired(admission, claim.generation)
 
     def _dispatch(self, lines: list[Any]) -> None:
@@ -298,6 +300,7 @@ class Slots:
                 self._dispatch(result[1:])
                 if result[0]:
                     claim.running = True
+                    _stop_forgotten(self, claim)
                     return
             except Down:
                 if not self._settings.fail_open:
@@ -336,8 +339,8 @@ class Slots:
                 claim.turn.set()
 
 
-def _stop_forgotten(slots: Slots, new: _Claim, limit: int) -> None:
-    """Redis let ``new`` run: never more than ``limit`` bodies of its key run in this worker.
+def _stop_forgotten(slots: Slots, new: _Claim) -> None:
+    """Redis let ``new`` run: never more than its ``limit`` bodies of its key run here.
 
     Older claims of the key may still run here: Redis forgot them (their lease ran out while
     this worker could not reach it) or never knew them (made in the fallback while it was
@@ -349,7 +352,7 @@ def _stop_forgotten(slots: Slots, new: _Claim, limit: int) -> None:
     mine = slots._by_key.get(new.key, {}).values()
     running = sorted((c for c in mine if c.running and not c.superseded), key=_by_generation)
     newest = running[-1].holder if running else new.holder
-    for old in running[: max(len(running) - limit, 0)]:
+    for old in running[: max(len(running) - new.limit, 0)]:
         slots._deliver(old, CancelReason(CancelKind.SUPERSEDED, _FORGOTTEN, source=newest))
 
 
