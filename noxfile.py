@@ -225,7 +225,8 @@ def tests(session: nox.Session) -> None:
     env = {"COVERAGE_FILE": str(ROOT / ".coverage"), **provision(session)}
     if "CI" in os.environ:
         env["CI"] = os.environ["CI"]
-    session.run("coverage", "run", "-m", "pytest", *session.posargs, env=env)
+    # the slowest tests in every log: what to look at when the run's time grows
+    session.run("coverage", "run", "-m", "pytest", "--durations=25", *session.posargs, env=env)
 
 
 @nox.session(python="3.11", venv_backend="uv")

@@ -38,9 +38,11 @@ from cancelkit import (
     LatestOnly,
     OperationCancelled,
     OperationExists,
+    Policy,
     SlotBusy,
     TokenRegistry,
 )
+from cancelkit.backends import Admission
 from cancelkit.redis import RedisBackend, RedisUnavailable
 from cancelkit.redis._connection import Connection
 from cancelkit.redis._listener import Listener
@@ -596,6 +598,29 @@ async def test_a_retried_unregister_still_reports_the_cancel(
         assert await a._conn.run(*call) == first
 
 
+async def test_a_retried_release_still_reports_the_supersede(
+    server: RedisServer, prefix: str
+) -> None:
+    """A claim's RELEASE ran on the server but its reply was lost, so the call is retried:
+    the retry must report the supersede the first attempt saw. (It answered "none": a body
+    that returned as another worker's newer claim of the key was admitted, its message not
+    yet arrived, left its claim as a success.)"""
+    async with two_backends(server, prefix) as (a, b):
+        replace = Policy.named("replace")
+        for backend, holder in ((a, "h1"), (b, "h2")):
+            acquired = await backend.acquire(
+                "k", holder, lambda _: None, policy=replace, limit=1, seq=None
+            )
+            assert acquired.admission is Admission.RUNNING
+        call = a._slots._release_call("k", "h1")
+        first = await a._conn.run(*call)  # its reply lost: the call runs again
+        assert str(first[0]).startswith("s ")
+        assert (await a._conn.run(*call))[0] == first[0]
+        reason = await a.release("k", "h1")  # the backend's own call: a third run
+        assert reason is not None
+        assert (reason.kind, reason.source) == (CancelKind.SUPERSEDED, "h2")
+
+
 async def _not(value: Awaitable[bool]) -> bool:
     return not await value
 
@@ -1069,14 +1094,17 @@ async def the_first_claim_stops_before_the_next_starts(
     assert "lost its place" in reason.message
 
 
-async def test_an_operation_whose_registration_was_lost_ends_cancelled_after_pending(
-    server: RedisServer, prefix: str
+@pytest.mark.parametrize("first", ["cancel", "exit"])
+async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
+    server: RedisServer, prefix: str, first: str
 ) -> None:
     """Its registration is gone from Redis while the body runs (a failover lost the write, or
-    its lease lapsed): a cancel writes a tombstone and answers PENDING. The body then reaches
-    its end before its worker's resync stops it: its exit must not report success. It did
-    (the cluster primary-kill race on the history checker: PENDING, then completed); now the
-    exit reads the tombstone and raises OperationCancelled, as for CANCELLED."""
+    its lease lapsed), then a cancel and the body's exit race. Cancel first: it writes a
+    tombstone and answers PENDING, and the exit must not report success (it did: the cluster
+    primary-kill race on the history checker; now the exit reads the tombstone). Exit first:
+    it reports success, and the cancel must answer NOT_FOUND, the id had ended (it answered
+    PENDING: the exit had left no finished-marker; the same race, the exit's answer 58 µs
+    after the cancel's)."""
     async with (
         two_backends(server, prefix) as (a, b),
         raw(server) as client,
@@ -1100,7 +1128,12 @@ async def test_an_operation_whose_registration_was_lost_ends_cancelled_after_pen
                 registration = [k for k in await keys_of(client, prefix) if ":r:" in k]
                 assert len(registration) == 1, registration
                 await client.delete(registration)  # the server lost it
-                outcome = await TokenRegistry(backend=b).cancel("lost")
-                assert outcome is CancelOutcome.PENDING  # a tombstone: nobody runs "lost"
+                if first == "cancel":
+                    outcome = await TokenRegistry(backend=b).cancel("lost")
+                    assert outcome is CancelOutcome.PENDING  # a tombstone: nobody runs "lost"
                 finish.set()  # the body ends before any resync tells it
-        assert ended == ["requested"]
+        if first == "cancel":
+            assert ended == ["requested"]
+        else:
+            assert ended == ["completed"]
+            assert await TokenRegistry(backend=b).cancel("lost") is CancelOutcome.NOT_FOUND

@@ -72,7 +72,8 @@ return {0}
 #: registration, kept in ``reg#c`` after its lease lapsed, a tombstone written while the
 #: registration was gone from the server (its lease lapsed, or a failover lost it: that cancel
 #: answered PENDING while the body ran), or in the finished-marker after this script ran), or
-#: '' (none, or it committed).
+#: '' (none, or it committed). A registration gone from the server with no cancel to report
+#: leaves a finished-marker too: a later cancel answers 'not_found' (it ended), not 'pending'.
 UNREGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 local c = false
@@ -87,6 +88,7 @@ elseif not cur then
     local f = redis.call('GET', KEYS[2])
     if f ~= '1' then c = f end
   end
+  if not c then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end  -- it ended: say so
 end
 return c or ''
 """

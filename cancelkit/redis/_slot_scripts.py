@@ -10,6 +10,8 @@ keys and the messages are described in :mod:`cancelkit.redis._scripts`):
   and heartbeat; once no claim is left only ``seq``/``sh`` remain, for the sequence TTL.
 - ``P:q:K`` the claims not yet released, a sorted set of ``"W H"`` by generation (the order
   of arrival); TTL: the lease.
+- ``P:x:W H`` (in the group of K) a superseded claim released lately: ``s NEW``, so that a
+  release retried after its reply was lost answers what the first attempt did; TTL: the lease.
 - ``P:sz`` the released keys whose sequence number is remembered, a sorted set by expiry
   (ms), for the ``max_seq_keys`` bound (the oldest are forgotten first).
 
@@ -197,17 +199,23 @@ return out
 """
 )
 
-#: KEYS: state, order, P:sz. ARGV: W, H, channel prefix, liveness-key prefix, lease ms,
+#: KEYS: state, order, P:sz, P:x:W H. ARGV: W, H, channel prefix, liveness-key prefix, lease ms,
 #: sequence ttl ms, max_seq_keys, state ttl ms. Forgets the claim, lets waiters run, and
 #: once no claim is left keeps only the newest sequence number (bounded by P:sz).
-#: Returns {the claim's state before ('' if it was not recorded), turn lines for this
-#: worker's holders...}.
+#: Returns {the claim's state before ('' if it was not recorded; a superseded claim's state
+#: is kept a lease in P:x:W H, for a retry of this call), turn lines for this worker's
+#: holders...}.
 RELEASE = (
     _SETTLE
     + """
 local W, H = ARGV[1], ARGV[2]
 local me = W .. ' ' .. H
 local was = redis.call('HGET', KEYS[1], me) or ''
+if was == '' then  -- not recorded: or this call ran already and its reply was lost
+  was = redis.call('GET', KEYS[4]) or ''
+elseif string.sub(was, 1, 2) == 's ' then
+  redis.call('SET', KEYS[4], was, 'PX', ARGV[5])
+end
 local function reply(lines)
   local out = {was}
   for _, line in ipairs(lines) do out[#out + 1] = line end

@@ -25,9 +25,9 @@ class _Claim:
     __slots__ = (
         "deliver",
         "generation",
-        "limit",
         "holder",
         "key",
+        "limit",
         "local",
         "mirrored",
         "running",
@@ -248,7 +248,7 @@ class Slots:
         k, settings = self._keys, self._settings
         return (
             "RELEASE",
-            [k("k", key), k("q", key), k.sequences(key)],
+            [k("k", key), k("q", key), k.sequences(key), k("x", f"{k.worker} {holder}", key)],
             [
                 k.worker,
                 holder,
