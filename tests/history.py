@@ -246,7 +246,11 @@ def _cancel(call: Event, bodies: list[Body], offline: _Offline, notes: list[str]
     for body in bodies:
         where = f"{call.id!r} in {body.process}"
         if answer in ("cancelled", "pending"):
-            if body.end == "completed" and body.ended > call.time:
+            # PENDING says nothing of the id ran when Redis answered: an exit already under
+            # way then (its registration lost, it completed first) agrees with it. CANCELLED
+            # needs a registration, which a completed exit deletes: no order excuses it.
+            decided = body.ended if answer == "cancelled" else body.exiting
+            if body.end == "completed" and decided > call.time:
                 step = offline(body.process, body.exiting, body.ended) or any(
                     c.value == "ok" and offline(body.process, c.began, c.time)
                     for c in body.commits  # a commit decided offline: it runs to its end

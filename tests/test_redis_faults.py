@@ -17,11 +17,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -43,7 +44,7 @@ from cancelkit import (
     TokenRegistry,
 )
 from cancelkit.backends import Admission
-from cancelkit.redis import RedisBackend, RedisUnavailable
+from cancelkit.redis import RedisBackend, RedisUnavailable, _slots
 from cancelkit.redis._connection import Connection
 from cancelkit.redis._listener import Listener
 from tests.conftest import RedisServer
@@ -235,18 +236,23 @@ end
 """
 
 
+async def busy_for(server: RedisServer, seconds: float, tg: anyio.abc.TaskGroup) -> None:
+    """Another client runs a script for ``seconds`` (in ``tg``): every call answers BUSY
+    meanwhile, and unlike a pause no call waits in a socket to run later. Returns once it
+    does."""
+    server.command("CONFIG", "SET", "busy-reply-threshold", "50")
+    tg.start_soon(anyio.to_thread.run_sync, server.command, "EVAL", _BUSY_SCRIPT, "0", str(seconds))
+    with anyio.fail_after(10):
+        while not (server.command("PING") or b"").startswith(b"-BUSY"):  # noqa: ASYNC110
+            await anyio.sleep(0.01)  # another process's state: no event to wait on
+
+
 async def test_busy_script_from_another_client(server: RedisServer, prefix: str) -> None:
     """BUSY replies (a long script elsewhere): no raw error, no dead task, then recovery."""
-    server.command("CONFIG", "SET", "busy-reply-threshold", "50")
     async with two_backends(server, prefix) as backends:
         outcomes = Outcomes()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                anyio.to_thread.run_sync, server.command, "EVAL", _BUSY_SCRIPT, "0", "1.2"
-            )
-            with anyio.fail_after(10):
-                while not (server.command("PING") or b"").startswith(b"-BUSY"):  # noqa: ASYNC110
-                    await anyio.sleep(0.01)  # another process's state: no event to wait on
+            await busy_for(server, 1.2, tg)
             await traffic(backends, outcomes, "busy")
         assert outcomes.seen["RedisUnavailable"] >= 1  # fail-closed B saw BUSY as unavailable
         await check_recovered(server, backends, outcomes)
@@ -1094,6 +1100,220 @@ async def the_first_claim_stops_before_the_next_starts(
     assert "lost its place" in reason.message
 
 
+async def test_a_start_abandoned_in_an_outage_never_cancels_the_live_run_after_a_restart(
+    server: RedisServer, prefix: str
+) -> None:
+    """Worker A runs operation "X"; Redis restarts without persistence (A's registration is
+    lost; A's resync re-asserts it). Meanwhile worker B (fail_open=False) was asked to start
+    "X" too: its REGISTER failed, and it queued the UNREGISTER of a registration it never
+    made. Redis is back and B's cleaner runs first: that UNREGISTER must leave no
+    finished-marker, which A's resync reads as "another run of the id ended" and cancels
+    its live run (review3: an exit whose registration was gone wrote one)."""
+    slow = {**OPTIONS, "heartbeat": 1.0, "lease": 5.0, "retry_delay": 2.0}  # A resyncs later
+    async with (
+        RedisBackend(server.url, prefix=prefix, fail_open=True, **slow) as a,
+        RedisBackend(server.url, prefix=prefix, fail_open=False, **OPTIONS) as b,
+    ):
+        running = anyio.Event()
+        ended: list[str] = []
+
+        async def body() -> None:
+            try:
+                async with TokenRegistry(backend=a).track("X"):
+                    running.set()
+                    await anyio.sleep(4)
+                ended.append("completed")
+            except OperationCancelled as exc:
+                ended.append(f"{exc.reason.kind.value}: {exc.reason.message}")
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(body)
+                await running.wait()
+                server.stop()  # its data is lost with it
+                with pytest.raises(RedisUnavailable):
+                    async with TokenRegistry(backend=b).track("X"):
+                        pytest.fail("B started X while Redis was down")
+                server.start()
+                await wait_for(
+                    lambda: a.statistics().connected and b.statistics().connected, limit=15
+                )
+    assert ended == ["completed"], ended
+
+
+class Bodies:
+    """The bodies of key "k" that run in one worker: each from its start to its token's
+    cancel (a stopped body is interrupted at its next checkpoint) or its exit."""
+
+    def __init__(self, slot: LatestOnly) -> None:
+        self.slot = slot
+        self.running: set[str] = set()
+        self.most = 0
+        self.started: list[str] = []
+        self.stopped: dict[str, str] = {}
+        self.events: dict[str, anyio.Event] = {}
+
+    def began(self, name: str) -> anyio.Event:
+        """Set once ``name``'s body has started."""
+        return self.events.setdefault(name, anyio.Event())
+
+    async def run(self, name: str, until: Callable[[], Awaitable[object]]) -> None:
+        """Claim "k" and run until ``until()`` returns, or the claim is stopped."""
+        try:
+            async with self.slot.claim("k") as claim:
+                self.running.add(name)
+                self.most = max(self.most, len(self.running))
+                self.started.append(name)
+                claim.token.on_cancel(lambda _: self.running.discard(name))
+                self.began(name).set()
+                try:
+                    await until()
+                finally:
+                    self.running.discard(name)
+        except OperationCancelled as exc:
+            self.stopped[name] = exc.reason.message
+
+    def __repr__(self) -> str:
+        return f"<Bodies started={self.started} stopped={self.stopped}>"
+
+
+@pytest.mark.parametrize("policy", ["enqueue", "keep_latest"])
+async def test_a_claim_waiting_in_redis_and_one_made_in_an_outage_never_run_together(
+    server: RedisServer, prefix: str, policy: Literal["enqueue", "keep_latest"]
+) -> None:
+    """max_concurrency=1, fail_open=True. c0 runs, cw waits in Redis's queue; Redis is
+    paused (SIGSTOP). cl is made on the worker's own state and waits behind c0 there (the
+    fallback knows c0, which runs, not cw). c0 ends while Redis is still paused: the fallback
+    gives cl its turn, and cw, its TURN failing, is first of the worker's claims of the key.
+    Both ran (review3): now whichever starts second makes room, and one body runs."""
+    process = server.process
+    assert process is not None
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 5.0, "timeout": 0.3, "fail_open": True}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        bodies = Bodies(LatestOnly(backend=backend, policy=policy))
+        end0 = anyio.Event()
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bodies.run, "c0", end0.wait)
+                await bodies.began("c0").wait()
+                tg.start_soon(bodies.run, "cw", functools.partial(anyio.sleep, 1.5))
+                await wait_for(lambda: bodies.slot.statistics().waiting == 1)
+                await anyio.sleep(0.3)  # its ACQUIRE answered: it waits in Redis's queue
+                process.send_signal(signal.SIGSTOP)
+                try:
+                    tg.start_soon(bodies.run, "cl", functools.partial(anyio.sleep, 1.5))
+                    await anyio.sleep(1.0)  # cl's ACQUIRE timed out: it waits in the fallback
+                    assert bodies.started == ["c0"]
+                    end0.set()  # c0 ends while Redis is still paused
+                    await anyio.sleep(1.0)
+                finally:
+                    process.send_signal(signal.SIGCONT)
+    assert bodies.most == 1, bodies
+    assert bodies.started[0] == "c0", bodies
+    assert len(bodies.started) >= 2, bodies  # then cw or cl (or both, one after the other)
+
+
+@pytest.mark.parametrize(("policy", "resync"), [("enqueue", "held"), ("keep_latest", "free")])
+async def test_a_claim_queued_on_local_state_waits_for_the_claim_redis_admitted(
+    server: RedisServer,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: Literal["enqueue", "keep_latest"],
+    resync: str,
+) -> None:
+    """max_concurrency=1, fail_open=True. Redis is paused: cl1 runs on the worker's own state
+    and cl2 waits behind it there. Redis resumes and admits c3 (before the worker's resync
+    when it is held): cl1 stops, and its release gives cl2 the fallback's turn, which knows
+    nothing of c3. cl2's body started beside c3's (review3); now cl2 lost its place. (A
+    lease nothing outlasts: with the resync held, Redis would forget c3 itself.)"""
+    process = server.process
+    assert process is not None
+
+    async def held(self: Listener, *, force: bool = False) -> None:
+        await anyio.sleep_forever()
+
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 10.0, "timeout": 0.3, "fail_open": True}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        if resync == "held":
+            monkeypatch.setattr(Listener, "resync", held)
+        bodies = Bodies(LatestOnly(backend=backend, policy=policy))
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                process.send_signal(signal.SIGSTOP)
+                try:
+                    tg.start_soon(bodies.run, "cl1", functools.partial(anyio.sleep, 1.0))
+                    await bodies.began("cl1").wait()  # its ACQUIRE timed out: local state
+                    tg.start_soon(bodies.run, "cl2", functools.partial(anyio.sleep, 1.0))
+                    await anyio.sleep(0.6)  # its ACQUIRE timed out: it waits on local state
+                finally:
+                    process.send_signal(signal.SIGCONT)
+                tg.start_soon(bodies.run, "c3", functools.partial(anyio.sleep, 1.0))
+    assert bodies.most == 1, bodies
+    assert "c3" in bodies.started, bodies
+    assert "c3" not in bodies.stopped, bodies
+
+
+async def test_a_claim_made_in_an_outage_is_never_ordered_by_the_servers_clock(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replace, fail_open=True, this worker's clock 1 s ahead of the Redis server's (nothing
+    asks hosts to agree). c1 runs on local state during a pause, its generation from the
+    worker's clock; c2, the newest, is then admitted by Redis with a generation from the
+    server's clock, lower. Making room by generation stopped c2 for c1 (review3): a claim
+    Redis never knew now loses its place to one it admitted, clocks never compared."""
+    process = server.process
+    assert process is not None
+    ahead = types.SimpleNamespace(time_ns=lambda: time.time_ns() + 1_000_000_000)
+    monkeypatch.setattr(_slots, "time", ahead)
+
+    async def held(self: Listener, *, force: bool = False) -> None:
+        await anyio.sleep_forever()
+
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.4, "timeout": 0.3, "fail_open": True}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        monkeypatch.setattr(Listener, "resync", held)
+        bodies = Bodies(LatestOnly(backend=backend, policy="replace"))
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                process.send_signal(signal.SIGSTOP)
+                try:
+                    tg.start_soon(bodies.run, "c1", anyio.sleep_forever)
+                    await bodies.began("c1").wait()  # on local state
+                finally:
+                    process.send_signal(signal.SIGCONT)
+                await bodies.run("c2", anyio.lowlevel.checkpoint)  # admitted by Redis
+                tg.cancel_scope.cancel()
+    assert bodies.started == ["c1", "c2"], bodies
+    assert "lost its place" in bodies.stopped["c1"], bodies
+    assert "c2" not in bodies.stopped, bodies
+
+
+async def test_a_claim_redis_still_holds_keeps_its_place_over_one_it_never_knew(
+    server: RedisServer, prefix: str
+) -> None:
+    """enqueue, max_concurrency=2, fail_open=True, a lease nothing outlasts. c1 runs, admitted
+    by Redis; Redis answers BUSY for 1.2 s (another client's long script: unlike a pause, no
+    call waits in a socket to run later): c2 runs beside c1 on local state. Redis is back
+    and admits c3 beside c1. Making room stopped c1, the oldest (review3), though Redis held
+    it all along: now c2, the claim Redis never knew, stops."""
+    options = {**OPTIONS, "heartbeat": 0.1, "lease": 10.0, "timeout": 0.3, "fail_open": True}
+    async with RedisBackend(server.url, prefix=prefix, **options) as backend:
+        bodies = Bodies(LatestOnly(backend=backend, policy="enqueue", max_concurrency=2))
+        three = functools.partial(anyio.sleep, 3)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bodies.run, "c1", three)
+                await bodies.began("c1").wait()
+                async with anyio.create_task_group() as outage:
+                    await busy_for(server, 1.2, outage)
+                    tg.start_soon(bodies.run, "c2", three)
+                    await bodies.began("c2").wait()  # on local state, beside c1
+                tg.start_soon(bodies.run, "c3", three)
+    assert bodies.most == 2, bodies
+    assert set(bodies.stopped) == {"c2"}, bodies
+    assert "lost its place" in bodies.stopped["c2"], bodies
+
+
 @pytest.mark.parametrize("first", ["cancel", "exit"])
 async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
     server: RedisServer, prefix: str, first: str
@@ -1102,9 +1322,10 @@ async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
     its lease lapsed), then a cancel and the body's exit race. Cancel first: it writes a
     tombstone and answers PENDING, and the exit must not report success (it did: the cluster
     primary-kill race on the history checker; now the exit reads the tombstone). Exit first:
-    it reports success, and the cancel must answer NOT_FOUND, the id had ended (it answered
-    PENDING: the exit had left no finished-marker; the same race, the exit's answer 58 µs
-    after the cancel's)."""
+    it reports success, and the cancel answers PENDING, true then: nothing of the id runs,
+    and a start before the tombstone expires never runs its body. (NOT_FOUND would need a
+    finished-marker, which a worker's resync reads as "another run ended": it cancelled a
+    live run whose registration a restart lost, after a failed duplicate start elsewhere.)"""
     async with (
         two_backends(server, prefix) as (a, b),
         raw(server) as client,
@@ -1136,4 +1357,7 @@ async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
             assert ended == ["requested"]
         else:
             assert ended == ["completed"]
-            assert await TokenRegistry(backend=b).cancel("lost") is CancelOutcome.NOT_FOUND
+            assert await TokenRegistry(backend=b).cancel("lost") is CancelOutcome.PENDING
+            with pytest.raises(OperationCancelled):
+                async with TokenRegistry(backend=a).track("lost"):
+                    pytest.fail("a start of a tombstoned id ran its body")

@@ -72,8 +72,11 @@ return {0}
 #: registration, kept in ``reg#c`` after its lease lapsed, a tombstone written while the
 #: registration was gone from the server (its lease lapsed, or a failover lost it: that cancel
 #: answered PENDING while the body ran), or in the finished-marker after this script ran), or
-#: '' (none, or it committed). A registration gone from the server with no cancel to report
-#: leaves a finished-marker too: a later cancel answers 'not_found' (it ended), not 'pending'.
+#: '' (none, or it committed). A registration gone from the server leaves no finished-marker:
+#: a worker's resync reads one as "another run of the id ended" and cancels its own copy, and
+#: this holder may never have run (a start abandoned while Redis was unreachable); a later
+#: cancel answers 'pending', true then: nothing of the id runs, and it never starts again
+#: before the tombstone expires.
 UNREGISTER = """
 local cur = redis.call('HGET', KEYS[1], 'o')
 local c = false
@@ -88,7 +91,6 @@ elseif not cur then
     local f = redis.call('GET', KEYS[2])
     if f ~= '1' then c = f end
   end
-  if not c then redis.call('SET', KEYS[2], '1', 'PX', ARGV[2]) end  -- it ended: say so
 end
 return c or ''
 """

@@ -149,7 +149,7 @@ class Slots:
         claim.synced = True
         self._dispatch(result[2:])  # the claims it superseded or let run
         if claim.running:
-            _stop_forgotten(self, claim)
+            _make_room(self, claim)
         return Acquired(admission, claim.generation)
 
     def _dispatch(self, lines: list[Any]) -> None:
@@ -283,6 +283,7 @@ class Slots:
             if claim.local is not None:  # made while Redis was down: this worker's order
                 await self._local.wait_turn(key, holder, handover=handover)
                 claim.running = True
+                _make_room(self, claim)  # (the fallback knows nothing of claims Redis let in)
                 return
             claim.turn = event = anyio.Event()
             try:
@@ -300,13 +301,14 @@ class Slots:
                 self._dispatch(result[1:])
                 if result[0]:
                     claim.running = True
-                    _stop_forgotten(self, claim)
+                    _make_room(self, claim)
                     return
             except Down:
                 if not self._settings.fail_open:
                     raise RedisUnavailable("Redis is unreachable; cannot wait for a turn") from None
                 if next(iter(self._by_key[key])) == holder:
                     claim.running = True
+                    _make_room(self, claim)  # (claims made on local state meanwhile)
                     return
             with anyio.move_on_after(self._settings.heartbeat):
                 await event.wait()
@@ -339,30 +341,32 @@ class Slots:
                 claim.turn.set()
 
 
-def _stop_forgotten(slots: Slots, new: _Claim) -> None:
-    """Redis let ``new`` run: never more than its ``limit`` bodies of its key run here.
+def _make_room(slots: Slots, new: _Claim) -> None:
+    """``new`` may run: never more than its ``limit`` bodies of its key run in this worker.
 
-    Older claims of the key may still run here: Redis forgot them (their lease ran out while
-    this worker could not reach it) or never knew them (made in the fallback while it was
-    unreachable). Of this worker's running claims of the key, the newest ``limit`` by
-    generation keep running and the others stop before ``new``'s body starts (its worker's
-    resync would stop them only later) - ``new`` itself if newer ones run (a newer claim's
-    reply, or the fallback, can come first).
+    Other running claims of the key here may have lost their place: Redis never knew those
+    made on this worker's own state while it was unreachable, and forgot those whose lease
+    ran out meanwhile. Redis's view wins: the ones it never knew stop first (oldest first),
+    then the oldest it let run, until ``limit`` run - ``new`` itself if newer ones hold the
+    places. They stop before ``new``'s body starts (a resync would stop them only later).
+    Claims made on local state are ordered by this worker's clock and the others by the
+    server's: the two are never compared.
     """
     mine = slots._by_key.get(new.key, {}).values()
-    running = sorted((c for c in mine if c.running and not c.superseded), key=_by_generation)
+    running = sorted((c for c in mine if c.running and not c.superseded), key=_place)
     newest = running[-1].holder if running else new.holder
     for old in running[: max(len(running) - new.limit, 0)]:
-        slots._deliver(old, CancelReason(CancelKind.SUPERSEDED, _FORGOTTEN, source=newest))
+        slots._deliver(old, CancelReason(CancelKind.SUPERSEDED, _LOST_PLACE, source=newest))
 
 
-def _by_generation(claim: _Claim) -> int:
-    return claim.generation
+def _place(claim: _Claim) -> tuple[bool, int]:
+    """Claims that lose their place first sort first: local ones, then by generation."""
+    return (claim.local is None, claim.generation)
 
 
-_FORGOTTEN = (
-    "lost its place: Redis let a newer claim of its key run, and never knew this one or "
-    "forgot it while its worker could not reach Redis"
+_LOST_PLACE = (
+    "lost its place: Redis never knew it (made while its worker could not reach Redis) or "
+    "forgot it (its lease ran out meanwhile), and newer claims of its key run"
 )
 
 
