@@ -1314,6 +1314,148 @@ async def test_a_claim_redis_still_holds_keeps_its_place_over_one_it_never_knew(
     assert "lost its place" in bodies.stopped["c2"], bodies
 
 
+_FAST = {**OPTIONS, "heartbeat": 0.1, "lease": 10.0, "timeout": 0.3, "fail_open": True}
+
+
+async def _held(self: Listener, *, force: bool = False) -> None:
+    await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("outage", [False, True])
+async def test_handover_waits_for_the_cleanup_of_a_local_claim_it_stopped(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch, outage: bool
+) -> None:
+    """replace, max_concurrency=1, handover_timeout=5 (bodies, cleanup included, never
+    overlap), fail_open=True, resync held. c1 runs; c2 of the key is admitted by Redis.
+
+    Without an outage (control), c2's handover wait lasts until c1's body and its cleanup
+    ended: Redis keeps c1 as superseded, and TURN counts it ahead of c2.
+
+    With an outage (Redis answers BUSY while c1 is claimed), c1 runs on the worker's own
+    state, unknown to Redis. Making room cancels c1's token, and c2's TURN answers at once
+    (Redis knows only c2): c2's body started while c1's cleanup still ran (review4). Now a
+    handover also waits for the claims stopped to make room."""
+    async with RedisBackend(server.url, prefix=prefix, **_FAST) as backend:
+        monkeypatch.setattr(Listener, "resync", _held)
+        slot = LatestOnly(backend=backend, policy="replace", handover_timeout=5)
+        log: list[str] = []
+        began = anyio.Event()
+
+        async def c1() -> None:
+            try:
+                async with slot.claim("k"):
+                    log.append("c1 start")
+                    began.set()
+                    try:
+                        await anyio.sleep_forever()
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            await anyio.sleep(0.5)  # the body's cleanup
+                        log.append("c1 end")
+            except OperationCancelled:
+                pass
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                if outage:
+                    async with anyio.create_task_group() as busy:
+                        await busy_for(server, 1.2, busy)
+                        tg.start_soon(c1)
+                        await began.wait()  # on local state
+                else:
+                    tg.start_soon(c1)
+                    await began.wait()
+                async with slot.claim("k"):
+                    log.append("c2 start")
+        stats = slot.statistics()
+    assert log == ["c1 start", "c1 end", "c2 start"], log
+    assert (stats.running, stats.waiting) == (0, 0), stats
+
+
+async def test_a_committed_claim_keeps_its_place_and_the_claim_over_the_limit_loses_it(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """enqueue, max_concurrency=1, fail_open=True, resync held. c1 runs on the worker's own
+    state (Redis answers BUSY) and passes its commit point (the fallback decides it). Redis is
+    back and admits c2 (it never knew c1). Making room "stopped" c1, but a committed token
+    ignores the cancel: both bodies ran (review4). Now a committed claim keeps its place and
+    c2, the one over the limit, loses it."""
+    async with RedisBackend(server.url, prefix=prefix, **_FAST) as backend:
+        monkeypatch.setattr(Listener, "resync", _held)
+        bodies = Bodies(LatestOnly(backend=backend, policy="enqueue"))
+        committed = anyio.Event()
+
+        async def c1() -> None:  # Bodies.run, with a commit
+            async with bodies.slot.claim("k") as claim:
+                bodies.running.add("c1")
+                bodies.started.append("c1")
+                claim.token.on_cancel(lambda _: bodies.running.discard("c1"))
+                try:
+                    await claim.commit()
+                    committed.set()
+                    await anyio.sleep(1.5)
+                finally:
+                    bodies.running.discard("c1")
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                async with anyio.create_task_group() as busy:
+                    await busy_for(server, 1.2, busy)
+                    tg.start_soon(c1)
+                    await committed.wait()  # on local state, committed there
+                tg.start_soon(bodies.run, "c2", functools.partial(anyio.sleep, 0.2))
+        stats = bodies.slot.statistics()
+    assert bodies.started == ["c1"], bodies
+    assert "lost its place" in bodies.stopped["c2"], bodies
+    assert (stats.running, stats.waiting) == (0, 0), stats
+
+
+async def test_a_running_claim_is_never_stopped_for_one_that_waited_behind_it(
+    server: RedisServer, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """enqueue, max_concurrency=1, fail_open=True. The worker asks for x, then y; x's ACQUIRE
+    travels on a slower pool connection and reaches Redis after y's (the pool runs calls on
+    several connections; nothing orders them). Redis admits y and queues x behind it.
+
+    Redis answers BUSY: x's TURN fails, and the ``Down`` path of ``wait_turn`` lets x run
+    because x is *first in the worker's dict* (the order of the calls, not Redis's). Making
+    room then stopped y, which Redis admitted and still held (review4). Now a queued claim
+    starts during an outage only with room in the worker, first of its queued claims."""
+    run = Connection.run
+    calls: list[str] = []
+    y_answered, x_answered = anyio.Event(), anyio.Event()
+
+    async def slow_first_acquire(self: Connection, script: str, *args: Any, **kw: Any) -> Any:
+        if script != "ACQUIRE":
+            return await run(self, script, *args, **kw)
+        calls.append(script)
+        first = len(calls) == 1
+        if first:
+            await y_answered.wait()  # a slower connection: x's call reaches Redis after y's
+        result = await run(self, script, *args, **kw)
+        (x_answered if first else y_answered).set()
+        return result
+
+    async with RedisBackend(server.url, prefix=prefix, **_FAST) as backend:
+        monkeypatch.setattr(Connection, "run", slow_first_acquire)
+        bodies = Bodies(LatestOnly(backend=backend, policy="enqueue"))
+        slot = bodies.slot
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(bodies.run, "x", functools.partial(anyio.sleep, 0.5))
+                await wait_for(lambda: len(calls) == 1)  # x's call is under way
+                tg.start_soon(bodies.run, "y", functools.partial(anyio.sleep, 2.5))
+                await bodies.began("y").wait()
+                await x_answered.wait()  # x waits in Redis's queue, behind y
+                await anyio.sleep(0.2)
+                async with anyio.create_task_group() as busy:
+                    await busy_for(server, 1.2, busy)
+        stats = slot.statistics()
+    assert "y" not in bodies.stopped, bodies
+    assert bodies.started == ["y", "x"], bodies
+    assert (stats.running, stats.waiting) == (0, 0), stats
+
+
 @pytest.mark.parametrize("first", ["cancel", "exit"])
 async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
     server: RedisServer, prefix: str, first: str

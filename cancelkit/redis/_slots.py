@@ -23,12 +23,14 @@ _CHUNK = 500  # entries per resync script call
 @final
 class _Claim:
     __slots__ = (
+        "committed",
         "deliver",
         "generation",
         "holder",
         "key",
         "limit",
         "local",
+        "lost",
         "mirrored",
         "running",
         "superseded",
@@ -46,6 +48,8 @@ class _Claim:
         self.running = False  # its body may start (Redis let it, or the fallback did)
         self.mirrored = False  # Redis let it run, and it is in the fallback's view too
         self.superseded = False
+        self.lost = False  # stopped to make room: a handover waits for its exit
+        self.committed = False  # past its commit point: a cancel no longer stops it
         self.synced = False
         self.turn: anyio.Event | None = None
 
@@ -302,13 +306,13 @@ class Slots:
                 if result[0]:
                     claim.running = True
                     _make_room(self, claim)
-                    return
+                    if not (handover and _leaving(self, claim)):
+                        return
             except Down:
                 if not self._settings.fail_open:
                     raise RedisUnavailable("Redis is unreachable; cannot wait for a turn") from None
-                if next(iter(self._by_key[key])) == holder:
+                if _first_in_line(self, claim):
                     claim.running = True
-                    _make_room(self, claim)  # (claims made on local state meanwhile)
                     return
             with anyio.move_on_after(self._settings.heartbeat):
                 await event.wait()
@@ -347,16 +351,23 @@ def _make_room(slots: Slots, new: _Claim) -> None:
     Other running claims of the key here may have lost their place: Redis never knew those
     made on this worker's own state while it was unreachable, and forgot those whose lease
     ran out meanwhile. Redis's view wins: the ones it never knew stop first (oldest first),
-    then the oldest it let run, until ``limit`` run - ``new`` itself if newer ones hold the
-    places. They stop before ``new``'s body starts (a resync would stop them only later).
-    Claims made on local state are ordered by this worker's clock and the others by the
-    server's: the two are never compared.
+    then the oldest it let run, until ``limit`` run - ``new`` itself if others hold the
+    places. A claim past its commit point runs to its end and keeps its place. They stop
+    before ``new``'s body starts (a resync would stop them only later), and a handover
+    waits for their exit. Claims made on local state are ordered by this worker's clock and
+    the others by the server's: the two are never compared.
     """
     mine = slots._by_key.get(new.key, {}).values()
     running = sorted((c for c in mine if c.running and not c.superseded), key=_place)
     newest = running[-1].holder if running else new.holder
-    for old in running[: max(len(running) - new.limit, 0)]:
-        slots._deliver(old, CancelReason(CancelKind.SUPERSEDED, _LOST_PLACE, source=newest))
+    excess = len(running) - new.limit
+    for old in running:
+        if excess <= 0:
+            break
+        if not old.committed:
+            old.lost = True
+            slots._deliver(old, CancelReason(CancelKind.SUPERSEDED, _LOST_PLACE, source=newest))
+            excess -= 1
 
 
 def _place(claim: _Claim) -> tuple[bool, int]:
@@ -364,9 +375,28 @@ def _place(claim: _Claim) -> tuple[bool, int]:
     return (claim.local is None, claim.generation)
 
 
+def _leaving(slots: Slots, claim: _Claim) -> bool:
+    """Whether claims of the key stopped to make room have yet to exit (and release)."""
+    return any(c.lost for c in slots._by_key.get(claim.key, {}).values() if c is not claim)
+
+
+def _first_in_line(slots: Slots, claim: _Claim) -> bool:
+    """Whether a claim waiting in Redis's queue may start while Redis is unreachable.
+
+    On this worker's own knowledge: fewer than ``limit`` of the key run here, and no claim
+    of the worker waits ahead of it in Redis's queue.
+    """
+    mine = slots._by_key.get(claim.key, {}).values()
+    if sum(c.running and not c.superseded for c in mine) >= claim.limit:
+        return False
+    queued = [c for c in mine if c.synced and c.local is None and not (c.running or c.superseded)]
+    return min(queued, key=_place) is claim
+
+
 _LOST_PLACE = (
-    "lost its place: Redis never knew it (made while its worker could not reach Redis) or "
-    "forgot it (its lease ran out meanwhile), and newer claims of its key run"
+    "lost its place: after Redis was unreachable its worker ran more claims of its key than "
+    "allowed; those Redis never knew or forgot stop first, then the oldest (a claim past its "
+    "commit point keeps its place)"
 )
 
 
@@ -426,7 +456,9 @@ async def commit_claim(slots: Slots, key: str, holder: str) -> CancelReason | No
     if claim is None or claim.key != key:
         return CancelReason(CancelKind.SUPERSEDED, "the claim is no longer recorded")
     if claim.local is not None:  # made while Redis was unreachable: this worker decides
-        return await slots._local.commit_claim(key, holder)
+        reason = await slots._local.commit_claim(key, holder)
+        claim.committed = reason is None
+        return reason
     k = slots._keys
     try:
         result = await slots._conn.run("COMMIT_CLAIM", [k("k", key)], [k.worker, holder])
@@ -435,12 +467,14 @@ async def commit_claim(slots: Slots, key: str, holder: str) -> CancelReason | No
             raise RedisUnavailable("Redis is unreachable; cannot decide the commit") from None
         if claim.superseded:  # (fail_open: as far as this worker knows)
             return CancelReason(CancelKind.SUPERSEDED, "superseded while Redis was unreachable")
+        claim.committed = True
         return None
     if result[0] == 1:
         source = str(result[1])
         if not source:
             return CancelReason(CancelKind.SUPERSEDED, "the claim lost its place on the key")
         return CancelReason(CancelKind.SUPERSEDED, source=source)
+    claim.committed = True
     return None
 
 
