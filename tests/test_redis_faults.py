@@ -1456,6 +1456,43 @@ async def test_a_running_claim_is_never_stopped_for_one_that_waited_behind_it(
     assert (stats.running, stats.waiting) == (0, 0), stats
 
 
+@pytest.mark.parametrize(
+    ("policy", "limit"), [("enqueue", 1), ("keep_latest", 1), ("enqueue", 2), ("replace", 2)]
+)
+async def test_the_resync_after_an_outage_keeps_the_policy_of_the_claims_it_reasserts(
+    server: RedisServer,
+    prefix: str,
+    policy: Literal["enqueue", "keep_latest", "replace"],
+    limit: int,
+) -> None:
+    """fail_open=True, a key Redis holds nothing of. Redis answers BUSY: the worker makes c1
+    and c2 on its own state; with max_concurrency=1, c2 waits behind c1 there (enqueue,
+    keep_latest), with 2 both run. Redis is back and the resync re-asserts both.
+
+    The resync read the key's limit and policy from its state in Redis, which had none (the
+    ACQUIREs never ran): as 1 and not superseding, so c2 ended superseded by the older c1
+    (review4): a waiting claim under enqueue/keep_latest never ran, and the newest of two
+    under max_concurrency=2 stopped. Now the worker tells Redis the claims' settings, and a
+    claim that waits in its worker waits in Redis's queue again."""
+    async with RedisBackend(server.url, prefix=prefix, **_FAST) as backend:
+        bodies = Bodies(LatestOnly(backend=backend, policy=policy, max_concurrency=limit))
+        slot = bodies.slot
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg, anyio.create_task_group() as busy:
+                await busy_for(server, 1.2, busy)
+                tg.start_soon(bodies.run, "c1", functools.partial(anyio.sleep, 1.5))
+                await bodies.began("c1").wait()
+                tg.start_soon(bodies.run, "c2", functools.partial(anyio.sleep, 1.5))
+                if limit == 1:
+                    await wait_for(lambda: slot.statistics().waiting == 1)
+                else:
+                    await bodies.began("c2").wait()
+        stats = slot.statistics()
+    assert "c2" not in bodies.stopped, bodies
+    assert "c2" in bodies.started, bodies
+    assert (stats.running, stats.waiting) == (0, 0), stats
+
+
 @pytest.mark.parametrize("first", ["cancel", "exit"])
 async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
     server: RedisServer, prefix: str, first: str

@@ -306,14 +306,17 @@ return 0
 #: worker's liveness and the TTLs of its claims, re-assert those that Redis lost, and report
 #: the claims that were superseded meanwhile.
 #: KEYS: alive, then two per entry (state, order). ARGV: W, lease ms, state ttl ms, channel
-#: prefix, inbox prefix, then three per entry (H, G, live: '0' for a claim this worker has
-#: cancelled already). Returns message lines (see :mod:`cancelkit.redis._scripts`; ``>W``
-#: lines are for the caller to write to W's inbox, as from ACQUIRE).
+#: prefix, inbox prefix, then five per entry (H, G, live: '0' for a claim this worker has
+#: cancelled already, 'r' running, 'w' waiting; the claim's limit and when-busy policy, the
+#: key's if Redis holds nothing of it). Returns message lines (see
+#: :mod:`cancelkit.redis._scripts`; ``>W`` lines are for the caller to write to W's inbox, as
+#: from ACQUIRE).
 #:
 #: A lost claim is re-asserted by its generation, never in favour of an older one: with room
 #: it runs; with none, under a superseding policy a claim newer than the oldest running one
-#: runs and supersedes it (the newest admitted claim is the one that survives an outage), and
-#: otherwise it is superseded by the newest running one. A claim this worker cancelled
+#: runs and supersedes it (the newest admitted claim is the one that survives an outage); a
+#: claim that waits in its worker waits in the queue again under a waiting policy; otherwise it
+#: is superseded by the newest running one. A claim this worker cancelled
 #: already is never re-asserted (its release follows). A claim Redis knows gets the
 #: generation the worker gave it (after a lost ACQUIRE reply the worker made it locally).
 SYNC_CLAIMS = (
@@ -330,14 +333,18 @@ local t = redis.call('TIME')
 local deadline = string.format(
   '%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(lease))
 local out = {}
-local n = (#ARGV - 5) / 3
+local n = (#ARGV - 5) / 5
 for i = 0, n - 1 do
-  local h, g, live = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+  local h, g, live = ARGV[6 + 5 * i], ARGV[7 + 5 * i], ARGV[8 + 5 * i]
   local k1, k2 = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
   local me = W .. ' ' .. h
   local st = redis.call('HGET', k1, me)
-  if not st and live == '1' then  -- Redis lost it: re-assert it by its generation
-    local lim = tonumber(redis.call('HGET', k1, 'lim') or '1')
+  if not st and live ~= '0' then  -- Redis lost it: re-assert it by its generation
+    if not redis.call('HGET', k1, 'lim') then  -- Redis holds nothing of the key: its settings
+      redis.call('HSET', k1, 'lim', ARGV[9 + 5 * i], 'pol', ARGV[10 + 5 * i])
+    end
+    local lim = tonumber(redis.call('HGET', k1, 'lim'))
+    local pol = redis.call('HGET', k1, 'pol')
     local running, scores = {}, {}
     local members = redis.call('ZRANGE', k2, 0, -1, 'WITHSCORES')
     for j = 1, #members, 2 do
@@ -348,7 +355,9 @@ for i = 0, n - 1 do
     end
     if #running < lim then
       st = 'r'
-    elseif redis.call('HGET', k1, 'pol') == 'supersede' and tonumber(g) > scores[1] then
+    elseif live == 'w' and pol == 'wait' then
+      st = 'w'
+    elseif pol == 'supersede' and tonumber(g) > scores[1] then
       st = 'r'
       local victim = running[1]
       local line = 's ' .. select(2, split(victim)) .. ' ' .. h
@@ -365,7 +374,7 @@ for i = 0, n - 1 do
   end
   if st then
     -- the claim's own generation (an ACQUIRE whose reply was lost ran with another one)
-    if live == '1' then redis.call('ZADD', k2, g, me) end
+    if live ~= '0' then redis.call('ZADD', k2, g, me) end
     redis.call('HSET', k1, 'd ' .. me, deadline)
     if string.sub(st, 1, 2) == 's ' then out[#out + 1] = 's ' .. h .. string.sub(st, 2) end
     redis.call('PEXPIRE', k1, redis.call('HEXISTS', k1, 'seq') == 1 and ARGV[3] or lease)

@@ -36,13 +36,15 @@ class _Claim:
         "superseded",
         "synced",
         "turn",
+        "when_busy",
     )
 
-    def __init__(self, key: str, holder: str, deliver: Deliver, limit: int) -> None:
+    def __init__(self, key: str, holder: str, deliver: Deliver, limit: int, when_busy: str) -> None:
         self.key = key
         self.holder = holder
         self.deliver = deliver
         self.limit = limit  # how many bodies of the key may run at once
+        self.when_busy = when_busy  # its policy's (a resync tells Redis, if it lost the key)
         self.generation = 0
         self.local: int | None = None  # its generation in the fallback, if made while down
         self.running = False  # its body may start (Redis let it, or the fallback did)
@@ -110,7 +112,8 @@ class Slots:
         """
         self._conn.client  # noqa: B018 - raises if not running
         check_known(policy)  # the script refuses it too, but as an error reply
-        claim = self._by_holder[holder] = _Claim(key, holder, callback, limit)  # record first
+        claim = _Claim(key, holder, callback, limit, policy.when_busy)
+        self._by_holder[holder] = claim  # recorded first
         self._by_key.setdefault(key, {})[holder] = claim
         k, settings = self._keys, self._settings
         try:
@@ -429,7 +432,8 @@ async def _resync_chunk(slots: Slots, chunk: list[_Claim], *, force: bool) -> li
     ]
     for claim in chunk:  # a claim cancelled here already is never re-asserted
         keys += [k("k", claim.key), k("q", claim.key)]
-        args += [claim.holder, str(claim.generation), "0" if claim.superseded else "1"]
+        live = "0" if claim.superseded else "r" if claim.running else "w"
+        args += [claim.holder, str(claim.generation), live, str(claim.limit), claim.when_busy]
     result = await slots._conn.run("SYNC_CLAIMS", keys, args, force=force)
     for claim in chunk:  # released while the script ran: clean up again
         if claim.holder not in slots._by_holder:
