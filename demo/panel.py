@@ -190,10 +190,13 @@ async def feed(tally: MemoryTally | RedisTally, mine: Mine) -> AsyncIterator[Non
 
     def listen(event: CancelEvent) -> None:
         length = mine.get(event.name)
-        if event.what != "cancelled" or length is None:
+        stale = event.what == "refused" and event.kind == "stale"
+        if not (event.what == "cancelled" or stale) or length is None:
             return
         ran = event.ran_for
-        kind = event.kind if event.kind in KINDS else "other"
+        # a stale search (an older keystroke arriving after a newer one) is superseded
+        # before it began, as the log says
+        kind = "superseded" if stale else event.kind if event.kind in KINDS else "other"
         latency = None if event.cancel_to_exit is None else event.cancel_to_exit * 1000
         saved = 0.0 if ran is None else max(0.0, length - ran)
         stopped = Stopped(kind=kind, cancel_to_exit_ms=latency, saved_seconds=saved)

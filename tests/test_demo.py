@@ -82,6 +82,25 @@ async def test_newer_keystroke_supersedes_the_running_search() -> None:
     assert outcomes(app) == {"op-1": ["started", "superseded"], "op-2": ["started", "completed"]}
 
 
+async def test_the_panel_counts_an_older_keystroke_arriving_last_as_superseded() -> None:
+    """A search whose sequence number is below the newest one seen is refused as stale: the
+    log ends it "superseded" (before it started), and so does the panel (it did not count
+    it: the browser test's superseded count fell one short of the log's under load)."""
+    app = create_app(work_seconds=0.01)
+    async with app.router.lifespan_context(app), client(app) as http:
+        newer = await http.get("/search", params={"q": "ca"}, headers={"X-Sequence": "2"})
+        assert newer.status_code == 200
+        older = await http.get("/search", params={"q": "c"}, headers={"X-Sequence": "1"})
+        assert older.status_code == 409
+        with anyio.fail_after(LIMIT):
+            while (stats := (await http.get("/stats")).json())["total"] < 1:  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # the tally is written by a task of the lifespan
+        ends = [e for e in app.state.demo.log.since() if e.kind != "started"]
+    assert [(e.query, e.kind) for e in ends] == [("ca", "completed"), ("c", "superseded")]
+    assert stats["stopped"]["superseded"] == 1
+    assert stats["total"] == 1
+
+
 async def test_the_panel_counts_stopped_searches_and_the_work_they_saved() -> None:
     """GET /stats: fed by cancelkit's event seam, the panel counts a superseded search and one
     stopped by id, and the work they saved: each ran a moment of its 60 s."""
