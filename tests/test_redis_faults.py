@@ -1041,9 +1041,6 @@ async def test_a_claim_made_while_redis_was_unreachable_stops_before_a_newer_one
     process = server.process
     assert process is not None
 
-    async def held(self: Listener, *, force: bool = False) -> None:
-        await anyio.sleep_forever()
-
     async def first_runs(start_first: Callable[[], Awaitable[None]]) -> None:
         process.send_signal(signal.SIGSTOP)
         try:
@@ -1054,7 +1051,7 @@ async def test_a_claim_made_while_redis_was_unreachable_stops_before_a_newer_one
 
     options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.4, "timeout": 0.3, "fail_open": True}
     async with RedisBackend(server.url, prefix=prefix, **options) as backend:
-        monkeypatch.setattr(Listener, "resync", held)  # started: no resync from here on
+        monkeypatch.setattr(Listener, "resync", _held)  # started: no resync from here on
         await the_first_claim_stops_before_the_next_starts(backend, first_runs)
 
 
@@ -1229,13 +1226,10 @@ async def test_a_claim_queued_on_local_state_waits_for_the_claim_redis_admitted(
     process = server.process
     assert process is not None
 
-    async def held(self: Listener, *, force: bool = False) -> None:
-        await anyio.sleep_forever()
-
     options = {**OPTIONS, "heartbeat": 0.1, "lease": 10.0, "timeout": 0.3, "fail_open": True}
     async with RedisBackend(server.url, prefix=prefix, **options) as backend:
         if resync == "held":
-            monkeypatch.setattr(Listener, "resync", held)
+            monkeypatch.setattr(Listener, "resync", _held)
         bodies = Bodies(LatestOnly(backend=backend, policy=policy))
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
@@ -1266,12 +1260,9 @@ async def test_a_claim_made_in_an_outage_is_never_ordered_by_the_servers_clock(
     ahead = types.SimpleNamespace(time_ns=lambda: time.time_ns() + 1_000_000_000)
     monkeypatch.setattr(_slots, "time", ahead)
 
-    async def held(self: Listener, *, force: bool = False) -> None:
-        await anyio.sleep_forever()
-
     options = {**OPTIONS, "heartbeat": 0.1, "lease": 0.4, "timeout": 0.3, "fail_open": True}
     async with RedisBackend(server.url, prefix=prefix, **options) as backend:
-        monkeypatch.setattr(Listener, "resync", held)
+        monkeypatch.setattr(Listener, "resync", _held)
         bodies = Bodies(LatestOnly(backend=backend, policy="replace"))
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:

@@ -64,7 +64,6 @@ async def _answered(held: AbstractAsyncContextManager[_T], scope: _Scope) -> Asy
 
 
 _REQUEST_TOKEN = "cancelkit.fastapi.token"
-_ASGI_TOKEN = SCOPE_KEY  # where CancelOnDisconnect keeps the disconnect token
 
 
 # -- the request's token ----------------------------------------------------------------------
@@ -94,7 +93,7 @@ def _request_level_token(request: Request) -> CancellationToken:
     scope = request.scope
     token = scope.get(_REQUEST_TOKEN)
     if token is None:
-        outer = scope.get(_ASGI_TOKEN)
+        outer = scope.get(SCOPE_KEY)
         if outer is None:
             _unguarded(request)
         token = CancellationToken() if outer is None else outer.child()
@@ -147,7 +146,7 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     if OperationCancelled not in request.app.exception_handlers:
         raise RuntimeError(_NOT_INSTALLED)
     handle = source.on_cancel(_request_level_token(request).cancel)
-    outer = request.scope.get(_ASGI_TOKEN)
+    outer = request.scope.get(SCOPE_KEY)
     outer_handle = None
     if outer is None:
         _unguarded(request)

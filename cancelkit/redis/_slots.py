@@ -393,7 +393,7 @@ def _first_in_line(slots: Slots, claim: _Claim) -> bool:
     if sum(c.running and not c.superseded for c in mine) >= claim.limit:
         return False
     queued = [c for c in mine if c.synced and c.local is None and not (c.running or c.superseded)]
-    return min(queued, key=_place) is claim
+    return bool(queued) and min(queued, key=_place) is claim  # (none: it was just superseded)
 
 
 _LOST_PLACE = (
