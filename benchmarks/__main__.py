@@ -1,6 +1,7 @@
 """Run every benchmark module (``benchmarks/bench_*.py``), or those named on the command line.
 
-Usage: ``python -m benchmarks [token registry ...]``.
+Usage: ``python -m benchmarks [token registry ...] [--option ...]``; options (arguments that
+start with ``-``) go to every module named, e.g. ``python -m benchmarks redis --race-only``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def main(argv: list[str]) -> int:
         for info in pkgutil.iter_modules(benchmarks.__path__)
         if info.name.startswith("bench_")
     )
-    chosen = argv or names
+    options = [arg for arg in argv if arg.startswith("-")]
+    chosen = [arg for arg in argv if not arg.startswith("-")] or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(names)}")
@@ -27,7 +29,7 @@ def main(argv: list[str]) -> int:
     for name in chosen:
         started = time.perf_counter()
         print(f"\n=== {name} ===", flush=True)
-        sys.argv = [f"benchmarks.bench_{name}"]  # each module reads its own options
+        sys.argv = [f"benchmarks.bench_{name}", *options]  # each module reads its own
         try:
             importlib.import_module(f"benchmarks.bench_{name}").main()
         except SystemExit as exc:  # e.g. a load generator that is not installed

@@ -2,7 +2,7 @@
 
 The deadline travels as the time that is *left*, in whole milliseconds, never as a wall-clock
 instant: the two hosts' clocks need not agree, and each hop re-anchors the duration on its own
-monotonic clock when the request arrives. The sender keeps one millisecond for the answer's
+monotonic clock when the request arrives. The sender keeps 4 milliseconds for the answer's
 way back and floors the rest, so that the next hop gives up just before this one does.
 
 One header is sent: ``Request-Timeout-Ms`` (a plain duration whose unit is in its name, with no
