@@ -317,7 +317,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict over cancelkit and tests (configured in pyproject.toml)."""
+    """mypy --strict over cancelkit, tests, demo and benchmarks (configured in pyproject.toml)."""
     session.install(EXTRAS, *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy", *session.posargs)
 

@@ -70,9 +70,12 @@ def in_tasks(tasks: int, one: Callable[[int], Awaitable[None]]) -> Callable[[int
     """Run ``one(n // tasks)`` in ``tasks`` concurrent tasks."""
 
     async def run(n: int) -> None:
+        async def part() -> None:
+            await one(n // tasks)
+
         async with anyio.create_task_group() as tg:
             for _ in range(tasks):
-                tg.start_soon(one, n // tasks)
+                tg.start_soon(part)
 
     return run
 

@@ -124,7 +124,7 @@ async def in_process() -> dict[str, list[float]]:
             scope.cancel()
             return await stamp.since(start)
 
-        return await interleaved(
+        results = await interleaved(
             {
                 "start": op_started,
                 "start_soon": bare_started,
@@ -133,6 +133,7 @@ async def in_process() -> dict[str, list[float]]:
             },
             TRIALS,
         )
+    return results
 
 
 async def across_workers(url: str) -> dict[str, list[float]]:

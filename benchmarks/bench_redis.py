@@ -14,6 +14,11 @@ bodies that ran to completion although ``cancel()`` answered CANCELLED or PENDIN
 the anomalies that tests/history.py's checker finds in the race's history (every call, answer
 and body event; target 0), and cancel -> body exit latency (target p99 <= 250 ms).
 
+And what a tombstone costs in Redis: a ``PENDING`` cancel's tombstone refuses every start of its
+id until ``tombstone_ttl`` ends, so it is held for the whole TTL (before, the first start used
+it up): bytes of server memory per tombstone (``INFO memory``) and a refused start's round trip
+vs the cancel's that wrote it.
+
 Uses ``$CANCELKIT_REDIS_URL`` if set, else starts a throw-away redis-server on a free port.
 Run: ``python -m benchmarks.bench_redis`` (or ``python -m benchmarks redis``);
 ``--race-only`` skips the latency trials, ``--races N`` pools N race runs per configuration,
@@ -39,11 +44,20 @@ from typing import Any
 import anyio
 import coredis
 
-from cancelkit import CancelOutcome, CancelReason, OperationCancelled, TokenRegistry
+from cancelkit import (
+    CancelKind,
+    CancelOutcome,
+    CancelReason,
+    OperationCancelled,
+    Policy,
+    TokenRegistry,
+)
 from cancelkit.redis import RedisBackend, RedisUnavailable
 from tests.history import Event, History, Outages, check, spinners
 
 TRIALS = 1000
+TOMBS = 10_000
+REPLACE = Policy.named("replace")
 TARGET_MEDIAN, TARGET_P99 = 1e-3, 3e-3
 
 
@@ -108,15 +122,14 @@ async def run(url: str) -> dict[str, list[float]]:
             nonlocal seen
             seen = anyio.Event()
             key = f"key{i}"
-            await a.acquire(key, f"ha{i}", deliver, policy="replace", limit=1, max_waiting=1, seq=i)
+            await a.acquire(key, f"ha{i}", deliver, policy=REPLACE, limit=1, seq=i)
             start = time.perf_counter()
             await b.acquire(
                 key,
                 f"hb{i}",
                 lambda reason: None,
-                policy="replace",
+                policy=REPLACE,
                 limit=1,
-                max_waiting=1,
                 seq=None,
             )
             with anyio.move_on_after(5):  # a fail-open fallback (a stalled box) never delivers
@@ -317,6 +330,37 @@ def report_race(name: str, result: dict[str, Any]) -> None:
         print(f"      anomaly: {line}")
 
 
+async def tombstones(url: str) -> None:
+    prefix = f"tomb{os.getpid()}-{time.monotonic_ns()}"
+    reason = CancelReason(CancelKind.REQUESTED, "bench")
+    async with (
+        RedisBackend(url, prefix=prefix, max_tombstones=TOMBS) as backend,
+        coredis.Redis.from_url(url, decode_responses=True) as client,
+    ):
+        before = int(str((await client.info("memory"))["used_memory"]))
+        cancels, refused = [], []
+        for i in range(TOMBS):  # 100 owners, 100 tombstones each
+            started = time.perf_counter()
+            await backend.cancel(f"op-{i}", f"owner{i % 100}", reason)
+            cancels.append(time.perf_counter() - started)
+        used = int(str((await client.info("memory"))["used_memory"])) - before
+        for i in range(TOMBS):
+            started = time.perf_counter()
+            await backend.register(f"op-{i}", f"owner{i % 100}", "h", lambda reason: None)
+            refused.append(time.perf_counter() - started)
+        await client.eval(  # leave the server as found
+            "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
+            keys=[],
+            args=[f"{prefix}*"],
+        )
+    print(
+        f"  a tombstone: {used / TOMBS:.0f} B of Redis memory ({TOMBS:,}, ids of 4-7 "
+        f"characters), held for tombstone_ttl; a refused start "
+        f"{statistics.median(refused) * 1e3:.3f} ms (median) vs the cancel that wrote it "
+        f"{statistics.median(cancels) * 1e3:.3f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_redis")
     parser.add_argument("--race-only", action="store_true", help="skip the latency trials")
@@ -325,6 +369,8 @@ def main() -> None:
     options = parser.parse_args(sys.argv[1:])
     with redis_url() as url:
         if not options.race_only:
+            print("tombstones (asyncio):")
+            anyio.run(tombstones, url)
             print(f"targets: median <= {TARGET_MEDIAN * 1e3:g} ms, p99 <= {TARGET_P99 * 1e3:g} ms")
             for backend in ("asyncio", "trio"):
                 report(backend, anyio.run(run, url, backend=backend))

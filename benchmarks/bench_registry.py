@@ -11,7 +11,12 @@ Figures, on each anyio backend:
   divided by ``LIVE`` (deterministic: allocation counts, not time);
 - no growth: ``--ops`` operations (default 1,000,000) tracked and finished in waves of
   ``LIVE``; the memory after the last wave minus the memory after the first (target: within
-  64 kB, i.e. noise of the allocator, independent of the count).
+  64 kB, i.e. noise of the allocator, independent of the count);
+- what a tombstone costs: a ``PENDING`` cancel's tombstone refuses every start of its id until
+  ``tombstone_ttl`` ends, so it is held for the whole TTL even when its operation tried to start
+  at once (before, that start used it up): bytes per tombstone, the most cancel-before-start
+  calls per second one owner can sustain at the defaults, and a refused start's time vs a
+  cancel that wrote the tombstone.
 
 Run: ``python -m benchmarks.bench_registry [--ops N] [asyncio|trio ...]``
 """
@@ -19,18 +24,21 @@ Run: ``python -m benchmarks.bench_registry [--ops N] [asyncio|trio ...]``
 from __future__ import annotations
 
 import gc
+import inspect
 import sys
+import time
 import tracemalloc
 
 import anyio
 
 from benchmarks.bench_latest import compare, line
-from cancelkit import CancellationToken, TokenRegistry
+from cancelkit import CancelKind, CancellationToken, CancelReason, TokenRegistry
 from cancelkit.backends import MemoryBackend
 
 N = 20_000
 LIVE = 20_000
 OPS = 1_000_000
+TOMBS = 10_000
 
 
 async def costs() -> None:
@@ -125,6 +133,43 @@ async def memory(ops: int) -> None:
     )
 
 
+async def tombstones() -> None:
+    reason = CancelReason(CancelKind.REQUESTED, "bench")
+
+    def deliver(reason: CancelReason) -> None:
+        pass
+
+    async def write(backend: MemoryBackend) -> float:
+        started = time.perf_counter()
+        for i in range(TOMBS):  # 100 owners, 100 tombstones each
+            await backend.cancel(f"op-{i}", f"owner{i % 100}", reason)
+        return time.perf_counter() - started
+
+    backend = MemoryBackend(max_tombstones=TOMBS)
+    cancels = await write(backend)
+    started = time.perf_counter()
+    for i in range(TOMBS):
+        assert await backend.register(f"op-{i}", f"owner{i % 100}", "h", deliver) is not None
+    refused = time.perf_counter() - started
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    kept = MemoryBackend(max_tombstones=TOMBS)
+    await write(kept)
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    defaults = {k: p.default for k, p in inspect.signature(MemoryBackend).parameters.items()}
+    ttl = defaults["tombstone_ttl"]
+    print(
+        f"  a tombstone: {used / TOMBS:.0f} B ({TOMBS:,} of ids of 4-7 characters), held for "
+        f"tombstone_ttl ({ttl:g} s): at the defaults one owner sustains "
+        f"{defaults['max_tombstones_per_owner'] / ttl:.1f} cancels before start per second, "
+        f"a process {defaults['max_tombstones'] / ttl:.0f}; a refused start "
+        f"{refused / TOMBS * 1e6:.2f} µs vs the cancel that wrote it {cancels / TOMBS * 1e6:.2f} µs"
+    )
+
+
 def main() -> None:
     args = sys.argv[1:]
     ops = OPS
@@ -136,6 +181,7 @@ def main() -> None:
         print(f"TokenRegistry on {backend}:")
         anyio.run(costs, backend=backend)
         anyio.run(memory, ops, backend=backend)
+        anyio.run(tombstones, backend=backend)
 
 
 if __name__ == "__main__":
