@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal, final
 
@@ -66,6 +67,8 @@ SCOPE_KEY = "cancelkit.token"
 ECHO_KEY = "cancelkit.echo"
 #: Set (True) on a request CancelOnDisconnect leaves unguarded on purpose (include/exclude).
 EXCLUDED_KEY = "cancelkit.excluded"
+#: True in the lifespan CancelOnDisconnect passes on (the FastAPI adapters warn of no guard).
+LIFESPAN_GUARDED: ContextVar[bool] = ContextVar("cancelkit.lifespan_guarded", default=False)
 
 _MODES = ("interrupt", "signal")
 
@@ -560,7 +563,9 @@ class CancelOnDisconnect:
     under a :class:`DisconnectGuard`. WebSocket connections pass through untouched. The
     lifespan protocol is passed through; when it reports ``lifespan.shutdown`` (and whenever
     :meth:`shutdown` is called) in-flight requests get ``shutdown_grace`` seconds to finish,
-    then their tokens are cancelled with reason :attr:`CancelKind.SHUTDOWN`.
+    then their tokens are cancelled with reason :attr:`CancelKind.SHUTDOWN`, and requests that
+    arrive are answered ``503`` until that lifespan has ended; then it serves again (a later
+    request comes from another server, or a test's client).
 
     Args:
         app: the ASGI application.
@@ -684,7 +689,14 @@ class CancelOnDisconnect:
             if guard._response is _Response.GONE:  # after the report: it may end the span
                 await _answer_gone(send)  # an outer middleware still awaits a response
         elif kind == "lifespan":
-            await self.app(scope, self._lifespan_receive(receive), send)
+            guarded = LIFESPAN_GUARDED.set(True)
+            try:
+                await self.app(scope, self._lifespan_receive(receive), send)
+            finally:
+                LIFESPAN_GUARDED.reset(guarded)
+            # Its shutdown completed and the server that sent it is gone: a later request
+            # comes from another (a test's httpx.ASGITransport sends no lifespan startup).
+            self._shutdown_reason = None
         else:
             await self.app(scope, receive, send)
 

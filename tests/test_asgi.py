@@ -633,6 +633,43 @@ async def test_the_middleware_serves_again_after_a_lifespan_shutdown() -> None:
     assert statuses == [200, 200]
 
 
+async def test_the_middleware_serves_again_once_its_lifespan_ended() -> None:
+    """A module-level app served by a server (or a test's lifespan) and then by a client that
+    sends no lifespan (httpx.ASGITransport): it answered 503 "shutting down" forever after the
+    first shutdown. While the shutdown runs a request is still refused; once the app has
+    completed it and the lifespan ended, the server is gone and a request is served."""
+    shutting_down = anyio.Event()
+    go_on = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            assert (await receive())["type"] == "lifespan.startup"
+            await send({"type": "lifespan.startup.complete"})
+            assert (await receive())["type"] == "lifespan.shutdown"
+            shutting_down.set()
+            await go_on.wait()  # the app's own shutdown work
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await respond(send)
+
+    mw = CancelOnDisconnect(app, shutdown_grace=0)
+    life = FakeServer({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"})
+    statuses = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(mw, {"type": "lifespan"}, life.receive, life.send)
+        await shutting_down.wait()
+        during = FakeServer(body())
+        await mw(http_scope(), during.receive, during.send)
+        statuses.append(during.status)
+        go_on.set()
+    assert life.sent[-1] == {"type": "lifespan.shutdown.complete"}
+    for _ in range(2):
+        after = FakeServer(body())
+        await mw(http_scope(), after.receive, after.send)
+        statuses.append(after.status)
+    assert statuses == [503, 200, 200]
+
+
 async def test_websocket_passes_through() -> None:
     """WebSocket connections are passed to the app untouched."""
     seen: list[Any] = []

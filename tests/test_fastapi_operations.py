@@ -40,6 +40,8 @@ class Export:
             await self.release.wait()
             if table == "broken":
                 raise ValueError("no such table")
+            if table == "verbose":
+                raise ValueError("é" * 1500)
             return {"table": table, "rows": 2}
         finally:
             self.cleaned.append(table)
@@ -157,6 +159,45 @@ async def test_a_failure_shows_type_and_message_but_no_traceback() -> None:
         assert status["state"] == "failed"
         assert status["error"] == {"type": "ValueError", "message": "no such table"}
         assert "Traceback" not in str(status)
+
+
+async def test_an_error_message_is_cut_at_1000_characters() -> None:
+    """docs/operations.md: an error's message is cut at 1,000 characters (the last one "…")."""
+    async with running() as (_, export, client), client("alice") as alice:
+        id = (await alice.post("/exports", params={"table": "verbose"})).json()["id"]
+        export.release.set()
+        status = (await alice.get(f"/operations/{id}", params={"wait": 60})).json()
+        assert status["error"]["type"] == "ValueError"
+        assert status["error"]["message"] == "é" * 999 + "…"
+
+
+@pytest.mark.parametrize("where", ["mount", "root_path"])
+async def test_location_includes_the_prefix_of_a_mount_or_a_proxy(where: str) -> None:
+    """Location is a path: with the app mounted at /api, or behind a proxy that serves it
+    under /proxy (root_path), it keeps that prefix, and the client can follow it."""
+    ops = BackgroundOperations(grace=0)
+    export = Export()
+    app: Any = make_app(ops, export)
+    prefix = "/api" if where == "mount" else "/proxy"
+    if where == "mount":
+        outer = FastAPI()
+        outer.mount(prefix, app)
+        transport = httpx.ASGITransport(outer)
+        start = f"{prefix}/exports"
+    else:
+        transport = httpx.ASGITransport(app, root_path=prefix)
+        start = "/exports"
+    headers = {"x-user": "alice"}
+    async with ops, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        started = await http.post(start, params={"table": "t"}, headers=headers)
+        location = started.headers["location"]
+        assert location == f"{prefix}/operations/{started.json()['id']}"
+        assert started.json()["status_url"] == location
+        export.release.set()
+        if where == "root_path":  # the proxy takes its prefix off before passing it on
+            location = location.removeprefix(prefix)
+        final = await http.get(location, params={"wait": 60}, headers=headers)
+        assert final.json()["state"] == "completed"
 
 
 async def test_bad_requests_are_refused() -> None:

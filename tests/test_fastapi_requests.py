@@ -751,6 +751,20 @@ async def test_a_route_of_an_app_without_install_says_to_call_it() -> None:
             await http.get("/search")
 
 
+async def test_a_tracked_route_of_an_app_without_install_says_to_call_it() -> None:
+    """The same for tracked(): a cancel by id would have been a 500 with a bare
+    OperationCancelled in the log; the request fails at once naming install(app)."""
+    app = FastAPI()
+
+    @app.post("/reports")
+    async def report(op: Annotated[TrackedOperation, tracked(TokenRegistry())]) -> str:
+        return "made"  # pragma: no cover
+
+    with pytest.raises(RuntimeError, match=r"install\(app\) was not called"):
+        async with client(app) as http:
+            await http.post("/reports")
+
+
 async def test_a_token_without_the_middleware_is_warned_about_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

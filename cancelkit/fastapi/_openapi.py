@@ -1,15 +1,20 @@
 """install() and the OpenAPI side: exception handlers, documented answers, the body models."""
 
 # No "from __future__ import annotations" here: pydantic and FastAPI read these annotations.
+import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+import weakref
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal, cast
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from .._asgi import LIFESPAN_GUARDED
 from .._http import exception_handlers
+from ..backends import CancelOutcome
 
 __all__ = [
     "COMMITTED",
@@ -28,6 +33,10 @@ __all__ = [
 RESPONSES_ATTR = "__cancelkit_responses__"
 #: The attribute of a cancelkit router's endpoint naming the function that made it.
 ROUTER_ATTR = "__cancelkit_router__"
+#: The attribute (True) of a dependency whose token a client disconnect should cancel.
+TOKEN_ATTR = "__cancelkit_token__"
+
+logger = logging.getLogger("cancelkit")
 
 
 class CancelledBody(BaseModel):
@@ -53,6 +62,16 @@ class OperationBody(BaseModel):
 
     id: str
     outcome: str
+
+
+def cancel_answer(operation_id: str, outcome: CancelOutcome) -> Any:
+    """The answer of a cancel endpoint: 202 (the body), 404 not found, 409 committed."""
+    body = {"id": operation_id, "outcome": outcome.value}
+    if outcome is CancelOutcome.NOT_FOUND:
+        return JSONResponse(body, status_code=404)
+    if outcome is CancelOutcome.COMMITTED:  # too late: it passed its commit point
+        return JSONResponse(body, status_code=409)
+    return body
 
 
 class OperationStartedBody(BaseModel):
@@ -150,8 +169,9 @@ def install(
     a running operation).
     Each body is a :class:`CancelledBody` naming the reason. Routes that use :func:`latest_only` or
     :func:`tracked` list these responses in the OpenAPI schema. At startup (the lifespan) it
-    refuses, with a ``RuntimeError`` naming both, a route of :func:`cancel_router` or
-    :func:`operations_router` that another route shadows (both default to the same path).
+    logs a WARNING naming the fix when routes use a request's token (:data:`RequestToken`,
+    :func:`latest_only`, :func:`tracked`) but the application does not run under
+    :class:`~cancelkit.CancelOnDisconnect` (a client that leaves would never cancel them).
     Call it for every FastAPI application (a mounted sub-application too).
 
     Args:
@@ -178,11 +198,54 @@ def install(
 
     @asynccontextmanager
     async def checked(app_: Any) -> AsyncIterator[Any]:
-        refuse_shadowed_routes(app)
+        if not LIFESPAN_GUARDED.get():  # CancelOnDisconnect passed this lifespan on: guarded
+            routes = [
+                f"{min(getattr(route, 'methods', None) or ('GET',))} {route.path}"
+                for route in _routes(app)
+                if any(getattr(call, TOKEN_ATTR, False) for call in _dependency_calls(route))
+            ]
+            if routes:
+                warn_unguarded(app, ", ".join(routes))
         async with serve(app_) as state:
             yield state
 
     app.router.lifespan_context = checked
+
+
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told they run unguarded
+
+
+def warn_unguarded(app: Any, routes: str) -> None:
+    """Warn once per application that ``routes`` do not run under CancelOnDisconnect."""
+    if app in _warned:
+        return
+    _warned.add(app)
+    logger.warning(
+        "%s uses a cancelkit token, but the application does not run under "
+        "CancelOnDisconnect: a client that goes away never cancels it (only a superseding "
+        "request or a cancel by id does). Wrap the application: app = CancelOnDisconnect(app) "
+        "or app.add_middleware(CancelOnDisconnect). (Said once per application.)",
+        routes,
+    )
+
+
+def refusing_shadows(router: APIRouter) -> APIRouter:
+    """Make ``router`` check, at the startup of the app that includes it, that it is reached.
+
+    FastAPI merges an included router's lifespan into the including app's, so the check runs
+    whenever the router is included (with :func:`install` or without).
+    """
+    serve = router.lifespan_context
+
+    @asynccontextmanager
+    async def checked(app: Any) -> AsyncIterator[Any]:
+        if getattr(app, "routes", None) is not None:  # the app the server serves
+            refuse_shadowed_routes(app)
+        async with serve(app) as state:
+            yield state
+
+    router.lifespan_context = checked
+    return router
 
 
 def refuse_shadowed_routes(app: FastAPI) -> None:
@@ -229,19 +292,23 @@ def _routes(app: FastAPI) -> Iterable[Any]:
     return list(iter_route_contexts(app.routes))
 
 
+def _dependency_calls(route: Any) -> Iterator[Any]:
+    """The callables of every dependency of ``route``, its sub-dependencies included."""
+    dependant = getattr(route, "dependant", None)
+    stack = [] if dependant is None else [dependant]
+    while stack:
+        dependant = stack.pop()
+        yield dependant.call
+        stack.extend(dependant.dependencies)
+
+
 def _document(schema: dict[str, Any], app: FastAPI, busy_status: int) -> None:
     """Add the cancellation responses to the operations whose route uses the dependencies."""
     documented: dict[str, dict[int, str]] = {}
     for route in _routes(app):
-        dependant = getattr(route, "dependant", None)
-        if dependant is None:
-            continue
         found: dict[int, str] = {}
-        stack = [dependant]
-        while stack:
-            dependant = stack.pop()
-            found.update(getattr(dependant.call, RESPONSES_ATTR, {}))
-            stack.extend(dependant.dependencies)
+        for call in _dependency_calls(route):
+            found.update(getattr(call, RESPONSES_ATTR, {}))
         if found:
             found.update(_COMMON_RESPONSES)
             if busy_status != 429:

@@ -19,7 +19,6 @@ from .._operations import BackgroundOperations
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, _check
 from .._status import OperationStatus
-from ..backends import CancelOutcome
 from ._openapi import (
     COMMITTED,
     RESPONSES_ATTR,
@@ -28,6 +27,8 @@ from ._openapi import (
     CancelledBody,
     OperationBody,
     OperationStatusBody,
+    cancel_answer,
+    refusing_shadows,
 )
 from ._requests import _as_dependency, _no_owner, _OwnerDependency
 
@@ -219,6 +220,11 @@ def operations_router(
     Both answer ``503`` with ``Retry-After`` (reason ``"unavailable"``) while Redis cannot
     be reached, as does a start.
 
+    At the startup of the app that includes it (the lifespan), a route that shadows one of
+    the router's, or that it shadows (:func:`cancel_router` and :func:`operations_router`
+    both default to ``/operations/{operation_id}``), fails the startup with a
+    ``RuntimeError`` naming both and the fix.
+
     Args:
         operations: the application's :class:`~cancelkit.BackgroundOperations`.
         owner: your dependency that returns the owner; another owner's operations look absent
@@ -244,7 +250,7 @@ def operations_router(
     if not 0 <= max_wait <= 3600:
         raise ValueError(f"max_wait must be seconds from 0 to 3600, not {max_wait!r}")
     owner_dependency = _checked_owner(owner)
-    router = APIRouter(**router_options)
+    router = refusing_shadows(APIRouter(**router_options))
     unavailable = {"model": CancelledBody, "description": "Redis cannot be reached"}
     not_found: dict[int | str, dict[str, Any]] = {
         404: {"model": CancelledBody, "description": "No such operation of yours"},
@@ -303,12 +309,7 @@ def operations_router(
             if (response := _unavailable(exc)) is not None:
                 return response
             raise
-        body = {"id": operation_id, "outcome": outcome.value}
-        if outcome is CancelOutcome.NOT_FOUND:
-            return JSONResponse(body, status_code=404)
-        if outcome is CancelOutcome.COMMITTED:  # too late: it passed its commit point
-            return JSONResponse(body, status_code=409)
-        return body
+        return cancel_answer(operation_id, outcome)
 
     setattr(operation_status, ROUTER_ATTR, "operations_router")
     setattr(cancel_background_operation, ROUTER_ATTR, "operations_router")

@@ -4,14 +4,12 @@
 # dependencies made below at run time, and they refer to local variables.
 import inspect
 import logging
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Annotated, Any, Literal, TypeAlias, TypeVar, cast
 
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
 from .._asgi import ECHO_KEY, EXCLUDED_KEY, SCOPE_KEY
 from .._exceptions import OperationCancelled
@@ -19,16 +17,19 @@ from .._latest import _MAX_SEQ, Claim, LatestOnly
 from .._reason import CancelKind, CancelReason
 from .._registry import _ID_PATTERN, TokenRegistry, TrackedOperation
 from .._token import CancellationToken, shorten_deadline
-from ..backends import CancelOutcome
 from ._openapi import (
     COMMITTED,
     LATEST_RESPONSES,
     RESPONSES_ATTR,
     ROUTER_ATTR,
+    TOKEN_ATTR,
     TRACKED_RESPONSES,
     UNAVAILABLE,
     CancelledBody,
     OperationBody,
+    cancel_answer,
+    refusing_shadows,
+    warn_unguarded,
 )
 
 __all__ = [
@@ -69,23 +70,11 @@ _REQUEST_TOKEN = "cancelkit.fastapi.token"
 # -- the request's token ----------------------------------------------------------------------
 
 
-_warned: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps told they run unguarded
-
-
 def _unguarded(request: Request) -> None:
     """Warn once per application that its requests do not run under CancelOnDisconnect."""
     app = request.scope.get("app")
-    if app is None or app in _warned or request.scope.get(EXCLUDED_KEY):
-        return
-    _warned.add(app)
-    logger.warning(
-        "%s %s uses a cancelkit token, but the application does not run under "
-        "CancelOnDisconnect: a client that goes away never cancels it (only a superseding "
-        "request or a cancel by id does). Wrap the application: app = CancelOnDisconnect(app) "
-        "or app.add_middleware(CancelOnDisconnect). (Said once per application.)",
-        request.scope.get("method"),
-        request.scope.get("path"),
-    )
+    if app is not None and not request.scope.get(EXCLUDED_KEY):
+        warn_unguarded(app, f"{request.scope.get('method')} {request.scope.get('path')}")
 
 
 def _request_level_token(request: Request) -> CancellationToken:
@@ -119,6 +108,9 @@ async def request_level_token(request: Request) -> CancellationToken:
     """
     # async def: a sync dependency costs every request a trip through the threadpool.
     return _request_level_token(request)
+
+
+setattr(request_level_token, TOKEN_ATTR, True)  # install() warns of a route without the guard
 
 
 # The request's token as an annotation (documented where it is exported: __init__.py).
@@ -180,6 +172,7 @@ def _interrupting(
             yield held_value
 
     setattr(interrupted, RESPONSES_ATTR, responses)
+    setattr(interrupted, TOKEN_ATTR, True)
     return Depends(interrupted, scope="function")
 
 
@@ -429,6 +422,11 @@ def cancel_router(
     this owner's to cancel, and ``422`` for an invalid id. It never answers ``GET``: a cancel
     changes state, and link prefetchers must not trigger it.
 
+    At the startup of the app that includes it (the lifespan), a route that shadows one of
+    the router's, or that it shadows (:func:`cancel_router` and :func:`operations_router`
+    both default to ``/operations/{operation_id}``), fails the startup with a
+    ``RuntimeError`` naming both and the fix.
+
     Args:
         registry: the registry the operations are tracked in.
         owner: your dependency that returns the owner; an operation of another owner looks
@@ -452,7 +450,7 @@ def cancel_router(
     if "{operation_id}" not in path:
         raise ValueError(f"path must contain '{{operation_id}}', not {path!r}")
     owner_dependency = _no_owner if owner is None else _as_dependency(owner, "owner")
-    router = APIRouter(**router_options)
+    router = refusing_shadows(APIRouter(**router_options))
 
     @router.api_route(
         path,
@@ -473,12 +471,7 @@ def cancel_router(
         outcome = await registry.cancel(
             operation_id, owner=owner, reason=CancelReason(CancelKind.REQUESTED)
         )
-        body = {"id": operation_id, "outcome": outcome.value}
-        if outcome is CancelOutcome.NOT_FOUND:
-            return JSONResponse(body, status_code=404)
-        if outcome is CancelOutcome.COMMITTED:  # too late: it passed its commit point
-            return JSONResponse(body, status_code=409)
-        return body
+        return cancel_answer(operation_id, outcome)
 
     setattr(cancel_operation, ROUTER_ATTR, "cancel_router")
     return router
