@@ -321,3 +321,23 @@ async def test_a_token_reported_twice_gives_one_event(events: list[CancelEvent])
     _events.report("operation", token, "op")
     _events.report("operation", token, "op")
     assert len(events) == 1
+
+
+async def test_units_cancelled_with_one_reason_object_each_report(
+    events: list[CancelEvent],
+) -> None:
+    """Two requests cancelled with the same shutdown reason, the first around an operation:
+    the operation and the second request report; the first request, whose token's
+    cancellation reached the operation, stays silent."""
+    shutdown = cancelkit.CancelReason(cancelkit.CancelKind.SHUTDOWN)
+    first, second = CancellationToken(), CancellationToken()
+    inner = CancellationToken.any_of(first)
+    first.cancel(shutdown)
+    second.cancel(shutdown)
+    _events.report("operation", inner, "op")
+    _events.report("request", first, "/a")
+    _events.report("request", second, "/b")
+    assert [(e.kind, e.where, e.name) for e in events] == [
+        ("shutdown", "operation", "op"),
+        ("shutdown", "request", "/b"),
+    ]
