@@ -151,7 +151,7 @@ async def test_a_disconnect_is_reported_once_by_the_innermost_unit(
     events: list[CancelEvent],
 ) -> None:
     """The client leaves while the request holds an operation: one event, the operation's
-    (the request, whose token's reason has the same root, stays silent)."""
+    (the request, whose token's cancellation reached the operation's, stays silent)."""
     registry = TokenRegistry()
     running = anyio.Event()
 
