@@ -679,11 +679,11 @@ class CancelOnDisconnect:
                     outcome = guard.outcome()
                 if outcome is not _QUIET:
                     self._count(outcome)
-                    if _events.listeners:
+                if started is not None:  # a listener listened when the request began
+                    del _events.requests[guard.token]
+                    if outcome is not _QUIET and _events.listeners:
                         route = _events.route_of(scope)
                         _events.report("request", guard.token, route, started=started)
-                if started is not None:
-                    _events.requests.pop(guard.token, None)
                 if not running and self._idle is not None:
                     self._idle.set()
             if guard._response is _Response.GONE:  # after the report: it may end the span
