@@ -489,12 +489,12 @@ def main() -> None:
         print(f"{'variant':20} {'no otel':>9} {'asgi':>9} {'+listen':>9} {'added':>8} ratios")
         for variant in chosen:
             a, b, c = (runs[otel][variant] for otel in ("", "asgi", "listen"))
-            ratios = " ".join(
+            shown = " ".join(
                 f"{runs[otel]['none'] / runs[otel][variant]:.3f}" for otel in ("", "asgi", "listen")
             )
             print(
                 f"{variant:20} {a / 1e3:7.0f} k {b / 1e3:7.0f} k {c / 1e3:7.0f} k "
-                f"{(c - b) / 1e3:+6.1f} k {ratios}"
+                f"{(c - b) / 1e3:+6.1f} k {shown}"
             )
         return
     if args.instructions:
