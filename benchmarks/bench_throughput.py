@@ -181,15 +181,6 @@ def served_app() -> Any:
     layout. The dispatch by the path's first segment is the same for every variant.
     """
     apps = {v: make_app(v, f"/{v}/t") for v in os.environ["BENCH_VARIANTS"].split(",")}
-    if os.environ.get("BENCH_OTEL"):  # the OpenTelemetry SDK listens to every cancellation
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        from opentelemetry.sdk.trace import TracerProvider
-
-        from cancelkit.otel import instrument
-
-        meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
-        instrument(tracer_provider=TracerProvider(), meter_provider=meters)
 
     async def dispatch(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -199,7 +190,39 @@ def served_app() -> Any:
             return
         await apps[scope["path"].split("/", 2)[1]](scope, receive, send)
 
-    return dispatch
+    otel = os.environ.get("BENCH_OTEL")
+    if not otel:
+        return dispatch
+    return traced(dispatch, listen=otel == "listen")
+
+
+def traced(app: Any, listen: bool) -> Any:
+    """``app`` in OpenTelemetry's ASGI middleware on the SDK (every span recorded, then
+    dropped by a no-op exporter); with ``listen``, cancelkit.otel.instrument() too."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        SimpleSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    from cancelkit.otel import instrument
+
+    class Dropped(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(Dropped()))
+    meter_provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    if listen:
+        instrument(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    return OpenTelemetryMiddleware(
+        app, tracer_provider=tracer_provider, meter_provider=meter_provider
+    )
 
 
 def start_server(
@@ -290,12 +313,14 @@ class Client:
     def burst(self, path: str, requests: int) -> None:
         """Send ``requests`` GETs of ``path`` over the connections; return once all are answered."""
 
+        expected = 504 if path.startswith("/cancelkit-expired/") else 200
+
         def send(connection: http.client.HTTPConnection, count: int) -> None:
             for _ in range(count):
                 connection.request("GET", path)
                 response = connection.getresponse()
                 response.read()
-                if response.status != 200:
+                if response.status != expected:
                     raise RuntimeError(f"{path}: status {response.status}")
 
         count = len(self.connections)
@@ -441,27 +466,35 @@ def main() -> None:
     parser.add_argument(
         "--otel",
         action="store_true",
-        help="with --instructions: each variant without and with cancelkit.otel.instrument() "
-        "on the OpenTelemetry SDK (two servers, side by side)",
+        help="with --instructions: each variant without OpenTelemetry, in its ASGI "
+        "middleware on the SDK, and the same with cancelkit.otel.instrument() (three servers)",
     )
     args = parser.parse_args()
     if args.instructions and args.otel:
         chosen = [v for v in args.variants if v.startswith("cancelkit") or v == "none"]
         requests, rounds = args.requests or 200, min(args.rounds, 3)
-        plain = instructions(chosen, rounds, requests, args.connections)
-        os.environ["BENCH_OTEL"] = "1"
-        listened = instructions(chosen, rounds, requests, args.connections)
+        runs = {}
+        for otel in ("", "asgi", "listen"):  # three servers, one after the other
+            os.environ["BENCH_OTEL"] = otel
+            runs[otel] = {
+                v: statistics.median(c)
+                for v, c in instructions(chosen, rounds, requests, args.connections).items()
+            }
         print(
             f"\nuvicorn under callgrind, Python {sys.version.split()[0]}: instructions per "
-            f"request, medians of {rounds} rounds of {requests}, without / with the "
-            "OpenTelemetry SDK listening (cancelkit.otel.instrument)"
+            f"request, medians of {rounds} rounds of {requests}: without OpenTelemetry; in "
+            "its ASGI middleware on the SDK (spans recorded); the same + "
+            "cancelkit.otel.instrument(). ratio: the bare app's / the variant's, same server"
         )
-        print(f"{'variant':24} {'without':>9} {'with':>9} {'added':>8}  what")
+        print(f"{'variant':20} {'no otel':>9} {'asgi':>9} {'+listen':>9} {'added':>8} ratios")
         for variant in chosen:
-            a, b = statistics.median(plain[variant]), statistics.median(listened[variant])
+            a, b, c = (runs[otel][variant] for otel in ("", "asgi", "listen"))
+            shown = " ".join(
+                f"{runs[otel]['none'] / runs[otel][variant]:.3f}" for otel in ("", "asgi", "listen")
+            )
             print(
-                f"{variant:24} {a / 1e3:7.0f} k {b / 1e3:7.0f} k {100 * (b - a) / a:+7.2f} %  "
-                f"{VARIANTS[variant]}"
+                f"{variant:20} {a / 1e3:7.0f} k {b / 1e3:7.0f} k {c / 1e3:7.0f} k "
+                f"{(c - b) / 1e3:+6.1f} k {shown}"
             )
         return
     if args.instructions:

@@ -672,7 +672,10 @@ class CancelOnDisconnect:
             running.add(guard)
             self._requests += 1
             outcome: DisconnectOutcome | None = None
-            started = time.monotonic() if _events.listeners else None
+            started = None
+            if _events.listeners:
+                started = time.monotonic()
+                _events.requests[guard.token] = scope
             try:
                 outcome = await guard.run(self.app)
             finally:
@@ -681,8 +684,10 @@ class CancelOnDisconnect:
                     outcome = guard.outcome()
                 if outcome is not _QUIET:
                     self._count(outcome)
-                    if _events.listeners:  # (its route's template, never the raw path)
-                        route = getattr(scope.get("route"), "path", None)
+                if started is not None:  # a listener listened when the request began
+                    del _events.requests[guard.token]
+                    if outcome is not _QUIET and _events.listeners:
+                        route = _events.route_of(scope)
                         _events.report("request", guard.token, route, started=started)
                 if not running and self._idle is not None:
                     self._idle.set()

@@ -3,18 +3,20 @@
 The primitives call :func:`report` at their exits, behind one check of :data:`listeners`
 (an empty list when nobody listens: the whole cost then). A cancellation is reported once,
 by the innermost unit of work it stopped: a claim or an operation inside a request reports
-the client's disconnect, and the request, whose token's reason has the same root, stays
-silent. A listener's exception is logged and never reaches the work.
+the client's disconnect, and the request, whose token's cancellation reached the operation's
+(:attr:`~cancelkit.CancellationToken.cancelled_by`), stays silent; units side by side that
+one cause stopped (the operations of a shutdown, of one parent token) report one each. A
+listener's exception is logged and never reaches the work.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, final
+from typing import TYPE_CHECKING, Any, Literal, final
 
 from ._reason import CancelReason
 
@@ -31,9 +33,17 @@ Where = Literal["request", "claim", "operation"]
 #: The listeners (see :func:`add_listener`); read as a truth value at every exit.
 listeners: list[Callable[[CancelEvent], object]] = []
 
-#: The roots reported lately (by identity), so that a root is reported once.
-_reported: OrderedDict[int, CancelReason] = OrderedDict()
-_REMEMBERED = 4096
+#: The ASGI scopes of the requests running while a listener listens, by their tokens (the
+#: route of the request an inner unit served); each removed at its request's end.
+requests: dict[CancellationToken, MutableMapping[str, Any]] = {}
+
+#: Called with the reason at the end of a request whose cancellation an inner unit reported
+#: (private: so that :mod:`cancelkit.otel` still gives the request's span its HTTP status).
+silent_requests: list[Callable[[CancelReason], object]] = []
+
+#: The tokens reported, and those whose cancellation reached them (their ``cancelled_by``
+#: chain): a unit whose token is here stays silent. Weak: an entry lives as its token does.
+_covered: weakref.WeakSet[CancellationToken] = weakref.WeakSet()
 
 
 @final
@@ -43,7 +53,7 @@ class CancelEvent:
 
     Attributes:
         what: ``"cancelled"`` (the work was stopped), ``"refused"`` (it never started:
-            stale, busy, full, exists, unavailable) or ``"committed"`` (it passed its commit
+            stale, busy, full, exists) or ``"committed"`` (it passed its commit
             point).
         kind: the root reason's kind (``"superseded"``, ``"requested"``, ``"deadline"``,
             ``"shutdown"``, ``"client_disconnected"``), or for a refusal ``"stale"``,
@@ -60,6 +70,9 @@ class CancelEvent:
             to the work's exit (``None`` if it was not learned here while a listener
             listened).
         ran_for: seconds the work had run when it exited (``None`` if unknown).
+        route: the route template of the request the work served (for a request, its
+            ``name``), when known: for a claim or an operation, that of the request whose
+            cancellation reached it.
 
     .. versionadded:: 0.1
     """
@@ -73,6 +86,7 @@ class CancelEvent:
     source: str | None = None
     cancel_to_exit: float | None = None
     ran_for: float | None = None
+    route: str | None = None
 
 
 def add_listener(listener: Callable[[CancelEvent], object]) -> Callable[[], None]:
@@ -111,22 +125,32 @@ def report(
     what: What = "cancelled",
     kind: str | None = None,
 ) -> None:
-    """Report ``token``'s work: cancelled (once per root reason), refused or committed.
+    """Report ``token``'s work: cancelled (once per innermost unit), refused or committed.
 
     Call it only when :data:`listeners` is not empty. A cancellation is reported if the
-    token has a reason whose root was not reported yet; a refusal or a commit always.
+    token has a reason and neither it nor a token its cancellation reached was reported
+    yet; a refusal or a commit always.
     """
     from ._signal import cancelled_at
 
     now = time.monotonic()
     reason = token.reason
     root = None if reason is None else reason.root
+    route = name if where == "request" else None
     if what == "cancelled":
-        if root is None or _reported.get(id(root)) is root:
+        if root is None:
             return
-        _reported[id(root)] = root
-        if len(_reported) > _REMEMBERED:
-            _reported.popitem(last=False)
+        if token in _covered:
+            if where == "request":
+                _call(silent_requests, root)
+            return
+        stopped: CancellationToken | None = token
+        while stopped is not None and stopped not in _covered:
+            _covered.add(stopped)
+            scope = requests.get(stopped)
+            if route is None and scope is not None:
+                route = route_of(scope)
+            stopped = stopped.cancelled_by
         kind = root.kind.value
     learned = cancelled_at(token)
     event = CancelEvent(
@@ -139,12 +163,22 @@ def report(
         source=None if root is None else root.source,
         cancel_to_exit=None if learned is None or what != "cancelled" else now - learned,
         ran_for=None if started is None else now - started,
+        route=route,
     )
-    for listener in tuple(listeners):
+    _call(listeners, event)
+
+
+def _call(functions: list[Callable[[Any], object]], argument: object) -> None:
+    for function in tuple(functions):
         try:
-            listener(event)
+            function(argument)
         except Exception:
-            logger.exception("a cancelkit event listener failed on %r", event)
+            logger.exception("a cancelkit event listener failed on %r", argument)
+
+
+def route_of(scope: MutableMapping[str, Any]) -> str | None:
+    """The template of the route that served ``scope`` (never the raw path: bounded labels)."""
+    return getattr(scope.get("route"), "path", None)
 
 
 #: The fields of a :class:`CancelEvent`, as the ``extra`` of a :func:`log_events` record.
@@ -157,6 +191,7 @@ FIELDS = (
     "source",
     "cancel_to_exit",
     "ran_for",
+    "route",
 )
 
 
@@ -166,9 +201,9 @@ def log_events(level: int = logging.INFO) -> Callable[[], None]:
     Each record carries the event's fields as attributes (``record.cancel_what``,
     ``record.cancel_kind``, ``record.cancel_where``, ``record.cancel_name``,
     ``record.cancel_owner``, ``record.cancel_source``, ``record.cancel_to_exit``,
-    ``record.cancel_ran_for``; seconds, or ``None``), so a structured formatter (structlog's
-    ``ProcessorFormatter`` with ``ExtraAdder``, a JSON formatter) keeps them as fields; the
-    message says the same in words.
+    ``record.cancel_ran_for``: seconds, or ``None``; ``record.cancel_route``), so a
+    structured formatter (structlog's ``ProcessorFormatter`` with ``ExtraAdder``, a JSON
+    formatter) keeps them as fields; the message says the same in words.
 
     Args:
         level: the records' level (``logging.INFO`` by default).

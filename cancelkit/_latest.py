@@ -468,7 +468,7 @@ class _Hold:
         claim.token.raise_if_cancelled()  # superseded without a checkpoint in between
 
     def _count_superseded(self) -> None:
-        """At the claim's end: count a supersede, report a cancellation (once per root)."""
+        """At the claim's end: count a supersede, report a cancellation (see _events)."""
         token = self._claim.token
         reason = token.reason
         if reason is not None and reason.kind is CancelKind.SUPERSEDED:

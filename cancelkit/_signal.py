@@ -388,6 +388,20 @@ class _Signal:
 
 
 def cancelled_at(token: _Signal) -> float | None:
-    """When this process saw ``token`` cancelled (monotonic), if an event listener was on."""
+    """When ``token`` was cancelled (monotonic), if an event listener was on when it was.
+
+    That is when this process saw the cancel, except for a passed deadline: then the
+    deadline itself (the token only notices it at its next check), its own or that of the
+    token whose expiry reached it.
+    """
     rare = token._rare
-    return None if rare is None else rare.cancelled_at
+    seen = None if rare is None else rare.cancelled_at
+    if seen is None:
+        return None
+    origin = token
+    while origin._rare is not None and origin._rare.cancelled_by is not None:
+        origin = origin._rare.cancelled_by
+    reason = origin._reason
+    if reason is not None and reason.kind is CancelKind.DEADLINE:
+        return min(seen, origin._deadline)
+    return seen

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,15 +13,19 @@ import pytest
 
 import cancelkit
 from cancelkit import (
+    BackgroundOperations,
     CancelEvent,
+    CancellationToken,
     CancelOnDisconnect,
     LatestOnly,
     OperationCancelled,
     OperationExists,
     SlotBusy,
     TokenRegistry,
+    _events,
     request_token,
 )
+from cancelkit._token import shorten_deadline
 from cancelkit.redis import RedisBackend
 from tests.conftest import RedisServer
 from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
@@ -146,7 +151,7 @@ async def test_a_disconnect_is_reported_once_by_the_innermost_unit(
     events: list[CancelEvent],
 ) -> None:
     """The client leaves while the request holds an operation: one event, the operation's
-    (the request, whose token's reason has the same root, stays silent)."""
+    (the request, whose token's cancellation reached the operation's, stays silent)."""
     registry = TokenRegistry()
     running = anyio.Event()
 
@@ -239,4 +244,100 @@ async def test_a_cancel_from_another_worker_is_reported_by_the_worker_that_stopp
             await TokenRegistry(backend=b).cancel("op")
     assert [(e.what, e.kind, e.where, e.name) for e in events] == [
         ("cancelled", "requested", "operation", "op")
+    ]
+
+
+async def test_a_shutdown_reports_each_operation_it_stopped(events: list[CancelEvent]) -> None:
+    """One shutdown reason, one event per operation it stopped (side by side: none inside
+    another), with the time each had run."""
+    async with BackgroundOperations(registry=TokenRegistry(), grace=0) as ops:
+        for n in range(3):
+            await ops.start(anyio.sleep_forever, id=f"op{n}")
+    assert sorted((e.what, e.kind, e.where, e.name) for e in events) == [
+        ("cancelled", "shutdown", "operation", f"op{n}") for n in range(3)
+    ]
+    assert all(e.ran_for is not None and e.ran_for >= 0 for e in events)
+
+
+async def test_one_parent_cancel_reports_each_operation_it_stopped(
+    events: list[CancelEvent],
+) -> None:
+    registry, parent = TokenRegistry(), CancellationToken()
+    running = 0
+
+    async def work(n: int) -> None:
+        nonlocal running
+        with pytest.raises(OperationCancelled):
+            async with registry.track(f"op{n}", parent=parent):
+                running += 1
+                await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            tg.start_soon(work, n)
+        await anyio.wait_all_tasks_blocked()
+        assert running == 3
+        parent.cancel()
+    assert sorted((e.kind, e.where, e.name) for e in events) == [
+        ("requested", "operation", f"op{n}") for n in range(3)
+    ]
+
+
+async def test_a_deadline_counts_from_the_deadline_not_from_its_notice(
+    events: list[CancelEvent],
+) -> None:
+    """The body runs on past its deadline (no check in between): cancel -> exit counts from
+    the deadline, at least the time the test saw the body run past it."""
+    with pytest.raises(OperationCancelled):
+        async with TokenRegistry().track("op") as op:
+            shorten_deadline(op.token, time.monotonic() - 1.0)  # passed a second ago
+            past = time.monotonic() - op.token.deadline  # the body still runs: >= 1 s
+            op.token.raise_if_cancelled()  # the token notices only now
+    (event,) = events
+    assert event.kind == "deadline"
+    assert event.cancel_to_exit is not None
+    assert event.cancel_to_exit >= past
+
+
+async def test_a_deadline_relayed_to_a_child_counts_from_the_deadline(
+    events: list[CancelEvent],
+) -> None:
+    parent = CancellationToken()
+    with pytest.raises(OperationCancelled):
+        async with TokenRegistry().track("op", parent=parent) as op:
+            shorten_deadline(parent, time.monotonic() - 1.0)
+            past = time.monotonic() - parent.deadline
+            parent.raise_if_cancelled()  # noticed by the parent, relayed to the operation
+    (event,) = events
+    assert (event.kind, event.where) == ("deadline", "operation")
+    assert event.cancel_to_exit is not None
+    assert event.cancel_to_exit >= past
+    assert op.token.cancelled_by is parent
+
+
+async def test_a_token_reported_twice_gives_one_event(events: list[CancelEvent]) -> None:
+    token = CancellationToken()
+    token.cancel()
+    _events.report("operation", token, "op")
+    _events.report("operation", token, "op")
+    assert len(events) == 1
+
+
+async def test_units_cancelled_with_one_reason_object_each_report(
+    events: list[CancelEvent],
+) -> None:
+    """Two requests cancelled with the same shutdown reason, the first around an operation:
+    the operation and the second request report; the first request, whose token's
+    cancellation reached the operation, stays silent."""
+    shutdown = cancelkit.CancelReason(cancelkit.CancelKind.SHUTDOWN)
+    first, second = CancellationToken(), CancellationToken()
+    inner = CancellationToken.any_of(first)
+    first.cancel(shutdown)
+    second.cancel(shutdown)
+    _events.report("operation", inner, "op")
+    _events.report("request", first, "/a")
+    _events.report("request", second, "/b")
+    assert [(e.kind, e.where, e.name) for e in events] == [
+        ("shutdown", "operation", "op"),
+        ("shutdown", "request", "/b"),
     ]

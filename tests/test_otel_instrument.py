@@ -27,8 +27,10 @@ from cancelkit import (
     LatestOnly,
     OperationCancelled,
     OperationExists,
+    RegistryFull,
     SlotBusy,
     TokenRegistry,
+    request_token,
 )
 from cancelkit.backends import Backend, MemoryBackend
 from cancelkit.otel import instrument
@@ -90,6 +92,19 @@ async def test_a_supersede_is_one_span_event_and_one_count(recorded: Recorded) -
     }
     (latency,) = recorded.points("cancelkit.cancel_to_exit")
     assert latency.count == 1
+    (ran,) = recorded.points("cancelkit.ran_for")
+    assert ran.count == 1
+    assert ran.min >= 0
+    assert isinstance(attributes["cancelkit.source"], str)  # the superseding claim
+
+
+async def test_the_owner_is_on_the_span_event(recorded: Recorded) -> None:
+    shared = MemoryBackend()
+    with recorded.tracer.start_as_current_span("DELETE /ops/op"):
+        await cancel_by_id(shared, shared)
+    (span,) = recorded.exporter.get_finished_spans()
+    attributes = dict(span.events[0].attributes or {})
+    assert (attributes["cancelkit.name"], attributes["cancelkit.owner"]) == ("op", "alice")
 
 
 async def test_nothing_is_recorded_for_work_that_was_not_cancelled(recorded: Recorded) -> None:
@@ -112,6 +127,19 @@ async def test_an_expired_deadline_is_the_one_error(recorded: Recorded) -> None:
     assert span.attributes["cancelkit.kind"] == "deadline"
 
 
+async def serve_until_the_client_leaves(app: Any, running: anyio.Event) -> None:
+    """Serve ``app`` at route ``/slow/{id}`` under CancelOnDisconnect; the client leaves once
+    it runs."""
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        scope = http_scope("/slow/42")
+        scope["route"] = type("Route", (), {"path": "/slow/{id}"})()
+        tg.start_soon(CancelOnDisconnect(app), scope, server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+
+
 async def test_a_request_whose_client_left_says_499_and_its_route(recorded: Recorded) -> None:
     running = anyio.Event()
 
@@ -119,20 +147,75 @@ async def test_a_request_whose_client_left_says_499_and_its_route(recorded: Reco
         running.set()
         await anyio.sleep_forever()
 
-    server = FakeServer(body())
     with recorded.tracer.start_as_current_span("GET /slow"):
-        async with anyio.create_task_group() as tg:
-            scope = http_scope("/slow/42")
-            scope["route"] = type("Route", (), {"path": "/slow/{id}"})()
-            tg.start_soon(CancelOnDisconnect(app), scope, server.receive, server.send)
-            await running.wait()
-            await anyio.wait_all_tasks_blocked()
-            server.client(DISCONNECT)
+        await serve_until_the_client_leaves(app, running)
     (span,) = recorded.exporter.get_finished_spans()
     assert span.attributes is not None
     assert span.attributes["http.response.status_code"] == 499
     (count,) = recorded.points("cancelkit.events")
     assert count.attributes["http.route"] == "/slow/{id}"  # the template, never the raw path
+
+
+async def test_a_request_whose_client_left_while_an_operation_ran_says_499_and_its_route(
+    recorded: Recorded,
+) -> None:
+    """The operation inside reports the disconnect (one event, one count); the request's span
+    still says 499, and the count carries the request's route."""
+    running = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with TokenRegistry().track("op", parent=request_token(scope)):
+            running.set()
+            await anyio.sleep_forever()
+
+    with recorded.tracer.start_as_current_span("GET /slow"):
+        await serve_until_the_client_leaves(app, running)
+    (span,) = recorded.exporter.get_finished_spans()
+    assert [event.name for event in span.events] == ["cancelkit.cancelled"]
+    assert span.attributes is not None
+    assert span.attributes["cancelkit.where"] == "operation"
+    assert span.attributes["http.response.status_code"] == 499
+    (count,) = recorded.points("cancelkit.events")
+    assert count.value == 1
+    assert count.attributes["cancelkit.where"] == "operation"
+    assert count.attributes["http.route"] == "/slow/{id}"
+
+
+async def test_a_request_past_its_deadline_says_504_and_error(recorded: Recorded) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await anyio.sleep_forever()
+
+    server = FakeServer(body())
+    with recorded.tracer.start_as_current_span("GET /slow"):
+        await CancelOnDisconnect(app, timeout=0)(http_scope("/slow"), server.receive, server.send)
+    assert server.status == 504
+    (span,) = recorded.exporter.get_finished_spans()
+    assert [event.name for event in span.events] == ["cancelkit.cancelled"]
+    assert span.attributes is not None
+    assert (span.attributes["cancelkit.kind"], span.attributes["cancelkit.where"]) == (
+        "deadline",
+        "request",
+    )
+    assert span.attributes["http.response.status_code"] == 504
+    assert span.attributes["error.type"] == "deadline"
+    assert span.status.status_code is StatusCode.ERROR
+
+
+async def test_nothing_is_recorded_for_a_guarded_request_that_was_not_cancelled(
+    recorded: Recorded,
+) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = FakeServer(body())
+    with recorded.tracer.start_as_current_span("GET /fast"):
+        await CancelOnDisconnect(app)(http_scope("/fast"), server.receive, server.send)
+    assert server.status == 200
+    (span,) = recorded.exporter.get_finished_spans()
+    assert span.events == ()
+    assert "http.response.status_code" not in (span.attributes or {})
+    assert recorded.points("cancelkit.events") == []
 
 
 def test_import_cancelkit_does_not_import_opentelemetry() -> None:
@@ -245,6 +328,14 @@ async def exists(a: Backend, b: Backend) -> None:
                 pass  # pragma: no cover
 
 
+async def full(a: Backend, b: Backend) -> None:
+    registry = TokenRegistry(backend=a, max_running=1)
+    async with registry.track("first"):
+        with pytest.raises(RegistryFull):
+            async with registry.track("op"):
+                pass  # pragma: no cover
+
+
 async def commit(a: Backend, b: Backend) -> None:
     async with TokenRegistry(backend=a).track("op") as op:
         await op.commit()
@@ -262,6 +353,7 @@ SCENARIOS: dict[Callable[[Backend, Backend], Awaitable[None]], tuple[str, str, s
     stale: ("refused", "stale", "claim", "k"),
     busy: ("refused", "busy", "claim", "k"),
     exists: ("refused", "exists", "operation", "op"),
+    full: ("refused", "full", "operation", "op"),
     commit: ("committed", "committed", "operation", "op"),
     shutdown: ("cancelled", "shutdown", "operation", "op"),
 }

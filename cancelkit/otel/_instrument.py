@@ -8,9 +8,9 @@ from typing import Any
 from opentelemetry import metrics, trace
 from opentelemetry.trace import Status, StatusCode
 
-from .._events import CancelEvent, add_listener
+from .._events import CancelEvent, add_listener, silent_requests
 from .._http import STATUS
-from .._reason import CancelKind
+from .._reason import CancelKind, CancelReason
 
 __all__ = ["instrument"]
 
@@ -31,13 +31,15 @@ def instrument(
     deliberate cancellation is not an error (OpenTelemetry semantic conventions): the span's
     status stays unset, except for an expired deadline (``ERROR``, ``error.type`` =
     ``deadline``). For a request, ``http.response.status_code`` is the status it answered
-    (``499`` when the client left).
+    (``499`` when the client left), also when a claim or an operation inside it reported the
+    cancellation.
 
     Metrics: ``cancelkit.events`` (counter, by ``cancelkit.what``, ``cancelkit.kind`` and
-    ``cancelkit.where``, plus ``http.route`` for a request when the route template is known:
-    never an id or a key), ``cancelkit.cancel_to_exit`` (histogram, seconds from the cancel
-    to the work's exit) and ``cancelkit.ran_for`` (histogram, seconds the stopped work had
-    run). No "time saved" figure: what the work would still have cost is not known.
+    ``cancelkit.where``, plus ``http.route`` when the work served a request whose route
+    template is known: never an id or a key), ``cancelkit.cancel_to_exit`` (histogram,
+    seconds from the cancel, or the passed deadline, to the work's exit) and
+    ``cancelkit.ran_for`` (histogram, seconds the stopped work had run). No "time saved"
+    figure: what the work would still have cost is not known.
 
     Args:
         tracer_provider: unused (events go on the current span); accepted so that callers
@@ -61,14 +63,21 @@ def instrument(
         "cancelkit.ran_for", unit="s", description="How long the stopped work had run"
     )
 
+    def answered(reason: CancelReason) -> None:
+        """The request's span gets the status it answered (also when an inner unit reported)."""
+        span = trace.get_current_span()
+        if span.is_recording():
+            status = _HTTP_STATUS.get(reason.kind.value, 409)
+            span.set_attribute("http.response.status_code", status)
+
     def listener(event: CancelEvent) -> None:
         labels: dict[str, Any] = {
             "cancelkit.what": event.what,
             "cancelkit.kind": event.kind,
             "cancelkit.where": event.where,
         }
-        if event.where == "request" and event.name is not None:
-            labels["http.route"] = event.name
+        if event.route is not None:
+            labels["http.route"] = event.route
         counter.add(1, labels)
         if event.what == "cancelled":
             if event.cancel_to_exit is not None:
@@ -81,13 +90,21 @@ def instrument(
         attributes = {key: value for key, value in _attributes(event).items() if value is not None}
         span.add_event(f"cancelkit.{event.what}", attributes)
         span.set_attributes(attributes)
-        if event.where == "request" and event.what == "cancelled":
-            span.set_attribute("http.response.status_code", _HTTP_STATUS.get(event.kind, 409))
+        if event.where == "request" and event.reason is not None:
+            answered(event.reason)
         if event.kind == CancelKind.DEADLINE.value:
             span.set_attribute("error.type", "deadline")
             span.set_status(Status(StatusCode.ERROR, "the deadline passed"))
 
-    return add_listener(listener)
+    remove = add_listener(listener)
+    silent_requests.append(answered)
+
+    def stop() -> None:
+        remove()
+        if answered in silent_requests:
+            silent_requests.remove(answered)
+
+    return stop
 
 
 def _attributes(event: CancelEvent) -> dict[str, Any]:
