@@ -496,22 +496,24 @@ async def test_thread_cancel_cycles_leave_the_connection_clean_on_trio(
     assert set(outcomes) <= {TransactionOutcome.ROLLED_BACK, TransactionOutcome.COMMITTED}
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_a_refused_cancel_in_a_thread_is_logged_and_the_deadline_still_stops_it(
+async def test_a_refused_cancel_in_a_thread_ends_within_cancel_timeout_without_a_deadline(
     postgres_server: PostgresServer, monitor: Monitor, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The thread's cancel request refused: logged; the statement_timeout ends the statement."""
-    app = application_name()
+    """The thread's cancel request refused, no deadline: the socket is shut, nothing commits."""
+    app, table = application_name(), f"refused_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (v int)")
     proxy = OneShotProxy(postgres_server.port)
     conn = psycopg.connect(
         f"host=127.0.0.1 port={proxy.port} user={postgres_server.user}",
         application_name=app,
         autocommit=True,
     )
-    token = cancelkit.CancellationToken(timeout=2)
+    token = cancelkit.CancellationToken()  # no deadline: no statement_timeout either
+    seen: dict[str, PostgresTransaction] = {}
 
     def work() -> None:
-        with transaction(conn, token=token, cancel_timeout=1):
+        with transaction(conn, token=token, cancel_timeout=1) as seen["tx"]:
+            conn.execute(f"INSERT INTO {table} VALUES (1)".encode())
             conn.execute(b"SELECT pg_sleep(30)")
 
     async def request() -> None:
@@ -522,12 +524,81 @@ async def test_a_refused_cancel_in_a_thread_is_logged_and_the_deadline_still_sto
         async with anyio.create_task_group() as tg:
             tg.start_soon(request)
             await monitor.started(app)
-            token.cancel()  # its cancel request is refused: the statement goes on, till 2 s
+            token.cancel()  # its cancel request is refused
     finally:
         conn.close()
         proxy.close()
         monitor.terminate(app)
+    assert seen["tx"].outcome is TransactionOutcome.DISCARDED
     assert "the cancel request failed" in caplog.text
+    assert monitor.sql(f"SELECT count(*) FROM {table}") == 0
+    monitor.sql(f"DROP TABLE {table}")
+
+
+@pytest.mark.parametrize("then", ["end", "statement"])
+async def test_a_thread_block_cancelled_between_statements_rolls_back(
+    then: str, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """Cancelled while the thread runs no statement: no commit, OperationCancelled.
+
+    Then the block ends, or starts another statement (which gets the cancel request).
+    """
+    app, table = application_name(), f"between_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (v int)")
+    conn = psycopg.connect(postgres_server.dsn, application_name=app, autocommit=True)
+    token = cancelkit.CancellationToken()
+    between, go = threading.Event(), threading.Event()
+    seen: dict[str, PostgresTransaction] = {}
+
+    def work() -> None:
+        with transaction(conn, token=token) as seen["tx"]:
+            conn.execute(f"INSERT INTO {table} VALUES (1)".encode())
+            between.set()
+            go.wait()  # the thread's own work, while the token is cancelled
+            if then == "statement":
+                conn.execute(b"SELECT pg_sleep(30)")
+
+    async def request() -> None:
+        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+            await anyio.to_thread.run_sync(work)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(request)
+            await anyio.to_thread.run_sync(between.wait)
+            token.cancel()
+            go.set()
+        assert seen["tx"].outcome is TransactionOutcome.ROLLED_BACK
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert monitor.sql(f"SELECT count(*) FROM {table}") == 0
+    finally:
+        go.set()
+        conn.close()
+        monitor.terminate(app)
+        monitor.sql(f"DROP TABLE {table}")
+
+
+@asyncio_only
+@pytest.mark.parametrize("then", ["end", "statement"])
+@pytest.mark.parametrize("driver", DRIVERS)
+async def test_a_block_cancelled_between_statements_rolls_back(
+    driver: Driver, then: str, postgres_server: PostgresServer, monitor: Monitor
+) -> None:
+    """Cancelled with no statement in flight: no commit, OperationCancelled, the pool's again."""
+    app, table = application_name(), f"between_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (v int)")
+    token = cancelkit.CancellationToken()
+    async with driver.pool(postgres_server, app, 1) as pool, driver.acquire(pool) as conn:
+        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+            async with transaction(conn, token=token) as tx:
+                await driver.run(conn, f"INSERT INTO {table} VALUES (1)")
+                token.cancel()
+                if then == "statement":
+                    await driver.run(conn, "SELECT pg_sleep(30)")
+        assert tx.outcome is TransactionOutcome.ROLLED_BACK
+        assert await driver.run(conn, "SELECT 1") == 1
+    assert monitor.sql(f"SELECT count(*) FROM {table}") == 0
+    monitor.sql(f"DROP TABLE {table}")
 
 
 # ------------------------------------------------------------------ the rest of the contract

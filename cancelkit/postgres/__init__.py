@@ -21,7 +21,10 @@ functions do, and only the one your connection belongs to.
 
 ``with transaction(conn):`` does the same for a sync ``psycopg.Connection`` in a worker thread
 (:func:`anyio.to_thread.run_sync`, which carries :func:`~cancelkit.current_token` into the
-thread): the way to reach Postgres from trio, where neither driver's async mode runs.
+thread): the way to reach Postgres from trio, where neither driver's async mode runs. A thread
+cannot be interrupted, its socket can: a statement still running ``cancel_timeout`` after its
+cancel request has its socket shut down (the connection is discarded); Python code between
+statements runs on to the next statement or the block's end, which then raises.
 
 .. versionadded:: 0.1
 """
