@@ -105,7 +105,7 @@ class PostgresTransaction:
         self.token = token
         #: The most seconds the cancel, the rollback and the release may take together.
         self.cancel_timeout = cancel_timeout
-        #: The ``statement_timeout`` set for the transaction, in ms (None: no deadline).
+        #: The ``statement_timeout`` set at BEGIN, in ms, for each statement (None: no deadline).
         self.statement_timeout: int | None = None
         #: Set on exit: what became of the transaction and its connection.
         self.outcome: TransactionOutcome | None = None
@@ -441,6 +441,10 @@ def transaction(
     ``AsyncSession`` (asyncpg or psycopg dialect; the session's transaction, committed at the
     end). Inside an existing transaction it becomes a savepoint (its ``statement_timeout`` then
     lasts until the outer transaction ends).
+
+    The ``statement_timeout`` is the token's time left at BEGIN, and Postgres applies it to each
+    statement from that statement's start: the server alone (the client process dead) bounds a
+    transaction of N statements by N times that budget, not by the deadline.
 
     Args:
         conn: an ``asyncpg.Connection`` or pool connection, a ``psycopg.AsyncConnection``, a
