@@ -450,6 +450,12 @@ async def test_a_refused_cancel_request_ends_in_bounded_time_without_a_raw_excep
 # ------------------------------------------------------------------ sync psycopg in a thread
 
 
+async def cancelled_in_a_thread(work: Callable[[], None]) -> None:
+    """Run ``work`` in a worker thread: it must raise OperationCancelled, in bounded time."""
+    with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
+        await anyio.to_thread.run_sync(work)
+
+
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_a_thread_statement_stops_when_the_token_is_cancelled_on_trio(
     postgres_server: PostgresServer, monitor: Monitor
@@ -543,13 +549,9 @@ async def test_a_refused_cancel_in_a_thread_ends_within_cancel_timeout_without_a
             conn.execute(f"INSERT INTO {table} VALUES (1)".encode())
             conn.execute(b"SELECT pg_sleep(30)")
 
-    async def request() -> None:
-        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
-            await anyio.to_thread.run_sync(work)
-
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(request)
+            tg.start_soon(cancelled_in_a_thread, work)
             await monitor.started(app)
             token.cancel()  # its cancel request is refused
     finally:
@@ -585,13 +587,9 @@ async def test_a_thread_block_cancelled_between_statements_rolls_back(
             if then == "statement":
                 conn.execute(b"SELECT pg_sleep(30)")
 
-    async def request() -> None:
-        with anyio.fail_after(POLL), pytest.raises(cancelkit.OperationCancelled):
-            await anyio.to_thread.run_sync(work)
-
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(request)
+            tg.start_soon(cancelled_in_a_thread, work)
             await anyio.to_thread.run_sync(between.wait)
             token.cancel()
             go.set()
