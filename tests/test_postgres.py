@@ -25,7 +25,6 @@ import asyncpg
 import psycopg
 import psycopg_pool
 import pytest
-from anyio import wait_all_tasks_blocked
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -320,7 +319,7 @@ async def test_a_cancelled_statements_row_lock_is_released(
 async def test_cancel_cycles_leak_no_connection_and_leave_none_idle_in_transaction(
     driver: Driver, postgres_server: PostgresServer, monitor: Monitor
 ) -> None:
-    """1,000 cancels of a statement in flight, in track()'s scope: every one rolled back.
+    """1,000 cancels of a statement seen running on the server, in track()'s scope: all rolled back.
 
     Before any connection goes back to its pool (whose reset would hide a transaction left
     open), the server is asked: every backend of the pool is `idle`, none `idle in transaction`.
@@ -359,7 +358,9 @@ async def test_cancel_cycles_leak_no_connection_and_leave_none_idle_in_transacti
                     tg.start_soon(one, pool, token, ready, settled, release)
                 for _, ready, _ in lanes:
                     await ready.wait()
-                await wait_all_tasks_blocked()  # every statement sent, its answer awaited
+                await monitor.wait_for(  # every statement runs on the server
+                    app, lambda states: states.count("active") == size, "a statement never ran"
+                )
                 for token, _, _ in lanes:
                     token.cancel()
                 for _, _, settled in lanes:
