@@ -5,8 +5,9 @@ integration tests), Chromium (the demo's browser test; Playwright drives the sys
 it never downloads one) and PostgreSQL's ``pg_ctl``/``initdb`` (``CANCELKIT_PG_CTL``; the
 Postgres tests). The ``tests`` sessions find them, and when one is missing and this
 process may use Debian's package manager (root, ``apt-get`` present), install it with
-``apt-get`` and say so. ``CANCELKIT_PROVISION=no`` forbids installing; ``CANCELKIT_REDIS_SERVER``
-and ``CANCELKIT_CHROMIUM`` name the programs to use instead of looking them up on ``PATH``.
+``apt-get`` and say so. ``CANCELKIT_PROVISION=no`` forbids installing; ``CANCELKIT_REDIS_SERVER``,
+``CANCELKIT_CHROMIUM`` and ``CANCELKIT_PG_CTL`` name the programs to use instead of looking them
+up on ``PATH`` (and, for ``pg_ctl``, in Debian's ``/usr/lib/postgresql/<version>/bin``).
 Without them the tests that need them are skipped locally (and coverage leaves out what only
 they exercise, saying so); under ``CI=true`` a missing program fails the run.
 """
@@ -162,7 +163,8 @@ def _may_install() -> tuple[bool, str]:
 
 
 def provision(session: nox.Session) -> dict[str, str | None]:
-    """Find redis-server and Chromium, installing what is missing when allowed (once per run).
+    """Find redis-server, Chromium and PostgreSQL's pg_ctl, installing what is missing when
+    allowed (once per run).
 
     Returns the environment for pytest: each program's variable set to its absolute path, or
     to an empty string when it is missing (the tests then skip, or fail under CI=true).
@@ -213,8 +215,11 @@ def provision(session: nox.Session) -> dict[str, str | None]:
         session.warn(
             "provision: these tests will be SKIPPED (not run) on this machine: "
             + "; ".join(problems)
-            + ". Install the Debian package(s) (apt-get install redis-server chromium) or name "
-            "the programs with CANCELKIT_REDIS_SERVER / CANCELKIT_CHROMIUM."
+            + ". Install the Debian package(s) (apt-get install "
+            + " ".join(p.package for p in PROGRAMS)
+            + ") or name the programs with "
+            + " / ".join(p.env for p in PROGRAMS)
+            + "."
         )
     _provisioned = env
     return env

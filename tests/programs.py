@@ -1,7 +1,9 @@
-"""The programs some tests need that pip cannot install: redis-server and Chromium.
+"""The programs some tests need that pip cannot install: redis-server, Chromium, PostgreSQL.
 
-``python -m nox`` provisions them (see ``noxfile.py``) and passes their paths in
-``CANCELKIT_REDIS_SERVER`` and ``CANCELKIT_CHROMIUM``.
+``python -m nox`` provisions them (see ``noxfile.py``; PostgreSQL is the ``postgresql`` Debian
+package) and passes their paths in ``CANCELKIT_REDIS_SERVER``, ``CANCELKIT_CHROMIUM`` and
+``CANCELKIT_PG_CTL`` (``pg_ctl``; ``initdb`` and ``postgres`` sit beside it, see
+``tests/postgres.py``).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ import asyncio
 import enum
 import logging
 import math
+import os
+import socket
 import sys
 import threading
 import time
@@ -85,7 +87,6 @@ class PostgresTransaction:
     """
 
     __slots__ = (
-        "_canceller",
         "_cm",
         "_conn",
         "_driver",
@@ -100,12 +101,11 @@ class PostgresTransaction:
         self._conn: Any = conn
         self._driver = driver_of(conn)
         self._cm: Any = None
-        self._canceller: threading.Thread | None = None
         #: The token the transaction follows.
         self.token = token
         #: The most seconds the cancel, the rollback and the release may take together.
         self.cancel_timeout = cancel_timeout
-        #: The ``statement_timeout`` set for the transaction, in ms (None: no deadline).
+        #: The ``statement_timeout`` set at BEGIN, in ms, for each statement (None: no deadline).
         self.statement_timeout: int | None = None
         #: Set on exit: what became of the transaction and its connection.
         self.outcome: TransactionOutcome | None = None
@@ -278,44 +278,96 @@ class PostgresTransaction:
     def _sync(self) -> Iterator[PostgresTransaction]:
         conn = self._conn
         set_timeout = begin(self)
-        handle = None
+        canceller = _ThreadCanceller(self)
         try:
             with conn.transaction():
                 if set_timeout is not None:
                     conn.execute(set_timeout)
-                handle = self.token.on_cancel(lambda _: self._cancel_in_thread())
-                yield self
+                handle = self.token.on_cancel(lambda _: canceller.start())
+                try:
+                    yield self
+                    self.token.raise_if_cancelled()  # cancelled between statements: never commit
+                finally:
+                    handle.unregister()
+                    canceller.stop()  # before the rollback: no cancel request arrives later
         except BaseException as exc:
             if conn.closed or conn.info.transaction_status != _psycopg_idle():
                 conn.close()
-                discarded(self, self.error or exc, "the rollback failed")
+                discarded(self, self.error or exc, "the cancel or the rollback failed")
             else:
                 self.outcome = TransactionOutcome.ROLLED_BACK
             stopped = stopped_by(self.token, exc)
+            if canceller.interrupted and self.token.reason and isinstance(exc, Exception):
+                stopped = OperationCancelled(self.token.reason)
             if stopped is exc:
                 raise
             raise stopped from exc
-        finally:
-            if handle is not None:
-                handle.unregister()
-            if self._canceller is not None:  # a cancel request cut short may still arrive,
-                self._canceller.join(self.cancel_timeout)  # late, and cancel the next statement
         self.outcome = TransactionOutcome.COMMITTED
 
-    def _cancel_in_thread(self) -> None:
-        # The token may be cancelled in an event loop's thread: never block it.
-        canceller = threading.Thread(
-            target=self._cancel_sync, name="cancelkit-pg-cancel", daemon=True
-        )
-        canceller.start()
-        self._canceller = canceller
 
-    def _cancel_sync(self) -> None:
+@final
+class _ThreadCanceller:
+    """Stops the statements of a sync psycopg transaction once its token is cancelled.
+
+    From the cancellation until the block ends, a thread of its own (the token may be cancelled
+    in an event loop's thread: never block it) watches the connection: a statement in flight,
+    or one started later, gets the cancel request; one still running ``cancel_timeout`` after
+    its cancel request (the request failed, the server did not answer) has its socket shut
+    down, which wakes the worker thread blocked on it (the connection is then discarded).
+    """
+
+    __slots__ = ("conn", "ended", "interrupted", "thread", "tx")
+
+    #: Seconds between two looks at the connection, from the cancellation to the block's end.
+    POLL = 0.005
+
+    def __init__(self, tx: PostgresTransaction) -> None:
+        self.tx = tx
+        self.conn: Any = tx._conn
+        self.ended = threading.Event()
+        self.thread: threading.Thread | None = None
+        #: Whether the socket was shut down (the block's error is then ours).
+        self.interrupted = False
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="cancelkit-pg-cancel", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.ended.set()
+        if self.thread is not None:
+            self.thread.join()  # bounded: cancel_safe() by cancel_timeout, the rest by POLL
+
+    def _run(self) -> None:
+        give_up: float | None = None  # cancel_timeout after the statement's cancel request
+        while not self.ended.is_set():
+            if self.conn.pgconn.transaction_status != _psycopg_active():
+                give_up = None  # between statements: the next one gets a cancel request too
+            elif give_up is None:
+                give_up = time.monotonic() + self.tx.cancel_timeout
+                self._cancel()
+            elif time.monotonic() > give_up:
+                self._shut_down()
+                return
+            self.ended.wait(self.POLL)
+
+    def _cancel(self) -> None:
         try:
-            self._conn.cancel_safe(timeout=self.cancel_timeout)
+            self.conn.cancel_safe(timeout=self.tx.cancel_timeout)
         except Exception as error:
-            self.error = error
-            logger.warning("postgres: the cancel request failed (token %r): %r", self.token, error)
+            self.tx.error = error
+            logger.warning(
+                "postgres: the cancel request failed (token %r): %r", self.tx.token, error
+            )
+
+    def _shut_down(self) -> None:
+        try:
+            fd = self.conn.pgconn.socket
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)  # the worker's wait for the server returns
+        except Exception as error:  # the connection closed meanwhile
+            self.tx.error = self.tx.error or error
+        self.interrupted = True
 
 
 # -- shared by every driver (module functions: _sqlalchemy.py uses them too) -----------------
@@ -389,6 +441,10 @@ def transaction(
     ``AsyncSession`` (asyncpg or psycopg dialect; the session's transaction, committed at the
     end). Inside an existing transaction it becomes a savepoint (its ``statement_timeout`` then
     lasts until the outer transaction ends).
+
+    The ``statement_timeout`` is the token's time left at BEGIN, and Postgres applies it to each
+    statement from that statement's start: the server alone (the client process dead) bounds a
+    transaction of N statements by N times that budget, not by the deadline.
 
     Args:
         conn: an ``asyncpg.Connection`` or pool connection, a ``psycopg.AsyncConnection``, a
