@@ -29,12 +29,10 @@ from types import TracebackType
 from typing import Any, final
 
 import anyio
-import coredis
-import coredis.exceptions
 
 from .._exceptions import RedisUnavailable, RegistryFull
 from .._status import OperationError, OperationState, OperationStatus
-from ._connection import Connection, Down, leaf, redact
+from ._connection import Connection, Down, close_quietly, leaf, redact
 
 __all__ = ["RedisStatusStore"]
 
@@ -42,9 +40,6 @@ logger = logging.getLogger("cancelkit.redis")
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
 _TAGGED = re.compile(r"{[^}]+}")  # a hash tag: the cluster hashes only what it encloses
-#: Any failure of a call (no answer, a lost connection, an error reply such as BUSY or OOM)
-#: ends as RedisUnavailable for the caller.
-_ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
 
 # KEYS: status, ended set, this worker's alive key, the owner's running set, the running set.
 # ARGV: value, ttl ms, "r"/"e", run, max retained, now ms, name, lease ms, status key prefix,
@@ -161,8 +156,14 @@ async def _open(store: RedisStatusStore) -> None:
     """Connect (a single server or a cluster), write the first beat, start the heartbeat.
 
     The client stack is the backend's (:class:`Connection`): the same pool, error model
-    and cluster support. :exc:`RedisUnavailable` if Redis does not answer in time.
+    and cluster support. Like any call, a failing start is tried again within ``timeout``
+    (a connection killed during the first ping does not fail it while the server is up);
+    then :exc:`RedisUnavailable`.
     """
+    await store._conn.start(lambda: _open_once(store))
+
+
+async def _open_once(store: RedisStatusStore) -> None:
     stack, conn = AsyncExitStack(), store._conn
     try:
         await conn.open(stack, {"put": _PUT, "get": _GET, "beat": _BEAT})  # (bounded)
@@ -174,13 +175,7 @@ async def _open(store: RedisStatusStore) -> None:
         stack.callback(task_group.cancel_scope.cancel)  # runs before the group exits
         task_group.start_soon(_beat, store)
     except BaseException as exc:
-        conn.close()
-        await stack.aclose()
-        if isinstance(exc, (*_ERRORS, Down)):
-            raise RedisUnavailable(
-                f"cannot reach Redis at {redact(store._url)}: {leaf(exc)}"
-            ) from exc
-        raise
+        await conn.abandon(stack, exc)
     store._stack = stack
 
 
@@ -398,7 +393,7 @@ class RedisStatusStore:
             return
         self._stack = None
         try:
-            await stack.aclose()
+            await close_quietly(stack, f"RedisStatusStore worker {self._worker}")
         finally:
             self._conn.close()
             self._worker = None
