@@ -155,15 +155,9 @@ def _run_marker(status: OperationStatus) -> str:
 async def _open(store: RedisStatusStore) -> None:
     """Connect (a single server or a cluster), write the first beat, start the heartbeat.
 
-    The client stack is the backend's (:class:`Connection`): the same pool, error model
-    and cluster support. Like any call, a failing start is tried again within ``timeout``
-    (a connection killed during the first ping does not fail it while the server is up);
-    then :exc:`RedisUnavailable`.
+    One attempt (``__aenter__`` retries it within ``timeout``, as any call). The client stack
+    is the backend's (:class:`Connection`): the same pool, error model and cluster support.
     """
-    await store._conn.start(lambda: _open_once(store))
-
-
-async def _open_once(store: RedisStatusStore) -> None:
     stack, conn = AsyncExitStack(), store._conn
     try:
         await conn.open(stack, {"put": _PUT, "get": _GET, "beat": _BEAT})  # (bounded)
@@ -364,14 +358,15 @@ class RedisStatusStore:
         inside an application that entered it to read statuses longer); the last exit stops it.
 
         Raises:
-            RedisUnavailable: if Redis does not answer within ``timeout``.
+            RedisUnavailable: if Redis does not answer within ``timeout`` (a failed attempt,
+                such as a connection killed during the first ping, is tried again within it).
         """
         if self._stack is not None:
             self._entered += 1
             return self
         self._worker = secrets.token_urlsafe(9)  # made here, after any fork
-        try:
-            await _open(self)
+        try:  # a connection killed during the first ping does not fail it: retried
+            await self._conn.start(lambda: _open(self))
         except BaseException:
             self._worker = None
             raise
@@ -384,7 +379,10 @@ class RedisStatusStore:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop the heartbeat and disconnect (running statuses left behind read as lost)."""
+        """Stop the heartbeat and disconnect (running statuses left behind read as lost).
+
+        Never raises what a closing connection raised (it is logged at debug level).
+        """
         stack = self._stack
         if stack is None:
             return
