@@ -3,7 +3,9 @@
 Served as a real process (``uvicorn tests.shutdown_app:asgi`` or hypercorn on trio). With
 ``SHUTDOWN_WRAP=middleware`` the app runs under :class:`~cancelkit.CancelOnDisconnect`;
 otherwise it is the plain FastAPI app. Writes ``cleanup KIND`` when the operation's cleanup
-runs and ``stream ended KIND`` when the stream stops (the token's reason).
+runs and ``stream ended KIND`` when the stream stops (the token's reason). With
+``SHUTDOWN_REDIS=URL`` (and ``SHUTDOWN_PREFIX``) the statuses live in a
+:class:`~cancelkit.redis.RedisStatusStore` there.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ from fastapi.responses import StreamingResponse
 
 from cancelkit import BackgroundOperations, CancellationToken, CancelOnDisconnect, current_token
 from cancelkit.fastapi import RequestToken, operations_router
+from cancelkit.redis import RedisStatusStore
 
 GRACE = 1.0
-operations = BackgroundOperations(grace=GRACE, cleanup_timeout=GRACE)
+REDIS = os.environ.get("SHUTDOWN_REDIS")
+operations = BackgroundOperations(
+    grace=GRACE,
+    cleanup_timeout=GRACE,
+    store=None if REDIS is None else RedisStatusStore(REDIS, prefix=os.environ["SHUTDOWN_PREFIX"]),
+)
 inflight = [0]
 
 

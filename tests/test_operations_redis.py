@@ -241,13 +241,17 @@ async def test_a_worker_killed_while_its_operation_runs_leaves_a_lost_status(
             assert status.state is OperationState.RUNNING
 
 
+@pytest.mark.parametrize("cancel", ["after-a-stopped", "as-a-resumes", "while-a-is-paused"])
 async def test_a_paused_worker_whose_operation_ran_again_elsewhere_stops_its_copy(
-    redis: Any, anyio_backend: str
+    redis: Any, anyio_backend: str, cancel: str
 ) -> None:
-    """Issue 25: SIGSTOP worker A past its lease, start the id again on B, SIGCONT A: A
-    cancels its copy at once (reason requested, source B's worker), B's status stays the
-    current one (A's progress and end never replace it), and a cancel from a third worker
-    stops B's copy: exactly one copy runs after the resume, then none."""
+    """Issue 25: worker A (a process) stops itself (SIGSTOP) past its lease, the id is
+    started again on B, A resumes (SIGCONT): A cancels its copy at the first resync of its
+    backend after the resume (counted: not one heartbeat more), its steps after the resume
+    never reach the status, and a cancel from a third worker C stops every copy, the status
+    ending as the current run's (B's, cancelled). The cancel comes after A stopped its copy
+    (B's copy runs alone meanwhile), just after the resume (both copies may run), or while A
+    is paused (A's copy still exists)."""
     prefix = f"t{secrets.token_hex(6)}"
     command = [
         *(sys.executable, "-m", "tests.operations_worker"),
@@ -256,30 +260,46 @@ async def test_a_paused_worker_whose_operation_ran_again_elsewhere_stops_its_cop
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     async with await anyio.open_process(command, cwd=ROOT, env=env, stderr=None) as process:
         assert process.stdout is not None
+        assert process.stdin is not None
         lines = BufferedByteReceiveStream(process.stdout)
-        with anyio.fail_after(30):
-            line = await lines.receive_until(b"\n", 1000)
-        assert line.startswith(b"running "), line
+
+        async def line(first: str) -> list[str]:
+            with anyio.fail_after(30):
+                words = (await lines.receive_until(b"\n", 1000)).decode().split()
+            assert words[0] == first, words
+            return words[1:]
+
+        await line("running")
         async with worker(redis.url, prefix) as b, worker(redis.url, prefix) as c:
-            process.send_signal(signal.SIGSTOP)
+            await process.stdin.send(b"stop\n")
+            resyncs, steps = map(int, await line("stopped"))
             try:
                 with anyio.fail_after(30):
                     lost = await wait_while_running(b, "exp-7", "alice")
                 assert lost is not None
                 assert lost.state is OperationState.LOST
                 assert await b.start(anyio.sleep_forever, id="exp-7", owner="alice") == "exp-7"
+                if cancel == "while-a-is-paused":
+                    assert await c.cancel("exp-7", owner="alice") is CancelOutcome.CANCELLED
             finally:
                 process.send_signal(signal.SIGCONT)
+            if cancel == "as-a-resumes":
+                assert await c.cancel("exp-7", owner="alice") is CancelOutcome.CANCELLED
             b_worker = b.store.worker
             assert isinstance(b_backend := b.registry.backend, RedisBackend)
-            with anyio.fail_after(30):  # A's first heartbeat after the resume cancels it
-                line = await lines.receive_until(b"\n", 1000)
-            assert line.decode().split() == ["ended", "requested", b_backend.worker]
-            current = await c.status("exp-7", owner="alice")
-            assert current is not None
-            assert (current.state, current.worker) == (OperationState.RUNNING, b_worker)
-            assert current.progress is None  # B's run reported nothing: none of A's steps
-            assert await c.cancel("exp-7", owner="alice") is CancelOutcome.CANCELLED
+            kind, source, resyncs_then, steps_then = await line("ended")
+            assert kind == "requested"
+            assert source in (b_backend.worker, "None")  # "None": B's run had ended
+            # stopped by the first resync that began after the resume (or by one in flight as
+            # A stopped, whose script reached Redis only after the resume): not one more
+            assert int(resyncs_then) <= resyncs + 1
+            assert int(steps_then) >= steps  # A's steps after the resume: counted, ignored
+            if cancel == "after-a-stopped":  # exactly one copy runs: B's
+                current = await c.status("exp-7", owner="alice")
+                assert current is not None
+                assert (current.state, current.worker) == (OperationState.RUNNING, b_worker)
+                assert current.progress is None  # B's run reported nothing: none of A's steps
+                assert await c.cancel("exp-7", owner="alice") is CancelOutcome.CANCELLED
             with anyio.fail_after(30):
                 ended = await b.wait("exp-7", owner="alice")
             assert ended is not None
@@ -287,7 +307,7 @@ async def test_a_paused_worker_whose_operation_ran_again_elsewhere_stops_its_cop
             stored = await c.status("exp-7", owner="alice")
             assert stored is not None
             assert (stored.state, stored.worker) == (OperationState.CANCELLED, b_worker)
-        assert process.stdin is not None
+            assert stored.progress is None  # none of A's steps, before or after its end
         await process.stdin.aclose()
         with anyio.fail_after(30):
             assert await process.wait() == 0

@@ -8,6 +8,7 @@ length before any grace period started.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,10 +22,12 @@ import anyio
 import httpx
 import pytest
 
-from cancelkit import BackgroundOperations
+from cancelkit import BackgroundOperations, CancelKind, OperationState, OperationStatus
 from cancelkit._loop import call_soon, this_loop
 from cancelkit._stopping import on_stop_signal
+from cancelkit.redis import RedisStatusStore
 
+from .conftest import RedisServer
 from .hops import ROOT, free_port
 
 pytestmark = pytest.mark.anyio
@@ -244,6 +247,40 @@ def test_sigterm_with_an_open_long_poll_exits_within_the_grace_period(server: st
     else:
         assert answers == []  # the connection was closed: a client retries elsewhere
         assert elapsed < 1 + GRACE + 1, (elapsed, stdout, stderr)
+
+
+def test_sigterm_with_an_open_long_poll_on_the_redis_store_ends_cancelled_not_lost(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """uvicorn, plain app, statuses in Redis: the long-poll (it polls the store) answers at
+    once, the process exits within grace + 1 s, and the final status read from Redis is
+    ``cancelled`` (reason shutdown: the cleanup ran and its end was written), not ``lost``."""
+    from .shutdown_app import GRACE
+
+    prefix = f"t{secrets.token_hex(6)}"
+    monkeypatch.setenv("SHUTDOWN_REDIS", redis.url)
+    monkeypatch.setenv("SHUTDOWN_PREFIX", prefix)
+    answers: list[httpx.Response] = []
+    ids: list[str] = []
+
+    def long_poll(url: str, id: str) -> None:
+        ids.append(id)
+        answers.append(httpx.get(f"{url}/operations/{id}?wait=60", timeout=90))
+
+    async def final(id: str) -> OperationStatus | None:
+        async with RedisStatusStore(redis.url, prefix=prefix) as store:
+            return await store.get(id, None)
+
+    elapsed, stdout, stderr = sigterm_during("uvicorn", "plain", long_poll, before="/exports")
+    assert "cleanup shutdown" in stdout.splitlines(), (stdout, stderr)
+    assert "Traceback" not in stderr, stderr
+    assert [(r.status_code, r.json()["state"]) for r in answers] == [(200, "running")]
+    assert elapsed < GRACE + 1, (elapsed, stdout, stderr)
+    status = anyio.run(final, ids[0])
+    assert status is not None
+    assert status.state is OperationState.CANCELLED
+    assert status.reason is not None
+    assert status.reason.kind is CancelKind.SHUTDOWN
 
 
 def test_sigterm_with_an_open_stream_under_the_middleware_starts_its_grace_at_once() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager, suppress
 from contextvars import ContextVar
-from typing import Any, final
+from typing import Any, NoReturn, final
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -16,6 +16,7 @@ import coredis.exceptions
 from coredis.commands import Script
 from coredis.retry import NoRetryPolicy
 
+from .._exceptions import RedisUnavailable
 from ._cluster import (
     CLUSTER_ERRORS,
     cluster_client,
@@ -25,7 +26,7 @@ from ._cluster import (
     report_error,
 )
 
-__all__ = ["REDIS_ERRORS", "Connection", "Down", "leaf", "redact"]
+__all__ = ["REDIS_ERRORS", "Connection", "Down", "close_quietly", "leaf", "redact"]
 
 logger = logging.getLogger("cancelkit.redis")
 
@@ -91,6 +92,14 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def close_quietly(stack: AsyncExitStack, what: str) -> None:
+    """Close ``stack``; a connection's error as it closes is logged, never raised."""
+    try:
+        await stack.aclose()
+    except Exception as exc:  # nothing to do about it: the connection is gone either way
+        logger.debug("%s stopped: %s", what, leaf(exc))
 
 
 _BUFFERS = tuple(
@@ -244,6 +253,41 @@ class Connection:
         self.cluster = cluster
         self._scripts = {name: chosen.register_script(text) for name, text in scripts.items()}
         self._wake = anyio.Event()
+
+    async def start(
+        self, attempt: Callable[[], Awaitable[None]], *, pause: float = _RETRY_PAUSE
+    ) -> None:
+        """Run ``attempt`` (one try at a start: :meth:`open` and more) until it succeeds.
+
+        Like any call: a :exc:`RedisUnavailable` is tried again every ``pause`` seconds
+        within ``timeout``, so a connection killed during the first ping or subscribe does not
+        fail a start while the server is up. Anything else (a configuration error) is raised
+        at once, as itself.
+        """
+        give_up = anyio.current_time() + self._timeout
+        while True:
+            try:
+                await attempt()
+            except RedisUnavailable:
+                if anyio.current_time() >= give_up:
+                    raise
+            else:
+                return
+            await anyio.sleep(pause)
+
+    async def abandon(self, stack: AsyncExitStack, exc: BaseException) -> NoReturn:
+        """After a failed start: close what it made, raise ``exc`` as a documented outcome.
+
+        A configuration error (``ValueError``) and a cancellation stay themselves; any other
+        failure is :exc:`RedisUnavailable`.
+        """
+        self.close()
+        with suppress(Exception):  # what a half-made start leaves is not the caller's
+            await stack.aclose()
+        if isinstance(exc, Exception) and not isinstance(exc, RedisUnavailable | ValueError):
+            message = f"cannot reach Redis at {redact(self._url)}: {leaf(exc)}"
+            raise RedisUnavailable(message) from exc
+        raise exc
 
     def close(self) -> None:
         """Forget the client (its context was closed by the stack)."""

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 import secrets
-from contextlib import AsyncExitStack, suppress
+from contextlib import AsyncExitStack
 from typing import Any, final
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .._exceptions import RedisUnavailable
 from ._config import Keys, Settings
-from ._connection import Connection, leaf, redact
+from ._connection import Connection, close_quietly
 from ._listener import Listener
 
 __all__ = ["Lifecycle"]
@@ -52,16 +51,7 @@ class Lifecycle:
         """
         if self._stack is not None:
             raise RuntimeError("this RedisBackend is already running")
-        give_up = anyio.current_time() + self._settings.timeout
-        while True:
-            try:
-                await self._start_once()
-            except (RedisUnavailable, ValueError) as exc:
-                if isinstance(exc, ValueError) or anyio.current_time() >= give_up:
-                    raise
-            else:
-                return
-            await anyio.sleep(self._settings.retry_delay)
+        await self._conn.start(self._start_once, pause=self._settings.retry_delay)
 
     async def _start_once(self) -> None:
         self._keys.worker = secrets.token_urlsafe(9)  # made here, after any fork: one per process
@@ -73,18 +63,9 @@ class Lifecycle:
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             await self._task_group.start(self._listener.read)
         except BaseException as exc:
-            self._conn.close()
             self._task_group = None
             self._keys.worker = ""
-            with suppress(Exception):  # what a half-made start leaves is not the caller's
-                await stack.aclose()
-            if isinstance(exc, (RedisUnavailable, ValueError)):
-                raise
-            if isinstance(exc, Exception):
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redact(self._settings.url)}: {leaf(exc)}"
-                ) from exc
-            raise
+            await self._conn.abandon(stack, exc)
         self._task_group.start_soon(self._listener.beat)
         self._task_group.start_soon(self._listener.poll)
         self._task_group.start_soon(self._conn.clean, self._settings.retry_delay)
@@ -99,9 +80,7 @@ class Lifecycle:
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
         try:
-            await stack.aclose()
-        except Exception as exc:  # a connection's error as it closed: nothing to do about it
-            logger.debug("RedisBackend worker %s stopped: %s", self._keys.worker, leaf(exc))
+            await close_quietly(stack, f"RedisBackend worker {self._keys.worker}")
         finally:
             self._conn.close()
             self._task_group = None

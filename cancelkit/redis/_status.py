@@ -29,12 +29,10 @@ from types import TracebackType
 from typing import Any, final
 
 import anyio
-import coredis
-import coredis.exceptions
 
 from .._exceptions import RedisUnavailable, RegistryFull
 from .._status import OperationError, OperationState, OperationStatus
-from ._connection import Connection, Down, leaf, redact
+from ._connection import Connection, Down, close_quietly, leaf, redact
 
 __all__ = ["RedisStatusStore"]
 
@@ -42,9 +40,6 @@ logger = logging.getLogger("cancelkit.redis")
 
 _PREFIX = re.compile(r"[^\s]{1,64}")
 _TAGGED = re.compile(r"{[^}]+}")  # a hash tag: the cluster hashes only what it encloses
-#: Any failure of a call (no answer, a lost connection, an error reply such as BUSY or OOM)
-#: ends as RedisUnavailable for the caller.
-_ERRORS = (coredis.exceptions.RedisError, TimeoutError, OSError)
 
 # KEYS: status, ended set, this worker's alive key, the owner's running set, the running set.
 # ARGV: value, ttl ms, "r"/"e", run, max retained, now ms, name, lease ms, status key prefix,
@@ -160,8 +155,8 @@ def _run_marker(status: OperationStatus) -> str:
 async def _open(store: RedisStatusStore) -> None:
     """Connect (a single server or a cluster), write the first beat, start the heartbeat.
 
-    The client stack is the backend's (:class:`Connection`): the same pool, error model
-    and cluster support. :exc:`RedisUnavailable` if Redis does not answer in time.
+    One attempt (``__aenter__`` retries it within ``timeout``, as any call). The client stack
+    is the backend's (:class:`Connection`): the same pool, error model and cluster support.
     """
     stack, conn = AsyncExitStack(), store._conn
     try:
@@ -174,13 +169,7 @@ async def _open(store: RedisStatusStore) -> None:
         stack.callback(task_group.cancel_scope.cancel)  # runs before the group exits
         task_group.start_soon(_beat, store)
     except BaseException as exc:
-        conn.close()
-        await stack.aclose()
-        if isinstance(exc, (*_ERRORS, Down)):
-            raise RedisUnavailable(
-                f"cannot reach Redis at {redact(store._url)}: {leaf(exc)}"
-            ) from exc
-        raise
+        await conn.abandon(stack, exc)
     store._stack = stack
 
 
@@ -369,14 +358,15 @@ class RedisStatusStore:
         inside an application that entered it to read statuses longer); the last exit stops it.
 
         Raises:
-            RedisUnavailable: if Redis does not answer within ``timeout``.
+            RedisUnavailable: if Redis does not answer within ``timeout`` (a failed attempt,
+                such as a connection killed during the first ping, is tried again within it).
         """
         if self._stack is not None:
             self._entered += 1
             return self
         self._worker = secrets.token_urlsafe(9)  # made here, after any fork
-        try:
-            await _open(self)
+        try:  # a connection killed during the first ping does not fail it: retried
+            await self._conn.start(lambda: _open(self))
         except BaseException:
             self._worker = None
             raise
@@ -389,7 +379,10 @@ class RedisStatusStore:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop the heartbeat and disconnect (running statuses left behind read as lost)."""
+        """Stop the heartbeat and disconnect (running statuses left behind read as lost).
+
+        Never raises what a closing connection raised (it is logged at debug level).
+        """
         stack = self._stack
         if stack is None:
             return
@@ -398,7 +391,7 @@ class RedisStatusStore:
             return
         self._stack = None
         try:
-            await stack.aclose()
+            await close_quietly(stack, f"RedisStatusStore worker {self._worker}")
         finally:
             self._conn.close()
             self._worker = None
