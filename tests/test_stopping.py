@@ -183,6 +183,14 @@ def started(url: str, process: subprocess.Popen[bytes]) -> None:
             return
 
 
+#: What an exit after SIGTERM may take beyond its grace. What these tests catch is an exit held
+#: by the work (a 60 s long-poll, an endless stream: the whole 60 s, or for ever); on a quiet
+#: machine the exit takes the grace plus 0.2-0.5 s, but a starved one (load 10 on 2 cores) spends
+#: seconds starting and ending processes (hypercorn's took grace + 3.1 s), so the bound tells the
+#: bug from the load rather than measure speed.
+SLACK = 10
+
+
 def wait_inflight(url: str, n: int) -> None:
     deadline = time.monotonic() + 30
     while httpx.get(f"{url}/inflight", timeout=5).json()["inflight"] < n:
@@ -225,7 +233,8 @@ def sigterm_during(
 def test_sigterm_with_an_open_long_poll_exits_within_the_grace_period(server: str) -> None:
     """Plain app, no wrapper. uvicorn: the long-poll (up to 60 s) answers at once with the
     running status, the operation gets its grace (1 s), is cancelled with reason shutdown,
-    its cleanup runs, and the process exits within grace + 1 s (it took the whole 60 s).
+    its cleanup runs, and the process exits soon after the grace (it took the whole 60 s;
+    see SLACK).
 
     hypercorn signals its worker process through a shared event, not a signal: its own
     ``--graceful-timeout`` (1 s here) ends the long-poll's connection, then the operation
@@ -243,17 +252,17 @@ def test_sigterm_with_an_open_long_poll_exits_within_the_grace_period(server: st
     assert "Traceback" not in stderr, stderr
     if server == "uvicorn":
         assert [(r.status_code, r.json()["state"]) for r in answers] == [(200, "running")]
-        assert elapsed < GRACE + 1, (elapsed, stdout, stderr)
+        assert elapsed < GRACE + SLACK, (elapsed, stdout, stderr)
     else:
         assert answers == []  # the connection was closed: a client retries elsewhere
-        assert elapsed < 1 + GRACE + 1, (elapsed, stdout, stderr)
+        assert elapsed < 1 + GRACE + SLACK, (elapsed, stdout, stderr)
 
 
 def test_sigterm_with_an_open_long_poll_on_the_redis_store_ends_cancelled_not_lost(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """uvicorn, plain app, statuses in Redis: the long-poll (it polls the store) answers at
-    once, the process exits within grace + 1 s, and the final status read from Redis is
+    once, the process exits soon after the grace, and the final status read from Redis is
     ``cancelled`` (reason shutdown: the cleanup ran and its end was written), not ``lost``."""
     from .shutdown_app import GRACE
 
@@ -275,7 +284,7 @@ def test_sigterm_with_an_open_long_poll_on_the_redis_store_ends_cancelled_not_lo
     assert "cleanup shutdown" in stdout.splitlines(), (stdout, stderr)
     assert "Traceback" not in stderr, stderr
     assert [(r.status_code, r.json()["state"]) for r in answers] == [(200, "running")]
-    assert elapsed < GRACE + 1, (elapsed, stdout, stderr)
+    assert elapsed < GRACE + SLACK, (elapsed, stdout, stderr)
     status = anyio.run(final, ids[0])
     assert status is not None
     assert status.state is OperationState.CANCELLED
@@ -285,8 +294,8 @@ def test_sigterm_with_an_open_long_poll_on_the_redis_store_ends_cancelled_not_lo
 
 def test_sigterm_with_an_open_stream_under_the_middleware_starts_its_grace_at_once() -> None:
     """uvicorn: CancelOnDisconnect hears the signal itself (no server subclass): the stream
-    gets the grace, is cancelled with reason shutdown, and the process exits within
-    grace + 1 s (the stream held the exit for ever)."""
+    gets the grace, is cancelled with reason shutdown, and the process exits soon after the
+    grace (the stream held the exit for ever; see SLACK)."""
     from .shutdown_app import GRACE
 
     ticks: list[bytes] = []
@@ -302,4 +311,4 @@ def test_sigterm_with_an_open_stream_under_the_middleware_starts_its_grace_at_on
     assert ticks, stderr
     assert "stream ended shutdown" in stdout.splitlines(), (stdout, stderr)
     assert "Traceback" not in stderr, stderr
-    assert elapsed < GRACE + 1, (elapsed, stdout, stderr)
+    assert elapsed < GRACE + SLACK, (elapsed, stdout, stderr)
