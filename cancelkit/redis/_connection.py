@@ -65,6 +65,11 @@ def _transient(exc: Exception) -> bool:
     return True  # lost connections, timeouts, closed or broken streams, OS errors
 
 
+def _refused(exc: Exception) -> bool:
+    """Whether ``exc`` is a script's own refusal of its arguments (``cancelkit: ...``)."""
+    return isinstance(exc, coredis.exceptions.ResponseError) and str(exc).startswith("cancelkit: ")
+
+
 #: What a Redis call raises when the server cannot be reached (or, on a cluster, while a slot
 #: moves or its shard fails over).
 REDIS_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError, *CLUSTER_ERRORS)
@@ -286,6 +291,8 @@ class Connection:
                 with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
                     return await attempt()
             except Exception as exc:  # every failure of a call is "Redis unavailable"
+                if _refused(exc):  # but a script that refused its arguments is the caller's
+                    raise ValueError(str(exc)) from None
                 error = exc
                 report_error(self.client, exc)  # a cluster reloads its layout after a few
             if (

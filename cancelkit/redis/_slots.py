@@ -111,7 +111,7 @@ class Slots:
         is pruned once its lease deadline passes: it blocks the key for at most one lease.
         """
         self._conn.client  # noqa: B018 - raises if not running
-        check_known(policy)  # the script refuses it too, but as an error reply
+        check_known(policy)  # the script refuses it too (a ValueError from its error reply)
         claim = _Claim(key, holder, callback, limit, policy.when_busy)
         self._by_holder[holder] = claim  # recorded first
         self._by_key.setdefault(key, {})[holder] = claim

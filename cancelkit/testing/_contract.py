@@ -32,6 +32,7 @@ Workers: TypeAlias = Callable[[], AbstractAsyncContextManager[Sequence[Backend]]
 Pair: TypeAlias = tuple[Backend, Backend]
 _SUPERSEDE = Policy("supersede")
 _id = new_holder_id  # fresh, and a valid operation id and key
+_NEWER = "from-a-newer-version"  # a policy part this version does not know
 
 
 class Delivered:
@@ -50,6 +51,16 @@ class Delivered:
         with anyio.fail_after(LIMIT):
             await self._arrived.wait()
         return self.reasons[0]
+
+
+def _unknown(policy: Policy, part: str) -> Policy:
+    """``policy`` with ``part`` set to a value no version knows (:data:`_NEWER`).
+
+    As a newer client could send: ``Policy`` itself refuses to be made with one.
+    """
+    unknown = replace(policy)
+    object.__setattr__(unknown, part, _NEWER)
+    return unknown
 
 
 def _requested(message: str = "") -> CancelReason:
@@ -273,6 +284,42 @@ class BackendContract(_RegistryContract):
         assert (got.kind, got.source) == (CancelKind.SUPERSEDED, newest)
         for backend, holder in ((here, oldest), (here, running), (there, newest)):
             await backend.release(key, holder)
+
+    async def test_a_policy_part_it_does_not_know_is_refused(self, pair: Pair) -> None:
+        """An unknown ``when_busy`` or ``when_full`` raises ``ValueError`` naming it.
+
+        At the latest where the backend would branch on it; nothing is recorded: it is not
+        taken for a part the backend knows (say, queued).
+        """
+        here, there = pair
+        key, running, waiting = _id(), new_holder_id(), new_holder_id()
+        wait = Policy("wait", max_waiting=1)
+        await here.acquire(key, running, Delivered(), policy=wait, limit=1, seq=None)
+        with pytest.raises(ValueError, match=_NEWER):  # the key is busy: when_busy decides
+            await there.acquire(
+                key,
+                new_holder_id(),
+                Delivered(),
+                policy=_unknown(wait, "when_busy"),
+                limit=1,
+                seq=None,
+            )
+        await there.acquire(key, waiting, Delivered(), policy=wait, limit=1, seq=None)
+        with pytest.raises(ValueError, match=_NEWER):  # the queue is full: when_full decides
+            await there.acquire(
+                key,
+                new_holder_id(),
+                Delivered(),
+                policy=_unknown(wait, "when_full"),
+                limit=1,
+                seq=None,
+            )
+        await here.release(key, running)
+        await there.release(key, waiting)
+        again = await there.acquire(
+            key, new_holder_id(), Delivered(), policy=Policy("refuse"), limit=1, seq=None
+        )
+        assert again.admission is Admission.RUNNING  # neither refused claim was left queued
 
     async def test_the_oldest_waiting_claim_runs_next(self, pair: Pair) -> None:
         here, there = pair
