@@ -305,12 +305,20 @@ class Connection:
         self.mark_down(error)
         raise Down from error
 
-    async def run_or_defer(self, script: str, keys: list[str], args: list[str]) -> None:
-        """Run an idempotent cleanup script now, or in the background if that fails."""
+    async def run_or_defer(self, script: str, keys: list[str], args: list[str]) -> Any:
+        """Run an idempotent cleanup script now, or in the background if that fails.
+
+        Returns the script's reply, or ``None`` when it failed (:exc:`Down`). A cancellation
+        (a native ``Task.cancel()`` gets through a shield) queues it too, and propagates.
+        """
         try:
-            await self.run(script, keys, args)
+            return await self.run(script, keys, args)
         except Down:
             self.defer(script, keys, args)
+            return None
+        except BaseException:
+            self.defer(script, keys, args)
+            raise
 
     def defer(self, script: str, keys: list[str], args: list[str]) -> None:
         """Queue an idempotent cleanup script, or an inbox write, for the background.
