@@ -292,30 +292,17 @@ class BackendContract(_RegistryContract):
         taken for a part the backend knows (say, queued).
         """
         here, there = pair
-        key, running, waiting = _id(), new_holder_id(), new_holder_id()
-        wait = Policy("wait", max_waiting=1)
-        await here.acquire(key, running, Delivered(), policy=wait, limit=1, seq=None)
-        with pytest.raises(ValueError, match=_NEWER):  # the key is busy: when_busy decides
-            await there.acquire(
-                key,
-                new_holder_id(),
-                Delivered(),
-                policy=_unknown(wait, "when_busy"),
-                limit=1,
-                seq=None,
-            )
-        await there.acquire(key, waiting, Delivered(), policy=wait, limit=1, seq=None)
-        with pytest.raises(ValueError, match=_NEWER):  # the queue is full: when_full decides
-            await there.acquire(
-                key,
-                new_holder_id(),
-                Delivered(),
-                policy=_unknown(wait, "when_full"),
-                limit=1,
-                seq=None,
-            )
-        await here.release(key, running)
-        await there.release(key, waiting)
+        key, wait = _id(), Policy("wait", max_waiting=1)
+        holders = [new_holder_id(), new_holder_id()]  # one runs, then one waits
+        for holder, part in zip(holders, ("when_busy", "when_full"), strict=True):
+            await here.acquire(key, holder, Delivered(), policy=wait, limit=1, seq=None)
+            unknown = _unknown(wait, part)  # the key busy, then its queue full: part decides
+            with pytest.raises(ValueError, match=_NEWER):
+                await there.acquire(
+                    key, new_holder_id(), Delivered(), policy=unknown, limit=1, seq=None
+                )
+        for holder in holders:
+            await here.release(key, holder)
         again = await there.acquire(
             key, new_holder_id(), Delivered(), policy=Policy("refuse"), limit=1, seq=None
         )
