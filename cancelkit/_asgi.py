@@ -375,7 +375,7 @@ class DisconnectGuard:
             return
         # The fast path: a bare cancel scope. The token is linked to it only once the request
         # yields to the event loop (see _watch); before that nobody else can run.
-        scope = _new_scope(self._on_asyncio) if self._mode == "interrupt" else None
+        scope = _loop.new_scope(self._on_asyncio) if self._mode == "interrupt" else None
         frame = interrupt_frame(token, scope)  # what a commit pins (never in signal mode)
         var = _current.set(frame)
         try:
@@ -784,13 +784,6 @@ class CancelOnDisconnect:
             f"<CancelOnDisconnect mode={self._mode!r} running={len(self._running)}"
             f"{state} app={self.app!r}>"
         )
-
-
-def _new_scope(on_asyncio: bool) -> _loop.Scope:
-    if not on_asyncio:
-        return anyio.CancelScope()
-    # The same as anyio.CancelScope(), without detecting the event loop again.
-    return (_loop.asyncio_scope or _loop.asyncio_scope_class())()
 
 
 def _echoed(start: Message, echo: list[tuple[bytes, bytes]]) -> Message:

@@ -4,13 +4,14 @@ anyio finds the running backend on every ``anyio.CancelScope()`` (sniffio and a 
 :class:`~cancelkit.TokenScope` entry and the disconnect guard's fast path run once per scope
 or request, so they ask here instead: :func:`this_loop` (asyncio loop or trio token),
 :func:`asyncio_loop` (asyncio only, not trio's guest mode), :func:`asyncio_scope_class`
-(anyio's ``CancelScope`` class for asyncio, found once) and :func:`call_soon` (run a function
-in a given loop from any thread).
+(anyio's ``CancelScope`` class for asyncio, found once), :func:`new_scope` (a cancel scope
+made with it) and :func:`call_soon` (run a function in a given loop from any thread).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 
 # asyncio._get_running_loop is in asyncio.events.__all__: the documented low-level API for
@@ -30,6 +31,7 @@ __all__ = [
     "asyncio_scope",
     "asyncio_scope_class",
     "call_soon",
+    "new_scope",
     "running_loop",
     "running_task",
     "this_loop",
@@ -66,9 +68,22 @@ class Scope(Protocol):
     def cancel(self) -> None: ...
 
 
-#: anyio's ``CancelScope`` class for asyncio, once :func:`asyncio_scope_class` found it. Read
-#: it as ``_loop.asyncio_scope or _loop.asyncio_scope_class()``: no call once it is known.
+#: anyio's ``CancelScope`` class for asyncio, once :func:`asyncio_scope_class` found it
+#: (:func:`new_scope` reads it: no lookup once it is known).
 asyncio_scope: Callable[..., Scope] | None = None
+
+
+def new_scope(on_asyncio: bool, deadline: float = math.inf) -> Scope:
+    """Return ``anyio.CancelScope(deadline=deadline)``, on asyncio without detecting the loop.
+
+    Args:
+        on_asyncio: the caller knows an asyncio loop runs here: anyio's asyncio class (found
+            once) is called directly. Else anyio detects the backend as usual.
+        deadline: as ``anyio.CancelScope``'s.
+    """
+    if on_asyncio:
+        return (asyncio_scope or asyncio_scope_class())(deadline=deadline)
+    return cast(Scope, anyio.CancelScope(deadline=deadline))
 
 
 def asyncio_scope_class() -> Callable[..., Scope]:

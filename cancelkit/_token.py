@@ -598,9 +598,7 @@ class TokenScope(Pinnable):
         # trio scope only forwards to trio.CancelScope.
         loop = running_loop()
         if loop is not None:
-            scope = self._scope = (_loop.asyncio_scope or _loop.asyncio_scope_class())(
-                deadline=deadline
-            )
+            scope = self._scope = _loop.new_scope(True, deadline)
             self._native = loop
             self._task = current_task()
             scope.__enter__()

@@ -3,7 +3,8 @@
 The model and its state machine live in cancelkit/testing/_model.py (a third backend runs
 them with check_latest_only_model); here they run on the memory backend and on a real
 redis-server (two backends standing in for two workers, claims alternating between them),
-on asyncio and trio. tests/test_testing.py runs them on the toy backend.
+on asyncio and trio. tests/test_testing.py runs them on the toy backend,
+tests/test_redis_cluster.py on the Redis Cluster.
 """
 
 from __future__ import annotations

@@ -40,6 +40,18 @@ async def test_the_asyncio_scope_class_is_anyios() -> None:
     assert scope.cancelled_caught
 
 
+async def test_new_scope_is_anyios_scope_with_its_deadline(anyio_backend: str) -> None:
+    """new_scope() is what anyio.CancelScope(deadline=...) makes (the disconnect guard and
+    TokenScope both make theirs with it), told or not that asyncio runs."""
+    for on_asyncio in {anyio_backend == "asyncio", False}:
+        scope = _loop.new_scope(on_asyncio, deadline=anyio.current_time() - 1)
+        assert type(scope) is type(anyio.CancelScope())
+        with scope:
+            await anyio.sleep_forever()
+        assert scope.cancelled_caught
+    assert _loop.new_scope(False).deadline == anyio.CancelScope().deadline
+
+
 def test_call_soon_into_a_finished_loop_raises() -> None:
     """call_soon() into a closed asyncio loop raises RuntimeError (cancel() relies on it)."""
     loop = asyncio.new_event_loop()

@@ -139,3 +139,35 @@ async def test_redis_branches_on_the_parts_and_refuses_an_unknown_one(
         assert b.statistics().claims == 1  # nothing recorded for the refused one
         for backend, holder in ((a, "h1"), (b, "h2"), (a, "h3")):
             await backend.release("k", holder)
+
+
+@pytest.mark.parametrize("part", ["when_busy", "when_full"])
+async def test_the_acquire_script_refuses_an_unknown_part_itself(
+    redis: RedisServer, anyio_backend: str, monkeypatch: pytest.MonkeyPatch, part: str
+) -> None:
+    """Defence in depth: with the Python check bypassed (``check_known`` refuses first, so
+    the script's refusal is never reached otherwise), the ACQUIRE script refuses a part it
+    does not know with a clear error; nothing is queued, run locally, or marked down."""
+    monkeypatch.setattr("cancelkit.redis._slots.check_known", lambda policy: None)
+    prefix = "pol" + secrets.token_hex(4)
+    wait = Policy("wait", max_waiting=1)
+    unknown = dataclasses.replace(wait)
+    object.__setattr__(unknown, part, "toss")
+    async with RedisBackend(redis.url, prefix=prefix) as backend:
+        await backend.acquire("k", "h1", print, policy=wait, limit=1, seq=None)
+        if part == "when_full":
+            await backend.acquire("k", "h2", print, policy=wait, limit=1, seq=None)
+        with pytest.raises(ValueError, match="cancelkit: a policy this backend does not know"):
+            await backend.acquire("k", "h3", print, policy=unknown, limit=1, seq=None)
+        stats = backend.statistics()
+        assert (stats.connected, stats.failures, stats.claims) == (
+            True,
+            0,
+            2 if part == "when_full" else 1,
+        )
+        await backend.release("k", "h1")
+        if part == "when_full":
+            await backend.release("k", "h2")
+        again = await backend.acquire("k", "h4", print, policy=Policy("refuse"), limit=1, seq=None)
+        assert again.admission is Admission.RUNNING  # h3 was not queued
+        await backend.release("k", "h4")

@@ -4,8 +4,9 @@ The contract tests of ``tests/test_redis.py`` run here again, against the cluste
 layout a plain prefix gets there (keys spread over 16 slot groups, so over all three shards):
 this module's ``redis`` fixture stands in for the single server with a cluster node (the
 backend finds out by itself that it talks to a cluster), and the tests' raw client is a cluster
-client, which sees every shard. Tests of single-server faults (restart, pause, kills of one
-server) stay there; the cluster's own faults (slot migration, failover) are tested here.
+client, which sees every shard; cancelkit.testing's model check runs here too. Tests of
+single-server faults (restart, pause, kills of one server) stay there; the cluster's own
+faults (slot migration, failover) are tested here.
 """
 
 from __future__ import annotations
@@ -38,12 +39,19 @@ from cancelkit import (
 from cancelkit.redis import RedisBackend, RedisStatusStore, RedisUnavailable
 from cancelkit.redis._cluster import cluster_client
 from cancelkit.redis._config import key_slot
+from cancelkit.testing import check_latest_only_model
 from tests import test_operations_redis, test_redis
 from tests.cluster import LocalCluster
 from tests.history import Event, History, Outages, check
+from tests.test_latest_model import redis_workers
 from tests.test_redis import keys_of, wait_for, workers
 
 pytestmark = pytest.mark.anyio
+
+#: Examples of the model check here: each starts two backends on the cluster (about 1 s
+#: apiece on a busy 2-core box; 6 per loop added 11 s to a session, 25 added 68 s). The
+#: single server runs 25 (tests/test_latest_model.py); this checks the spread layout.
+EXAMPLES = 6
 
 #: Tests of tests/test_redis.py that need a single server of their own (they stop, pause or
 #: reconfigure it) or spawn processes against it; everything else there is the contract.
@@ -134,6 +142,16 @@ def _contract_tests() -> dict[str, Callable[..., Any]]:
 
 globals().update(_contract_tests())
 TestRedisBackendContract = test_redis.TestRedisBackendContract  # cancelkit.testing's contract
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+def test_redis_cluster_backend_matches_the_model(
+    anyio_backend: str, redis: ClusterNodeServer
+) -> None:
+    """cancelkit.testing's model check on the cluster: two workers, keys spread over shards."""
+    check_latest_only_model(
+        redis_workers(redis.url), anyio_backend=anyio_backend, examples=EXAMPLES
+    )
 
 
 # -- the cluster's own behaviour -----------------------------------------------------------

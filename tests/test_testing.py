@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from cancelkit import CancelReason
+from cancelkit import CancelReason, Policy
 from cancelkit.backends import (
     Acquired,
     Backend,
@@ -154,6 +154,19 @@ class SupersedesTheNewest(ToyBackend):
         return await super().acquire(key, *args, **kwargs)
 
 
+class QueuesOnAnUnknownPolicy(ToyBackend):
+    """Takes a policy part it does not know for one it knows (``wait``; ``refuse`` when the
+    queue is full: the toy's old ``else``) instead of refusing it ('refuse it loudly')."""
+
+    async def acquire(
+        self, key: str, holder: str, deliver: Deliver, *, policy: Policy, **kwargs: Any
+    ) -> Acquired:
+        busy = policy.when_busy if policy.when_busy in ("supersede", "refuse") else "wait"
+        supersede = policy.when_full == "supersede"
+        known = Policy(busy, "supersede" if supersede else "refuse", policy.max_waiting)
+        return await super().acquire(key, holder, deliver, policy=known, **kwargs)
+
+
 def broken_rules(backend: type[ToyBackend]) -> list[str]:
     """The BackendContract tests that fail (or hang to their limit) on ``backend``."""
     failed = []
@@ -174,11 +187,17 @@ def broken_rules(backend: type[ToyBackend]) -> list[str]:
 
 @pytest.mark.parametrize(
     "backend",
-    [DeliversAfterUnregister, UnregistersAnyHolder, PromotesTheNewestWaiter, SupersedesTheNewest],
+    [
+        DeliversAfterUnregister,
+        UnregistersAnyHolder,
+        PromotesTheNewestWaiter,
+        SupersedesTheNewest,
+        QueuesOnAnUnknownPolicy,
+    ],
 )
 def test_the_contract_finds_a_backend_that_breaks_a_documented_rule(
     backend: type[ToyBackend],
 ) -> None:
-    """Each of these passed all 18 rules of BackendContract."""
+    """Each of these breaks one documented rule: the contract must catch it."""
     assert broken_rules(ToyBackend) == []  # (the runner itself passes a correct backend)
     assert broken_rules(backend) != []

@@ -102,12 +102,16 @@ class ToyBackend:
                 victim = running[0]
             elif policy.when_busy == "refuse":
                 return Acquired(Admission.BUSY)
+            elif policy.when_busy != "wait":
+                raise ValueError(f"a policy this backend does not know: {policy!r}")
             elif len(waiting) < policy.max_waiting:
                 state = "waiting"
             elif policy.when_full == "supersede":
                 state, victim = "waiting", waiting[0]
-            else:
+            elif policy.when_full == "refuse":
                 return Acquired(Admission.FULL)
+            else:
+                raise ValueError(f"a policy this backend does not know: {policy!r}")
         if victim is not None:
             victim.state, victim.by = "superseded", holder
             if not victim.committed:

@@ -66,6 +66,11 @@ def _transient(exc: Exception) -> bool:
     return True  # lost connections, timeouts, closed or broken streams, OS errors
 
 
+def _refused(exc: Exception) -> bool:
+    """Whether ``exc`` is a script's own refusal of its arguments (``cancelkit: ...``)."""
+    return isinstance(exc, coredis.exceptions.ResponseError) and str(exc).startswith("cancelkit: ")
+
+
 #: What a Redis call raises when the server cannot be reached (or, on a cluster, while a slot
 #: moves or its shard fails over).
 REDIS_ERRORS = (coredis.exceptions.ConnectionError, TimeoutError, OSError, *CLUSTER_ERRORS)
@@ -330,6 +335,8 @@ class Connection:
                 with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
                     return await attempt()
             except Exception as exc:  # every failure of a call is "Redis unavailable"
+                if _refused(exc):  # but a script that refused its arguments is the caller's
+                    raise ValueError(str(exc)) from None
                 error = exc
                 report_error(self.client, exc)  # a cluster reloads its layout after a few
             if (
@@ -342,12 +349,20 @@ class Connection:
         self.mark_down(error)
         raise Down from error
 
-    async def run_or_defer(self, script: str, keys: list[str], args: list[str]) -> None:
-        """Run an idempotent cleanup script now, or in the background if that fails."""
+    async def run_or_defer(self, script: str, keys: list[str], args: list[str]) -> Any:
+        """Run an idempotent cleanup script now, or in the background if that fails.
+
+        Returns the script's reply, or ``None`` when it failed (:exc:`Down`). A cancellation
+        (a native ``Task.cancel()`` gets through a shield) queues it too, and propagates.
+        """
         try:
-            await self.run(script, keys, args)
+            return await self.run(script, keys, args)
         except Down:
             self.defer(script, keys, args)
+            return None
+        except BaseException:
+            self.defer(script, keys, args)
+            raise
 
     def defer(self, script: str, keys: list[str], args: list[str]) -> None:
         """Queue an idempotent cleanup script, or an inbox write, for the background.

@@ -159,15 +159,7 @@ class Registrations:
 
     async def _unregister_remote(self, reg: _Reg) -> CancelReason | None:
         """Unregister on the server (or later); the reason of a cancel that won, if it says."""
-        call = self._unregister_call(reg)
-        try:
-            text = await self._conn.run(*call)
-        except Down:
-            self._conn.defer(*call)
-            return None
-        except BaseException:  # a native Task.cancel() gets through the shield: clean up later
-            self._conn.defer(*call)
-            raise
+        text = await self._conn.run_or_defer(*self._unregister_call(reg))
         return load(str(text)) if text else None
 
     async def commit(self, holder: str) -> CancelReason | None:

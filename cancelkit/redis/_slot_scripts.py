@@ -117,6 +117,7 @@ end
 #: Returns {admission, G, extra...}: {'running'|'waiting', G, lines for this worker: turns,
 #: and the supersedes of its claims of the key, also those told before by message},
 #: {'stale', 0, newest holder, newest seq}, {'busy'} or {'full'}. Idempotent for one holder.
+#: An error reply ``cancelkit: ...`` for a policy it does not know (``ValueError`` in Python).
 ACQUIRE = (
     SEND
     + _SETTLE
@@ -125,6 +126,12 @@ local W, H = ARGV[1], ARGV[2]
 local busy, full = string.match(ARGV[3], '^(%S+) (%S+)$')
 local limit, max_waiting, seq = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
 local me = W .. ' ' .. H
+-- A part this version does not know is refused before anything is written (the Python
+-- side refuses it first; this is the script's own guard, for a caller that skips it).
+if not (busy == 'supersede' or busy == 'wait' or busy == 'refuse')
+    or not (full == 'supersede' or full == 'refuse') or not max_waiting then
+  return redis.error_reply('cancelkit: a policy this backend does not know: ' .. ARGV[3])
+end
 -- Appends to out a line for each claim of this worker on the key that was superseded (its
 -- message may still be on its way, or was in the lost reply of a retried call), so that it
 -- stops before the new claim's body starts.
@@ -158,16 +165,12 @@ if #running >= limit then
     victim = running[1]
   elseif busy == 'refuse' then
     return {'busy'}
-  elseif busy ~= 'wait' then
-    return redis.error_reply('cancelkit: unknown policy ' .. ARGV[3])
-  elseif #waiting < max_waiting then
+  elseif #waiting < max_waiting then  -- 'wait'
     state = 'w'
   elseif full == 'supersede' then
     state, victim = 'w', waiting[1]
-  elseif full == 'refuse' then
+  else  -- 'refuse'
     return {'full'}
-  else
-    return redis.error_reply('cancelkit: unknown policy ' .. ARGV[3])
   end
 end
 local g = redis.call('INCR', KEYS[3])

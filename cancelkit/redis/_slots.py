@@ -111,7 +111,7 @@ class Slots:
         is pruned once its lease deadline passes: it blocks the key for at most one lease.
         """
         self._conn.client  # noqa: B018 - raises if not running
-        check_known(policy)  # the script refuses it too, but as an error reply
+        check_known(policy)  # the script refuses it too (a ValueError from its error reply)
         claim = _Claim(key, holder, callback, limit, policy.when_busy)
         self._by_holder[holder] = claim  # recorded first
         self._by_key.setdefault(key, {})[holder] = claim
@@ -270,15 +270,9 @@ class Slots:
 
     async def _release_remote(self, key: str, holder: str) -> CancelReason | None:
         """Release on the server (or later); the supersede it had, if the server says."""
-        call = self._release_call(key, holder)
-        try:
-            lines = await self._conn.run(*call)
-        except Down:
-            self._conn.defer(*call)
+        lines = await self._conn.run_or_defer(*self._release_call(key, holder))
+        if lines is None:  # queued: released in the background
             return None
-        except BaseException:  # a native Task.cancel() gets through the shield: clean up later
-            self._conn.defer(*call)
-            raise
         self._dispatch(lines[1:])  # turns: waiters of other workers may run now
         return _superseded(str(lines[0]))
 

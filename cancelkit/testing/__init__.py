@@ -9,7 +9,8 @@ numbers, handover waits, commits against cancels at every step, across workers).
 :class:`~cancelkit.LatestOnly` on your backend and checks each outcome against a plain model;
 :func:`sweep_commit` cancels a committing operation at every point it suspends (asyncio, with
 the ``cancellens`` package). The memory, Redis and Redis Cluster backends pass them all in
-cancelkit's own CI.
+cancelkit's own CI (the sweep on Redis and Redis Cluster: the memory backend's commit never
+suspends).
 
 Needs pytest and hypothesis (your test dependencies); ``import cancelkit`` does not import
 this module.

@@ -32,6 +32,7 @@ Workers: TypeAlias = Callable[[], AbstractAsyncContextManager[Sequence[Backend]]
 Pair: TypeAlias = tuple[Backend, Backend]
 _SUPERSEDE = Policy("supersede")
 _id = new_holder_id  # fresh, and a valid operation id and key
+_NEWER = "from-a-newer-version"  # a policy part this version does not know
 
 
 class Delivered:
@@ -50,6 +51,16 @@ class Delivered:
         with anyio.fail_after(LIMIT):
             await self._arrived.wait()
         return self.reasons[0]
+
+
+def _unknown(policy: Policy, part: str) -> Policy:
+    """``policy`` with ``part`` set to a value no version knows (:data:`_NEWER`).
+
+    As a newer client could send: ``Policy`` itself refuses to be made with one.
+    """
+    unknown = replace(policy)
+    object.__setattr__(unknown, part, _NEWER)
+    return unknown
 
 
 def _requested(message: str = "") -> CancelReason:
@@ -273,6 +284,29 @@ class BackendContract(_RegistryContract):
         assert (got.kind, got.source) == (CancelKind.SUPERSEDED, newest)
         for backend, holder in ((here, oldest), (here, running), (there, newest)):
             await backend.release(key, holder)
+
+    async def test_a_policy_part_it_does_not_know_is_refused(self, pair: Pair) -> None:
+        """An unknown ``when_busy`` or ``when_full`` raises ``ValueError`` naming it.
+
+        At the latest where the backend would branch on it; nothing is recorded: it is not
+        taken for a part the backend knows (say, queued).
+        """
+        here, there = pair
+        key, wait = _id(), Policy("wait", max_waiting=1)
+        holders = [new_holder_id(), new_holder_id()]  # one runs, then one waits
+        for holder, part in zip(holders, ("when_busy", "when_full"), strict=True):
+            await here.acquire(key, holder, Delivered(), policy=wait, limit=1, seq=None)
+            unknown = _unknown(wait, part)  # the key busy, then its queue full: part decides
+            with pytest.raises(ValueError, match=_NEWER):
+                await there.acquire(
+                    key, new_holder_id(), Delivered(), policy=unknown, limit=1, seq=None
+                )
+        for holder in holders:
+            await here.release(key, holder)
+        again = await there.acquire(
+            key, new_holder_id(), Delivered(), policy=Policy("refuse"), limit=1, seq=None
+        )
+        assert again.admission is Admission.RUNNING  # neither refused claim was left queued
 
     async def test_the_oldest_waiting_claim_runs_next(self, pair: Pair) -> None:
         here, there = pair
