@@ -38,8 +38,10 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -49,6 +51,8 @@ import httpx
 from benchmarks._util import percentile
 from cancelkit import CancellationToken
 from cancelkit._deadline import parse_deadline
+from cancelkit._frames import current as current_frame
+from cancelkit._frames import interrupt_frame
 from cancelkit.httpx import TokenTransport
 from tests.hops import chain
 
@@ -168,72 +172,89 @@ def canned() -> httpx.AsyncHTTPTransport:
     return transport
 
 
-async def transport_cost(requests: int, rounds: int) -> dict[str, float]:
-    plain = httpx.AsyncClient(transport=canned())
-    wrapped = httpx.AsyncClient(transport=TokenTransport(canned()))
+@contextmanager
+def signalled(token: CancellationToken) -> Iterator[None]:
+    """``token`` current for this task, no scope of its own around it: a request under
+    ``CancelOnDisconnect(mode="signal")`` (hop B of the tests), or a task a token scope's
+    outer task group started. The transport then aborts a cancelled request itself."""
+    frame = interrupt_frame(token, None)
+    reset = current_frame.set(frame)
+    try:
+        yield
+    finally:
+        frame.exit()
+        current_frame.reset(reset)
+
+
+#: The canned requests measured: (the transport wrapped or not, how the token is current).
+#: "scope": in the token's own scope (``token.scope()``, interrupt mode): the transport passes
+#: the request on and that scope's cancel ends it. "signal": the token current but no scope
+#: of its own around the task: the transport aborts the request itself (its cancel scope per
+#: step, the callback, the body wrapper). Each is compared with the plain transport in the
+#: same token context.
+VARIANTS = [(wrapped, mode) for mode in ("scope", "signal") for wrapped in (False, True)]
+
+
+async def canned_requests(wrapped: bool, mode: str, count: int) -> float:
+    """``count`` canned GETs with a token with a deadline current (``mode``: see VARIANTS);
+    return the CPU seconds they took (after 50 to warm up)."""
+    client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
     token = CancellationToken(timeout=3600)
-    url = "http://next/"
+    context = token.scope if mode == "scope" else partial(signalled, token)
+    async with client:
+        for _ in range(50):
+            with context():
+                await client.get("http://next/")
+        start = time.process_time()
+        for _ in range(count):
+            with context():
+                await client.get("http://next/")
+        return time.process_time() - start
 
-    async def run_plain() -> None:
-        await plain.get(url)
 
-    async def run_untokened() -> None:
-        await wrapped.get(url)
+async def transport_cost(requests: int, rounds: int) -> dict[tuple[bool, str], float]:
+    """The median CPU seconds per canned request of each variant, in interleaved rounds."""
+    samples: dict[tuple[bool, str], list[float]] = {variant: [] for variant in VARIANTS}
+    samples[True, "none"] = []  # the transport outside any token
+    samples[False, "none"] = []
+    for _ in range(rounds):
+        for wrapped, mode in samples:
+            if mode == "none":
+                seconds = await untokened_requests(wrapped, requests)
+            else:
+                seconds = await canned_requests(wrapped, mode, requests)
+            samples[wrapped, mode].append(seconds / requests)
+    return {variant: statistics.median(values) for variant, values in samples.items()}
 
-    async def run_scope() -> None:  # the caller's own token scope, the same in both below
-        with token.scope():
-            await plain.get(url)
 
-    async def run_deadline() -> None:
-        with token.scope():
-            await wrapped.get(url)
-
-    variants: dict[str, Callable[[], Any]] = {
-        "plain": run_plain,
-        "no token": run_untokened,
-        "scope": run_scope,
-        "deadline": run_deadline,
-    }
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    async with plain, wrapped:
-        for run in variants.values():  # warm up
-            for _ in range(200):
-                await run()
-        for _ in range(rounds):
-            for name, run in variants.items():
-                start = time.process_time()
-                for _ in range(requests):
-                    await run()
-                samples[name].append((time.process_time() - start) / requests)
-    return {name: statistics.median(values) for name, values in samples.items()}
+async def untokened_requests(wrapped: bool, count: int) -> float:
+    client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
+    async with client:
+        for _ in range(50):
+            await client.get("http://next/")
+        start = time.process_time()
+        for _ in range(count):
+            await client.get("http://next/")
+        return time.process_time() - start
 
 
 def transport(backend: str, requests: int, rounds: int) -> None:
     cost = anyio.run(transport_cost, requests, rounds, backend=backend)
-    base, scope = cost["plain"], cost["scope"]
-    outside, inside = cost["no token"] - base, cost["deadline"] - scope
+    base = cost[False, "none"]
+    added = {mode: cost[True, mode] - cost[False, mode] for mode in ("none", "scope", "signal")}
     print(
         f"  {backend:8} CPU per outgoing request (httpx + httpcore, canned answers): plain "
-        f"{base * 1e6:5.1f} µs; TokenTransport outside a token +{outside * 1e6:4.1f} µs; inside "
-        f"a token with a deadline +{inside * 1e6:4.1f} µs over the same call in the same token "
-        "scope (target <= 25)"
+        f"{base * 1e6:5.1f} µs; TokenTransport outside a token +{added['none'] * 1e6:4.1f} µs; "
+        f"with a deadline, over the plain transport in the same token context: in the token's "
+        f"own scope +{added['scope'] * 1e6:4.1f} µs, signalled (the transport aborts) "
+        f"+{added['signal'] * 1e6:4.1f} µs (target <= 25)"
     )
 
 
-async def canned_requests(wrapped: bool, count: int) -> None:
-    """``count`` canned GETs inside a token scope with a deadline (for ``--instructions``)."""
-    client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
-    token = CancellationToken(timeout=3600)
-    async with client:
-        for _ in range(count):
-            with token.scope():
-                await client.get("http://next/")
-
-
-def count_instructions(backend: str, wrapped: bool, count: int) -> int:
+def count_instructions(backend: str, wrapped: bool, mode: str, count: int) -> int:
     program = (
         "import anyio; from benchmarks.bench_hops import canned_requests; "
-        f"anyio.run(canned_requests, {wrapped}, {count}, backend={backend!r})"
+        f"anyio.run(canned_requests, {wrapped}, {mode!r}, {count}, backend={backend!r})"
     )
     valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     run = subprocess.run(
@@ -247,20 +268,22 @@ def count_instructions(backend: str, wrapped: bool, count: int) -> int:
     return int(refs.group(1).replace(",", ""))
 
 
-def instructions(backend: str) -> None:
+def instructions(backend: str, us_per_instruction: float | None = None) -> None:
+    """Instructions per canned request of each variant: (600 requests - 100) / 500."""
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is needed for --instructions: apt-get install -y valgrind")
-    runs = [(wrapped, count) for wrapped in (False, True) for count in (100, 600)]
-    with ThreadPoolExecutor(2) as pool:  # four processes of about 40 s each
+    runs = [(*variant, count) for variant in VARIANTS for count in (100, 600)]
+    with ThreadPoolExecutor(2) as pool:  # eight processes of about 40 s each
         found = pool.map(lambda run: count_instructions(backend, *run), runs)
         counts = dict(zip(runs, found, strict=True))
-    plain = (counts[False, 600] - counts[False, 100]) / 500
-    wrapped = (counts[True, 600] - counts[True, 100]) / 500
-    print(
-        f"  {backend:8} instructions per outgoing request in a token scope with a deadline: "
-        f"plain {plain / 1e3:.0f} k, TokenTransport +{(wrapped - plain) / 1e3:.1f} k "
-        f"(+{(wrapped / plain - 1) * 100:.1f} %)"
-    )
+    for mode, label in (("scope", "in the token's own scope"), ("signal", "signalled")):
+        plain = (counts[False, mode, 600] - counts[False, mode, 100]) / 500
+        wrapped = (counts[True, mode, 600] - counts[True, mode, 100]) / 500
+        print(
+            f"  {backend:8} instructions per outgoing request with a deadline, {label}: "
+            f"plain {plain / 1e3:.0f} k, TokenTransport +{(wrapped - plain) / 1e3:.1f} k "
+            f"(+{(wrapped / plain - 1) * 100:.1f} %)"
+        )
 
 
 def header_parse(loops: int = 200_000) -> None:

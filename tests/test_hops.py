@@ -20,10 +20,11 @@ import anyio.abc
 import httpx
 import pytest
 
-from cancelkit import CancellationToken
+from cancelkit import CancellationToken, OperationCancelled
 from cancelkit.httpx import TokenTransport
 from tests.hops import chain as hop_chain
 from tests.test_asgi_servers import read_response, request
+from tests.test_httpx_transport import current
 
 pytestmark = pytest.mark.anyio
 
@@ -221,7 +222,10 @@ async def test_a_request_with_nothing_left_never_runs(chain: Chain) -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_1000_cancelled_calls_leave_no_open_connection(chain: Chain) -> None:
     """1,000 calls to C cancelled in flight (half waiting for the answer, half mid-stream),
-    ten at a time: the client's pool keeps no connection, and C saw every client go."""
+    ten at a time: the client's pool keeps no connection, and C saw every client go. Half
+    run in the token's own scope (its cancel ends the call; httpcore closes the connection),
+    half signalled (the token current, no scope of its own: the transport aborts the call
+    and raises OperationCancelled)."""
     pool = httpx.AsyncHTTPTransport()
     url = f"{chain.urls['C']}/work"
     cancelled: list[bool] = []
@@ -233,7 +237,7 @@ async def test_1000_cancelled_calls_leave_no_open_connection(chain: Chain) -> No
             if event == "http11.receive_response_headers.started":  # the request is all out
                 token.cancel()
 
-        with token.move_on() as scope:
+        async def send() -> None:
             if i % 2:
                 trace = {"trace": cancel_once_sent}
                 await caller.get(f"{url}/{unique('many')}?hold=1", extensions=trace)
@@ -241,7 +245,17 @@ async def test_1000_cancelled_calls_leave_no_open_connection(chain: Chain) -> No
                 async with caller.stream("GET", f"{url}/{unique('many')}?hold=2") as streamed:
                     async for _ in streamed.aiter_raw():
                         token.cancel()  # after the first chunk
-        cancelled.append(scope.cancelled_caught)
+
+        if i % 4 < 2:
+            with token.move_on() as scope:
+                await send()
+            cancelled.append(scope.cancelled_caught)
+        else:
+            with current(token):
+                try:
+                    await send()
+                except OperationCancelled as exc:
+                    cancelled.append(exc.reason is token.reason)
 
     async def calls(caller: httpx.AsyncClient, first: int) -> None:
         for i in range(first, 1000, 10):
