@@ -173,10 +173,11 @@ async def test_a_300_ms_budget_reaches_c_less_what_was_spent_and_ends_in_504s(
     chain: Chain,
 ) -> None:
     """300 ms at A: C gets at most 300 ms less what A and B spent; A answers 504 once, marked
-    Deadline-Expired; B and C stop at their deadline, 4 ms before their caller's, answering
-    one 504 (on a quiet machine 50 of 50 times, benchmarks/bench_hops.py), or, when the
-    answer takes longer than that to travel back, as their caller gives up (a 499 to
-    nobody); none runs on or answers anything else."""
+    Deadline-Expired. B and C stop at their deadline, 4 ms before their caller's less the
+    time the request took to reach them, answering one 504 (on a quiet machine 50 of 50
+    times, benchmarks/bench_hops.py); a hop whose request took longer than those 4 ms to
+    reach its application (a starved machine) has a deadline after its caller's, so it sees
+    its caller leave first and answers one 499, to nobody. None runs on or answers twice."""
     id = unique("budget")
     async with hops(chain) as client:
         answer = await client.get(
@@ -195,8 +196,9 @@ async def test_a_300_ms_budget_reaches_c_less_what_was_spent_and_ends_in_504s(
     assert a["statuses"] == [504]
     assert a["end"] == "deadline"
     for rec in (b, c):
-        # Each hop's own timer fires at (nearly) the same instant as its caller's: which one
-        # is first decides whether the hop answers its 504 or sees its caller go first.
+        # A hop's deadline is its caller's less RETURN_MS less the request's way there: when
+        # that way took longer than RETURN_MS, the caller's deadline comes first and the hop
+        # sees its client leave (before its own deadline: after it, the deadline would win).
         assert rec["end"] in ("deadline", "client_disconnected"), rec
         assert rec["statuses"] in ([504], [499]), rec  # 499: to nobody, the caller is gone
         if rec["end"] == "client_disconnected":
