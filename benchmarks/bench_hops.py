@@ -47,9 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -61,11 +59,9 @@ import httpx
 from benchmarks._util import percentile
 from cancelkit import CancellationToken
 from cancelkit._deadline import parse_deadline
-from cancelkit._frames import current as current_frame
-from cancelkit._frames import interrupt_frame
 from cancelkit.httpx import TokenTransport
 from tests.history import spinners
-from tests.hops import chain
+from tests.hops import chain, current
 
 CHAINS = {
     "asyncio": dict.fromkeys("ABC", ("uvicorn", "interrupt")),
@@ -184,20 +180,6 @@ def canned() -> httpx.AsyncHTTPTransport:
     return transport
 
 
-@contextmanager
-def signalled(token: CancellationToken) -> Iterator[None]:
-    """``token`` current for this task, no scope of its own around it: a request under
-    ``CancelOnDisconnect(mode="signal")`` (hop B of the tests), or a task a token scope's
-    outer task group started. The transport then aborts a cancelled request itself."""
-    frame = interrupt_frame(token, None)
-    reset = current_frame.set(frame)
-    try:
-        yield
-    finally:
-        frame.exit()
-        current_frame.reset(reset)
-
-
 #: The canned requests measured: (the transport wrapped or not, how the token is current).
 #: "scope": in the token's own scope (``token.scope()``, interrupt mode): the transport passes
 #: the request on and that scope's cancel ends it. "signal": the token current but no scope
@@ -212,7 +194,7 @@ async def canned_requests(wrapped: bool, mode: str, count: int) -> float:
     return the CPU seconds they took (after 50 to warm up)."""
     client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
     token = CancellationToken(timeout=3600)
-    context = token.scope if mode == "scope" else partial(signalled, token)
+    context = token.scope if mode == "scope" else partial(current, token)
     async with client:
         for _ in range(50):
             with context():

@@ -23,8 +23,8 @@ import pytest
 from cancelkit import CancellationToken, OperationCancelled
 from cancelkit.httpx import TokenTransport
 from tests.hops import chain as hop_chain
+from tests.hops import current
 from tests.test_asgi_servers import read_response, request
-from tests.test_httpx_transport import current
 
 pytestmark = pytest.mark.anyio
 

@@ -9,8 +9,8 @@ ordered with events, never sleeps.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -26,9 +26,8 @@ from cancelkit import (
     request_token,
 )
 from cancelkit._deadline import RETURN_MS
-from cancelkit._frames import current as current_frame
-from cancelkit._frames import interrupt_frame
 from cancelkit.httpx import TokenTransport
+from tests.hops import current
 from tests.test_asgi_servers import LIMIT, lifespan, respond, serve
 
 pytestmark = pytest.mark.anyio
@@ -96,18 +95,6 @@ async def next_hop(anyio_backend: str) -> AsyncIterator[tuple[NextHop, str, http
             httpx.AsyncClient(transport=TokenTransport()) as client,
         ):
             yield hop, f"http://127.0.0.1:{port}", client
-
-
-@contextmanager
-def current(token: CancellationToken) -> Iterator[None]:
-    """Make ``token`` the current one without interrupting anything (as signal mode does)."""
-    frame = interrupt_frame(token, None)
-    reset = current_frame.set(frame)
-    try:
-        yield
-    finally:
-        frame.exit()
-        current_frame.reset(reset)
 
 
 def open_connections(client: httpx.AsyncClient) -> int:
