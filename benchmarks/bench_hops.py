@@ -248,14 +248,19 @@ def transport(backend: str, requests: int, rounds: int) -> dict[str, float]:
     return {mode: cost[False, mode] for mode in ("scope", "signal")}
 
 
-def count_instructions(backend: str, wrapped: bool, mode: str, count: int) -> int:
-    program = (
+def program(backend: str, wrapped: bool, mode: str, count: int) -> list[str]:
+    """The command that runs ``count`` canned requests of one variant in a new process."""
+    code = (
         "import anyio; from benchmarks.bench_hops import canned_requests; "
         f"anyio.run(canned_requests, {wrapped}, {mode!r}, {count}, backend={backend!r})"
     )
+    return [sys.executable, "-c", code]
+
+
+def count_instructions(backend: str, wrapped: bool, mode: str, count: int) -> int:
     valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     run = subprocess.run(
-        [*valgrind, sys.executable, "-c", program],
+        [*valgrind, *program(backend, wrapped, mode, count)],
         capture_output=True,
         text=True,
         check=True,
@@ -272,6 +277,8 @@ def instructions(backend: str, cpu: dict[str, float] | None = None) -> None:
     if shutil.which("valgrind") is None:
         print(f"  {backend:8} instructions: not measured (valgrind is needed)")
         return
+    # once without valgrind: any stale .pyc is compiled then, not in one counted process
+    subprocess.run(program(backend, True, "signal", 1), check=True)
     runs = [(*variant, count) for variant in VARIANTS for count in (100, 600)]
     with ThreadPoolExecutor(2) as pool:  # eight processes of about 40 s each
         found = pool.map(lambda run: count_instructions(backend, *run), runs)
