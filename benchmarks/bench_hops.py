@@ -1,8 +1,10 @@
 """Across HTTP hops: cancel at A → C stops; a budget's deadline at every hop; the transport's cost.
 
-Run from the repository root::
+Run from the repository root (one run prints every figure of docs/benchmarks.md's "Across
+HTTP hops"; then once more with ``--spinners 2`` for the loaded ones)::
 
     python -m benchmarks.bench_hops [--trials 200] [--plain-trials 10] [--budget-trials 50]
+    python -m benchmarks.bench_hops --spinners 2
 
 Three server processes A → B → C on 127.0.0.1 (the chain app of the tests,
 ``tests/hops_app.py``: every hop calls the next with ``cancelkit.httpx.TokenTransport`` under
@@ -18,28 +20,36 @@ Three server processes A → B → C on 127.0.0.1 (the chain app of the tests,
   from A's (target: within 15 ms), and how late A's deadline fired.
 * **the transport's CPU cost per outgoing request**: keep-alive GETs through httpx and
   httpcore on a canned connection (every request answered at once: no server, no socket), with
-  ``httpx.AsyncHTTPTransport`` and with ``TokenTransport`` around it (outside any token; and
-  inside a token scope with a deadline: the header, the trace hook, the transport's token scope,
-  the wrapped body, against the plain transport in the same token scope), interleaved rounds,
-  the median CPU time per request (target: ≤ 25 µs more); and the deadline header parser on a
-  request without the header (what every guarded request now pays).
-* ``--instructions`` (needs valgrind): the same cost as instructions per request, which a
-  shared machine's load does not blur: the canned requests (plain, and ``TokenTransport``
-  inside a token scope with a deadline) run in processes under callgrind, 100 and 600 of
-  them, and the difference of the two counts over 500 is one request's instructions.
+  ``httpx.AsyncHTTPTransport`` and with ``TokenTransport`` around it: outside any token; and
+  with a token with a deadline current, each against the plain transport in the same token
+  context, two ways: in the token's own scope (``token.scope()``, interrupt mode: the header
+  and its trace hook; that scope's cancel ends the request) and *signalled* (the token current
+  with no scope of its own, as in ``CancelOnDisconnect(mode="signal")`` or a task an outer
+  task group started: the transport aborts the request itself, with a callback, a cancel
+  scope per step and a body wrapper). Interleaved rounds, the median CPU time per request
+  (target: ≤ 25 µs more); and the deadline header parser on a request without the header
+  (what every guarded request now pays).
+* **instructions** (valgrind's callgrind, if installed; ``--instructions``: only these): the
+  same canned requests in processes under callgrind, 100 and 600 of them, the difference of
+  the two counts over 500 is one request's instructions, which a shared machine's load does
+  not blur; printed also as CPU time at the plain request's rate measured in the same run.
+* ``--spinners N``: the cancel and budget trials with N processes keeping cores busy (the
+  issue's loaded target, p99 ≤ 50 ms); the transport's cost is not measured then.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -50,7 +60,8 @@ from benchmarks._util import percentile
 from cancelkit import CancellationToken
 from cancelkit._deadline import parse_deadline
 from cancelkit.httpx import TokenTransport
-from tests.hops import chain
+from tests.history import spinners
+from tests.hops import chain, current
 
 CHAINS = {
     "asyncio": dict.fromkeys("ABC", ("uvicorn", "interrupt")),
@@ -75,7 +86,7 @@ async def cancel_trial(urls: dict[str, str], id: str, query: str) -> tuple[float
     return t0, record
 
 
-def cancel_latency(backend: str, trials: int, plain_trials: int) -> None:
+def cancel_latency(backend: str, trials: int, plain_trials: int, loaded: bool) -> None:
     with chain(CHAINS[backend]) as urls:
         ms = []
         for i in range(trials):
@@ -85,7 +96,8 @@ def cancel_latency(backend: str, trials: int, plain_trials: int) -> None:
     print(
         f"  {backend:8} cancelkit   cancel at A -> C's handler cancelled: median "
         f"{statistics.median(ms):6.2f} ms, p99 {percentile(ms, 99):6.2f} ms, "
-        f"max {max(ms):6.2f} ms ({trials} trials; target median <= 5, p99 <= 20 quiet)"
+        f"max {max(ms):6.2f} ms ({trials} trials; target median <= 5, "
+        + ("p99 <= 50 loaded)" if loaded else "p99 <= 20 quiet)")
     )
     with chain(CHAINS[backend], env={"HOP_PLAIN": "1"}) as urls:
         after, completed = [], 0
@@ -168,76 +180,87 @@ def canned() -> httpx.AsyncHTTPTransport:
     return transport
 
 
-async def transport_cost(requests: int, rounds: int) -> dict[str, float]:
-    plain = httpx.AsyncClient(transport=canned())
-    wrapped = httpx.AsyncClient(transport=TokenTransport(canned()))
-    token = CancellationToken(timeout=3600)
-    url = "http://next/"
-
-    async def run_plain() -> None:
-        await plain.get(url)
-
-    async def run_untokened() -> None:
-        await wrapped.get(url)
-
-    async def run_scope() -> None:  # the caller's own token scope, the same in both below
-        with token.scope():
-            await plain.get(url)
-
-    async def run_deadline() -> None:
-        with token.scope():
-            await wrapped.get(url)
-
-    variants: dict[str, Callable[[], Any]] = {
-        "plain": run_plain,
-        "no token": run_untokened,
-        "scope": run_scope,
-        "deadline": run_deadline,
-    }
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    async with plain, wrapped:
-        for run in variants.values():  # warm up
-            for _ in range(200):
-                await run()
-        for _ in range(rounds):
-            for name, run in variants.items():
-                start = time.process_time()
-                for _ in range(requests):
-                    await run()
-                samples[name].append((time.process_time() - start) / requests)
-    return {name: statistics.median(values) for name, values in samples.items()}
+#: The canned requests measured: (the transport wrapped or not, how the token is current).
+#: "scope": in the token's own scope (``token.scope()``, interrupt mode): the transport passes
+#: the request on and that scope's cancel ends it. "signal": the token current but no scope
+#: of its own around the task: the transport aborts the request itself (its cancel scope per
+#: step, the callback, the body wrapper). Each is compared with the plain transport in the
+#: same token context.
+VARIANTS = [(wrapped, mode) for mode in ("scope", "signal") for wrapped in (False, True)]
 
 
-def transport(backend: str, requests: int, rounds: int) -> None:
-    cost = anyio.run(transport_cost, requests, rounds, backend=backend)
-    base, scope = cost["plain"], cost["scope"]
-    outside, inside = cost["no token"] - base, cost["deadline"] - scope
-    print(
-        f"  {backend:8} CPU per outgoing request (httpx + httpcore, canned answers): plain "
-        f"{base * 1e6:5.1f} µs; TokenTransport outside a token +{outside * 1e6:4.1f} µs; inside "
-        f"a token with a deadline +{inside * 1e6:4.1f} µs over the same call in the same token "
-        "scope (target <= 25)"
-    )
-
-
-async def canned_requests(wrapped: bool, count: int) -> None:
-    """``count`` canned GETs inside a token scope with a deadline (for ``--instructions``)."""
+async def canned_requests(wrapped: bool, mode: str, count: int) -> float:
+    """``count`` canned GETs with a token with a deadline current (``mode``: see VARIANTS);
+    return the CPU seconds they took (after 50 to warm up)."""
     client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
     token = CancellationToken(timeout=3600)
+    context = token.scope if mode == "scope" else partial(current, token)
     async with client:
-        for _ in range(count):
-            with token.scope():
+        for _ in range(50):
+            with context():
                 await client.get("http://next/")
+        start = time.process_time()
+        for _ in range(count):
+            with context():
+                await client.get("http://next/")
+        return time.process_time() - start
 
 
-def count_instructions(backend: str, wrapped: bool, count: int) -> int:
-    program = (
-        "import anyio; from benchmarks.bench_hops import canned_requests; "
-        f"anyio.run(canned_requests, {wrapped}, {count}, backend={backend!r})"
+async def transport_cost(requests: int, rounds: int) -> dict[tuple[bool, str], float]:
+    """The median CPU seconds per canned request of each variant, in interleaved rounds."""
+    samples: dict[tuple[bool, str], list[float]] = {variant: [] for variant in VARIANTS}
+    samples[True, "none"] = []  # the transport outside any token
+    samples[False, "none"] = []
+    for _ in range(rounds):
+        for wrapped, mode in samples:
+            if mode == "none":
+                seconds = await untokened_requests(wrapped, requests)
+            else:
+                seconds = await canned_requests(wrapped, mode, requests)
+            samples[wrapped, mode].append(seconds / requests)
+    return {variant: statistics.median(values) for variant, values in samples.items()}
+
+
+async def untokened_requests(wrapped: bool, count: int) -> float:
+    client = httpx.AsyncClient(transport=TokenTransport(canned()) if wrapped else canned())
+    async with client:
+        for _ in range(50):
+            await client.get("http://next/")
+        start = time.process_time()
+        for _ in range(count):
+            await client.get("http://next/")
+        return time.process_time() - start
+
+
+def transport(backend: str, requests: int, rounds: int) -> dict[str, float]:
+    """Print the CPU time per request; return the plain request's by token context."""
+    cost = anyio.run(transport_cost, requests, rounds, backend=backend)
+    base = cost[False, "none"]
+    added = {mode: cost[True, mode] - cost[False, mode] for mode in ("none", "scope", "signal")}
+    print(
+        f"  {backend:8} CPU per outgoing request (httpx + httpcore, canned answers; medians of "
+        f"{rounds} interleaved rounds of {requests}): plain {base * 1e6:5.1f} µs; "
+        f"TokenTransport outside a token {added['none'] * 1e6:+.1f} µs; with a deadline, over "
+        f"the plain transport in the same token context: in the token's own scope "
+        f"{added['scope'] * 1e6:+.1f} µs, signalled (the transport aborts) "
+        f"{added['signal'] * 1e6:+.1f} µs (target <= 25)"
     )
+    return {mode: cost[False, mode] for mode in ("scope", "signal")}
+
+
+def program(backend: str, wrapped: bool, mode: str, count: int) -> list[str]:
+    """The command that runs ``count`` canned requests of one variant in a new process."""
+    code = (
+        "import anyio; from benchmarks.bench_hops import canned_requests; "
+        f"anyio.run(canned_requests, {wrapped}, {mode!r}, {count}, backend={backend!r})"
+    )
+    return [sys.executable, "-c", code]
+
+
+def count_instructions(backend: str, wrapped: bool, mode: str, count: int) -> int:
     valgrind = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     run = subprocess.run(
-        [*valgrind, sys.executable, "-c", program],
+        [*valgrind, *program(backend, wrapped, mode, count)],
         capture_output=True,
         text=True,
         check=True,
@@ -247,20 +270,33 @@ def count_instructions(backend: str, wrapped: bool, count: int) -> int:
     return int(refs.group(1).replace(",", ""))
 
 
-def instructions(backend: str) -> None:
+def instructions(backend: str, cpu: dict[str, float] | None = None) -> None:
+    """Print the instructions per canned request that the transport adds, in the token's own
+    scope and signalled: (600 requests - 100) / 500 of each. With ``cpu`` (the plain
+    request's CPU seconds from :func:`transport`, same run), also as CPU time at that rate."""
     if shutil.which("valgrind") is None:
-        sys.exit("valgrind is needed for --instructions: apt-get install -y valgrind")
-    runs = [(wrapped, count) for wrapped in (False, True) for count in (100, 600)]
-    with ThreadPoolExecutor(2) as pool:  # four processes of about 40 s each
+        print(f"  {backend:8} instructions: not measured (valgrind is needed)")
+        return
+    # once without valgrind: any stale .pyc is compiled then, not in one counted process
+    subprocess.run(program(backend, True, "signal", 1), check=True)
+    runs = [(*variant, count) for variant in VARIANTS for count in (100, 600)]
+    with ThreadPoolExecutor(2) as pool:  # eight processes of about 40 s each
         found = pool.map(lambda run: count_instructions(backend, *run), runs)
         counts = dict(zip(runs, found, strict=True))
-    plain = (counts[False, 600] - counts[False, 100]) / 500
-    wrapped = (counts[True, 600] - counts[True, 100]) / 500
-    print(
-        f"  {backend:8} instructions per outgoing request in a token scope with a deadline: "
-        f"plain {plain / 1e3:.0f} k, TokenTransport +{(wrapped - plain) / 1e3:.1f} k "
-        f"(+{(wrapped / plain - 1) * 100:.1f} %)"
-    )
+    for mode, label in (("scope", "in the token's own scope"), ("signal", "signalled")):
+        plain = (counts[False, mode, 600] - counts[False, mode, 100]) / 500
+        wrapped = (counts[True, mode, 600] - counts[True, mode, 100]) / 500
+        as_cpu = ""
+        if cpu is not None:
+            as_cpu = (
+                f", about +{(wrapped / plain - 1) * cpu[mode] * 1e6:.1f} µs at this run's "
+                f"{cpu[mode] * 1e6:.0f} µs per plain request (target <= 25)"
+            )
+        print(
+            f"  {backend:8} instructions per outgoing request with a deadline, {label}: "
+            f"plain {plain / 1e3:.0f} k, TokenTransport +{(wrapped - plain) / 1e3:.1f} k "
+            f"(+{(wrapped / plain - 1) * 100:.1f} %){as_cpu}"
+        )
 
 
 def header_parse(loops: int = 200_000) -> None:
@@ -291,17 +327,36 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--backends", default="asyncio,trio")
     parser.add_argument("--instructions", action="store_true", help="only the transport's cost")
+    parser.add_argument("--no-instructions", action="store_true", help="no callgrind runs")
+    parser.add_argument(
+        "--spinners",
+        type=int,
+        default=0,
+        help="the cancel and budget trials under N CPU spinners (a loaded machine); the "
+        "transport's cost is then not measured",
+    )
     args = parser.parse_args()
-    print(f"Python {sys.version.split()[0]}, httpx {httpx.__version__}, loopback")
+    load = os.getloadavg()[0]
+    print(
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, Python {sys.version.split()[0]}, httpx "
+        f"{httpx.__version__}, loopback, load average {load:.2f} at the start"
+        + (f", {args.spinners} CPU spinners" if args.spinners else "")
+    )
+    backends = args.backends.split(",")
     if args.instructions:
-        for backend in args.backends.split(","):
+        for backend in backends:
             instructions(backend)
         return
-    header_parse()
-    for backend in args.backends.split(","):
-        transport(backend, args.requests, args.rounds)
-        cancel_latency(backend, args.trials, args.plain_trials)
-        budget(backend, args.budget_trials)
+    if not args.spinners:
+        header_parse()
+        for backend in backends:
+            cpu = transport(backend, args.requests, args.rounds)
+            if not args.no_instructions:
+                instructions(backend, cpu)
+    with spinners(args.spinners):
+        for backend in backends:
+            cancel_latency(backend, args.trials, args.plain_trials, args.spinners > 0)
+            budget(backend, args.budget_trials)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 For test_hops.py and benchmarks/bench_hops.py: each hop is a uvicorn process (asyncio) or a
 hypercorn process on trio, on 127.0.0.1, told its name, the next hop's URL and its mode.
+Also :func:`current`: a token current the way signal mode makes it (no scope of its own).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from cancelkit import CancellationToken
+from cancelkit._frames import current as current_frame
+from cancelkit._frames import interrupt_frame
 
 ROOT = Path(__file__).parent.parent
 START_LIMIT = 60.0  # seconds the processes get to start
@@ -88,3 +93,16 @@ def chain(
         for name, process in processes.items():
             _, stderr = process.communicate(timeout=30)
             assert b"Traceback" not in stderr, f"hop {name}: {stderr.decode()}"
+
+
+@contextmanager
+def current(token: CancellationToken) -> Iterator[None]:
+    """Make ``token`` the current one without interrupting anything, as signal mode does: an
+    outgoing call is then stopped by the transport's own abort, not by a scope around it."""
+    frame = interrupt_frame(token, None)
+    reset = current_frame.set(frame)
+    try:
+        yield
+    finally:
+        frame.exit()
+        current_frame.reset(reset)
