@@ -8,6 +8,7 @@ thread is the trio way (it runs on both).
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -734,3 +735,132 @@ async def test_psycopg_backend_terminated_mid_block_raises_the_drivers_error_not
                 await anyio.to_thread.run_sync(monitor.terminate, app)
                 await conn.execute(b"SELECT 1")
         assert tx.outcome is TransactionOutcome.DISCARDED
+
+
+# ------------------------------------------- review rev7a: the thread's canceller, broken
+
+
+def stalled(conn: psycopg.Connection[Any]) -> Callable[[], None]:
+    """SIGSTOP the backend of ``conn`` (a frozen server); return the call that resumes it."""
+    pid = conn.info.backend_pid
+    os.kill(pid, signal.SIGSTOP)
+    return lambda: os.kill(pid, signal.SIGCONT)
+
+
+def ended_within(thread: threading.Thread, seconds: float) -> bool:
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def test_rev7a_a_thread_rollback_on_a_frozen_server_ends_within_cancel_timeout(
+    postgres_server: PostgresServer,
+) -> None:
+    """Cancelled between statements, the server frozen: the ROLLBACK must be bounded too.
+
+    docs/postgres.md: "when that cannot be done in time (... the server did not answer), it is
+    closed and the pool replaces it". The canceller is stopped before the rollback, so nothing
+    bounds it: the worker thread waits for the frozen server for ever.
+    """
+    conn = psycopg.connect(postgres_server.dsn, autocommit=True)
+    token = cancelkit.CancellationToken()
+    between, go = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with transaction(conn, token=token, cancel_timeout=0.5) as seen["tx"]:
+                conn.execute(b"SELECT 1")
+                between.set()
+                go.wait(POLL)
+        except BaseException as exc:
+            seen["exc"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    assert between.wait(POLL)
+    resume = stalled(conn)
+    try:
+        token.cancel()
+        go.set()
+        assert ended_within(thread, POLL), "the rollback still waits for the frozen server"
+    finally:
+        resume()
+        thread.join(POLL)
+        conn.close()
+    assert isinstance(seen["exc"], cancelkit.OperationCancelled)
+    assert seen["tx"].outcome is TransactionOutcome.DISCARDED
+
+
+def test_rev7a_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancelled(
+    postgres_server: PostgresServer,
+) -> None:
+    """Cancelled while BEGIN waits for a frozen server: nothing watches it (the canceller is
+    registered after BEGIN and SET LOCAL), so the thread waits for ever."""
+    conn = psycopg.connect(postgres_server.dsn, autocommit=True)
+    token = cancelkit.CancellationToken()
+    seen: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with transaction(conn, token=token, cancel_timeout=0.5) as seen["tx"]:
+                conn.execute(b"SELECT 1")
+        except BaseException as exc:
+            seen["exc"] = exc
+
+    resume = stalled(conn)
+    thread = threading.Thread(target=work)
+    try:
+        thread.start()
+        give_up = time.monotonic() + POLL
+        while conn.info.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:  # BEGIN sent
+            assert time.monotonic() < give_up
+            time.sleep(0.001)
+        token.cancel()
+        assert ended_within(thread, POLL), "BEGIN still waits for the frozen server"
+    finally:
+        resume()
+        thread.join(POLL)
+        conn.close()
+    assert isinstance(seen["exc"], cancelkit.OperationCancelled)
+    assert seen["tx"].outcome is TransactionOutcome.DISCARDED
+
+
+def test_rev7a_a_cancel_from_another_thread_as_the_block_ends_raises_operation_cancelled(
+    postgres_server: PostgresServer, monitor: Monitor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """token.cancel() in another thread runs canceller.start(), which sets ``self.thread``
+    before ``thread.start()`` has returned; the block ending then calls ``stop()``, whose
+    ``join()`` of the not-yet-started thread raises RuntimeError instead of OperationCancelled.
+
+    The OS thread's slow start (a loaded machine) is held open here with an Event; the same
+    window (tens of microseconds) is hit without any patch by cancelling as blocks end.
+    """
+    table = f"race_{uuid.uuid4().hex[:8]}"
+    monitor.sql(f"CREATE TABLE {table} (v int)")
+    conn = psycopg.connect(postgres_server.dsn, autocommit=True)
+    token = cancelkit.CancellationToken()
+    starting, release = threading.Event(), threading.Event()
+    original = threading.Thread.start
+
+    def slow_start(self: threading.Thread) -> None:
+        if self.name == "cancelkit-pg-cancel":
+            starting.set()
+            release.wait(POLL)  # the new OS thread has not run yet
+        original(self)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    canceller = threading.Thread(target=token.cancel)
+    seen: dict[str, Any] = {}
+    try:
+        with pytest.raises(cancelkit.OperationCancelled):  # noqa: PT012
+            with transaction(conn, token=token) as seen["tx"]:
+                conn.execute(f"INSERT INTO {table} VALUES (1)".encode())
+                canceller.start()  # another thread cancels the token as the block ends
+                assert starting.wait(POLL)
+    finally:
+        release.set()
+        canceller.join(POLL)
+        conn.close()
+    assert seen["tx"].outcome is TransactionOutcome.ROLLED_BACK
+    assert monitor.sql(f"SELECT count(*) FROM {table}") == 0
+    monitor.sql(f"DROP TABLE {table}")
