@@ -852,11 +852,11 @@ def test_rev7a_a_cancel_from_another_thread_as_the_block_ends_raises_operation_c
     canceller = threading.Thread(target=token.cancel)
     seen: dict[str, Any] = {}
     try:
-        with pytest.raises(cancelkit.OperationCancelled):  # noqa: PT012
-            with transaction(conn, token=token) as seen["tx"]:
-                conn.execute(f"INSERT INTO {table} VALUES (1)".encode())
-                canceller.start()  # another thread cancels the token as the block ends
-                assert starting.wait(POLL)
+        with pytest.raises(cancelkit.OperationCancelled), transaction(conn, token=token) as tx:
+            seen["tx"] = tx
+            conn.execute(f"INSERT INTO {table} VALUES (1)".encode())
+            canceller.start()  # another thread cancels the token as the block ends
+            assert starting.wait(POLL)
     finally:
         release.set()
         canceller.join(POLL)
