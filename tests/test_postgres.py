@@ -801,8 +801,9 @@ def test_rev7a_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancell
     seen: dict[str, Any] = {}
 
     def work() -> None:
+        seen["tx"] = tx = transaction(conn, token=token, cancel_timeout=0.5)
         try:
-            with transaction(conn, token=token, cancel_timeout=0.5) as seen["tx"]:
+            with tx:
                 conn.execute(b"SELECT 1")
         except BaseException as exc:
             seen["exc"] = exc
