@@ -279,17 +279,23 @@ class PostgresTransaction:
         conn = self._conn
         set_timeout = begin(self)
         canceller = _ThreadCanceller(self)
+        handle = self.token.on_cancel(lambda _: canceller.start())  # BEGIN is watched too
         try:
-            with conn.transaction():
-                if set_timeout is not None:
-                    conn.execute(set_timeout)
-                handle = self.token.on_cancel(lambda _: canceller.start())
-                try:
-                    yield self
-                    self.token.raise_if_cancelled()  # cancelled between statements: never commit
-                finally:
+            try:
+                with conn.transaction():
+                    if set_timeout is not None:
+                        conn.execute(set_timeout)
+                    try:
+                        yield self
+                        self.token.raise_if_cancelled()  # cancelled between statements
+                    except BaseException:
+                        canceller.settle()  # the rollback: no cancel request, but bounded
+                        raise
                     handle.unregister()
-                    canceller.stop()  # before the rollback: no cancel request arrives later
+                    canceller.stop()  # the commit is never interrupted
+            finally:
+                handle.unregister()
+                canceller.stop()
         except BaseException as exc:
             if conn.closed or conn.info.transaction_status != _psycopg_idle():
                 conn.close()
@@ -316,7 +322,7 @@ class _ThreadCanceller:
     down, which wakes the worker thread blocked on it (the connection is then discarded).
     """
 
-    __slots__ = ("conn", "ended", "interrupted", "thread", "tx")
+    __slots__ = ("conn", "ended", "interrupted", "lock", "settling", "thread", "tx")
 
     #: Seconds between two looks at the connection, from the cancellation to the block's end.
     POLL = 0.005
@@ -326,29 +332,52 @@ class _ThreadCanceller:
         self.conn: Any = tx._conn
         self.ended = threading.Event()
         self.thread: threading.Thread | None = None
+        self.lock = threading.Lock()
+        self.settling = False
         #: Whether the socket was shut down (the block's error is then ours).
         self.interrupted = False
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self._run, name="cancelkit-pg-cancel", daemon=True)
-        self.thread.start()
+        with self.lock:  # stop() either sees the started thread, or start() sees it ended
+            if self.ended.is_set():
+                return
+            thread = threading.Thread(target=self._run, name="cancelkit-pg-cancel", daemon=True)
+            thread.start()
+            self.thread = thread
+
+    def settle(self) -> None:
+        """Send no more cancel requests; bound the statement still running (the rollback).
+
+        A statement still running ``cancel_timeout`` from now has its socket shut down.
+        """
+        with self.lock:
+            self.settling = True
 
     def stop(self) -> None:
-        self.ended.set()
-        if self.thread is not None:
-            self.thread.join()  # bounded: cancel_safe() by cancel_timeout, the rest by POLL
+        with self.lock:
+            self.ended.set()
+            thread = self.thread
+        if thread is not None:
+            thread.join()  # bounded: cancel_safe() by cancel_timeout, the rest by POLL
 
     def _run(self) -> None:
         give_up: float | None = None  # cancel_timeout after the statement's cancel request
+        settling = False
         while not self.ended.is_set():
-            if self.conn.pgconn.transaction_status != _psycopg_active():
-                give_up = None  # between statements: the next one gets a cancel request too
-            elif give_up is None:
-                give_up = time.monotonic() + self.tx.cancel_timeout
-                self._cancel()
-            elif time.monotonic() > give_up:
-                self._shut_down()
-                return
+            with self.lock:  # settle() and stop() wait for a cancel request being sent
+                if self.ended.is_set():
+                    return
+                if self.settling and not settling:  # the rollback's bound starts now
+                    settling, give_up = True, time.monotonic() + self.tx.cancel_timeout
+                if self.conn.pgconn.transaction_status != _psycopg_active():
+                    if not settling:
+                        give_up = None  # between statements: the next one is cancelled too
+                elif give_up is None:
+                    give_up = time.monotonic() + self.tx.cancel_timeout
+                    self._cancel()
+                elif time.monotonic() > give_up:
+                    self._shut_down()
+                    return
             self.ended.wait(self.POLL)
 
     def _cancel(self) -> None:

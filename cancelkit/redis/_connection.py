@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack, contextmanager, suppress
+from contextlib import AsyncExitStack, contextmanager
 from contextvars import ContextVar
 from typing import Any, NoReturn, final
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import anyio.lowlevel
 import coredis
 import coredis.exceptions
 from coredis.commands import Script
@@ -105,6 +106,13 @@ async def close_quietly(stack: AsyncExitStack, what: str) -> None:
         await stack.aclose()
     except Exception as exc:  # nothing to do about it: the connection is gone either way
         logger.debug("%s stopped: %s", what, leaf(exc))
+    except BaseExceptionGroup as group:  # a cancellation, with what the closing raised
+        cancelled, rest = group.split(anyio.get_cancelled_exc_class())
+        if rest is not None:
+            logger.debug("%s stopped: %s", what, leaf(rest))
+        if cancelled is None:
+            raise
+        raise cancelled from None
 
 
 _BUFFERS = tuple(
@@ -287,8 +295,8 @@ class Connection:
         failure is :exc:`RedisUnavailable`.
         """
         self.close()
-        with suppress(Exception):  # what a half-made start leaves is not the caller's
-            await stack.aclose()
+        await close_quietly(stack, "a failed start")
+        await anyio.lowlevel.checkpoint_if_cancelled()  # an outer cancellation wins
         if isinstance(exc, Exception) and not isinstance(exc, RedisUnavailable | ValueError):
             message = f"cannot reach Redis at {redact(self._url)}: {leaf(exc)}"
             raise RedisUnavailable(message) from exc
