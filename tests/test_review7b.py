@@ -1,0 +1,152 @@
+"""Adversarial review 7b: failing cases of the event seam and the lifespan changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+
+import cancelkit
+from cancelkit import CancelEvent, CancelOnDisconnect, TokenRegistry, _events, request_token
+from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def events() -> Iterator[list[CancelEvent]]:
+    seen: list[CancelEvent] = []
+    remove = cancelkit.add_listener(seen.append)
+    yield seen
+    remove()
+
+
+async def test_side_by_side_operations_of_one_request_all_carry_its_route(
+    events: list[CancelEvent],
+) -> None:
+    """Two operations side by side in one request, both stopped by the client leaving: two
+    events (one each), and both name the request's route."""
+    registry = TokenRegistry()
+    running = anyio.Event()
+    server = FakeServer(body())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["route"] = SimpleNamespace(path="/work/{id}")
+        token = request_token(scope)
+        entered = 0
+
+        async def op(name: str) -> None:
+            nonlocal entered
+            async with registry.track(name, parent=token):
+                entered += 1
+                if entered == 2:
+                    running.set()
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(op, "a")
+            tg.start_soon(op, "b")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope("/work/1"), server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert sorted((e.where, e.name, e.route) for e in events) == [
+        ("operation", "a", "/work/{id}"),
+        ("operation", "b", "/work/{id}"),
+    ]
+    assert _events.requests == {}
+
+
+
+class Lifespan:
+    """One server's lifespan protocol, driven by hand."""
+
+    def __init__(self) -> None:
+        self.to_app, self.from_server = anyio.create_memory_object_stream[dict[str, Any]](4)
+        self.to_server, self.from_app = anyio.create_memory_object_stream[dict[str, Any]](4)
+
+    async def run(self, app: Any) -> None:
+        async with self.from_server, self.to_server:
+            await app({"type": "lifespan"}, self.from_server.receive, self.to_server.send)
+
+    async def say(self, kind: str) -> str:
+        await self.to_app.send({"type": f"lifespan.{kind}"})
+        return str((await self.from_app.receive())["type"])
+
+
+async def get(app: Any) -> int | None:
+    server = FakeServer(body())
+    await app(http_scope("/"), server.receive, server.send)
+    return server.status
+
+
+def gated_app(gates: list[anyio.Event], fail: bool = False) -> Any:
+    """An application whose n-th lifespan's shutdown work waits for ``gates[n]``."""
+    started = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal started
+        if scope["type"] == "lifespan":
+            gate = gates[started]
+            started += 1
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await gate.wait()  # the application's own shutdown work
+                    if fail:
+                        raise RuntimeError("a shutdown handler failed")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+async def test_a_request_during_a_shutdown_is_503_though_another_lifespan_ended() -> None:
+    """Two servers share one middleware (a module-level app served twice). Both stop; B's
+    shutdown work is still running when A's lifespan ends: a request B takes meanwhile must
+    be answered 503, not served."""
+    a_gate, b_gate = anyio.Event(), anyio.Event()
+    middleware = CancelOnDisconnect(gated_app([a_gate, b_gate]), shutdown_grace=0)
+    a, b = Lifespan(), Lifespan()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run, middleware)
+        assert await a.say("startup") == "lifespan.startup.complete"
+        tg.start_soon(b.run, middleware)
+        assert await b.say("startup") == "lifespan.startup.complete"
+        await b.to_app.send({"type": "lifespan.shutdown"})  # B's shutdown work runs on
+        await anyio.wait_all_tasks_blocked()
+        assert await get(middleware) == 503
+        a_gate.set()
+        assert await a.say("shutdown") == "lifespan.shutdown.complete"
+        await anyio.wait_all_tasks_blocked()  # A's lifespan has returned
+        assert await get(middleware) == 503  # B is still shutting down
+        b_gate.set()
+        assert await b.from_app.receive() == {"type": "lifespan.shutdown.complete"}
+
+
+async def test_the_middleware_serves_again_after_a_lifespan_whose_shutdown_raised() -> None:
+    """A shutdown handler raises (the server logs it and exits): the lifespan has ended all
+    the same, and the next server (or a test's client) must be served, not answered 503."""
+    gate = anyio.Event()
+    gate.set()
+    middleware = CancelOnDisconnect(gated_app([gate], fail=True), shutdown_grace=0)
+    lifespan = Lifespan()
+    async with anyio.create_task_group() as tg:
+
+        async def serve() -> None:
+            with pytest.raises(RuntimeError, match="shutdown handler failed"):
+                await lifespan.run(middleware)
+
+        tg.start_soon(serve)
+        assert await lifespan.say("startup") == "lifespan.startup.complete"
+        await lifespan.to_app.send({"type": "lifespan.shutdown"})
+    assert await get(middleware) == 200
