@@ -1,16 +1,26 @@
 """Adversarial review 7b: failing cases of the event seam and the lifespan changes."""
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 import pytest
+from fastapi import FastAPI
 
 import cancelkit
-from cancelkit import CancelEvent, CancelOnDisconnect, TokenRegistry, _events, request_token
+from cancelkit import (
+    CancelEvent,
+    CancelOnDisconnect,
+    Claim,
+    LatestOnly,
+    TokenRegistry,
+    TrackedOperation,
+    _events,
+    request_token,
+)
+from cancelkit.fastapi import install, latest_only, tracked
 from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
 
 pytestmark = pytest.mark.anyio
@@ -150,3 +160,65 @@ async def test_the_middleware_serves_again_after_a_lifespan_whose_shutdown_raise
         assert await lifespan.say("startup") == "lifespan.startup.complete"
         await lifespan.to_app.send({"type": "lifespan.shutdown"})
     assert await get(middleware) == 200
+
+
+def fastapi_app(running: anyio.Event, where: str) -> Any:
+    app = FastAPI()
+    install(app)
+    slot, registry = LatestOnly(), TokenRegistry()
+
+    if where == "claim":
+
+        @app.get("/items/{item}")
+        async def claimed(item: str, claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]) -> None:
+            running.set()
+            await anyio.sleep_forever()
+
+    else:
+
+        @app.get("/items/{item}")
+        async def operation(item: str, op: Annotated[TrackedOperation, tracked(registry)]) -> None:
+            running.set()
+            await anyio.sleep_forever()
+
+    return app
+
+
+@pytest.mark.parametrize("where", ["claim", "operation"])
+async def test_a_disconnect_under_latest_only_or_tracked_is_one_event_with_the_route(
+    events: list[CancelEvent], where: str
+) -> None:
+    """FastAPI: a claim (latest_only) or an operation (tracked) in a guarded request, the
+    client leaves: one event, the inner unit's, naming the route template."""
+    running = anyio.Event()
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            CancelOnDisconnect(fastapi_app(running, where)),
+            {**http_scope("/items/1"), "query_string": b"", "headers": []},
+            server.receive,
+            server.send,
+        )
+        with anyio.fail_after(5):
+            await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert [(e.kind, e.where, e.route) for e in events] == [
+        ("client_disconnected", where, "/items/{item}")
+    ]
+
+
+@pytest.mark.parametrize("where", ["claim", "operation"])
+async def test_a_deadline_under_latest_only_or_tracked_is_one_event(
+    events: list[CancelEvent], where: str
+) -> None:
+    """FastAPI: the request's deadline (a Request-Timeout-Ms header) passes while a claim or
+    an operation runs the endpoint: one cause, one event (the inner unit's)."""
+    running = anyio.Event()
+    server = FakeServer(body())
+    scope = {**http_scope("/items/1"), "query_string": b""}
+    scope["headers"] = [(b"request-timeout-ms", b"50")]
+    with anyio.fail_after(5):
+        await CancelOnDisconnect(fastapi_app(running, where))(scope, server.receive, server.send)
+    assert server.status == 504
+    assert [(e.kind, e.where) for e in events] == [("deadline", where)]
