@@ -222,3 +222,54 @@ async def test_a_deadline_under_latest_only_or_tracked_is_one_event(
         await CancelOnDisconnect(fastapi_app(running, where))(scope, server.receive, server.send)
     assert server.status == 504
     assert [(e.kind, e.where) for e in events] == [("deadline", where)]
+
+
+async def test_a_shadowed_route_in_a_mounted_sub_application_is_refused() -> None:
+    """install() is documented for "a mounted sub-application too", and the routers carry
+    their collision check in their lifespan; but Starlette never runs a mounted app's
+    lifespan: the outer app starts, and the sub-app's DELETE /operations/{id} of
+    operations_router is never reached (cancel_router answers it)."""
+    from cancelkit import BackgroundOperations
+    from cancelkit.fastapi import cancel_router, operations_router
+    from tests.test_fastapi_openapi import lifespan as run_lifespan
+
+    sub = FastAPI()
+    install(sub)
+    sub.include_router(cancel_router(TokenRegistry()))
+    sub.include_router(operations_router(BackgroundOperations()))
+    outer = FastAPI()
+    outer.mount("/sub", sub)
+    [outcome, *_] = await run_lifespan(outer)
+    assert "is served by cancel_router and by operations_router" in outcome
+
+
+async def test_a_request_arriving_during_the_shutdown_grace_is_503() -> None:
+    """lifespan.shutdown arrived; one request is still in flight (its grace runs): a request
+    that arrives now must be answered 503 (the server is shutting down), not served."""
+    release = anyio.Event()
+    held = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await gated_app([anyio.Event()])(scope, receive, send)  # (never shuts down here)
+            return
+        if scope["path"] == "/held":
+            held.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = CancelOnDisconnect(app, shutdown_grace=30)
+    lifespan = Lifespan()
+    held_server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lifespan.run, middleware)
+        assert await lifespan.say("startup") == "lifespan.startup.complete"
+        tg.start_soon(middleware, http_scope("/held"), held_server.receive, held_server.send)
+        await held.wait()
+        await lifespan.to_app.send({"type": "lifespan.shutdown"})
+        await anyio.wait_all_tasks_blocked()  # the shutdown waits for /held (its grace)
+        status = await get(middleware)
+        release.set()
+        tg.cancel_scope.cancel()
+    assert status == 503
