@@ -84,6 +84,10 @@ class Lifespan:
         async with self.from_server, self.to_server:
             await app({"type": "lifespan"}, self.from_server.receive, self.to_server.send)
 
+    def close(self) -> None:
+        self.to_app.close()
+        self.from_app.close()
+
     async def say(self, kind: str) -> str:
         await self.to_app.send({"type": f"lifespan.{kind}"})
         return str((await self.from_app.receive())["type"])
@@ -141,6 +145,8 @@ async def test_a_request_during_a_shutdown_is_503_though_another_lifespan_ended(
         assert await get(middleware) == 503  # B is still shutting down
         b_gate.set()
         assert await b.from_app.receive() == {"type": "lifespan.shutdown.complete"}
+    a.close()
+    b.close()
 
 
 async def test_the_middleware_serves_again_after_a_lifespan_whose_shutdown_raised() -> None:
@@ -159,6 +165,7 @@ async def test_the_middleware_serves_again_after_a_lifespan_whose_shutdown_raise
         tg.start_soon(serve)
         assert await lifespan.say("startup") == "lifespan.startup.complete"
         await lifespan.to_app.send({"type": "lifespan.shutdown"})
+    lifespan.close()
     assert await get(middleware) == 200
 
 
@@ -272,4 +279,5 @@ async def test_a_request_arriving_during_the_shutdown_grace_is_503() -> None:
         status = await get(middleware)
         release.set()
         tg.cancel_scope.cancel()
+    lifespan.close()
     assert status == 503
