@@ -281,3 +281,31 @@ async def test_a_request_arriving_during_the_shutdown_grace_is_503() -> None:
         tg.cancel_scope.cancel()
     lifespan.close()
     assert status == 503
+
+
+async def test_an_unguarded_app_started_from_a_guarded_lifespan_is_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The main app (under CancelOnDisconnect) serves an admin app from its lifespan (a
+    second server task); the admin app has token routes and no CancelOnDisconnect: install()
+    must warn at its startup. LIFESPAN_GUARDED, a ContextVar, is inherited by every task the
+    guarded lifespan starts, and silences it."""
+    from contextlib import asynccontextmanager
+
+    from cancelkit.fastapi import RequestToken
+    from tests.test_fastapi_openapi import lifespan as run_lifespan
+
+    admin = FastAPI()
+    install(admin)
+
+    @admin.get("/admin/job")
+    async def job(token: RequestToken) -> None: ...
+
+    @asynccontextmanager
+    async def serves_admin(app: Any) -> Any:
+        async with anyio.create_task_group() as tg:  # as uvicorn.Server(admin).serve() would
+            tg.start_soon(run_lifespan, admin)
+            yield
+
+    await run_lifespan(CancelOnDisconnect(FastAPI(lifespan=serves_admin)))
+    assert "GET /admin/job uses a cancelkit token" in caplog.text
