@@ -748,7 +748,8 @@ class CancelOnDisconnect:
 
         A request that arrives from now on is answered ``503`` (its token starts cancelled
         with reason :attr:`CancelKind.SHUTDOWN`). Waits up to ``grace`` seconds for in-flight
-        requests to finish, then cancels the tokens of those still running, and waits up to ``grace`` seconds more for them to end.
+        requests to finish, then cancels the tokens of those still running, and waits up to
+        ``grace`` seconds more for them to end.
         Interrupted handlers end at once; a streaming response is cut short (left incomplete,
         so the client can tell) instead of holding the server. Servers served without a
         lifespan (``--lifespan off``) need a call from their shutdown path, see the

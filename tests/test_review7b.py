@@ -1,6 +1,5 @@
 """Adversarial review 7b: failing cases of the event seam and the lifespan changes."""
 
-
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Annotated, Any
@@ -70,7 +69,6 @@ async def test_side_by_side_operations_of_one_request_all_carry_its_route(
         ("operation", "b", "/work/{id}"),
     ]
     assert _events.requests == {}
-
 
 
 class Lifespan:
@@ -177,7 +175,9 @@ def fastapi_app(running: anyio.Event, where: str) -> Any:
     if where == "claim":
 
         @app.get("/items/{item}")
-        async def claimed(item: str, claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]) -> None:
+        async def claimed(
+            item: str, claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]
+        ) -> None:
             running.set()
             await anyio.sleep_forever()
 
