@@ -353,7 +353,7 @@ class DisconnectGuard:
                     with anyio.CancelScope(shield=True):
                         await self._watch_done.wait()
         except OperationCancelled as exc:
-            if exc.reason is not self.token.reason:
+            if exc.reason.root is not getattr(self.token.reason, "root", None):  # (or linked)
                 raise
             await self._finish_interrupted()
         except BackendUnavailable as exc:  # 503 from the one table, if nothing was sent yet

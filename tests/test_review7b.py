@@ -309,3 +309,27 @@ async def test_an_unguarded_app_started_from_a_guarded_lifespan_is_warned_of(
 
     await run_lifespan(CancelOnDisconnect(FastAPI(lifespan=serves_admin)))
     assert "GET /admin/job uses a cancelkit token" in caplog.text
+
+
+async def test_signal_mode_an_operation_linked_to_the_request_ends_quietly_on_disconnect() -> None:
+    """Signal mode: the handler runs an operation whose parent is the request's token, and
+    the client leaves. The operation raises OperationCancelled with its own (linked, root:
+    client disconnected) reason, which the guard, comparing reason objects, lets escape as
+    an application error (a 500 traceback in the server's log) instead of ending quietly."""
+    registry = TokenRegistry()
+    running = anyio.Event()
+    server = FakeServer(body())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with registry.track("op", parent=request_token(scope)) as op:
+            running.set()
+            await op.token.wait()
+            op.token.raise_if_cancelled()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            CancelOnDisconnect(app, mode="signal"), http_scope("/"), server.receive, server.send
+        )
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
