@@ -353,7 +353,7 @@ class DisconnectGuard:
                     with anyio.CancelScope(shield=True):
                         await self._watch_done.wait()
         except OperationCancelled as exc:
-            if exc.reason is not self.token.reason:
+            if exc.reason.root is not getattr(self.token.reason, "root", None):  # (or linked)
                 raise
             await self._finish_interrupted()
         except BackendUnavailable as exc:  # 503 from the one table, if nothing was sent yet
@@ -599,6 +599,7 @@ class CancelOnDisconnect:
         "_running",
         "_shutdown_cancelled",
         "_shutdown_reason",
+        "_stopping",
         "_timeout",
         "_watchers",
         "app",
@@ -636,6 +637,7 @@ class CancelOnDisconnect:
         self._running: set[DisconnectGuard] = set()
         self._idle: anyio.Event | None = None
         self._shutdown_reason: CancelReason | None = None
+        self._stopping = 0  # lifespans shutting down now (servers sharing this middleware)
         self._requests = 0
         self._watchers = 0
         self._disconnects = 0
@@ -695,13 +697,17 @@ class CancelOnDisconnect:
                 await _answer_gone(send)  # an outer middleware still awaits a response
         elif kind == "lifespan":
             guarded = LIFESPAN_GUARDED.set(True)
+            stopping = [False]  # whether this lifespan is shutting the middleware down
             try:
-                await self.app(scope, self._lifespan_receive(receive), send)
+                await self.app(scope, self._lifespan_receive(receive, stopping), send)
             finally:
                 LIFESPAN_GUARDED.reset(guarded)
-            # Its shutdown completed and the server that sent it is gone: a later request
-            # comes from another (a test's httpx.ASGITransport sends no lifespan startup).
-            self._shutdown_reason = None
+                # Ended (its shutdown raising too), and the server that sent it is gone: a
+                # later request comes from another (httpx.ASGITransport sends no lifespan),
+                # unless another server sharing this middleware is shutting down still.
+                self._stopping -= stopping[0]
+                if not self._stopping:
+                    self._shutdown_reason = None
         else:
             await self.app(scope, receive, send)
 
@@ -710,7 +716,7 @@ class CancelOnDisconnect:
         self._disconnects += outcome.client_gone
         self._interrupted += outcome.interrupted
 
-    def _lifespan_receive(self, receive: Receive) -> Receive:
+    def _lifespan_receive(self, receive: Receive, stopping: list[bool]) -> Receive:
         serving = False
 
         async def wrapped() -> Message:
@@ -720,10 +726,14 @@ class CancelOnDisconnect:
             else:
                 message = await receive()
             if message["type"] == "lifespan.startup":  # served (again): accept requests
-                self._shutdown_reason = None
+                if not self._stopping:
+                    self._shutdown_reason = None
                 serving = True
             elif message["type"] == "lifespan.shutdown":
                 serving = False
+                if not stopping[0]:
+                    stopping[0] = True
+                    self._stopping += 1
                 await self.shutdown()
             return message
 
@@ -736,9 +746,10 @@ class CancelOnDisconnect:
         thread: uvicorn, gunicorn's uvicorn workers; hypercorn's worker processes hear of a
         stop through an event, not a signal), and on ``lifespan.shutdown``.
 
-        Waits up to ``grace`` seconds for in-flight requests to finish, then cancels the
-        tokens of those still running (and of any request that starts later) with reason
-        :attr:`CancelKind.SHUTDOWN`, and waits up to ``grace`` seconds more for them to end.
+        A request that arrives from now on is answered ``503`` (its token starts cancelled
+        with reason :attr:`CancelKind.SHUTDOWN`). Waits up to ``grace`` seconds for in-flight
+        requests to finish, then cancels the tokens of those still running, and waits up to
+        ``grace`` seconds more for them to end.
         Interrupted handlers end at once; a streaming response is cut short (left incomplete,
         so the client can tell) instead of holding the server. Servers served without a
         lifespan (``--lifespan off``) need a call from their shutdown path, see the
@@ -749,9 +760,9 @@ class CancelOnDisconnect:
         """
         if grace is None:
             grace = self.shutdown_grace
-        await self._wait_idle(grace)
-        if self._shutdown_reason is None:
+        if self._shutdown_reason is None:  # a request arriving from now on is answered 503
             self._shutdown_reason = CancelReason(CancelKind.SHUTDOWN)
+        await self._wait_idle(grace)
         for guard in tuple(self._running):
             if guard.cancel(self._shutdown_reason):
                 self._shutdown_cancelled += 1

@@ -37,6 +37,12 @@ listeners: list[Callable[[CancelEvent], object]] = []
 #: route of the request an inner unit served); each removed at its request's end.
 requests: dict[CancellationToken, MutableMapping[str, Any]] = {}
 
+#: A claim's or an operation's token -> the request token that cancels it by a callback
+#: (the FastAPI adapters' relay, which is no ``cancelled_by`` link); weak both ways.
+relayed: weakref.WeakKeyDictionary[CancellationToken, CancellationToken] = (
+    weakref.WeakKeyDictionary()
+)
+
 #: Called with the reason at the end of a request whose cancellation an inner unit reported
 #: (private: so that :mod:`cancelkit.otel` still gives the request's span its HTTP status).
 silent_requests: list[Callable[[CancelReason], object]] = []
@@ -145,12 +151,17 @@ def report(
                 _call(silent_requests, root)
             return
         stopped: CancellationToken | None = token
-        while stopped is not None and stopped not in _covered:
+        while stopped is not None:  # the whole chain: a sibling reported part of it already
             _covered.add(stopped)
             scope = requests.get(stopped)
             if route is None and scope is not None:
                 route = route_of(scope)
-            stopped = stopped.cancelled_by
+            served = stopped.cancelled_by
+            if served is None:  # relayed by a callback (the FastAPI adapters), not linked
+                served = relayed.get(stopped)
+                if served is not None and not served.cancelled:
+                    served = None  # (stopped on its own: the request goes on)
+            stopped = served
         kind = root.kind.value
     learned = cancelled_at(token)
     event = CancelEvent(

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeAlias, TypeVar, cast
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 
+from .. import _events
 from .._asgi import ECHO_KEY, EXCLUDED_KEY, SCOPE_KEY
 from .._exceptions import OperationCancelled
 from .._latest import _MAX_SEQ, Claim, LatestOnly
@@ -145,6 +146,8 @@ def _relayed(source: CancellationToken, request: Request) -> Iterator[None]:
     else:
         shorten_deadline(source, outer.deadline)
         outer_handle = outer.on_cancel(source.cancel)
+        if _events.listeners:  # one event for the two tokens (the innermost unit's)
+            _events.relayed[source] = outer
     try:
         yield
     finally:
