@@ -25,6 +25,7 @@ from cancelkit import (
     DisconnectGuard,
     DisconnectStatistics,
     OperationCancelled,
+    TokenRegistry,
     current_token,
     request_token,
     shielded_cleanup,
@@ -1133,3 +1134,159 @@ async def test_a_disconnect_after_the_guards_own_answer_sends_nothing_more(answe
     assert server.status == (504 if answer == "deadline" else 503)
     assert len(server.sent) == 2
     assert mw.statistics().disconnects == 0
+
+
+# -- shutdowns shared by lifespans, and signal mode with a linked operation (review 7b) ------
+
+
+class Lifespan:
+    """One server's lifespan protocol, driven by hand."""
+
+    def __init__(self) -> None:
+        self.to_app, self.from_server = anyio.create_memory_object_stream[dict[str, Any]](4)
+        self.to_server, self.from_app = anyio.create_memory_object_stream[dict[str, Any]](4)
+
+    async def run(self, app: Any) -> None:
+        async with self.from_server, self.to_server:
+            await app({"type": "lifespan"}, self.from_server.receive, self.to_server.send)
+
+    def close(self) -> None:
+        self.to_app.close()
+        self.from_app.close()
+
+    async def say(self, kind: str) -> str:
+        await self.to_app.send({"type": f"lifespan.{kind}"})
+        return str((await self.from_app.receive())["type"])
+
+
+async def get(app: Any) -> int | None:
+    server = FakeServer(body())
+    await app(http_scope("/"), server.receive, server.send)
+    return server.status
+
+
+def gated_app(gates: list[anyio.Event], fail: bool = False) -> Any:
+    """An application whose n-th lifespan's shutdown work waits for ``gates[n]``."""
+    started = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal started
+        if scope["type"] == "lifespan":
+            gate = gates[started]
+            started += 1
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    await gate.wait()  # the application's own shutdown work
+                    if fail:
+                        raise RuntimeError("a shutdown handler failed")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+async def test_a_request_during_a_shutdown_is_503_though_another_lifespan_ended() -> None:
+    """Two servers share one middleware (a module-level app served twice). Both stop; B's
+    shutdown work is still running when A's lifespan ends: a request B takes meanwhile must
+    be answered 503, not served."""
+    a_gate, b_gate = anyio.Event(), anyio.Event()
+    middleware = CancelOnDisconnect(gated_app([a_gate, b_gate]), shutdown_grace=0)
+    a, b = Lifespan(), Lifespan()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.run, middleware)
+        assert await a.say("startup") == "lifespan.startup.complete"
+        tg.start_soon(b.run, middleware)
+        assert await b.say("startup") == "lifespan.startup.complete"
+        await b.to_app.send({"type": "lifespan.shutdown"})  # B's shutdown work runs on
+        await anyio.wait_all_tasks_blocked()
+        assert await get(middleware) == 503
+        a_gate.set()
+        assert await a.say("shutdown") == "lifespan.shutdown.complete"
+        await anyio.wait_all_tasks_blocked()  # A's lifespan has returned
+        assert await get(middleware) == 503  # B is still shutting down
+        b_gate.set()
+        assert await b.from_app.receive() == {"type": "lifespan.shutdown.complete"}
+    a.close()
+    b.close()
+
+
+async def test_the_middleware_serves_again_after_a_lifespan_whose_shutdown_raised() -> None:
+    """A shutdown handler raises (the server logs it and exits): the lifespan has ended all
+    the same, and the next server (or a test's client) must be served, not answered 503."""
+    gate = anyio.Event()
+    gate.set()
+    middleware = CancelOnDisconnect(gated_app([gate], fail=True), shutdown_grace=0)
+    lifespan = Lifespan()
+    async with anyio.create_task_group() as tg:
+
+        async def serve() -> None:
+            with pytest.raises(RuntimeError, match="shutdown handler failed"):
+                await lifespan.run(middleware)
+
+        tg.start_soon(serve)
+        assert await lifespan.say("startup") == "lifespan.startup.complete"
+        await lifespan.to_app.send({"type": "lifespan.shutdown"})
+    lifespan.close()
+    assert await get(middleware) == 200
+
+
+async def test_a_request_arriving_during_the_shutdown_grace_is_503() -> None:
+    """lifespan.shutdown arrived; one request is still in flight (its grace runs): a request
+    that arrives now must be answered 503 (the server is shutting down), not served."""
+    release = anyio.Event()
+    held = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await gated_app([anyio.Event()])(scope, receive, send)  # (never shuts down here)
+            return
+        if scope["path"] == "/held":
+            held.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = CancelOnDisconnect(app, shutdown_grace=30)
+    lifespan = Lifespan()
+    held_server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lifespan.run, middleware)
+        assert await lifespan.say("startup") == "lifespan.startup.complete"
+        tg.start_soon(middleware, http_scope("/held"), held_server.receive, held_server.send)
+        await held.wait()
+        await lifespan.to_app.send({"type": "lifespan.shutdown"})
+        await anyio.wait_all_tasks_blocked()  # the shutdown waits for /held (its grace)
+        status = await get(middleware)
+        release.set()
+        tg.cancel_scope.cancel()
+    lifespan.close()
+    assert status == 503
+
+
+async def test_signal_mode_an_operation_linked_to_the_request_ends_quietly_on_disconnect() -> None:
+    """Signal mode: the handler runs an operation whose parent is the request's token, and
+    the client leaves. The operation raises OperationCancelled with its own (linked, root:
+    client disconnected) reason, which the guard, comparing reason objects, lets escape as
+    an application error (a 500 traceback in the server's log) instead of ending quietly."""
+    registry = TokenRegistry()
+    running = anyio.Event()
+    server = FakeServer(body())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async with registry.track("op", parent=request_token(scope)) as op:
+            running.set()
+            await op.token.wait()
+            op.token.raise_if_cancelled()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            CancelOnDisconnect(app, mode="signal"), http_scope("/"), server.receive, server.send
+        )
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)

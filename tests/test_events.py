@@ -6,6 +6,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -341,3 +342,44 @@ async def test_units_cancelled_with_one_reason_object_each_report(
         ("shutdown", "operation", "op"),
         ("shutdown", "request", "/b"),
     ]
+
+
+# -- units side by side in one request carry its route (review 7b) ----------------------------
+
+
+async def test_side_by_side_operations_of_one_request_all_carry_its_route(
+    events: list[CancelEvent],
+) -> None:
+    """Two operations side by side in one request, both stopped by the client leaving: two
+    events (one each), and both name the request's route."""
+    registry = TokenRegistry()
+    running = anyio.Event()
+    server = FakeServer(body())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope["route"] = SimpleNamespace(path="/work/{id}")
+        token = request_token(scope)
+        entered = 0
+
+        async def op(name: str) -> None:
+            nonlocal entered
+            async with registry.track(name, parent=token):
+                entered += 1
+                if entered == 2:
+                    running.set()
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(op, "a")
+            tg.start_soon(op, "b")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(CancelOnDisconnect(app), http_scope("/work/1"), server.receive, server.send)
+        await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert sorted((e.where, e.name, e.route) for e in events) == [
+        ("operation", "a", "/work/{id}"),
+        ("operation", "b", "/work/{id}"),
+    ]
+    assert _events.requests == {}

@@ -3,7 +3,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import anyio
@@ -14,7 +14,9 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
+import cancelkit
 from cancelkit import (
+    CancelEvent,
     CancelKind,
     CancellationToken,
     CancelOnDisconnect,
@@ -33,6 +35,7 @@ from cancelkit.fastapi import (
 )
 from cancelkit.redis import RedisBackend
 from tests.conftest import RedisServer
+from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -852,3 +855,79 @@ async def test_a_generated_operation_id_is_echoed_by_a_streaming_endpoint_too() 
         assert chosen.headers.get_list("x-operation-id") == ["mine-1"]
         plain = await http.get("/value")
         assert plain.headers.get_list("x-operation-id") == [plain.json()["id"]]
+
+
+# -- latest_only / tracked under the guard: one event per cause (review 7b) --------------------
+
+
+@pytest.fixture
+def cancel_events() -> Iterator[list[CancelEvent]]:
+    """Every event of the seam while the test runs."""
+    seen: list[CancelEvent] = []
+    remove = cancelkit.add_listener(seen.append)
+    yield seen
+    remove()
+
+
+def fastapi_app(running: anyio.Event, where: str) -> Any:
+    app = FastAPI()
+    install(app)
+    slot, registry = LatestOnly(), TokenRegistry()
+
+    if where == "claim":
+
+        @app.get("/items/{item}")
+        async def claimed(
+            item: str, claim: Annotated[Claim, latest_only(slot, key=lambda r: "k")]
+        ) -> None:
+            running.set()
+            await anyio.sleep_forever()
+
+    else:
+
+        @app.get("/items/{item}")
+        async def operation(item: str, op: Annotated[TrackedOperation, tracked(registry)]) -> None:
+            running.set()
+            await anyio.sleep_forever()
+
+    return app
+
+
+@pytest.mark.parametrize("where", ["claim", "operation"])
+async def test_a_disconnect_under_latest_only_or_tracked_is_one_event_with_the_route(
+    cancel_events: list[CancelEvent], where: str
+) -> None:
+    """FastAPI: a claim (latest_only) or an operation (tracked) in a guarded request, the
+    client leaves: one event, the inner unit's, naming the route template."""
+    running = anyio.Event()
+    server = FakeServer(body())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            CancelOnDisconnect(fastapi_app(running, where)),
+            {**http_scope("/items/1"), "query_string": b"", "headers": []},
+            server.receive,
+            server.send,
+        )
+        with anyio.fail_after(5):
+            await running.wait()
+        await anyio.wait_all_tasks_blocked()
+        server.client(DISCONNECT)
+    assert [(e.kind, e.where, e.route) for e in cancel_events] == [
+        ("client_disconnected", where, "/items/{item}")
+    ]
+
+
+@pytest.mark.parametrize("where", ["claim", "operation"])
+async def test_a_deadline_under_latest_only_or_tracked_is_one_event(
+    cancel_events: list[CancelEvent], where: str
+) -> None:
+    """FastAPI: the request's deadline (a Request-Timeout-Ms header) passes while a claim or
+    an operation runs the endpoint: one cause, one event (the inner unit's)."""
+    running = anyio.Event()
+    server = FakeServer(body())
+    scope = {**http_scope("/items/1"), "query_string": b""}
+    scope["headers"] = [(b"request-timeout-ms", b"50")]
+    with anyio.fail_after(5):
+        await CancelOnDisconnect(fastapi_app(running, where))(scope, server.receive, server.send)
+    assert server.status == 504
+    assert [(e.kind, e.where) for e in cancel_events] == [("deadline", where)]
