@@ -1,7 +1,8 @@
 """Run every benchmark module (``benchmarks/bench_*.py``), or those named on the command line.
 
 Usage: ``python -m benchmarks [token registry ...] [--option ...]``; options (arguments that
-start with ``-``) go to every module named, e.g. ``python -m benchmarks redis --race-only``.
+start with ``-``, with the value that follows one unless it names a benchmark) go to every
+module named, e.g. ``python -m benchmarks redis --race-only --spinners 2``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ def main(argv: list[str]) -> int:
         for info in pkgutil.iter_modules(benchmarks.__path__)
         if info.name.startswith("bench_")
     )
-    options = [arg for arg in argv if arg.startswith("-")]
-    chosen = [arg for arg in argv if not arg.startswith("-")] or names
+    options: list[str] = []
+    chosen: list[str] = []
+    for i, arg in enumerate(argv):
+        after_option = i > 0 and argv[i - 1].startswith("-") and "=" not in argv[i - 1]
+        if arg.startswith("-") or (after_option and arg not in names):  # "--spinners 2"
+            options.append(arg)
+        else:
+            chosen.append(arg)
+    chosen = chosen or names
     unknown = sorted(set(chosen) - set(names))
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(names)}")
