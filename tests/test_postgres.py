@@ -737,7 +737,7 @@ async def test_psycopg_backend_terminated_mid_block_raises_the_drivers_error_not
         assert tx.outcome is TransactionOutcome.DISCARDED
 
 
-# ------------------------------------------- review rev7a: the thread's canceller, broken
+# -- the thread's canceller on a frozen server and under cross-thread cancels (review 7a) ---
 
 
 def stalled(conn: psycopg.Connection[Any]) -> Callable[[], None]:
@@ -752,14 +752,14 @@ def ended_within(thread: threading.Thread, seconds: float) -> bool:
     return not thread.is_alive()
 
 
-def test_rev7a_a_thread_rollback_on_a_frozen_server_ends_within_cancel_timeout(
+def test_a_thread_rollback_on_a_frozen_server_ends_within_cancel_timeout(
     postgres_server: PostgresServer,
 ) -> None:
     """Cancelled between statements, the server frozen: the ROLLBACK must be bounded too.
 
     docs/postgres.md: "when that cannot be done in time (... the server did not answer), it is
-    closed and the pool replaces it". The canceller is stopped before the rollback, so nothing
-    bounds it: the worker thread waits for the frozen server for ever.
+    closed and the pool replaces it". Before the fix the canceller stopped before the rollback,
+    so nothing bounded it: the worker thread waited for the frozen server for ever.
     """
     conn = psycopg.connect(postgres_server.dsn, autocommit=True)
     token = cancelkit.CancellationToken()
@@ -791,11 +791,11 @@ def test_rev7a_a_thread_rollback_on_a_frozen_server_ends_within_cancel_timeout(
     assert seen["tx"].outcome is TransactionOutcome.DISCARDED
 
 
-def test_rev7a_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancelled(
+def test_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancelled(
     postgres_server: PostgresServer,
 ) -> None:
     """Cancelled while BEGIN waits for a frozen server: nothing watches it (the canceller is
-    registered after BEGIN and SET LOCAL), so the thread waits for ever."""
+    registered after BEGIN and SET LOCAL, before the fix), so the thread waited for ever."""
     conn = psycopg.connect(postgres_server.dsn, autocommit=True)
     token = cancelkit.CancellationToken()
     seen: dict[str, Any] = {}
@@ -826,7 +826,7 @@ def test_rev7a_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancell
     assert seen["tx"].outcome is TransactionOutcome.DISCARDED
 
 
-def test_rev7a_a_cancel_from_another_thread_as_the_block_ends_raises_operation_cancelled(
+def test_a_cancel_from_another_thread_as_the_block_ends_raises_operation_cancelled(
     postgres_server: PostgresServer, monitor: Monitor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """token.cancel() in another thread runs canceller.start(), which sets ``self.thread``

@@ -1690,7 +1690,7 @@ async def test_an_operation_whose_registration_was_lost_gets_answers_that_agree(
                     pytest.fail("a start of a tombstoned id ran its body")
 
 
-# ----------------------------------------------- review rev7a: entering and leaving, broken
+# -- entering and leaving under an outer cancellation (review 7a) ------------------------------
 
 
 @asynccontextmanager
@@ -1714,7 +1714,7 @@ async def silent_server() -> AsyncIterator[tuple[str, anyio.Event]]:
 
 
 @pytest.mark.parametrize("kind", ["backend", "store"])
-async def test_rev7a_an_outer_cancellation_while_entering_stays_a_cancellation(kind: str) -> None:
+async def test_an_outer_cancellation_while_entering_stays_a_cancellation(kind: str) -> None:
     """The scope around ``async with`` is cancelled while the first attempt waits for a server
     that never answers: the cancellation must reach that scope, not become RedisUnavailable.
 
@@ -1741,7 +1741,7 @@ async def test_rev7a_an_outer_cancellation_while_entering_stays_a_cancellation(k
     assert scope.cancelled_caught
 
 
-async def test_rev7a_leaving_a_backend_under_an_outer_cancellation_raises_nothing_raw(
+async def test_leaving_a_backend_under_an_outer_cancellation_raises_nothing_raw(
     redis: RedisServer,
 ) -> None:
     """A running backend left because its scope was cancelled: ``close_quietly`` lets the
