@@ -846,7 +846,9 @@ def test_a_cancel_from_another_thread_as_the_block_ends_raises_operation_cancell
     def slow_start(self: threading.Thread) -> None:
         if self.name == "cancelkit-pg-cancel":
             starting.set()
-            release.wait(POLL)  # the new OS thread has not run yet
+            # The new OS thread has not run yet. Fixed, the block's end waits for this start
+            # (one lock): 1 s, not for ever; before the fix it joined the unstarted thread.
+            release.wait(1.0)
         original(self)
 
     monkeypatch.setattr(threading.Thread, "start", slow_start)
