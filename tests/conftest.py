@@ -11,6 +11,8 @@ from collections.abc import Generator, Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+import cancelkit
+from cancelkit import CancelEvent
 from tests.cluster import LocalCluster
 from tests.postgres import postgres_server as postgres_server
 from tests.programs import program, unavailable
@@ -182,3 +184,13 @@ def deaf(monkeypatch: pytest.MonkeyPatch) -> None:
     from cancelkit.redis._listener import Listener
 
     monkeypatch.setattr(Listener, "on_line", lambda self, line: None)
+
+
+@pytest.fixture
+def events() -> Iterator[list[CancelEvent]]:
+    """Every event of cancelkit's seam while the test runs (tests/test_events.py and others)."""
+    seen: list[CancelEvent] = []
+    remove = cancelkit.add_listener(seen.append)
+    yield seen
+    remove()
+    remove()  # a second removal does nothing

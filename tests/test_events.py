@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -32,15 +31,6 @@ from tests.conftest import RedisServer
 from tests.test_asgi import DISCONNECT, FakeServer, body, http_scope
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def events() -> Iterator[list[CancelEvent]]:
-    seen: list[CancelEvent] = []
-    remove = cancelkit.add_listener(seen.append)
-    yield seen
-    remove()
-    remove()  # a second removal does nothing
 
 
 async def _superseded_pair(slot: LatestOnly) -> None:

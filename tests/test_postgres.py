@@ -15,8 +15,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -747,6 +747,18 @@ def stalled(conn: psycopg.Connection[Any]) -> Callable[[], None]:
     return lambda: os.kill(pid, signal.SIGCONT)
 
 
+@contextmanager
+def frozen(conn: psycopg.Connection[Any], thread: threading.Thread) -> Iterator[None]:
+    """Freeze the backend of ``conn`` for the block; then resume it, join ``thread``, close."""
+    resume = stalled(conn)
+    try:
+        yield
+    finally:
+        resume()
+        thread.join(POLL)
+        conn.close()
+
+
 def ended_within(thread: threading.Thread, seconds: float) -> bool:
     thread.join(seconds)
     return not thread.is_alive()
@@ -778,15 +790,10 @@ def test_a_thread_rollback_on_a_frozen_server_ends_within_cancel_timeout(
     thread = threading.Thread(target=work)
     thread.start()
     assert between.wait(POLL)
-    resume = stalled(conn)
-    try:
+    with frozen(conn, thread):
         token.cancel()
         go.set()
         assert ended_within(thread, POLL), "the rollback still waits for the frozen server"
-    finally:
-        resume()
-        thread.join(POLL)
-        conn.close()
     assert isinstance(seen["exc"], cancelkit.OperationCancelled)
     assert seen["tx"].outcome is TransactionOutcome.DISCARDED
 
@@ -808,9 +815,8 @@ def test_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancelled(
         except BaseException as exc:
             seen["exc"] = exc
 
-    resume = stalled(conn)
     thread = threading.Thread(target=work)
-    try:
+    with frozen(conn, thread):
         thread.start()
         give_up = time.monotonic() + POLL
         while conn.info.transaction_status != psycopg.pq.TransactionStatus.ACTIVE:  # BEGIN sent
@@ -818,10 +824,6 @@ def test_a_thread_begin_on_a_frozen_server_stops_when_the_token_is_cancelled(
             time.sleep(0.001)
         token.cancel()
         assert ended_within(thread, POLL), "BEGIN still waits for the frozen server"
-    finally:
-        resume()
-        thread.join(POLL)
-        conn.close()
     assert isinstance(seen["exc"], cancelkit.OperationCancelled)
     assert seen["tx"].outcome is TransactionOutcome.DISCARDED
 
