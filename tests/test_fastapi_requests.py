@@ -3,7 +3,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
@@ -14,7 +14,6 @@ from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
-import cancelkit
 from cancelkit import (
     CancelEvent,
     CancelKind,
@@ -475,14 +474,16 @@ async def test_the_callers_deadline_reaches_claims_operations_and_the_request_to
         for method, path in (("GET", "/claim"), ("POST", "/op")):
             before = time.monotonic()
             with anyio.fail_after(10):
-                response = await http.request(method, path, headers={"Request-Timeout-Ms": "40"})
+                # 500 ms: the endpoint must run before the deadline (at 40 ms it did not, now
+                # and then, on the floor versions beside two CPU spinners: no "claim" seen)
+                response = await http.request(method, path, headers={"Request-Timeout-Ms": "500"})
             after = time.monotonic()
             assert response.status_code == 504
             assert response.headers["deadline-expired"] == "true"
             assert response.json()["reason"] == "deadline"
             is_current, deadline, request_deadline = seen[path.strip("/")]
             assert is_current
-            assert before + 0.04 <= deadline <= after
+            assert before + 0.5 <= deadline <= after
             assert request_deadline == deadline
 
 
@@ -860,15 +861,6 @@ async def test_a_generated_operation_id_is_echoed_by_a_streaming_endpoint_too() 
 # -- latest_only / tracked under the guard: one event per cause (review 7b) --------------------
 
 
-@pytest.fixture
-def cancel_events() -> Iterator[list[CancelEvent]]:
-    """Every event of the seam while the test runs."""
-    seen: list[CancelEvent] = []
-    remove = cancelkit.add_listener(seen.append)
-    yield seen
-    remove()
-
-
 def fastapi_app(running: anyio.Event, where: str) -> Any:
     app = FastAPI()
     install(app)
@@ -895,7 +887,7 @@ def fastapi_app(running: anyio.Event, where: str) -> Any:
 
 @pytest.mark.parametrize("where", ["claim", "operation"])
 async def test_a_disconnect_under_latest_only_or_tracked_is_one_event_with_the_route(
-    cancel_events: list[CancelEvent], where: str
+    events: list[CancelEvent], where: str
 ) -> None:
     """FastAPI: a claim (latest_only) or an operation (tracked) in a guarded request, the
     client leaves: one event, the inner unit's, naming the route template."""
@@ -912,14 +904,14 @@ async def test_a_disconnect_under_latest_only_or_tracked_is_one_event_with_the_r
             await running.wait()
         await anyio.wait_all_tasks_blocked()
         server.client(DISCONNECT)
-    assert [(e.kind, e.where, e.route) for e in cancel_events] == [
+    assert [(e.kind, e.where, e.route) for e in events] == [
         ("client_disconnected", where, "/items/{item}")
     ]
 
 
 @pytest.mark.parametrize("where", ["claim", "operation"])
 async def test_a_deadline_under_latest_only_or_tracked_is_one_event(
-    cancel_events: list[CancelEvent], where: str
+    events: list[CancelEvent], where: str
 ) -> None:
     """FastAPI: the request's deadline (a Request-Timeout-Ms header) passes while a claim or
     an operation runs the endpoint: one cause, one event (the inner unit's)."""
@@ -930,4 +922,4 @@ async def test_a_deadline_under_latest_only_or_tracked_is_one_event(
     with anyio.fail_after(5):
         await CancelOnDisconnect(fastapi_app(running, where))(scope, server.receive, server.send)
     assert server.status == 504
-    assert [(e.kind, e.where) for e in cancel_events] == [("deadline", where)]
+    assert [(e.kind, e.where) for e in events] == [("deadline", where)]
