@@ -12,6 +12,7 @@ import pytest
 from cancelkit import LatestOnly, OperationCancelled, Policy, SlotBusy
 from cancelkit.backends import Admission, MemoryBackend
 from cancelkit.redis import RedisBackend
+from cancelkit.redis._listener import Listener
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -149,11 +150,26 @@ async def test_the_acquire_script_refuses_an_unknown_part_itself(
     the script's refusal is never reached otherwise), the ACQUIRE script refuses a part it
     does not know with a clear error; nothing is queued, run locally, or marked down."""
     monkeypatch.setattr("cancelkit.redis._slots.check_known", lambda policy: None)
+    resynced = anyio.Event()
+    resync = Listener.resync
+
+    async def first_only(self: Listener, *, force: bool = False) -> None:
+        if resynced.is_set():  # no later resync races the releases below
+            await anyio.sleep_forever()
+        await resync(self, force=force)
+        resynced.set()
+
+    # A resync that read h1 before its release re-asserts it until its own cleanup runs: a
+    # newcomer in that window is refused (1 in 10 runs beside two CPU spinners; see the
+    # closing note of session 7). Not what this test is about: the start's resync ends first.
+    monkeypatch.setattr(Listener, "resync", first_only)
     prefix = "pol" + secrets.token_hex(4)
     wait = Policy("wait", max_waiting=1)
     unknown = dataclasses.replace(wait)
     object.__setattr__(unknown, part, "toss")
     async with RedisBackend(redis.url, prefix=prefix) as backend:
+        with anyio.fail_after(10):
+            await resynced.wait()
         await backend.acquire("k", "h1", print, policy=wait, limit=1, seq=None)
         if part == "when_full":
             await backend.acquire("k", "h2", print, policy=wait, limit=1, seq=None)
